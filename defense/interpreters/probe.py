@@ -1,0 +1,76 @@
+"""Reading the activation map A(x) out of a forward pass, differentiably and thread-safely.
+
+``probe(model, layer, delta)`` adds ``delta`` (zeros) to the output of ``layer`` during the
+forward passes run inside the ``with`` block and records that output. The gradient of a class
+score with respect to ``delta`` is then ∂f_y/∂A: this works under plain autograd and under
+``torch.func`` transforms alike, and needs no per-model code. When ``trace=True`` the probe also
+records, in execution order, every leaf module that runs after ``layer`` with its input and
+output (what layer-wise relevance propagation walks back through).
+
+The hooks are active only for the context that opened the probe (a ``ContextVar``), so
+concurrent requests on the shared model never see each other's probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+
+@dataclass
+class TraceEntry:
+    name: str
+    module: nn.Module
+    input: Tensor
+    output: Tensor
+
+
+@dataclass
+class Probe:
+    delta: Tensor | None
+    trace_enabled: bool
+    activation: Tensor | None = None
+    trace: list[TraceEntry] = field(default_factory=list)
+
+
+_ACTIVE: ContextVar[Probe | None] = ContextVar("deepdefense_probe", default=None)
+
+
+@contextmanager
+def probe(model: nn.Module, layer: str, delta: Tensor | None = None, *, trace: bool = False) -> Iterator[Probe]:
+    record = Probe(delta=delta, trace_enabled=trace)
+    target = model.get_submodule(layer)
+
+    def on_layer(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+        if _ACTIVE.get() is not record:
+            return None
+        if record.delta is not None:
+            output = output + record.delta
+        record.activation = output
+        return output
+
+    def on_leaf(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if _ACTIVE.get() is record and record.activation is not None:
+                record.trace.append(TraceEntry(name, module, inputs[0], output))
+
+        return hook
+
+    handles = [target.register_forward_hook(on_layer)]
+    if trace:
+        handles += [
+            m.register_forward_hook(on_leaf(n))
+            for n, m in model.named_modules()
+            if not list(m.children()) and not n.startswith(layer + ".") and n != layer
+        ]
+    token = _ACTIVE.set(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE.reset(token)
+        for h in handles:
+            h.remove()
