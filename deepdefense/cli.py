@@ -40,6 +40,26 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     path, meta = train(cfg)
     print(f"wrote {path} (test accuracy {meta.test_accuracy:.2f}%, sha256 {meta.sha256[:12]}…)")
+    return _run_sensitivity(argparse.Namespace(checkpoint=str(path), data_root=args.data_root, n=1000, seed=args.seed), argv)
+
+
+def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity", help="compute layer sensitivity (eq. 9) and store it in a checkpoint's metadata")
+    p.add_argument("checkpoint", help="shipped checkpoint name (lenet-mnist) or path to its metadata JSON")
+    p.add_argument("--data-root", default=default_data_root(),
+                   help=f"folder holding the data sets in torchvision's layout (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--n", type=int, default=1000, help="number of training images N")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_sensitivity)
+
+
+def _run_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from defense.sensitivity import store_sensitivity
+
+    scores = store_sensitivity(args.checkpoint, args.data_root, n=args.n, seed=args.seed)
+    total = sum(scores.values())
+    for layer, score in sorted(scores.items(), key=lambda kv: -kv[1]):
+        print(f"{layer:32s} S = {score:12.4f}  ({100 * score / total:5.1f}%)")
     return 0
 
 
@@ -47,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_sensitivity(sub)
     return parser
 
 

@@ -1,0 +1,80 @@
+"""Equations (5)–(8) and (9) on hand-made tensors with values worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from defense.losses import (
+    abs_cosine, attribution_order, dd_loss, huber, int_loss, orth_loss, pred_loss, topk_preserved,
+)
+from defense.sensitivity import select_layers
+
+
+def test_eq6_zero_when_topk_order_holds() -> None:
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    assert pred_loss(probs, torch.tensor([1])) == 0
+    assert pred_loss(probs, torch.tensor([1, 2])) == 0
+
+
+def test_eq6_top1_violation_is_the_margin() -> None:
+    probs = torch.tensor([0.1, 0.3, 0.5, 0.1])  # victim's top-1 was class 1, class 2 now leads by 0.2
+    assert pred_loss(probs, torch.tensor([1])).item() == pytest.approx(0.2)
+
+
+def test_eq6_topk_order_and_rest_terms_add_up() -> None:
+    # victim order s = (0, 1, 2); clone: p1 > p0 by 0.1, p2 > p1 by 0.05, class 3 beats s_3 = 2 by 0.05
+    probs = torch.tensor([0.2, 0.3, 0.35, 0.4]) / 1.25
+    s = torch.tensor([0, 1, 2])
+    expected = ((0.3 - 0.2) + (0.35 - 0.3) + (0.4 - 0.35)) / 1.25
+    assert pred_loss(probs, s).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_huber_matches_its_definition() -> None:
+    a = torch.tensor([0.0, 0.1, 0.3, 0.5, -0.5])
+    expected = torch.tensor([0.0, 0.005, 0.045, 0.3 * (0.5 - 0.15), 0.3 * (0.5 - 0.15)])
+    torch.testing.assert_close(huber(a, 0.3), expected)
+
+
+def test_eq7_sums_huber_of_adjacent_order_violations() -> None:
+    victim = torch.tensor([[0.9, 0.1], [0.5, 0.0]])  # order a = (0, 2, 1, 3)
+    order, mask = attribution_order(victim)
+    assert order.tolist() == [0, 2, 1, 3] and mask.tolist() == [1, 1, 1]
+    clone = torch.tensor([[0.2, 0.8], [0.3, 0.0]])  # along a: 0.2, 0.3, 0.8, 0.0 → violations 0.1 and 0.5
+    expected = 0.5 * 0.1**2 + 0.3 * (0.5 - 0.15)
+    assert int_loss(clone, order, mask, 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert int_loss(victim, order, mask, 0.3).item() == 0.0
+
+
+def test_eq7_ignores_pairs_tied_in_the_victim() -> None:
+    victim = torch.tensor([1.0, 0.0, 0.0])
+    order, mask = attribution_order(victim)
+    assert mask.tolist() == [1.0, 0.0]
+    clone = torch.tensor([1.0, 0.2, 0.6])  # the tied pair (1, 2) may come in any order
+    assert int_loss(clone, order, mask, 0.3).item() == 0.0
+
+
+def test_eq5_weights_the_two_cosines() -> None:
+    g = torch.tensor([1.0, 0.0])
+    assert abs_cosine(g, torch.tensor([0.0, 2.0])).item() == pytest.approx(0.0)
+    assert abs_cosine(g, torch.tensor([-3.0, 0.0])).item() == pytest.approx(1.0)
+    value = orth_loss(torch.tensor([1.0, 1.0]), g, torch.tensor([0.0, 1.0]), g, alpha=0.25)
+    assert value.item() == pytest.approx(0.25 * 2**-0.5)
+
+
+def test_eq8_combines_the_terms() -> None:
+    assert dd_loss(torch.tensor(0.5), torch.tensor(0.1), torch.tensor(0.2), 10.0, 2.0).item() == pytest.approx(1.9)
+
+
+def test_constraint3_is_strict() -> None:
+    assert bool(topk_preserved(torch.tensor([0.2, 0.5, 0.3]), torch.tensor([1, 2])))
+    assert not bool(topk_preserved(torch.tensor([0.4, 0.4, 0.2]), torch.tensor([1])))
+
+
+def test_eq9_smallest_set_reaching_the_cumulative_share() -> None:
+    scores = {"a": 10.0, "b": 50.0, "c": 30.0, "d": 10.0}
+    assert select_layers(scores, 50) == ["b"]
+    assert select_layers(scores, 80) == ["b", "c"]
+    assert select_layers(scores, 90) == ["b", "c", "a"]
+    with pytest.raises(ValueError):
+        select_layers(scores, 0)
