@@ -63,11 +63,51 @@ def _run_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a victim model through a defense over HTTP (FastAPI under uvicorn)",
+        description="Flags override DD_* environment variables (see docs/server.md). API keys are read only "
+                    "from DD_API_KEYS or the file named by DD_API_KEYS_FILE, never from a flag.")
+    p.add_argument("--checkpoint", help="shipped checkpoint name or metadata JSON path (default: lenet-mnist)")
+    p.add_argument("--defense", choices=["deepdefense", "dd-s", "dd-i", "none"],
+                   help="default: deepdefense; 'none' serves the undefended victim")
+    p.add_argument("--interpreter", help="gradcam (default), gradinput or relevancecam")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--engine", help='defense options as JSON, e.g. \'{"steps": 10}\'')
+    p.add_argument("--data-root", help="data sets, for layer sensitivity not stored in the checkpoint")
+    p.add_argument("--host", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: 8000")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-instances", type=int, help="instances per request (default: 16)")
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (default: 8 MiB)")
+    p.add_argument("--max-batch-size", type=int, help="instances per micro-batch (default: 8)")
+    p.add_argument("--max-batch-wait-ms", type=float, help="longest wait for a micro-batch to fill (default: 5)")
+    p.add_argument("--queue-size", type=int, help="queued instances before answering 503 (default: 64)")
+    p.add_argument("--request-timeout-s", type=float, help="504 after this many seconds (default: 30)")
+    p.add_argument("--query-budget", type=int, help="queries per API key, kept across restarts (default: none)")
+    p.add_argument("--budget-db", help="SQLite file of spent budgets (default: deepdefense-budget.sqlite)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from server.app import serve
+    from server.settings import ServerSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
+    if "engine" in overrides:
+        overrides["engine"] = json.loads(overrides["engine"])
+    serve(ServerSettings(**overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sensitivity(sub)
+    _add_serve(sub)
     return parser
 
 

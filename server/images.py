@@ -1,0 +1,92 @@
+"""Turn validated instances into model inputs: (C, H, W) float tensors in [0, 1] at the model's size.
+
+Images are checked before they are decoded: the base64 text and the decoded bytes against
+``max_image_bytes``, the size declared in the header against ``max_image_pixels`` (decompression
+bombs), and only PNG and JPEG decoders are tried. Every failure is an :class:`ApiError` naming the
+instance's field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import ApiError
+from .schemas import Instance
+
+_FORMATS = ("PNG", "JPEG")
+_MODES = {1: "L", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+def instances_to_tensor(instances: list[Instance], shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
+    """Stack every instance into a (B, C, H, W) batch, or raise the first instance's error."""
+    return torch.stack([to_tensor(inst, f"instances[{i}]", shape, limits) for i, inst in enumerate(instances)])
+
+
+def to_tensor(instance: Instance, field: str, shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
+    if instance.pixels is not None:
+        return _pixels(instance.pixels, f"{field}.pixels", shape)
+    assert instance.image_b64 is not None  # the schema demands exactly one of the two
+    return _image(instance.image_b64, f"{field}.image_b64", shape, limits)
+
+
+def _pixels(pixels: list[list[list[float]]], field: str, shape: tuple[int, int, int]) -> Tensor:
+    try:
+        x = torch.tensor(pixels, dtype=torch.float32)
+    except ValueError:
+        raise ApiError(422, "invalid_shape", "pixels must be a C×H×W array whose rows all have the same length",
+                       field=field) from None
+    if x.dim() != 3 or x.shape[0] != shape[0]:
+        got = x.shape[0] if x.dim() == 3 else "?"
+        raise ApiError(422, "wrong_channels", f"expected {shape[0]} channel(s), got {got}", field=field)
+    if tuple(x.shape) != shape:
+        raise ApiError(422, "invalid_shape", f"expected shape {list(shape)}, got {list(x.shape)}", field=field)
+    return x
+
+
+def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
+    channels, height, width = shape
+    if channels not in _MODES:
+        raise ApiError(422, "unsupported_input", f"this model takes {channels}-channel input; send pixels",
+                       field=field)
+    if len(text) > 4 * (limits.max_bytes // 3 + 1):
+        raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_base64", "image_b64 is not valid base64", field=field) from None
+    if len(data) > limits.max_bytes:
+        raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
+    try:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise _too_many_pixels(field, limits)
+            img = img.convert(_MODES[channels])
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(field, limits) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        raise ApiError(422, "undecodable_image", "image_b64 is not a decodable PNG or JPEG image",
+                       field=field) from None
+    x = torch.from_numpy(array)
+    return x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1).contiguous()
+
+
+def _too_many_pixels(field: str, limits: ImageLimits) -> ApiError:
+    return ApiError(413, "too_many_pixels", f"image declares more than {limits.max_pixels} pixels", field=field)

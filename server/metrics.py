@@ -1,0 +1,86 @@
+"""Prometheus metrics of one app, in its own ``CollectorRegistry``, and the middleware that feeds
+the per-route ones. API keys appear only as :func:`server.auth.key_id` hashes."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from defense import Answer
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    """Every metric the server exports; names follow Prometheus conventions (units, ``_total``)."""
+
+    def __init__(self, *, model: str, defense: str, interpreter: str, device: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.defense = defense
+        Info("dd_server", "What this server serves; defense='none' means undefended.", registry=r).info(
+            {"model": model, "defense": defense, "interpreter": interpreter, "device": device})
+        self.requests = Counter("dd_http_requests_total", "HTTP requests by route template, method and status.",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("dd_http_request_duration_seconds", "End-to-end HTTP latency by route template.",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("dd_http_requests_in_flight", "HTTP requests being handled now.", registry=r)
+        self.queue_instances = Gauge("dd_queue_instances", "Instances waiting for a micro-batch.", registry=r)
+        self.queue_wait = Histogram("dd_queue_wait_seconds", "Time an instance waits before its micro-batch runs.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("dd_inference_seconds", "Wall time of one defense.answer call (a micro-batch).",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.optimisation = Histogram("dd_defense_optimisation_seconds",
+                                      "Per-query optimisation time reported by the defense.",
+                                      ["defense"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_instances = Histogram("dd_batch_instances", "Instances per micro-batch.",
+                                         buckets=_BATCH_BUCKETS, registry=r)
+        self.answers = Counter("dd_answers_total", "Answered instances by defense.", ["defense"], registry=r)
+        self.fallbacks = Counter("dd_defense_fallbacks_total",
+                                 "Answers that fell back to the defense's documented safe answer.",
+                                 ["defense"], registry=r)
+        self.key_queries = Counter("dd_key_queries_total", "Queries (instances) admitted per API key hash.",
+                                   ["key"], registry=r)
+        self.answers.labels(defense)
+        self.fallbacks.labels(defense)
+
+    def observe_answer(self, answer: Answer) -> None:
+        self.answers.labels(self.defense).inc()
+        if answer.fallback:
+            self.fallbacks.labels(self.defense).inc()
+        seconds = answer.stats.get("optimisation_seconds")
+        if seconds is not None:
+            self.optimisation.labels(self.defense).observe(seconds)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests and times them by route template (unknown paths share ``unmatched``)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

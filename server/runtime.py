@@ -1,0 +1,116 @@
+"""Everything one app serves with, and its start-up: load the victim, build the defense (layer
+sensitivity included), send a warm-up query, then report ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+import torch
+
+from deepdefense.device import resolve_device
+from defense import Defense, create_defense
+from defense.interpreters import create_interpreter
+from defense.sensitivity import checkpoint_sensitivity
+from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+
+from .auth import KeyRing
+from .batcher import MicroBatcher
+from .budget import QueryLedger
+from .errors import ApiError
+from .images import ImageLimits
+from .metrics import ServerMetrics
+from .settings import ServerSettings
+
+logger = logging.getLogger("deepdefense.server")
+
+State = Literal["starting", "ready", "failed"]
+
+
+def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
+    """Load the checkpoint, freeze the shared model and wrap it in the configured defense, with the
+    layer sensitivity stored in the checkpoint (or computed on ``settings.data_root``)."""
+    model, meta = load_checkpoint(settings.checkpoint, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    interpreter = create_interpreter(settings.interpreter, model, tuple(meta.input_shape))
+    if settings.defense == "none":
+        if settings.engine:
+            logger.warning("engine options are ignored by defense 'none'")
+        return create_defense("none", model, interpreter)
+    options = {"sensitivity": checkpoint_sensitivity(model, meta, settings.data_root), **settings.engine}
+    return create_defense(settings.defense, model, interpreter, **options)
+
+
+class Runtime:
+    """The served model, its defense, the batcher, keys, budgets and metrics of one app."""
+
+    def __init__(self, settings: ServerSettings, defense: Defense | None = None) -> None:
+        self.settings = settings
+        meta_path = resolve_checkpoint(settings.checkpoint)
+        self.model_name = meta_path.stem
+        self.meta = read_meta(meta_path)
+        self.input_shape: tuple[int, int, int] = tuple(self.meta.input_shape)  # type: ignore[assignment]
+        self.defense = defense
+        if defense is None:
+            self.device = resolve_device(settings.device)
+            self.defense_name, self.interpreter_name = settings.defense, settings.interpreter
+        else:
+            self.device = next(defense.model.parameters()).device
+            self.defense_name, self.interpreter_name = defense.name, defense.interpreter.name
+        self.image_limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.metrics = ServerMetrics(model=self.model_name, defense=self.defense_name,
+                                     interpreter=self.interpreter_name, device=str(self.device))
+        self.keys = KeyRing(settings.keys())
+        self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
+        self.batcher: MicroBatcher | None = None
+        self.state: State = "starting"
+        self._preparing: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
+        if self.defense_name == "none":
+            logger.warning("serving %s UNDEFENDED (defense 'none'), as asked", self.model_name)
+        self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name="dd-prepare")
+
+    async def stop(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+            await asyncio.gather(self._preparing, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    async def _prepare(self) -> None:
+        try:
+            if self.defense is None:
+                self.defense = await asyncio.to_thread(build_defense, self.settings, self.device)
+            s = self.settings
+            self.batcher = MicroBatcher(self.defense, self.metrics, device=self.device, max_batch=s.max_batch_size,
+                                        max_wait=s.max_batch_wait_ms / 1000, capacity=s.queue_size,
+                                        timeout=s.request_timeout_s)
+            self.batcher.start()
+            if s.warmup:
+                probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
+                await self.batcher.run_in_worker(probe, explain=True)
+        except Exception:
+            logger.exception("preparing %s with defense %r failed", self.model_name, self.defense_name)
+            self.state = "failed"
+            return
+        self.state = "ready"
+        logger.info("ready: %s through %s (%s) on %s", self.model_name, self.defense_name, self.interpreter_name,
+                    self.device)
+
+    def ready_batcher(self) -> MicroBatcher:
+        """The batcher, or a 503 while the server is still starting (or failed to start)."""
+        if self.state != "ready" or self.batcher is None:
+            message = "the model is still loading" if self.state == "starting" else "the model failed to load"
+            raise ApiError(503, "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)})
+        return self.batcher
+
+    def ready_defense(self) -> Defense:
+        self.ready_batcher()
+        assert self.defense is not None  # set before the state becomes ready
+        return self.defense
