@@ -7,8 +7,9 @@ from torch import nn
 from .base import CAM, Explanation, Interpreter, normalise
 from .gradcam import GradCAM
 from .gradinput import GradientInput
+from .relevancecam import RelevanceCAM
 
-INTERPRETERS: dict[str, type[Interpreter]] = {cls.name: cls for cls in (GradCAM, GradientInput)}
+INTERPRETERS: dict[str, type[Interpreter]] = {cls.name: cls for cls in (GradCAM, RelevanceCAM, GradientInput)}
 
 
 def create_interpreter(name: str, model: nn.Module, input_shape: tuple[int, ...]) -> Interpreter:
@@ -19,4 +20,14 @@ def create_interpreter(name: str, model: nn.Module, input_shape: tuple[int, ...]
     return cls(model, input_shape)
 
 
-__all__ = ["CAM", "INTERPRETERS", "Explanation", "GradCAM", "GradientInput", "Interpreter", "create_interpreter", "normalise"]
+__all__ = [
+    "CAM",
+    "INTERPRETERS",
+    "Explanation",
+    "GradCAM",
+    "GradientInput",
+    "Interpreter",
+    "RelevanceCAM",
+    "create_interpreter",
+    "normalise",
+]

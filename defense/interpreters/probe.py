@@ -5,7 +5,12 @@ forward passes run inside the ``with`` block and records that output. The gradie
 score with respect to ``delta`` is then ∂f_y/∂A: this works under plain autograd and under
 ``torch.func`` transforms alike, and needs no per-model code. When ``trace=True`` the probe also
 records, in execution order, every leaf module that runs after ``layer`` with its input and
-output (what layer-wise relevance propagation walks back through).
+output (what layer-wise relevance propagation walks back through), and, in ``blocks``, every
+composite module (one with children: a residual block, a ``Sequential``) that runs after
+``layer``, in the order they finish, so that a rule can treat a residual block as one unit.
+Recorded tensors are the objects the modules saw: a later in-place op (torchvision's
+``out += identity``, ``ReLU(inplace=True)``) changes their values, so rules should recompute what
+they need from recorded inputs.
 
 The hooks are active only for the context that opened the probe (a ``ContextVar``), so
 concurrent requests on the shared model never see each other's probes.
@@ -35,6 +40,7 @@ class Probe:
     trace_enabled: bool
     activation: Tensor | None = None
     trace: list[TraceEntry] = field(default_factory=list)
+    blocks: list[TraceEntry] = field(default_factory=list)
 
 
 _ACTIVE: ContextVar[Probe | None] = ContextVar("deepdefense_probe", default=None)
@@ -53,19 +59,25 @@ def probe(model: nn.Module, layer: str, delta: Tensor | None = None, *, trace: b
         record.activation = output
         return output
 
-    def on_leaf(name: str):
+    def on_module(name: str, into: list[TraceEntry]):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if _ACTIVE.get() is record and record.activation is not None:
-                record.trace.append(TraceEntry(name, module, inputs[0], output))
+                into.append(TraceEntry(name, module, inputs[0], output))
 
         return hook
+
+    def after_layer(name: str) -> bool:
+        """Runs wholly after ``layer``: not ``layer``, inside it, or one of its ancestors (the root included)."""
+        inside = name == layer or name.startswith(layer + ".")
+        ancestor = name == "" or layer.startswith(name + ".")
+        return not inside and not ancestor
 
     handles = [target.register_forward_hook(on_layer)]
     if trace:
         handles += [
-            m.register_forward_hook(on_leaf(n))
+            m.register_forward_hook(on_module(n, record.blocks if list(m.children()) else record.trace))
             for n, m in model.named_modules()
-            if not list(m.children()) and not n.startswith(layer + ".") and n != layer
+            if after_layer(n)
         ]
     token = _ACTIVE.set(record)
     try:
