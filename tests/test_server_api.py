@@ -1,0 +1,326 @@
+"""The HTTP API through FastAPI's TestClient, with defense ``none``: every route, every class of
+bad input, and the one error shape."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from defense import NoDefense, create_defense
+from defense.interpreters import create_interpreter
+from models.checkpoint import load_checkpoint
+from server.app import create_app
+from server.settings import ServerSettings
+
+SHAPE = (1, 28, 28)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests configure the server explicitly; DD_* variables of the caller's shell do not leak in."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("DD_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def victim() -> torch.nn.Module:
+    model, _ = load_checkpoint("lenet-mnist")
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def defense(victim: torch.nn.Module) -> NoDefense:
+    return create_defense("none", victim, create_interpreter("gradcam", victim, SHAPE))  # type: ignore[return-value]
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
+    return ServerSettings(defense="none", budget_db=tmp_path / "budget.sqlite", max_batch_wait_ms=1, **overrides)
+
+
+@contextmanager
+def serving(app: FastAPI, **client_options: Any) -> Iterator[TestClient]:
+    with TestClient(app, **client_options) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.01)
+        yield client
+
+
+@pytest.fixture
+def client(tmp_path: Path, defense: NoDefense) -> Iterator[TestClient]:
+    with serving(create_app(make_settings(tmp_path, max_instances=4, max_image_bytes=20_000,
+                                          max_image_pixels=250_000, max_body_bytes=200_000), defense)) as c:
+        yield c
+
+
+def pixels(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> list:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def noise(width: int, height: int) -> Image.Image:
+    """Incompressible grey noise: its PNG is about width × height bytes."""
+    values = torch.randint(0, 256, (height, width), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return Image.fromarray(values.numpy())
+
+
+def png_bomb(width: int, height: int) -> str:
+    """A tiny PNG whose header declares width × height; its pixel data would inflate to gigabytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(1 << 16))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                            + chunk(b"IEND", b"")).decode()
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    return body["error"]
+
+
+# -- the routes --------------------------------------------------------------------------------------
+
+
+def test_probes_models_metrics_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
+    (model,) = client.get("/v1/models").json()["models"]
+    assert model == {"name": "lenet-mnist", "arch": "lenet", "dataset": "mnist",
+                     "classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28], "interpreter": "gradcam",
+                     "defense": {"name": "none", "settings": {}}}
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'dd_server_info{defense="none"' in metrics.text
+    assert 'dd_http_requests_total{method="GET",route="/v1/models",status="200"} 1.0' in metrics.text
+    assert client.get("/docs").status_code == 200
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: torch.nn.Module) -> None:
+    batch = [pixels(0), pixels(1)]
+    r = client.post("/predict", json={"instances": [{"pixels": p} for p in batch], "explain": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["model"], body["defense"]) == ("lenet-mnist", "none")
+    expected = victim(torch.tensor(batch)).softmax(-1)
+    for pred, probs in zip(body["predictions"], expected, strict=True):
+        assert pred["label"] == int(probs.argmax())
+        assert torch.allclose(torch.tensor(pred["probabilities"]), probs, atol=1e-6)
+        assert pred["attribution"]["method"] == "gradcam"
+        assert pred["attribution"]["shape"] == [28, 28]
+        assert torch.tensor(pred["attribution"]["values"]).shape == (28, 28)
+
+
+def test_predict_without_explanation_has_no_attribution(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": pixels()}], "explain": False})
+    assert r.status_code == 200
+    assert set(r.json()["predictions"][0]) == {"label", "probabilities"}
+
+
+def test_images_are_converted_to_the_models_channels_and_size(client: TestClient, victim: torch.nn.Module) -> None:
+    gray = Image.fromarray((torch.rand(28, 28, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    colour_big = Image.new("RGB", (56, 70), (200, 30, 90))
+    instances = [{"image_b64": encode(gray)}, {"image_b64": encode(colour_big)},
+                 {"image_b64": encode(gray, "JPEG")}]
+    r = client.post("/predict", json={"instances": instances})
+    assert r.status_code == 200
+    labels = [p["label"] for p in r.json()["predictions"]]
+    x = torch.from_numpy(__import__("numpy").asarray(gray, dtype="float32") / 255).view(1, 1, 28, 28)
+    assert labels[0] == int(victim(x).argmax())
+    assert len(labels) == 3
+
+
+def test_not_ready_answers_503(tmp_path: Path, defense: NoDefense) -> None:
+    app = create_app(make_settings(tmp_path, warmup=False), defense)
+    runtime = app.state.runtime
+    with TestClient(app) as client:
+        runtime.state = "starting"  # as while the model loads and layer sensitivity is computed
+        for r in (client.get("/readyz"), client.post("/predict", json={"instances": [{"pixels": pixels()}]})):
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert error_of(r)["code"] == "not_ready"
+        assert client.get("/healthz").status_code == 200
+
+
+# -- bad inputs --------------------------------------------------------------------------------------
+
+BAD_JSON_BODIES = [
+    pytest.param({"instances": [{"pixels": pixels(shape=(1, 27, 28))}]}, 422, "invalid_shape",
+                 "instances[0].pixels", id="wrong-height"),
+    pytest.param({"instances": [{"pixels": pixels(shape=(3, 28, 28))}]}, 422, "wrong_channels",
+                 "instances[0].pixels", id="wrong-channels"),
+    pytest.param({"instances": [{"pixels": [[[0.5] * 28] * 27 + [[0.5] * 27]]}]}, 422, "invalid_shape",
+                 "instances[0].pixels", id="ragged"),
+    pytest.param({"instances": [{"pixels": [[[0.5, 1.5]]]}]}, 422, "out_of_range",
+                 "instances[0].pixels[0][0][1]", id="above-one"),
+    pytest.param({"instances": [{"pixels": [[[-0.1]]]}]}, 422, "out_of_range",
+                 "instances[0].pixels[0][0][0]", id="below-zero"),
+    pytest.param({"instances": [{"pixels": [[["0.5"]]]}]}, 422, "invalid_type",
+                 "instances[0].pixels[0][0][0]", id="string-pixel"),
+    pytest.param({"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_type",
+                 "instances[0].pixels[0][0]", id="two-dimensional"),
+    pytest.param({"instances": [{}]}, 422, "invalid_value", "instances[0]", id="neither-field"),
+    pytest.param({"instances": [{"pixels": pixels(), "image_b64": "AA=="}]}, 422, "invalid_value",
+                 "instances[0]", id="both-fields"),
+    pytest.param({"instances": [{"pixels": pixels(), "label": 3}]}, 422, "unknown_field",
+                 "instances[0].label", id="unknown-field"),
+    pytest.param({"instances": []}, 422, "empty", "instances", id="no-instances"),
+    pytest.param({}, 422, "missing_field", "instances", id="missing-instances"),
+    pytest.param({"instances": [{"pixels": pixels()}], "explain": "yes"}, 422, "invalid_type", "explain",
+                 id="explain-not-bool"),
+    pytest.param({"instances": [{"pixels": pixels()}] * 5}, 413, "too_many_instances", "instances",
+                 id="too-many-instances"),
+    pytest.param({"instances": [{"image_b64": "not base64!"}]}, 422, "invalid_base64",
+                 "instances[0].image_b64", id="bad-base64"),
+    pytest.param({"instances": [{"image_b64": base64.b64encode(b"GIF89a" + bytes(64)).decode()}]}, 422,
+                 "undecodable_image", "instances[0].image_b64", id="not-png-or-jpeg"),
+    pytest.param({"instances": [{"image_b64": encode(Image.new("L", (28, 28)))[:60]}]}, 422,
+                 "undecodable_image", "instances[0].image_b64", id="truncated-png"),
+    pytest.param({"instances": [{"pixels": pixels()}, {"image_b64": encode(noise(150, 150))}]}, 413,
+                 "image_too_large", "instances[1].image_b64", id="oversized-image"),
+    pytest.param({"instances": [{"image_b64": encode(Image.new("L", (600, 600)))}]}, 413, "too_many_pixels",
+                 "instances[0].image_b64", id="too-many-pixels"),
+    pytest.param({"instances": [{"image_b64": png_bomb(600, 600)}]}, 413, "too_many_pixels",
+                 "instances[0].image_b64", id="declared-size-checked-before-decoding"),
+    pytest.param({"instances": [{"image_b64": png_bomb(200_000, 200_000)}]}, 413, "too_many_pixels",
+                 "instances[0].image_b64", id="decompression-bomb"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(("body", "status", "code", "field"), BAD_JSON_BODIES)
+def test_bad_input_names_the_field(client: TestClient, body: dict, status: int, code: str, field: str) -> None:
+    r = client.post("/predict", json=body)
+    assert r.status_code == status
+    assert error_of(r) | {"message": ""} == {"code": code, "field": field, "message": ""}
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_tokens_are_rejected(client: TestClient, token: str) -> None:
+    row = ", ".join(["0.5"] * 27 + [token])
+    raw = '{"instances": [{"pixels": [[' + ", ".join([f"[{row}]"] * 28) + "]]}]}"
+    r = client.post("/predict", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert error_of(r) | {"message": ""} == {"code": "not_finite", "field": "instances[0].pixels[0][0][27]",
+                                             "message": ""}
+
+
+def test_malformed_json(client: TestClient) -> None:
+    r = client.post("/predict", content=b'{"instances": [', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_wrong_content_type(client: TestClient, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = client.post("/predict", content=json.dumps({"instances": [{"pixels": pixels()}]}), headers=headers)
+    assert r.status_code == 415
+    assert error_of(r) | {"message": ""} == {"code": "unsupported_media_type", "field": "Content-Type",
+                                             "message": ""}
+
+
+def test_body_too_large_by_content_length(client: TestClient) -> None:
+    r = client.post("/predict", content=b"x" * 200_001, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
+
+
+def test_body_too_large_without_content_length(client: TestClient) -> None:
+    """A chunked body declares no length: the limit holds while the chunks are read."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"instances": ['
+        for _ in range(100):
+            yield b"[" + b"0.5, " * 1000 + b"0.5],"
+
+    r = client.post("/predict", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["field"] == "body"
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert error_of(client.get("/nope"))["code"] == "not_found"
+    assert error_of(client.get("/predict"))["code"] == "method_not_allowed"
+
+
+class _Exploding(NoDefense):
+    """Fails on all-white queries with a message full of things that must not reach the client."""
+
+    def answer(self, x: torch.Tensor, *, explain: bool = True) -> list:
+        if bool((x == 1).all()):
+            raise RuntimeError(f"/secret/path/weights.safetensors {self.model.net.conv1.weight}")
+        return super().answer(x, explain=explain)
+
+
+def test_internal_errors_are_generic(tmp_path: Path, victim: torch.nn.Module) -> None:
+    exploding = _Exploding(victim, create_interpreter("gradcam", victim, SHAPE))
+    with serving(create_app(make_settings(tmp_path), exploding), raise_server_exceptions=False) as client:
+        r = client.post("/predict", json={"instances": [{"pixels": torch.ones(SHAPE).tolist()}]})
+        assert r.status_code == 500
+        assert error_of(r)["code"] == "internal_error"
+        assert "secret" not in r.text and "tensor" not in r.text
+        assert client.post("/predict", json={"instances": [{"pixels": pixels()}]}).status_code == 200
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DD_DEFENSE", "dd-s")
+    monkeypatch.setenv("DD_ENGINE__STEPS", "7")
+    monkeypatch.setenv("DD_ENGINE__LR", "0.05")
+    monkeypatch.setenv("DD_MAX_INSTANCES", "3")
+    s = ServerSettings()
+    assert (s.defense, s.engine, s.max_instances) == ("dd-s", {"steps": 7, "lr": 0.05}, 3)
+    monkeypatch.setenv("DD_ENGINE", '{"steps": 2}')
+    monkeypatch.delenv("DD_ENGINE__STEPS")
+    monkeypatch.delenv("DD_ENGINE__LR")
+    assert ServerSettings().engine == {"steps": 2}
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"defense": "nope"}, "defense"),
+    ({"checkpoint": "no-such-checkpoint"}, "not found"),
+    ({"query_budget": 5}, "needs API keys"),
+    ({"max_instances": 0}, "max_instances"),
+])
+def test_bad_settings_are_refused(overrides: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ServerSettings(**overrides)
+
+
+def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.app
+    from deepdefense.cli import build_parser, main
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(server.app, "serve", seen.append)
+    monkeypatch.setenv("DD_PORT", "9000")
+    monkeypatch.setenv("DD_DEFENSE", "dd-i")
+    assert main(["serve", "--defense", "none", "--engine", '{"steps": 3}', "--queue-size", "5"]) == 0
+    (s,) = seen
+    assert (s.defense, s.port, s.engine, s.queue_size, s.checkpoint) == ("none", 9000, {"steps": 3}, 5, "lenet-mnist")
+    serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    assert not [a for a in serve_parser._actions if "key" in " ".join(a.option_strings)]
