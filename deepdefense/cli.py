@@ -63,6 +63,57 @@ def _run_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _engine_options(pairs: Sequence[str]) -> dict[str, float | int]:
+    """``--set lr=0.05 --set steps=30`` → {"lr": 0.05, "steps": 30}."""
+    options: dict[str, float | int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+    return options
+
+
+def _add_fidelity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fidelity", help="measure what a defense costs benign users on real test images")
+    p.add_argument("--checkpoint", default="lenet-mnist")
+    p.add_argument("--dataset", default=None, help="images to query with (default: the checkpoint's data set)")
+    p.add_argument("--data-root", default=default_data_root(),
+                   help=f"folder holding the data sets in torchvision's layout (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--defense", default="deepdefense", choices=["deepdefense", "dd-s", "dd-i", "none"])
+    p.add_argument("--interpreter", default="gradcam")
+    p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine option, e.g. lr=0.05")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=_run_fidelity)
+
+
+def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from clients.fidelity import measure_fidelity
+    from defense.loader import load_defense
+    from deepdefense.device import resolve_device
+    from models.data import load_split
+
+    device = resolve_device(args.device)
+    defense, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device,
+                                 data_root=args.data_root, **_engine_options(args.set))
+    test = load_split(args.dataset or meta.dataset, args.data_root, "test")
+    images = test.tensors[0][: args.n].to(device) if hasattr(test, "tensors") else None
+    if images is None:
+        raise ValueError("fidelity needs a tensor data set (MNIST-like or CIFAR)")
+    result = {"command": shlex.join(["deepdefense", *argv]), "checkpoint": args.checkpoint,
+              "dataset": args.dataset or meta.dataset, "defense": args.defense, "interpreter": args.interpreter,
+              "options": _engine_options(args.set), "device": str(device), **measure_fidelity(defense, images).as_dict()}
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a victim model through a defense over HTTP (FastAPI under uvicorn)",
@@ -107,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sensitivity(sub)
+    _add_fidelity(sub)
     _add_serve(sub)
     return parser
 

@@ -25,7 +25,7 @@ from torch.func import grad
 
 from .api import Answer, Defense
 from .interpreters import Interpreter
-from .losses import attribution_order, dd_loss, int_loss, orth_loss, pred_loss, topk_preserved
+from .losses import abs_cosine, attribution_order, dd_loss, int_loss, orth_loss, pred_loss, topk_preserved
 from .sensitivity import layer_params, select_layers
 
 Mode = Literal["deepdefense", "dd-s", "dd-i"]
@@ -39,7 +39,9 @@ class DeepDefenseConfig:
     lambda1: float = 10.0  # eq. (8): weight of L_pred
     lambda2: float = 1.0  # eq. (8): weight of L_int
     huber_delta: float = 0.3  # eq. (7), the paper's δ
+    int_margin: float = 0.5  # eq. (7) with a margin: keep this share of each victim gap (0: the paper's form)
     top_k: int = 1  # eq. (3): k = 1 keeps the predicted class
+    pred_margin: float = 0.0  # eq. (6) margin, in log-probability units
     steps: int = 20
     lr: float = 0.01
     momentum: float = 0.9
@@ -55,7 +57,7 @@ class Reference:
     label: Tensor  # y, 0-d long
     top_k: Tensor  # s_1..s_k
     order: Tensor  # a_1..a_{HW}
-    pair_mask: Tensor  # 1 where a_i, a_{i+1} are not tied in the victim's map
+    gaps: Tensor  # I_{a_i} − I_{a_{i+1}} in the victim's map (0 for ties)
     grad_bottom: Tensor
     grad_top: Tensor
     probs: Tensor
@@ -118,9 +120,9 @@ class DeepDefense(Defense):
         e = self.interpreter.explain(victim, x, label)
         probs = e.logits.detach().softmax(-1)[0]
         attribution = e.attribution.detach()
-        order, pair_mask = attribution_order(attribution)
+        order, gaps = attribution_order(attribution)
         return Reference(
-            label=label, top_k=probs.topk(self.config.top_k).indices, order=order, pair_mask=pair_mask,
+            label=label, top_k=probs.topk(self.config.top_k).indices, order=order, gaps=gaps,
             grad_bottom=_flat(e.param_grads, self.bottom_names).detach(),
             grad_top=_flat(e.param_grads, self.top_names).detach(),
             probs=probs, attribution=attribution,
@@ -131,12 +133,13 @@ class DeepDefense(Defense):
         c = self.config
         e = self.interpreter.explain(params, x, ref.label)
         probs = e.logits.softmax(-1)[0]
-        l_orth = orth_loss(_flat(e.param_grads, self.bottom_names), ref.grad_bottom,
-                           _flat(e.param_grads, self.top_names), ref.grad_top, self.alpha)
-        l_pred = pred_loss(probs, ref.top_k)
-        l_int = int_loss(e.attribution, ref.order, ref.pair_mask, c.huber_delta)
+        cos_bottom = abs_cosine(ref.grad_bottom, _flat(e.param_grads, self.bottom_names))
+        cos_top = abs_cosine(ref.grad_top, _flat(e.param_grads, self.top_names))
+        l_orth = orth_loss(cos_bottom, cos_top, self.alpha)
+        l_pred = pred_loss(e.logits.log_softmax(-1)[0], ref.top_k, c.pred_margin)
+        l_int = int_loss(e.attribution, ref.order, ref.gaps, c.huber_delta, c.int_margin)
         loss = dd_loss(l_orth, l_pred, l_int, c.lambda1, c.lambda2)
-        return loss, {"loss": loss, "l_orth": l_orth, "l_pred": l_pred, "l_int": l_int,
+        return loss, {"loss": loss, "l_orth": l_orth, "cos_bottom": cos_bottom, "cos_top": cos_top, "l_pred": l_pred, "l_int": l_int,
                       "probs": probs, "attribution": e.attribution}
 
     def initial_params(self, x: Tensor) -> dict[str, Tensor]:
@@ -195,7 +198,7 @@ class DeepDefense(Defense):
             probs = ref.probs
         stats = {"steps": float(steps), "optimisation_seconds": time.perf_counter() - started}
         if best is not None:
-            stats.update({k: float(best[k]) for k in ("loss", "l_orth", "l_pred", "l_int")})
+            stats.update({k: float(best[k]) for k in ("loss", "l_orth", "cos_bottom", "cos_top", "l_pred", "l_int")})
         return Answer(label=int(ref.top_k[0]), probabilities=probs, attribution=attribution if explain else None,
                       fallback=fallback, stats=stats)
 

@@ -17,17 +17,17 @@ def abs_cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum().abs() / (a.norm() * b.norm() + _EPS)
 
 
-def orth_loss(grad_bottom: Tensor, ref_bottom: Tensor, grad_top: Tensor, ref_top: Tensor, alpha: float) -> Tensor:
-    # eq. (5): α |cos∠(∇_{w_B} f_y, ∇_{w̃_B} f̃_y)| + (1 − α) |cos∠(∇_{w_T} f_y, ∇_{w̃_T} f̃_y)|
-    return alpha * abs_cosine(ref_bottom, grad_bottom) + (1.0 - alpha) * abs_cosine(ref_top, grad_top)
+def orth_loss(cos_bottom: Tensor, cos_top: Tensor, alpha: float) -> Tensor:
+    # eq. (5): α |cos∠(∇_{w_B} f_y, ∇_{w̃_B} f̃_y)| + (1 − α) |cos∠(∇_{w_T} f_y, ∇_{w̃_T} f̃_y)|, cosines from abs_cosine
+    return alpha * cos_bottom + (1.0 - alpha) * cos_top
 
 
-def pred_loss(probs: Tensor, top_k: Tensor) -> Tensor:
-    # eq. (6): Σ_{i<k} (f̃_{s_{i+1}} − f̃_{s_i})⁺ + (max_{j∈S'} f̃_j − f̃_{s_k})⁺
-    ranked = probs[top_k]
-    order = F.relu(ranked[1:] - ranked[:-1]).sum()
-    rest = probs.scatter(0, top_k, torch.full_like(ranked, float("-inf")))
-    return order + F.relu(rest.max() - ranked[-1])
+def pred_loss(scores: Tensor, top_k: Tensor, margin: float = 0.0) -> Tensor:
+    # eq. (6): Σ_{i<k} (f̃_{s_{i+1}} − f̃_{s_i} + m)⁺ + (max_{j∈S'} f̃_j − f̃_{s_k} + m)⁺; m = 0 is the paper's form
+    ranked = scores[top_k]
+    order = F.relu(ranked[1:] - ranked[:-1] + margin).sum()
+    rest = scores.scatter(0, top_k, torch.full_like(ranked, float("-inf")))
+    return order + F.relu(rest.max() - ranked[-1] + margin)
 
 
 def huber(a: Tensor, delta: float) -> Tensor:
@@ -36,10 +36,12 @@ def huber(a: Tensor, delta: float) -> Tensor:
     return torch.where(absolute <= delta, 0.5 * a * a, delta * (absolute - 0.5 * delta))
 
 
-def int_loss(attribution: Tensor, order: Tensor, pair_mask: Tensor, delta: float) -> Tensor:
-    # eq. (7): Σ_i L_δ((Ĩ_{a_{i+1}} − Ĩ_{a_i})⁺) over the victim's order a; pairs tied in the victim are masked out
+def int_loss(attribution: Tensor, order: Tensor, gaps: Tensor, delta: float, margin: float = 0.0) -> Tensor:
+    # eq. (7): Σ_i L_δ((Ĩ_{a_{i+1}} − Ĩ_{a_i} + margin·(I_{a_i} − I_{a_{i+1}}))⁺) over the victim's order a,
+    # pairs tied in the victim (gap 0) masked out; margin = 0 is the paper's equation exactly
     ranked = attribution.reshape(-1)[order]
-    return (huber(F.relu(ranked[1:] - ranked[:-1]), delta) * pair_mask).sum()
+    hinge = F.relu(ranked[1:] - ranked[:-1] + margin * gaps)
+    return (huber(hinge, delta) * (gaps > 0).to(hinge.dtype)).sum()
 
 
 def dd_loss(l_orth: Tensor, l_pred: Tensor, l_int: Tensor, lambda1: float, lambda2: float) -> Tensor:
@@ -48,10 +50,9 @@ def dd_loss(l_orth: Tensor, l_pred: Tensor, l_int: Tensor, lambda1: float, lambd
 
 
 def attribution_order(attribution: Tensor) -> tuple[Tensor, Tensor]:
-    """The victim's order a (indices of its map, largest first) and the mask of pairs that are not ties."""
-    flat = attribution.reshape(-1)
-    values, order = flat.sort(descending=True, stable=True)
-    return order, (values[:-1] > values[1:]).to(flat.dtype)
+    """The victim's order a (indices of its map, largest first) and the gaps I_{a_i} − I_{a_{i+1}} ≥ 0."""
+    values, order = attribution.reshape(-1).sort(descending=True, stable=True)
+    return order, values[:-1] - values[1:]
 
 
 def topk_preserved(probs: Tensor, top_k: Tensor) -> Tensor:

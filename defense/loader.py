@@ -1,0 +1,32 @@
+"""From a checkpoint name to a ready defense: load the victim read-only, bind the interpreter,
+attach the stored layer sensitivity. One code path for the server, the harness and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models.checkpoint import CheckpointMeta, load_checkpoint
+
+from . import create_defense
+from .api import Defense
+from .interpreters import create_interpreter
+from .sensitivity import checkpoint_sensitivity
+
+
+def load_defense(
+    checkpoint: str,
+    defense: str = "deepdefense",
+    interpreter: str = "gradcam",
+    *,
+    device: str | torch.device = "cpu",
+    data_root: str | None = None,
+    **options: Any,
+) -> tuple[Defense, CheckpointMeta]:
+    model, meta = load_checkpoint(checkpoint, device=device)
+    model.requires_grad_(False)
+    bound = create_interpreter(interpreter, model, tuple(meta.input_shape))
+    if defense != "none":
+        options.setdefault("sensitivity", checkpoint_sensitivity(model, meta, data_root))
+    return create_defense(defense, model, bound, **options), meta
