@@ -51,7 +51,8 @@ def defense(victim: torch.nn.Module) -> NoDefense:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
-    return ServerSettings(defense="none", budget_db=tmp_path / "budget.sqlite", max_batch_wait_ms=1, **overrides)
+    options: dict[str, Any] = {"defense": "none", "budget_db": tmp_path / "budget.sqlite", "max_batch_wait_ms": 1}
+    return ServerSettings(**(options | overrides))
 
 
 @contextmanager
