@@ -1,0 +1,76 @@
+"""The real thing: uvicorn on a loopback port, httpx over TCP, PNG and pixel requests, and the
+latency histogram read back from /metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from test_server_api import _no_server_env, make_settings  # noqa: F401
+
+from server.app import create_app
+
+
+@pytest.fixture
+def base_url(tmp_path: Path) -> Iterator[str]:
+    """A server built the way ``deepdefense serve`` builds it (here with defense ``none``)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(tmp_path)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_png_and_pixels_over_tcp(base_url: str) -> None:
+    image = Image.fromarray((torch.rand(28, 28, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    pixels = torch.rand((1, 28, 28), generator=torch.Generator().manual_seed(1)).tolist()
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        r = client.post("/predict", json={"instances": [{"image_b64": png}], "explain": True})
+        assert r.status_code == 200
+        assert r.json()["predictions"][0]["attribution"]["shape"] == [28, 28]
+        r = client.post("/predict", json={"instances": [{"pixels": pixels}, {"image_b64": png}], "explain": False})
+        assert r.status_code == 200 and r.json()["defense"] == "none"
+        assert len(r.json()["predictions"]) == 2
+        metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    latency = families["dd_http_request_duration_seconds"]
+    count = next(s.value for s in latency.samples
+                 if s.name.endswith("_count") and s.labels["route"] == "/predict")
+    buckets = [s for s in latency.samples if s.name.endswith("_bucket") and s.labels["route"] == "/predict"]
+    assert count == 2
+    assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 2
+    answers = next(s.value for s in families["dd_answers"].samples if s.name == "dd_answers_total")
+    assert answers == 3

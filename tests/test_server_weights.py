@@ -1,0 +1,58 @@
+"""200 concurrent requests leave the victim's weights byte-identical, and every answer keeps the
+victim's own top-1. Served through DeepDefense when the server can build it, else through ``none``."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from test_server_api import _no_server_env, make_settings, serving  # noqa: F401
+
+from defense import Defense
+from server.app import create_app
+from server.runtime import build_defense
+from server.settings import ServerSettings
+
+REQUESTS = 200
+FAST_ENGINE = {"steps": 2}  # a short optimisation: this test is about isolation, not defense quality
+
+
+def served_defense() -> Defense:
+    cpu = torch.device("cpu")
+    try:
+        return build_defense(ServerSettings(defense="deepdefense", engine=FAST_ENGINE), cpu)
+    except (TypeError, ValueError, ImportError, NotImplementedError):
+        return build_defense(ServerSettings(defense="none"), cpu)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_concurrent_requests_never_touch_the_victim(tmp_path: Path) -> None:
+    defense = served_defense()
+    victim = defense.model
+    before = weights_digest(victim)
+    images = torch.rand((REQUESTS, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = victim(images).argmax(1).tolist()
+    settings = make_settings(tmp_path, defense=defense.name, max_batch_size=8, max_batch_wait_ms=2,
+                             queue_size=REQUESTS, request_timeout_s=600)
+    with serving(create_app(settings, defense)) as client, ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(
+            lambda x: client.post("/predict", json={"instances": [{"pixels": x.tolist()}], "explain": True}), images))
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    for r, label in zip(responses, expected, strict=True):
+        body = r.json()
+        assert body["defense"] == defense.name
+        (prediction,) = body["predictions"]
+        assert prediction["label"] == label
+        assert max(range(10), key=prediction["probabilities"].__getitem__) == label
+    assert weights_digest(victim) == before
+    assert all(not p.requires_grad for p in victim.parameters())
