@@ -23,7 +23,8 @@ DefenseName = Literal["deepdefense", "dd-s", "dd-i", "none"]
 class ServerSettings(BaseSettings):
     """Everything ``deepdefense serve`` can be told; see ``docs/server.md``."""
 
-    model_config = SettingsConfigDict(env_prefix="DD_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DD_", env_nested_delimiter="__", env_ignore_empty=True,
+                                      extra="forbid")
 
     checkpoint: str = Field("lenet-mnist", description="shipped checkpoint name or path to its metadata JSON")
     defense: DefenseName = Field("deepdefense", description="`none` serves the undefended victim, by name only")
