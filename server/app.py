@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -54,4 +55,5 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
 
 def serve(settings: ServerSettings) -> None:
     """Run the app under uvicorn until interrupted."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

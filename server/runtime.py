@@ -10,10 +10,9 @@ from typing import Literal
 import torch
 
 from deepdefense.device import resolve_device
-from defense import Defense, create_defense
-from defense.interpreters import create_interpreter
-from defense.sensitivity import checkpoint_sensitivity
-from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from defense import Defense
+from defense.loader import load_defense
+from models.checkpoint import read_meta, resolve_checkpoint
 
 from .auth import KeyRing
 from .batcher import MicroBatcher
@@ -29,18 +28,14 @@ State = Literal["starting", "ready", "failed"]
 
 
 def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
-    """Load the checkpoint, freeze the shared model and wrap it in the configured defense, with the
-    layer sensitivity stored in the checkpoint (or computed on ``settings.data_root``)."""
-    model, meta = load_checkpoint(settings.checkpoint, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    interpreter = create_interpreter(settings.interpreter, model, tuple(meta.input_shape))
-    if settings.defense == "none":
-        if settings.engine:
-            logger.warning("engine options are ignored by defense 'none'")
-        return create_defense("none", model, interpreter)
-    options = {"sensitivity": checkpoint_sensitivity(model, meta, settings.data_root), **settings.engine}
-    return create_defense(settings.defense, model, interpreter, **options)
+    """The configured defense around a frozen victim, with the layer sensitivity stored in the
+    checkpoint (or computed on ``settings.data_root``): the project's one loading path."""
+    if settings.defense == "none" and settings.engine:
+        logger.warning("engine options are ignored by defense 'none'")
+    options = settings.engine if settings.defense != "none" else {}
+    defense, _ = load_defense(settings.checkpoint, settings.defense, settings.interpreter, device=device,
+                              data_root=settings.data_root, **options)
+    return defense
 
 
 class Runtime:
