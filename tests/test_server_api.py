@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import time
 import zlib
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
@@ -32,8 +34,6 @@ SHAPE = (1, 28, 28)
 @pytest.fixture(autouse=True)
 def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests configure the server explicitly; DD_* variables of the caller's shell do not leak in."""
-    import os
-
     for name in [n for n in os.environ if n.startswith("DD_")]:
         monkeypatch.delenv(name)
 
@@ -152,7 +152,7 @@ def test_images_are_converted_to_the_models_channels_and_size(client: TestClient
     r = client.post("/predict", json={"instances": instances})
     assert r.status_code == 200
     labels = [p["label"] for p in r.json()["predictions"]]
-    x = torch.from_numpy(__import__("numpy").asarray(gray, dtype="float32") / 255).view(1, 1, 28, 28)
+    x = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255).view(1, 1, 28, 28)
     assert labels[0] == int(victim(x).argmax())
     assert len(labels) == 3
 
@@ -325,3 +325,38 @@ def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert (s.defense, s.port, s.engine, s.queue_size, s.checkpoint) == ("none", 9000, {"steps": 3}, 5, "lenet-mnist")
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     assert not [a for a in serve_parser._actions if "key" in " ".join(a.option_strings)]
+
+
+class _FailClosed(NoDefense):
+    """Every answer is the documented safe answer, after a reported optimisation time."""
+
+    name = "fake-dd"
+
+    def answer(self, x: torch.Tensor, *, explain: bool = True) -> list:
+        answers = super().answer(x, explain=explain)
+        for a in answers:
+            a.fallback, a.stats = True, {"optimisation_seconds": 0.02}
+        return answers
+
+
+def test_fallbacks_and_optimisation_time_are_counted(tmp_path: Path, victim: torch.nn.Module) -> None:
+    fail_closed = _FailClosed(victim, create_interpreter("gradcam", victim, SHAPE))
+    with serving(create_app(make_settings(tmp_path, warmup=False), fail_closed)) as client:
+        r = client.post("/predict", json={"instances": [{"pixels": pixels(0)}, {"pixels": pixels(1)}]})
+        assert r.status_code == 200 and r.json()["defense"] == "fake-dd"
+        metrics = client.get("/metrics").text
+    assert 'dd_defense_fallbacks_total{defense="fake-dd"} 2.0' in metrics
+    assert 'dd_defense_optimisation_seconds_count{defense="fake-dd"} 2.0' in metrics
+    assert 'dd_answers_total{defense="fake-dd"} 2.0' in metrics
+
+
+def test_a_defense_that_cannot_be_built_never_becomes_ready(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, interpreter="no-such-interpreter"))) as client:
+        deadline = time.monotonic() + 30
+        while client.app.state.runtime.state == "starting":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "failed" in error_of(r)["message"]
+        assert "no-such-interpreter" not in r.text
+        assert client.get("/healthz").status_code == 200
