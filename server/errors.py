@@ -31,7 +31,7 @@ _CODES = {
     "value_error": "invalid_value",
 }
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 class ApiError(Exception):
