@@ -1,0 +1,189 @@
+"""The oracle a client queries: a batch of images in, probabilities, labels and attribution maps out.
+
+Two implementations of one protocol: :class:`HttpOracle` talks to a running ``deepdefense serve``
+(``POST /predict``, ``GET /v1/models``) and :class:`LocalOracle` calls a :class:`defense.Defense`
+in-process, the same ``Defense.answer`` the server's micro-batcher calls. Attacks, the benign
+client and the evaluation harness only see :class:`Oracle`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import torch
+from torch import Tensor
+
+from defense.api import Defense
+from models.checkpoint import CheckpointMeta
+
+API_KEY_ENV = "DD_CLIENT_API_KEY"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the oracle says it serves (``GET /v1/models``)."""
+
+    name: str
+    arch: str
+    dataset: str
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    interpreter: str
+    defense: str
+    defense_settings: dict[str, Any]
+
+
+@dataclass
+class OracleReply:
+    """Answers for a batch of B queries, in order."""
+
+    labels: Tensor  # (B,) long
+    probabilities: Tensor  # (B, K)
+    attributions: Tensor | None  # (B, H, W); None when no explanation was asked for
+
+
+class Oracle(Protocol):
+    """Send a batch of images (B, C, H, W) in [0, 1]; receive the defended answers."""
+
+    def info(self) -> ModelInfo: ...
+
+    def query(self, x: Tensor, *, explain: bool = True) -> OracleReply: ...
+
+
+class OracleError(RuntimeError):
+    """The oracle refused or failed a request; ``status`` and ``code`` say why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+
+
+def read_api_key(path: str | os.PathLike[str] | None = None) -> str | None:
+    """The API key: the first non-comment line of ``path``, else ``$DD_CLIENT_API_KEY``, else None."""
+    if path is not None:
+        for line in Path(path).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                return line
+        raise ValueError(f"API key file {path} holds no key")
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def stack_reply(labels: list[int], probabilities: list[Tensor], attributions: list[Tensor] | None) -> OracleReply:
+    return OracleReply(
+        labels=torch.tensor(labels, dtype=torch.long),
+        probabilities=torch.stack(probabilities).float(),
+        attributions=torch.stack(attributions).float() if attributions is not None else None,
+    )
+
+
+def local_info(name: str, meta: CheckpointMeta, defense: Defense) -> ModelInfo:
+    """The :class:`ModelInfo` a server would report for checkpoint ``name`` served through ``defense``."""
+    return ModelInfo(name=name, arch=meta.arch, dataset=meta.dataset, classes=list(meta.classes),
+                     input_shape=tuple(meta.input_shape), interpreter=defense.interpreter.name,
+                     defense=defense.name, defense_settings=defense.public_settings())
+
+
+class LocalOracle:
+    """A :class:`Defense` called in-process, as the server's micro-batcher calls it."""
+
+    def __init__(self, defense: Defense, info: ModelInfo) -> None:
+        self.defense = defense
+        self._info = info
+        self.device = next(defense.model.parameters()).device
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
+        answers = self.defense.answer(x.to(self.device), explain=explain)
+        maps = [a.attribution.detach().cpu() for a in answers] if explain else None
+        return stack_reply([a.label for a in answers], [a.probabilities.detach().cpu() for a in answers], maps)
+
+
+class HttpOracle:
+    """``deepdefense serve`` over HTTP: ``Authorization: Bearer <key>``, requests of at most
+    ``max_instances`` images, retries with exponential backoff on 503 (honouring ``Retry-After``),
+    504 and connection errors, and an :class:`OracleError` naming the server's reason on any other
+    error status."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, max_instances: int = 16,
+                 retries: int = 5, backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.max_instances = max_instances
+        self.retries = retries
+        self.backoff = backoff
+        self._info: ModelInfo | None = None
+
+    def __enter__(self) -> HttpOracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            m = self._request("GET", "/v1/models").json()["models"][0]
+            self._info = ModelInfo(name=m["name"], arch=m["arch"], dataset=m["dataset"], classes=m["classes"],
+                                   input_shape=tuple(m["input_shape"]), interpreter=m["interpreter"],
+                                   defense=m["defense"]["name"], defense_settings=m["defense"]["settings"])
+        return self._info
+
+    def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
+        labels: list[int] = []
+        probabilities: list[Tensor] = []
+        maps: list[Tensor] = []
+        for start in range(0, len(x), self.max_instances):
+            chunk = x[start:start + self.max_instances].detach().cpu().float()
+            body = {"instances": [{"pixels": xi.tolist()} for xi in chunk], "explain": explain}
+            for p in self._request("POST", "/predict", json=body).json()["predictions"]:
+                labels.append(int(p["label"]))
+                probabilities.append(torch.tensor(p["probabilities"]))
+                if explain:
+                    maps.append(torch.tensor(p["attribution"]["values"]))
+        return stack_reply(labels, probabilities, maps if explain else None)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self.client.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+                time.sleep(self.backoff * 2 ** attempt)
+                continue
+            if response.status_code in (503, 504) and not last:
+                time.sleep(retry_delay(response, self.backoff * 2 ** attempt))
+                continue
+            if response.is_error:
+                raise error_from(response)
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def retry_delay(response: httpx.Response, default: float) -> float:
+    """Seconds to wait: the server's ``Retry-After`` (in seconds) when it gives one, else ``default``."""
+    try:
+        return max(float(response.headers["Retry-After"]), default)
+    except (KeyError, ValueError):
+        return default
+
+
+def error_from(response: httpx.Response) -> OracleError:
+    """The server's ``{"error": {"code", "message"}}`` as an exception (or the raw status)."""
+    try:
+        detail = response.json()["error"]
+        return OracleError(response.status_code, detail["code"], detail["message"])
+    except (ValueError, KeyError, TypeError):
+        return OracleError(response.status_code, "http_error", response.reason_phrase or "request failed")

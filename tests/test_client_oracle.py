@@ -1,0 +1,144 @@
+"""The oracle protocol: HTTP against a loopback uvicorn and in-process give the same answers; the
+HTTP client retries 503s with backoff, reports 4xx clearly and sends the API key."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.oracle import HttpOracle, LocalOracle, OracleError, local_info, read_api_key
+from defense import NoDefense, create_defense
+from defense.interpreters import create_interpreter
+from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from server.app import create_app
+from server.settings import ServerSettings
+
+
+def loopback_settings(tmp: Path, **overrides: Any) -> ServerSettings:
+    """Explicit settings: the caller's DD_* environment does not leak in."""
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("DD_")]}
+    try:
+        return ServerSettings(**({"defense": "none", "budget_db": tmp / "budget.sqlite", "max_batch_wait_ms": 1}
+                                 | overrides))
+    finally:
+        os.environ.update(saved)
+
+
+@contextmanager
+def loopback(app: FastAPI) -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port; yields the base URL once /readyz answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def served_queries(url: str) -> float:
+    """Instances the server admitted, summed over keys (``dd_key_queries_total``)."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    family = families.get("dd_key_queries")
+    return sum(s.value for s in family.samples if s.name == "dd_key_queries_total") if family else 0.0
+
+
+@pytest.fixture(scope="module")
+def undefended() -> NoDefense:
+    model, meta = load_checkpoint("lenet-mnist")
+    model.requires_grad_(False)
+    return create_defense("none", model, create_interpreter("gradcam", model, tuple(meta.input_shape)))  # type: ignore[return-value]
+
+
+def test_http_and_local_oracles_agree(tmp_path: Path, undefended: NoDefense) -> None:
+    x = torch.rand((5, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    local = LocalOracle(undefended, local_info("lenet-mnist", read_meta(resolve_checkpoint("lenet-mnist")), undefended))
+    settings = loopback_settings(tmp_path, api_keys="k1", max_instances=2)
+    with loopback(create_app(settings, undefended)) as url, HttpOracle(url, "k1", max_instances=2) as remote:
+        assert remote.info() == local.info()
+        got, want = remote.query(x), local.query(x)
+        assert served_queries(url) == 5
+        labels_only = remote.query(x[:1], explain=False)
+        with pytest.raises(OracleError) as err, HttpOracle(url, "wrong") as stranger:
+            stranger.query(x[:1])
+    assert err.value.status == 401 and err.value.code == "unauthorized"
+    assert torch.equal(got.labels, want.labels)
+    assert torch.allclose(got.probabilities, want.probabilities, atol=1e-6)
+    assert got.attributions is not None and want.attributions is not None
+    assert torch.allclose(got.attributions, want.attributions, atol=1e-6)
+    assert labels_only.attributions is None and labels_only.labels.tolist() == got.labels[:1].tolist()
+
+
+def test_http_oracle_retries_503_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("clients.oracle.time.sleep", waits.append)
+    calls: list[httpx.Request] = []
+    body = {"model": "m", "defense": "none",
+            "predictions": [{"label": 3, "probabilities": [0.1, 0.9],
+                             "attribution": {"method": "gradcam", "shape": [1, 1], "values": [[1.0]]}}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 3:
+            return httpx.Response(503, headers={"Retry-After": "2"},
+                                  json={"error": {"code": "queue_full", "message": "busy"}})
+        return httpx.Response(200, json=body)
+
+    with HttpOracle("http://oracle", "secret", backoff=0.5, transport=httpx.MockTransport(handler)) as oracle:
+        reply = oracle.query(torch.zeros(1, 1, 1, 1))
+    assert reply.labels.tolist() == [3] and reply.attributions is not None
+    assert waits == [2.0, 2.0] and len(calls) == 3
+    assert calls[-1].headers["Authorization"] == "Bearer secret"
+    assert json.loads(calls[-1].content) == {"instances": [{"pixels": [[[0.0]]]}], "explain": True}
+
+
+def test_http_oracle_gives_up_and_reports_4xx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("clients.oracle.time.sleep", lambda s: None)
+    busy = httpx.MockTransport(lambda r: httpx.Response(503, json={"error": {"code": "not_ready", "message": "x"}}))
+    with HttpOracle("http://oracle", retries=2, transport=busy) as oracle, pytest.raises(OracleError) as err:
+        oracle.query(torch.zeros(1, 1, 1, 1))
+    assert err.value.status == 503
+    spent = httpx.MockTransport(lambda r: httpx.Response(
+        429, json={"error": {"code": "budget_exhausted", "message": "the query budget of this key is spent"}}))
+    with HttpOracle("http://oracle", transport=spent) as oracle, pytest.raises(OracleError, match="budget") as err:
+        oracle.query(torch.zeros(1, 1, 1, 1))
+    assert err.value.status == 429 and err.value.code == "budget_exhausted"
+
+
+def test_api_key_from_file_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("# the attacker's key\n  abc123  \n")
+    assert read_api_key(key_file) == "abc123"
+    monkeypatch.setenv("DD_CLIENT_API_KEY", "from-env")
+    assert read_api_key() == "from-env"
+    key_file.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        read_api_key(key_file)
