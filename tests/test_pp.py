@@ -1,0 +1,99 @@
+"""Prediction Poisoning (MAD): argmax kept, ‖ỹ − y‖₁ ≤ ε, answers on the simplex, and more angular
+deviation than random feasible perturbations; the batched Jacobian matches the closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from defense.baselines.pp import (
+    PredictionPoisoning,
+    angular_deviation,
+    last_linear,
+    log_prob_jacobian,
+    mix_towards,
+)
+from defense.interpreters import create_interpreter
+from models.checkpoint import load_checkpoint
+from models.data import load_split
+
+EPSILON = 0.5
+
+
+@pytest.fixture(scope="module")
+def pp() -> PredictionPoisoning:
+    model, meta = load_checkpoint("lenet-mnist")
+    model.requires_grad_(False)
+    return PredictionPoisoning(model, create_interpreter("gradcam", model, tuple(meta.input_shape)), epsilon=EPSILON)
+
+
+@pytest.fixture(scope="module")
+def queries(data_root) -> torch.Tensor:  # noqa: ANN001
+    """Attacker-like (Fashion-MNIST) and benign (MNIST) queries."""
+    fashion = load_split("fashionmnist", data_root, "test").tensors[0][:12]
+    digits = load_split("mnist", data_root, "test").tensors[0][:4]
+    return torch.cat([fashion, digits])
+
+
+def test_constraints_hold_on_every_query(pp: PredictionPoisoning, queries: torch.Tensor) -> None:
+    answers = pp.answer(queries, explain=True)
+    with torch.no_grad():
+        y = pp.model(queries).softmax(-1)
+    y_tilde = torch.stack([a.probabilities for a in answers])
+    assert torch.equal(y_tilde.argmax(-1), y.argmax(-1))
+    assert [a.label for a in answers] == y.argmax(-1).tolist()
+    assert torch.all((y_tilde - y).abs().sum(-1) <= EPSILON + 1e-6)
+    assert torch.all(y_tilde >= 0) and torch.allclose(y_tilde.sum(-1), torch.ones(len(y)), atol=1e-6)
+    assert (y_tilde - y).abs().sum(-1).mean() > 0.1  # it does perturb
+    victim = pp.victim.answer(queries[:2], explain=True)
+    for a, v in zip(answers[:2], victim):
+        assert a.attribution is not None and torch.equal(a.attribution, v.attribution)  # PP has no notion of maps
+    assert all(a.attribution is None for a in pp.answer(queries[:2], explain=False))
+
+
+def test_mad_deviates_more_than_random_feasible_answers(pp: PredictionPoisoning, queries: torch.Tensor) -> None:
+    answers = pp.answer(queries, explain=False)
+    with torch.no_grad():
+        y = pp.model(queries).softmax(-1).double()
+    y_tilde = torch.stack([a.probabilities for a in answers]).double()
+    G = log_prob_jacobian(pp.surrogate, pp.layer, queries).double()
+    mad_dev = angular_deviation(G, y, y_tilde[:, None])[:, 0]
+    targets = torch.distributions.Dirichlet(torch.ones(10, dtype=torch.float64)).sample((len(y), 64))
+    random_answers = mix_towards(y, targets, EPSILON)
+    assert torch.all((random_answers - y[:, None]).abs().sum(-1) <= EPSILON + 1e-9)
+    assert torch.all(random_answers.argmax(-1) == y.argmax(-1)[:, None])
+    random_dev = angular_deviation(G, y, random_answers)
+    assert torch.all(mad_dev >= random_dev.median(-1).values)
+    assert mad_dev.mean() > 2 * random_dev.mean()
+
+
+def test_last_layer_jacobian_matches_the_closed_form(pp: PredictionPoisoning, queries: torch.Tensor) -> None:
+    """For a linear output layer z = W h + b, ∂ log F_k/∂(W, b) = (e_k − p) ⊗ [h, 1]."""
+    x = queries[:3]
+    G = log_prob_jacobian(pp.surrogate, pp.layer, x)
+    layer = pp.surrogate.get_submodule(pp.layer)
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        p = pp.surrogate(x).softmax(-1)
+    handle.remove()
+    h = torch.cat([seen[0], torch.ones(len(x), 1)], 1)
+    K = p.shape[1]
+    residual = torch.eye(K)[None] - p[:, None, :]  # (B, K, K): row k is e_k − p
+    weight = residual[:, :, :, None] * h[:, None, None, :-1]  # (B, K, K, H)
+    expected = torch.cat([weight.flatten(2), residual], 2)
+    assert last_linear(pp.surrogate) == "net.classifier.fc2"
+    assert torch.allclose(G, expected, atol=1e-5)
+
+
+def test_the_surrogate_is_a_seeded_random_copy(pp: PredictionPoisoning) -> None:
+    other = PredictionPoisoning(pp.model, pp.interpreter, surrogate_seed=0)
+    third = PredictionPoisoning(pp.model, pp.interpreter, surrogate_seed=1)
+    w = pp.surrogate.get_submodule(pp.layer).weight
+    assert torch.equal(w, other.surrogate.get_submodule(pp.layer).weight)
+    assert not torch.equal(w, third.surrogate.get_submodule(pp.layer).weight)
+    assert not torch.equal(w, pp.model.get_submodule(pp.layer).weight)
+    assert pp.public_settings() == {"epsilon": EPSILON, "surrogate": "random init (seed 0)", "layer": pp.layer}
+    with pytest.raises(ValueError, match="nn.Linear"):
+        PredictionPoisoning(pp.model, pp.interpreter, surrogate=nn.Sequential(nn.Flatten(), nn.Identity()))
