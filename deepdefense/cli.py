@@ -153,6 +153,130 @@ def _run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _add_oracle_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running 'deepdefense serve'")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key (first non-comment line); default: $DD_CLIENT_API_KEY")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+
+
+def _add_attack(sub: argparse._SubParsersAction) -> None:
+    from clients.attack import STRATEGIES, AttackConfig
+    from clients.attack_losses import ATTACK_LOSSES
+
+    d = AttackConfig()
+    p = sub.add_parser(
+        "attack", help="steal the served model: query it, store the transfer set, train and test an attack model",
+        description="The model-stealing adversary of DeepDefense §3 over HTTP. The transfer set is stored as it is "
+                    "collected; rerunning the same command continues where an interrupted run stopped.")
+    _add_oracle_flags(p)
+    p.add_argument("--budget", type=int, default=d.budget, help="query budget B")
+    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="random: sample P_A (Knockoff Nets); jbda: Jacobian-based augmentation (Papernot et al.)")
+    p.add_argument("--loss", choices=ATTACK_LOSSES, default=d.loss,
+                   help="explanations: eq. (1); probabilities: soft labels; labels: top-1 only")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the map term of eq. (1)")
+    p.add_argument("--dataset", default=d.dataset, choices=sorted(SPECS),
+                   help="the attacker's data set P_A (queries come from its training split)")
+    p.add_argument("--data-root", default=default_data_root(),
+                   help=f"folder holding the data sets in torchvision's layout (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--arch", default=None, choices=list_models(), help="attack model (default: the victim's)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--query-batch", type=int, default=d.query_batch, help="images per request")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed-size", type=int, default=d.seed_size, help="JBDA: size of the seed set S_0")
+    p.add_argument("--jbda-step", type=float, default=d.jbda_step, help="JBDA: step λ of the augmentation")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="JBDA: labelling rounds max_ρ")
+    p.add_argument("--test-n", type=int, default=None, help="test on the first n victim test images (default: all)")
+    p.add_argument("--store", default=None, help="transfer-set folder (default: transfer-sets/<derived name>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the result record to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_attack)
+
+
+def _run_attack(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from clients.attack import AttackConfig, run_attack
+    from clients.oracle import HttpOracle, OracleError, read_api_key
+    from deepdefense.device import resolve_device
+
+    config = AttackConfig(
+        budget=args.budget, strategy=args.strategy, loss=args.loss, dataset=args.dataset,
+        data_root=str(args.data_root) if args.data_root else None, arch=args.arch, epochs=args.epochs,
+        batch_size=args.batch_size, query_batch=args.query_batch, lr=args.lr, lam=args.lam, seed=args.seed,
+        seed_size=args.seed_size, jbda_step=args.jbda_step, rounds=args.rounds, test_n=args.test_n,
+        device=str(resolve_device(args.device)))
+    try:
+        with HttpOracle(args.url, read_api_key(args.api_key_file), timeout=args.timeout) as oracle:
+            result = run_attack(oracle, config, args.store, progress=not args.quiet)
+    except OracleError as err:
+        print(f"deepdefense attack: the server refused: {err}; the answers so far are stored, rerun to continue",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deepdefense attack: interrupted; the answers so far are stored, rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    result = {"command": shlex.join(["deepdefense", *argv]), "url": args.url, **result}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="a benign user: test images, agreement with the truth and the undefended "
+                                      "victim, latency percentiles")
+    _add_oracle_flags(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="the undefended victim to compare with, loaded locally (default: the served model's name)")
+    p.add_argument("--dataset", default=None, help="test images to send (default: the served model's data set)")
+    p.add_argument("--data-root", default=default_data_root(),
+                   help=f"folder holding the data sets in torchvision's layout (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per request")
+    p.add_argument("--no-explain", dest="explain", action="store_false", help="ask for predictions only")
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_client)
+
+
+def _run_client(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import json
+
+    from clients.benign import run_benign
+    from clients.oracle import HttpOracle, OracleError, read_api_key
+    from defense.api import NoDefense
+    from defense.interpreters import create_interpreter
+    from models.checkpoint import load_checkpoint
+    from models.data import load_split
+
+    try:
+        with HttpOracle(args.url, read_api_key(args.api_key_file), timeout=args.timeout) as oracle:
+            info = oracle.info()
+            model, meta = load_checkpoint(args.checkpoint or info.name)
+            model.requires_grad_(False)
+            undefended = NoDefense(model, create_interpreter(info.interpreter, model, tuple(meta.input_shape)))
+            images, labels = load_split(args.dataset or info.dataset, args.data_root, "test").tensors
+            report = run_benign(oracle, images[: args.n], labels[: args.n], undefended, batch_size=args.batch_size,
+                                explain=args.explain, progress=not args.quiet)
+    except OracleError as err:
+        print(f"deepdefense client: the server refused: {err}", file=sys.stderr)
+        return 1
+    result = {"command": shlex.join(["deepdefense", *argv]), "url": args.url, "model": info.name,
+              "defense": info.defense, "dataset": args.dataset or info.dataset, **report.as_dict()}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sensitivity(sub)
     _add_fidelity(sub)
     _add_serve(sub)
+    _add_attack(sub)
+    _add_client(sub)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""The attacker's training losses on a transfer set.
+
+* ``explanations`` — DeepDefense eq. (1), after Milli et al., "Model Reconstruction from Model
+  Explanations", FAT* 2019: cross-entropy on the returned probabilities plus
+  λ‖I(x) − I_A(x; w_A)‖²_F, where I_A is the attacker's own interpreter (of the server's kind) on
+  the attack model, differentiated through with respect to w_A.
+* ``probabilities`` — Knockoff Nets (Orekondy et al., CVPR 2019): cross-entropy on the returned
+  probabilities used as soft labels.
+* ``labels`` — cross-entropy on the returned top-1 label only: the adaptive attacker that ignores
+  perturbed probabilities (and JBDA's oracle labels, Papernot et al., AsiaCCS 2017).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from defense.interpreters import Interpreter
+
+AttackLoss = Literal["explanations", "probabilities", "labels"]
+ATTACK_LOSSES: tuple[AttackLoss, ...] = ("explanations", "probabilities", "labels")
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of −Σ_k p_k log softmax(logits)_k for target probabilities p."""
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def map_distance(attribution: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of the squared Frobenius distance ‖I − I_A‖²_F of (B, H, W) maps."""
+    return (attribution - target).pow(2).flatten(1).sum(1).mean()
+
+
+def explain_batch(interpreter: Interpreter, model: nn.Module, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits (B, K) and maps (B, H, W) of the attack model for classes ``labels``, differentiable
+    with respect to the model's parameters (``vmap`` over queries; dropout draws per query)."""
+    params = dict(model.named_parameters())
+
+    def one(xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+        e = interpreter.explain(params, xi.unsqueeze(0), yi)
+        return e.logits[0], e.attribution
+
+    return vmap(one, randomness="different")(x, labels)
+
+
+def attack_loss(kind: AttackLoss, model: nn.Module, interpreter: Interpreter, x: Tensor, labels: Tensor,
+                probabilities: Tensor, attributions: Tensor | None, lam: float) -> Tensor:
+    """The loss ``kind`` of the attack model on one batch of the transfer set."""
+    if kind == "labels":
+        return F.cross_entropy(model(x), labels)
+    if kind == "probabilities":
+        return soft_cross_entropy(model(x), probabilities)
+    if kind == "explanations":
+        if attributions is None:
+            raise ValueError("the explanations loss needs a transfer set with attribution maps")
+        logits, maps = explain_batch(interpreter, model, x, labels)
+        return soft_cross_entropy(logits, probabilities) + lam * map_distance(maps, attributions)
+    raise ValueError(f"unknown attack loss {kind!r}; known losses: {', '.join(ATTACK_LOSSES)}")

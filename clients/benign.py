@@ -1,0 +1,61 @@
+"""A benign user (``deepdefense client``): in-distribution test images, one request at a time.
+
+Reports what a defense costs honest users: top-1 agreement with the true labels and with the
+undefended victim (the checkpoint loaded locally behind ``NoDefense``), and the latency of each
+request as percentiles (p50/p95/p99).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from defense.api import NoDefense
+
+from .oracle import Oracle
+
+
+@dataclass
+class BenignReport:
+    n: int
+    requests: int
+    batch_size: int
+    explain: bool
+    accuracy: float  # percent of answers whose label is the true label
+    agreement_undefended: float  # percent of answers whose label is the undefended victim's
+    latency_ms: dict[str, float]  # p50, p95, p99 and mean per request
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    """p50, p95, p99 (linear interpolation) and the mean, in milliseconds."""
+    ms = 1000.0 * np.asarray(seconds)
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+            "mean": round(float(ms.mean()), 3)}
+
+
+def run_benign(oracle: Oracle, images: Tensor, labels: Tensor, undefended: NoDefense, *, batch_size: int = 1,
+               explain: bool = True, progress: bool = True) -> BenignReport:
+    """Query ``images`` in requests of ``batch_size`` and compare the answers with ``labels`` and ``undefended``."""
+    device = next(undefended.model.parameters()).device
+    correct = agree = 0
+    seconds: list[float] = []
+    for start in tqdm(range(0, len(images), batch_size), desc="benign queries", unit="request", disable=not progress):
+        x = images[start:start + batch_size]
+        began = time.perf_counter()
+        reply = oracle.query(x, explain=explain)
+        seconds.append(time.perf_counter() - began)
+        reference = torch.tensor([a.label for a in undefended.answer(x.to(device), explain=False)])
+        correct += int((reply.labels == labels[start:start + batch_size]).sum())
+        agree += int((reply.labels == reference).sum())
+    return BenignReport(n=len(images), requests=len(seconds), batch_size=batch_size, explain=explain,
+                        accuracy=100.0 * correct / len(images), agreement_undefended=100.0 * agree / len(images),
+                        latency_ms=latency_summary(seconds))
