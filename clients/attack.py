@@ -77,9 +77,9 @@ def fingerprint(config: AttackConfig, info: ModelInfo) -> dict[str, Any]:
 
 
 def default_store(config: AttackConfig, info: ModelInfo) -> Path:
-    """``transfer-sets/<model>-<defense>-<strategy>-<dataset>-<digest>``: the same command finds its store again."""
+    """``runs/transfer-sets/<model>-<defense>-<strategy>-<dataset>-<digest>``: the same command finds its store again."""
     digest = fingerprint_digest(fingerprint(config, info))
-    return Path("transfer-sets") / f"{info.name}-{info.defense}-{config.strategy}-{config.dataset}-{digest}"
+    return Path("runs") / "transfer-sets" / f"{info.name}-{info.defense}-{config.strategy}-{config.dataset}-{digest}"
 
 
 def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | None = None,

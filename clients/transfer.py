@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +134,33 @@ def collect(oracle: Oracle, store: TransferStore, queries: Tensor, *, round_: in
     todo = queries[start:]
     bar = tqdm(total=len(queries), initial=start, desc=f"queries (round {round_})", unit="query",
                disable=not progress)
-    with bar:
+    with bar, deferred_interrupt() as interrupted:
         for begin in range(0, len(todo), batch_size):
             batch = todo[begin:begin + batch_size]
             store.append(batch, oracle.query(batch, explain=True), round_)
             bar.update(len(batch))
+            if interrupted.is_set():
+                raise KeyboardInterrupt
     return len(todo)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[threading.Event]:
+    """Hold a first Ctrl-C (SIGINT) until the caller checks the event, so that a request already
+    answered (and paid for) is stored before the program stops; a second one stops at once. Only
+    the main thread can take signals; in other threads this does nothing."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)

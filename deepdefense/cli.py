@@ -190,7 +190,7 @@ def _add_attack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jbda-step", type=float, default=d.jbda_step, help="JBDA: step λ of the augmentation")
     p.add_argument("--rounds", type=int, default=d.rounds, help="JBDA: labelling rounds max_ρ")
     p.add_argument("--test-n", type=int, default=None, help="test on the first n victim test images (default: all)")
-    p.add_argument("--store", default=None, help="transfer-set folder (default: transfer-sets/<derived name>)")
+    p.add_argument("--store", default=None, help="transfer-set folder (default: runs/transfer-sets/<derived name>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the result record to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,9 +1,11 @@
 """The transfer-set store: append-only shards committed by the manifest, crash leftovers ignored,
-another attack's store refused, planned queries kept; JBDA's augmentation step."""
+another attack's store refused, planned queries kept, Ctrl-C held until the answered batch is
+stored; JBDA's augmentation step."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from clients.jbda import jacobian_augmentation
 from clients.oracle import OracleReply
-from clients.transfer import TransferStore
+from clients.transfer import TransferStore, collect
 from models.lenet import LeNet
 
 FP = {"strategy": "random", "dataset": "fashionmnist", "seed": 0}
@@ -74,3 +76,26 @@ def test_jacobian_augmentation_steps_by_lambda_inside_the_unit_cube() -> None:
     (g,) = torch.autograd.grad(score, x_req)
     inside = (x > 0.1) & (x < 0.9) & (g != 0)
     assert torch.equal((out - x)[inside].sign(), g[inside].sign())
+
+
+class CtrlCWhileAnswering:
+    """An oracle whose user presses Ctrl-C while the second request is in flight."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def query(self, x: torch.Tensor, *, explain: bool = True) -> OracleReply:
+        self.calls += 1
+        if self.calls == 2:
+            signal.raise_signal(signal.SIGINT)
+        return reply(len(x))
+
+
+def test_ctrl_c_stops_after_the_answered_batch_is_stored(tmp_path: Path) -> None:
+    store = TransferStore(tmp_path / "s", FP)
+    oracle = CtrlCWhileAnswering()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        collect(oracle, store, torch.rand(20, 1, 28, 28), batch_size=4, progress=False)  # type: ignore[arg-type]
+    assert oracle.calls == 2 and len(store) == 8
+    assert signal.getsignal(signal.SIGINT) is before
