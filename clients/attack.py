@@ -11,7 +11,7 @@ victim's test set.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,7 +88,7 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
     started = time.perf_counter()
     info = oracle.info()
     arch = config.arch or info.arch
-    config = AttackConfig(**{**asdict(config), "arch": arch})
+    config = replace(config, arch=arch)
     device = torch.device(config.device)
     spec = get_spec(config.dataset)
     if tuple(spec.input_shape) != tuple(info.input_shape):

@@ -56,10 +56,10 @@ class Oracle(Protocol):
 
 
 class OracleError(RuntimeError):
-    """The oracle refused or failed a request; ``status`` and ``code`` say why."""
+    """The oracle refused or failed a request; ``status`` (None: no HTTP answer) and ``code`` say why."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
+    def __init__(self, status: int | None, code: str, message: str) -> None:
+        super().__init__(f"{f'HTTP {status} ' if status is not None else ''}{code}: {message}")
         self.status = status
         self.code = code
 
@@ -111,7 +111,7 @@ class HttpOracle:
     """``deepdefense serve`` over HTTP: ``Authorization: Bearer <key>``, requests of at most
     ``max_instances`` images, retries with exponential backoff on 503 (honouring ``Retry-After``),
     504 and connection errors, and an :class:`OracleError` naming the server's reason on any other
-    error status."""
+    error status (or the connection error once the retries are spent)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, max_instances: int = 16,
                  retries: int = 5, backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
@@ -154,22 +154,24 @@ class HttpOracle:
         return stack_reply(labels, probabilities, maps if explain else None)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        attempt = 0
+        while True:
+            retry = attempt < self.retries
+            wait = self.backoff * 2 ** attempt
+            attempt += 1
             try:
                 response = self.client.request(method, path, **kwargs)
-            except httpx.TransportError:
-                if last:
-                    raise
-                time.sleep(self.backoff * 2 ** attempt)
+            except httpx.TransportError as err:
+                if not retry:
+                    raise OracleError(None, "connection_failed", f"{self.client.base_url}: {err}") from err
+                time.sleep(wait)
                 continue
-            if response.status_code in (503, 504) and not last:
-                time.sleep(retry_delay(response, self.backoff * 2 ** attempt))
+            if retry and response.status_code in (503, 504):
+                time.sleep(retry_delay(response, wait))
                 continue
             if response.is_error:
                 raise error_from(response)
             return response
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def retry_delay(response: httpx.Response, default: float) -> float:

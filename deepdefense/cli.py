@@ -214,7 +214,7 @@ def _run_attack(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with HttpOracle(args.url, read_api_key(args.api_key_file), timeout=args.timeout) as oracle:
             result = run_attack(oracle, config, args.store, progress=not args.quiet)
     except OracleError as err:
-        print(f"deepdefense attack: the server refused: {err}; the answers so far are stored, rerun to continue",
+        print(f"deepdefense attack: {err}; the answers so far are stored, rerun the same command to continue",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -266,7 +266,7 @@ def _run_client(args: argparse.Namespace, argv: Sequence[str]) -> int:
             report = run_benign(oracle, images[: args.n], labels[: args.n], undefended, batch_size=args.batch_size,
                                 explain=args.explain, progress=not args.quiet)
     except OracleError as err:
-        print(f"deepdefense client: the server refused: {err}", file=sys.stderr)
+        print(f"deepdefense client: {err}", file=sys.stderr)
         return 1
     result = {"command": shlex.join(["deepdefense", *argv]), "url": args.url, "model": info.name,
               "defense": info.defense, "dataset": args.dataset or info.dataset, **report.as_dict()}

@@ -120,7 +120,7 @@ def test_http_oracle_retries_503_then_succeeds(monkeypatch: pytest.MonkeyPatch) 
     assert json.loads(calls[-1].content) == {"instances": [{"pixels": [[[0.0]]]}], "explain": True}
 
 
-def test_http_oracle_gives_up_and_reports_4xx(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_http_oracle_gives_up_and_reports_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("clients.oracle.time.sleep", lambda s: None)
     busy = httpx.MockTransport(lambda r: httpx.Response(503, json={"error": {"code": "not_ready", "message": "x"}}))
     with HttpOracle("http://oracle", retries=2, transport=busy) as oracle, pytest.raises(OracleError) as err:
@@ -131,6 +131,14 @@ def test_http_oracle_gives_up_and_reports_4xx(monkeypatch: pytest.MonkeyPatch) -
     with HttpOracle("http://oracle", transport=spent) as oracle, pytest.raises(OracleError, match="budget") as err:
         oracle.query(torch.zeros(1, 1, 1, 1))
     assert err.value.status == 429 and err.value.code == "budget_exhausted"
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with HttpOracle("http://oracle", retries=1, transport=httpx.MockTransport(refuse)) as oracle, \
+            pytest.raises(OracleError, match="connection refused") as err:
+        oracle.info()
+    assert err.value.status is None and err.value.code == "connection_failed"
 
 
 def test_api_key_from_file_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
