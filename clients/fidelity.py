@@ -17,26 +17,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from defense.api import Defense, NoDefense
-
-
-def rank(values: Tensor) -> Tensor:
-    """Ranks 0..n−1 with ties given their average rank."""
-    flat = values.reshape(-1).double()
-    sorted_vals, order = flat.sort(stable=True)
-    ranks = torch.empty_like(flat)
-    ranks[order] = torch.arange(len(flat), dtype=flat.dtype)
-    _, inverse, counts = sorted_vals.unique_consecutive(return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=flat.dtype).scatter_add_(0, inverse, torch.arange(len(flat), dtype=flat.dtype))
-    ranks[order] = (sums / counts)[inverse]
-    return ranks
+from defense.losses import spearman as rank_correlation
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman's ρ (Pearson correlation of tie-averaged ranks); NaN when a map is constant."""
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denominator if denominator > 0 else math.nan
+    """Spearman's ρ, NaN when a map is constant (so that it is left out of the median)."""
+    constant = bool(a.reshape(-1).min() == a.reshape(-1).max()) or bool(b.reshape(-1).min() == b.reshape(-1).max())
+    return math.nan if constant else float(rank_correlation(a, b))
 
 
 @dataclass

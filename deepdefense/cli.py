@@ -7,6 +7,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from defense import DEFENSES
 from models.data import DATA_ROOT_ENV, SPECS, default_data_root
 from models.registry import list_models
 
@@ -80,7 +81,7 @@ def _add_fidelity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="images to query with (default: the checkpoint's data set)")
     p.add_argument("--data-root", default=default_data_root(),
                    help=f"folder holding the data sets in torchvision's layout (default: ${DATA_ROOT_ENV})")
-    p.add_argument("--defense", default="deepdefense", choices=["deepdefense", "dd-s", "dd-i", "none"])
+    p.add_argument("--defense", default="deepdefense", choices=DEFENSES)
     p.add_argument("--interpreter", default="gradcam")
     p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine option, e.g. lr=0.05")
@@ -120,7 +121,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Flags override DD_* environment variables (see docs/server.md). API keys are read only "
                     "from DD_API_KEYS or the file named by DD_API_KEYS_FILE, never from a flag.")
     p.add_argument("--checkpoint", help="shipped checkpoint name or metadata JSON path (default: lenet-mnist)")
-    p.add_argument("--defense", choices=["deepdefense", "dd-s", "dd-i", "none"],
+    p.add_argument("--defense", choices=DEFENSES,
                    help="default: deepdefense; 'none' serves the undefended victim")
     p.add_argument("--interpreter", help="gradcam (default), gradinput or relevancecam")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda[:N]")

@@ -7,18 +7,24 @@ from torch import nn
 from .api import Answer, Defense, NoDefense
 from .interpreters import Interpreter
 
-DEFENSES = ("deepdefense", "dd-s", "dd-i", "none")
+ENGINE_MODES = ("deepdefense", "dd-s", "dd-i")
+DEFENSES = (*ENGINE_MODES, "pp", "none")
 
 
 def create_defense(name: str, model: nn.Module, interpreter: Interpreter, **options: object) -> Defense:
-    """A defense by name: ``deepdefense``, ``dd-s``, ``dd-i`` (engine options as keywords) or ``none``."""
+    """A defense by name: ``deepdefense``, ``dd-s``, ``dd-i`` (engine options as keywords), ``pp``
+    (Prediction Poisoning options as keywords) or ``none``."""
     if name == "none":
         return NoDefense(model, interpreter)
-    if name in ("deepdefense", "dd-s", "dd-i"):
+    if name in ENGINE_MODES:
         from .engine import DeepDefense
 
         return DeepDefense(model, interpreter, mode=name, **options)
+    if name == "pp":
+        from .baselines.pp import PredictionPoisoning
+
+        return PredictionPoisoning(model, interpreter, **options)
     raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(DEFENSES)}")
 
 
-__all__ = ["DEFENSES", "Answer", "Defense", "NoDefense", "create_defense"]
+__all__ = ["DEFENSES", "ENGINE_MODES", "Answer", "Defense", "NoDefense", "create_defense"]

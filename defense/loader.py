@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import CheckpointMeta, load_checkpoint
 
-from . import create_defense
+from . import ENGINE_MODES, create_defense
 from .api import Defense
 from .interpreters import create_interpreter
 from .sensitivity import checkpoint_sensitivity
@@ -27,6 +27,6 @@ def load_defense(
     model, meta = load_checkpoint(checkpoint, device=device)
     model.requires_grad_(False)
     bound = create_interpreter(interpreter, model, tuple(meta.input_shape))
-    if defense != "none":
+    if defense in ENGINE_MODES:
         options.setdefault("sensitivity", checkpoint_sensitivity(model, meta, data_root))
     return create_defense(defense, model, bound, **options), meta

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _EPS = 1e-12
+_BIG = 1e4  # beyond any normalised map value: the neutral start of a min / max
 
 
 def abs_cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -36,12 +37,18 @@ def huber(a: Tensor, delta: float) -> Tensor:
     return torch.where(absolute <= delta, 0.5 * a * a, delta * (absolute - 0.5 * delta))
 
 
-def int_loss(attribution: Tensor, order: Tensor, gaps: Tensor, delta: float, margin: float = 0.0) -> Tensor:
-    # eq. (7): Σ_i L_δ((Ĩ_{a_{i+1}} − Ĩ_{a_i} + margin·(I_{a_i} − I_{a_{i+1}}))⁺) over the victim's order a,
-    # pairs tied in the victim (gap 0) masked out; margin = 0 is the paper's equation exactly
+def int_loss(attribution: Tensor, order: Tensor, groups: Tensor, gaps: Tensor, delta: float, margin: float = 0.0) -> Tensor:
+    # eq. (7) over tie groups along the victim's order a: Σ_g L_δ((max_{g+1} Ĩ − min_g Ĩ + margin·gap_g)⁺) + Σ_g L_δ(max_g Ĩ − min_g Ĩ);
+    # without ties every group is one pixel and this is the paper's sum over adjacent pairs (margin = 0)
     ranked = attribution.reshape(-1)[order]
-    hinge = F.relu(ranked[1:] - ranked[:-1] + margin * gaps)
-    return (huber(hinge, delta) * (gaps > 0).to(hinge.dtype)).sum()
+    n = ranked.numel()
+    low = ranked.new_full((n,), _BIG).scatter_reduce(0, groups, ranked, "amin")
+    high = ranked.new_full((n,), -_BIG).scatter_reduce(0, groups, ranked, "amax")
+    between = gaps > 0
+    order_hinge = F.relu(torch.where(between, high[1:] - low[:-1] + margin * gaps, torch.zeros_like(gaps)))
+    present = torch.zeros_like(ranked).scatter(0, groups, torch.ones_like(ranked)) > 0
+    spread = torch.where(present, high - low, torch.zeros_like(ranked))  # a victim tie stays a tie
+    return (huber(order_hinge, delta) * between.to(ranked.dtype)).sum() + huber(spread, delta).sum()
 
 
 def dd_loss(l_orth: Tensor, l_pred: Tensor, l_int: Tensor, lambda1: float, lambda2: float) -> Tensor:
@@ -49,10 +56,33 @@ def dd_loss(l_orth: Tensor, l_pred: Tensor, l_int: Tensor, lambda1: float, lambd
     return l_orth + lambda1 * l_pred + lambda2 * l_int
 
 
-def attribution_order(attribution: Tensor) -> tuple[Tensor, Tensor]:
-    """The victim's order a (indices of its map, largest first) and the gaps I_{a_i} − I_{a_{i+1}} ≥ 0."""
+def attribution_order(attribution: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The victim's order a (largest first), each position's tie group along a, and the gaps.
+
+    ``groups[i]`` numbers the run of equal values that position i of the order belongs to;
+    ``gaps[g]`` is the victim's value of group g minus that of group g+1 (0 past the last group).
+    """
     values, order = attribution.reshape(-1).sort(descending=True, stable=True)
-    return order, values[:-1] - values[1:]
+    steps = values[:-1] - values[1:]
+    groups = torch.cat([steps.new_zeros(1, dtype=torch.long), (steps > 0).long().cumsum(0)])
+    gaps = torch.zeros_like(values).scatter_add(0, groups[:-1], steps)[:-1]  # steps inside a group are 0
+    return order, groups, gaps
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 0..n−1 of a flat tensor, ties sharing their average rank (``vmap``-able)."""
+    flat = values.reshape(-1)
+    ordered = flat.sort().values
+    below = torch.searchsorted(ordered, flat, side="left")
+    up_to = torch.searchsorted(ordered, flat, side="right")
+    return (below + up_to - 1).double() / 2
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's ρ between two maps (Pearson correlation of tie-averaged ranks); 0 when one is constant."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(_EPS)
 
 
 def topk_preserved(probs: Tensor, top_k: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.checkpoint import resolve_checkpoint
 
-DefenseName = Literal["deepdefense", "dd-s", "dd-i", "none"]
+DefenseName = Literal["deepdefense", "dd-s", "dd-i", "pp", "none"]
 
 
 class ServerSettings(BaseSettings):

@@ -66,9 +66,24 @@ def test_answer_is_not_the_victims_raw_output(engine: DeepDefense) -> None:
     assert not torch.allclose(defended.attribution, victim.attribution)
 
 
-@pytest.mark.parametrize("options", [{"steps": 0}, {"lr": 1e30}])
-def test_no_feasible_iterate_gives_the_safe_answer(options: dict, engine: DeepDefense) -> None:
-    failing = DeepDefense(engine.model, engine.interpreter, sensitivity={"net.features.conv2": 1.0}, **options)
+def _nan_everywhere(engine: DeepDefense) -> DeepDefense:
+    broken = DeepDefense(engine.model, engine.interpreter, sensitivity={"net.features.conv2": 1.0})
+    objective = broken.objective
+
+    def poisoned(params: dict, x: torch.Tensor, ref: object) -> tuple:
+        loss, out = objective(params, x, ref)
+        return loss * float("nan"), {**out, "feasible": out["feasible"] & torch.isfinite(loss * float("nan"))}
+
+    broken.objective = poisoned
+    return broken
+
+
+@pytest.mark.parametrize("options", [{"steps": 0}, {"min_spearman": 1.01}, "nan"])
+def test_no_feasible_iterate_gives_the_safe_answer(options: dict | str, engine: DeepDefense) -> None:
+    if options == "nan":
+        failing = _nan_everywhere(engine)
+    else:
+        failing = DeepDefense(engine.model, engine.interpreter, sensitivity={"net.features.conv2": 1.0}, **options)
     x = _query(2)
     victim = NoDefense(engine.model, engine.interpreter).answer(x)[0]
     answer = failing.answer(x)[0]

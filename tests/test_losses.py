@@ -37,32 +37,37 @@ def test_huber_matches_its_definition() -> None:
 
 
 def test_eq7_sums_huber_of_adjacent_order_violations() -> None:
-    victim = torch.tensor([[0.9, 0.1], [0.5, 0.0]])  # order a = (0, 2, 1, 3)
-    order, gaps = attribution_order(victim)
-    assert order.tolist() == [0, 2, 1, 3]
+    victim = torch.tensor([[0.9, 0.1], [0.5, 0.0]])  # order a = (0, 2, 1, 3), no ties
+    order, groups, gaps = attribution_order(victim)
+    assert order.tolist() == [0, 2, 1, 3] and groups.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(gaps, torch.tensor([0.4, 0.4, 0.1]))
     clone = torch.tensor([[0.2, 0.8], [0.3, 0.0]])  # along a: 0.2, 0.3, 0.8, 0.0 → violations 0.1 and 0.5
     expected = 0.5 * 0.1**2 + 0.3 * (0.5 - 0.15)
-    assert int_loss(clone, order, gaps, 0.3).item() == pytest.approx(expected, rel=1e-6)
-    assert int_loss(victim, order, gaps, 0.3).item() == 0.0
+    assert int_loss(clone, order, groups, gaps, 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert int_loss(victim, order, groups, gaps, 0.3).item() == 0.0
 
 
 def test_eq7_margin_keeps_a_share_of_each_victim_gap() -> None:
     victim = torch.tensor([1.0, 0.6, 0.0])
-    order, gaps = attribution_order(victim)
+    order, groups, gaps = attribution_order(victim)
     flat = torch.zeros(3)  # a collapsed map keeps the order only in the paper's non-strict sense
-    assert int_loss(flat, order, gaps, 0.3).item() == 0.0
+    assert int_loss(flat, order, groups, gaps, 0.3).item() == 0.0
     expected = 0.5 * 0.2**2 + 0.5 * 0.3**2  # margin 0.5 asks for gaps ≥ 0.2 and ≥ 0.3
-    assert int_loss(flat, order, gaps, 0.3, margin=0.5).item() == pytest.approx(expected, rel=1e-6)
-    assert int_loss(victim, order, gaps, 0.3, margin=0.5).item() == 0.0
+    assert int_loss(flat, order, groups, gaps, 0.3, margin=0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert int_loss(victim, order, groups, gaps, 0.3, margin=0.5).item() == 0.0
 
 
-def test_eq7_ignores_pairs_tied_in_the_victim() -> None:
-    victim = torch.tensor([1.0, 0.0, 0.0])
-    order, gaps = attribution_order(victim)
-    assert gaps.tolist() == [1.0, 0.0]
-    clone = torch.tensor([1.0, 0.2, 0.6])  # the tied pair (1, 2) may come in any order
-    assert int_loss(clone, order, gaps, 0.3, margin=0.5).item() == 0.0
+def test_eq7_orders_tie_groups_not_pixels() -> None:
+    victim = torch.tensor([1.0, 0.5, 0.0, 0.0])  # groups {0}, {1}, {2, 3}
+    order, groups, gaps = attribution_order(victim)
+    assert groups.tolist() == [0, 1, 2, 2]
+    torch.testing.assert_close(gaps, torch.tensor([0.5, 0.5, 0.0]))
+    tied = torch.tensor([1.0, 0.5, 0.2, 0.2])  # the tie is kept (at another value): no loss
+    assert int_loss(tied, order, groups, gaps, 0.3).item() == 0.0
+    spread = torch.tensor([1.0, 0.5, 0.1, 0.3])  # the tie is broken by 0.2
+    assert int_loss(spread, order, groups, gaps, 0.3).item() == pytest.approx(0.5 * 0.2**2, rel=1e-6)
+    above = torch.tensor([1.0, 0.5, 0.7, 0.7])  # the tied group rises above group {1} by 0.2
+    assert int_loss(above, order, groups, gaps, 0.3).item() == pytest.approx(0.5 * 0.2**2, rel=1e-6)
 
 
 def test_eq5_weights_the_two_cosines() -> None:

@@ -30,7 +30,7 @@ class Explanation:
 
     logits: Tensor  # (1, K)
     param_grads: dict[str, Tensor]  # ∇_w f(x)_y for every entry of ``params``
-    attribution: Tensor  # (H, W) at the input's resolution, normalised by its largest magnitude
+    attribution: Tensor  # (H, W) at the input's resolution, min-max normalised to [0, 1]
 
 
 def _class_score(logits: Tensor, y: Tensor | int) -> Tensor:
@@ -39,8 +39,9 @@ def _class_score(logits: Tensor, y: Tensor | int) -> Tensor:
 
 
 def normalise(attribution: Tensor) -> Tensor:
-    """Divide by the largest magnitude: the same rule for victim and clone, values in [-1, 1]."""
-    return attribution / (attribution.abs().amax() + _EPS)
+    """Min-max scaling to [0, 1] (as pytorch-grad-cam does): the same rule for victim and clone."""
+    low = attribution.amin()
+    return (attribution - low) / (attribution.amax() - low + _EPS)
 
 
 class Interpreter(ABC):
