@@ -12,7 +12,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor
 from tqdm import tqdm
 

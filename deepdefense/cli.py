@@ -64,6 +64,17 @@ def _run_sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _report(result: dict, out: str | None) -> int:
+    """Print a result as JSON and, when asked, write it to ``out`` too."""
+    import json
+
+    print(json.dumps(result, indent=2))
+    if out:
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
 def _engine_options(pairs: Sequence[str]) -> dict[str, float | int]:
     """``--set lr=0.05 --set steps=30`` → {"lr": 0.05, "steps": 30}."""
     options: dict[str, float | int] = {}
@@ -91,7 +102,6 @@ def _add_fidelity(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import json
 
     from clients.fidelity import measure_fidelity
     from defense.loader import load_defense
@@ -108,11 +118,7 @@ def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     result = {"command": shlex.join(["deepdefense", *argv]), "checkpoint": args.checkpoint,
               "dataset": args.dataset or meta.dataset, "defense": args.defense, "interpreter": args.interpreter,
               "options": _engine_options(args.set), "device": str(device), **measure_fidelity(defense, images).as_dict()}
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+    return _report(result, args.json_out)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -199,7 +205,6 @@ def _add_attack(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_attack(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import json
 
     from clients.attack import AttackConfig, run_attack
     from clients.oracle import HttpOracle, OracleError, read_api_key
@@ -223,11 +228,7 @@ def _run_attack(args: argparse.Namespace, argv: Sequence[str]) -> int:
               file=sys.stderr)
         return 130
     result = {"command": shlex.join(["deepdefense", *argv]), "url": args.url, **result}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+    return _report(result, args.out)
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
@@ -248,7 +249,6 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_client(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import json
 
     from clients.benign import run_benign
     from clients.oracle import HttpOracle, OracleError, read_api_key
@@ -271,11 +271,7 @@ def _run_client(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 1
     result = {"command": shlex.join(["deepdefense", *argv]), "url": args.url, "model": info.name,
               "defense": info.defense, "dataset": args.dataset or info.dataset, **report.as_dict()}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+    return _report(result, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

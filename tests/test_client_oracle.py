@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.oracle import HttpOracle, LocalOracle, OracleError, local_info, read_api_key
@@ -26,6 +19,7 @@ from defense.interpreters import create_interpreter
 from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
+from loopback import loopback  # noqa: F401  (re-exported for the attack and client tests)
 
 
 def loopback_settings(tmp: Path, **overrides: Any) -> ServerSettings:
@@ -36,32 +30,6 @@ def loopback_settings(tmp: Path, **overrides: Any) -> ServerSettings:
                                  | overrides))
     finally:
         os.environ.update(saved)
-
-
-@contextmanager
-def loopback(app: FastAPI) -> Iterator[str]:
-    """uvicorn in a thread on a free loopback port; yields the base URL once /readyz answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def served_queries(url: str) -> float:

@@ -5,48 +5,25 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_api import _no_server_env, make_settings  # noqa: F401
 
 from server.app import create_app
+from loopback import loopback
 
 
 @pytest.fixture
 def base_url(tmp_path: Path) -> Iterator[str]:
     """A server built the way ``deepdefense serve`` builds it (here with defense ``none``)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(tmp_path)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+    with loopback(create_app(make_settings(tmp_path))) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_png_and_pixels_over_tcp(base_url: str) -> None:
