@@ -7,9 +7,9 @@ from the clone. The shared victim model is only read.
 Fail closed: an iterate after the first step is feasible when its probabilities keep the
 victim's top-k order exactly (constraint (3), strict) and its map keeps the victim's attribution
 order up to a Spearman rank correlation of ``min_spearman`` (constraint (4) made operational);
-the feasible iterate with the lowest L_orth is returned. If no iterate qualifies (or the optimisation produces NaN/Inf), the answer is the
-documented safe answer (``safe_answer``), which reveals only the top-k order and the attribution
-order — never the victim's raw outputs.
+the feasible iterate with the lowest L_orth is returned. If no iterate qualifies (or the
+optimisation produces NaN/Inf), the answer is the documented safe answer (``safe_answer``),
+which reveals only the top-k order and the attribution order — never the victim's raw outputs.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ class DeepDefense(Defense):
         self.alpha = self.config.alpha if self.bottom_names and self.top_names else float(bool(self.bottom_names))
 
     def public_settings(self) -> dict[str, Any]:
-        return {"mode": self.mode, **asdict(self.config), "layers": self.layers}
+        """The configuration users may see; the seed that keys the per-query noise stays private."""
+        settings = {k: v for k, v in asdict(self.config).items() if k != "seed"}
+        return {"mode": self.mode, **settings, "layers": self.layers}
 
     # -- the victim's side -----------------------------------------------------------------------
     def reference(self, x: Tensor) -> Reference:

@@ -123,3 +123,9 @@ def test_ablations_return_one_victim_output(engine: DeepDefense) -> None:
     torch.testing.assert_close(i.probabilities, victim.probabilities)
     assert not torch.allclose(i.attribution, victim.attribution)
     assert full.label == s.label == i.label == victim.label
+
+
+def test_public_settings_hide_the_noise_seed(engine: DeepDefense) -> None:
+    settings = engine.public_settings()
+    assert "seed" not in settings
+    assert settings["steps"] == engine.config.steps and settings["layers"] == engine.layers
