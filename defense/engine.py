@@ -53,6 +53,12 @@ class DeepDefenseConfig:
     seed: int = 0  # keys the per-query noise: the same query always gets the same answer
 
 
+#: Defaults that differ per interpreter (docs/tuning.md): Gradient⊙Input's map is x ⊙ ∂f/∂x, tied to
+#: every layer's weight gradient, so it optimises fewer layers (CS 50%: conv2, fc1 on lenet-mnist)
+#: and holds its map closer.
+INTERPRETER_DEFAULTS: dict[str, dict[str, float]] = {"gradinput": {"cs": 50.0, "min_spearman": 0.8, "lambda2": 3.0}}
+
+
 class Reference(NamedTuple):
     """The victim's side of one query: what the misdirection model is compared against (a pytree)."""
 
@@ -103,7 +109,8 @@ class DeepDefense(Defense):
             raise ValueError(f"unknown DeepDefense mode {mode!r}")
         self.name = mode
         self.mode = mode
-        self.config = replace(config or DeepDefenseConfig(), **overrides)
+        base = config or DeepDefenseConfig(**INTERPRETER_DEFAULTS.get(interpreter.name, {}))
+        self.config = replace(base, **overrides)
         self.layers = select_layers(sensitivity, self.config.cs)
         selected = layer_params(model, self.layers)
         self.bottom_names = [n for n in selected if n in interpreter.bottom]

@@ -29,12 +29,7 @@ def mnist_images(data_root: Path) -> torch.Tensor:
     return load_split("mnist", data_root, "test").tensors[0][:N_IMAGES]
 
 
-GRADINPUT_GAP = pytest.mark.xfail(
-    strict=True, reason="Gradient⊙Input does not reach the targets yet: mean L_orth 0.672, median Spearman 0.705 "
-    "on these 100 images with the defaults (docs/tuning.md)")
-
-
-@pytest.mark.parametrize("interpreter", ["gradcam", "relevancecam", pytest.param("gradinput", marks=GRADINPUT_GAP)])
+@pytest.mark.parametrize("interpreter", ["gradcam", "relevancecam", "gradinput"])
 def test_defaults_on_100_mnist_images(interpreter: str, mnist_images: torch.Tensor) -> None:
     defense, _ = load_defense("lenet-mnist", "deepdefense", interpreter)
     before = weights_digest(defense.model)
@@ -129,3 +124,15 @@ def test_public_settings_hide_the_noise_seed(engine: DeepDefense) -> None:
     settings = engine.public_settings()
     assert "seed" not in settings
     assert settings["steps"] == engine.config.steps and settings["layers"] == engine.layers
+
+
+def test_interpreter_defaults_then_overrides(engine: DeepDefense) -> None:
+    from defense.interpreters import create_interpreter
+
+    gradinput = create_interpreter("gradinput", engine.model, (1, 28, 28))
+    scores = {"net.features.conv2": 3.0, "net.classifier.fc1": 2.0, "net.features.conv1": 1.0}
+    tuned = DeepDefense(engine.model, gradinput, sensitivity=scores)
+    assert (tuned.config.cs, tuned.config.min_spearman, tuned.config.lambda2) == (50.0, 0.8, 3.0)
+    assert tuned.layers == ["net.features.conv2"]
+    assert DeepDefense(engine.model, gradinput, sensitivity=scores, cs=90.0).config.cs == 90.0
+    assert engine.config.cs == 90.0  # Grad-CAM keeps the general defaults
