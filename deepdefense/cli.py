@@ -112,9 +112,9 @@ def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     defense, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device,
                                  data_root=args.data_root, **_engine_options(args.set))
     test = load_split(args.dataset or meta.dataset, args.data_root, "test")
-    images = test.tensors[0][: args.n].to(device) if hasattr(test, "tensors") else None
-    if images is None:
+    if not hasattr(test, "tensors"):
         raise ValueError("fidelity needs a tensor data set (MNIST-like or CIFAR)")
+    images = test.tensors[0][: args.n].to(device)
     result = {"command": shlex.join(["deepdefense", *argv]), "checkpoint": args.checkpoint,
               "dataset": args.dataset or meta.dataset, "defense": args.defense, "interpreter": args.interpreter,
               "options": _engine_options(args.set), "device": str(device), **measure_fidelity(defense, images).as_dict()}

@@ -18,7 +18,7 @@ import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +105,7 @@ class DeepDefense(Defense):
         **overrides: Any,
     ) -> None:
         super().__init__(model, interpreter)
-        if mode not in ("deepdefense", "dd-s", "dd-i"):
+        if mode not in get_args(Mode):
             raise ValueError(f"unknown DeepDefense mode {mode!r}")
         self.name = mode
         self.mode = mode

@@ -27,8 +27,12 @@ def pred_loss(scores: Tensor, top_k: Tensor, margin: float = 0.0) -> Tensor:
     # eq. (6): Σ_{i<k} (f̃_{s_{i+1}} − f̃_{s_i} + m)⁺ + (max_{j∈S'} f̃_j − f̃_{s_k} + m)⁺; m = 0 is the paper's form
     ranked = scores[top_k]
     order = F.relu(ranked[1:] - ranked[:-1] + margin).sum()
-    rest = scores.scatter(0, top_k, torch.full_like(ranked, float("-inf")))
-    return order + F.relu(rest.max() - ranked[-1] + margin)
+    return order + F.relu(_max_outside(scores, top_k) - ranked[-1] + margin)
+
+
+def _max_outside(scores: Tensor, top_k: Tensor) -> Tensor:
+    """max_{j∈S'} scores_j, S' the classes outside the top-k."""
+    return scores.scatter(0, top_k, torch.full_like(scores[top_k], float("-inf"))).max()
 
 
 def huber(a: Tensor, delta: float) -> Tensor:
@@ -88,5 +92,4 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 def topk_preserved(probs: Tensor, top_k: Tensor) -> Tensor:
     """True when ``probs`` keeps the order s_1 > … > s_k > max of the rest (the constraint (3), strict)."""
     ranked = probs[top_k]
-    rest = probs.scatter(0, top_k, torch.full_like(ranked, float("-inf")))
-    return (ranked[:-1] > ranked[1:]).all() & (ranked[-1] > rest.max())
+    return (ranked[:-1] > ranked[1:]).all() & (ranked[-1] > _max_outside(probs, top_k))

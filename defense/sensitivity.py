@@ -84,6 +84,11 @@ def checkpoint_sensitivity(
             f"checkpoint for {meta.arch}/{meta.dataset} has no stored layer sensitivity; run "
             "`deepdefense sensitivity <checkpoint> --data-root <folder>` once, or give a data root"
         )
+    return training_sensitivity(model, meta, data_root, n, seed)
+
+
+def training_sensitivity(model: nn.Module, meta: CheckpointMeta, data_root: str, n: int, seed: int) -> dict[str, float]:
+    """S_ℓ on ``n`` images drawn (seeded) from the checkpoint's training split."""
     from models.data import load_split
 
     return layer_sensitivity(model, sample_images(load_split(meta.dataset, data_root, "train"), n, seed))
@@ -95,10 +100,9 @@ def store_sensitivity(checkpoint: str, data_root: str | None, n: int = 1000, see
     from dataclasses import asdict
 
     from models.checkpoint import load_checkpoint, resolve_checkpoint
-    from models.data import load_split
 
     model, meta = load_checkpoint(checkpoint)
-    scores = layer_sensitivity(model, sample_images(load_split(meta.dataset, data_root, "train"), n, seed))
+    scores = training_sensitivity(model, meta, data_root, n, seed)
     meta.extra["sensitivity"] = {"n": n, "seed": seed, "split": "train", "scores": scores}
     path = resolve_checkpoint(checkpoint)
     path.write_text(json.dumps(asdict(meta), indent=2) + "\n")
