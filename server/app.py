@@ -13,12 +13,19 @@ from PIL import Image
 from deepdefense import __version__
 from defense import Defense
 
+from .access import OPERATOR, docs_router
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import RequestMetricsMiddleware
+from .openapi import install_served_openapi
 from .routes import health, metrics, models, predict
-from .runtime import Runtime
+from .runtime import Runtime, StartupError
 from .settings import ServerSettings
+
+logger = logging.getLogger("deepdefense.server")
+
+#: Seconds ``serve`` keeps draining in-flight requests after SIGTERM/SIGINT, beyond the request timeout.
+DRAIN_MARGIN_S = 5.0
 
 
 @asynccontextmanager
@@ -33,27 +40,57 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: ServerSettings | None = None, defense: Defense | None = None) -> FastAPI:
     """A FastAPI app serving ``settings.checkpoint`` through ``defense``, or through the defense the
-    settings name (built in the background at start-up; ``/readyz`` tells when it is done)."""
+    settings name (built in the background at start-up; ``/readyz`` tells when it is done). A
+    checkpoint that fails verification raises ``models.checkpoint.CheckpointError`` here."""
     settings = settings or ServerSettings()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own decompression-bomb guard
     runtime = Runtime(settings, defense)
+    docs_open = settings.docs_access == "open"
     app = FastAPI(
         title="DeepDefense inference server",
         version=__version__,
         summary="Predictions and attribution maps of a victim model, answered through a defense against "
                 "model stealing (DeepDefense, Lee/Han/Lee IJCAI-22).",
         lifespan=_lifespan,
+        docs_url="/docs" if docs_open else None,
+        redoc_url="/redoc" if docs_open else None,
+        openapi_url="/openapi.json" if docs_open else None,
     )
     app.state.runtime = runtime
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
-    for router in (predict.router, models.router, health.router, metrics.router):
+    for router in (predict.router, models.router, health.router):
         app.include_router(router)
+    if settings.metrics_access != "off":
+        app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
+    if settings.docs_access == "admin":
+        app.include_router(docs_router(app))
+    install_served_openapi(app, input_shape=runtime.input_shape, max_instances=settings.max_instances,
+                           max_image_bytes=settings.max_image_bytes)
     return app
 
 
-def serve(settings: ServerSettings) -> None:
-    """Run the app under uvicorn until interrupted."""
+def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
+    """How ``serve`` runs the app: no ``Server`` header, and on SIGTERM/SIGINT new connections are
+    refused while in-flight requests finish (for at most the request timeout plus a margin)."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          server_header=False, timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S)
+
+
+def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
+    """Run the app under uvicorn until SIGTERM/SIGINT; raise :class:`StartupError` when the model or
+    its defense cannot be prepared (the server stops instead of answering 503 for ever)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings, defense)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    runtime: Runtime = app.state.runtime
+
+    def stop() -> None:
+        server.should_exit = True
+
+    runtime.on_failure = stop
+    server.run()
+    if runtime.state == "failed":
+        raise StartupError(f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: "
+                           f"{runtime.failure}")

@@ -1,17 +1,23 @@
 """Micro-batching: concurrent requests share one ``Defense.answer`` call, run off the event loop.
 
-Requests put their instances on a bounded queue (counted in instances; a request that does not
-fit is refused at once with :class:`QueueFull`). One worker coroutine takes the oldest instance,
-gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at most ``max_wait``
-seconds for more, and hands the batch to a single worker thread, so the model is used by one
-thread at a time. A request waits at most ``timeout`` seconds in all (:class:`RequestTimeout`);
-its instances still queued by then are dropped without being computed.
+Requests put their instances on a bounded queue (counted in instances). Admission control refuses
+a request at once with :class:`QueueFull` when its instances do not fit, or when the queue is not
+empty and the expected wait (instances ahead × a moving average of model seconds per instance)
+exceeds ``max_queue_wait``: overload becomes an immediate 503 with a ``Retry-After`` computed from
+the backlog, not a pile of requests that time out. One worker coroutine takes the oldest
+instance, gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at most
+``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is used
+by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's failure
+from failing the others. A request waits at most ``timeout`` seconds in all
+(:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away
+and the request was cancelled) are dropped without being computed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,17 +28,37 @@ from torch import Tensor
 
 from defense import Answer, Defense
 
+from .isolation import Failure, answer_isolated
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("deepdefense.server")
 
 
 class QueueFull(Exception):
-    """The queue cannot take the request's instances now."""
+    """The queue cannot take the request's instances now; retry after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class RequestTimeout(Exception):
     """The request was not answered within its time limit."""
+
+
+class DefenseFailed(Exception):
+    """The defense could not answer one of the request's instances (see :mod:`server.isolation`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Weight of the newest micro-batch in the moving average of seconds per instance.
+_COST_SMOOTHING = 0.3
+#: The longest Retry-After the server asks for, in seconds.
+_MAX_RETRY_AFTER = 60
 
 
 @dataclass
@@ -46,15 +72,21 @@ class _Item:
 class MicroBatcher:
     """Collects instances into micro-batches and answers them with ``defense.answer``."""
 
-    def __init__(self, defense: Defense, metrics: ServerMetrics, *, device: torch.device, max_batch: int,
-                 max_wait: float, capacity: int, timeout: float) -> None:
+    def __init__(self, defense: Defense, metrics: ServerMetrics, *, device: torch.device, num_classes: int,
+                 max_batch: int, max_wait: float, capacity: int, timeout: float, max_queue_wait: float,
+                 retry_after: int) -> None:
         self.defense = defense
         self.metrics = metrics
         self.device = device
+        self.num_classes = num_classes
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.capacity = capacity
         self.timeout = timeout
+        self.max_queue_wait = max_queue_wait
+        self.retry_after = retry_after
+        self.cost: float | None = None  # moving average of model-thread seconds per instance
+        self._running = 0  # instances of the micro-batch on the model thread now
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dd-model")
@@ -78,47 +110,92 @@ class MicroBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_in_worker(self, x: Tensor, *, explain: bool) -> list[Answer]:
-        """``defense.answer`` on the model thread, bypassing the queue (the warm-up query)."""
+        """``defense.answer`` on the model thread, bypassing the queue and the isolation (the
+        warm-up query: a defense that fails it never becomes ready)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._answer, x, explain)
 
+    def expected_wait(self, instances: int = 0) -> float:
+        """Seconds until ``instances`` more would be answered, by the moving average (0 before any)."""
+        return (len(self._queue) + self._running + instances) * (self.cost or 0.0)
+
+    def _admit(self, instances: int) -> None:
+        """Raise :class:`QueueFull` when the request's instances do not fit or would wait too long."""
+        cost = self.cost or 0.0
+        if len(self._queue) + instances > self.capacity:
+            reason, wait = "queue_full", (len(self._queue) + instances - self.capacity) * cost
+        elif (self._queue or self._running) and self.expected_wait(instances) > self.max_queue_wait:
+            # an idle server takes any request that fits, however long it will take
+            reason, wait = "overloaded", self.expected_wait(instances) - self.max_queue_wait
+        else:
+            return
+        self.metrics.rejected.labels(reason).inc()
+        # Retry-After: when the backlog will have shrunk enough to admit the request
+        raise QueueFull(reason, min(max(self.retry_after, math.ceil(wait)), _MAX_RETRY_AFTER))
+
     async def submit(self, x: Tensor, *, explain: bool) -> list[Answer]:
-        """Answers for a (B, C, H, W) batch, in order; raises QueueFull or RequestTimeout."""
-        if len(self._queue) + len(x) > self.capacity:
-            raise QueueFull
+        """Answers for a (B, C, H, W) batch, in order; raises QueueFull, RequestTimeout or
+        DefenseFailed. Cancelling the call drops the instances that are still queued."""
+        self._admit(len(x))
         loop = asyncio.get_running_loop()
         items = [_Item(xi, explain, loop.create_future()) for xi in x]
         self._queue.extend(items)
         self.metrics.queue_instances.set(len(self._queue))
         self._arrived.set()
+        gathered = asyncio.gather(*(i.future for i in items), return_exceptions=True)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), self.timeout))
+            results = await asyncio.wait_for(gathered, self.timeout)
         except TimeoutError:
             raise RequestTimeout from None
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
 
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
-            started = time.perf_counter()
-            for item in batch:
-                self.metrics.queue_wait.observe(started - item.enqueued)
-            self.metrics.batch_instances.observe(len(batch))
-            x = torch.stack([item.x for item in batch])
             try:
-                answers = await self.run_in_worker(x, explain=batch[0].explain)
-            except Exception as err:  # the defense failed: every request of the batch gets the error
-                logger.exception("defense.answer failed on a batch of %d", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(err)
+                await self._serve(batch)
+            except Exception:  # a bug here must not kill the worker and leave every later request to time out
+                logger.exception("micro-batch of %d failed outside the defense", len(batch))
+                self._settle(batch, [Failure("exception")] * len(batch))
+            finally:
+                self._running = 0
+
+    async def _serve(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            self.metrics.queue_wait.observe(started - item.enqueued)
+        self.metrics.batch_instances.observe(len(batch))
+        self._running = len(batch)
+        x = torch.stack([item.x for item in batch])
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self._answer_isolated, x, batch[0].explain)
+        elapsed = time.perf_counter() - started
+        self.metrics.inference.observe(elapsed)
+        per_instance = elapsed / len(batch)
+        self.cost = per_instance if self.cost is None else (
+            (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance)
+        self.metrics.instance_cost.set(self.cost)
+        self._settle(batch, results)
+
+    def _settle(self, batch: list[_Item], results: list[Answer | Failure]) -> None:
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, Failure):
+                self.metrics.observe_failure(result.reason)
+                outcome: Answer | BaseException = DefenseFailed(result.reason)
+            else:
+                self.metrics.observe_answer(result)
+                outcome = result
+            if item.future.done():  # its request gave up while the batch ran; the answer is discarded
                 continue
-            self.metrics.inference.observe(time.perf_counter() - started)
-            for item, answer in zip(batch, answers, strict=True):
-                self.metrics.observe_answer(answer)
-                if not item.future.done():
-                    item.future.set_result(answer)
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
 
     async def _next_batch(self) -> list[_Item]:
         """The oldest live instance and up to ``max_batch - 1`` more with the same ``explain``."""
@@ -139,6 +216,7 @@ class MicroBatcher:
         """Drop instances whose request has given up; True when one is left."""
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
+            self.metrics.dropped.inc()
         self.metrics.queue_instances.set(len(self._queue))
         return bool(self._queue)
 
@@ -155,6 +233,7 @@ class MicroBatcher:
         batch, rest = [], deque()
         for item in self._queue:
             if item.future.done():
+                self.metrics.dropped.inc()
                 continue
             if item.explain == explain and len(batch) < self.max_batch:
                 batch.append(item)
@@ -166,3 +245,7 @@ class MicroBatcher:
 
     def _answer(self, x: Tensor, explain: bool) -> list[Answer]:
         return self.defense.answer(x.to(self.device), explain=explain)
+
+    def _answer_isolated(self, x: Tensor, explain: bool) -> list[Answer | Failure]:
+        return answer_isolated(self.defense, x.to(self.device), explain=explain, num_classes=self.num_classes,
+                               on_retry=self.metrics.isolation_retries.inc)

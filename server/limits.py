@@ -1,4 +1,5 @@
-"""Request limits that hold before any parsing: body size (a middleware) and content type (a dependency)."""
+"""Request limits that hold before any parsing: body size and encoding (a middleware) and content
+type (a dependency)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class BodySizeLimitMiddleware:
     A declared ``Content-Length`` over the limit is refused before reading; otherwise the body is
     read chunk by chunk, stopping as soon as the count passes the limit, so a missing or false
     ``Content-Length`` (or chunked transfer) cannot get past it. An accepted body is then replayed
-    to the app.
+    to the app. A body declared compressed (``Content-Encoding`` other than ``identity``) is refused
+    with 415 unread: the server inflates nothing, so a gzip bomb costs it only the bytes sent.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -25,7 +27,13 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-encoding", b"identity").strip().lower() not in (b"", b"identity"):
+            response = error_response(415, "unsupported_encoding", "send the body uncompressed (no Content-Encoding)",
+                                      field="Content-Encoding", headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return

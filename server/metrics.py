@@ -12,6 +12,8 @@ from defense import Answer
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+FAILURE_REASONS = ("exception", "invalid_answer")
+REJECT_REASONS = ("queue_full", "overloaded")
 
 
 class ServerMetrics:
@@ -44,8 +46,30 @@ class ServerMetrics:
                                  ["defense"], registry=r)
         self.key_queries = Counter("dd_key_queries_total", "Queries (instances) admitted per API key hash.",
                                    ["key"], registry=r)
+        self.failures = Counter("dd_defense_failures_total",
+                                "Instances the defense could not answer (it raised, or its answer was not a finite, "
+                                "well-formed distribution); their requests got 500 defense_failed.",
+                                ["defense", "reason"], registry=r)
+        self.isolation_retries = Counter("dd_batch_isolation_retries_total",
+                                         "Micro-batches whose defense call failed and were retried one instance "
+                                         "at a time.", registry=r)
+        self.dropped = Counter("dd_dropped_instances_total",
+                               "Queued instances dropped uncomputed because their request gave up "
+                               "(timeout or client disconnect).", registry=r)
+        self.rejected = Counter("dd_rejected_requests_total", "Requests refused with 503 by admission control.",
+                                ["reason"], registry=r)
+        self.instance_cost = Gauge("dd_instance_cost_seconds",
+                                   "Moving average of model-thread seconds per instance (admission control).",
+                                   registry=r)
         self.answers.labels(defense)
         self.fallbacks.labels(defense)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(defense, reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def observe_failure(self, reason: str) -> None:
+        self.failures.labels(self.defense, reason).inc()
 
     def observe_answer(self, answer: Answer) -> None:
         self.answers.labels(self.defense).inc()

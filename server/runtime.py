@@ -1,10 +1,13 @@
-"""Everything one app serves with, and its start-up: load the victim, build the defense (layer
-sensitivity included), send a warm-up query, then report ready."""
+"""Everything one app serves with, and its start-up: verify the checkpoint (at once: a corrupt or
+mismatched one is refused before the server listens), build the defense (layer sensitivity
+included) in the background, send a warm-up query whose answers must pass the same checks as every
+answer, then report ready."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -12,19 +15,24 @@ import torch
 from deepdefense.device import resolve_device
 from defense import Defense
 from defense.loader import load_defense
-from models.checkpoint import read_meta, resolve_checkpoint
+from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
 from .auth import KeyRing
 from .batcher import MicroBatcher
 from .budget import QueryLedger
 from .errors import ApiError
 from .images import ImageLimits
+from .isolation import answer_problem
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
 logger = logging.getLogger("deepdefense.server")
 
 State = Literal["starting", "ready", "failed"]
+
+
+class StartupError(ValueError):
+    """The served model or its defense could not be prepared; the message says why."""
 
 
 def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
@@ -46,6 +54,8 @@ class Runtime:
         meta_path = resolve_checkpoint(settings.checkpoint)
         self.model_name = meta_path.stem
         self.meta = read_meta(meta_path)
+        if defense is None:  # sha256, architecture and shapes, before anything listens (CheckpointError)
+            load_checkpoint(meta_path)
         self.input_shape: tuple[int, int, int] = tuple(self.meta.input_shape)  # type: ignore[assignment]
         self.defense = defense
         if defense is None:
@@ -58,9 +68,12 @@ class Runtime:
         self.metrics = ServerMetrics(model=self.model_name, defense=self.defense_name,
                                      interpreter=self.interpreter_name, device=str(self.device))
         self.keys = KeyRing(settings.keys())
+        self.admin_keys = KeyRing(settings.admin_keys_list())
         self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
         self.batcher: MicroBatcher | None = None
         self.state: State = "starting"
+        self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
+        self.on_failure: Callable[[], None] | None = None  # `serve` stops the server when preparing fails
         self._preparing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -83,20 +96,31 @@ class Runtime:
             if self.defense is None:
                 self.defense = await asyncio.to_thread(build_defense, self.settings, self.device)
             s = self.settings
-            self.batcher = MicroBatcher(self.defense, self.metrics, device=self.device, max_batch=s.max_batch_size,
+            self.batcher = MicroBatcher(self.defense, self.metrics, device=self.device,
+                                        num_classes=self.meta.num_classes, max_batch=s.max_batch_size,
                                         max_wait=s.max_batch_wait_ms / 1000, capacity=s.queue_size,
-                                        timeout=s.request_timeout_s)
+                                        timeout=s.request_timeout_s, max_queue_wait=s.max_queue_wait_s,
+                                        retry_after=s.retry_after_s)
             self.batcher.start()
             if s.warmup:
-                probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
-                await self.batcher.run_in_worker(probe, explain=True)
-        except Exception:
+                await self._warm_up(self.batcher)
+        except Exception as err:
             logger.exception("preparing %s with defense %r failed", self.model_name, self.defense_name)
+            self.failure = f"{type(err).__name__}: {err}"
             self.state = "failed"
+            if self.on_failure is not None:
+                self.on_failure()
             return
         self.state = "ready"
         logger.info("ready: %s through %s (%s) on %s", self.model_name, self.defense_name, self.interpreter_name,
                     self.device)
+
+    async def _warm_up(self, batcher: MicroBatcher) -> None:
+        probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
+        for answer in await batcher.run_in_worker(probe, explain=True):
+            problem = answer_problem(answer, explain=True, num_classes=self.meta.num_classes)
+            if problem is not None:
+                raise StartupError(f"the warm-up answer of defense {self.defense_name!r} is unusable: {problem}")
 
     def ready_batcher(self) -> MicroBatcher:
         """The batcher, or a 503 while the server is still starting (or failed to start)."""

@@ -2,7 +2,9 @@
 
 API keys are read only from ``DD_API_KEYS`` (comma-separated) or the file named by
 ``DD_API_KEYS_FILE`` (one key per line, ``#`` starts a comment), never from a flag, so that they do
-not show up in process listings or shell history. Engine options go through unchanged as a dict:
+not show up in process listings or shell history; operator keys for ``/metrics`` and ``/docs``
+likewise from ``DD_ADMIN_KEYS`` or ``DD_ADMIN_KEYS_FILE``. Validation errors never echo an input
+(``hide_input_in_errors``), so a bad setting cannot print a key. Engine options go through unchanged as a dict:
 ``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (values are read as JSON when they parse).
 """
 
@@ -18,13 +20,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.checkpoint import resolve_checkpoint
 
 DefenseName = Literal["deepdefense", "dd-s", "dd-i", "pp", "none"]
+#: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
+Access = Literal["open", "admin", "off"]
+#: Characters a key may hold: visible ASCII except the comma (the separator of DD_API_KEYS).
+_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {","}
 
 
 class ServerSettings(BaseSettings):
     """Everything ``deepdefense serve`` can be told; see ``docs/server.md``."""
 
     model_config = SettingsConfigDict(env_prefix="DD_", env_nested_delimiter="__", env_ignore_empty=True,
-                                      extra="forbid")
+                                      extra="forbid", hide_input_in_errors=True)
 
     checkpoint: str = Field("lenet-mnist", description="shipped checkpoint name or path to its metadata JSON")
     defense: DefenseName = Field("deepdefense", description="`none` serves the undefended victim, by name only")
@@ -45,6 +51,8 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="instances per micro-batch (N)")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
     queue_size: int = Field(64, ge=1, description="queued instances before answering 503")
+    max_queue_wait_s: float = Field(10.0, gt=0, description="longest expected queue wait admitted; beyond it 503 "
+                                                             "(expected wait = backlog × measured seconds per instance)")
     request_timeout_s: float = Field(30.0, gt=0, description="end-to-end limit of one request before 504")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers")
     warmup: bool = Field(True, description="send one query through the defense before reporting ready")
@@ -53,6 +61,11 @@ class ServerSettings(BaseSettings):
     api_keys_file: FilePath | None = Field(None, description="file with one API key per line")
     query_budget: int | None = Field(None, ge=1, description="queries per API key, kept in budget_db")
     budget_db: Path = Field(Path("deepdefense-budget.sqlite"), description="SQLite file of spent budgets")
+
+    admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")
+    admin_keys_file: FilePath | None = Field(None, description="file with one operator key per line")
+    metrics_access: Access = Field("open", description="/metrics: open, admin (operator key) or off")
+    docs_access: Access = Field("open", description="/docs, /redoc and /openapi.json: open, admin or off")
 
     @field_validator("checkpoint")
     @classmethod
@@ -67,19 +80,33 @@ class ServerSettings(BaseSettings):
         return {key: _json_or_str(v) for key, v in value.items()}
 
     @model_validator(mode="after")
-    def _budget_needs_keys(self) -> ServerSettings:
-        if self.query_budget is not None and not self.keys():
+    def _check_keys(self) -> ServerSettings:
+        keys, admin = self.keys(), self.admin_keys_list()
+        if self.query_budget is not None and not keys:
             raise ValueError("query_budget needs API keys (DD_API_KEYS or DD_API_KEYS_FILE)")
+        for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):
+            if access == "admin" and not admin:
+                raise ValueError(f"{route}_access 'admin' needs operator keys (DD_ADMIN_KEYS or DD_ADMIN_KEYS_FILE)")
+        for kind, found in (("API", keys), ("operator", admin)):
+            if any(not set(k) <= _KEY_CHARS for k in found):  # the message never shows a key
+                raise ValueError(f"an {kind} key holds a character other than visible ASCII (no spaces or commas)")
         return self
 
     def keys(self) -> list[str]:
         """The configured API keys, from the environment variable and the key file together."""
-        keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")] if self.api_keys else []
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                keys.append(line)
-        return [k for k in keys if k]
+        return _read_keys(self.api_keys, self.api_keys_file)
+
+    def admin_keys_list(self) -> list[str]:
+        """The operator keys that open ``/metrics`` and ``/docs`` when their access is ``admin``."""
+        return _read_keys(self.admin_keys, self.admin_keys_file)
+
+
+def _read_keys(listed: SecretStr | None, file: Path | None) -> list[str]:
+    keys = [k.strip() for k in listed.get_secret_value().split(",")] if listed else []
+    if file is not None:
+        for line in file.read_text().splitlines():
+            keys.append(line.split("#", 1)[0].strip())
+    return [k for k in keys if k]
 
 
 def _json_or_str(value: Any) -> Any:

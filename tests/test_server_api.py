@@ -271,7 +271,7 @@ class _Exploding(NoDefense):
 
     def answer(self, x: torch.Tensor, *, explain: bool = True) -> list:
         if bool((x == 1).all()):
-            raise RuntimeError(f"/secret/path/weights.safetensors {self.model.net.conv1.weight}")
+            raise RuntimeError(f"/secret/path/weights.safetensors {self.model.net.features.conv1.weight}")
         return super().answer(x, explain=explain)
 
 
@@ -280,7 +280,7 @@ def test_internal_errors_are_generic(tmp_path: Path, victim: torch.nn.Module) ->
     with serving(create_app(make_settings(tmp_path), exploding), raise_server_exceptions=False) as client:
         r = client.post("/predict", json={"instances": [{"pixels": torch.ones(SHAPE).tolist()}]})
         assert r.status_code == 500
-        assert error_of(r)["code"] == "internal_error"
+        assert error_of(r)["code"] == "defense_failed"
         assert "secret" not in r.text and "tensor" not in r.text
         assert client.post("/predict", json={"instances": [{"pixels": pixels()}]}).status_code == 200
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from defense import Answer
 
 from ..auth import Caller
-from ..batcher import QueueFull, RequestTimeout
+from ..batcher import DefenseFailed, QueueFull, RequestTimeout
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
@@ -18,12 +22,16 @@ from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, Pr
 
 router = APIRouter(tags=["predict"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 500, 503, 504)}
+#: Logged and counted (never received) when the client went away before its answer was ready.
+CLIENT_CLOSED = 499
+
+T = TypeVar("T")
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
              dependencies=[Depends(require_json)], responses=_ERRORS)  # type: ignore[arg-type]
-async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep) -> PredictResponse:
+async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
     """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
     batcher = runtime.ready_batcher()
     limit = runtime.settings.max_instances
@@ -33,17 +41,47 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep) 
     x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
     await run_in_threadpool(_spend, runtime, caller, len(x))
     try:
-        answers = await batcher.submit(x, explain=body.explain)
-    except QueueFull:
-        if runtime.ledger is not None:
-            await run_in_threadpool(runtime.ledger.refund, caller.key_id, len(x))
-        raise ApiError(503, "queue_full", "the server is busy; retry later",
-                       headers={"Retry-After": str(runtime.settings.retry_after_s)}) from None
+        answers = await _unless_disconnected(request, batcher.submit(x, explain=body.explain))
+    except QueueFull as full:
+        await _refund(runtime, caller, len(x))
+        raise ApiError(503, full.reason, "the server is busy; retry later",
+                       headers={"Retry-After": str(full.retry_after)}) from None
     except RequestTimeout:
         raise ApiError(504, "timeout", f"not answered within {runtime.settings.request_timeout_s:g} s") from None
+    except DefenseFailed:
+        await _refund(runtime, caller, len(x))
+        raise ApiError(500, "defense_failed", "the defense could not answer this query; nothing of it is sent and "
+                                              "the request is not charged") from None
     method = runtime.interpreter_name
     return PredictResponse(model=runtime.model_name, defense=runtime.defense_name,
-                           predictions=[_prediction(a, method) for a in answers])
+                           predictions=[_prediction(a, method, body.explain) for a in answers])
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or — when the client disconnects first — ``work`` cancelled (its queued
+    instances are then dropped uncomputed) and a 499 that nobody reads but the metrics count."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ApiError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the server reports that the client has gone (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _refund(runtime: Runtime, caller: Caller, queries: int) -> None:
+    if runtime.ledger is not None:
+        await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries)
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
@@ -55,10 +93,10 @@ def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
     runtime.metrics.key_queries.labels(caller.key_id).inc(queries)
 
 
-def _prediction(answer: Answer, method: str) -> Prediction:
+def _prediction(answer: Answer, method: str, explain: bool) -> Prediction:
     attribution = None
-    if answer.attribution is not None:
+    if explain and answer.attribution is not None:
         values = answer.attribution.detach().cpu()
         attribution = Attribution(method=method, shape=list(values.shape), values=values.tolist())
-    return Prediction(label=answer.label, probabilities=answer.probabilities.detach().cpu().tolist(),
+    return Prediction(label=int(answer.label), probabilities=answer.probabilities.detach().cpu().tolist(),
                       attribution=attribution)

@@ -1,0 +1,42 @@
+"""The OpenAPI schema as this server applies it: the generic request schema of ``schemas.py``
+narrowed to the served model's input shape and the configured limits, so that clients, the
+documentation and schema-driven fuzzers see the arrays and sizes that are accepted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+
+def install_served_openapi(app: FastAPI, *, input_shape: tuple[int, int, int], max_instances: int,
+                           max_image_bytes: int) -> None:
+    """Replace ``app.openapi`` by a cached schema with the exact C×H×W pixel arrays, exactly one of
+    ``pixels`` and ``image_b64`` per instance, and the instance and image size limits."""
+    generate = app.openapi
+
+    def served() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            _narrow(schema["components"]["schemas"], input_shape, max_instances, max_image_bytes)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = served  # type: ignore[method-assign]
+
+
+def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances: int, max_image_bytes: int) -> None:
+    instance = schemas["Instance"]
+    pixels = next(s for s in instance["properties"]["pixels"]["anyOf"] if s.get("type") == "array")
+    level = pixels
+    for size in shape:
+        level.update(minItems=size, maxItems=size)
+        level = level["items"]
+    image = next(s for s in instance["properties"]["image_b64"]["anyOf"] if s.get("type") == "string")
+    image["maxLength"] = 4 * (max_image_bytes // 3 + 1)
+    # exactly one of the two, the other absent or null (pydantic's model validator, in schema terms)
+    instance["oneOf"] = [
+        {"required": ["pixels"], "properties": {"pixels": {"type": "array"}, "image_b64": {"type": "null"}}},
+        {"required": ["image_b64"], "properties": {"image_b64": {"type": "string"}, "pixels": {"type": "null"}}},
+    ]
+    schemas["PredictRequest"]["properties"]["instances"]["maxItems"] = max_instances
