@@ -58,7 +58,7 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
     for router in (predict.router, models.router, health.router):
         app.include_router(router)

@@ -3,6 +3,9 @@ type (a dependency)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,11 +20,14 @@ class BodySizeLimitMiddleware:
     ``Content-Length`` (or chunked transfer) cannot get past it. An accepted body is then replayed
     to the app. A body declared compressed (``Content-Encoding`` other than ``identity``) is refused
     with 415 unread: the server inflates nothing, so a gzip bomb costs it only the bytes sent.
+    The whole body must arrive within ``body_timeout`` seconds (408 otherwise), so a client that
+    trickles its body (slowloris) cannot hold a connection and a request for ever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,8 +45,15 @@ class BodySizeLimitMiddleware:
             return
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = time.monotonic() + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                response = error_response(408, "body_timeout", f"the body did not arrive within {self.body_timeout:g} s",
+                                          field="body", headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
