@@ -72,10 +72,12 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
-    """How ``serve`` runs the app: no ``Server`` header, and on SIGTERM/SIGINT new connections are
-    refused while in-flight requests finish (for at most the request timeout plus a margin)."""
+    """How ``serve`` runs the app: no ``Server`` header; the app's own access log (route templates,
+    no query strings) instead of uvicorn's; on SIGTERM/SIGINT new connections are refused while
+    in-flight requests finish (for at most the request timeout plus a margin)."""
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          server_header=False, timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S)
+                          server_header=False, access_log=False,
+                          timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S)
 
 
 def serve(settings: ServerSettings, defense: Defense | None = None) -> None:

@@ -1,8 +1,10 @@
 """Prometheus metrics of one app, in its own ``CollectorRegistry``, and the middleware that feeds
-the per-route ones. API keys appear only as :func:`server.auth.key_id` hashes."""
+the per-route ones and writes the access log. API keys appear only as :func:`server.auth.key_id`
+hashes; the access log names the route template, never the raw path, query string or headers."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -14,6 +16,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FAILURE_REASONS = ("exception", "invalid_answer")
 REJECT_REASONS = ("queue_full", "overloaded")
+
+access_log = logging.getLogger("deepdefense.access")
 
 
 class ServerMetrics:
@@ -81,7 +85,7 @@ class ServerMetrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests and times them by route template (unknown paths share ``unmatched``)."""
+    """Counts requests, times them and logs them by route template (unknown paths share ``unmatched``)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -106,5 +110,7 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(route).observe(seconds)
+            access_log.info("%s %s %d %.1f ms", scope["method"], route, status, 1000 * seconds)
