@@ -34,7 +34,7 @@ KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 #: (method, path) → examples in positive and in negative mode (0: nothing to negate)
 EXAMPLES: dict[tuple[str, str], tuple[int, int]] = {
-    ("POST", "/predict"): (40, 80),
+    ("POST", "/predict"): (30, 60),
     ("GET", "/v1/models"): (15, 25),
     ("GET", "/healthz"): (1, 0),
     ("GET", "/readyz"): (1, 0),

@@ -30,7 +30,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_MAX_BATCH_WAIT_MS": "1"}
-    command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "1.5"]
+    command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "1.0"]
     with spawned_server(command, url, env=env) as (process, _), ThreadPoolExecutor(3) as pool:
         bodies = [{"instances": [{"pixels": marked(0.9, i).tolist()}], "explain": False} for i in range(3)]
         pending = [pool.submit(httpx.post, f"{url}/predict", json=b, timeout=60) for b in bodies]

@@ -1,0 +1,98 @@
+"""The real defended path at small scale: ``lenet-mnist`` through DeepDefense (Grad-CAM, a short
+optimisation) over loopback HTTP, with valid, edge-case and hostile requests. The answers are
+finite distributions that keep the victim's top-1, are not the victim's own outputs, and nothing
+hostile gets past the 4xx line."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from reliability_support import metric_value, served_like_serve
+from test_server_api import _no_server_env, make_settings, png_bomb  # noqa: F401
+
+from defense import Defense
+from server.app import create_app
+from server.runtime import build_defense
+from server.settings import ServerSettings
+
+SHORT = {"steps": 2}  # a short optimisation: this is about the serving path, not the defense's quality
+
+
+@pytest.fixture(scope="module")
+def defended() -> Defense:
+    try:
+        return build_defense(ServerSettings(defense="deepdefense", engine=SHORT), torch.device("cpu"))
+    except TypeError:  # the engine no longer takes `steps`: its defaults, slower but the same path
+        return build_defense(ServerSettings(defense="deepdefense"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, defended: Defense) -> Iterator[str]:
+    settings = make_settings(tmp_path_factory.mktemp("defended"), defense="deepdefense", max_batch_wait_ms=20,
+                             request_timeout_s=300)
+    with served_like_serve(create_app(settings, defended)) as base:
+        yield base
+
+
+def queries() -> torch.Tensor:
+    x = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    x[2] = 0.0  # a constant image: the victim's map is flat, the engine must still answer (or fall back)
+    x[3] = 1.0
+    return x
+
+
+def test_defended_answers_keep_the_top_1_and_are_not_the_victims(url: str, defended: Defense) -> None:
+    x = queries()
+    png = io.BytesIO()
+    Image.fromarray((x[0, 0] * 255).round().byte().numpy()).save(png, format="PNG")
+    instances = [{"pixels": xi.tolist()} for xi in x] + [{"image_b64": base64.b64encode(png.getvalue()).decode()}]
+    with httpx.Client(base_url=url, timeout=300) as c:
+        r = c.post("/predict", json={"instances": instances, "explain": True})
+        models = c.get("/v1/models").json()["models"][0]
+        metrics = c.get("/metrics").text
+    assert r.status_code == 200 and r.json()["defense"] == "deepdefense"
+    predictions = r.json()["predictions"]
+    victim = defended.model
+    with torch.no_grad():
+        own = victim(torch.cat([x, x[:1]])).softmax(-1)
+    for prediction, mine in zip(predictions, own, strict=True):
+        p = torch.tensor(prediction["probabilities"])
+        assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-3
+        assert prediction["label"] == int(mine.argmax()) == int(p.argmax())
+        assert not torch.equal(p, mine), "the victim's own probabilities were sent"
+        values = torch.tensor(prediction["attribution"]["values"])
+        assert values.shape == (28, 28) and torch.isfinite(values).all()
+    assert metric_value(metrics, 'dd_answers_total{defense="deepdefense"}') >= 5  # warm-up included
+    assert metric_value(metrics, 'dd_defense_optimisation_seconds_count{defense="deepdefense"}') >= 5
+    settings = models["defense"]["settings"]
+    assert "seed" not in settings
+    assert all(isinstance(v, int | float | str | bool) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+               for v in settings.values())
+
+
+@pytest.mark.parametrize(("content", "headers", "status"), [
+    pytest.param('{"instances": [{"pixels": [[' + ", ".join(["[" + ", ".join(["NaN"] * 28) + "]"] * 28) + "]]}]}",
+                 {}, 422, id="nan-pixels"),
+    pytest.param(json.dumps({"instances": [{"image_b64": png_bomb(50_000, 50_000)}]}), {}, 413,
+                 id="png-declaring-50000x50000"),
+    pytest.param(gzip.compress(json.dumps({"instances": []}).encode()), {"Content-Encoding": "gzip"}, 415,
+                 id="gzip"),
+    pytest.param("[" * 50_000 + "]" * 50_000, {}, 400, id="deep-json"),
+    pytest.param(json.dumps({"instances": [{"pixels": [[[0.5] * 28] * 28] * 3}]}), {}, 422, id="three-channels"),
+])
+def test_hostile_requests_stop_before_the_defense(url: str, content: str | bytes, headers: dict[str, str],
+                                                  status: int) -> None:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        before = metric_value(c.get("/metrics").text, 'dd_answers_total{defense="deepdefense"}')
+        r = c.post("/predict", content=content, headers={"Content-Type": "application/json"} | headers)
+        after = metric_value(c.get("/metrics").text, 'dd_answers_total{defense="deepdefense"}')
+    assert r.status_code == status and set(r.json()) == {"error"}
+    assert after == before  # refused before any optimisation ran

@@ -1,0 +1,96 @@
+"""Load and soak: 32 concurrent clients against a server in its own process. Overload must become
+immediate 503s with Retry-After — no timeouts, no transport errors, latency bounded by the
+admission limit, resident memory flat.
+
+The CI form runs 5 s against a fast fake defense. The two-minute form runs against the real
+defended server (``deepdefense serve`` with its defaults, DeepDefense + Grad-CAM) and is behind a
+flag: ``DD_SOAK=1 python -m pytest -q tests/test_reliability_load.py`` (``DD_SOAK_SECONDS``
+changes its length, ``DD_SOAK_REPORT=path.json`` keeps its report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from reliability_support import served_like_serve
+from test_server_api import _no_server_env, defense, make_settings, victim  # noqa: F401
+
+from defense import NoDefense
+from server.app import create_app
+from server.loadtest import LoadConfig, LoadReport, free_port, percentiles, run_load, spawned_server
+
+FAKE_SERVER = Path(__file__).resolve().parent / "reliability_support.py"
+
+
+def assert_overload_is_orderly(report: LoadReport, request_timeout_s: float) -> None:
+    """Served answers and 503s with Retry-After only; latency below the request timeout."""
+    assert report.served > 0
+    assert set(report.statuses) <= {"200", "503"}, report.statuses
+    assert all(e in ("503 overloaded", "503 queue_full") for e in report.errors), report.errors
+    assert report.retry_after_s["missing"] == 0
+    assert report.latency_all_ms["max"] < 1000 * request_timeout_s
+
+
+def test_short_soak_overload_becomes_503_with_retry_after(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_MAX_BATCH_SIZE": "4",
+                        "DD_MAX_BATCH_WAIT_MS": "2", "DD_MAX_QUEUE_WAIT_S": "0.3", "DD_REQUEST_TIMEOUT_S": "5"}
+    command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "0.02"]
+    with spawned_server(command, url, env=env) as (process, shutdown):
+        report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=5, timeout_s=10,
+                                                 server_pid=process.pid, seed=0)))
+    assert_overload_is_orderly(report, request_timeout_s=5)
+    assert report.served >= 50 and report.statuses.get("503", 0) >= 10  # it was overloaded, and it served
+    assert report.latency_ms["p99"] < 2000  # admission keeps the wait near DD_MAX_QUEUE_WAIT_S
+    assert report.retry_after_s["min"] >= 1
+    assert report.server_metrics["dd_rejected_requests_total{reason=overloaded}"] >= 10
+    assert report.rss_mb["samples"] >= 5 and report.rss_mb["growth"] < 50
+    assert shutdown["exit_code"] in (0, -15) and shutdown["seconds_after_sigterm"] < 10
+
+
+@pytest.mark.skipif(not os.environ.get("DD_SOAK"), reason="the two-minute soak runs with DD_SOAK=1")
+def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
+    seconds = float(os.environ.get("DD_SOAK_SECONDS", "120"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_LOG_LEVEL": "warning"}
+    command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with spawned_server(command, url, env=env, log=sys.stderr) as (process, shutdown):
+        report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=seconds, timeout_s=60,
+                                                 server_pid=process.pid, seed=0)))
+    report.shutdown = shutdown
+    if path := os.environ.get("DD_SOAK_REPORT"):
+        Path(path).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    assert_overload_is_orderly(report, request_timeout_s=30)
+    assert report.rss_mb["growth_second_half"] < 50
+    assert shutdown["exit_code"] in (0, -15)
+
+
+def test_the_load_command_reports_over_loopback_only(tmp_path: Path, defense: NoDefense,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from deepdefense.cli import main
+
+    with served_like_serve(create_app(make_settings(tmp_path), defense)) as url:
+        out = tmp_path / "report.json"
+        assert main(["load", "--url", url, "--clients", "3", "--duration", "1", "--max-requests", "20",
+                     "--no-explain", "--server-pid", str(os.getpid()), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    assert report["requests"] == report["served"] == 20 and report["statuses"] == {"200": 20}
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "max"} and report["rss_mb"]["samples"] >= 1
+    assert report["server_metrics"]["dd_answers_total"] == 20
+    for bad in (["--url", "http://192.0.2.1:8000"], ["--clients", "1000"], ["--duration", "0"]):
+        assert main(["load", *bad]) == 2
+
+
+def test_percentiles_by_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
+    assert percentiles([3.0]) == {"p50": 3.0, "p95": 3.0, "p99": 3.0, "max": 3.0}
+    assert percentiles([]) == {}
