@@ -274,6 +274,23 @@ def _run_client(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _report(result, args.out)
 
 
+def _add_load(sub: argparse._SubParsersAction) -> None:
+    from server.loadtest import add_load_arguments
+
+    p = sub.add_parser("load", help="load and soak test a server on loopback: concurrent clients for a bounded time; "
+                                    "statuses, error classes, latency percentiles, resident-memory growth",
+                       description="See docs/reliability.md. With --serve, 'deepdefense serve' is started (configured "
+                                   "by DD_* variables) and stopped with SIGTERM at the end.")
+    add_load_arguments(p)
+    p.set_defaults(func=_run_load)
+
+
+def _run_load(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from server.loadtest import run_from_args
+
+    return _report({"command": shlex.join(["deepdefense", *argv]), **run_from_args(args)}, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -283,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_attack(sub)
     _add_client(sub)
+    _add_load(sub)
     return parser
 
 
