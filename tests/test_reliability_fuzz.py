@@ -32,7 +32,7 @@ from server.app import create_app
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-#: (method, path) → examples in positive and in negative mode (0: nothing to negate)
+#: (method, path) → examples in positive and in negative mode (0: no parameters, body or key to negate)
 EXAMPLES: dict[tuple[str, str], tuple[int, int]] = {
     ("POST", "/predict"): (30, 60),
     ("GET", "/v1/models"): (15, 25),
@@ -69,13 +69,15 @@ def no_secrets(response: requests.Response) -> None:
     assert "server" not in {k.lower() for k in response.headers}  # no software banner
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
-@pytest.mark.parametrize("route", list(EXAMPLES), ids=lambda r: f"{r[0]} {r[1]}")
+RUNS = [pytest.param(route, mode, id=f"{route[0]} {route[1]} {mode.value}")
+        for route, counts in EXAMPLES.items()
+        for mode, n in zip((GenerationMode.POSITIVE, GenerationMode.NEGATIVE), counts, strict=True) if n]
+
+
+@pytest.mark.parametrize(("route", "mode"), RUNS)
 def test_fuzz_route(served: tuple[str, Any], route: tuple[str, str], mode: GenerationMode) -> None:
     url, schema = served
     examples = EXAMPLES[route][mode == GenerationMode.NEGATIVE]
-    if examples == 0:
-        pytest.skip("nothing to negate: no parameters, body or authentication")
     operation = schema[route[1]][route[0]]
     label = f"{route[0]} {route[1]}"
     session = requests.Session()
