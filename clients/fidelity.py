@@ -2,7 +2,7 @@
 
 For each image: top-1 agreement with the victim, the L_orth the engine reached (eq. 5; 1 at the
 victim), Spearman's rank correlation between the victim's and the answered attribution maps,
-the L1 change of the probabilities, fallbacks and milliseconds per query.
+the L1 change of the probabilities, fallbacks, optimisation steps and milliseconds per query.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Fidelity:
     mean_l1_probabilities: float
     fallbacks: int
     ms_per_query: float
+    mean_steps: float  # optimisation steps per query (below the cap when the engine stops early)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -41,7 +42,7 @@ class Fidelity:
 
 def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, progress: bool = True) -> Fidelity:
     victim = NoDefense(defense.model, defense.interpreter)
-    agree, l_orth, rho, l1, fallbacks, seconds = 0, [], [], [], 0, 0.0
+    agree, l_orth, rho, l1, steps, fallbacks, seconds = 0, [], [], [], [], 0, 0.0
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc=f"fidelity {defense.name}", unit="batch", disable=not progress):
         x = images[start:start + batch_size]
@@ -52,6 +53,7 @@ def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, prog
         for ref, ans in zip(reference, answers):
             agree += int(ans.probabilities.argmax()) == ref.label == ans.label
             l_orth.append(ans.stats.get("l_orth", 1.0))
+            steps.append(ans.stats.get("steps", 0.0))
             rho.append(spearman(ref.attribution, ans.attribution))
             l1.append(float((ans.probabilities - ref.probabilities).abs().sum()))
             fallbacks += int(ans.fallback)
@@ -60,4 +62,5 @@ def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, prog
         n=len(images), top1_agreement=100.0 * agree / len(images), mean_l_orth=statistics.fmean(l_orth),
         median_spearman=statistics.median(finite_rho) if finite_rho else math.nan,
         mean_l1_probabilities=statistics.fmean(l1), fallbacks=fallbacks, ms_per_query=1000.0 * seconds / len(images),
+        mean_steps=statistics.fmean(steps),
     )

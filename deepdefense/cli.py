@@ -95,6 +95,7 @@ def _add_fidelity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defense", default="deepdefense", choices=DEFENSES)
     p.add_argument("--interpreter", default="gradcam")
     p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
+    p.add_argument("--batch-size", type=int, default=64, help="queries per defense.answer call (a micro-batch)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine option, e.g. lr=0.05")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
@@ -117,7 +118,8 @@ def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
     images = test.tensors[0][: args.n].to(device)
     result = {"command": shlex.join(["deepdefense", *argv]), "checkpoint": args.checkpoint,
               "dataset": args.dataset or meta.dataset, "defense": args.defense, "interpreter": args.interpreter,
-              "options": _engine_options(args.set), "device": str(device), **measure_fidelity(defense, images).as_dict()}
+              "options": _engine_options(args.set), "device": str(device), "batch_size": args.batch_size,
+              **measure_fidelity(defense, images, batch_size=args.batch_size).as_dict()}
     return _report(result, args.json_out)
 
 
@@ -291,6 +293,23 @@ def _run_load(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _report({"command": shlex.join(["deepdefense", *argv]), **run_from_args(args)}, args.out)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from clients.eval_command import add_eval_arguments
+
+    p = sub.add_parser("eval", help="the paper's experiments end to end: attack accuracy per defense, loss and budget "
+                                    "(Fig. 2, Tables 3-5), Average Drop (Table 2), R_test/R_unif; JSON, CSV, PNG",
+                       description="See clients/README.md. Transfer sets and finished trainings are stored as they "
+                                   "are made: rerunning the same command continues where an interrupted run stopped.")
+    add_eval_arguments(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from clients.eval_command import run_eval
+
+    return run_eval(args, shlex.join(["deepdefense", *argv]), _engine_options(args.set))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -301,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack(sub)
     _add_client(sub)
     _add_load(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -50,18 +50,11 @@ class NoDefense(Defense):
     name = "none"
 
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
-        params = self.victim_params()
-        answers = []
-        for xi in x:
-            xi = xi.unsqueeze(0)
-            if explain:
-                with torch.no_grad():
-                    y = int(self.model(xi).argmax(1))
-                e = self.interpreter.explain(params, xi, y)
-                logits, attribution = e.logits.detach(), e.attribution.detach()
-            else:
-                with torch.no_grad():
-                    logits, attribution = self.model(xi), None
-            probs = logits.softmax(-1)[0]
-            answers.append(Answer(label=int(probs.argmax()), probabilities=probs, attribution=attribution))
-        return answers
+        with torch.no_grad():
+            logits = self.model(x)
+        attributions: Tensor | list[None] = [None] * len(x)
+        if explain:
+            e = self.interpreter.explain({}, x, logits.argmax(1))  # the model's own weights, no weight gradients
+            logits, attributions = e.logits.detach(), e.attribution.detach()
+        probs = logits.softmax(-1)
+        return [Answer(label=int(p.argmax()), probabilities=p, attribution=a) for p, a in zip(probs, attributions)]

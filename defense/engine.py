@@ -4,37 +4,66 @@ For a query x_q the engine clones the weights of the selected layers (eq. 9), th
 momentum on L_DD (eq. 8) = L_orth (eq. 5) + λ1 L_pred (eq. 6) + λ2 L_int (eq. 7), and answers
 from the clone. The shared victim model is only read.
 
+Batched: the queries of a micro-batch (up to ``batch_size``) are optimised together as one
+computation. Each query has its own copy of only the selected layers' weights, evaluated in one
+pass through a per-query view of the model (:mod:`defense.per_query`); the losses are the
+per-query equations of :mod:`defense.losses` under ``vmap``; the solver's decisions (undo a step,
+halve a step size, keep the best iterate, stop early) are per-query masks. Queries do not interact,
+so a query gets the same answer alone (``batch_size=1``, the one-query engine) as in any batch, up
+to floating-point reassociation (tests/test_engine_batched.py).
+
 Fail closed: an iterate after the first step is feasible when its probabilities keep the
 victim's top-k order exactly (constraint (3), strict) and its map keeps the victim's attribution
 order up to a Spearman rank correlation of ``min_spearman`` (constraint (4) made operational);
 the feasible iterate with the lowest L_orth is returned. If no iterate qualifies (or the
-optimisation produces NaN/Inf), the answer is the documented safe answer (``safe_answer``),
-which reveals only the top-k order and the attribution order — never the victim's raw outputs.
+optimisation produces NaN/Inf, or raises for that query), the answer is the documented safe answer
+(``safe_answer``), which reveals only the top-k order and the attribution order — never the
+victim's raw outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
 from .api import Answer, Defense
 from .interpreters import Interpreter
-from .losses import abs_cosine, attribution_order, dd_loss, int_loss, orth_loss, pred_loss, spearman, topk_preserved
+from .losses import (
+    abs_cosine,
+    attribution_order,
+    dd_loss,
+    int_loss,
+    orth_loss,
+    pred_loss,
+    spearman,
+    topk_preserved,
+)
+from .low_rank import LowRankWeight
+from .per_query import ConvImpl, default_conv_impl, per_query_view
 from .sensitivity import layer_params, select_layers
+from .weight_gradients import WeightGradient, inner, norm, weight_gradient
 
 Mode = Literal["deepdefense", "dd-s", "dd-i"]
+
+logger = logging.getLogger("deepdefense.engine")
+
+#: Per-query outputs of the misdirection model that the solver keeps for its best iterate.
+KEPT = ("loss", "l_orth", "cos_bottom", "cos_top", "l_pred", "l_int", "probs", "attribution")
 
 
 @dataclass(frozen=True)
 class DeepDefenseConfig:
-    """Hyperparameters; defaults tuned on lenet-mnist with Grad-CAM (docs/tuning.md)."""
+    """Hyperparameters; defaults tuned on lenet-mnist with Grad-CAM (docs/tuning.md, docs/performance.md)."""
 
     alpha: float = 0.5  # eq. (5): weight of the bottom part's cosine
     lambda1: float = 10.0  # eq. (8): weight of L_pred
@@ -43,7 +72,7 @@ class DeepDefenseConfig:
     int_margin: float = 0.5  # eq. (7) with a margin: keep this share of each victim gap (0: the paper's form)
     top_k: int = 1  # eq. (3): k = 1 keeps the predicted class
     pred_margin: float = 0.0  # eq. (6) margin, in log-probability units
-    steps: int = 60
+    steps: int = 60  # the per-query step cap
     lr: float = 0.05  # relative step size when normalise_steps (see relative_steps)
     momentum: float = 0.9
     normalise_steps: bool = True  # each tensor's step is lr·‖w_ℓ‖ along its gradient's direction (LARS-style)
@@ -51,6 +80,11 @@ class DeepDefenseConfig:
     cs: float = 90.0  # eq. (9): cumulative sensitivity threshold in percent
     init_noise: float = 0.01  # start: w̃ = w + init_noise·std(w_ℓ)·N(0, 1), since eq. (5) is stationary at w̃ = w
     seed: int = 0  # keys the per-query noise: the same query always gets the same answer
+    patience: int = 0  # early stopping: a query stops after this many steps without improving its best L_orth by
+    min_improvement: float = 1e-3  # ... more than this (0 patience: every query runs all ``steps``)
+    batch_size: int = 64  # queries optimised together (1: the one-query engine)
+    low_rank: bool = True  # Linear weights as W + rank-two steps where the interpreter allows (defense/low_rank.py)
+    conv_impl: Literal["auto", "unfold", "grouped"] = "auto"  # per-query convolutions (defense/per_query.py)
 
 
 #: Defaults that differ per interpreter (docs/tuning.md): Gradient⊙Input's map is x ⊙ ∂f/∂x, tied to
@@ -60,21 +94,21 @@ INTERPRETER_DEFAULTS: dict[str, dict[str, float]] = {"gradinput": {"cs": 50.0, "
 
 
 class Reference(NamedTuple):
-    """The victim's side of one query: what the misdirection model is compared against (a pytree)."""
+    """The victim's side of a batch of B queries, every field with a leading query dimension (a pytree)."""
 
-    label: Tensor  # y
-    top_k: Tensor  # s_1..s_k
-    order: Tensor  # a_1..a_{HW}
-    groups: Tensor  # tie group of each position along a
-    gaps: Tensor  # victim's value of group g minus that of group g+1
-    grad_bottom: Tensor  # ∇_{w_B} f_y over the selected bottom layers, flat
-    grad_top: Tensor  # ∇_{w_T} f_y over the selected top layers, flat
-    probs: Tensor
-    attribution: Tensor
+    label: Tensor  # y, (B,)
+    top_k: Tensor  # s_1..s_k, (B, k)
+    order: Tensor  # a_1..a_{HW}, (B, HW)
+    groups: Tensor  # tie group of each position along a, (B, HW)
+    gaps: Tensor  # victim's value of group g minus that of group g+1, (B, HW − 1)
+    grad_bottom: WeightGradient  # ∇_{w_B} f_y over the selected bottom layers
+    grad_top: WeightGradient  # ∇_{w_T} f_y over the selected top layers
+    probs: Tensor  # (B, K)
+    attribution: Tensor  # (B, H, W)
 
 
 def safe_answer(probs: Tensor, attribution: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """The fail-closed answer: rank-only probabilities and a rank-only map.
+    """The fail-closed answer for one query: rank-only probabilities and a rank-only map.
 
     Probabilities are softmax(k, k−1, …, 1, 0, …, 0) placed on the victim's top-k classes in
     order; the map holds each pixel's normalised rank in the victim's map (ties share a rank).
@@ -111,52 +145,80 @@ class DeepDefense(Defense):
         self.mode = mode
         base = config or DeepDefenseConfig(**INTERPRETER_DEFAULTS.get(interpreter.name, {}))
         self.config = replace(base, **overrides)
+        if self.config.batch_size < 1 or self.config.steps < 0 or self.config.patience < 0:
+            raise ValueError("batch_size must be ≥ 1, steps and patience ≥ 0")
         self.layers = select_layers(sensitivity, self.config.cs)
         selected = layer_params(model, self.layers)
         self.bottom_names = [n for n in selected if n in interpreter.bottom]
         self.top_names = [n for n in selected if n not in interpreter.bottom]
         # with one part empty its cosine is undefined: the other part carries the whole weight
         self.alpha = self.config.alpha if self.bottom_names and self.top_names else float(bool(self.bottom_names))
+        self.factored = [n for n in self.layers if isinstance(model.get_submodule(n), nn.Linear)]  # rank-one gradients
+        self.low_rank = [n for n in self.factored if self.config.low_rank and interpreter.linear_in_weights
+                         and f"{n}.bias" in selected]
+        device = next(model.parameters()).device
+        impl: ConvImpl = default_conv_impl(device) if self.config.conv_impl == "auto" else self.config.conv_impl
+        # the same interpreter on a view of the victim whose selected layers take per-query weights
+        self.explainer = type(interpreter)(per_query_view(model, self.layers, impl), interpreter.input_shape)
 
     def public_settings(self) -> dict[str, Any]:
         """The configuration users may see; the seed that keys the per-query noise stays private."""
         settings = {k: v for k, v in asdict(self.config).items() if k != "seed"}
         return {"mode": self.mode, **settings, "layers": self.layers}
 
+    @property
+    def param_names(self) -> list[str]:
+        """The selected parameters held as dense per-query copies (all but the low-rank weights)."""
+        low_rank = {f"{n}.weight" for n in self.low_rank}
+        return [n for n in (*self.bottom_names, *self.top_names) if n not in low_rank]
+
     # -- the victim's side -----------------------------------------------------------------------
     def reference(self, x: Tensor) -> Reference:
-        """Label, top-k, attribution order and weight gradients of the victim for one query (C, H, W)."""
+        """Label, top-k, attribution order and weight gradients of the victim for queries x (B, C, H, W).
+
+        Probabilities and maps come from the victim itself, exactly as the undefended path computes
+        them (``NoDefense``); the per-query weight gradients from the per-query view with the victim's
+        weights (for low-rank layers: the shared weight, whose gradient is factored anyway).
+        """
         victim = self.victim_params()
         with torch.no_grad():
-            label = self.model(x.unsqueeze(0)).argmax(1)[0]
-            e = self.interpreter.explain(victim, x.unsqueeze(0), label)
-        probs = e.logits.softmax(-1)[0]
-        order, groups, gaps = attribution_order(e.attribution)
-        return Reference(label=label, top_k=probs.topk(self.config.top_k).indices, order=order, groups=groups,
-                         gaps=gaps, grad_bottom=_flat(e.param_grads, self.bottom_names),
-                         grad_top=_flat(e.param_grads, self.top_names), probs=probs, attribution=e.attribution)
+            label = self.model(x).argmax(1)
+        own = self.interpreter.explain({}, x, label)
+        copies = {n: victim[n].detach().expand(len(x), *victim[n].shape) for n in self.param_names}
+        e = self.explainer.explain(copies, x, label, factored=self.factored)
+        probs, attribution = own.logits.detach().softmax(-1), own.attribution.detach()
+        order, groups, gaps = vmap(attribution_order)(attribution)
+        return Reference(label=label, top_k=probs.topk(self.config.top_k, dim=1).indices, order=order, groups=groups,
+                         gaps=gaps, grad_bottom=weight_gradient(e, self.bottom_names, len(x)),
+                         grad_top=weight_gradient(e, self.top_names, len(x)), probs=probs, attribution=attribution)
 
-    # -- the misdirection model ------------------------------------------------------------------
-    def objective(self, params: dict[str, Tensor], x: Tensor, ref: Reference) -> tuple[Tensor, dict[str, Tensor]]:
-        """L_DD (eq. 8) of the misdirection model with weights ``params`` on one query x (C, H, W)."""
+    # -- the misdirection models -----------------------------------------------------------------
+    def objective(self, params: dict[str, Tensor], taps: dict[str, Tensor], x: Tensor, ref: Reference,
+                  low_rank: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        """Σ over queries of L_DD (eq. 8), each query's misdirection model with its own weights: the dense
+        copies ``params`` (leading query dimension) and the low-rank additions ``low_rank`` (constants here;
+        ``taps`` are their gradient taps). Per-query values in the second output."""
         c = self.config
-        e = self.interpreter.explain(params, x.unsqueeze(0), ref.label)
-        log_probs = e.logits.log_softmax(-1)[0]
-        cos_bottom = abs_cosine(ref.grad_bottom, _flat(e.param_grads, self.bottom_names))
-        cos_top = abs_cosine(ref.grad_top, _flat(e.param_grads, self.top_names))
+        e = self.explainer.explain(params, x, ref.label, factored=self.factored, constants=low_rank, grad_taps=taps)
+        log_probs = e.logits.log_softmax(-1)
+        bottom, top = weight_gradient(e, self.bottom_names, len(x)), weight_gradient(e, self.top_names, len(x))
+        cos_bottom = abs_cosine(inner(ref.grad_bottom, bottom), norm(ref.grad_bottom), norm(bottom))
+        cos_top = abs_cosine(inner(ref.grad_top, top), norm(ref.grad_top), norm(top))
         l_orth = orth_loss(cos_bottom, cos_top, self.alpha)
-        l_pred = pred_loss(log_probs, ref.top_k, c.pred_margin)
-        l_int = int_loss(e.attribution, ref.order, ref.groups, ref.gaps, c.huber_delta, c.int_margin)
+        l_pred = vmap(partial(pred_loss, margin=c.pred_margin))(log_probs, ref.top_k)
+        l_int = vmap(partial(int_loss, delta=c.huber_delta, margin=c.int_margin))(
+            e.attribution, ref.order, ref.groups, ref.gaps)
         loss = dd_loss(l_orth, l_pred, l_int, c.lambda1, c.lambda2)
-        feasible = topk_preserved(log_probs, ref.top_k) & torch.isfinite(loss)
+        finite = torch.isfinite(loss) & torch.isfinite(log_probs).all(1) & torch.isfinite(e.attribution).flatten(1).all(1)
+        feasible = vmap(topk_preserved)(log_probs, ref.top_k) & finite
         if c.min_spearman > 0:
-            feasible = feasible & (spearman(e.attribution, ref.attribution) >= c.min_spearman)
-        return loss, {"loss": loss, "l_orth": l_orth, "cos_bottom": cos_bottom, "cos_top": cos_top,
-                      "l_pred": l_pred, "l_int": l_int, "probs": log_probs.exp(), "attribution": e.attribution,
-                      "feasible": feasible}
+            feasible = feasible & (vmap(spearman)(e.attribution, ref.attribution) >= c.min_spearman)
+        return loss.sum(), {"loss": loss, "l_orth": l_orth, "cos_bottom": cos_bottom, "cos_top": cos_top,
+                            "l_pred": l_pred, "l_int": l_int, "probs": log_probs.exp(), "attribution": e.attribution,
+                            "feasible": feasible, "factors": {n: e.factors[n] for n in self.low_rank}}
 
     def initial_params(self, x: Tensor) -> dict[str, Tensor]:
-        """The clone's start: the victim's selected weights plus small noise keyed by the query (C, H, W).
+        """Each clone's start: the victim's selected weights plus small noise keyed by its query (B, C, H, W).
 
         At w̃ = w the cosines of eq. (5) are at their maximum, so their gradient vanishes and
         gradient descent would never leave the victim; a small perturbation breaks the symmetry.
@@ -164,88 +226,159 @@ class DeepDefense(Defense):
         returns the same answer (no averaging over repeated queries), whatever batch it arrives in.
         """
         victim = self.victim_params()
-        generator = torch.Generator().manual_seed(query_seed(x, self.config.seed))
+        generators = [torch.Generator().manual_seed(query_seed(xi, self.config.seed)) for xi in x]
         params = {}
-        for n in (*self.bottom_names, *self.top_names):
+        for n in self.param_names:
             w = victim[n].detach()
-            noise = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
+            noise = torch.stack([torch.randn(w.shape, generator=g) for g in generators]).to(w.device, w.dtype)
             params[n] = w + self.config.init_noise * w.std() * noise
         return params
 
-    def misdirect(self, x: Tensor, ref: Reference) -> dict[str, Tensor] | None:
-        """Optimise the clone for one query; the outputs of its best feasible iterate, None if none.
+    def misdirect(self, x: Tensor, ref: Reference) -> dict[str, Tensor]:
+        """Optimise every query's clone; the outputs of each one's best feasible iterate (``KEPT``), with
+        ``found`` False where a query had none, and ``steps``, the steps each query ran.
 
         SGD with momentum (the talk's solver) that stays in the feasible region: a step that lands
-        on an infeasible iterate is undone, the momentum is dropped and the step size halved.
+        on an infeasible iterate is undone, that query's momentum is dropped and its step size
+        halved. With ``patience`` > 0 a query stops once it has a feasible iterate and its best
+        L_orth has not improved by ``min_improvement`` for ``patience`` steps; stopped queries leave
+        the batch, so the rest run on a smaller one.
         """
         c = self.config
+        n = len(x)
         params = self.initial_params(x)
-        anchor, lr = dict(params), c.lr
-        velocity = {n: torch.zeros_like(p) for n, p in params.items()}
-        step = grad(self.objective, has_aux=True)
-        best: dict[str, Tensor] | None = None
+        victim = self.victim_params()
+        low = {m: LowRankWeight(victim[f"{m}.weight"], n, c.steps) for m in self.low_rank}
+        anchor, velocity = dict(params), {k: torch.zeros_like(p) for k, p in params.items()}
+        lr = x.new_full((n,), c.lr)
+        rows = torch.arange(n, device=x.device)  # the query each row of the running batch belongs to
+        stall = torch.zeros(n, dtype=torch.long, device=x.device)
+        best = {"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))}
+        step = grad(self.objective, argnums=(0, 1), has_aux=True)
         for t in range(c.steps + 1):
+            factors = {f"{m}.{k}": v for m, w in low.items() for k, v in zip(("delta_u", "delta_v"), w.factors())}
+            taps = {m: x.new_zeros(len(x), w.q.shape[1]) for m, w in low.items()}
             if t < c.steps:
-                grads, out = step(params, x, ref)
+                (grads, tap_grads), out = step(params, taps, x, ref, factors)
             else:
-                out = self.objective(params, x, ref)[1]
-            if t > 0 and not bool(out["feasible"]):  # back to the last feasible iterate, smaller steps
-                params, lr = dict(anchor), lr / 2
-                velocity = {n: torch.zeros_like(p) for n, p in params.items()}
-                continue
-            if t > 0 and (best is None or bool(out["l_orth"] < best["l_orth"])):  # t = 0 is (nearly) the victim
-                best = out
+                out = self.objective(params, taps, x, ref, factors)[1]
+            if t == 0:  # the start is (nearly) the victim: never answered, never undone
+                infeasible = torch.zeros_like(out["feasible"])
+            else:
+                infeasible = ~out["feasible"]
+                previous = best["l_orth"][rows]
+                better = out["feasible"] & (out["l_orth"] < previous)
+                _keep_best(best, rows[better], {k: out[k][better] for k in KEPT})
+                stall = torch.where(out["feasible"] & (out["l_orth"] < previous - c.min_improvement), 0, stall + 1)
             if t == c.steps:
                 break
-            anchor = dict(params)
-            if c.normalise_steps:
-                grads = relative_steps(grads, params)
-            for n in params:
-                velocity[n] = c.momentum * velocity[n] + grads[n]
-                params[n] = params[n] - lr * velocity[n]
+            for m, w in low.items():  # G_t = [∂L/∂z, g_z][a, ∂L/∂g_a]ᵀ; ∂L/∂z is the per-query bias's gradient
+                map_grad_out, inputs = out["factors"][m]
+                g_norm = w.record(grads[f"{m}.bias"], inputs, map_grad_out, tap_grads[m])
+                scale = w.norm() / (g_norm + 1e-12) if c.normalise_steps else torch.ones_like(g_norm)
+                w.step(~infeasible, lr, c.momentum, scale)
+            grads = relative_steps(grads, params) if c.normalise_steps else grads
+            ok = _rows_like(~infeasible)
+            for k in params:  # feasible rows step from here; infeasible ones go back to their anchor
+                velocity[k] = torch.where(ok(velocity[k]), c.momentum * velocity[k] + grads[k], 0.0)
+                anchor[k] = torch.where(ok(params[k]), params[k], anchor[k])
+                params[k] = anchor[k] - lr.view(ok(params[k]).shape) * velocity[k]
+            lr = torch.where(infeasible, lr / 2, lr)
+            if c.patience:
+                done = (stall >= c.patience) & torch.isfinite(best["l_orth"][rows])
+                if bool(done.any()):
+                    best["steps"][rows[done]] = float(t + 1)
+                    keep = ~done
+                    if not bool(keep.any()):
+                        break
+                    rows, x, lr, stall = rows[keep], x[keep], lr[keep], stall[keep]
+                    ref = tree_map(lambda field, keep=keep: field[keep], ref)
+                    params, anchor, velocity = ({k: v[keep] for k, v in d.items()} for d in (params, anchor, velocity))
+                    for w in low.values():
+                        w.select(keep)
+        best["found"] = torch.isfinite(best["l_orth"])
         return best
 
     # -- answers -------------------------------------------------------------------------------------
-    def answer_one(self, x: Tensor, *, explain: bool = True) -> Answer:
-        """The answer to one query (C, H, W) from its misdirection model, or the safe answer."""
+    def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
+        """Answers for queries x (B, C, H, W), optimised ``batch_size`` at a time.
+
+        Faults stay with their query: if a batch's optimisation raises, its queries are answered
+        one by one, and a query whose own optimisation raises gets the safe answer.
+        """
+        answers: list[Answer] = []
+        for chunk in x.split(self.config.batch_size):
+            try:
+                answers += self._answer_batch(chunk, explain)
+            except Exception:
+                if len(chunk) == 1:
+                    raise
+                logger.exception("misdirection failed on a batch of %d; answering its queries one by one", len(chunk))
+                for xi in chunk:
+                    answers += self._answer_batch(xi.unsqueeze(0), explain)
+        return answers
+
+    def _answer_batch(self, x: Tensor, explain: bool) -> list[Answer]:
         started = time.perf_counter()
         ref = self.reference(x)
-        best = self.misdirect(x, ref)
-        if best is not None:
-            probs, attribution = best["probs"], best["attribution"]
-            stats = {k: float(best[k]) for k in ("loss", "l_orth", "cos_bottom", "cos_top", "l_pred", "l_int")}
+        try:
+            best: dict[str, Tensor] | None = self.misdirect(x, ref)
+        except Exception:
+            if len(x) > 1:
+                raise
+            logger.exception("misdirection failed on one query; answering with the safe answer")
+            best = None
+        seconds = (time.perf_counter() - started) / len(x)
+        return [self._compose(i, ref, best, seconds, explain) for i in range(len(x))]
+
+    def _compose(self, i: int, ref: Reference, best: dict[str, Tensor] | None, seconds: float, explain: bool) -> Answer:
+        """Query i's answer: its best iterate's outputs, or the safe answer; the mode picks which to show."""
+        found = best is not None and bool(best["found"][i])
+        if found:
+            probs, attribution = best["probs"][i], best["attribution"][i]
+            stats = {k: float(best[k][i]) for k in KEPT if k not in ("probs", "attribution")}
         else:
-            probs, attribution = safe_answer(ref.probs, ref.attribution, self.config.top_k)
+            probs, attribution = safe_answer(ref.probs[i], ref.attribution[i], self.config.top_k)
             stats = {}
         if self.mode == "dd-s":
-            attribution = ref.attribution
+            attribution = ref.attribution[i]
         elif self.mode == "dd-i":
-            probs = ref.probs
-        stats.update({"steps": float(self.config.steps), "optimisation_seconds": time.perf_counter() - started})
-        return Answer(label=int(ref.top_k[0]), probabilities=probs, attribution=attribution if explain else None,
-                      fallback=best is None, stats=stats)
+            probs = ref.probs[i]
+        steps = float(best["steps"][i]) if best is not None else 0.0
+        stats.update({"steps": steps, "optimisation_seconds": seconds})
+        return Answer(label=int(ref.top_k[i, 0]), probabilities=probs, attribution=attribution if explain else None,
+                      fallback=not found, stats=stats)
 
-    def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
-        return [self.answer_one(xi, explain=explain) for xi in x]
+
+def _keep_best(best: dict[str, Tensor], rows: Tensor, values: Mapping[str, Tensor]) -> None:
+    """Write the values of the given queries into the per-query record ``best`` (allocated on first use)."""
+    for k, v in values.items():
+        if k not in best:
+            best[k] = v.new_zeros((len(best["steps"]), *v.shape[1:]))
+        best[k][rows] = v
+
+
+def _rows_like(mask: Tensor):
+    """mask (B,) shaped to broadcast against a (B, ...) tensor."""
+    return lambda t: mask.view(-1, *([1] * (t.dim() - 1)))
 
 
 def relative_steps(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Each gradient rescaled to the norm of its weight tensor, so ``lr`` is a relative step size.
+    """Each query's gradient of each tensor rescaled to that query's weight norm: ``lr`` is a relative step size.
 
     The map is far more sensitive to some weights than L_orth is, so raw gradients differ by
     orders of magnitude between the loss terms and layers; equal relative steps keep every
     selected layer moving and no single step can wreck the map.
     """
-    return {n: g * (params[n].norm() / (g.norm() + 1e-12)) for n, g in grads.items()}
+    out = {}
+    for n, g in grads.items():
+        shape = (-1, *([1] * (g.dim() - 1)))
+        scale = params[n].flatten(1).norm(dim=1) / (g.flatten(1).norm(dim=1) + 1e-12)
+        out[n] = g * scale.view(shape)
+    return out
 
 
 def query_seed(x: Tensor, seed: int) -> int:
     """A 63-bit seed from the query's bytes and the engine's seed."""
     digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little"))
     return int.from_bytes(digest.digest(), "little") >> 1
-
-
-def _flat(tensors: Mapping[str, Tensor], names: list[str]) -> Tensor:
-    if not names:
-        return next(iter(tensors.values())).new_zeros(0)
-    return torch.cat([tensors[n].reshape(-1) for n in names])

@@ -13,9 +13,9 @@ _EPS = 1e-12
 _BIG = 1e4  # beyond any normalised map value: the neutral start of a min / max
 
 
-def abs_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """|cos∠(a, b)| of two flat vectors (0 when either is the zero vector)."""
-    return (a * b).sum().abs() / (a.norm() * b.norm() + _EPS)
+def abs_cosine(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
+    """|cos∠(a, b)| from ⟨a, b⟩, ‖a‖ and ‖b‖ (0 when either is the zero vector)."""
+    return dot.abs() / (norm_a * norm_b + _EPS)
 
 
 def orth_loss(cos_bottom: Tensor, cos_top: Tensor, alpha: float) -> Tensor:

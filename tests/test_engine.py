@@ -67,14 +67,10 @@ def test_answer_is_not_the_victims_raw_output(engine: DeepDefense) -> None:
 
 
 def _nan_everywhere(engine: DeepDefense) -> DeepDefense:
+    """An engine whose clones start from NaN weights: every iterate is non-finite, none may be answered."""
     broken = DeepDefense(engine.model, engine.interpreter, sensitivity={"net.features.conv2": 1.0})
-    objective = broken.objective
-
-    def poisoned(params: dict, x: torch.Tensor, ref: object) -> tuple:
-        loss, out = objective(params, x, ref)
-        return loss * float("nan"), {**out, "feasible": out["feasible"] & torch.isfinite(loss * float("nan"))}
-
-    broken.objective = poisoned
+    start = broken.initial_params
+    broken.initial_params = lambda x: {n: torch.full_like(p, torch.nan) for n, p in start(x).items()}
     return broken
 
 

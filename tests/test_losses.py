@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from defense.losses import (
-    abs_cosine, attribution_order, dd_loss, huber, int_loss, orth_loss, pred_loss, topk_preserved,
+    abs_cosine,
+    attribution_order,
+    dd_loss,
+    huber,
+    int_loss,
+    orth_loss,
+    pred_loss,
+    topk_preserved,
 )
 from defense.sensitivity import select_layers
 
@@ -70,11 +77,16 @@ def test_eq7_orders_tie_groups_not_pixels() -> None:
     assert int_loss(above, order, groups, gaps, 0.3).item() == pytest.approx(0.5 * 0.2**2, rel=1e-6)
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return abs_cosine((a * b).sum(), a.norm(), b.norm())
+
+
 def test_eq5_weights_the_two_cosines() -> None:
     g = torch.tensor([1.0, 0.0])
-    assert abs_cosine(g, torch.tensor([0.0, 2.0])).item() == pytest.approx(0.0)
-    assert abs_cosine(g, torch.tensor([-3.0, 0.0])).item() == pytest.approx(1.0)
-    cos_bottom, cos_top = abs_cosine(g, torch.tensor([1.0, 1.0])), abs_cosine(g, torch.tensor([0.0, 1.0]))
+    assert _cos(g, torch.tensor([0.0, 2.0])).item() == pytest.approx(0.0)
+    assert _cos(g, torch.tensor([-3.0, 0.0])).item() == pytest.approx(1.0)
+    assert _cos(g, torch.zeros(2)).item() == 0.0
+    cos_bottom, cos_top = _cos(g, torch.tensor([1.0, 1.0])), _cos(g, torch.tensor([0.0, 1.0]))
     assert orth_loss(cos_bottom, cos_top, alpha=0.25).item() == pytest.approx(0.25 * 2**-0.5)
 
 

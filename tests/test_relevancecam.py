@@ -71,7 +71,7 @@ def test_registered_by_name() -> None:
 def test_lenet_map_is_a_normalised_heatmap() -> None:
     model = _lenet()
     interp = create_interpreter("relevancecam", model, (1, 28, 28))
-    _check_map(interp.explain(dict(model.named_parameters()), torch.rand(1, 1, 28, 28), 3).attribution, (28, 28))
+    _check_map(interp.explain(dict(model.named_parameters()), torch.rand(1, 1, 28, 28), 3).attribution[0], (28, 28))
 
 
 def test_shipped_lenet_checkpoint() -> None:
@@ -80,7 +80,7 @@ def test_shipped_lenet_checkpoint() -> None:
     interp = create_interpreter("relevancecam", model, tuple(meta.input_shape))
     x = torch.rand(1, *meta.input_shape)
     y = int(model(x).argmax())
-    _check_map(interp.explain(dict(model.named_parameters()), x, y).attribution, (28, 28))
+    _check_map(interp.explain(dict(model.named_parameters()), x, y).attribution[0], (28, 28))
 
 
 def test_hand_derived_tiny_net() -> None:
@@ -104,7 +104,7 @@ def test_hand_derived_tiny_net() -> None:
     torch.testing.assert_close(relevance[0, 1], x[0, 0] * (7 / 54), atol=1e-6, rtol=1e-5)
     alpha = interp.channel_weights(activation, torch.zeros(()), relevance)
     torch.testing.assert_close(alpha, torch.tensor([[-4 / 9, 7 / 9]]), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(interp.explain(params, x, 2).attribution, x[0, 0] / 3, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(interp.explain(params, x, 2).attribution[0], x[0, 0] / 3, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("build", [lambda: Tiny(kernel=3, channels=8, classes=K), _lenet], ids=["tiny", "lenet"])
@@ -178,7 +178,7 @@ def test_probe_trace_is_backwards_compatible() -> None:
 def test_resnet_with_residual_blocks_on_top_gives_a_map() -> None:
     model = _residual("resnet18", "layer3", (3, 64, 64))
     interp = create_interpreter("relevancecam", model, (3, 64, 64))
-    attribution = interp.explain(dict(model.named_parameters()), torch.rand(1, 3, 64, 64), 1).attribution
+    attribution = interp.explain(dict(model.named_parameters()), torch.rand(1, 3, 64, 64), 1).attribution[0]
     _check_map(attribution, (64, 64))
     assert attribution.std() > 1e-3
 
@@ -196,9 +196,9 @@ def test_weights_come_from_params() -> None:
         for p in clone.net.classifier.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.rand(1, 1, 28, 28)
-    via_params = RelevanceCAM(victim, (1, 28, 28)).explain(dict(clone.named_parameters()), x, 4).attribution
-    direct = RelevanceCAM(clone, (1, 28, 28)).explain(dict(clone.named_parameters()), x, 4).attribution
-    own = RelevanceCAM(victim, (1, 28, 28)).explain(dict(victim.named_parameters()), x, 4).attribution
+    via_params = RelevanceCAM(victim, (1, 28, 28)).explain(dict(clone.named_parameters()), x, 4).attribution[0]
+    direct = RelevanceCAM(clone, (1, 28, 28)).explain(dict(clone.named_parameters()), x, 4).attribution[0]
+    own = RelevanceCAM(victim, (1, 28, 28)).explain(dict(victim.named_parameters()), x, 4).attribution[0]
     torch.testing.assert_close(via_params, direct, atol=1e-6, rtol=1e-5)
     assert (via_params - own).abs().max() > 1e-3
 
@@ -208,7 +208,7 @@ def test_map_is_differentiable_in_params() -> None:
     interp = RelevanceCAM(model, (1, 28, 28))
     params = {n: p.detach() for n, p in model.named_parameters()}
     x = torch.rand(1, 1, 28, 28)
-    grads = grad(lambda p: interp.explain(p, x, 7 % K).attribution.sum())(params)
+    grads = grad(lambda p: interp.explain(p, x, 7 % K).attribution[0].sum())(params)
     for name in ("net.classifier.fc1.weight", "net.classifier.fc2.weight", "net.features.conv2.weight"):
         assert torch.isfinite(grads[name]).all()
         assert grads[name].abs().sum() > 0
@@ -221,7 +221,7 @@ def test_gradient_matches_finite_differences() -> None:
     model.double()
     params = {n: p.detach() for n, p in model.named_parameters()}
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
-    loss = lambda p: (interp.explain(p, x, 2).attribution * torch.linspace(0, 1, 64, dtype=x.dtype).view(8, 8)).sum()  # noqa: E731
+    loss = lambda p: (interp.explain(p, x, 2).attribution[0] * torch.linspace(0, 1, 64, dtype=x.dtype).view(8, 8)).sum()  # noqa: E731
     direction = {n: torch.randn_like(p) for n, p in params.items()}
     analytic = sum((g * direction[n]).sum() for n, g in grad(loss)(params).items())
     h = 1e-6
@@ -235,6 +235,6 @@ def test_vmap_matches_loop() -> None:
     interp = RelevanceCAM(model, (1, 28, 28))
     params = dict(model.named_parameters())
     xs, ys = torch.rand(3, 1, 1, 28, 28), torch.tensor([0, 3, 4])
-    batched = vmap(lambda x, y: interp.explain(params, x, y).attribution)(xs, ys)
-    looped = torch.stack([interp.explain(params, x, int(y)).attribution for x, y in zip(xs, ys)])
+    batched = vmap(lambda x, y: interp.explain(params, x, y).attribution[0])(xs, ys)
+    looped = torch.stack([interp.explain(params, x, int(y)).attribution[0] for x, y in zip(xs, ys)])
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=0)

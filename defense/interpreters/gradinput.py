@@ -15,4 +15,4 @@ class GradientInput(Interpreter):
 
     def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor,
              extra: Tensor) -> Tensor:
-        return (x * grad_x).sum(dim=1)[0]
+        return (x * grad_x).sum(dim=1)

@@ -49,7 +49,8 @@ def contrastive_output_relevance(logits: Tensor, y: Tensor | int) -> Tensor:
     relevance, so one propagation of e_y − d gives that difference.
     """
     k = logits.shape[-1]
-    target = (torch.arange(k, device=logits.device) == torch.as_tensor(y, device=logits.device)).to(logits.dtype)
+    classes = torch.as_tensor(y, device=logits.device).reshape(-1, 1)
+    target = (torch.arange(k, device=logits.device) == classes).to(logits.dtype)
     return (target - (1 - target) / k).expand_as(logits)
 
 

@@ -48,8 +48,15 @@ from torchvision.models.resnet import BasicBlock
 
 from models.wide_resnet import _Block as WideBlock
 
+from ..per_query import conv2d, linear
 from .base import CAM
-from .lrp import contrastive_output_relevance, split_sum, winner_take_all, z_plus_rule, z_rule
+from .lrp import (
+    contrastive_output_relevance,
+    split_sum,
+    winner_take_all,
+    z_plus_rule,
+    z_rule,
+)
 from .probe import Probe, TraceEntry
 
 Params = dict[str, Tensor]
@@ -114,11 +121,11 @@ def _bn_affine(entry: TraceEntry, params: Params) -> tuple[Tensor, Tensor]:
 
 
 def _conv(m: nn.Conv2d) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda t, w: F.conv2d(t, w, None, m.stride, m.padding, m.dilation, m.groups)
+    return lambda t, w: conv2d(t, w, None, m, getattr(m, "conv_impl", "unfold"))
 
 
 def _linear_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
-    return z_plus_rule(lambda t, w: F.linear(t, w), entry.input, _tensor(entry, "weight", params), relevance)
+    return z_plus_rule(lambda t, w: linear(t, w), entry.input, _tensor(entry, "weight", params), relevance)
 
 
 def _conv_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
@@ -171,7 +178,7 @@ LEAF_RULES: dict[type[nn.Module], Callable[[TraceEntry, Tensor, Params], Tensor]
 
 
 def _leaf_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
-    rule = LEAF_RULES.get(type(entry.module))
+    rule = next((LEAF_RULES[t] for t in type(entry.module).__mro__ if t in LEAF_RULES), None)  # per-query subclasses too
     if rule is None:
         raise TypeError(f"Relevance-CAM has no LRP rule for {entry.name!r} ({type(entry.module).__name__})")
     return rule(entry, relevance, params)
@@ -181,9 +188,8 @@ def _recompute(entry: TraceEntry, params: Params) -> Tensor:
     """The output of a branch's last layer, recomputed: the recorded one may have been changed in place."""
     m = entry.module
     if isinstance(m, nn.Conv2d):
-        return _conv(m)(entry.input, _tensor(entry, "weight", params)) + (
-            0 if m.bias is None else _tensor(entry, "bias", params)[:, None, None]
-        )
+        bias = None if m.bias is None else _tensor(entry, "bias", params)
+        return conv2d(entry.input, _tensor(entry, "weight", params), bias, m, getattr(m, "conv_impl", "unfold"))
     if isinstance(m, nn.BatchNorm2d):
         scale, shift = _bn_affine(entry, params)
         return entry.input * scale + shift
@@ -247,6 +253,7 @@ def _check_cam_layer(model: nn.Module, layer: str) -> None:
 class RelevanceCAM(CAM):
     name = "relevancecam"
     needs_trace = True
+    linear_in_weights = False
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         _check_cam_layer(model, model.cam_layer)
