@@ -1,16 +1,20 @@
 """Micro-batching: concurrent requests share one ``Defense.answer`` call, run off the event loop.
 
 Requests put their instances on a bounded queue (counted in instances). Admission control refuses
-a request at once with :class:`QueueFull` when its instances do not fit, or when the queue is not
-empty and the expected wait (instances ahead × a moving average of model seconds per instance)
-exceeds ``max_queue_wait``: overload becomes an immediate 503 with a ``Retry-After`` computed from
-the backlog, not a pile of requests that time out. One worker coroutine takes the oldest
-instance, gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at most
-``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is used
-by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's failure
-from failing the others. A request waits at most ``timeout`` seconds in all
-(:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away
-and the request was cancelled) are dropped without being computed.
+a request at once with :class:`QueueFull` when its instances do not fit, or — unless the server is
+idle — when its expected latency exceeds ``max_latency``: overload becomes an immediate 503 with a
+``Retry-After`` computed from the backlog, not a pile of requests that time out. The expected
+latency is the micro-batch on the model thread, the queue ahead, and the whole micro-batch the
+request will ride in (FIFO, ``max_batch`` instances), at the measured model seconds per instance:
+a moving average that rises at once with a slower batch and falls slowly, seeded by the warm-up
+query. A queue whose oldest instance has already waited ``max_latency`` refuses too, whatever the
+estimate says. One worker coroutine takes the oldest instance, gathers up to ``max_batch``
+instances with the same ``explain`` flag, waiting at most ``max_wait`` seconds for more, and hands
+the batch to a single worker thread, so the model is used by one thread at a time; there
+:func:`server.isolation.answer_isolated` keeps one query's failure from failing the others. A
+request waits at most ``timeout`` seconds in all (:class:`RequestTimeout`); instances of a request
+that gave up (timeout, or the client went away and the request was cancelled) are dropped without
+being computed.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class DefenseFailed(Exception):
         self.reason = reason
 
 
-#: Weight of the newest micro-batch in the moving average of seconds per instance.
+#: Weight of a faster micro-batch in the moving average of seconds per instance (a slower one counts at once).
 _COST_SMOOTHING = 0.3
 #: The longest Retry-After the server asks for, in seconds.
 _MAX_RETRY_AFTER = 60
@@ -73,7 +77,7 @@ class MicroBatcher:
     """Collects instances into micro-batches and answers them with ``defense.answer``."""
 
     def __init__(self, defense: Defense, metrics: ServerMetrics, *, device: torch.device, num_classes: int,
-                 max_batch: int, max_wait: float, capacity: int, timeout: float, max_queue_wait: float,
+                 max_batch: int, max_wait: float, capacity: int, timeout: float, max_latency: float,
                  retry_after: int) -> None:
         self.defense = defense
         self.metrics = metrics
@@ -83,7 +87,7 @@ class MicroBatcher:
         self.max_wait = max_wait
         self.capacity = capacity
         self.timeout = timeout
-        self.max_queue_wait = max_queue_wait
+        self.max_latency = max_latency
         self.retry_after = retry_after
         self.cost: float | None = None  # moving average of model-thread seconds per instance
         self._running = 0  # instances of the micro-batch on the model thread now
@@ -111,27 +115,44 @@ class MicroBatcher:
 
     async def run_in_worker(self, x: Tensor, *, explain: bool) -> list[Answer]:
         """``defense.answer`` on the model thread, bypassing the queue and the isolation (the
-        warm-up query: a defense that fails it never becomes ready)."""
+        warm-up query: a defense that fails it never becomes ready); it seeds the cost estimate."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._answer, x, explain)
+        started = time.perf_counter()
+        answers = await loop.run_in_executor(self._executor, self._answer, x, explain)
+        self._observe_cost(time.perf_counter() - started, len(x))
+        return answers
 
-    def expected_wait(self, instances: int = 0) -> float:
-        """Seconds until ``instances`` more would be answered, by the moving average (0 before any)."""
-        return (len(self._queue) + self._running + instances) * (self.cost or 0.0)
+    def expected_latency(self, instances: int) -> float:
+        """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
+        on the model thread, the queue ahead, and the rest of the micro-batches it rides in (0
+        before any measurement)."""
+        batches = math.ceil((len(self._queue) + instances) / self.max_batch)
+        return (self._running + batches * self.max_batch) * (self.cost or 0.0)
 
     def _admit(self, instances: int) -> None:
-        """Raise :class:`QueueFull` when the request's instances do not fit or would wait too long."""
+        """Raise :class:`QueueFull` when the request's instances do not fit or would be late."""
         cost = self.cost or 0.0
+        busy = self._live() or self._running > 0
+        oldest = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
         if len(self._queue) + instances > self.capacity:
             reason, wait = "queue_full", (len(self._queue) + instances - self.capacity) * cost
-        elif (self._queue or self._running) and self.expected_wait(instances) > self.max_queue_wait:
+        elif busy and (self.expected_latency(instances) > self.max_latency or oldest > self.max_latency):
             # an idle server takes any request that fits, however long it will take
-            reason, wait = "overloaded", self.expected_wait(instances) - self.max_queue_wait
+            reason, wait = "overloaded", self.expected_latency(instances) - self.max_latency
         else:
             return
         self.metrics.rejected.labels(reason).inc()
         # Retry-After: when the backlog will have shrunk enough to admit the request
         raise QueueFull(reason, min(max(self.retry_after, math.ceil(wait)), _MAX_RETRY_AFTER))
+
+    def _observe_cost(self, seconds: float, instances: int) -> None:
+        """Update the seconds per instance: up at once, down by a moving average."""
+        per_instance = seconds / instances
+        if self.cost is None or per_instance > self.cost:
+            self.cost = per_instance
+        else:
+            self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
+        self.metrics.instance_cost.set(self.cost)
 
     async def submit(self, x: Tensor, *, explain: bool) -> list[Answer]:
         """Answers for a (B, C, H, W) batch, in order; raises QueueFull, RequestTimeout or
@@ -176,10 +197,7 @@ class MicroBatcher:
         results = await loop.run_in_executor(self._executor, self._answer_isolated, x, batch[0].explain)
         elapsed = time.perf_counter() - started
         self.metrics.inference.observe(elapsed)
-        per_instance = elapsed / len(batch)
-        self.cost = per_instance if self.cost is None else (
-            (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance)
-        self.metrics.instance_cost.set(self.cost)
+        self._observe_cost(elapsed, len(batch))
         self._settle(batch, results)
 
     def _settle(self, batch: list[_Item], results: list[Answer | Failure]) -> None:

@@ -99,7 +99,7 @@ class Runtime:
             self.batcher = MicroBatcher(self.defense, self.metrics, device=self.device,
                                         num_classes=self.meta.num_classes, max_batch=s.max_batch_size,
                                         max_wait=s.max_batch_wait_ms / 1000, capacity=s.queue_size,
-                                        timeout=s.request_timeout_s, max_queue_wait=s.max_queue_wait_s,
+                                        timeout=s.request_timeout_s, max_latency=s.max_expected_latency_s,
                                         retry_after=s.retry_after_s)
             self.batcher.start()
             if s.warmup:

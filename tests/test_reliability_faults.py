@@ -43,7 +43,7 @@ async def submit_together(defense: FaultyDefense, queries: list[torch.Tensor], *
     """Submit one-instance requests at the same moment, so that they share one micro-batch."""
     metrics = ServerMetrics(model="lenet-mnist", defense=defense.name, interpreter="gradcam", device="cpu")
     batcher = MicroBatcher(defense, metrics, device=torch.device("cpu"), num_classes=10, max_batch=len(queries),
-                           max_wait=5.0, capacity=64, timeout=30.0, max_queue_wait=30.0, retry_after=1, **options)
+                           max_wait=5.0, capacity=64, timeout=30.0, max_latency=30.0, retry_after=1, **options)
     batcher.start()
     try:
         results = await asyncio.gather(*(batcher.submit(q.unsqueeze(0), explain=True) for q in queries),

@@ -43,7 +43,7 @@ def test_concurrent_requests_never_touch_the_victim(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = victim(images).argmax(1).tolist()
     settings = make_settings(tmp_path, defense=defense.name, max_batch_size=8, max_batch_wait_ms=2,
-                             queue_size=REQUESTS, request_timeout_s=600)
+                             queue_size=REQUESTS, request_timeout_s=600, max_expected_latency_s=600)
     with serving(create_app(settings, defense)) as client, ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(
             lambda x: client.post("/predict", json={"instances": [{"pixels": x.tolist()}], "explain": True}), images))

@@ -1,0 +1,89 @@
+"""Admission control, step by step: the expected latency of a new request counts the micro-batch on
+the model thread, the queue ahead and its own whole micro-batch; an idle server admits anything
+that fits; an old queue refuses whatever the estimate; the cost estimate rises at once and falls
+slowly; the warm-up seeds it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_support import SlowDefense
+from test_server_api import _no_server_env, make_settings, serving, victim  # noqa: F401
+
+from server.app import create_app
+from server.batcher import MicroBatcher, QueueFull, _Item
+from server.metrics import ServerMetrics
+
+
+def batcher() -> MicroBatcher:
+    """A batcher that is never started: its admission state is set by hand."""
+    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+    return MicroBatcher(None, metrics, device=torch.device("cpu"), num_classes=10,  # type: ignore[arg-type]
+                        max_batch=8, max_wait=0.0, capacity=64, timeout=30.0, max_latency=10.0, retry_after=1)
+
+
+def queue(b: MicroBatcher, n: int, age: float = 0.0) -> None:
+    loop = asyncio.new_event_loop()
+    for _ in range(n):
+        b._queue.append(_Item(torch.zeros(1, 28, 28), True, loop.create_future(), time.perf_counter() - age))
+    loop.close()
+
+
+def refusal(b: MicroBatcher, instances: int = 1) -> tuple[str, int] | None:
+    try:
+        b._admit(instances)
+    except QueueFull as full:
+        return full.reason, full.retry_after
+    return None
+
+
+def test_the_expected_latency_counts_the_running_batch_the_queue_and_its_own_batch() -> None:
+    b = batcher()
+    b.cost = 1.0
+    assert b.expected_latency(1) == 8.0  # idle: its own batch may fill up to 8
+    b._running = 8
+    assert b.expected_latency(1) == 16.0
+    queue(b, 8)
+    assert b.expected_latency(1) == 24.0  # the full batch ahead, then its own
+
+
+def test_admission_refuses_late_requests_with_a_retry_after_from_the_backlog() -> None:
+    b = batcher()
+    assert refusal(b, 16) is None  # nothing measured, nothing running: only the capacity counts
+    b.cost = 1.0
+    assert refusal(b, 16) is None  # idle: admitted however long it will take
+    b._running = 8
+    assert refusal(b) == ("overloaded", 6)  # 16 s expected, 10 admitted: retry in 6 s
+    b.cost = 0.25
+    assert refusal(b) is None  # 4 s expected
+    queue(b, 60)
+    assert refusal(b, 5) == ("queue_full", 1)
+    assert b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"reason": "overloaded"}) == 1
+    assert b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"reason": "queue_full"}) == 1
+
+
+def test_an_old_queue_refuses_whatever_the_estimate() -> None:
+    b = batcher()
+    b.cost = 0.001  # the estimate says a few milliseconds …
+    queue(b, 1, age=11.0)  # … but the oldest instance has waited 11 s
+    assert refusal(b) is not None and refusal(b)[0] == "overloaded"  # type: ignore[index]
+
+
+def test_the_cost_rises_at_once_and_falls_slowly() -> None:
+    b = batcher()
+    b._observe_cost(8.0, 8)
+    assert b.cost == 1.0
+    b._observe_cost(24.0, 8)
+    assert b.cost == 3.0
+    b._observe_cost(8.0, 8)
+    assert b.cost == pytest.approx(0.7 * 3.0 + 0.3 * 1.0)
+
+
+def test_the_warm_up_seeds_the_cost(tmp_path: Path, victim: torch.nn.Module) -> None:  # noqa: F811
+    app = create_app(make_settings(tmp_path), SlowDefense(victim, 0.05))
+    with serving(app):
+        assert app.state.runtime.batcher.cost >= 0.05
