@@ -23,7 +23,7 @@ from models.data import get_spec, load_split
 from models.train import evaluate
 
 from .attack_losses import AttackLoss
-from .attack_model import build_attack_model, train_attack_model
+from .attack_model import Optimizer, Schedule, build_attack_model, train_attack_model
 from .jbda import collect_jbda
 from .oracle import ModelInfo, Oracle
 from .transfer import TransferSet, TransferStore, collect, fingerprint_digest
@@ -40,11 +40,14 @@ class AttackConfig:
     dataset: str = "fashionmnist"  # the attacker's data set P_A (its training split)
     data_root: str | None = None
     arch: str | None = None  # None: the victim's architecture, as the server reports it
-    epochs: int = 20
+    epochs: int = 60
     batch_size: int = 64  # training batch
     query_batch: int = 16  # images per request
     lr: float = 1e-3
-    lam: float = 1e-3  # λ of eq. (1); chosen on lenet-mnist, undefended, B = 5000 (see clients/README.md)
+    lam: float = 1e-2  # λ of eq. (1); chosen on lenet-mnist, undefended, B = 10,000 (docs/results/attack-tuning.md)
+    optimizer: Optimizer = "adam"
+    schedule: Schedule = "cosine"  # cosine decay of the learning rate to 0 over all steps
+    weight_decay: float = 0.0
     seed: int = 0
     seed_size: int = 150  # JBDA |S_0|
     jbda_step: float = 0.1  # JBDA λ
@@ -72,7 +75,8 @@ def fingerprint(config: AttackConfig, info: ModelInfo) -> dict[str, Any]:
     }
     if config.strategy == "jbda":
         fp["jbda"] = {k: getattr(config, k) for k in ("seed_size", "jbda_step", "rounds", "arch", "loss", "epochs",
-                                                      "batch_size", "lr", "lam")}
+                                                      "batch_size", "lr", "lam", "optimizer", "schedule",
+                                                      "weight_decay")}
     return fp
 
 
@@ -105,7 +109,9 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
         model = fresh_model(seed)
         history = train_attack_model(model, data, loss=config.loss, interpreter=info.interpreter,
                                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                                     lam=config.lam, seed=seed, device=device, progress=progress)
+                                     lam=config.lam, seed=seed, device=device, optimizer=config.optimizer,
+                                     schedule=config.schedule, weight_decay=config.weight_decay,
+                                     progress=progress)
         return model, history
 
     pool = load_split(config.dataset, config.data_root, "train").tensors[0]

@@ -1,12 +1,16 @@
 """The attack model f_A(·; w_A) of DeepDefense §3: built and trained on a transfer set.
 
 Training is seeded end to end (initial weights, batch order, dropout), so a resumed attack trains
-the same substitutes as an uninterrupted one.
+the same substitutes as an uninterrupted one. Defaults (Adam, lr 1e-3, batch 64, cosine decay of
+the learning rate to 0 over all steps, 60 epochs) were chosen on lenet-mnist undefended at
+B = 10,000; docs/results/attack-tuning.md has the runs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,6 +23,11 @@ from models.registry import create_model
 from .attack_losses import AttackLoss, attack_loss
 from .transfer import TransferSet
 
+Optimizer = Literal["adam", "sgd"]
+Schedule = Literal["cosine", "constant"]
+OPTIMIZERS: tuple[Optimizer, ...] = ("adam", "sgd")
+SCHEDULES: tuple[Schedule, ...] = ("cosine", "constant")
+
 
 def build_attack_model(arch: str, num_classes: int, input_shape: Sequence[int], mean: Sequence[float],
                        std: Sequence[float], seed: int) -> Normalized:
@@ -29,13 +38,33 @@ def build_attack_model(arch: str, num_classes: int, input_shape: Sequence[int], 
     return Normalized(net, mean, std)
 
 
+def make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float, weight_decay: float,
+                   schedule: Schedule, total_steps: int) -> tuple[torch.optim.Optimizer,
+                                                                  torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam, or SGD with Nesterov momentum 0.9; with ``cosine`` the learning rate decays to 0 over
+    ``total_steps`` (one step per batch), with ``constant`` it stays at ``lr``."""
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if schedule == "constant":
+        return opt, None
+    raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+
+
 def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss, interpreter: str, epochs: int,
                        batch_size: int, lr: float, lam: float, seed: int, device: torch.device,
+                       optimizer: Optimizer = "adam", schedule: Schedule = "cosine", weight_decay: float = 0.0,
                        progress: bool = True) -> list[float]:
-    """Adam on the attack loss for ``epochs`` passes over ``data``; the mean loss of every epoch."""
+    """``optimizer`` on the attack loss for ``epochs`` passes over ``data``; the mean loss of every epoch."""
     model.to(device).train()
     explainer = create_interpreter(interpreter, model, tuple(data.images.shape[1:]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    opt, scheduler = make_optimizer(model, optimizer, lr, weight_decay, schedule,
+                                    epochs * math.ceil(len(data) / batch_size))
     generator = torch.Generator().manual_seed(seed)
     maps = data.attributions
     history: list[float] = []
@@ -50,12 +79,13 @@ def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss,
                 value = attack_loss(loss, model, explainer, data.images[idx].to(device), data.labels[idx].to(device),
                                     data.probabilities[idx].to(device),
                                     maps[idx].to(device) if maps is not None else None, lam)
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 value.backward()
-                optimizer.step()
+                opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 total += float(value.detach()) * len(idx)
                 bar.set_postfix(loss=f"{float(value.detach()):.4f}")
             history.append(total / len(data))
     model.eval()
     return history
-
