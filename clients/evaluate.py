@@ -1,0 +1,359 @@
+"""The evaluation harness (``deepdefense eval``): the experiments of DeepDefense §5 end to end.
+
+For every *arm* — a defense with its options, answered in-process (``LocalOracle`` over
+``defense.loader.load_defense``: the ``Defense.answer`` the server's micro-batcher calls), by a
+server this harness starts on loopback, or by a running server (``--url``) — the harness
+
+1. collects one transfer set of the arm's largest budget from the attacker's data set (random
+   sampling, Knockoff Nets; the store of :mod:`clients.transfer`, shared with ``deepdefense
+   attack``: resumable, never re-sends a stored query); every smaller budget is a prefix of it and
+   every attack loss trains on it;
+2. trains an attack model per (loss, budget) and measures its test accuracy on the victim's test
+   set (Figure 2, Tables 3–5) and its fidelity R_test / R_unif to the victim (:mod:`clients.agreement`);
+3. times ``runtime_n`` test queries (ms/query; mean L_orth and fallbacks when in-process, Table 3);
+4. for the arms named in ``avg_drop``, queries the first ``n_maps`` test images (stored the same
+   way) and compares the Average Drop of the victim's and the answered maps (Table 2,
+   :mod:`clients.average_drop`), keeping a few for Figure 3.
+
+Every training result is cached under ``<out>/runs/<digest>.json`` keyed by everything that
+determines it (the transfer set's fingerprint, the budget, the loss, the training recipe, the test
+images), so a rerun skips finished work and an interrupted one loses at most the training under way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from defense import ENGINE_MODES, NoDefense
+from defense.interpreters import create_interpreter
+from models.checkpoint import load_checkpoint
+from models.data import get_spec, load_split
+from models.train import evaluate
+
+from . import agreement, average_drop
+from .attack import AttackConfig, fingerprint, sample_queries
+from .attack_losses import ATTACK_LOSSES, AttackLoss
+from .attack_model import Optimizer, Schedule, build_attack_model, train_attack_model
+from .oracle import HttpOracle, LocalOracle, ModelInfo, Oracle, local_info
+from .transfer import TransferSet, TransferStore, collect, fingerprint_digest
+
+_ATTACK = AttackConfig()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that shapes an evaluation run (defaults: the paper's MNIST experiments)."""
+
+    checkpoint: str = "lenet-mnist"
+    interpreter: str = "gradcam"
+    defenses: tuple[str, ...] = ("none", "pp", "deepdefense", "dd-s", "dd-i")
+    losses: tuple[AttackLoss, ...] = ATTACK_LOSSES
+    budgets: tuple[int, ...] = (2500, 5000, 7500, 10_000)
+    cs: tuple[float, ...] = (50.0, 70.0, 90.0)  # Table 3 (DeepDefense arms, when 'deepdefense' is evaluated)
+    top_k: tuple[int, ...] = (1, 3)  # Table 4
+    ablation_budget: int | None = None  # B of the Table 3/4 arms (None: the largest budget)
+    ablation_losses: tuple[AttackLoss, ...] = ("explanations",)
+    avg_drop: tuple[str, ...] = ("deepdefense",)  # arms whose maps are compared with the victim's (Table 2)
+    attacker_dataset: str = _ATTACK.dataset
+    data_root: str | None = None
+    epochs: int = _ATTACK.epochs
+    batch_size: int = _ATTACK.batch_size
+    lr: float = _ATTACK.lr
+    lam: float = _ATTACK.lam
+    optimizer: Optimizer = _ATTACK.optimizer
+    schedule: Schedule = _ATTACK.schedule
+    weight_decay: float = _ATTACK.weight_decay
+    query_batch: int = _ATTACK.query_batch
+    seed: int = 0
+    test_n: int | None = None  # first n victim test images for accuracy and R_test (None: all)
+    n_unif: int = 10_000  # |U| of R_unif (the talk's value)
+    n_maps: int = 1000  # test images of Table 2
+    p: float = 15.0  # Average Drop keeps the top p% of each map
+    n_figure: int = 6  # rows of Figure 3
+    runtime_n: int = 100  # test queries timed per arm
+    engine_options: dict[str, Any] = field(default_factory=dict)  # --set, for the engine modes
+    device: str = "cpu"  # attack models, the victim's reference outputs
+    defense_device: str | None = None  # in-process defenses and served ones (None: ``device``)
+    store_root: str = "runs/transfer-sets"
+
+    @property
+    def largest_budget(self) -> int:
+        return max(self.budgets)
+
+    def training(self) -> dict[str, Any]:
+        """The attack-model recipe (part of every cache key)."""
+        return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "lam", "optimizer", "schedule",
+                                              "weight_decay", "seed", "attacker_dataset")}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``…)."""
+
+    key: str
+    defense: str
+    options: dict[str, Any]
+    budget: int
+    losses: tuple[AttackLoss, ...]
+    url: str | None = None  # a running server (None: in-process or started by the harness)
+
+
+def plan_arms(config: EvalConfig) -> list[Arm]:
+    """The main arms (one per defense, every loss, the largest budget) and, when DeepDefense is
+    evaluated, its Table 3 (CS) and Table 4 (top-k) variants at the ablation budget."""
+    engine = {**config.engine_options}
+    arms = [Arm(d, d, engine if d in ENGINE_MODES else {}, config.largest_budget, config.losses)
+            for d in config.defenses]
+    if "deepdefense" in config.defenses:
+        budget = config.ablation_budget or config.largest_budget
+        arms += [Arm(f"deepdefense-cs{cs:g}", "deepdefense", {**engine, "cs": float(cs)}, budget, config.ablation_losses)
+                 for cs in config.cs]
+        arms += [Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, config.ablation_losses)
+                 for k in config.top_k]
+    return arms
+
+
+def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) -> list[Arm]:
+    """Arms answered by running servers: ``KEY=URL`` names the arm, a bare URL is named after the
+    defense it serves. An arm named after its defense is a main arm (largest budget, every loss)."""
+    arms = []
+    for item in urls:
+        named = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", item)
+        url = named.group(2) if named else item
+        with HttpOracle(url, api_key) as oracle:
+            defense = oracle.info().defense
+        key = named.group(1) if named else defense
+        main = key == defense
+        arms.append(Arm(key, defense, {}, config.largest_budget if main else config.ablation_budget or
+                        config.largest_budget, config.losses if main else config.ablation_losses, url=url))
+    if len({a.key for a in arms}) != len(arms):
+        raise ValueError("two servers answer for the same arm; name them KEY=URL")
+    return arms
+
+
+def digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Bench:
+    """What every arm shares: the attacker's pool, the victim's test set and its reference outputs."""
+
+    def __init__(self, config: EvalConfig, out: Path, progress: bool = True) -> None:
+        self.config, self.out, self.progress = config, out, progress
+        self.device = torch.device(config.device)
+        self.victim, self.meta = load_checkpoint(config.checkpoint, device=self.device)
+        self.victim.requires_grad_(False)
+        self.reference = NoDefense(self.victim, create_interpreter(config.interpreter, self.victim,
+                                                                   tuple(self.meta.input_shape)))
+        self.spec = get_spec(config.attacker_dataset)
+        if tuple(self.spec.input_shape) != tuple(self.meta.input_shape):
+            raise ValueError(f"attacker data set {config.attacker_dataset} does not fit the victim's input "
+                             f"{self.meta.input_shape}")
+        self.pool = load_split(config.attacker_dataset, config.data_root, "train").tensors[0]
+        images, labels = load_split(self.meta.dataset, config.data_root, "test").tensors
+        self.all_test = images
+        self.test_images, self.test_labels = images[: config.test_n], labels[: config.test_n]
+        self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
+        self.victim_test = agreement.probabilities(self.victim, self.test_images)
+        self.victim_unif = agreement.probabilities(self.victim, self.unif)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    # -- caching -----------------------------------------------------------------------------------
+    def cached(self, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The record stored under ``key``, or ``make()`` stored there first (atomically)."""
+        path = self.out / "runs" / f"{key}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("cache_key") == key:
+                return record
+        record = {"cache_key": key, **make()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+        return record
+
+    # -- one arm -----------------------------------------------------------------------------------
+    def store(self, info: ModelInfo, strategy: str, dataset: str) -> TransferStore:
+        """The store of this oracle's answers to ``strategy`` queries from ``dataset`` (``random``: the
+        attack's, named and fingerprinted as ``deepdefense attack`` names them; ``test``: test images)."""
+        c = self.config
+        fp = fingerprint(AttackConfig(strategy="random", dataset=dataset, seed=c.seed), info)
+        if strategy != "random":
+            fp = {**fp, "strategy": strategy, "seed": None}
+        name = f"{info.name}-{info.defense}-{strategy}-{dataset}-{fingerprint_digest(fp)}"
+        return TransferStore(Path(c.store_root) / name, fp)
+
+    def transfer_set(self, oracle: Oracle, info: ModelInfo, budget: int) -> tuple[TransferSet, dict[str, Any]]:
+        """Collect (or finish collecting) the arm's transfer set of ``budget`` queries."""
+        c = self.config
+        store = self.store(info, "random", c.attacker_dataset)
+        before = len(store)
+        started = time.perf_counter()
+        sent = collect(oracle, store, self.pool[sample_queries(len(self.pool), budget, c.seed)],
+                       batch_size=c.query_batch, progress=self.progress)
+        seconds = time.perf_counter() - started
+        data = store.load().prefix(budget)
+        if len(data) < budget:
+            raise ValueError(f"transfer set {store.root} holds {len(data)} queries, fewer than B = {budget}")
+        return data, {"store": str(store.root), "fingerprint": fingerprint_digest(store.fingerprint),
+                      "stored_before": before, "queries_sent": sent,
+                      "collect_s": round(seconds, 3), "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None}
+
+    def attack(self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> dict[str, Any]:
+        """Train and test one attack model (cached)."""
+        c = self.config
+        key = digest({"store": store_fp, "budget": budget, "loss": loss, "training": c.training(),
+                      "lam": c.lam if loss == "explanations" else None, "arch": info.arch, "test_n": c.test_n,
+                      "n_unif": c.n_unif, "victim": c.checkpoint})
+
+        def make() -> dict[str, Any]:
+            model = build_attack_model(info.arch, len(info.classes), info.input_shape, self.spec.mean, self.spec.std,
+                                       c.seed)
+            started = time.perf_counter()
+            history = train_attack_model(model, data.prefix(budget), loss=loss, interpreter=info.interpreter,
+                                         epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, lam=c.lam, seed=c.seed,
+                                         device=self.device, optimizer=c.optimizer, schedule=c.schedule,
+                                         weight_decay=c.weight_decay, progress=self.progress)
+            trained = time.perf_counter()
+            accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
+            fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed,
+                                     victim_test=self.victim_test, victim_unif=self.victim_unif)
+            return {"loss": loss, "budget": budget, "accuracy": round(accuracy, 2), **fid.as_dict(),
+                    "epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device),
+                    "lambda": c.lam if loss == "explanations" else None, **c.training()}
+
+        return self.cached(key, make)
+
+    def runtime(self, oracle: Oracle, store_fp: str) -> dict[str, Any]:
+        """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
+        untimed warm-up query (cached); in-process also the engine's mean L_orth, steps and fallbacks."""
+        c = self.config
+        key = digest({"runtime": store_fp, "n": c.runtime_n, "batch": c.query_batch})
+
+        def make() -> dict[str, Any]:
+            images = self.all_test[: c.runtime_n]
+            stats: list[dict[str, float]] = []
+            fallbacks = 0
+            oracle.query(images[:1])  # warm-up (first-call allocations), not timed
+            started = time.perf_counter()
+            for x in tqdm(images.split(c.query_batch), desc="runtime", unit="request", disable=not self.progress):
+                if isinstance(oracle, LocalOracle):
+                    answers = oracle.defense.answer(x.to(oracle.device))
+                    stats += [a.stats for a in answers]
+                    fallbacks += sum(int(a.fallback) for a in answers)
+                else:
+                    oracle.query(x)
+            seconds = time.perf_counter() - started
+            record: dict[str, Any] = {"n": len(images), "query_batch": c.query_batch,
+                                      "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
+                                      "in_process": isinstance(oracle, LocalOracle), "host": platform.node()}
+            l_orth = [s["l_orth"] for s in stats if "l_orth" in s]
+            if isinstance(oracle, LocalOracle):
+                record["fallbacks"] = fallbacks
+                record["mean_l_orth"] = round(sum(l_orth) / len(l_orth), 4) if l_orth else None
+                steps = [s["steps"] for s in stats if "steps" in s]
+                record["mean_steps"] = round(sum(steps) / len(steps), 2) if steps else None
+            return record
+
+        return self.cached(key, make)
+
+    def maps(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
+        """Table 2 for one arm: the answered maps of the first ``n_maps`` test images (stored and
+        resumable) against the victim's own, scored by the victim; Figure 3's rows kept too."""
+        c = self.config
+        store = self.store(info, "test", info.dataset)
+        images = self.all_test[: c.n_maps]
+        collect(oracle, store, images, batch_size=c.query_batch, progress=self.progress)
+        answered = store.load().prefix(c.n_maps)
+        if answered.attributions is None:
+            raise ValueError(f"{store.root} holds no attribution maps")
+        victim = self.reference.answer(images.to(self.device))
+        victim_maps = torch.stack([a.attribution for a in victim]).cpu()
+        classes = torch.tensor([a.label for a in victim])
+        model = self.victim
+        victim_drops = average_drop.image_drops(model, images, victim_maps, classes, c.p)
+        answered_drops = average_drop.image_drops(model, images, answered.attributions, classes, c.p)
+        figure = slice(0, min(c.n_figure, len(images)))
+        return {
+            "n": len(images), "p": c.p, "victim": average_drop.summary(victim_drops),
+            "defended": average_drop.summary(answered_drops),
+            "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
+            "labels_kept": round(100.0 * float((answered.labels == classes).double().mean()), 2),
+            "figure": {"images": images[figure].tolist(), "victim_maps": victim_maps[figure].tolist(),
+                       "defended_maps": answered.attributions[figure].tolist(), "labels": classes[figure].tolist()},
+        }
+
+    def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
+        info = oracle.info()
+        data, collected = self.transfer_set(oracle, info, arm.budget)
+        fp = collected["fingerprint"]
+        budgets = sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
+        jobs = [(loss, b) for loss in arm.losses for b in budgets]
+        runs = [self.attack(data, info, fp, loss, b)
+                for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)]
+        result = {"key": arm.key, "defense": info.defense, "options": arm.options, "settings": info.defense_settings,
+                  "url": arm.url, "budget": arm.budget, **collected, "runtime": self.runtime(oracle, fp), "runs": runs}
+        if arm.key in self.config.avg_drop:
+            result["average_drop"] = self.maps(oracle, info)
+        return result
+
+
+@contextmanager
+def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None = None) -> Iterator[Oracle]:
+    """The arm's oracle: in-process, a server started for it on loopback, or the running server at ``arm.url``."""
+    device = config.defense_device or config.device
+    if arm.url is not None or serve:
+        from .loopback import served
+
+        context: AbstractContextManager[tuple[str, str | None]] = (
+            nullcontext((arm.url, api_key)) if arm.url is not None else
+            served(config.checkpoint, arm.defense, config.interpreter, device=device, engine=arm.options,
+                   data_root=config.data_root))
+        with context as (url, key), HttpOracle(url, key) as oracle:
+            yield oracle
+        return
+    from defense.loader import load_defense
+
+    defense, meta = load_defense(config.checkpoint, arm.defense, config.interpreter, device=device,
+                                 data_root=config.data_root, **arm.options)
+    yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
+
+
+def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | None = None, serve: bool = False,
+                   api_key: str | None = None, progress: bool = True, on_arm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every arm (collect, train, test, time, maps) and return the whole record; ``on_arm`` is
+    called after each arm (the CLI writes the result files there, so an interrupted run keeps them)."""
+    out = Path(out)
+    bench = Bench(config, out, progress)
+    arms = url_arms(config, urls, api_key) if urls else plan_arms(config)
+    test = torch.utils.data.TensorDataset(bench.test_images, bench.test_labels)
+    record: dict[str, Any] = {"config": {**asdict(config), "arms": [a.key for a in arms]},
+                              "environment": environment(config), "victim": config.checkpoint,
+                              "arch": bench.meta.arch, "dataset": bench.meta.dataset,
+                              "victim_accuracy": round(evaluate(bench.victim, test, bench.device), 2), "arms": {}}
+    for arm in arms:
+        with open_oracle(arm, config, serve, api_key) as oracle:
+            record["arms"][arm.key] = bench.run_arm(arm, oracle)
+        if on_arm is not None:
+            on_arm(record)
+    return record
+
+
+def environment(config: EvalConfig) -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+            "machine": platform.machine(), "threads": torch.get_num_threads(), "device": config.device,
+            "defense_device": config.defense_device or config.device,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None}
+
