@@ -105,8 +105,8 @@ def _add_fidelity(sub: argparse._SubParsersAction) -> None:
 def _run_fidelity(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from clients.fidelity import measure_fidelity
-    from defense.loader import load_defense
     from deepdefense.device import resolve_device
+    from defense.loader import load_defense
     from models.data import load_split
 
     device = resolve_device(args.device)
@@ -310,6 +310,51 @@ def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_eval(args, shlex.join(["deepdefense", *argv]), _engine_options(args.set))
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark: undefended path, one-query engine, batched engine, and the server "
+                                     "under 1/8/32 concurrent clients; ms/query, queries/s, peak memory, ratios",
+                       description="See docs/performance.md and deepdefense/bench.py.")
+    p.add_argument("--model", default="lenet-mnist", choices=["lenet-mnist", "resnet18"],
+                   help="lenet-mnist (shipped) or resnet18 (random weights, 224 px)")
+    p.add_argument("--interpreter", default="gradcam")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=default_data_root(),
+                   help=f"MNIST test images for lenet-mnist (default: ${DATA_ROOT_ENV}; random images without)")
+    p.add_argument("--queries", type=int, default=64, help="queries per in-process phase")
+    p.add_argument("--one-query-queries", type=int, default=16, help="queries for the one-query engine")
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="batched-engine micro-batch sizes")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients of the server phases")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per server phase")
+    p.add_argument("--max-requests", type=int, default=2000, help="requests per server phase")
+    p.add_argument("--no-server", dest="server", action="store_false", help="skip the server phases")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine option, e.g. steps=30")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here and the Markdown table beside it (.md)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from deepdefense.bench import BenchConfig, markdown, run_bench
+
+    def sizes(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+
+    config = BenchConfig(model=args.model, interpreter=args.interpreter, device=args.device, data_root=args.data_root,
+                         queries=args.queries, one_query_queries=args.one_query_queries,
+                         batch_sizes=sizes(args.batch_sizes), clients=sizes(args.clients), duration_s=args.duration,
+                         max_requests=args.max_requests, server=args.server, seed=args.seed,
+                         options=_engine_options(args.set))
+    command = shlex.join(["deepdefense", *argv])
+    result = {"command": command, **run_bench(config, progress=lambda m: print(m, file=sys.stderr))}
+    table = markdown(result, command)
+    print(table, file=sys.stderr)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(table)
+    return _report(result, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepdefense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -321,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(sub)
     _add_load(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 

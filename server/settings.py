@@ -49,9 +49,9 @@ class ServerSettings(BaseSettings):
     max_image_bytes: int = Field(2 << 20, ge=64, description="decoded size of one base64 image")
     max_image_pixels: int = Field(4_000_000, ge=1, description="declared width × height of one image")
 
-    max_batch_size: int = Field(8, ge=1, description="instances per micro-batch (N)")
+    max_batch_size: int = Field(64, ge=1, description="instances per micro-batch (N): the engine optimises them together")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
-    queue_size: int = Field(64, ge=1, description="queued instances before answering 503")
+    queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
     max_expected_latency_s: float = Field(10.0, gt=0, description="503 when a new request's expected time to its "
                                           "answer (queue ahead, its micro-batch, at the measured seconds per instance) "
                                           "exceeds this, unless the server is idle")

@@ -1,0 +1,288 @@
+"""``deepdefense bench``: where the defended service stands, measured in one run on the same inputs.
+
+Paths measured, in this order, each on the same images:
+
+(a) ``undefended`` — the victim's predict + explain (``NoDefense.answer``), one query per call;
+(b) ``one-query engine`` — DeepDefense answering one query per call (``batch_size=1``);
+(c) ``batched engine`` — DeepDefense answering micro-batches of 1, 8, 32, 64 queries;
+(d) ``server`` — ``deepdefense serve`` started on a free loopback port (micro-batches of the largest
+    batch size) under a closed loop of 1, 8 and 32 concurrent clients, bounded in requests and seconds
+    (``server.loadtest.run_load``).
+
+For in-process paths a query's latency is its call's wall time divided by the queries in the call
+(the queries of a batch finish together); p50/p95 are over calls, queries per second over the whole
+phase. Peak memory is the process's resident set size (sampled every 5 ms) on CPU, and
+``torch.cuda.max_memory_allocated`` on CUDA; for the server, the server process's peak RSS.
+
+``--model lenet-mnist`` uses the shipped checkpoint and MNIST test images (random images when no
+data root is given); ``--model resnet18`` a randomly initialised ResNet-18 at 224 px (17 classes, as
+the paper's Flowers-17 victim) with layer sensitivity (eq. 9) computed on 64 random images — fine
+for timing, meaningless for accuracy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from defense.api import Defense
+from defense.loader import load_defense
+from server.loadtest import percentiles, rss_mb
+
+MODELS = ("lenet-mnist", "resnet18")
+
+
+@dataclass
+class Row:
+    """One measured path."""
+
+    path: str
+    batch: int  # queries per call (in-process) or concurrent clients (server)
+    queries: int
+    ms_per_query_p50: float
+    ms_per_query_p95: float
+    queries_per_second: float
+    peak_memory_mb: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "lenet-mnist"
+    interpreter: str = "gradcam"
+    device: str = "cpu"
+    data_root: str | None = None
+    queries: int = 64  # per in-process phase (rounded up to whole batches)
+    one_query_queries: int = 16  # the one-query engine is slow: fewer queries
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    clients: tuple[int, ...] = (1, 8, 32)
+    duration_s: float = 30.0  # per server phase
+    max_requests: int = 2000  # per server phase
+    server: bool = True
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # engine options (--set)
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block: CUDA allocator peak, or this process's sampled RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._stop = threading.Event()
+            self.peak_mb = process_rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, process_rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, process_rss_mb())
+
+
+def process_rss_mb(pid: int | None = None) -> float:
+    """Resident set size of a process (this one by default) in MiB; 0 where it cannot be read."""
+    return rss_mb(pid or os.getpid()) or 0.0
+
+
+def time_calls(answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
+               desc: str) -> tuple[list[float], float]:
+    """Per-query milliseconds of each call of ``answer`` on consecutive batches, and the total seconds."""
+    per_query, started = [], time.perf_counter()
+    for start in tqdm(range(0, len(images), batch), desc=desc, unit="call", leave=False):
+        x = images[start:start + batch]
+        began = time.perf_counter()
+        answer(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_query.append(1000 * (time.perf_counter() - began) / len(x))
+    return per_query, time.perf_counter() - started
+
+
+def measure(path: str, answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
+            notes: dict[str, Any] | None = None) -> Row:
+    answer(images[:batch])  # warm-up: first-call allocations, kernel selection
+    with PeakMemory(device) as memory:
+        per_query, seconds = time_calls(answer, images, batch, device, f"{path} ×{batch}")
+    p = percentiles(per_query)
+    return Row(path, batch, len(images), round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2),
+               round(memory.peak_mb, 1), notes or {})
+
+
+# -- victims -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def victim(config: BenchConfig) -> Iterator[tuple[str, Tensor]]:
+    """The checkpoint to serve (name or metadata path) and the bench's input images (on CPU)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    n = max(config.queries, max(config.batch_sizes), config.one_query_queries)
+    n = -(-n // max(config.batch_sizes)) * max(config.batch_sizes)
+    if config.model == "lenet-mnist":
+        yield "lenet-mnist", _mnist_or_random(config.data_root, n, generator)
+        return
+    if config.model != "resnet18":
+        raise ValueError(f"unknown bench model {config.model!r}; known: {', '.join(MODELS)}")
+    with tempfile.TemporaryDirectory(prefix="dd-bench-") as folder:
+        yield str(random_resnet18(Path(folder), config.seed)), torch.rand((n, 3, 224, 224), generator=generator)
+
+
+def _mnist_or_random(data_root: str | None, n: int, generator: torch.Generator) -> Tensor:
+    if data_root:
+        from models.data import load_split
+
+        return load_split("mnist", data_root, "test").tensors[0][:n]
+    return torch.rand((n, 1, 28, 28), generator=generator)
+
+
+def random_resnet18(folder: Path, seed: int) -> Path:
+    """A randomly initialised ResNet-18 at 224 px saved as a checkpoint, sensitivity stored (eq. 9)."""
+    from defense.sensitivity import layer_sensitivity
+    from models.checkpoint import CheckpointMeta, build_model, save_checkpoint
+
+    meta = CheckpointMeta(arch="resnet18", dataset="random", classes=[str(i) for i in range(17)],
+                          input_shape=[3, 224, 224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+                          test_accuracy=0.0, seed=seed, command="deepdefense bench --model resnet18")
+    torch.manual_seed(seed)
+    model = build_model(meta).eval()
+    images = torch.rand((64, 3, 224, 224), generator=torch.Generator().manual_seed(seed))
+    meta.extra["sensitivity"] = {"n": 64, "seed": seed, "split": "uniform random", "scores":
+                                 layer_sensitivity(model, images, batch_size=8)}
+    return save_checkpoint(model, meta, folder / "resnet18-random")
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from deepdefense.device import resolve_device
+
+    device = resolve_device(config.device)
+    rows: list[Row] = []
+    with victim(config) as (checkpoint, images):
+        images = images.to(device)
+        engine = dict(config.options)
+
+        def defense(name: str, **options: Any) -> Defense:
+            return load_defense(checkpoint, name, config.interpreter, device=device, data_root=config.data_root,
+                                **options)[0]
+
+        progress("(a) undefended predict + explain")
+        rows.append(measure("undefended", defense("none").answer, images[: config.queries], 1, device))
+        progress("(b) one-query engine")
+        one = defense("deepdefense", **{**engine, "batch_size": 1})
+        rows.append(measure("one-query engine", one.answer, images[: config.one_query_queries], 1, device,
+                            {"layers": one.layers, "steps": one.config.steps}))
+        for b in config.batch_sizes:
+            progress(f"(c) batched engine, batch {b}")
+            batched = defense("deepdefense", **{**engine, "batch_size": b})
+            n = max(config.queries, b) if b > 1 else config.one_query_queries
+            rows.append(measure("batched engine", batched.answer, images[: -(-n // b) * b], b, device))
+        if config.server:
+            rows += server_rows(checkpoint, config, device, progress)
+    return {"model": config.model, "interpreter": config.interpreter, "device": describe(device),
+            "engine_options": config.options, "rows": [asdict(r) for r in rows], "ratios": ratios(rows),
+            "config": {k: v for k, v in asdict(config).items() if k != "options"}}
+
+
+def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
+                progress: Callable[[str], None]) -> list[Row]:
+    """(d): ``deepdefense serve`` on loopback under closed-loop load, one phase per client count."""
+    from server.loadtest import LoadConfig, free_port, run_load, spawned_server
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DD_CHECKPOINT": checkpoint, "DD_DEFENSE": "deepdefense", "DD_INTERPRETER": config.interpreter,
+           "DD_DEVICE": str(device), "DD_MAX_BATCH_SIZE": str(max(config.batch_sizes)),
+           "DD_QUEUE_SIZE": str(4 * max(max(config.clients), max(config.batch_sizes))),
+           "DD_ENGINE": json.dumps(config.options), "DD_LOG_LEVEL": "warning"}
+    for key in ("DD_API_KEYS", "DD_API_KEYS_FILE", "DD_QUERY_BUDGET"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    rows = []
+    with spawned_server(command, url, env=env) as (process, _):
+        for clients in config.clients:
+            progress(f"(d) server, {clients} concurrent clients")
+            load = LoadConfig(url=url, clients=clients, duration_s=config.duration_s,
+                              max_requests=config.max_requests, seed=config.seed, server_pid=process.pid)
+            report = asyncio.run(run_load(load))
+            latency = report.latency_ms
+            rows.append(Row("server", clients, report.served, latency.get("p50", float("nan")),
+                            latency.get("p95", float("nan")), report.throughput_rps,
+                            report.rss_mb.get("peak", process_rss_mb(process.pid)),
+                            {"p99_ms": latency.get("p99"), "errors": report.errors, "statuses": report.statuses,
+                             "rss_mb": report.rss_mb}))
+    return rows
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    """Throughput ratios against the one-query engine (and the undefended path)."""
+    def qps(path: str, batch: int) -> float | None:
+        return next((r.queries_per_second for r in rows if r.path == path and r.batch == batch), None)
+
+    out: dict[str, float] = {}
+    one, undefended = qps("one-query engine", 1), qps("undefended", 1)
+    for r in rows:
+        if r.path in ("batched engine", "server") and one:
+            out[f"{r.path} ×{r.batch} / one-query engine"] = round(r.queries_per_second / one, 2)
+    if one and undefended:
+        out["undefended / one-query engine"] = round(undefended / one, 2)
+    return out
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    """The bench as a short Markdown table."""
+    lines = [f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.", "",
+             f"Command: `{command}`", "",
+             "| path | batch / clients | queries | ms/query p50 | ms/query p95 | queries/s | peak memory (MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['path']} | {r['batch']} | {r['queries']} | {r['ms_per_query_p50']} | "
+                     f"{r['ms_per_query_p95']} | {r['queries_per_second']} | {r['peak_memory_mb']} |")
+    lines += ["", "| ratio of queries per second | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
