@@ -300,7 +300,7 @@ class Bench:
         data, collected = self.transfer_set(oracle, info, arm.budget)
         fp = collected["fingerprint"]
         budgets = sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
-        jobs = [(loss, b) for loss in arm.losses for b in budgets]
+        jobs = [(loss, b) for b in reversed(budgets) for loss in arm.losses]  # the largest budget (Table 5) first
         runs = [self.attack(data, info, fp, loss, b)
                 for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)]
         result = {"key": arm.key, "defense": info.defense, "options": arm.options, "settings": info.defense_settings,
