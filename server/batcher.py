@@ -4,11 +4,10 @@ Requests put their instances on a bounded queue (counted in instances). Admissio
 a request at once with :class:`QueueFull` when its instances do not fit, or — unless the server is
 idle — when its expected latency exceeds ``max_latency``: overload becomes an immediate 503 with a
 ``Retry-After`` computed from the backlog, not a pile of requests that time out. The expected
-latency is the micro-batch on the model thread, the queue ahead, and the whole micro-batch the
-request will ride in (FIFO, ``max_batch`` instances), at the measured model seconds per instance:
-a moving average that rises at once with a slower batch and falls slowly, seeded by the warm-up
-query. A queue whose oldest instance has already waited ``max_latency`` refuses too, whatever the
-estimate says. One worker coroutine takes the oldest instance, gathers up to ``max_batch``
+latency is the instances of the micro-batch on the model thread and of the queue ahead, and its
+own, times the measured model seconds per instance: a moving average that rises at once with a
+slower batch and falls slowly, seeded by the warm-up query. A queue whose oldest instance has
+already waited ``max_latency`` refuses too, whatever the estimate says. One worker coroutine takes the oldest instance, gathers up to ``max_batch``
 instances with the same ``explain`` flag, waiting at most ``max_wait`` seconds for more, and hands
 the batch to a single worker thread, so the model is used by one thread at a time; there
 :func:`server.isolation.answer_isolated` keeps one query's failure from failing the others. A
@@ -124,10 +123,10 @@ class MicroBatcher:
 
     def expected_latency(self, instances: int) -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
-        on the model thread, the queue ahead, and the rest of the micro-batches it rides in (0
-        before any measurement)."""
-        batches = math.ceil((len(self._queue) + instances) / self.max_batch)
-        return (self._running + batches * self.max_batch) * (self.cost or 0.0)
+        on the model thread and the queue ahead of it, at the measured seconds per instance (0
+        before any measurement). Instances admitted after it may join its micro-batch, but each
+        only when its own expected latency, which counts this request, is within the limit."""
+        return (self._running + len(self._queue) + instances) * (self.cost or 0.0)
 
     def _admit(self, instances: int) -> None:
         """Raise :class:`QueueFull` when the request's instances do not fit or would be late."""

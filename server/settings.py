@@ -53,8 +53,8 @@ class ServerSettings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
     queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
     max_expected_latency_s: float = Field(10.0, gt=0, description="503 when a new request's expected time to its "
-                                          "answer (queue ahead, its micro-batch, at the measured seconds per instance) "
-                                          "exceeds this, unless the server is idle")
+                                          "answer (instances running and queued ahead, and its own, at the measured "
+                                          "seconds per instance) exceeds this, unless the server is idle")
     request_timeout_s: float = Field(30.0, gt=0, description="end-to-end limit of one request before 504")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers")
     warmup: bool = Field(True, description="send one query through the defense before reporting ready")

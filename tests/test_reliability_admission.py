@@ -1,7 +1,7 @@
 """Admission control, step by step: the expected latency of a new request counts the micro-batch on
-the model thread, the queue ahead and its own whole micro-batch; an idle server admits anything
-that fits; an old queue refuses whatever the estimate; the cost estimate rises at once and falls
-slowly; the warm-up seeds it."""
+the model thread, the queue ahead and its own instances; an idle server admits anything that fits;
+an old queue refuses whatever the estimate; the cost estimate rises at once and falls slowly; the
+warm-up seeds it."""
 
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ def refusal(b: MicroBatcher, instances: int = 1) -> tuple[str, int] | None:
     return None
 
 
-def test_the_expected_latency_counts_the_running_batch_the_queue_and_its_own_batch() -> None:
+def test_the_expected_latency_counts_the_running_batch_the_queue_and_its_own_instances() -> None:
     b = batcher()
     b.cost = 1.0
-    assert b.expected_latency(1) == 8.0  # idle: its own batch may fill up to 8
+    assert b.expected_latency(2) == 2.0
     b._running = 8
-    assert b.expected_latency(1) == 16.0
+    assert b.expected_latency(1) == 9.0
     queue(b, 8)
-    assert b.expected_latency(1) == 24.0  # the full batch ahead, then its own
+    assert b.expected_latency(1) == 17.0
 
 
 def test_admission_refuses_late_requests_with_a_retry_after_from_the_backlog() -> None:
@@ -57,9 +57,10 @@ def test_admission_refuses_late_requests_with_a_retry_after_from_the_backlog() -
     b.cost = 1.0
     assert refusal(b, 16) is None  # idle: admitted however long it will take
     b._running = 8
-    assert refusal(b) == ("overloaded", 6)  # 16 s expected, 10 admitted: retry in 6 s
+    assert refusal(b) is None  # 9 s expected
+    assert refusal(b, 8) == ("overloaded", 6)  # 16 s expected, 10 admitted: retry in 6 s
     b.cost = 0.25
-    assert refusal(b) is None  # 4 s expected
+    assert refusal(b, 8) is None  # 4 s expected
     queue(b, 60)
     assert refusal(b, 5) == ("queue_full", 1)
     assert b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"reason": "overloaded"}) == 1
