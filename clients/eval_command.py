@@ -110,7 +110,7 @@ def run_eval(args: argparse.Namespace, command: str, engine_options: dict[str, A
     try:
         record = run_evaluation(config, out, urls=args.url or None, serve=args.serve,
                                 api_key=read_api_key(args.api_key_file) if args.url else None,
-                                progress=not args.quiet, on_arm=write)
+                                progress=not args.quiet, command=command, on_arm=write)
     except OracleError as err:
         print(f"deepdefense eval: {err}; the answers so far are stored, rerun the same command to continue",
               file=sys.stderr)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import re
 import time
@@ -150,8 +151,8 @@ def digest(payload: Any) -> str:
 class Bench:
     """What every arm shares: the attacker's pool, the victim's test set and its reference outputs."""
 
-    def __init__(self, config: EvalConfig, out: Path, progress: bool = True) -> None:
-        self.config, self.out, self.progress = config, out, progress
+    def __init__(self, config: EvalConfig, out: Path, progress: bool = True, command: str | None = None) -> None:
+        self.config, self.out, self.progress, self.command = config, out, progress, command
         self.device = torch.device(config.device)
         self.victim, self.meta = load_checkpoint(config.checkpoint, device=self.device)
         self.victim.requires_grad_(False)
@@ -232,7 +233,8 @@ class Bench:
                                      victim_test=self.victim_test, victim_unif=self.victim_unif)
             return {"loss": loss, "budget": budget, "accuracy": round(accuracy, 2), **fid.as_dict(),
                     "epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device),
-                    "lambda": c.lam if loss == "explanations" else None, **c.training()}
+                    "lambda": c.lam if loss == "explanations" else None, **c.training(),
+                    "made_by": self.command, "machine": machine(str(self.device))}
 
         return self.cached(key, make)
 
@@ -240,7 +242,8 @@ class Bench:
         """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
         untimed warm-up query (cached); in-process also the engine's mean L_orth, steps and fallbacks."""
         c = self.config
-        key = digest({"runtime": store_fp, "n": c.runtime_n, "batch": c.query_batch})
+        where = machine(c.defense_device or c.device)
+        key = digest({"runtime": store_fp, "n": c.runtime_n, "batch": c.query_batch, "machine": where})
 
         def make() -> dict[str, Any]:
             images = self.all_test[: c.runtime_n]
@@ -258,7 +261,8 @@ class Bench:
             seconds = time.perf_counter() - started
             record: dict[str, Any] = {"n": len(images), "query_batch": c.query_batch,
                                       "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
-                                      "in_process": isinstance(oracle, LocalOracle), "host": platform.node()}
+                                      "in_process": isinstance(oracle, LocalOracle), "machine": where,
+                                      "made_by": self.command}
             l_orth = [s["l_orth"] for s in stats if "l_orth" in s]
             if isinstance(oracle, LocalOracle):
                 record["fallbacks"] = fallbacks
@@ -332,23 +336,34 @@ def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None =
 
 
 def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | None = None, serve: bool = False,
-                   api_key: str | None = None, progress: bool = True, on_arm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   api_key: str | None = None, progress: bool = True, command: str | None = None, on_arm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every arm (collect, train, test, time, maps) and return the whole record; ``on_arm`` is
     called after each arm (the CLI writes the result files there, so an interrupted run keeps them)."""
     out = Path(out)
-    bench = Bench(config, out, progress)
+    bench = Bench(config, out, progress, command)
     arms = url_arms(config, urls, api_key) if urls else plan_arms(config)
     test = torch.utils.data.TensorDataset(bench.test_images, bench.test_labels)
     record: dict[str, Any] = {"config": {**asdict(config), "arms": [a.key for a in arms]},
                               "environment": environment(config), "victim": config.checkpoint,
                               "arch": bench.meta.arch, "dataset": bench.meta.dataset,
-                              "victim_accuracy": round(evaluate(bench.victim, test, bench.device), 2), "arms": {}}
+                              "victim_accuracy": round(evaluate(bench.victim, test, bench.device), 2),
+                              "victim_unif_classes": torch.bincount(bench.victim_unif.argmax(1),
+                                                                    minlength=len(bench.meta.classes)).tolist(),
+                              "arms": {}}
     for arm in arms:
         with open_oracle(arm, config, serve, api_key) as oracle:
             record["arms"][arm.key] = bench.run_arm(arm, oracle)
         if on_arm is not None:
             on_arm(record)
     return record
+
+
+def machine(device: str) -> str:
+    """Where a measurement ran: host, processor, cores and threads, and the accelerator when used."""
+    name = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return name
 
 
 def environment(config: EvalConfig) -> dict[str, Any]:
