@@ -180,7 +180,7 @@ class Bench:
             if record.get("cache_key") == key:
                 return record
         record = {"cache_key": key, **make()}
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(path)
         return record

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
 
 
 def _write_json(path: Path, payload: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     tmp.replace(path)
     return path
