@@ -79,7 +79,7 @@ class LoadReport:
     latency_ms: dict[str, float]  # of served requests: p50, p95, p99, max
     latency_all_ms: dict[str, float]  # of every response, errors included
     retry_after_s: dict[str, float]  # of 503 answers: min, max; missing counts 503s without one
-    rss_mb: dict[str, float] = field(default_factory=dict)  # start, peak, end, growth, growth_second_half
+    rss_mb: dict[str, float] = field(default_factory=dict)  # start, quarters, end, peak, growth, second half
     server_metrics: dict[str, float] = field(default_factory=dict)
     shutdown: dict[str, Any] = field(default_factory=dict)  # exit code and seconds after SIGTERM
 
@@ -251,13 +251,17 @@ def _record_rss(run: _Run, started: float) -> None:
 
 
 def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+    """Start, the values at a quarter, half and three quarters of the run, end, peak and growth."""
     if not samples:
         return {}
     values = [mb for _, mb in samples]
-    half = samples[-1][0] / 2
-    mid = next(mb for t, mb in samples if t >= half)
-    return _rounded({"start": values[0], "peak": max(values), "end": values[-1], "growth": values[-1] - values[0],
-                     "growth_second_half": values[-1] - mid, "samples": len(values)})
+
+    def at(fraction: float) -> float:
+        return next(mb for t, mb in samples if t >= fraction * samples[-1][0])
+
+    return _rounded({"start": values[0], "at_25%": at(0.25), "at_50%": at(0.5), "at_75%": at(0.75),
+                     "end": values[-1], "peak": max(values), "growth": values[-1] - values[0],
+                     "growth_second_half": values[-1] - at(0.5), "samples": len(values)})
 
 
 async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:

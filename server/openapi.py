@@ -12,7 +12,8 @@ from fastapi import FastAPI
 def install_served_openapi(app: FastAPI, *, input_shape: tuple[int, int, int], max_instances: int,
                            max_image_bytes: int) -> None:
     """Replace ``app.openapi`` by a cached schema with the exact C×H×W pixel arrays, exactly one of
-    ``pixels`` and ``image_b64`` per instance, and the instance and image size limits."""
+    ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and an example
+    request the served model accepts."""
     generate = app.openapi
 
     def served() -> dict[str, Any]:
@@ -39,4 +40,7 @@ def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances:
         {"required": ["pixels"], "properties": {"pixels": {"type": "array"}, "image_b64": {"type": "null"}}},
         {"required": ["image_b64"], "properties": {"image_b64": {"type": "string"}, "pixels": {"type": "null"}}},
     ]
-    schemas["PredictRequest"]["properties"]["instances"]["maxItems"] = max_instances
+    request = schemas["PredictRequest"]
+    request["properties"]["instances"]["maxItems"] = max_instances
+    c, h, w = shape
+    request["examples"] = [{"instances": [{"pixels": [[[0.5] * w] * h] * c}], "explain": True}]
