@@ -306,19 +306,26 @@ class DeepDefense(Defense):
         Faults stay with their query: if a batch's optimisation raises, its queries are answered
         one by one, and a query whose own optimisation raises gets the safe answer.
         """
-        answers: list[Answer] = []
+        return self.answer_modes(x, (self.mode,), explain=explain)[self.mode]
+
+    def answer_modes(self, x: Tensor, modes: tuple[Mode, ...], *, explain: bool = True) -> dict[str, list[Answer]]:
+        """The answers of several modes from one optimisation per query: DD-S and DD-I answer from the
+        same misdirection model as DeepDefense, each showing one of its outputs (Table 5)."""
+        answers: dict[str, list[Answer]] = {m: [] for m in modes}
         for chunk in x.split(self.config.batch_size):
             try:
-                answers += self._answer_batch(chunk, explain)
+                parts = [self._answer_batch(chunk, explain, modes)]
             except Exception:
                 if len(chunk) == 1:
                     raise
                 logger.exception("misdirection failed on a batch of %d; answering its queries one by one", len(chunk))
-                for xi in chunk:
-                    answers += self._answer_batch(xi.unsqueeze(0), explain)
+                parts = [self._answer_batch(xi.unsqueeze(0), explain, modes) for xi in chunk]
+            for part in parts:
+                for m in modes:
+                    answers[m] += part[m]
         return answers
 
-    def _answer_batch(self, x: Tensor, explain: bool) -> list[Answer]:
+    def _answer_batch(self, x: Tensor, explain: bool, modes: tuple[Mode, ...]) -> dict[str, list[Answer]]:
         started = time.perf_counter()
         ref = self.reference(x)
         try:
@@ -329,9 +336,10 @@ class DeepDefense(Defense):
             logger.exception("misdirection failed on one query; answering with the safe answer")
             best = None
         seconds = (time.perf_counter() - started) / len(x)
-        return [self._compose(i, ref, best, seconds, explain) for i in range(len(x))]
+        return {m: [self._compose(i, ref, best, seconds, explain, m) for i in range(len(x))] for m in modes}
 
-    def _compose(self, i: int, ref: Reference, best: dict[str, Tensor] | None, seconds: float, explain: bool) -> Answer:
+    def _compose(self, i: int, ref: Reference, best: dict[str, Tensor] | None, seconds: float, explain: bool,
+                 mode: Mode) -> Answer:
         """Query i's answer: its best iterate's outputs, or the safe answer; the mode picks which to show."""
         found = best is not None and bool(best["found"][i])
         if found:
@@ -340,9 +348,9 @@ class DeepDefense(Defense):
         else:
             probs, attribution = safe_answer(ref.probs[i], ref.attribution[i], self.config.top_k)
             stats = {}
-        if self.mode == "dd-s":
+        if mode == "dd-s":
             attribution = ref.attribution[i]
-        elif self.mode == "dd-i":
+        elif mode == "dd-i":
             probs = ref.probs[i]
         steps = float(best["steps"][i]) if best is not None else 0.0
         stats.update({"steps": steps, "optimisation_seconds": seconds})

@@ -179,3 +179,13 @@ def test_early_stopping_stops_queries_below_the_cap(mnist: torch.Tensor) -> None
     steps = [a.stats["steps"] for a in answers]
     assert all(s <= 60 for s in steps) and min(s for s in steps) < 60
     assert all(a.stats["l_orth"] < 1.0 for a in answers if not a.fallback)
+
+
+def test_one_optimisation_answers_every_mode_as_its_own_engine_would(mnist: torch.Tensor) -> None:
+    x = mnist[:4]
+    together = _engine(4, steps=4).answer_modes(x, ("deepdefense", "dd-s", "dd-i"))
+    for mode in ("deepdefense", "dd-s", "dd-i"):
+        alone = load_defense("lenet-mnist", mode, "gradcam", batch_size=4, steps=4)[0].answer(x)
+        for a, b in zip(together[mode], alone, strict=True):
+            torch.testing.assert_close(a.probabilities, b.probabilities)
+            torch.testing.assert_close(a.attribution, b.attribution)
