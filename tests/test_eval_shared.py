@@ -1,0 +1,31 @@
+"""The harness's shared engine: DD-S and DD-I arms reuse DeepDefense's optimisation, answers unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clients.shared_engine import ModeOf, SharedModes
+from defense.loader import load_defense
+from models.data import load_split
+
+
+def test_modes_share_one_optimisation(data_root: Path) -> None:
+    x = load_split("mnist", data_root, "test").tensors[0][:3]
+    engine = load_defense("lenet-mnist", "deepdefense", "gradcam", steps=3)[0]
+    calls = []
+    real = engine.answer_modes
+    engine.answer_modes = lambda q, modes, explain=True: calls.append(len(q)) or real(q, modes, explain=explain)
+    shared = SharedModes(engine, ("deepdefense", "dd-s", "dd-i"))
+    arms = {m: ModeOf(shared, m).answer(x) for m in ("deepdefense", "dd-s", "dd-i")}
+    assert calls == [3], "one optimisation for the three arms"
+    direct = real(x, ("deepdefense", "dd-s", "dd-i"))
+    for mode, answers in arms.items():
+        assert ModeOf(shared, mode).public_settings()["mode"] == mode
+        for a, b in zip(answers, direct[mode], strict=True):
+            torch.testing.assert_close(a.probabilities, b.probabilities)
+            torch.testing.assert_close(a.attribution, b.attribution)
+            assert ("shared" in a.stats) == (mode != "deepdefense")
+    ModeOf(shared, "dd-s").answer(x)
+    assert calls == [3, 3], "taken answers are not kept: asking again optimises again"
