@@ -73,10 +73,12 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     """How ``serve`` runs the app: no ``Server`` header; the app's own access log (route templates,
-    no query strings) instead of uvicorn's; on SIGTERM/SIGINT new connections are refused while
+    no query strings) instead of uvicorn's; idle keep-alive connections kept longer than clients
+    keep theirs (uvicorn's 5 s equals httpx's, and a client reusing a connection at the moment the
+    server closes it gets a transport error); on SIGTERM/SIGINT new connections are refused while
     in-flight requests finish (for at most the request timeout plus a margin)."""
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          server_header=False, access_log=False,
+                          server_header=False, access_log=False, timeout_keep_alive=settings.keep_alive_s,
                           timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S)
 
 

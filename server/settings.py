@@ -46,6 +46,9 @@ class ServerSettings(BaseSettings):
     max_instances: int = Field(16, ge=1, description="instances per request")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size, enforced while reading")
     body_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this time, else 408")
+    keep_alive_s: int = Field(20, ge=1, description="idle keep-alive connections are closed after this; longer "
+                                                   "than clients keep theirs (httpx: 5 s), so a client never "
+                                                   "reuses a connection the server is closing")
     max_image_bytes: int = Field(2 << 20, ge=64, description="decoded size of one base64 image")
     max_image_pixels: int = Field(4_000_000, ge=1, description="declared width × height of one image")
 

@@ -97,3 +97,14 @@ def test_percentiles_by_nearest_rank() -> None:
     assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
     assert percentiles([3.0]) == {"p50": 3.0, "p95": 3.0, "p99": 3.0, "max": 3.0}
     assert percentiles([]) == {}
+
+
+def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path, defense: NoDefense) -> None:  # noqa: F811
+    """With equal idle timeouts a client may reuse a connection just as the server closes it: a soak
+    client waiting a 4-second Retry-After (+ jitter) got a transport ReadError that way."""
+    import httpx
+
+    from server.app import uvicorn_config
+
+    app = create_app(make_settings(tmp_path), defense)
+    assert uvicorn_config(app, app.state.runtime.settings).timeout_keep_alive > 2 * httpx.Limits().keepalive_expiry
