@@ -293,6 +293,7 @@ def _differences(t: Mapping[str, Any]) -> list[str]:
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["difference"] is None]
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
+    lines += _evidence(t)
     lines += [
         "",
         "Known differences in the setup (each can move these numbers; none is a measured cause on its own):",
@@ -312,6 +313,40 @@ def _differences(t: Mapping[str, Any]) -> list[str]:
         "  the paper's draw and its test subset are unknown.",
     ]
     return lines
+
+
+def _evidence(t: Mapping[str, Any]) -> list[str]:
+    """What this run's own numbers say about the gaps (only sentences whose numbers are all measured)."""
+    acc = t["by_loss"]
+
+    def get(loss: str, defense: str) -> float | None:
+        return acc.get(loss, {}).get(defense)
+
+    lines: list[str] = []
+    eq1, soft, top1 = (get(loss, "pp") for loss in ("explanations", "probabilities", "labels"))
+    soft0, top10 = get("probabilities", "none"), get("labels", "none")
+    if None not in (soft, soft0, top1, top10):
+        lines.append(f"* PP moves the soft-label attacker from {soft0:.2f}% to {soft:.2f}% ({soft - soft0:+.2f}) and the "
+                     f"top-1 attacker from {top10:.2f}% to {top1:.2f}% ({top1 - top10:+.2f}): MAD keeps the argmax, "
+                     "so labels alone are out of its reach.")
+    if None not in (eq1, soft):
+        lines.append(f"* Against PP the eq. (1) attacker reaches {eq1:.2f}%, {eq1 - soft:+.2f} points over soft labels "
+                     "alone: PP answers the victim's own maps, and the map term of eq. (1) learns from them.")
+    if top1 is not None and top1 > PAPER["table5"]["pp"]:
+        lines.append(f"* The paper's PP figure ({PAPER['table5']['pp']:.2f}%) lies {top1 - PAPER['table5']['pp']:.2f} "
+                     f"points below what our top-1 attacker gets through PP ({top1:.2f}%), which no argmax-keeping "
+                     "perturbation can lower: the paper's eq. (1) attacker must have been misled by PP's soft labels "
+                     "more than ours (whose recipe was tuned to be strong, see below), or its PP was set up "
+                     "differently (ε, surrogate).")
+    dd, dd_s, dd_i = (get("explanations", d) for d in ("deepdefense", "dd-s", "dd-i"))
+    if None not in (dd, dd_i):
+        lines.append(f"* DD-I (victim's probabilities, misdirected maps) {dd_i:.2f}% vs DD {dd:.2f}%: the "
+                     f"probabilities' share of the defense is {dd_i - dd:+.2f} points (paper "
+                     f"{PAPER['table5']['dd-i'] - PAPER['table5']['deepdefense']:+.2f}).")
+    if None not in (dd, dd_s):
+        lines.append(f"* DD-S (misdirected probabilities, victim's maps) {dd_s:.2f}% vs DD {dd:.2f}%: the maps' "
+                     f"share is {dd_s - dd:+.2f} points (paper {PAPER['table5']['dd-s'] - PAPER['table5']['deepdefense']:+.2f}).")
+    return ["", *lines] if lines else []
 
 
 def _relative(target: Path, start: Path) -> str:
