@@ -6,7 +6,8 @@ Paths measured, in this order, each on the same images:
 (b) ``one-query engine`` — DeepDefense answering one query per call (``batch_size=1``);
 (c) ``batched engine`` — DeepDefense answering micro-batches of 1, 8, 32, 64 queries;
 (d) ``server`` — ``deepdefense serve`` started on a free loopback port (micro-batches of the largest
-    batch size) under a closed loop of 1, 8 and 32 concurrent clients, bounded in requests and seconds
+    batch size, admission limit and request timeout lifted so that capacity is measured) under a
+    closed loop of 1, 8 and 32 concurrent clients, bounded in requests and seconds
     (``server.loadtest.run_load``).
 
 For in-process paths a query's latency is its call's wall time divided by the queries in the call
@@ -224,7 +225,9 @@ def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
     env = {**os.environ, "DD_CHECKPOINT": checkpoint, "DD_DEFENSE": "deepdefense", "DD_INTERPRETER": config.interpreter,
            "DD_DEVICE": str(device), "DD_MAX_BATCH_SIZE": str(max(config.batch_sizes)),
            "DD_QUEUE_SIZE": str(4 * max(max(config.clients), max(config.batch_sizes))),
-           "DD_ENGINE": json.dumps(config.options), "DD_LOG_LEVEL": "warning"}
+           "DD_ENGINE": json.dumps(config.options), "DD_LOG_LEVEL": "warning",
+           # capacity, not admission control: every request of the closed loop is admitted and waited for
+           "DD_MAX_EXPECTED_LATENCY_S": "3600", "DD_REQUEST_TIMEOUT_S": "3600"}
     for key in ("DD_API_KEYS", "DD_API_KEYS_FILE", "DD_QUERY_BUDGET"):
         env.pop(key, None)
     command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
