@@ -270,7 +270,7 @@ def _runtime_sections(t: Mapping[str, Any]) -> list[str]:
 
 def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> list[str]:
     if not rows:
-        return ["Not run (DeepDefense was not among the evaluated defenses)."]
+        return ["Not run (no such DeepDefense arms: `deepdefense` not among `--defenses`, or the list was empty)."]
     losses = list(dict.fromkeys(loss for r in rows for loss in r["accuracy"]))
     lines = [f"| {label} | layers | B | ms/query | mean L_orth | fallbacks | "
              + " | ".join(f"f_A `{loss}` (%)" for loss in losses) + " |",
