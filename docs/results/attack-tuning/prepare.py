@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from clients.attack import sample_queries
 from models.data import load_split
 
