@@ -70,6 +70,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--out", required=True, help="results folder (JSON, CSV, PNG; finished trainings are cached here)")
     run.add_argument("--report", default=None, help="also write the Markdown report here, e.g. docs/results/mnist.md")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--only-cached", action="store_true",
+                     help="train no new attack model: report the stored ones (the others show as not run)")
 
 
 def config_from_args(args: argparse.Namespace, engine_options: dict[str, Any]) -> EvalConfig:
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace, engine_options: dict[str, Any]) -
         test_n=args.test_n, n_unif=args.n_unif, n_maps=args.n_maps, p=args.p, n_figure=args.n_figure,
         runtime_n=args.runtime_n, engine_options=engine_options, device=device,
         defense_device=str(resolve_device(args.defense_device)) if args.defense_device else None,
-        store_root=args.store_root)
+        store_root=args.store_root, only_cached=args.only_cached)
 
 
 def run_eval(args: argparse.Namespace, command: str, engine_options: dict[str, Any]) -> int:

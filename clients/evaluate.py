@@ -89,6 +89,7 @@ class EvalConfig:
     device: str = "cpu"  # attack models, the victim's reference outputs
     defense_device: str | None = None  # in-process defenses and served ones (None: ``device``)
     store_root: str = "runs/transfer-sets"
+    only_cached: bool = False  # report what is stored: no new attack-model training (missing cells: not run)
 
     @property
     def largest_budget(self) -> int:
@@ -173,6 +174,10 @@ class Bench:
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
+    def is_cached(self, key: str) -> bool:
+        path = self.out / "runs" / f"{key}.json"
+        return path.is_file() and json.loads(path.read_text()).get("cache_key") == key
+
     def cached(self, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The record stored under ``key``, or ``make()`` stored there first (atomically)."""
         path = self.out / "runs" / f"{key}.json"
@@ -213,8 +218,9 @@ class Bench:
                       "stored_before": before, "queries_sent": sent,
                       "collect_s": round(seconds, 3), "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None}
 
-    def attack(self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> dict[str, Any]:
-        """Train and test one attack model (cached)."""
+    def attack(self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss,
+               budget: int) -> dict[str, Any] | None:
+        """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
         key = digest({"store": store_fp, "budget": budget, "loss": loss, "training": c.training(),
                       "lam": c.lam if loss == "explanations" else None, "arch": info.arch, "test_n": c.test_n,
@@ -237,6 +243,8 @@ class Bench:
                     "lambda": c.lam if loss == "explanations" else None, **c.training(),
                     "made_by": self.command, "machine": machine(str(self.device))}
 
+        if self.config.only_cached and not self.is_cached(key):
+            return None
         return self.cached(key, make)
 
     def runtime(self, oracle: Oracle, store_fp: str) -> dict[str, Any]:
@@ -313,6 +321,7 @@ class Bench:
         jobs = [(loss, b) for b in reversed(budgets) for loss in arm.losses]  # the largest budget (Table 5) first
         runs = [self.attack(data, info, fp, loss, b)
                 for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)]
+        runs = [r for r in runs if r is not None]
         result = {"key": arm.key, "defense": info.defense, "options": arm.options, "settings": info.defense_settings,
                   "url": arm.url, "budget": arm.budget, **collected, "runtime": self.runtime(oracle, fp), "runs": runs}
         if arm.key in self.config.avg_drop:
@@ -373,6 +382,9 @@ def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | Non
                                                                     minlength=len(bench.meta.classes)).tolist(),
                               "arms": {}}
     shared: dict[str, SharedModes] = {}
+    for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
+        with open_oracle(arm, config, serve, api_key, shared) as oracle:
+            bench.transfer_set(oracle, oracle.info(), arm.budget)
     for arm in arms:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
             record["arms"][arm.key] = bench.run_arm(arm, oracle)
