@@ -382,12 +382,13 @@ def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | Non
                                                                     minlength=len(bench.meta.classes)).tolist(),
                               "arms": {}}
     shared: dict[str, SharedModes] = {}
+    collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            bench.transfer_set(oracle, oracle.info(), arm.budget)
+            collected[arm.key] = bench.transfer_set(oracle, oracle.info(), arm.budget)[1]
     for arm in arms:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            record["arms"][arm.key] = bench.run_arm(arm, oracle)
+            record["arms"][arm.key] = {**bench.run_arm(arm, oracle), **collected[arm.key]}
         if on_arm is not None:
             on_arm(record)
     return record
