@@ -33,7 +33,7 @@ def mnist_images(data_root: Path) -> torch.Tensor:
 def test_defaults_on_100_mnist_images(interpreter: str, mnist_images: torch.Tensor) -> None:
     defense, _ = load_defense("lenet-mnist", "deepdefense", interpreter)
     before = weights_digest(defense.model)
-    result = measure_fidelity(defense, mnist_images, progress=False)
+    result = measure_fidelity(defense, mnist_images, batch_size=N_IMAGES, progress=False)
     assert result.top1_agreement == 100.0
     assert result.mean_l_orth <= 0.5, "mean |cos| must fall to at most half its starting value of 1"
     assert result.median_spearman >= 0.8
