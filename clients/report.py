@@ -345,6 +345,16 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
     if None not in (dd, dd_s):
         lines.append(f"* DD-S (misdirected probabilities, victim's maps) {dd_s:.2f}% vs DD {dd:.2f}%: the maps' "
                      f"share is {dd_s - dd:+.2f} points (paper {PAPER['table5']['dd-s'] - PAPER['table5']['deepdefense']:+.2f}).")
+    dd_top1 = get("labels", "deepdefense")
+    if None not in (dd, dd_top1):
+        lines.append(f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% (undefended {_f(top10)}%): DD keeps the "
+                     f"top-1 class by design, so the labels alone are out of its reach as they are out of PP's. The "
+                     f"eq. (1) attacker gets {dd:.2f}%, {dd - dd_top1:+.2f} points against ignoring everything but the "
+                     f"label: the misdirected probabilities and maps are worth {'less than nothing' if dd < dd_top1 else 'little'}"
+                     f" to it. The paper's DD figure ({PAPER['table5']['deepdefense']:.2f}%) lies "
+                     f"{dd_top1 - PAPER['table5']['deepdefense']:.2f} points below our top-1 attacker through DD, which "
+                     "no top-1-keeping answer can lower; the paper's attacker must have followed the misdirected soft "
+                     "labels and maps far more than the label they carry.")
     return ["", *lines] if lines else []
 
 
