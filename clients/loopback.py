@@ -8,13 +8,10 @@ import secrets
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 
 @contextmanager
@@ -33,25 +30,29 @@ def served(checkpoint: str, defense: str, interpreter: str, *, device: str = "cp
         settings = ServerSettings(checkpoint=checkpoint, defense=defense, interpreter=interpreter, device=device,
                                   engine=engine or {}, data_root=data_root, api_keys=key, api_keys_file=None,
                                   query_budget=None, budget_db=Path(tmp) / "budget.sqlite", log_level="warning")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if not thread.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"the {defense} server for {checkpoint} did not become ready")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
+        config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+        with uvicorn_thread(config, ready_timeout) as url:
             yield url, key
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
-            sock.close()
+
+
+@contextmanager
+def uvicorn_thread(config: Any, ready_timeout: float = 60.0) -> Iterator[str]:
+    """uvicorn with ``config`` (a ``uvicorn.Config``) in a daemon thread on a free loopback port; yields the
+    base URL once ``/readyz`` answers 200 and stops the server on exit."""
+    import uvicorn
+
+    from server.loadtest import wait_ready
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_ready(url, thread.is_alive, ready_timeout)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -298,6 +298,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> None:
+    """Return once ``url``/readyz answers 200; RuntimeError if ``alive()`` turns False or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not alive():
+            raise RuntimeError(f"the server at {url} stopped before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} was not ready after {timeout_s:g} s")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+
+
 @contextmanager
 def spawned_server(command: Sequence[str], url: str, *, ready_timeout_s: float = 600.0,
                    drain_timeout_s: float = 120.0, env: dict[str, str] | None = None,
@@ -307,18 +323,7 @@ def spawned_server(command: Sequence[str], url: str, *, ready_timeout_s: float =
     process = subprocess.Popen(list(command), env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     shutdown: dict[str, Any] = {}
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready after {ready_timeout_s:g} s")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, lambda: process.poll() is None, ready_timeout_s, poll_s=0.2)
         yield process, shutdown
     finally:
         if process.poll() is None:

@@ -14,15 +14,12 @@ the ``DD_*`` variables like ``deepdefense serve``: the SIGTERM and soak tests ru
 from __future__ import annotations
 
 import argparse
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 import torch
-import uvicorn
 from fastapi import FastAPI
 from torch import Tensor
 
@@ -103,31 +100,13 @@ def metric_value(metrics_text: str, sample: str) -> float:
 def served_like_serve(app: FastAPI) -> Iterator[str]:
     """``app`` under uvicorn in a thread, configured as ``deepdefense serve`` configures it
     (``server.app.uvicorn_config``), on a free loopback port; yields the base URL once ready."""
+    from clients.loopback import uvicorn_thread
     from server.app import uvicorn_config
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
     config = uvicorn_config(app, app.state.runtime.settings)
     config.log_level = "warning"
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+    with uvicorn_thread(config) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def main() -> None:
