@@ -323,7 +323,12 @@ def spawned_server(command: Sequence[str], url: str, *, ready_timeout_s: float =
     process = subprocess.Popen(list(command), env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     shutdown: dict[str, Any] = {}
     try:
-        wait_ready(url, lambda: process.poll() is None, ready_timeout_s, poll_s=0.2)
+        try:
+            wait_ready(url, lambda: process.poll() is None, ready_timeout_s, poll_s=0.2)
+        except RuntimeError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready") from None
+            raise
         yield process, shutdown
     finally:
         if process.poll() is None:
