@@ -11,7 +11,7 @@ victim's test set.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +22,11 @@ from torch.utils.data import TensorDataset
 from models.data import get_spec, load_split
 from models.train import evaluate
 
-from .attack_losses import AttackLoss
-from .attack_model import Optimizer, Schedule, build_attack_model, train_attack_model
-from .jbda import collect_jbda
-from .oracle import ModelInfo, Oracle
-from .transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from clients.attack_losses import AttackLoss
+from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from clients.jbda import collect_jbda
+from clients.oracle import ModelInfo, Oracle
+from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
 
 Strategy = Literal["random", "jbda"]
 STRATEGIES: tuple[Strategy, ...] = ("random", "jbda")
@@ -40,14 +40,8 @@ class AttackConfig:
     dataset: str = "fashionmnist"  # the attacker's data set P_A (its training split)
     data_root: str | None = None
     arch: str | None = None  # None: the victim's architecture, as the server reports it
-    epochs: int = 60
-    batch_size: int = 64  # training batch
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)  # how the attack model is trained
     query_batch: int = 16  # images per request
-    lr: float = 1e-3
-    lam: float = 1e-2  # λ of eq. (1); chosen on lenet-mnist, undefended, B = 10,000 (docs/results/attack-tuning.md)
-    optimizer: Optimizer = "adam"
-    schedule: Schedule = "cosine"  # cosine decay of the learning rate to 0 over all steps
-    weight_decay: float = 0.0
     seed: int = 0
     seed_size: int = 150  # JBDA |S_0|
     jbda_step: float = 0.1  # JBDA λ
@@ -74,9 +68,8 @@ def fingerprint(config: AttackConfig, info: ModelInfo) -> dict[str, Any]:
                    "settings": info.defense_settings},
     }
     if config.strategy == "jbda":
-        fp["jbda"] = {k: getattr(config, k) for k in ("seed_size", "jbda_step", "rounds", "arch", "loss", "epochs",
-                                                      "batch_size", "lr", "lam", "optimizer", "schedule",
-                                                      "weight_decay")}
+        fp["jbda"] = {**{k: getattr(config, k) for k in ("seed_size", "jbda_step", "rounds", "arch", "loss")},
+                      **asdict(config.recipe)}
     return fp
 
 
@@ -108,10 +101,7 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
     def fit(data: TransferSet, seed: int) -> tuple[nn.Module, list[float]]:
         model = fresh_model(seed)
         history = train_attack_model(model, data, loss=config.loss, interpreter=info.interpreter,
-                                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                                     lam=config.lam, seed=seed, device=device, optimizer=config.optimizer,
-                                     schedule=config.schedule, weight_decay=config.weight_decay,
-                                     progress=progress)
+                                     recipe=config.recipe, seed=seed, device=device, progress=progress)
         return model, history
 
     pool = load_split(config.dataset, config.data_root, "train").tensors[0]
@@ -139,8 +129,8 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
     return {
         "accuracy": round(accuracy, 2), "budget": config.budget, "transfer_set_size": len(data),
         "queries_sent": sent, "queries_stored_before": stored_before, "strategy": config.strategy,
-        "loss": config.loss, "lambda": config.lam if config.loss == "explanations" else None,
-        "epochs": config.epochs, "epoch_losses": history, "arch": arch, "seed": config.seed,
+        "loss": config.loss, "lambda": config.recipe.lam if config.loss == "explanations" else None,
+        "epochs": config.recipe.epochs, "epoch_losses": history, "arch": arch, "seed": config.seed,
         "attacker_dataset": config.dataset, "test_set": f"{info.dataset} test", "test_n": len(test),
         "victim": {"model": info.name, "arch": info.arch, "defense": info.defense, "interpreter": info.interpreter,
                    "settings": info.defense_settings},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,13 +21,26 @@ from defense.interpreters import create_interpreter
 from models.normalized import Normalized
 from models.registry import create_model
 
-from .attack_losses import AttackLoss, attack_loss
-from .transfer import TransferSet
+from clients.attack_losses import AttackLoss, attack_loss
+from clients.transfer import TransferSet
 
 Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["cosine", "constant"]
 OPTIMIZERS: tuple[Optimizer, ...] = ("adam", "sgd")
 SCHEDULES: tuple[Schedule, ...] = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How an attack model is trained: one type for ``deepdefense attack`` and the evaluation harness."""
+
+    epochs: int = 60
+    batch_size: int = 64  # training batch
+    lr: float = 1e-3
+    lam: float = 1e-2  # λ of eq. (1); chosen on lenet-mnist, undefended, B = 10,000 (docs/results/attack-tuning.md)
+    optimizer: Optimizer = "adam"
+    schedule: Schedule = "cosine"  # cosine decay of the learning rate to 0 over all steps
+    weight_decay: float = 0.0
 
 
 def build_attack_model(arch: str, num_classes: int, input_shape: Sequence[int], mean: Sequence[float],
@@ -56,14 +70,14 @@ def make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float, weight_dec
     raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
-def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss, interpreter: str, epochs: int,
-                       batch_size: int, lr: float, lam: float, seed: int, device: torch.device,
-                       optimizer: Optimizer = "adam", schedule: Schedule = "cosine", weight_decay: float = 0.0,
-                       progress: bool = True) -> list[float]:
-    """``optimizer`` on the attack loss for ``epochs`` passes over ``data``; the mean loss of every epoch."""
+def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss, interpreter: str,
+                       recipe: TrainingRecipe, seed: int, device: torch.device, progress: bool = True) -> list[float]:
+    """The recipe's optimizer on the attack loss for ``recipe.epochs`` passes over ``data``; the mean loss of
+    every epoch."""
+    epochs, batch_size, lam = recipe.epochs, recipe.batch_size, recipe.lam
     model.to(device).train()
     explainer = create_interpreter(interpreter, model, tuple(data.images.shape[1:]))
-    opt, scheduler = make_optimizer(model, optimizer, lr, weight_decay, schedule,
+    opt, scheduler = make_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.schedule,
                                     epochs * math.ceil(len(data) / batch_size))
     generator = torch.Generator().manual_seed(seed)
     maps = data.attributions

@@ -2,7 +2,7 @@
 
 Reports what a defense costs honest users: top-1 agreement with the true labels and with the
 undefended victim (the checkpoint loaded locally behind ``NoDefense``), and the latency of each
-request as percentiles (p50/p95/p99).
+request as percentiles (p50/p95/p99 by nearest rank, max, mean).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from defense.api import NoDefense
 
-from .oracle import Oracle
+from clients.latency import percentiles
+from clients.oracle import Oracle
 
 
 @dataclass
@@ -28,18 +28,15 @@ class BenignReport:
     explain: bool
     accuracy: float  # percent of answers whose label is the true label
     agreement_undefended: float  # percent of answers whose label is the undefended victim's
-    latency_ms: dict[str, float]  # p50, p95, p99 and mean per request
+    latency_ms: dict[str, float]  # p50, p95, p99 (nearest rank), max and mean per request
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def latency_summary(seconds: list[float]) -> dict[str, float]:
-    """p50, p95, p99 (linear interpolation) and the mean, in milliseconds."""
-    ms = 1000.0 * np.asarray(seconds)
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "mean": round(float(ms.mean()), 3)}
+    """:func:`clients.latency.percentiles` of request times, in milliseconds (3 decimals)."""
+    return {k: round(v, 3) for k, v in percentiles([1000.0 * s for s in seconds]).items()}
 
 
 def run_benign(oracle: Oracle, images: Tensor, labels: Tensor, undefended: NoDefense, *, batch_size: int = 1,

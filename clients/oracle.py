@@ -1,9 +1,8 @@
 """The oracle a client queries: a batch of images in, probabilities, labels and attribution maps out.
 
-Two implementations of one protocol: :class:`HttpOracle` talks to a running ``deepdefense serve``
-(``POST /predict``, ``GET /v1/models``) and :class:`LocalOracle` calls a :class:`defense.Defense`
-in-process, the same ``Defense.answer`` the server's micro-batcher calls. Attacks, the benign
-client and the evaluation harness only see :class:`Oracle`.
+:class:`HttpOracle` talks to a running ``deepdefense serve`` (``POST /predict``, ``GET /v1/models``).
+Attacks, the benign client and the evaluation harness only see the :class:`Oracle` protocol, so the
+harness can also answer in-process (``measure.local_oracle.LocalOracle``).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import httpx
 import torch
 from torch import Tensor
 
-from defense.api import Defense
-from models.checkpoint import CheckpointMeta
 
 API_KEY_ENV = "DD_CLIENT_API_KEY"
 
@@ -81,30 +78,6 @@ def stack_reply(labels: list[int], probabilities: list[Tensor], attributions: li
         probabilities=torch.stack(probabilities).float(),
         attributions=torch.stack(attributions).float() if attributions is not None else None,
     )
-
-
-def local_info(name: str, meta: CheckpointMeta, defense: Defense) -> ModelInfo:
-    """The :class:`ModelInfo` a server would report for checkpoint ``name`` served through ``defense``."""
-    return ModelInfo(name=name, arch=meta.arch, dataset=meta.dataset, classes=list(meta.classes),
-                     input_shape=tuple(meta.input_shape), interpreter=defense.interpreter.name,
-                     defense=defense.name, defense_settings=defense.public_settings())
-
-
-class LocalOracle:
-    """A :class:`Defense` called in-process, as the server's micro-batcher calls it."""
-
-    def __init__(self, defense: Defense, info: ModelInfo) -> None:
-        self.defense = defense
-        self._info = info
-        self.device = next(defense.model.parameters()).device
-
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
-        answers = self.defense.answer(x.to(self.device), explain=explain)
-        maps = [a.attribution.detach().cpu() for a in answers] if explain else None
-        return stack_reply([a.label for a in answers], [a.probabilities.detach().cpu() for a in answers], maps)
 
 
 class HttpOracle:

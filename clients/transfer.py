@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from .oracle import Oracle, OracleReply
+from clients.oracle import Oracle, OracleReply
 
 _MANIFEST = "manifest.json"
 

@@ -1,3 +1,5 @@
-"""DeepDefense: a defended ML-as-a-service inference server (Lee, Han, Lee, IJCAI-22)."""
+"""The ``deepdefense`` command line: ``cli.py`` dispatches, one module per subcommand under ``commands/``."""
 
-__version__ = "0.1.0"
+from common import __version__
+
+__all__ = ["__version__"]

@@ -6,9 +6,7 @@ from torch import nn
 
 from .api import Answer, Defense, NoDefense
 from .interpreters import Interpreter
-
-ENGINE_MODES = ("deepdefense", "dd-s", "dd-i")
-DEFENSES = (*ENGINE_MODES, "pp", "none")
+from .names import DEFENSES, ENGINE_MODES, DefenseName, EngineMode
 
 
 def create_defense(name: str, model: nn.Module, interpreter: Interpreter, **options: object) -> Defense:
@@ -27,4 +25,4 @@ def create_defense(name: str, model: nn.Module, interpreter: Interpreter, **opti
     raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(DEFENSES)}")
 
 
-__all__ = ["DEFENSES", "ENGINE_MODES", "Answer", "Defense", "NoDefense", "create_defense"]
+__all__ = ["DEFENSES", "ENGINE_MODES", "Answer", "Defense", "DefenseName", "EngineMode", "NoDefense", "create_defense"]

@@ -10,7 +10,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from deepdefense import __version__
+from common import __version__
 from defense import Defense
 
 from .access import OPERATOR, docs_router

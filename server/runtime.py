@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from deepdefense.device import resolve_device
+from common.device import resolve_device
 from defense import Defense
 from defense.loader import load_defense
 from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint

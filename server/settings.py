@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from defense.names import DefenseName
 from models.checkpoint import resolve_checkpoint
 
-DefenseName = Literal["deepdefense", "dd-s", "dd-i", "pp", "none"]
 #: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
 Access = Literal["open", "admin", "off"]
 #: Characters a key may hold: visible ASCII except the comma (the separator of DD_API_KEYS).
@@ -39,9 +39,9 @@ class ServerSettings(BaseSettings):
     engine: dict[str, Any] = Field(default_factory=dict, description="keyword options passed to the defense")
     data_root: str | None = Field(None, description="data sets, for layer sensitivity not stored in the checkpoint")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
     max_instances: int = Field(16, ge=1, description="instances per request")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size, enforced while reading")

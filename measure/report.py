@@ -1,7 +1,7 @@
 """The evaluation's outputs: JSON, CSV and PNG files in the results folder, and a Markdown report
 with the paper's numbers beside ours (DeepDefense, Lee/Han/Lee IJCAI-22: Tables 2–5, Figures 2–3).
 
-Nothing here measures anything: every number comes from the record ``clients.evaluate`` produced,
+Nothing here measures anything: every number comes from the record ``measure.evaluate`` produced,
 and the paper's numbers are quoted from its tables (``PAPER``).
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import plots
+from defense.names import ENGINE_MODES
+from measure import plots
 
 #: The paper's numbers for MNIST (LeNet, Grad-CAM): Table 5 (B = 10,000) and Table 2 (Average Drop).
 PAPER: dict[str, Any] = {
@@ -27,7 +28,7 @@ PAPER: dict[str, Any] = {
     "table3_flowers_l17": {"90": (8, 9.19, 1.47), "70": (6, 8.98, 1.38), "50": (3, 11.40, 0.73), "pp": (62.13, 0.21)},
     "table4_flowers": {"dd": {1: 9.19, 3: 41.91}, "pp": {1: 62.13, 5: 51.84}},
 }
-MAIN = ("none", "pp", "deepdefense", "dd-s", "dd-i")
+MAIN = ("none", "pp", *ENGINE_MODES)  # the order of the report's tables
 NAMES = plots.NAMES
 CSV_FIELDS = ("arm", "defense", "cs", "top_k", "loss", "budget", "accuracy", "r_test", "r_test_tv", "r_unif",
               "r_unif_tv", "epochs", "train_s", "device")
@@ -140,6 +141,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     """The report: our numbers beside the paper's, the differences, the command that made them."""
     t = tables(record)
     c, env = record["config"], record["environment"]
+    recipe = c.get("recipe", c)  # records written before the recipe had its own type hold its fields flat
     rel = Path(_relative(Path(out), Path(doc).parent))
     budget = t["budget"]
     present = [d for d in MAIN if d in record["arms"]]
@@ -151,8 +153,9 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "",
         f"* command: `{record.get('command', '')}`",
         (f"* seed {c['seed']}; attacker's queries: random images of the {c['attacker_dataset']} training split; "
-        f"attack model {record.get('arch', 'the victim architecture')}, {c['optimizer']} lr {c['lr']:g}, batch "
-        f"{c['batch_size']}, {c['schedule']} schedule, {c['epochs']} epochs, λ {c['lam']:g} (eq. 1)"),
+        f"attack model {record.get('arch', 'the victim architecture')}, {recipe['optimizer']} lr {recipe['lr']:g}, "
+        f"batch {recipe['batch_size']}, {recipe['schedule']} schedule, {recipe['epochs']} epochs, "
+        f"λ {recipe['lam']:g} (eq. 1)"),
         (f"* test set: {'all' if c['test_n'] is None else 'first ' + str(c['test_n'])} {record.get('dataset', '')} test "
         f"images; |U| = {c['n_unif']:,} uniform inputs for R_unif"),
         (f"* this invocation: {env['host']} ({env['machine']}, torch {env['torch']}, {env['threads']} threads), attack "
@@ -337,7 +340,7 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
                      "perturbation can lower: the paper's eq. (1) attacker must have been misled by PP's soft labels "
                      "more than ours (whose recipe was tuned to be strong, see below), or its PP was set up "
                      "differently (ε, surrogate).")
-    dd, dd_s, dd_i = (get("explanations", d) for d in ("deepdefense", "dd-s", "dd-i"))
+    dd, dd_s, dd_i = (get("explanations", d) for d in ENGINE_MODES)
     if None not in (dd, dd_i):
         lines.append(f"* DD-I (victim's probabilities, misdirected maps) {dd_i:.2f}% vs DD {dd:.2f}%: the "
                      f"probabilities' share of the defense is {dd_i - dd:+.2f} points (paper "

@@ -9,11 +9,11 @@ server this harness starts on loopback, or by a running server (``--url``) — t
    attack``: resumable, never re-sends a stored query); every smaller budget is a prefix of it and
    every attack loss trains on it;
 2. trains an attack model per (loss, budget) and measures its test accuracy on the victim's test
-   set (Figure 2, Tables 3–5) and its fidelity R_test / R_unif to the victim (:mod:`clients.agreement`);
+   set (Figure 2, Tables 3–5) and its fidelity R_test / R_unif to the victim (:mod:`measure.agreement`);
 3. times ``runtime_n`` test queries (ms/query; mean L_orth and fallbacks when in-process, Table 3);
 4. for the arms named in ``avg_drop``, queries the first ``n_maps`` test images (stored the same
    way) and compares the Average Drop of the victim's and the answered maps (Table 2,
-   :mod:`clients.average_drop`), keeping a few for Figure 3.
+   :mod:`measure.average_drop`), keeping a few for Figure 3.
 
 Every training result is cached under ``<out>/runs/<digest>.json`` keyed by everything that
 determines it (the transfer set's fingerprint, the budget, the loss, the training recipe, the test
@@ -43,16 +43,14 @@ from models.checkpoint import load_checkpoint
 from models.data import get_spec, load_split
 from models.train import evaluate
 
-from . import agreement, average_drop
-from .attack import AttackConfig, fingerprint, sample_queries
-from .attack_losses import ATTACK_LOSSES, AttackLoss
-from .attack_model import Optimizer, Schedule, build_attack_model, train_attack_model
-from .oracle import HttpOracle, LocalOracle, ModelInfo, Oracle, local_info
-from .shared_engine import ModeOf, SharedModes, engine_key
-from .transfer import TransferSet, TransferStore, collect, fingerprint_digest
-
-_ATTACK = AttackConfig()
-
+from measure import agreement, average_drop
+from clients.attack import AttackConfig, fingerprint, sample_queries
+from clients.attack_losses import ATTACK_LOSSES, AttackLoss
+from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from clients.oracle import HttpOracle, ModelInfo, Oracle
+from measure.local_oracle import LocalOracle, local_info
+from measure.shared_modes import ModeOf, SharedModes, engine_key
+from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -60,7 +58,7 @@ class EvalConfig:
 
     checkpoint: str = "lenet-mnist"
     interpreter: str = "gradcam"
-    defenses: tuple[str, ...] = ("none", "pp", "deepdefense", "dd-s", "dd-i")
+    defenses: tuple[str, ...] = ("none", "pp", *ENGINE_MODES)
     losses: tuple[AttackLoss, ...] = ATTACK_LOSSES
     budgets: tuple[int, ...] = (2500, 5000, 7500, 10_000)
     cs: tuple[float, ...] = (50.0, 70.0, 90.0)  # Table 3 (DeepDefense arms, when 'deepdefense' is evaluated)
@@ -68,16 +66,10 @@ class EvalConfig:
     ablation_budget: int | None = None  # B of the Table 3/4 arms (None: the largest budget)
     ablation_losses: tuple[AttackLoss, ...] = ("explanations",)
     avg_drop: tuple[str, ...] = ("deepdefense",)  # arms whose maps are compared with the victim's (Table 2)
-    attacker_dataset: str = _ATTACK.dataset
+    attacker_dataset: str = AttackConfig.dataset  # P_A: the attacker's queries come from its training split
     data_root: str | None = None
-    epochs: int = _ATTACK.epochs
-    batch_size: int = _ATTACK.batch_size
-    lr: float = _ATTACK.lr
-    lam: float = _ATTACK.lam
-    optimizer: Optimizer = _ATTACK.optimizer
-    schedule: Schedule = _ATTACK.schedule
-    weight_decay: float = _ATTACK.weight_decay
-    query_batch: int = _ATTACK.query_batch
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)  # how every attack model is trained
+    query_batch: int = AttackConfig.query_batch
     seed: int = 0
     test_n: int | None = None  # first n victim test images for accuracy and R_test (None: all)
     n_unif: int = 10_000  # |U| of R_unif (the talk's value)
@@ -97,8 +89,7 @@ class EvalConfig:
 
     def training(self) -> dict[str, Any]:
         """The attack-model recipe (part of every cache key)."""
-        return {k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "lam", "optimizer", "schedule",
-                                              "weight_decay", "seed", "attacker_dataset")}
+        return {**asdict(self.recipe), "seed": self.seed, "attacker_dataset": self.attacker_dataset}
 
 
 @dataclass(frozen=True)
@@ -150,8 +141,9 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Bench:
-    """What every arm shares: the attacker's pool, the victim's test set and its reference outputs."""
+class Evaluation:
+    """One evaluation run: what every arm shares (the attacker's pool, the victim's test set and its reference
+    outputs, the cache of finished trainings) and the steps each arm goes through."""
 
     def __init__(self, config: EvalConfig, out: Path, progress: bool = True, command: str | None = None) -> None:
         self.config, self.out, self.progress, self.command = config, out, progress, command
@@ -223,7 +215,7 @@ class Bench:
         """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
         key = digest({"store": store_fp, "budget": budget, "loss": loss, "training": c.training(),
-                      "lam": c.lam if loss == "explanations" else None, "arch": info.arch, "test_n": c.test_n,
+                      "lam": c.recipe.lam if loss == "explanations" else None, "arch": info.arch, "test_n": c.test_n,
                       "n_unif": c.n_unif, "victim": c.checkpoint})
 
         def make() -> dict[str, Any]:
@@ -231,16 +223,14 @@ class Bench:
                                        c.seed)
             started = time.perf_counter()
             history = train_attack_model(model, data.prefix(budget), loss=loss, interpreter=info.interpreter,
-                                         epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, lam=c.lam, seed=c.seed,
-                                         device=self.device, optimizer=c.optimizer, schedule=c.schedule,
-                                         weight_decay=c.weight_decay, progress=self.progress)
+                                         recipe=c.recipe, seed=c.seed, device=self.device, progress=self.progress)
             trained = time.perf_counter()
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
             fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed,
                                      victim_test=self.victim_test, victim_unif=self.victim_unif)
             return {"loss": loss, "budget": budget, "accuracy": round(accuracy, 2), **fid.as_dict(),
                     "epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device),
-                    "lambda": c.lam if loss == "explanations" else None, **c.training(),
+                    "lambda": c.recipe.lam if loss == "explanations" else None, **c.training(),
                     "made_by": self.command, "machine": machine(str(self.device))}
 
         if self.config.only_cached and not self.is_cached(key):
@@ -335,11 +325,11 @@ def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None =
     """The arm's oracle: in-process, a server started for it on loopback, or the running server at ``arm.url``.
 
     In-process engine modes with the same options share one engine through ``shared``
-    (:mod:`clients.shared_engine`): one optimisation per query answers DeepDefense, DD-S and DD-I.
+    (:mod:`measure.shared_modes`): one optimisation per query answers DeepDefense, DD-S and DD-I.
     """
     device = config.defense_device or config.device
     if arm.url is not None or serve:
-        from .loopback import served
+        from measure.launcher import served
 
         context: AbstractContextManager[tuple[str, str | None]] = (
             nullcontext((arm.url, api_key)) if arm.url is not None else
@@ -371,24 +361,24 @@ def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | Non
     """Run every arm (collect, train, test, time, maps) and return the whole record; ``on_arm`` is
     called after each arm (the CLI writes the result files there, so an interrupted run keeps them)."""
     out = Path(out)
-    bench = Bench(config, out, progress, command)
+    run = Evaluation(config, out, progress, command)
     arms = url_arms(config, urls, api_key) if urls else plan_arms(config)
-    test = torch.utils.data.TensorDataset(bench.test_images, bench.test_labels)
+    test = torch.utils.data.TensorDataset(run.test_images, run.test_labels)
     record: dict[str, Any] = {"config": {**asdict(config), "arms": [a.key for a in arms]},
                               "environment": environment(config), "victim": config.checkpoint,
-                              "arch": bench.meta.arch, "dataset": bench.meta.dataset,
-                              "victim_accuracy": round(evaluate(bench.victim, test, bench.device), 2),
-                              "victim_unif_classes": torch.bincount(bench.victim_unif.argmax(1),
-                                                                    minlength=len(bench.meta.classes)).tolist(),
+                              "arch": run.meta.arch, "dataset": run.meta.dataset,
+                              "victim_accuracy": round(evaluate(run.victim, test, run.device), 2),
+                              "victim_unif_classes": torch.bincount(run.victim_unif.argmax(1),
+                                                                    minlength=len(run.meta.classes)).tolist(),
                               "arms": {}}
     shared: dict[str, SharedModes] = {}
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            collected[arm.key] = bench.transfer_set(oracle, oracle.info(), arm.budget)[1]
+            collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget)[1]
     for arm in arms:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            record["arms"][arm.key] = {**bench.run_arm(arm, oracle), **collected[arm.key]}
+            record["arms"][arm.key] = {**run.run_arm(arm, oracle), **collected[arm.key]}
         if on_arm is not None:
             on_arm(record)
     return record

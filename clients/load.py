@@ -6,8 +6,7 @@ most ``max_requests`` requests in all), each with its own seeded random images. 
 gives requests sent and served, every error class (``"503 overloaded"``, ``"504 timeout"``,
 ``"transport ReadTimeout"`` …), latency percentiles, throughput, and the server's resident memory
 sampled once a second from ``/proc/<pid>/status`` (start, peak, end, growth over the second half).
-With ``serve_command`` the server is started here on a free loopback port and stopped with SIGTERM
-at the end, so the report also says how long it took to drain and exit.
+Starting a server for the run is the launcher's job (``measure.launcher``, ``deepdefense load --serve``).
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from clients.latency import percentiles
 
 #: Hard bounds, whatever the caller asks for: this is a test tool, not a traffic generator.
 MAX_CLIENTS = 256
@@ -96,18 +97,6 @@ def require_loopback(url: str) -> None:
         raise ValueError(f"cannot resolve the host of {url!r}") from None
     if not address.is_loopback:
         raise ValueError(f"load tests run against loopback only; {host!r} is {address}")
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50, p95, p99 and max by the nearest-rank method; empty when there are no values."""
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": ordered[-1]}
 
 
 def rss_mb(pid: int) -> float | None:
@@ -287,100 +276,3 @@ async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) if isinstance(v, float) else v for k, v in values.items()}
-
-
-# -- a server started for the run --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> None:
-    """Return once ``url``/readyz answers 200; RuntimeError if ``alive()`` turns False or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not alive():
-            raise RuntimeError(f"the server at {url} stopped before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server at {url} was not ready after {timeout_s:g} s")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(poll_s)
-
-
-@contextmanager
-def spawned_server(command: Sequence[str], url: str, *, ready_timeout_s: float = 600.0,
-                   drain_timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                   log: Any = None) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
-    """Start ``command`` (a server listening at ``url``), wait for ``/readyz``, yield the process and
-    a dict that, after the block, holds the exit code and the seconds from SIGTERM to exit."""
-    process = subprocess.Popen(list(command), env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    shutdown: dict[str, Any] = {}
-    try:
-        try:
-            wait_ready(url, lambda: process.poll() is None, ready_timeout_s, poll_s=0.2)
-        except RuntimeError:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready") from None
-            raise
-        yield process, shutdown
-    finally:
-        if process.poll() is None:
-            t0 = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(drain_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            shutdown.update(exit_code=process.returncode, seconds_after_sigterm=round(time.monotonic() - t0, 2))
-
-
-# -- the command line ------------------------------------------------------------------------------------
-
-
-def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (loopback only)")
-    p.add_argument("--serve", action="store_true",
-                   help="start 'deepdefense serve' (configured by DD_* variables) on a free loopback port, run the "
-                        "load against it, then stop it with SIGTERM; --url is ignored")
-    p.add_argument("--clients", type=int, default=32, help=f"concurrent clients (at most {MAX_CLIENTS})")
-    p.add_argument("--duration", type=float, default=120.0, help=f"seconds of load (at most {MAX_DURATION_S:g})")
-    p.add_argument("--max-requests", type=int, default=100_000, help=f"requests in all (at most {MAX_REQUESTS})")
-    p.add_argument("--instances", type=int, default=1, help="instances per request")
-    p.add_argument("--no-explain", dest="explain", action="store_false", help="ask for predictions only")
-    p.add_argument("--timeout", type=float, default=60.0, help="client-side seconds per request")
-    p.add_argument("--ignore-retry-after", dest="honour_retry_after", action="store_false",
-                   help="retry a 503 at once instead of after its Retry-After")
-    p.add_argument("--server-pid", type=int, default=None, help="sample this process's resident memory")
-    p.add_argument("--api-key-file", default=None,
-                   help="file holding the API key (first non-comment line); default: $DD_CLIENT_API_KEY")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the report to this JSON file")
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``deepdefense load``: the report as a dict."""
-    from clients.oracle import read_api_key
-
-    def config(url: str, pid: int | None) -> LoadConfig:
-        return LoadConfig(url=url, clients=args.clients, duration_s=args.duration, max_requests=args.max_requests,
-                          instances=args.instances, explain=args.explain, timeout_s=args.timeout,
-                          honour_retry_after=args.honour_retry_after, seed=args.seed,
-                          api_key=read_api_key(args.api_key_file), server_pid=pid)
-
-    if not args.serve:
-        return asyncio.run(run_load(config(args.url, args.server_pid))).as_dict()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with spawned_server(command, url, env=dict(os.environ), log=sys.stderr) as (process, shutdown):
-        report = asyncio.run(run_load(config(url, process.pid)))
-    report.shutdown = shutdown
-    return report.as_dict()

@@ -8,7 +8,7 @@ Paths measured, in this order, each on the same images:
 (d) ``server`` — ``deepdefense serve`` started on a free loopback port (micro-batches of the largest
     batch size, admission limit and request timeout lifted so that capacity is measured) under a
     closed loop of 1, 8 and 32 concurrent clients, bounded in requests and seconds
-    (``server.loadtest.run_load``).
+    (``clients.load.run_load``).
 
 For in-process paths a query's latency is its call's wall time divided by the queries in the call
 (the queries of a batch finish together); p50/p95 are over calls, queries per second over the whole
@@ -42,17 +42,19 @@ from tqdm import tqdm
 
 from defense.api import Defense
 from defense.loader import load_defense
-from server.loadtest import percentiles, rss_mb
+from clients.latency import percentiles
+from clients.load import rss_mb
 
 MODELS = ("lenet-mnist", "resnet18")
 
 
 @dataclass
 class Row:
-    """One measured path."""
+    """One measured setup: in-process (``queries_per_call`` set) or through the server (``clients`` set)."""
 
-    path: str
-    batch: int  # queries per call (in-process) or concurrent clients (server)
+    setup: str  # "undefended", "one-query engine", "batched engine" or "server"
+    queries_per_call: int | None  # in-process: queries per answer call (a micro-batch)
+    clients: int | None  # server: concurrent closed-loop clients
     queries: int
     ms_per_query_p50: float
     ms_per_query_p95: float
@@ -129,13 +131,13 @@ def time_calls(answer: Callable[[Tensor], object], images: Tensor, batch: int, d
     return per_query, time.perf_counter() - started
 
 
-def measure(path: str, answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
+def measure(setup: str, answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
             notes: dict[str, Any] | None = None) -> Row:
     answer(images[:batch])  # warm-up: first-call allocations, kernel selection
     with PeakMemory(device) as memory:
-        per_query, seconds = time_calls(answer, images, batch, device, f"{path} ×{batch}")
+        per_query, seconds = time_calls(answer, images, batch, device, f"{setup} ×{batch}")
     p = percentiles(per_query)
-    return Row(path, batch, len(images), round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2),
+    return Row(setup, batch, None, len(images), round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2),
                round(memory.peak_mb, 1), notes or {})
 
 
@@ -185,7 +187,7 @@ def random_resnet18(folder: Path, seed: int) -> Path:
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    from deepdefense.device import resolve_device
+    from common.device import resolve_device
 
     device = resolve_device(config.device)
     rows: list[Row] = []
@@ -218,10 +220,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
 def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
                 progress: Callable[[str], None]) -> list[Row]:
     """(d): ``deepdefense serve`` on loopback under closed-loop load, one phase per client count."""
-    from server.loadtest import LoadConfig, free_port, run_load, spawned_server
+    from clients.load import LoadConfig, run_load
+    from measure.launcher import spawn_serve
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DD_CHECKPOINT": checkpoint, "DD_DEFENSE": "deepdefense", "DD_INTERPRETER": config.interpreter,
            "DD_DEVICE": str(device), "DD_MAX_BATCH_SIZE": str(max(config.batch_sizes)),
            "DD_QUEUE_SIZE": str(4 * max(max(config.clients), max(config.batch_sizes))),
@@ -230,16 +231,15 @@ def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
            "DD_MAX_EXPECTED_LATENCY_S": "3600", "DD_REQUEST_TIMEOUT_S": "3600"}
     for key in ("DD_API_KEYS", "DD_API_KEYS_FILE", "DD_QUERY_BUDGET"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     rows = []
-    with spawned_server(command, url, env=env) as (process, _):
+    with spawn_serve(env) as (url, process, _):
         for clients in config.clients:
             progress(f"(d) server, {clients} concurrent clients")
             load = LoadConfig(url=url, clients=clients, duration_s=config.duration_s,
                               max_requests=config.max_requests, seed=config.seed, server_pid=process.pid)
             report = asyncio.run(run_load(load))
             latency = report.latency_ms
-            rows.append(Row("server", clients, report.served, latency.get("p50", float("nan")),
+            rows.append(Row("server", None, clients, report.served, latency.get("p50", float("nan")),
                             latency.get("p95", float("nan")), report.throughput_rps,
                             report.rss_mb.get("peak", process_rss_mb(process.pid)),
                             {"p99_ms": latency.get("p99"), "errors": report.errors, "statuses": report.statuses,
@@ -249,14 +249,15 @@ def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
 
 def ratios(rows: list[Row]) -> dict[str, float]:
     """Throughput ratios against the one-query engine (and the undefended path)."""
-    def qps(path: str, batch: int) -> float | None:
-        return next((r.queries_per_second for r in rows if r.path == path and r.batch == batch), None)
+    def qps(setup: str, queries_per_call: int) -> float | None:
+        return next((r.queries_per_second for r in rows
+                     if r.setup == setup and r.queries_per_call == queries_per_call), None)
 
     out: dict[str, float] = {}
     one, undefended = qps("one-query engine", 1), qps("undefended", 1)
     for r in rows:
-        if r.path in ("batched engine", "server") and one:
-            out[f"{r.path} ×{r.batch} / one-query engine"] = round(r.queries_per_second / one, 2)
+        if r.setup in ("batched engine", "server") and one:
+            out[f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine"] = round(r.queries_per_second / one, 2)
     if one and undefended:
         out["undefended / one-query engine"] = round(undefended / one, 2)
     return out
@@ -280,10 +281,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
     """The bench as a short Markdown table."""
     lines = [f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.", "",
              f"Command: `{command}`", "",
-             "| path | batch / clients | queries | ms/query p50 | ms/query p95 | queries/s | peak memory (MiB) |",
+             "| setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s | peak memory (MiB) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        lines.append(f"| {r['path']} | {r['batch']} | {r['queries']} | {r['ms_per_query_p50']} | "
+        lines.append(f"| {r['setup']} | {r['queries_per_call'] or r['clients']} | {r['queries']} | {r['ms_per_query_p50']} | "
                      f"{r['ms_per_query_p95']} | {r['queries_per_second']} | {r['peak_memory_mb']} |")
     lines += ["", "| ratio of queries per second | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]

@@ -1,0 +1,4 @@
+"""The bottom of the layers: the version and the device choice. Imports nothing of ours, so every
+package (``defense``, ``server``, ``clients``, ``measure``, the ``deepdefense`` command line) may use it."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,47 @@
+"""``deepdefense bench``: where the defended service stands (the harness is :mod:`measure.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deepdefense import flags
+
+HELP = ("benchmark: undefended path, one-query engine, batched engine, and the server under 1/8/32 concurrent "
+        "clients; ms/query, queries/s, peak memory, ratios")
+DESCRIPTION = "See docs/performance.md and measure/bench.py."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet-mnist", choices=["lenet-mnist", "resnet18"],
+                   help="lenet-mnist (shipped) or resnet18 (random weights, 224 px)")
+    p.add_argument("--interpreter", default="gradcam")
+    flags.add_device(p)
+    flags.add_data_root(p, " (MNIST test images for lenet-mnist; random images without)")
+    p.add_argument("--queries", type=int, default=64, help="queries per in-process phase")
+    p.add_argument("--one-query-queries", type=int, default=16, help="queries for the one-query engine")
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="batched-engine micro-batch sizes")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients of the server phases")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per server phase")
+    p.add_argument("--max-requests", type=int, default=2000, help="requests per server phase")
+    p.add_argument("--no-server", dest="server", action="store_false", help="skip the server phases")
+    flags.add_engine_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here and the Markdown table beside it (.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from measure.bench import BenchConfig, markdown, run_bench
+
+    config = BenchConfig(model=args.model, interpreter=args.interpreter, device=args.device, data_root=args.data_root,
+                         queries=args.queries, one_query_queries=args.one_query_queries,
+                         batch_sizes=flags.sizes(args.batch_sizes), clients=flags.sizes(args.clients),
+                         duration_s=args.duration, max_requests=args.max_requests, server=args.server, seed=args.seed,
+                         options=flags.engine_options(args.engine))
+    result = {"command": args.command_line, **run_bench(config, progress=lambda m: print(m, file=sys.stderr))}
+    table = markdown(result, args.command_line)
+    print(table, file=sys.stderr)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(table)
+    return flags.print_report(result, args.out)

@@ -1,0 +1,66 @@
+"""``deepdefense serve``: the defended HTTP server. Its flags are made from ``ServerSettings``' fields
+(name, type, default, description), so a flag's help can never disagree with the setting it sets."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from deepdefense import flags
+from server.settings import ServerSettings
+
+HELP = "serve a victim model through a defense over HTTP (FastAPI under uvicorn)"
+DESCRIPTION = ("Every flag overrides its DD_* environment variable (see docs/server.md). API keys are read only "
+               "from DD_API_KEYS or the file named by DD_API_KEYS_FILE (operator keys: DD_ADMIN_KEYS[_FILE]), "
+               "never from a flag, so that they stay out of process listings and shell history.")
+
+#: Settings that are environment-only: keys and the files holding them.
+ENVIRONMENT_ONLY = ("api_keys", "api_keys_file", "admin_keys", "admin_keys_file")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for name, field in ServerSettings.model_fields.items():
+        if name in ENVIRONMENT_ONLY:
+            continue
+        if name == "engine":  # a dict: the shared KEY=VALUE syntax, merged over DD_ENGINE
+            flags.add_engine_options(p, " (merged over DD_ENGINE)")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "none" if default is None else default
+        help_text = f"{field.description or name.replace('_', ' ')} (default: {shown}; env DD_{name.upper()})"
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help_text, **_kind(field.annotation))
+
+
+def _kind(annotation: Any) -> dict[str, Any]:
+    """argparse ``type``/``choices``/``action`` for a settings field's annotation (Optional unwrapped)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return {"type": annotation}
+    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
+        return {"type": Path}
+    return {"type": str}
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The flags given, over the ``DD_*`` environment, over the defaults."""
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in ServerSettings.model_fields and k != "engine" and v is not None}
+    settings = ServerSettings(**overrides)
+    if args.engine:
+        settings = ServerSettings(**overrides, engine={**settings.engine, **flags.engine_options(args.engine)})
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    serve(settings_from_args(args))
+    return 0

@@ -1,0 +1,13 @@
+"""The names of the defenses the server can serve: the one list every layer above reads."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+#: DeepDefense and its Table 5 ablations: one optimisation, three ways of showing its outputs.
+EngineMode = Literal["deepdefense", "dd-s", "dd-i"]
+#: Every defense by name: the engine modes, Prediction Poisoning, and the undefended victim.
+DefenseName = Literal[EngineMode, "pp", "none"]
+
+ENGINE_MODES: tuple[str, ...] = get_args(EngineMode)
+DEFENSES: tuple[str, ...] = get_args(DefenseName)
