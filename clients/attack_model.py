@@ -17,12 +17,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from clients.attack_losses import AttackLoss, attack_loss
+from clients.transfer import TransferSet
 from defense.interpreters import create_interpreter
 from models.normalized import Normalized
 from models.registry import create_model
-
-from clients.attack_losses import AttackLoss, attack_loss
-from clients.transfer import TransferSet
 
 Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["cosine", "constant"]

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from defense.api import NoDefense
-
 from clients.latency import percentiles
 from clients.oracle import Oracle
+from defense.api import NoDefense
 
 
 @dataclass

@@ -28,7 +28,7 @@ def jacobian_augmentation(model: nn.Module, x: Tensor, labels: Tensor, step: flo
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for xc, yc in zip(x.split(chunk), labels.split(chunk)):
+    for xc, yc in zip(x.split(chunk), labels.split(chunk), strict=True):
         xc = xc.to(device).requires_grad_(True)
         score = model(xc).softmax(-1).gather(1, yc.to(device)[:, None]).sum()
         (g,) = torch.autograd.grad(score, xc)

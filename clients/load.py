@@ -11,21 +11,13 @@ Starting a server for the run is the launcher's job (``measure.launcher``, ``dee
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
-import math
-import os
 import random
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit

@@ -17,7 +17,6 @@ import httpx
 import torch
 from torch import Tensor
 
-
 API_KEY_ENV = "DD_CLIENT_API_KEY"
 
 

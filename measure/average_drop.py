@@ -60,7 +60,7 @@ def class_scores(model: nn.Module, images: Tensor, classes: Tensor, batch_size: 
     model.eval()
     device = next(model.parameters()).device
     out = [model(x.to(device)).softmax(-1).gather(1, c.to(device)[:, None])[:, 0].cpu()
-           for x, c in zip(images.split(batch_size), classes.split(batch_size))]
+           for x, c in zip(images.split(batch_size), classes.split(batch_size), strict=True)]
     return torch.cat(out)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -40,10 +39,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from defense.api import Defense
-from defense.loader import load_defense
 from clients.latency import percentiles
 from clients.load import rss_mb
+from defense.api import Defense
+from defense.loader import load_defense
 
 MODELS = ("lenet-mnist", "resnet18")
 

@@ -37,20 +37,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from defense import ENGINE_MODES, Defense, NoDefense
-from defense.interpreters import create_interpreter
-from models.checkpoint import load_checkpoint
-from models.data import get_spec, load_split
-from models.train import evaluate
-
-from measure import agreement, average_drop
 from clients.attack import AttackConfig, fingerprint, sample_queries
 from clients.attack_losses import ATTACK_LOSSES, AttackLoss
 from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
 from clients.oracle import HttpOracle, ModelInfo, Oracle
+from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from defense import ENGINE_MODES, Defense, NoDefense
+from defense.interpreters import create_interpreter
+from measure import agreement, average_drop
 from measure.local_oracle import LocalOracle, local_info
 from measure.shared_modes import ModeOf, SharedModes, engine_key
-from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from models.checkpoint import load_checkpoint
+from models.data import get_spec, load_split
+from models.train import evaluate
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -249,7 +249,7 @@ class Evaluation:
             stats: list[dict[str, float]] = []
             fallbacks = 0
             # warm-up (first-call allocations), not timed: the next test image, so that an arm sharing an
-            # earlier arm's optimisations (clients/shared_engine.py) finds it kept like the timed ones
+            # earlier arm's optimisations (measure/shared_modes.py) finds it kept like the timed ones
             warm = self.all_test[c.runtime_n: c.runtime_n + 1]
             oracle.query(warm if len(warm) else images[:1])
             started = time.perf_counter()

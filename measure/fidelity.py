@@ -50,7 +50,7 @@ def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, prog
         began = time.perf_counter()
         answers = defense.answer(x)
         seconds += time.perf_counter() - began
-        for ref, ans in zip(reference, answers):
+        for ref, ans in zip(reference, answers, strict=True):
             agree += int(ans.probabilities.argmax()) == ref.label == ans.label
             l_orth.append(ans.stats.get("l_orth", 1.0))
             steps.append(ans.stats.get("steps", 0.0))

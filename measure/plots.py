@@ -27,11 +27,11 @@ def figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, *, paper: Mappi
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(4.6 * max(len(losses), 1), 4.0), sharey=True,
                              squeeze=False)
-    for ax, loss in zip(axes[0], losses):
+    for ax, loss in zip(axes[0], losses, strict=False):  # an empty figure keeps one panel
         for defense in dict.fromkeys(r["defense"] for r in rows):
             points = sorted((r["budget"], r["accuracy"]) for r in rows if r["loss"] == loss and r["defense"] == defense)
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", color=COLOURS.get(defense), label=NAMES.get(defense, defense))
             if paper and loss == "explanations" and defense in paper and paper_budget <= max(r["budget"] for r in rows):
                 ax.plot([paper_budget], [paper[defense]], marker="*", markersize=13, linestyle="none",
@@ -63,7 +63,7 @@ def figure3(images: Sequence[Any], victim_maps: Sequence[Any], defended_maps: Se
     """Rows of (input, victim map I over the input, misdirection map Ĩ over the input)."""
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n), squeeze=False)
-    for row, (x, mv, md, y) in enumerate(zip(images, victim_maps, defended_maps, labels)):
+    for row, (x, mv, md, y) in enumerate(zip(images, victim_maps, defended_maps, labels, strict=True)):
         grey = _grey(x)
         for col, (img, title) in enumerate(((None, f"input (class {y})"), (mv, "victim I"),
                                             (md, f"{defended_name} Ĩ"))):

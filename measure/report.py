@@ -235,7 +235,7 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
     lines = ["", f"## Table 2: Average Drop at p = {record['config']['p']:g}% (lower is better; mean ± std, fractions)", "",
              "Masking: each map's top p% pixels (ties by row-major index) keep their values, every other pixel is set",
              "to 0 in [0, 1] pixel space; both maps are scored by the victim for its own top-1 class",
-             "(`clients/average_drop.py`).", "",
+             "(`measure/average_drop.py`).", "",
              "| | n | victim I | misdirection Ĩ | paired t-test p |", "| --- | --- | --- | --- | --- |",
              f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |"]
     if not t["average_drop"]:

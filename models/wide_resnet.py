@@ -42,7 +42,7 @@ class WideResNet(nn.Module):
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         layers: list[nn.Module] = []
-        for group, stride in zip(range(3), (1, 2, 2)):
+        for group, stride in zip(range(3), (1, 2, 2), strict=True):
             for i in range(n):
                 layers.append(_Block(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1))
         self.blocks = nn.Sequential(*layers)

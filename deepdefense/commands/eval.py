@@ -17,7 +17,7 @@ from models.data import SPECS
 
 HELP = ("the paper's experiments end to end: attack accuracy per defense, loss and budget (Fig. 2, Tables 3-5), "
         "Average Drop (Table 2), R_test/R_unif; JSON, CSV, PNG")
-DESCRIPTION = ("See clients/README.md. Transfer sets and finished trainings are stored as they are made: rerunning "
+DESCRIPTION = ("See measure/README.md. Transfer sets and finished trainings are stored as they are made: rerunning "
                "the same command continues where an interrupted run stopped.")
 
 

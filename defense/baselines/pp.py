@@ -136,5 +136,5 @@ class PredictionPoisoning(Defense):
         return [
             Answer(label=a.label, probabilities=yt.to(a.probabilities.dtype), attribution=a.attribution,
                    stats={"angular_deviation": float(dev), "l1": float(d)})
-            for a, yt, dev, d in zip(truth, y_tilde, deviation, l1)
+            for a, yt, dev, d in zip(truth, y_tilde, deviation, l1, strict=True)
         ]

@@ -81,7 +81,7 @@ class Interpreter(ABC):
             functional_call(self.model, params, (x,))
         activation = rec.activation
         grads = torch.autograd.grad(activation.sum(), list(params.values()), allow_unused=True)
-        bottom = frozenset(n for n, g in zip(params, grads) if g is not None)
+        bottom = frozenset(n for n, g in zip(params, grads, strict=True) if g is not None)
         return tuple(activation.shape), bottom
 
     def explain(self, params: dict[str, Tensor], x: Tensor, y: Tensor | int, *, factored: Sequence[str] = (),
