@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,16 +49,16 @@ from .losses import (
     topk_preserved,
 )
 from .low_rank import LowRankWeight
+from .names import ENGINE_MODES
+from .names import EngineMode as Mode
 from .per_query import ConvImpl, default_conv_impl, per_query_view
 from .sensitivity import layer_params, select_layers
 from .weight_gradients import WeightGradient, inner, norm, weight_gradient
 
-Mode = Literal["deepdefense", "dd-s", "dd-i"]
-
 logger = logging.getLogger("deepdefense.engine")
 
-#: Per-query outputs of the misdirection model that the solver keeps for its best iterate.
-KEPT = ("loss", "l_orth", "cos_bottom", "cos_top", "l_pred", "l_int", "probs", "attribution")
+#: The per-query outputs of the misdirection model that the solver records for each query's best feasible iterate.
+BEST_ITERATE_FIELDS = ("loss", "l_orth", "cos_bottom", "cos_top", "l_pred", "l_int", "probs", "attribution")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,90 @@ class Reference(NamedTuple):
     attribution: Tensor  # (B, H, W)
 
 
+class Gradients(NamedTuple):
+    """∇ L_DD (eq. 8) at the solver's current iterate, one row per query."""
+
+    params: dict[str, Tensor]  # of the dense per-query copies
+    taps: dict[str, Tensor]  # ∂L/∂g_a of each low-rank layer (its gradient tap)
+    factors: dict[str, tuple[Tensor, Tensor]]  # (g_z, a) of each low-rank layer: the rest of its rank-two gradient
+
+
+@dataclass
+class SolverState:
+    """The misdirection solver's running batch: one row per query still optimising, and the per-query record.
+
+    Rows are queries that have not stopped early; ``rows`` maps them back to the queries of the
+    batch, which index ``best``.
+    """
+
+    config: DeepDefenseConfig
+    x: Tensor  # the rows' queries, (R, C, H, W)
+    ref: Reference  # the victim's side of the rows' queries
+    rows: Tensor  # the query each row belongs to, (R,)
+    params: dict[str, Tensor]  # the current iterate: the dense per-query weights
+    anchor: dict[str, Tensor]  # the last feasible iterate, where an infeasible step goes back to
+    velocity: dict[str, Tensor]  # the momentum buffers
+    lr: Tensor  # each row's step size, (R,)
+    stall: Tensor  # steps since each row's best L_orth last improved by ``min_improvement``, (R,)
+    low_rank: dict[str, LowRankWeight]  # the low-rank layers' weights, each with its own anchor and momentum
+    best: dict[str, Tensor]  # per query: its best feasible iterate's ``BEST_ITERATE_FIELDS``, "l_orth" and "steps"
+
+    def low_rank_factors(self) -> dict[str, Tensor]:
+        """The low-rank layers' additions U Vᵀ at the current iterate, keyed as the objective takes them."""
+        return {f"{m}.{k}": v for m, w in self.low_rank.items() for k, v in zip(("delta_u", "delta_v"), w.factors())}
+
+    def keep_best(self, out: Mapping[str, Tensor]) -> None:
+        """Record each query's best feasible iterate (lowest L_orth): the answer comes from it, and early stopping
+        counts the steps since it last improved by more than ``min_improvement``."""
+        previous = self.best["l_orth"][self.rows]
+        better = out["feasible"] & (out["l_orth"] < previous)
+        rows = self.rows[better]
+        for k in BEST_ITERATE_FIELDS:
+            v = out[k][better]
+            if k not in self.best:  # allocated on first use: the shapes come from the objective
+                self.best[k] = v.new_zeros((len(self.best["steps"]), *v.shape[1:]))
+            self.best[k][rows] = v
+        improved = out["feasible"] & (out["l_orth"] < previous - self.config.min_improvement)
+        self.stall = torch.where(improved, 0, self.stall + 1)
+
+    def take_step(self, grads: Gradients, infeasible: Tensor) -> None:
+        """SGD with momentum that stays in the feasible region (constraints (3)–(4)): feasible rows step on from the
+        current iterate; infeasible rows go back to their anchor, lose their momentum and halve their step size."""
+        c, ok = self.config, ~infeasible
+        # low-rank layers: G_t = [∂L/∂z, g_z][a, ∂L/∂g_a]ᵀ, ∂L/∂z the per-query bias's gradient (defense/low_rank.py)
+        for m, w in self.low_rank.items():
+            map_grad_out, inputs = grads.factors[m]
+            g_norm = w.record(grads.params[f"{m}.bias"], inputs, map_grad_out, grads.taps[m])
+            scale = w.norm() / (g_norm + 1e-12) if c.normalise_steps else torch.ones_like(g_norm)
+            w.step(ok, self.lr, c.momentum, scale)
+        steps = relative_steps(grads.params, self.params) if c.normalise_steps else grads.params
+        for k, p in self.params.items():
+            self.velocity[k] = torch.where(_per_row(ok, p), c.momentum * self.velocity[k] + steps[k], 0.0)
+            self.anchor[k] = torch.where(_per_row(ok, p), p, self.anchor[k])
+            self.params[k] = self.anchor[k] - _per_row(self.lr, p) * self.velocity[k]
+        self.lr = torch.where(infeasible, self.lr / 2, self.lr)
+
+    def retire_finished(self, steps_run: int) -> bool:
+        """Early stopping with ``patience``: a query with a feasible iterate whose best L_orth has stalled that many
+        steps is finished and leaves the batch, so the rest run on a smaller one. False when no query is left."""
+        if not self.config.patience:
+            return True
+        done = (self.stall >= self.config.patience) & torch.isfinite(self.best["l_orth"][self.rows])
+        if not bool(done.any()):
+            return True
+        self.best["steps"][self.rows[done]] = float(steps_run)
+        keep = ~done
+        if not bool(keep.any()):
+            return False
+        self.x, self.rows, self.lr, self.stall = self.x[keep], self.rows[keep], self.lr[keep], self.stall[keep]
+        self.ref = tree_map(lambda field: field[keep], self.ref)
+        self.params, self.anchor, self.velocity = (
+            {k: v[keep] for k, v in d.items()} for d in (self.params, self.anchor, self.velocity))
+        for w in self.low_rank.values():
+            w.select(keep)
+        return True
+
+
 def safe_answer(probs: Tensor, attribution: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """The fail-closed answer for one query: rank-only probabilities and a rank-only map.
 
@@ -139,7 +223,7 @@ class DeepDefense(Defense):
         **overrides: Any,
     ) -> None:
         super().__init__(model, interpreter)
-        if mode not in get_args(Mode):
+        if mode not in ENGINE_MODES:
             raise ValueError(f"unknown DeepDefense mode {mode!r}")
         self.name = mode
         self.mode = mode
@@ -235,8 +319,8 @@ class DeepDefense(Defense):
         return params
 
     def misdirect(self, x: Tensor, ref: Reference) -> dict[str, Tensor]:
-        """Optimise every query's clone; the outputs of each one's best feasible iterate (``KEPT``), with
-        ``found`` False where a query had none, and ``steps``, the steps each query ran.
+        """Optimise every query's clone; the outputs of each one's best feasible iterate (``BEST_ITERATE_FIELDS``),
+        with ``found`` False where a query had none, and ``steps``, the steps each query ran.
 
         SGD with momentum (the talk's solver) that stays in the feasible region: a step that lands
         on an infeasible iterate is undone, that query's momentum is dropped and its step size
@@ -244,60 +328,44 @@ class DeepDefense(Defense):
         L_orth has not improved by ``min_improvement`` for ``patience`` steps; stopped queries leave
         the batch, so the rest run on a smaller one.
         """
-        c = self.config
-        n = len(x)
-        params = self.initial_params(x)
-        victim = self.victim_params()
-        low = {m: LowRankWeight(victim[f"{m}.weight"], n, c.steps) for m in self.low_rank}
-        anchor, velocity = dict(params), {k: torch.zeros_like(p) for k, p in params.items()}
-        lr = x.new_full((n,), c.lr)
-        rows = torch.arange(n, device=x.device)  # the query each row of the running batch belongs to
-        stall = torch.zeros(n, dtype=torch.long, device=x.device)
-        best = {"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))}
-        step = grad(self.objective, argnums=(0, 1), has_aux=True)
-        for t in range(c.steps + 1):
-            factors = {f"{m}.{k}": v for m, w in low.items() for k, v in zip(("delta_u", "delta_v"), w.factors())}
-            taps = {m: x.new_zeros(len(x), w.q.shape[1]) for m, w in low.items()}
-            if t < c.steps:
-                (grads, tap_grads), out = step(params, taps, x, ref, factors)
-            else:
-                out = self.objective(params, taps, x, ref, factors)[1]
+        state = self._start(x, ref)
+        for t in range(self.config.steps + 1):
+            out, grads = self._evaluate(state, differentiate=t < self.config.steps)
             if t == 0:  # the start is (nearly) the victim: never answered, never undone
                 infeasible = torch.zeros_like(out["feasible"])
             else:
                 infeasible = ~out["feasible"]
-                previous = best["l_orth"][rows]
-                better = out["feasible"] & (out["l_orth"] < previous)
-                _keep_best(best, rows[better], {k: out[k][better] for k in KEPT})
-                stall = torch.where(out["feasible"] & (out["l_orth"] < previous - c.min_improvement), 0, stall + 1)
-            if t == c.steps:
+                state.keep_best(out)
+            if grads is None:  # the iterate after the last step: recorded, not stepped from
                 break
-            for m, w in low.items():  # G_t = [∂L/∂z, g_z][a, ∂L/∂g_a]ᵀ; ∂L/∂z is the per-query bias's gradient
-                map_grad_out, inputs = out["factors"][m]
-                g_norm = w.record(grads[f"{m}.bias"], inputs, map_grad_out, tap_grads[m])
-                scale = w.norm() / (g_norm + 1e-12) if c.normalise_steps else torch.ones_like(g_norm)
-                w.step(~infeasible, lr, c.momentum, scale)
-            grads = relative_steps(grads, params) if c.normalise_steps else grads
-            ok = _rows_like(~infeasible)
-            for k in params:  # feasible rows step from here; infeasible ones go back to their anchor
-                velocity[k] = torch.where(ok(velocity[k]), c.momentum * velocity[k] + grads[k], 0.0)
-                anchor[k] = torch.where(ok(params[k]), params[k], anchor[k])
-                params[k] = anchor[k] - lr.view(ok(params[k]).shape) * velocity[k]
-            lr = torch.where(infeasible, lr / 2, lr)
-            if c.patience:
-                done = (stall >= c.patience) & torch.isfinite(best["l_orth"][rows])
-                if bool(done.any()):
-                    best["steps"][rows[done]] = float(t + 1)
-                    keep = ~done
-                    if not bool(keep.any()):
-                        break
-                    rows, x, lr, stall = rows[keep], x[keep], lr[keep], stall[keep]
-                    ref = tree_map(lambda field, keep=keep: field[keep], ref)
-                    params, anchor, velocity = ({k: v[keep] for k, v in d.items()} for d in (params, anchor, velocity))
-                    for w in low.values():
-                        w.select(keep)
-        best["found"] = torch.isfinite(best["l_orth"])
-        return best
+            state.take_step(grads, infeasible)
+            if not state.retire_finished(steps_run=t + 1):
+                break
+        state.best["found"] = torch.isfinite(state.best["l_orth"])
+        return state.best
+
+    def _start(self, x: Tensor, ref: Reference) -> SolverState:
+        """The solver at the clones' start (``initial_params``): no momentum, full step size, nothing recorded."""
+        c, n = self.config, len(x)
+        params = self.initial_params(x)
+        victim = self.victim_params()
+        return SolverState(
+            config=c, x=x, ref=ref, rows=torch.arange(n, device=x.device), params=params, anchor=dict(params),
+            velocity={k: torch.zeros_like(p) for k, p in params.items()}, lr=x.new_full((n,), c.lr),
+            stall=torch.zeros(n, dtype=torch.long, device=x.device),
+            low_rank={m: LowRankWeight(victim[f"{m}.weight"], n, c.steps) for m in self.low_rank},
+            best={"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))})
+
+    def _evaluate(self, state: SolverState, differentiate: bool) -> tuple[dict[str, Any], Gradients | None]:
+        """The objective's per-query outputs at the current iterate, and its gradient when ``differentiate``
+        (the solver steps on it; the iterate after the last step is only recorded)."""
+        factors = state.low_rank_factors()
+        taps = {m: state.x.new_zeros(len(state.x), w.q.shape[1]) for m, w in state.low_rank.items()}
+        if not differentiate:
+            return self.objective(state.params, taps, state.x, state.ref, factors)[1], None
+        gradient = grad(self.objective, argnums=(0, 1), has_aux=True)
+        (param_grads, tap_grads), out = gradient(state.params, taps, state.x, state.ref, factors)
+        return out, Gradients(param_grads, tap_grads, out["factors"])
 
     # -- answers -------------------------------------------------------------------------------------
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
@@ -344,7 +412,7 @@ class DeepDefense(Defense):
         found = best is not None and bool(best["found"][i])
         if found:
             probs, attribution = best["probs"][i], best["attribution"][i]
-            stats = {k: float(best[k][i]) for k in KEPT if k not in ("probs", "attribution")}
+            stats = {k: float(best[k][i]) for k in BEST_ITERATE_FIELDS if k not in ("probs", "attribution")}
         else:
             probs, attribution = safe_answer(ref.probs[i], ref.attribution[i], self.config.top_k)
             stats = {}
@@ -358,17 +426,9 @@ class DeepDefense(Defense):
                       fallback=not found, stats=stats)
 
 
-def _keep_best(best: dict[str, Tensor], rows: Tensor, values: Mapping[str, Tensor]) -> None:
-    """Write the values of the given queries into the per-query record ``best`` (allocated on first use)."""
-    for k, v in values.items():
-        if k not in best:
-            best[k] = v.new_zeros((len(best["steps"]), *v.shape[1:]))
-        best[k][rows] = v
-
-
-def _rows_like(mask: Tensor):
-    """mask (B,) shaped to broadcast against a (B, ...) tensor."""
-    return lambda t: mask.view(-1, *([1] * (t.dim() - 1)))
+def _per_row(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-row tensor (B,) viewed as (B, 1, …, 1) to broadcast against ``like`` (B, ...)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 def relative_steps(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
