@@ -137,7 +137,7 @@ class SolverState:
 
     def low_rank_factors(self) -> dict[str, Tensor]:
         """The low-rank layers' additions U Vᵀ at the current iterate, keyed as the objective takes them."""
-        return {f"{m}.{k}": v for m, w in self.low_rank.items() for k, v in zip(("delta_u", "delta_v"), w.factors())}
+        return {f"{m}.{k}": v for m, w in self.low_rank.items() for k, v in zip(("delta_u", "delta_v"), w.factors(), strict=True)}
 
     def keep_best(self, out: Mapping[str, Tensor]) -> None:
         """Record each query's best feasible iterate (lowest L_orth): the answer comes from it, and early stopping
@@ -293,7 +293,8 @@ class DeepDefense(Defense):
         l_int = vmap(partial(int_loss, delta=c.huber_delta, margin=c.int_margin))(
             e.attribution, ref.order, ref.groups, ref.gaps)
         loss = dd_loss(l_orth, l_pred, l_int, c.lambda1, c.lambda2)
-        finite = torch.isfinite(loss) & torch.isfinite(log_probs).all(1) & torch.isfinite(e.attribution).flatten(1).all(1)
+        finite = (torch.isfinite(loss) & torch.isfinite(log_probs).all(1)
+                  & torch.isfinite(e.attribution).flatten(1).all(1))
         feasible = vmap(topk_preserved)(log_probs, ref.top_k) & finite
         if c.min_spearman > 0:
             feasible = feasible & (vmap(spearman)(e.attribution, ref.attribution) >= c.min_spearman)
