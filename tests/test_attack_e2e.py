@@ -11,13 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from test_client_oracle import loopback, loopback_settings, served_queries
+from support.servers import served_queries
+from support.settings import loopback_settings
 
+from clients.attack_model import TrainingRecipe
 from clients.attack import AttackConfig, run_attack, sample_queries
-from clients.oracle import LocalOracle, OracleReply, local_info
+from clients.oracle import OracleReply
 from clients.transfer import TransferStore
 from deepdefense.cli import main
 from defense.loader import load_defense
+from measure.launcher import in_thread
+from measure.local_oracle import LocalOracle, local_info
 from models.data import load_split
 from server.app import create_app
 
@@ -26,7 +30,7 @@ SMALL = ["--budget", "64", "--epochs", "1", "--test-n", "500", "--device", "cpu"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with loopback(create_app(loopback_settings(tmp_path_factory.mktemp("server")))) as url:
+    with in_thread(create_app(loopback_settings(tmp_path_factory.mktemp("server")))) as url:
         yield url
 
 
@@ -59,10 +63,12 @@ def test_every_loss_on_one_stored_transfer_set(server: str, data_root: Path, tmp
     assert [s["count"] for s in manifest(store)["shards"]] == [16] * 4
     data = TransferStore(store, manifest(store)["fingerprint"]).load()
     pool = load_split("fashionmnist", data_root, "train").tensors[0]
-    assert torch.equal(data.images, pool[sample_queries(len(pool), 64, 0)])
+    assert torch.equal(data.images, pool[sample_queries(len(pool), 64, 0)]), \
+        "identity is the property: the store holds the sampled pool images, byte for byte"
     assert torch.allclose(data.probabilities.sum(1), torch.ones(64), atol=1e-5)
     assert data.attributions is not None and data.attributions.shape == (64, 28, 28)
-    assert torch.equal(data.labels, data.probabilities.argmax(1))
+    assert torch.equal(data.labels, data.probabilities.argmax(1)), \
+        "identity is the property: each stored label is the argmax of the stored probabilities it came with"
 
 
 def test_jbda_doubles_its_set_each_round(server: str, data_root: Path, tmp_path: Path) -> None:
@@ -86,13 +92,13 @@ def test_a_run_refused_by_the_server_resumes_without_requerying(data_root: Path,
     key.write_text("attacker-key\n")
     store = tmp_path / "resumed"
     first = loopback_settings(tmp_path, api_keys="attacker-key", query_budget=40, budget_db=tmp_path / "a.sqlite")
-    with loopback(create_app(first)) as url:
+    with in_thread(create_app(first)) as url:
         rc, _ = attack(url, data_root, store, "--api-key-file", str(key), "--loss", "probabilities")
         assert rc == 1  # the third request of 16 would pass the budget of 40: 429
         assert served_queries(url) == 32
     assert sum(s["count"] for s in manifest(store)["shards"]) == 32
     second = loopback_settings(tmp_path, api_keys="attacker-key", budget_db=tmp_path / "b.sqlite")
-    with loopback(create_app(second)) as url:
+    with in_thread(create_app(second)) as url:
         rc, result = attack(url, data_root, store, "--api-key-file", str(key), "--loss", "probabilities")
         assert served_queries(url) == 32
     assert rc == 0 and result["queries_sent"] == 32 and result["queries_stored_before"] == 32
@@ -118,8 +124,8 @@ class Interrupting:
 def test_ctrl_c_keeps_every_answered_batch(data_root: Path, tmp_path: Path) -> None:
     defense, meta = load_defense("lenet-mnist", "none")
     local = LocalOracle(defense, local_info("lenet-mnist", meta, defense))
-    config = AttackConfig(budget=48, strategy="jbda", seed_size=16, rounds=3, loss="labels", epochs=1,
-                          data_root=str(data_root), test_n=200)
+    config = AttackConfig(budget=48, strategy="jbda", seed_size=16, rounds=3, loss="labels",
+                          recipe=TrainingRecipe(epochs=1), data_root=str(data_root), test_n=200)
     cut = Interrupting(local, stop_at=3)  # rounds 0 and 1 answered, the plan of round 2 stored, then Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         run_attack(cut, config, tmp_path / "s", progress=False)
@@ -130,12 +136,14 @@ def test_ctrl_c_keeps_every_answered_batch(data_root: Path, tmp_path: Path) -> N
     fresh = run_attack(Interrupting(local), config, tmp_path / "fresh", progress=False)
     resumed = TransferStore(tmp_path / "s", manifest(tmp_path / "s")["fingerprint"]).load()
     uncut = TransferStore(tmp_path / "fresh", manifest(tmp_path / "fresh")["fingerprint"]).load()
-    assert torch.equal(resumed.images, uncut.images) and fresh["queries_sent"] == 48
+    assert torch.equal(resumed.images, uncut.images), \
+        "identity is the property: a resumed run sends the queries the uncut run sends (same seed, same shapes)"
+    assert fresh["queries_sent"] == 48
 
 
 def test_attack_against_deepdefense(data_root: Path, tmp_path: Path) -> None:
     settings = loopback_settings(tmp_path, defense="deepdefense", engine={"steps": 2})
-    with loopback(create_app(settings)) as url:
+    with in_thread(create_app(settings)) as url:
         rc, result = attack(url, data_root, tmp_path / "dd", "--budget", "16", "--loss", "explanations")
         assert served_queries(url) == 16
     assert rc == 0 and result["victim"]["defense"] == "deepdefense"

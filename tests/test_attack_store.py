@@ -33,9 +33,10 @@ def test_shards_are_committed_in_order_and_read_back(tmp_path: Path) -> None:
     again = TransferStore(tmp_path / "s", FP)
     data = again.load()
     assert len(again) == 10 and again.count(0) == 4 and again.count(1) == 6
-    assert torch.equal(data.images, x) and data.labels.tolist() == list(range(10))
+    same = "identity is the property: a store reads back the bytes it was given"
+    assert torch.equal(data.images, x) and data.labels.tolist() == list(range(10)), same
     assert data.rounds.tolist() == [0] * 4 + [1] * 6
-    assert torch.equal(data.prefix(3).images, x[:3]) and len(data.prefix(3)) == 3
+    assert torch.equal(data.prefix(3).images, x[:3]) and len(data.prefix(3)) == 3, same
 
 
 def test_a_shard_not_in_the_manifest_is_ignored_and_rewritten(tmp_path: Path) -> None:
@@ -59,7 +60,7 @@ def test_a_plan_is_made_once(tmp_path: Path) -> None:
     store = TransferStore(tmp_path / "s", FP)
     first = store.plan("round-1", lambda: torch.rand(4, 1, 28, 28))
     second = TransferStore(tmp_path / "s", FP).plan("round-1", lambda: pytest.fail("planned twice"))
-    assert torch.equal(first, second)
+    assert torch.equal(first, second), "identity is the property: the stored plan is read back, not redrawn"
 
 
 def test_jacobian_augmentation_steps_by_lambda_inside_the_unit_cube() -> None:
@@ -74,7 +75,11 @@ def test_jacobian_augmentation_steps_by_lambda_inside_the_unit_cube() -> None:
     x_req = x.clone().requires_grad_(True)
     score = model(x_req).softmax(-1)[torch.arange(6), labels].sum()
     (g,) = torch.autograd.grad(score, x_req)
-    inside = (x > 0.1) & (x < 0.9) & (g != 0)
+    # g: one batch of 6; the augmentation's own gradient: chunks of 4 and 2, another summation order.
+    # Signs are compared exactly where |g| is far above float32 rounding of its sums (1e-4 of the largest):
+    # a component that small could change sign by path alone. That still leaves most pixels.
+    inside = (x > 0.1) & (x < 0.9) & (g.abs() > 1e-4 * g.abs().max())
+    assert inside.float().mean() > 0.5
     assert torch.equal((out - x)[inside].sign(), g[inside].sign())
 
 

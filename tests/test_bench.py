@@ -15,9 +15,9 @@ def test_bench_measures_every_path(tmp_path: Path, data_root: Path) -> None:
                  "--set", "steps=2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    paths = [(r["path"], r["batch"]) for r in result["rows"]]
-    assert paths == [("undefended", 1), ("one-query engine", 1), ("batched engine", 1), ("batched engine", 4),
-                     ("server", 1), ("server", 2)]
+    setups = [(r["setup"], r["queries_per_call"], r["clients"]) for r in result["rows"]]
+    assert setups == [("undefended", 1, None), ("one-query engine", 1, None), ("batched engine", 1, None),
+                      ("batched engine", 4, None), ("server", None, 1), ("server", None, 2)]
     for row in result["rows"]:
         assert row["queries"] > 0 and row["queries_per_second"] > 0 and row["peak_memory_mb"] > 0
         assert 0 < row["ms_per_query_p50"] <= row["ms_per_query_p95"]

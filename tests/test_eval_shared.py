@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from clients.shared_engine import ModeOf, SharedModes
 from defense.loader import load_defense
+from measure.shared_modes import ModeOf, SharedModes
 from models.data import load_split
 
 

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import SlowDefense
-from test_server_api import _no_server_env, make_settings, serving, victim  # noqa: F401
+from support.faults import SlowDefense
+from support.servers import serving
+from support.settings import make_settings
 
 from server.app import create_app
 from server.batcher import MicroBatcher, QueueFull, _Item
 from server.metrics import ServerMetrics
+
+pytestmark = pytest.mark.usefixtures("no_server_env")
 
 
 def batcher() -> MicroBatcher:
@@ -84,7 +87,7 @@ def test_the_cost_rises_at_once_and_falls_slowly() -> None:
     assert b.cost == pytest.approx(0.7 * 3.0 + 0.3 * 1.0)
 
 
-def test_the_warm_up_seeds_the_cost(tmp_path: Path, victim: torch.nn.Module) -> None:  # noqa: F811
+def test_the_warm_up_seeds_the_cost(tmp_path: Path, victim: torch.nn.Module) -> None:
     app = create_app(make_settings(tmp_path), SlowDefense(victim, 0.05))
     with serving(app):
         assert app.state.runtime.batcher.cost >= 0.05

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from reliability_support import FALLBACK, INF_MAP, NAN, RAISE, SHAPE, FaultyDefense, marked, metric_value
-from test_server_api import _no_server_env, error_of, make_settings, serving  # noqa: F401
-from test_server_auth import bearer
+from support.faults import FALLBACK, INF_MAP, NAN, RAISE, SHAPE, FaultyDefense, marked
+from support.servers import bearer, error_of, metric_value, serving
+from support.settings import make_settings
 
 from defense import Answer, NoDefense
 from defense.interpreters import create_interpreter
@@ -24,14 +24,9 @@ from server.app import create_app
 from server.batcher import DefenseFailed, MicroBatcher
 from server.metrics import ServerMetrics
 
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
 KEY = "fault-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def victim() -> torch.nn.Module:
-    from reliability_support import victim as load
-
-    return load()
 
 
 @pytest.fixture
@@ -58,7 +53,7 @@ def test_a_raising_query_fails_alone_and_the_batch_is_answered(faulty: FaultyDef
     *results, metrics = asyncio.run(submit_together(faulty, queries))
     assert faulty.calls == [4, 1, 1, 1, 1]  # the batch, then each instance alone
     assert isinstance(results[1], DefenseFailed) and results[1].reason == "exception"
-    victim = faulty.model
+    victim = faulty.model  # labels compared exactly: each retried query ran alone, and no top-1 is near a tie
     for i in (0, 2, 3):
         assert isinstance(results[i], Answer)
         assert results[i].label == int(victim(queries[i].unsqueeze(0)).argmax())

@@ -21,12 +21,12 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from reliability_support import served_like_serve
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
-from test_server_api import defense, make_settings, victim  # noqa: F401
+from support.settings import make_settings
 
 from defense import NoDefense
+from measure.launcher import in_thread
 from models.checkpoint import SHIPPED_DIR, read_meta
 from server.app import create_app
 
@@ -46,10 +46,10 @@ SECRETS = (KEY, str(SHIPPED_DIR), str(SHIPPED_DIR.parent), ".safetensors", read_
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, defense: NoDefense) -> Iterator[tuple[str, Any]]:  # noqa: F811
+def served(tmp_path_factory: pytest.TempPathFactory, defense: NoDefense) -> Iterator[tuple[str, Any]]:
     settings_ = make_settings(tmp_path_factory.mktemp("fuzz"), api_keys=KEY, max_instances=4)
     app = create_app(settings_, defense)
-    with served_like_serve(app) as url:
+    with in_thread(app, like_serve=True) as url:
         yield url, schemathesis.openapi.from_dict(app.openapi())
     if report := os.environ.get("DD_FUZZ_REPORT"):
         rows = [{"route": r, "mode": m, "status": s, "n": n} for (r, m, s), n in sorted(SEEN.items())]

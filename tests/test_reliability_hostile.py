@@ -23,12 +23,15 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loopback import loopback
 from PIL import Image
-from test_server_api import _no_server_env, defense, error_of, make_settings, serving, victim  # noqa: F401
+from support.servers import error_of, serving
+from support.settings import make_settings
 
 from defense import NoDefense
+from measure.launcher import in_thread
 from server.app import create_app
+
+pytestmark = pytest.mark.usefixtures("no_server_env")
 
 JSON = {"Content-Type": "application/json"}
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -36,7 +39,7 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory, defense: NoDefense) -> Iterator[TestClient]:  # noqa: F811
+def client(tmp_path_factory: pytest.TempPathFactory, defense: NoDefense) -> Iterator[TestClient]:
     """The server's default limits (8 MiB body, 2 MiB image, 4 000 000 pixels), defense ``none``."""
     with serving(create_app(make_settings(tmp_path_factory.mktemp("hostile")), defense)) as c:
         yield c
@@ -263,9 +266,9 @@ def test_odd_routes_methods_and_headers(client: TestClient) -> None:
           422)
 
 
-def test_a_trickled_body_times_out_with_408(tmp_path: Path, defense: NoDefense) -> None:  # noqa: F811
+def test_a_trickled_body_times_out_with_408(tmp_path: Path, defense: NoDefense) -> None:
     """A client that sends its body slower than the body timeout is answered 408 and let go."""
-    with loopback(create_app(make_settings(tmp_path, body_timeout_s=0.5), defense)) as url:
+    with in_thread(create_app(make_settings(tmp_path, body_timeout_s=0.5), defense)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as raw:
             raw.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"

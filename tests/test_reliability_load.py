@@ -17,15 +17,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_support import served_like_serve
-from test_server_api import _no_server_env, defense, make_settings, victim  # noqa: F401
+from support.settings import make_settings
 
+from clients.latency import percentiles
+from clients.load import LoadConfig, LoadReport, run_load
 from defense import NoDefense
+from measure.launcher import free_port, in_thread, serve_command, spawned
 from server.app import create_app
-from server.loadtest import LoadConfig, LoadReport, free_port, percentiles, run_load, spawned_server
 
-FAKE_SERVER = Path(__file__).resolve().parent / "reliability_support.py"
-# read at import: the tests' autouse fixture clears every DD_* variable before each test runs
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
+FAKE_SERVER = Path(__file__).resolve().parent / "support" / "faults.py"
+# read at import: the no_server_env fixture (every test here) clears every DD_* variable before each test
 SOAK = bool(os.environ.get("DD_SOAK"))
 SOAK_SECONDS = float(os.environ.get("DD_SOAK_SECONDS", "120"))
 SOAK_REPORT = os.environ.get("DD_SOAK_REPORT")
@@ -46,7 +49,7 @@ def test_short_soak_overload_becomes_503_with_retry_after(tmp_path: Path) -> Non
     env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_MAX_BATCH_SIZE": "4",
                         "DD_MAX_BATCH_WAIT_MS": "2", "DD_MAX_EXPECTED_LATENCY_S": "0.3", "DD_REQUEST_TIMEOUT_S": "5"}
     command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "0.02"]
-    with spawned_server(command, url, env=env) as (process, shutdown):
+    with spawned(command, url, env=env) as (process, shutdown):
         report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=5, timeout_s=10,
                                                  server_pid=process.pid, seed=0)))
     assert_overload_is_orderly(report, request_timeout_s=5)
@@ -63,8 +66,7 @@ def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "deepdefense.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with spawned_server(command, url, env=env, log=sys.stderr) as (process, shutdown):
+    with spawned(serve_command(port), url, env=env, log=sys.stderr) as (process, shutdown):
         report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=SOAK_SECONDS, timeout_s=60,
                                                  server_pid=process.pid, seed=0)))
     report.shutdown = shutdown
@@ -75,18 +77,18 @@ def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
     assert shutdown["exit_code"] in (0, -15)
 
 
-def test_the_load_command_reports_over_loopback_only(tmp_path: Path, defense: NoDefense,  # noqa: F811
+def test_the_load_command_reports_over_loopback_only(tmp_path: Path, defense: NoDefense,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from deepdefense.cli import main
 
-    with served_like_serve(create_app(make_settings(tmp_path), defense)) as url:
+    with in_thread(create_app(make_settings(tmp_path), defense), like_serve=True) as url:
         out = tmp_path / "report.json"
         assert main(["load", "--url", url, "--clients", "3", "--duration", "1", "--max-requests", "20",
                      "--no-explain", "--server-pid", str(os.getpid()), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out)
     assert report["requests"] == report["served"] == 20 and report["statuses"] == {"200": 20}
-    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "max"} and report["rss_mb"]["samples"] >= 1
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "max", "mean"} and report["rss_mb"]["samples"] >= 1
     assert report["server_metrics"]["dd_answers_total"] == 20
     for bad in (["--url", "http://192.0.2.1:8000"], ["--clients", "1000"], ["--duration", "0"]):
         assert main(["load", *bad]) == 2
@@ -94,12 +96,12 @@ def test_the_load_command_reports_over_loopback_only(tmp_path: Path, defense: No
 
 def test_percentiles_by_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
-    assert percentiles([3.0]) == {"p50": 3.0, "p95": 3.0, "p99": 3.0, "max": 3.0}
+    assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0, "mean": 50.5}
+    assert percentiles([3.0]) == {"p50": 3.0, "p95": 3.0, "p99": 3.0, "max": 3.0, "mean": 3.0}
     assert percentiles([]) == {}
 
 
-def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path, defense: NoDefense) -> None:  # noqa: F811
+def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path, defense: NoDefense) -> None:
     """With equal idle timeouts a client may reuse a connection just as the server closes it: a soak
     client waiting a 4-second Retry-After (+ jitter) got a transport ReadError that way."""
     import httpx

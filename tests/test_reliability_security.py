@@ -18,22 +18,22 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from reliability_support import RAISE, FaultyDefense, marked, served_like_serve
-from test_server_api import _no_server_env, defense, error_of, make_settings, serving, victim  # noqa: F401
+from support.faults import RAISE, FaultyDefense, marked
+from support.servers import bearer, error_of, serving
+from support.settings import make_settings
 
 import server.auth
 from defense import NoDefense
+from measure.launcher import in_thread
 from models.checkpoint import SHIPPED_DIR, read_meta
 from server.app import create_app
 from server.auth import KeyRing, key_id
 from server.settings import ServerSettings
 
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
 ALICE, BOB = "alice-secret-key-0123456789", "bob-secret-key-9876543210"
 OPERATOR = "operator-secret-key-555555555"
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def one(seed: int = 0, n: int = 1) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_keys_never_reach_logs_metrics_or_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                 defense: NoDefense) -> None:  # noqa: F811
+                                                 defense: NoDefense) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     records: list[str] = []
 
@@ -72,7 +72,7 @@ def test_keys_never_reach_logs_metrics_or_errors(monkeypatch: pytest.MonkeyPatch
             records.append(self.format(record))
 
     app = create_app(make_settings(tmp_path, query_budget=2), defense)
-    with served_like_serve(app) as url:
+    with in_thread(app, like_serve=True) as url:
         # uvicorn writes its access log (raw paths and query strings) only to handlers of its own
         # logger, which `serve` leaves without any: the app's access log names route templates
         assert not logging.getLogger("uvicorn.access").hasHandlers()
@@ -139,11 +139,11 @@ def test_no_command_takes_a_key_on_the_command_line() -> None:
 
 
 @pytest.fixture
-def budgeted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> Iterator[tuple[str, Any]]:  # noqa: F811
+def budgeted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> Iterator[tuple[str, Any]]:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
 
     def start() -> Any:
-        return served_like_serve(create_app(make_settings(tmp_path, query_budget=10, queue_size=256), defense))
+        return in_thread(create_app(make_settings(tmp_path, query_budget=10, queue_size=256), defense), like_serve=True)
 
     with start() as url:
         yield url, start
@@ -185,7 +185,7 @@ DOCS = ("/docs", "/redoc", "/openapi.json")
     ("admin", 401, 401, 200),
     ("off", 404, 404, 404),
 ])
-def test_metrics_and_docs_access(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense,  # noqa: F811
+def test_metrics_and_docs_access(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense,
                                  access: str, anonymous: int, api_key: int, operator: int) -> None:
     monkeypatch.setenv("DD_API_KEYS", ALICE)
     monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
@@ -222,7 +222,7 @@ def weight_fingerprints(model: torch.nn.Module) -> list[str]:
 
 
 def test_no_route_error_or_header_reveals_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                   victim: torch.nn.Module) -> None:  # noqa: F811
+                                                   victim: torch.nn.Module) -> None:
     monkeypatch.setenv("DD_API_KEYS", ALICE)
     faulty = FaultyDefense(victim)
     meta = read_meta(SHIPPED_DIR / "lenet-mnist.json")
@@ -230,7 +230,7 @@ def test_no_route_error_or_header_reveals_the_model(monkeypatch: pytest.MonkeyPa
                  "tensor(", "grad_fn", "requires_grad", "/srv/", "diverged", weight_fingerprints(victim)[-1]]
     app = create_app(make_settings(tmp_path, query_budget=50, max_instances=2), faulty)
     answers: list[Any] = []
-    with served_like_serve(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with in_thread(app, like_serve=True) as url, httpx.Client(base_url=url, timeout=30) as c:
         key = bearer(ALICE)
         answers += [c.get(p) for p in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/nope")]
         answers += [c.get("/v1/models", headers=key), c.get("/v1/models"), c.delete("/predict", headers=key)]
@@ -256,7 +256,7 @@ def test_no_route_error_or_header_reveals_the_model(monkeypatch: pytest.MonkeyPa
 
 
 def test_errors_in_a_defended_batch_never_carry_the_undefended_answer(tmp_path: Path,
-                                                                     victim: torch.nn.Module) -> None:  # noqa: F811
+                                                                     victim: torch.nn.Module) -> None:
     faulty = FaultyDefense(victim)
     with serving(create_app(make_settings(tmp_path, warmup=False), faulty)) as client:
         x = marked(RAISE)

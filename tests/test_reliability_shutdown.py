@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from loopback import loopback
-from reliability_support import marked, metric_value
-from test_server_api import _no_server_env, make_settings, victim  # noqa: F401
-from test_server_batching import GatedDefense, gated, wait_until  # noqa: F401
+import pytest
+from support.fakes import GatedDefense
+from support.faults import marked
+from support.servers import metric_value, wait_until
+from support.settings import make_settings
 
+from measure.launcher import free_port, in_thread, spawned
 from server.app import create_app
-from server.loadtest import free_port, spawned_server
 
-FAKE_SERVER = Path(__file__).resolve().parent / "reliability_support.py"
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
+FAKE_SERVER = Path(__file__).resolve().parent / "support" / "faults.py"
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
@@ -31,7 +34,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_MAX_BATCH_WAIT_MS": "1"}
     command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "1.0"]
-    with spawned_server(command, url, env=env) as (process, _), ThreadPoolExecutor(3) as pool:
+    with spawned(command, url, env=env) as (process, _), ThreadPoolExecutor(3) as pool:
         bodies = [{"instances": [{"pixels": marked(0.9, i).tolist()}], "explain": False} for i in range(3)]
         pending = [pool.submit(httpx.post, f"{url}/predict", json=b, timeout=60) for b in bodies]
         # three /predict requests in flight, plus the /metrics request asking
@@ -55,13 +58,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     assert process.returncode in (0, -signal.SIGTERM)
 
 
-def test_a_client_that_disconnects_frees_its_queued_work(tmp_path: Path, gated: GatedDefense) -> None:  # noqa: F811
+def test_a_client_that_disconnects_frees_its_queued_work(tmp_path: Path, gated: GatedDefense) -> None:
     app = create_app(make_settings(tmp_path, request_timeout_s=60), gated)
 
     def batcher_of() -> Any:
         return app.state.runtime.batcher
 
-    with loopback(app) as url, ThreadPoolExecutor(1) as pool:
+    with in_thread(app) as url, ThreadPoolExecutor(1) as pool:
         gated.gate.clear()
         gated.entered.clear()
         first = pool.submit(httpx.post, f"{url}/predict",

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_server_api import _no_server_env, defense, make_settings, pixels, serving, victim  # noqa: F401
+from support.images import pixels
+from support.servers import bearer, serving
+from support.settings import make_settings
 
 from defense import NoDefense
 from server.app import create_app
 from server.auth import KeyRing, key_id
 from server.budget import QueryLedger
 
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def ask(client: TestClient, key: str | None, n: int = 1) -> int:

@@ -3,52 +3,20 @@ a fake defense that holds the model thread until the test lets it go."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from test_server_api import _no_server_env, make_settings, pixels, serving, victim  # noqa: F401
+from support.fakes import GatedDefense
+from support.images import pixels
+from support.servers import serving, wait_until
+from support.settings import make_settings
 
-from defense import NoDefense
-from defense.interpreters import create_interpreter
 from server.app import create_app
 
-
-class GatedDefense(NoDefense):
-    """NoDefense that records each batch and, once closed, waits at the gate before answering."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model, create_interpreter("gradcam", model, (1, 28, 28)))
-        self.gate = threading.Event()
-        self.gate.set()  # open for the warm-up query
-        self.entered = threading.Event()
-        self.batches: list[tuple[int, bool]] = []
-
-    def answer(self, x: torch.Tensor, *, explain: bool = True) -> list:
-        self.batches.append((len(x), explain))
-        self.entered.set()
-        assert self.gate.wait(timeout=30), "the test never opened the gate"
-        return super().answer(x, explain=explain)
-
-
-@pytest.fixture
-def gated(victim: torch.nn.Module) -> Iterator[GatedDefense]:  # noqa: F811
-    d = GatedDefense(victim)
-    yield d
-    d.gate.set()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
+pytestmark = pytest.mark.usefixtures("no_server_env")
 
 
 def block_worker(client: TestClient, gated: GatedDefense, pool: ThreadPoolExecutor) -> Future[Any]:

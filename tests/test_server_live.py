@@ -13,16 +13,18 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_api import _no_server_env, make_settings  # noqa: F401
+from support.settings import make_settings
 
+from measure.launcher import in_thread
 from server.app import create_app
-from loopback import loopback
+
+pytestmark = pytest.mark.usefixtures("no_server_env")
 
 
 @pytest.fixture
 def base_url(tmp_path: Path) -> Iterator[str]:
     """A server built the way ``deepdefense serve`` builds it (here with defense ``none``)."""
-    with loopback(create_app(make_settings(tmp_path))) as url:
+    with in_thread(create_app(make_settings(tmp_path))) as url:
         yield url
 
 

@@ -1,14 +1,15 @@
-"""Fake defenses and small helpers for the reliability tests, and a server process that serves one
-of the fakes.
+"""Fault-injecting fake defenses for the reliability tests, and a server process that serves one
+of them.
 
 ``FaultyDefense`` misbehaves on queries marked by their first pixel, so a test can put one bad
 query into a micro-batch of good ones: ``RAISE`` makes the whole ``answer`` call raise, ``NAN``
 gives that query NaN probabilities, ``INF_MAP`` an infinite map, ``FALLBACK`` the fail-closed
 answer (``Answer.fallback``). Every other query gets the undefended victim's answer.
 
-``python tests/reliability_support.py --port P [--delay S]`` serves ``lenet-mnist`` through
+``python tests/support/faults.py --port P [--delay S]`` serves ``lenet-mnist`` through
 ``SlowDefense`` (S seconds of model time per instance) with ``server.app.serve``, configured by
 the ``DD_*`` variables like ``deepdefense serve``: the SIGTERM and soak tests run it as a child.
+Run as a script, this folder (not ``tests/``) is on ``sys.path``: import only installed packages here.
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from fastapi import FastAPI
 from torch import Tensor
 
 from defense import Answer, NoDefense
@@ -31,7 +29,8 @@ SHAPE = (1, 28, 28)
 RAISE, NAN, INF_MAP, FALLBACK = 0.25, 0.75, 0.5, 0.125
 
 
-def victim() -> torch.nn.Module:
+def load_victim() -> torch.nn.Module:
+    """``lenet-mnist`` from the shipped checkpoint, frozen."""
     model, _ = load_checkpoint("lenet-mnist")
     model.requires_grad_(False)
     return model
@@ -88,27 +87,6 @@ class SlowDefense(NoDefense):
         return super().answer(x, explain=explain)
 
 
-def metric_value(metrics_text: str, sample: str) -> float:
-    """The value of one sample of a /metrics page, e.g. ``dd_answers_total{defense="none"}``."""
-    for line in metrics_text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{sample} is not exported")
-
-
-@contextmanager
-def served_like_serve(app: FastAPI) -> Iterator[str]:
-    """``app`` under uvicorn in a thread, configured as ``deepdefense serve`` configures it
-    (``server.app.uvicorn_config``), on a free loopback port; yields the base URL once ready."""
-    from clients.loopback import uvicorn_thread
-    from server.app import uvicorn_config
-
-    config = uvicorn_config(app, app.state.runtime.settings)
-    config.log_level = "warning"
-    with uvicorn_thread(config) as url:
-        yield url
-
-
 def main() -> None:
     from server.app import serve
     from server.settings import ServerSettings
@@ -118,7 +96,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="model seconds per instance")
     args = parser.parse_args()
     settings = ServerSettings(defense="none", host="127.0.0.1", port=args.port, log_level="warning")
-    serve(settings, SlowDefense(victim(), args.delay))
+    serve(settings, SlowDefense(load_victim(), args.delay))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Driving and reading a server under test: a TestClient once the app is ready, polling for a
+condition, the one error shape, the bearer header, and samples of ``/metrics``.
+
+Servers on a real loopback port come from ``measure.launcher`` (``in_thread``, ``spawned``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@contextmanager
+def serving(app: FastAPI, **client_options: Any) -> Iterator[TestClient]:
+    """``app`` in FastAPI's TestClient (lifespan run); yields the client once ``/readyz`` answers 200."""
+    with TestClient(app, **client_options) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.01)
+        yield client
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` every 5 ms; fail the test if it is not true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    """The ``error`` object of a refusal, after checking that the body is exactly the one error shape."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    return body["error"]
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header that presents ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def metric_value(metrics_text: str, sample: str) -> float:
+    """The value of one sample of a /metrics page, e.g. ``dd_answers_total{defense="none"}``."""
+    for line in metrics_text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} is not exported")
+
+
+def served_queries(url: str) -> float:
+    """Instances the server at ``url`` admitted, summed over keys (``dd_key_queries_total``)."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    family = families.get("dd_key_queries")
+    return sum(s.value for s in family.samples if s.name == "dd_key_queries_total") if family else 0.0

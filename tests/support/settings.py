@@ -1,0 +1,27 @@
+"""Server settings for the tests: explicit defaults (defense ``none``, a budget database in the test's
+temporary folder, a 1 ms batch wait) with per-test overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from server.settings import ServerSettings
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
+    """Settings from the defaults and ``overrides``; ``DD_*`` variables still apply (the
+    ``no_server_env`` fixture clears those of the caller's shell, a test may set its own)."""
+    options: dict[str, Any] = {"defense": "none", "budget_db": tmp_path / "budget.sqlite", "max_batch_wait_ms": 1}
+    return ServerSettings(**(options | overrides))
+
+
+def loopback_settings(tmp: Path, **overrides: Any) -> ServerSettings:
+    """:func:`make_settings` with every ``DD_*`` variable hidden while the settings are read, for the
+    tests that do not use the ``no_server_env`` fixture (their CLI runs still read ``DD_DATA_ROOT``)."""
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("DD_")]}
+    try:
+        return make_settings(tmp, **overrides)
+    finally:
+        os.environ.update(saved)
