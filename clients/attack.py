@@ -62,24 +62,34 @@ def fingerprint(config: AttackConfig, info: ModelInfo) -> dict[str, Any]:
     The budget is left out (a larger budget extends a smaller one's queries); JBDA's queries also
     depend on how its substitutes are trained."""
     fp: dict[str, Any] = {
-        "strategy": config.strategy, "dataset": config.dataset, "seed": config.seed,
-        "oracle": {"model": info.name, "defense": info.defense, "interpreter": info.interpreter,
-                   "settings": info.defense_settings},
+        "strategy": config.strategy,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "oracle": {
+            "model": info.name,
+            "defense": info.defense,
+            "interpreter": info.interpreter,
+            "settings": info.defense_settings,
+        },
     }
     if config.strategy == "jbda":
-        fp["jbda"] = {**{k: getattr(config, k) for k in ("seed_size", "jbda_step", "rounds", "arch", "loss")},
-                      **asdict(config.recipe)}
+        fp["jbda"] = {
+            **{k: getattr(config, k) for k in ("seed_size", "jbda_step", "rounds", "arch", "loss")},
+            **asdict(config.recipe),
+        }
     return fp
 
 
 def default_store(config: AttackConfig, info: ModelInfo) -> Path:
-    """``runs/transfer-sets/<model>-<defense>-<strategy>-<dataset>-<digest>``: the same command finds its store again."""
+    """``runs/transfer-sets/<model>-<defense>-<strategy>-<dataset>-<digest>``: the same command finds its store
+    again."""
     digest = fingerprint_digest(fingerprint(config, info))
     return Path("runs") / "transfer-sets" / f"{info.name}-{info.defense}-{config.strategy}-{config.dataset}-{digest}"
 
 
-def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | None = None,
-               progress: bool = True) -> dict[str, Any]:
+def run_attack(
+    oracle: Oracle, config: AttackConfig, store_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Collect (or finish collecting) the transfer set, train the attack model, test it; the result record."""
     started = time.perf_counter()
     info = oracle.info()
@@ -88,8 +98,10 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
     device = torch.device(config.device)
     spec = get_spec(config.dataset)
     if tuple(spec.input_shape) != tuple(info.input_shape):
-        raise ValueError(f"attacker data set {config.dataset} has images of shape {list(spec.input_shape)}, "
-                         f"the victim takes {list(info.input_shape)}")
+        raise ValueError(
+            f"attacker data set {config.dataset} has images of shape {list(spec.input_shape)}, "
+            f"the victim takes {list(info.input_shape)}"
+        )
     store_path = Path(store_dir) if store_dir is not None else default_store(config, info)
     store = TransferStore(store_path, fingerprint(config, info))
     stored_before = len(store)
@@ -99,8 +111,16 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
 
     def fit(data: TransferSet, seed: int) -> tuple[nn.Module, list[float]]:
         model = fresh_model(seed)
-        history = train_attack_model(model, data, loss=config.loss, interpreter=info.interpreter,
-                                     recipe=config.recipe, seed=seed, device=device, progress=progress)
+        history = train_attack_model(
+            model,
+            data,
+            loss=config.loss,
+            interpreter=info.interpreter,
+            recipe=config.recipe,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
         return model, history
 
     pool = load_split(config.dataset, config.data_root, "train").tensors[0]
@@ -109,9 +129,17 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
         sent = collect(oracle, store, queries, batch_size=config.query_batch, progress=progress)
     elif config.strategy == "jbda":
         seed_set = pool[sample_queries(len(pool), min(config.seed_size, config.budget), config.seed)]
-        sent = collect_jbda(oracle, store, seed_set, budget=config.budget, rounds=config.rounds,
-                            step=config.jbda_step, train=lambda data: fit(data, config.seed + len(data))[0],
-                            batch_size=config.query_batch, progress=progress)
+        sent = collect_jbda(
+            oracle,
+            store,
+            seed_set,
+            budget=config.budget,
+            rounds=config.rounds,
+            step=config.jbda_step,
+            train=lambda data: fit(data, config.seed + len(data))[0],
+            batch_size=config.query_batch,
+            progress=progress,
+        )
     else:
         raise ValueError(f"unknown strategy {config.strategy!r}; known strategies: {', '.join(STRATEGIES)}")
     collected = time.perf_counter()
@@ -126,14 +154,34 @@ def run_attack(oracle: Oracle, config: AttackConfig, store_dir: str | Path | Non
     accuracy = evaluate(model, test, device)
     finished = time.perf_counter()
     return {
-        "accuracy": round(accuracy, 2), "budget": config.budget, "transfer_set_size": len(data),
-        "queries_sent": sent, "queries_stored_before": stored_before, "strategy": config.strategy,
-        "loss": config.loss, "lambda": config.recipe.lam if config.loss == "explanations" else None,
-        "epochs": config.recipe.epochs, "epoch_losses": history, "arch": arch, "seed": config.seed,
-        "attacker_dataset": config.dataset, "test_set": f"{info.dataset} test", "test_n": len(test),
-        "victim": {"model": info.name, "arch": info.arch, "defense": info.defense, "interpreter": info.interpreter,
-                   "settings": info.defense_settings},
-        "store": str(store_path), "config": asdict(config),
-        "timings": {"query_s": round(collected - started, 3), "train_s": round(trained - collected, 3),
-                    "eval_s": round(finished - trained, 3), "total_s": round(finished - started, 3)},
+        "accuracy": round(accuracy, 2),
+        "budget": config.budget,
+        "transfer_set_size": len(data),
+        "queries_sent": sent,
+        "queries_stored_before": stored_before,
+        "strategy": config.strategy,
+        "loss": config.loss,
+        "lambda": config.recipe.lam if config.loss == "explanations" else None,
+        "epochs": config.recipe.epochs,
+        "epoch_losses": history,
+        "arch": arch,
+        "seed": config.seed,
+        "attacker_dataset": config.dataset,
+        "test_set": f"{info.dataset} test",
+        "test_n": len(test),
+        "victim": {
+            "model": info.name,
+            "arch": info.arch,
+            "defense": info.defense,
+            "interpreter": info.interpreter,
+            "settings": info.defense_settings,
+        },
+        "store": str(store_path),
+        "config": asdict(config),
+        "timings": {
+            "query_s": round(collected - started, 3),
+            "train_s": round(trained - collected, 3),
+            "eval_s": round(finished - trained, 3),
+            "total_s": round(finished - started, 3),
+        },
     }

@@ -47,8 +47,16 @@ def explain_batch(interpreter: Interpreter, model: nn.Module, x: Tensor, labels:
     return e.logits, e.attribution
 
 
-def attack_loss(kind: AttackLoss, model: nn.Module, interpreter: Interpreter, x: Tensor, labels: Tensor,
-                probabilities: Tensor, attributions: Tensor | None, lam: float) -> Tensor:
+def attack_loss(
+    kind: AttackLoss,
+    model: nn.Module,
+    interpreter: Interpreter,
+    x: Tensor,
+    labels: Tensor,
+    probabilities: Tensor,
+    attributions: Tensor | None,
+    lam: float,
+) -> Tensor:
     """The loss ``kind`` of the attack model on one batch of the transfer set."""
     if kind == "labels":
         return F.cross_entropy(model(x), labels)

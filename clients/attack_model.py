@@ -42,8 +42,9 @@ class TrainingRecipe:
     weight_decay: float = 0.0
 
 
-def build_attack_model(arch: str, num_classes: int, input_shape: Sequence[int], mean: Sequence[float],
-                       std: Sequence[float], seed: int) -> Normalized:
+def build_attack_model(
+    arch: str, num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], seed: int
+) -> Normalized:
     """A freshly initialised ``arch`` (weights drawn from ``seed``) normalising with the attacker's statistics."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -51,9 +52,9 @@ def build_attack_model(arch: str, num_classes: int, input_shape: Sequence[int], 
     return Normalized(net, mean, std)
 
 
-def make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float, weight_decay: float,
-                   schedule: Schedule, total_steps: int) -> tuple[torch.optim.Optimizer,
-                                                                  torch.optim.lr_scheduler.LRScheduler | None]:
+def make_optimizer(
+    model: nn.Module, optimizer: Optimizer, lr: float, weight_decay: float, schedule: Schedule, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """Adam, or SGD with Nesterov momentum 0.9; with ``cosine`` the learning rate decays to 0 over
     ``total_steps`` (one step per batch), with ``constant`` it stays at ``lr``."""
     if optimizer == "adam":
@@ -69,15 +70,30 @@ def make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float, weight_dec
     raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
-def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss, interpreter: str,
-                       recipe: TrainingRecipe, seed: int, device: torch.device, progress: bool = True) -> list[float]:
+def train_attack_model(
+    model: nn.Module,
+    data: TransferSet,
+    *,
+    loss: AttackLoss,
+    interpreter: str,
+    recipe: TrainingRecipe,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> list[float]:
     """The recipe's optimizer on the attack loss for ``recipe.epochs`` passes over ``data``; the mean loss of
     every epoch."""
     epochs, batch_size, lam = recipe.epochs, recipe.batch_size, recipe.lam
     model.to(device).train()
     explainer = create_interpreter(interpreter, model, tuple(data.images.shape[1:]))
-    opt, scheduler = make_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.schedule,
-                                    epochs * math.ceil(len(data) / batch_size))
+    opt, scheduler = make_optimizer(
+        model,
+        recipe.optimizer,
+        recipe.lr,
+        recipe.weight_decay,
+        recipe.schedule,
+        epochs * math.ceil(len(data) / batch_size),
+    )
     generator = torch.Generator().manual_seed(seed)
     maps = data.attributions
     history: list[float] = []
@@ -86,12 +102,24 @@ def train_attack_model(model: nn.Module, data: TransferSet, *, loss: AttackLoss,
         for epoch in range(epochs):
             order = torch.randperm(len(data), generator=generator)
             total = 0.0
-            bar = tqdm(order.split(batch_size), desc=f"train {loss} {epoch + 1}/{epochs}", unit="batch",
-                       leave=False, disable=not progress)
+            bar = tqdm(
+                order.split(batch_size),
+                desc=f"train {loss} {epoch + 1}/{epochs}",
+                unit="batch",
+                leave=False,
+                disable=not progress,
+            )
             for idx in bar:
-                value = attack_loss(loss, model, explainer, data.images[idx].to(device), data.labels[idx].to(device),
-                                    data.probabilities[idx].to(device),
-                                    maps[idx].to(device) if maps is not None else None, lam)
+                value = attack_loss(
+                    loss,
+                    model,
+                    explainer,
+                    data.images[idx].to(device),
+                    data.labels[idx].to(device),
+                    data.probabilities[idx].to(device),
+                    maps[idx].to(device) if maps is not None else None,
+                    lam,
+                )
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()

@@ -38,20 +38,34 @@ def latency_summary(seconds: list[float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in percentiles([1000.0 * s for s in seconds]).items()}
 
 
-def run_benign(oracle: Oracle, images: Tensor, labels: Tensor, undefended: NoDefense, *, batch_size: int = 1,
-               explain: bool = True, progress: bool = True) -> BenignReport:
+def run_benign(
+    oracle: Oracle,
+    images: Tensor,
+    labels: Tensor,
+    undefended: NoDefense,
+    *,
+    batch_size: int = 1,
+    explain: bool = True,
+    progress: bool = True,
+) -> BenignReport:
     """Query ``images`` in requests of ``batch_size`` and compare the answers with ``labels`` and ``undefended``."""
     device = next(undefended.model.parameters()).device
     correct = agree = 0
     seconds: list[float] = []
     for start in tqdm(range(0, len(images), batch_size), desc="benign queries", unit="request", disable=not progress):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         began = time.perf_counter()
         reply = oracle.query(x, explain=explain)
         seconds.append(time.perf_counter() - began)
         reference = torch.tensor([a.label for a in undefended.answer(x.to(device), explain=False)])
-        correct += int((reply.labels == labels[start:start + batch_size]).sum())
+        correct += int((reply.labels == labels[start : start + batch_size]).sum())
         agree += int((reply.labels == reference).sum())
-    return BenignReport(n=len(images), requests=len(seconds), batch_size=batch_size, explain=explain,
-                        accuracy=100.0 * correct / len(images), agreement_undefended=100.0 * agree / len(images),
-                        latency_ms=latency_summary(seconds))
+    return BenignReport(
+        n=len(images),
+        requests=len(seconds),
+        batch_size=batch_size,
+        explain=explain,
+        accuracy=100.0 * correct / len(images),
+        agreement_undefended=100.0 * agree / len(images),
+        latency_ms=latency_summary(seconds),
+    )

@@ -36,8 +36,18 @@ def jacobian_augmentation(model: nn.Module, x: Tensor, labels: Tensor, step: flo
     return torch.cat(out)
 
 
-def collect_jbda(oracle: Oracle, store: TransferStore, seed_set: Tensor, *, budget: int, rounds: int, step: float,
-                 train: Callable[[TransferSet], nn.Module], batch_size: int = 16, progress: bool = True) -> int:
+def collect_jbda(
+    oracle: Oracle,
+    store: TransferStore,
+    seed_set: Tensor,
+    *,
+    budget: int,
+    rounds: int,
+    step: float,
+    train: Callable[[TransferSet], nn.Module],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> int:
     """Run the labelling rounds of JBDA into ``store`` up to ``budget`` queries; returns the queries sent.
     ``train`` fits a substitute on the transfer set so far (it is called only when a round's new
     points are not stored yet)."""
@@ -54,6 +64,5 @@ def collect_jbda(oracle: Oracle, store: TransferStore, seed_set: Tensor, *, budg
             return jacobian_augmentation(train(data), data.images, data.labels, step)
 
         queries = store.plan(f"round-{rho}", plan)
-        sent += collect(oracle, store, queries[: budget - before], round_=rho, batch_size=batch_size,
-                        progress=progress)
+        sent += collect(oracle, store, queries[: budget - before], round_=rho, batch_size=batch_size, progress=progress)
     return sent

@@ -16,5 +16,10 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     def rank(q: float) -> float:
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
-    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": ordered[-1],
-            "mean": math.fsum(ordered) / len(ordered)}
+    return {
+        "p50": rank(0.50),
+        "p95": rank(0.95),
+        "p99": rank(0.99),
+        "max": ordered[-1],
+        "mean": math.fsum(ordered) / len(ordered),
+    }

@@ -131,8 +131,9 @@ async def run_load(config: LoadConfig) -> LoadReport:
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
     limits = httpx.Limits(max_connections=config.clients, max_keepalive_connections=config.clients)
-    async with httpx.AsyncClient(base_url=config.url, headers=headers, limits=limits,
-                                 timeout=config.timeout_s) as client:
+    async with httpx.AsyncClient(
+        base_url=config.url, headers=headers, limits=limits, timeout=config.timeout_s
+    ) as client:
         shape = await _input_shape(client)
         started = time.perf_counter()
         deadline = started + config.duration_s
@@ -146,12 +147,19 @@ async def run_load(config: LoadConfig) -> LoadReport:
     served = len(run.served_ms)
     retry = {"min": min(run.retry_after), "max": max(run.retry_after)} if run.retry_after else {}
     return LoadReport(
-        clients=config.clients, duration_s=round(elapsed, 2), requests=sum(run.statuses.values()) + sum(
-            v for k, v in run.errors.items() if k.startswith("transport")), served=served,
-        throughput_rps=round(served / elapsed, 2), statuses=dict(sorted(run.statuses.items())),
-        errors=dict(sorted(run.errors.items())), latency_ms=_rounded(percentiles(run.served_ms)),
-        latency_all_ms=_rounded(percentiles(run.all_ms)), retry_after_s=retry | {"missing": run.missing_retry_after},
-        rss_mb=_rss_summary(run.rss), server_metrics=server_metrics)
+        clients=config.clients,
+        duration_s=round(elapsed, 2),
+        requests=sum(run.statuses.values()) + sum(v for k, v in run.errors.items() if k.startswith("transport")),
+        served=served,
+        throughput_rps=round(served / elapsed, 2),
+        statuses=dict(sorted(run.statuses.items())),
+        errors=dict(sorted(run.errors.items())),
+        latency_ms=_rounded(percentiles(run.served_ms)),
+        latency_all_ms=_rounded(percentiles(run.all_ms)),
+        retry_after_s=retry | {"missing": run.missing_retry_after},
+        rss_mb=_rss_summary(run.rss),
+        server_metrics=server_metrics,
+    )
 
 
 async def _input_shape(client: httpx.AsyncClient) -> list[int]:
@@ -166,8 +174,10 @@ def _bodies(config: LoadConfig, index: int, shape: list[int]) -> list[bytes]:
     c, h, w = shape
     bodies = []
     for _ in range(_BODIES_PER_CLIENT):
-        instances = [{"pixels": [[[round(rng.random(), 4) for _ in range(w)] for _ in range(h)] for _ in range(c)]}
-                     for _ in range(config.instances)]
+        instances = [
+            {"pixels": [[[round(rng.random(), 4) for _ in range(w)] for _ in range(h)] for _ in range(c)]}
+            for _ in range(config.instances)
+        ]
         bodies.append(json.dumps({"instances": instances, "explain": config.explain}).encode())
     return bodies
 
@@ -240,9 +250,19 @@ def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, float]:
     def at(fraction: float) -> float:
         return next(mb for t, mb in samples if t >= fraction * samples[-1][0])
 
-    return _rounded({"start": values[0], "at_25%": at(0.25), "at_50%": at(0.5), "at_75%": at(0.75),
-                     "end": values[-1], "peak": max(values), "growth": values[-1] - values[0],
-                     "growth_second_half": values[-1] - at(0.5), "samples": len(values)})
+    return _rounded(
+        {
+            "start": values[0],
+            "at_25%": at(0.25),
+            "at_50%": at(0.5),
+            "at_75%": at(0.75),
+            "end": values[-1],
+            "peak": max(values),
+            "growth": values[-1] - values[0],
+            "growth_second_half": values[-1] - at(0.5),
+            "samples": len(values),
+        }
+    )
 
 
 async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:
@@ -255,8 +275,14 @@ async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:
         return {}
     if r.status_code != 200:
         return {}
-    wanted = {"dd_answers_total", "dd_defense_fallbacks_total", "dd_defense_failures_total",
-              "dd_dropped_instances_total", "dd_rejected_requests_total", "dd_instance_cost_seconds"}
+    wanted = {
+        "dd_answers_total",
+        "dd_defense_fallbacks_total",
+        "dd_defense_failures_total",
+        "dd_dropped_instances_total",
+        "dd_rejected_requests_total",
+        "dd_instance_cost_seconds",
+    }
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:

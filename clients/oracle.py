@@ -85,8 +85,17 @@ class HttpOracle:
     504 and connection errors, and an :class:`OracleError` naming the server's reason on any other
     error status (or the connection error once the retries are spent)."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, max_instances: int = 16,
-                 retries: int = 5, backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_instances: int = 16,
+        retries: int = 5,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_instances = max_instances
@@ -106,9 +115,16 @@ class HttpOracle:
     def info(self) -> ModelInfo:
         if self._info is None:
             m = self._request("GET", "/v1/models").json()["models"][0]
-            self._info = ModelInfo(name=m["name"], arch=m["arch"], dataset=m["dataset"], classes=m["classes"],
-                                   input_shape=tuple(m["input_shape"]), interpreter=m["interpreter"],
-                                   defense=m["defense"]["name"], defense_settings=m["defense"]["settings"])
+            self._info = ModelInfo(
+                name=m["name"],
+                arch=m["arch"],
+                dataset=m["dataset"],
+                classes=m["classes"],
+                input_shape=tuple(m["input_shape"]),
+                interpreter=m["interpreter"],
+                defense=m["defense"]["name"],
+                defense_settings=m["defense"]["settings"],
+            )
         return self._info
 
     def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
@@ -116,7 +132,7 @@ class HttpOracle:
         probabilities: list[Tensor] = []
         maps: list[Tensor] = []
         for start in range(0, len(x), self.max_instances):
-            chunk = x[start:start + self.max_instances].detach().cpu().float()
+            chunk = x[start : start + self.max_instances].detach().cpu().float()
             body = {"instances": [{"pixels": xi.tolist()} for xi in chunk], "explain": explain}
             for p in self._request("POST", "/predict", json=body).json()["predictions"]:
                 labels.append(int(p["label"]))
@@ -129,7 +145,7 @@ class HttpOracle:
         attempt = 0
         while True:
             retry = attempt < self.retries
-            wait = self.backoff * 2 ** attempt
+            wait = self.backoff * 2**attempt
             attempt += 1
             try:
                 response = self.client.request(method, path, **kwargs)

@@ -72,10 +72,15 @@ class TransferStore:
         if manifest.is_file():
             stored = json.loads(manifest.read_text())
             if stored["fingerprint"] != self.fingerprint:
-                differ = sorted(k for k in {*stored["fingerprint"], *self.fingerprint}
-                                if stored["fingerprint"].get(k) != self.fingerprint.get(k))
-                raise ValueError(f"transfer set {self.root} was collected by another attack (differs in: "
-                                 f"{', '.join(differ)}); choose another --store")
+                differ = sorted(
+                    k
+                    for k in {*stored["fingerprint"], *self.fingerprint}
+                    if stored["fingerprint"].get(k) != self.fingerprint.get(k)
+                )
+                raise ValueError(
+                    f"transfer set {self.root} was collected by another attack (differs in: "
+                    f"{', '.join(differ)}); choose another --store"
+                )
             self.shards: list[dict[str, Any]] = stored["shards"]
         else:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -91,8 +96,11 @@ class TransferStore:
 
     def append(self, x: Tensor, reply: OracleReply, round_: int = 0) -> None:
         """Commit one batch of queries with their answers."""
-        tensors = {"images": x.detach().cpu().float().contiguous(), "labels": reply.labels.cpu(),
-                   "probabilities": reply.probabilities.cpu().float().contiguous()}
+        tensors = {
+            "images": x.detach().cpu().float().contiguous(),
+            "labels": reply.labels.cpu(),
+            "probabilities": reply.probabilities.cpu().float().contiguous(),
+        }
         if reply.attributions is not None:
             tensors["attributions"] = reply.attributions.cpu().float().contiguous()
         name = f"shard-{len(self.shards):06d}.safetensors"
@@ -125,18 +133,24 @@ class TransferStore:
         _atomic_write(self.root / _MANIFEST, lambda p: p.write_text(text))
 
 
-def collect(oracle: Oracle, store: TransferStore, queries: Tensor, *, round_: int = 0, batch_size: int = 16,
-            progress: bool = True) -> int:
+def collect(
+    oracle: Oracle,
+    store: TransferStore,
+    queries: Tensor,
+    *,
+    round_: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> int:
     """Send the queries of ``round_`` not yet stored, ``batch_size`` at a time, committing each batch
     as soon as it is answered; returns how many were sent. Maps are always asked for, so one
     transfer set serves every attack loss."""
     start = store.count(round_)
     todo = queries[start:]
-    bar = tqdm(total=len(queries), initial=start, desc=f"queries (round {round_})", unit="query",
-               disable=not progress)
+    bar = tqdm(total=len(queries), initial=start, desc=f"queries (round {round_})", unit="query", disable=not progress)
     with bar, deferred_interrupt() as interrupted:
         for begin in range(0, len(todo), batch_size):
-            batch = todo[begin:begin + batch_size]
+            batch = todo[begin : begin + batch_size]
             store.append(batch, oracle.query(batch, explain=True), round_)
             bar.update(len(batch))
             if interrupted.is_set():

@@ -12,8 +12,11 @@ from models.data import DATA_ROOT_ENV, default_data_root
 
 
 def add_data_root(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "") -> None:
-    p.add_argument("--data-root", default=default_data_root(),
-                   help=f"folder holding the data sets in torchvision's layout{what} (default: ${DATA_ROOT_ENV})")
+    p.add_argument(
+        "--data-root",
+        default=default_data_root(),
+        help=f"folder holding the data sets in torchvision's layout{what} (default: ${DATA_ROOT_ENV})",
+    )
 
 
 def add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "") -> None:
@@ -21,8 +24,11 @@ def add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str =
 
 
 def add_api_key_file(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--api-key-file", default=None,
-                   help="file holding the API key (first non-comment line); default: $DD_CLIENT_API_KEY")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file holding the API key (first non-comment line); default: $DD_CLIENT_API_KEY",
+    )
 
 
 def add_server_url(p: argparse.ArgumentParser) -> None:
@@ -33,9 +39,15 @@ def add_server_url(p: argparse.ArgumentParser) -> None:
 
 
 def add_engine_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "") -> None:
-    p.add_argument("--set", dest="engine", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"defense option{what}, repeatable, e.g. --set steps=30 --set lr=0.05 (values read as JSON "
-                        "when they parse: 30, 0.05, false; else as text)")
+    p.add_argument(
+        "--set",
+        dest="engine",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"defense option{what}, repeatable, e.g. --set steps=30 --set lr=0.05 (values read as JSON "
+        "when they parse: 30, 0.05, false; else as text)",
+    )
 
 
 def engine_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -83,8 +95,12 @@ def add_recipe(p: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: A
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam, help="weight of the map term of eq. (1)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
-                   help="cosine: the learning rate decays to 0 over all steps")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=defaults.schedule,
+        help="cosine: the learning rate decays to 0 over all steps",
+    )
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
 
 

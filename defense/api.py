@@ -57,4 +57,7 @@ class NoDefense(Defense):
             e = self.interpreter.explain({}, x, logits.argmax(1))  # the model's own weights, no weight gradients
             logits, attributions = e.logits.detach(), e.attribution.detach()
         probs = logits.softmax(-1)
-        return [Answer(label=int(p.argmax()), probabilities=p, attribution=a) for p, a in zip(probs, attributions, strict=True)]
+        return [
+            Answer(label=int(p.argmax()), probabilities=p, attribution=a)
+            for p, a in zip(probs, attributions, strict=True)
+        ]

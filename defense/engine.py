@@ -137,7 +137,11 @@ class SolverState:
 
     def low_rank_factors(self) -> dict[str, Tensor]:
         """The low-rank layers' additions U Vᵀ at the current iterate, keyed as the objective takes them."""
-        return {f"{m}.{k}": v for m, w in self.low_rank.items() for k, v in zip(("delta_u", "delta_v"), w.factors(), strict=True)}
+        return {
+            f"{m}.{k}": v
+            for m, w in self.low_rank.items()
+            for k, v in zip(("delta_u", "delta_v"), w.factors(), strict=True)
+        }
 
     def keep_best(self, out: Mapping[str, Tensor]) -> None:
         """Record each query's best feasible iterate (lowest L_orth): the answer comes from it, and early stopping
@@ -185,7 +189,8 @@ class SolverState:
         self.x, self.rows, self.lr, self.stall = self.x[keep], self.rows[keep], self.lr[keep], self.stall[keep]
         self.ref = tree_map(lambda field: field[keep], self.ref)
         self.params, self.anchor, self.velocity = (
-            {k: v[keep] for k, v in d.items()} for d in (self.params, self.anchor, self.velocity))
+            {k: v[keep] for k, v in d.items()} for d in (self.params, self.anchor, self.velocity)
+        )
         for w in self.low_rank.values():
             w.select(keep)
         return True
@@ -238,8 +243,11 @@ class DeepDefense(Defense):
         # with one part empty its cosine is undefined: the other part carries the whole weight
         self.alpha = self.config.alpha if self.bottom_names and self.top_names else float(bool(self.bottom_names))
         self.factored = [n for n in self.layers if isinstance(model.get_submodule(n), nn.Linear)]  # rank-one gradients
-        self.low_rank = [n for n in self.factored if self.config.low_rank and interpreter.linear_in_weights
-                         and f"{n}.bias" in selected]
+        self.low_rank = [
+            n
+            for n in self.factored
+            if self.config.low_rank and interpreter.linear_in_weights and f"{n}.bias" in selected
+        ]
         device = next(model.parameters()).device
         impl: ConvImpl = default_conv_impl(device) if self.config.conv_impl == "auto" else self.config.conv_impl
         # the same interpreter on a view of the victim whose selected layers take per-query weights
@@ -272,13 +280,22 @@ class DeepDefense(Defense):
         e = self.explainer.explain(copies, x, label, factored=self.factored)
         probs, attribution = own.logits.detach().softmax(-1), own.attribution.detach()
         order, groups, gaps = vmap(attribution_order)(attribution)
-        return Reference(label=label, top_k=probs.topk(self.config.top_k, dim=1).indices, order=order, groups=groups,
-                         gaps=gaps, grad_bottom=weight_gradient(e, self.bottom_names, len(x)),
-                         grad_top=weight_gradient(e, self.top_names, len(x)), probs=probs, attribution=attribution)
+        return Reference(
+            label=label,
+            top_k=probs.topk(self.config.top_k, dim=1).indices,
+            order=order,
+            groups=groups,
+            gaps=gaps,
+            grad_bottom=weight_gradient(e, self.bottom_names, len(x)),
+            grad_top=weight_gradient(e, self.top_names, len(x)),
+            probs=probs,
+            attribution=attribution,
+        )
 
     # -- the misdirection models -----------------------------------------------------------------
-    def objective(self, params: dict[str, Tensor], taps: dict[str, Tensor], x: Tensor, ref: Reference,
-                  low_rank: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+    def objective(
+        self, params: dict[str, Tensor], taps: dict[str, Tensor], x: Tensor, ref: Reference, low_rank: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Σ over queries of L_DD (eq. 8), each query's misdirection model with its own weights: the dense
         copies ``params`` (leading query dimension) and the low-rank additions ``low_rank`` (constants here;
         ``taps`` are their gradient taps). Per-query values in the second output."""
@@ -291,16 +308,27 @@ class DeepDefense(Defense):
         l_orth = orth_loss(cos_bottom, cos_top, self.alpha)
         l_pred = vmap(partial(pred_loss, margin=c.pred_margin))(log_probs, ref.top_k)
         l_int = vmap(partial(int_loss, delta=c.huber_delta, margin=c.int_margin))(
-            e.attribution, ref.order, ref.groups, ref.gaps)
+            e.attribution, ref.order, ref.groups, ref.gaps
+        )
         loss = dd_loss(l_orth, l_pred, l_int, c.lambda1, c.lambda2)
-        finite = (torch.isfinite(loss) & torch.isfinite(log_probs).all(1)
-                  & torch.isfinite(e.attribution).flatten(1).all(1))
+        finite = (
+            torch.isfinite(loss) & torch.isfinite(log_probs).all(1) & torch.isfinite(e.attribution).flatten(1).all(1)
+        )
         feasible = vmap(topk_preserved)(log_probs, ref.top_k) & finite
         if c.min_spearman > 0:
             feasible = feasible & (vmap(spearman)(e.attribution, ref.attribution) >= c.min_spearman)
-        return loss.sum(), {"loss": loss, "l_orth": l_orth, "cos_bottom": cos_bottom, "cos_top": cos_top,
-                            "l_pred": l_pred, "l_int": l_int, "probs": log_probs.exp(), "attribution": e.attribution,
-                            "feasible": feasible, "factors": {n: e.factors[n] for n in self.low_rank}}
+        return loss.sum(), {
+            "loss": loss,
+            "l_orth": l_orth,
+            "cos_bottom": cos_bottom,
+            "cos_top": cos_top,
+            "l_pred": l_pred,
+            "l_int": l_int,
+            "probs": log_probs.exp(),
+            "attribution": e.attribution,
+            "feasible": feasible,
+            "factors": {n: e.factors[n] for n in self.low_rank},
+        }
 
     def initial_params(self, x: Tensor) -> dict[str, Tensor]:
         """Each clone's start: the victim's selected weights plus small noise keyed by its query (B, C, H, W).
@@ -351,11 +379,18 @@ class DeepDefense(Defense):
         params = self.initial_params(x)
         victim = self.victim_params()
         return SolverState(
-            config=c, x=x, ref=ref, rows=torch.arange(n, device=x.device), params=params, anchor=dict(params),
-            velocity={k: torch.zeros_like(p) for k, p in params.items()}, lr=x.new_full((n,), c.lr),
+            config=c,
+            x=x,
+            ref=ref,
+            rows=torch.arange(n, device=x.device),
+            params=params,
+            anchor=dict(params),
+            velocity={k: torch.zeros_like(p) for k, p in params.items()},
+            lr=x.new_full((n,), c.lr),
             stall=torch.zeros(n, dtype=torch.long, device=x.device),
             low_rank={m: LowRankWeight(victim[f"{m}.weight"], n, c.steps) for m in self.low_rank},
-            best={"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))})
+            best={"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))},
+        )
 
     def _evaluate(self, state: SolverState, differentiate: bool) -> tuple[dict[str, Any], Gradients | None]:
         """The objective's per-query outputs at the current iterate, and its gradient when ``differentiate``
@@ -407,8 +442,9 @@ class DeepDefense(Defense):
         seconds = (time.perf_counter() - started) / len(x)
         return {m: [self._compose(i, ref, best, seconds, explain, m) for i in range(len(x))] for m in modes}
 
-    def _compose(self, i: int, ref: Reference, best: dict[str, Tensor] | None, seconds: float, explain: bool,
-                 mode: Mode) -> Answer:
+    def _compose(
+        self, i: int, ref: Reference, best: dict[str, Tensor] | None, seconds: float, explain: bool, mode: Mode
+    ) -> Answer:
         """Query i's answer: its best iterate's outputs, or the safe answer; the mode picks which to show."""
         found = best is not None and bool(best["found"][i])
         if found:
@@ -423,8 +459,13 @@ class DeepDefense(Defense):
             probs = ref.probs[i]
         steps = float(best["steps"][i]) if best is not None else 0.0
         stats.update({"steps": steps, "optimisation_seconds": seconds})
-        return Answer(label=int(ref.top_k[i, 0]), probabilities=probs, attribution=attribution if explain else None,
-                      fallback=not found, stats=stats)
+        return Answer(
+            label=int(ref.top_k[i, 0]),
+            probabilities=probs,
+            attribution=attribution if explain else None,
+            fallback=not found,
+            stats=stats,
+        )
 
 
 def _per_row(mask: Tensor, like: Tensor) -> Tensor:

@@ -41,8 +41,11 @@ def huber(a: Tensor, delta: float) -> Tensor:
     return torch.where(absolute <= delta, 0.5 * a * a, delta * (absolute - 0.5 * delta))
 
 
-def int_loss(attribution: Tensor, order: Tensor, groups: Tensor, gaps: Tensor, delta: float, margin: float = 0.0) -> Tensor:
-    # eq. (7) over tie groups along the victim's order a: Σ_g L_δ((max_{g+1} Ĩ − min_g Ĩ + margin·gap_g)⁺) + Σ_g L_δ(max_g Ĩ − min_g Ĩ);
+def int_loss(
+    attribution: Tensor, order: Tensor, groups: Tensor, gaps: Tensor, delta: float, margin: float = 0.0
+) -> Tensor:
+    # eq. (7) over tie groups along the victim's order a:
+    #   Σ_g L_δ((max_{g+1} Ĩ − min_g Ĩ + margin·gap_g)⁺) + Σ_g L_δ(max_g Ĩ − min_g Ĩ);
     # without ties every group is one pixel and this is the paper's sum over adjacent pairs (margin = 0)
     ranked = attribution.reshape(-1)[order]
     n = ranked.numel()

@@ -59,7 +59,7 @@ class LowRankWeight:
         t, w = self.used, self.weight
         p_t = torch.stack([grad_out, map_grad_out], dim=2)  # (B, out, 2)
         q_t = torch.stack([inputs, grad_map_in], dim=2)  # (B, in, 2)
-        self.p[:, :, 2 * t: 2 * t + 2], self.q[:, :, 2 * t: 2 * t + 2] = p_t, q_t
+        self.p[:, :, 2 * t : 2 * t + 2], self.q[:, :, 2 * t : 2 * t + 2] = p_t, q_t
         pp = torch.bmm(p_t.transpose(1, 2), self.p[:, :, : 2 * t + 2])  # (B, 2, 2t+2)
         qq = torch.bmm(q_t.transpose(1, 2), self.q[:, :, : 2 * t + 2])
         row = (pp * qq).view(len(p_t), 2, t + 1, 2).sum(dim=(1, 3))  # ⟨G_t, G_j⟩, j ≤ t

@@ -89,8 +89,15 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Conv2d, im
         raise TypeError(f"per-query convolution needs numeric padding, got {module.padding!r}")
     b, c, h, w = x.shape
     if impl == "grouped":
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight.flatten(0, 1), None if bias is None else bias.flatten(),
-                       module.stride, module.padding, module.dilation, module.groups * b)
+        out = F.conv2d(
+            x.reshape(1, b * c, h, w),
+            weight.flatten(0, 1),
+            None if bias is None else bias.flatten(),
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups * b,
+        )
         return out.view(b, weight.shape[1], *out.shape[-2:])
     return _conv2d_unfold(x, weight, bias, module)
 

@@ -45,7 +45,7 @@ def layer_sensitivity(model: nn.Module, images: Tensor, batch_size: int = 64) ->
     per_sample = vmap(grad(score), in_dims=(None, 0))
     totals = dict.fromkeys(layers, 0.0)
     for start in range(0, len(images), batch_size):
-        grads = per_sample(params, images[start:start + batch_size])
+        grads = per_sample(params, images[start : start + batch_size])
         for name, g in grads.items():
             totals[name.rpartition(".")[0]] += float(g.abs().sum())
     return {layer: total / len(images) for layer, total in totals.items()}

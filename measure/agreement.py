@@ -58,14 +58,26 @@ class Fidelity:
         return asdict(self)
 
 
-def fidelity(victim: nn.Module, attack: nn.Module, test_images: Tensor, n_unif: int = 10_000,
-             seed: int = 0, victim_test: Tensor | None = None, victim_unif: Tensor | None = None) -> Fidelity:
+def fidelity(
+    victim: nn.Module,
+    attack: nn.Module,
+    test_images: Tensor,
+    n_unif: int = 10_000,
+    seed: int = 0,
+    victim_test: Tensor | None = None,
+    victim_unif: Tensor | None = None,
+) -> Fidelity:
     """R_test on ``test_images`` and R_unif on ``n_unif`` uniform inputs drawn from ``seed``. The
     victim's probabilities may be passed in (they do not change between attack models)."""
     unif = uniform_inputs(n_unif, tuple(test_images.shape[1:]), seed)
     f_test = victim_test if victim_test is not None else probabilities(victim, test_images)
     f_unif = victim_unif if victim_unif is not None else probabilities(victim, unif)
     g_test, g_unif = probabilities(attack, test_images), probabilities(attack, unif)
-    return Fidelity(r_test=disagreement(f_test, g_test), r_test_tv=total_variation(f_test, g_test),
-                    r_unif=disagreement(f_unif, g_unif), r_unif_tv=total_variation(f_unif, g_unif),
-                    n_test=len(test_images), n_unif=n_unif)
+    return Fidelity(
+        r_test=disagreement(f_test, g_test),
+        r_test_tv=total_variation(f_test, g_test),
+        r_unif=disagreement(f_unif, g_unif),
+        r_unif_tv=total_variation(f_unif, g_unif),
+        n_test=len(test_images),
+        n_unif=n_unif,
+    )

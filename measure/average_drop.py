@@ -59,8 +59,10 @@ def class_scores(model: nn.Module, images: Tensor, classes: Tensor, batch_size: 
     """Softmax probability of class ``classes[i]`` for each image (N,)."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(x.to(device)).softmax(-1).gather(1, c.to(device)[:, None])[:, 0].cpu()
-           for x, c in zip(images.split(batch_size), classes.split(batch_size), strict=True)]
+    out = [
+        model(x.to(device)).softmax(-1).gather(1, c.to(device)[:, None])[:, 0].cpu()
+        for x, c in zip(images.split(batch_size), classes.split(batch_size), strict=True)
+    ]
     return torch.cat(out)
 
 
@@ -91,8 +93,9 @@ def paired_ttest(a: Tensor, b: Tensor) -> PairedTest:
     if bool((diff == 0).all()):
         return PairedTest(n=len(a), mean_difference=0.0, t=math.nan, p_value=math.nan)
     result = stats.ttest_rel(a.double().numpy(), b.double().numpy())
-    return PairedTest(n=len(a), mean_difference=float(diff.mean()), t=float(result.statistic),
-                      p_value=float(result.pvalue))
+    return PairedTest(
+        n=len(a), mean_difference=float(diff.mean()), t=float(result.statistic), p_value=float(result.pvalue)
+    )
 
 
 def summary(values: Tensor) -> dict[str, float]:

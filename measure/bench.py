@@ -116,12 +116,13 @@ def process_rss_mb(pid: int | None = None) -> float:
     return rss_mb(pid or os.getpid()) or 0.0
 
 
-def time_calls(answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
-               desc: str) -> tuple[list[float], float]:
+def time_calls(
+    answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device, desc: str
+) -> tuple[list[float], float]:
     """Per-query milliseconds of each call of ``answer`` on consecutive batches, and the total seconds."""
     per_query, started = [], time.perf_counter()
     for start in tqdm(range(0, len(images), batch), desc=desc, unit="call", leave=False):
-        x = images[start:start + batch]
+        x = images[start : start + batch]
         began = time.perf_counter()
         answer(x)
         if device.type == "cuda":
@@ -130,14 +131,29 @@ def time_calls(answer: Callable[[Tensor], object], images: Tensor, batch: int, d
     return per_query, time.perf_counter() - started
 
 
-def measure(setup: str, answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device,
-            notes: dict[str, Any] | None = None) -> Row:
+def measure(
+    setup: str,
+    answer: Callable[[Tensor], object],
+    images: Tensor,
+    batch: int,
+    device: torch.device,
+    notes: dict[str, Any] | None = None,
+) -> Row:
     answer(images[:batch])  # warm-up: first-call allocations, kernel selection
     with PeakMemory(device) as memory:
         per_query, seconds = time_calls(answer, images, batch, device, f"{setup} ×{batch}")
     p = percentiles(per_query)
-    return Row(setup, batch, None, len(images), round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2),
-               round(memory.peak_mb, 1), notes or {})
+    return Row(
+        setup,
+        batch,
+        None,
+        len(images),
+        round(p["p50"], 2),
+        round(p["p95"], 2),
+        round(len(images) / seconds, 2),
+        round(memory.peak_mb, 1),
+        notes or {},
+    )
 
 
 # -- victims -------------------------------------------------------------------------------------------
@@ -171,14 +187,26 @@ def random_resnet18(folder: Path, seed: int) -> Path:
     from defense.sensitivity import layer_sensitivity
     from models.checkpoint import CheckpointMeta, build_model, save_checkpoint
 
-    meta = CheckpointMeta(arch="resnet18", dataset="random", classes=[str(i) for i in range(17)],
-                          input_shape=[3, 224, 224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                          test_accuracy=0.0, seed=seed, command="deepdefense bench --model resnet18")
+    meta = CheckpointMeta(
+        arch="resnet18",
+        dataset="random",
+        classes=[str(i) for i in range(17)],
+        input_shape=[3, 224, 224],
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        test_accuracy=0.0,
+        seed=seed,
+        command="deepdefense bench --model resnet18",
+    )
     torch.manual_seed(seed)
     model = build_model(meta).eval()
     images = torch.rand((64, 3, 224, 224), generator=torch.Generator().manual_seed(seed))
-    meta.extra["sensitivity"] = {"n": 64, "seed": seed, "split": "uniform random", "scores":
-                                 layer_sensitivity(model, images, batch_size=8)}
+    meta.extra["sensitivity"] = {
+        "n": 64,
+        "seed": seed,
+        "split": "uniform random",
+        "scores": layer_sensitivity(model, images, batch_size=8),
+    }
     return save_checkpoint(model, meta, folder / "resnet18-random")
 
 
@@ -195,15 +223,24 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         engine = dict(config.options)
 
         def defense(name: str, **options: Any) -> Defense:
-            return load_defense(checkpoint, name, config.interpreter, device=device, data_root=config.data_root,
-                                **options)[0]
+            return load_defense(
+                checkpoint, name, config.interpreter, device=device, data_root=config.data_root, **options
+            )[0]
 
         progress("(a) undefended predict + explain")
         rows.append(measure("undefended", defense("none").answer, images[: config.queries], 1, device))
         progress("(b) one-query engine")
         one = defense("deepdefense", **{**engine, "batch_size": 1})
-        rows.append(measure("one-query engine", one.answer, images[: config.one_query_queries], 1, device,
-                            {"layers": one.layers, "steps": one.config.steps}))
+        rows.append(
+            measure(
+                "one-query engine",
+                one.answer,
+                images[: config.one_query_queries],
+                1,
+                device,
+                {"layers": one.layers, "steps": one.config.steps},
+            )
+        )
         for b in config.batch_sizes:
             progress(f"(c) batched engine, batch {b}")
             batched = defense("deepdefense", **{**engine, "batch_size": b})
@@ -211,52 +248,90 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             rows.append(measure("batched engine", batched.answer, images[: -(-n // b) * b], b, device))
         if config.server:
             rows += server_rows(checkpoint, config, device, progress)
-    return {"model": config.model, "interpreter": config.interpreter, "device": describe(device),
-            "engine_options": config.options, "rows": [asdict(r) for r in rows], "ratios": ratios(rows),
-            "config": {k: v for k, v in asdict(config).items() if k != "options"}}
+    return {
+        "model": config.model,
+        "interpreter": config.interpreter,
+        "device": describe(device),
+        "engine_options": config.options,
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios(rows),
+        "config": {k: v for k, v in asdict(config).items() if k != "options"},
+    }
 
 
-def server_rows(checkpoint: str, config: BenchConfig, device: torch.device,
-                progress: Callable[[str], None]) -> list[Row]:
+def server_rows(
+    checkpoint: str, config: BenchConfig, device: torch.device, progress: Callable[[str], None]
+) -> list[Row]:
     """(d): ``deepdefense serve`` on loopback under closed-loop load, one phase per client count."""
     from clients.load import LoadConfig, run_load
     from measure.launcher import spawn_serve
 
-    env = {**os.environ, "DD_CHECKPOINT": checkpoint, "DD_DEFENSE": "deepdefense", "DD_INTERPRETER": config.interpreter,
-           "DD_DEVICE": str(device), "DD_MAX_BATCH_SIZE": str(max(config.batch_sizes)),
-           "DD_QUEUE_SIZE": str(4 * max(max(config.clients), max(config.batch_sizes))),
-           "DD_ENGINE": json.dumps(config.options), "DD_LOG_LEVEL": "warning",
-           # capacity, not admission control: every request of the closed loop is admitted and waited for
-           "DD_MAX_EXPECTED_LATENCY_S": "3600", "DD_REQUEST_TIMEOUT_S": "3600"}
+    env = {
+        **os.environ,
+        "DD_CHECKPOINT": checkpoint,
+        "DD_DEFENSE": "deepdefense",
+        "DD_INTERPRETER": config.interpreter,
+        "DD_DEVICE": str(device),
+        "DD_MAX_BATCH_SIZE": str(max(config.batch_sizes)),
+        "DD_QUEUE_SIZE": str(4 * max(max(config.clients), max(config.batch_sizes))),
+        "DD_ENGINE": json.dumps(config.options),
+        "DD_LOG_LEVEL": "warning",
+        # capacity, not admission control: every request of the closed loop is admitted and waited for
+        "DD_MAX_EXPECTED_LATENCY_S": "3600",
+        "DD_REQUEST_TIMEOUT_S": "3600",
+    }
     for key in ("DD_API_KEYS", "DD_API_KEYS_FILE", "DD_QUERY_BUDGET"):
         env.pop(key, None)
     rows = []
     with spawn_serve(env) as (url, process, _):
         for clients in config.clients:
             progress(f"(d) server, {clients} concurrent clients")
-            load = LoadConfig(url=url, clients=clients, duration_s=config.duration_s,
-                              max_requests=config.max_requests, seed=config.seed, server_pid=process.pid)
+            load = LoadConfig(
+                url=url,
+                clients=clients,
+                duration_s=config.duration_s,
+                max_requests=config.max_requests,
+                seed=config.seed,
+                server_pid=process.pid,
+            )
             report = asyncio.run(run_load(load))
             latency = report.latency_ms
-            rows.append(Row("server", None, clients, report.served, latency.get("p50", float("nan")),
-                            latency.get("p95", float("nan")), report.throughput_rps,
-                            report.rss_mb.get("peak", process_rss_mb(process.pid)),
-                            {"p99_ms": latency.get("p99"), "errors": report.errors, "statuses": report.statuses,
-                             "rss_mb": report.rss_mb}))
+            rows.append(
+                Row(
+                    "server",
+                    None,
+                    clients,
+                    report.served,
+                    latency.get("p50", float("nan")),
+                    latency.get("p95", float("nan")),
+                    report.throughput_rps,
+                    report.rss_mb.get("peak", process_rss_mb(process.pid)),
+                    {
+                        "p99_ms": latency.get("p99"),
+                        "errors": report.errors,
+                        "statuses": report.statuses,
+                        "rss_mb": report.rss_mb,
+                    },
+                )
+            )
     return rows
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
     """Throughput ratios against the one-query engine (and the undefended path)."""
+
     def qps(setup: str, queries_per_call: int) -> float | None:
-        return next((r.queries_per_second for r in rows
-                     if r.setup == setup and r.queries_per_call == queries_per_call), None)
+        return next(
+            (r.queries_per_second for r in rows if r.setup == setup and r.queries_per_call == queries_per_call), None
+        )
 
     out: dict[str, float] = {}
     one, undefended = qps("one-query engine", 1), qps("undefended", 1)
     for r in rows:
         if r.setup in ("batched engine", "server") and one:
-            out[f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine"] = round(r.queries_per_second / one, 2)
+            out[f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine"] = round(
+                r.queries_per_second / one, 2
+            )
     if one and undefended:
         out["undefended / one-query engine"] = round(undefended / one, 2)
     return out
@@ -278,14 +353,20 @@ def describe(device: torch.device) -> str:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     """The bench as a short Markdown table."""
-    lines = [f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.", "",
-             f"Command: `{command}`", "",
-             "| setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s | peak memory (MiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s "
+        "| peak memory (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['setup']} | {r['queries_per_call'] or r['clients']} | {r['queries']} | {r['ms_per_query_p50']} | "
-                     f"{r['ms_per_query_p95']} | {r['queries_per_second']} | {r['peak_memory_mb']} |")
+        lines.append(
+            f"| {r['setup']} | {r['queries_per_call'] or r['clients']} | {r['queries']} | {r['ms_per_query_p50']} | "
+            f"{r['ms_per_query_p95']} | {r['queries_per_second']} | {r['peak_memory_mb']} |"
+        )
     lines += ["", "| ratio of queries per second | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
-

@@ -108,14 +108,19 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
     """The main arms (one per defense, every loss, the largest budget) and, when DeepDefense is
     evaluated, its Table 3 (CS) and Table 4 (top-k) variants at the ablation budget."""
     engine = {**config.engine_options}
-    arms = [Arm(d, d, engine if d in ENGINE_MODES else {}, config.largest_budget, config.losses)
-            for d in config.defenses]
+    arms = [
+        Arm(d, d, engine if d in ENGINE_MODES else {}, config.largest_budget, config.losses) for d in config.defenses
+    ]
     if "deepdefense" in config.defenses:
         budget = config.ablation_budget or config.largest_budget
-        arms += [Arm(f"deepdefense-cs{cs:g}", "deepdefense", {**engine, "cs": float(cs)}, budget, config.ablation_losses)
-                 for cs in config.cs]
-        arms += [Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, config.ablation_losses)
-                 for k in config.top_k]
+        arms += [
+            Arm(f"deepdefense-cs{cs:g}", "deepdefense", {**engine, "cs": float(cs)}, budget, config.ablation_losses)
+            for cs in config.cs
+        ]
+        arms += [
+            Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, config.ablation_losses)
+            for k in config.top_k
+        ]
     return arms
 
 
@@ -130,8 +135,16 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
             defense = oracle.info().defense
         key = named.group(1) if named else defense
         main = key == defense
-        arms.append(Arm(key, defense, {}, config.largest_budget if main else config.ablation_budget or
-                        config.largest_budget, config.losses if main else config.ablation_losses, url=url))
+        arms.append(
+            Arm(
+                key,
+                defense,
+                {},
+                config.largest_budget if main else config.ablation_budget or config.largest_budget,
+                config.losses if main else config.ablation_losses,
+                url=url,
+            )
+        )
     if len({a.key for a in arms}) != len(arms):
         raise ValueError("two servers answer for the same arm; name them KEY=URL")
     return arms
@@ -150,12 +163,14 @@ class Evaluation:
         self.device = torch.device(config.device)
         self.victim, self.meta = load_checkpoint(config.checkpoint, device=self.device)
         self.victim.requires_grad_(False)
-        self.reference = NoDefense(self.victim, create_interpreter(config.interpreter, self.victim,
-                                                                   tuple(self.meta.input_shape)))
+        self.reference = NoDefense(
+            self.victim, create_interpreter(config.interpreter, self.victim, tuple(self.meta.input_shape))
+        )
         self.spec = get_spec(config.attacker_dataset)
         if tuple(self.spec.input_shape) != tuple(self.meta.input_shape):
-            raise ValueError(f"attacker data set {config.attacker_dataset} does not fit the victim's input "
-                             f"{self.meta.input_shape}")
+            raise ValueError(
+                f"attacker data set {config.attacker_dataset} does not fit the victim's input {self.meta.input_shape}"
+            )
         self.pool = load_split(config.attacker_dataset, config.data_root, "train").tensors[0]
         images, labels = load_split(self.meta.dataset, config.data_root, "test").tensors
         self.all_test = images
@@ -200,38 +215,84 @@ class Evaluation:
         store = self.store(info, "random", c.attacker_dataset)
         before = len(store)
         started = time.perf_counter()
-        sent = collect(oracle, store, self.pool[sample_queries(len(self.pool), budget, c.seed)],
-                       batch_size=c.query_batch, progress=self.progress)
+        sent = collect(
+            oracle,
+            store,
+            self.pool[sample_queries(len(self.pool), budget, c.seed)],
+            batch_size=c.query_batch,
+            progress=self.progress,
+        )
         seconds = time.perf_counter() - started
         data = store.load().prefix(budget)
         if len(data) < budget:
             raise ValueError(f"transfer set {store.root} holds {len(data)} queries, fewer than B = {budget}")
-        return data, {"store": str(store.root), "fingerprint": fingerprint_digest(store.fingerprint),
-                      "stored_before": before, "queries_sent": sent,
-                      "collect_s": round(seconds, 3), "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None}
+        return data, {
+            "store": str(store.root),
+            "fingerprint": fingerprint_digest(store.fingerprint),
+            "stored_before": before,
+            "queries_sent": sent,
+            "collect_s": round(seconds, 3),
+            "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
+        }
 
-    def attack(self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss,
-               budget: int) -> dict[str, Any] | None:
+    def attack(
+        self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int
+    ) -> dict[str, Any] | None:
         """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
-        key = digest({"store": store_fp, "budget": budget, "loss": loss, "training": c.training(),
-                      "lam": c.recipe.lam if loss == "explanations" else None, "arch": info.arch, "test_n": c.test_n,
-                      "n_unif": c.n_unif, "victim": c.checkpoint})
+        key = digest(
+            {
+                "store": store_fp,
+                "budget": budget,
+                "loss": loss,
+                "training": c.training(),
+                "lam": c.recipe.lam if loss == "explanations" else None,
+                "arch": info.arch,
+                "test_n": c.test_n,
+                "n_unif": c.n_unif,
+                "victim": c.checkpoint,
+            }
+        )
 
         def make() -> dict[str, Any]:
-            model = build_attack_model(info.arch, len(info.classes), info.input_shape, self.spec.mean, self.spec.std,
-                                       c.seed)
+            model = build_attack_model(
+                info.arch, len(info.classes), info.input_shape, self.spec.mean, self.spec.std, c.seed
+            )
             started = time.perf_counter()
-            history = train_attack_model(model, data.prefix(budget), loss=loss, interpreter=info.interpreter,
-                                         recipe=c.recipe, seed=c.seed, device=self.device, progress=self.progress)
+            history = train_attack_model(
+                model,
+                data.prefix(budget),
+                loss=loss,
+                interpreter=info.interpreter,
+                recipe=c.recipe,
+                seed=c.seed,
+                device=self.device,
+                progress=self.progress,
+            )
             trained = time.perf_counter()
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
-            fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed,
-                                     victim_test=self.victim_test, victim_unif=self.victim_unif)
-            return {"loss": loss, "budget": budget, "accuracy": round(accuracy, 2), **fid.as_dict(),
-                    "epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device),
-                    "lambda": c.recipe.lam if loss == "explanations" else None, **c.training(),
-                    "made_by": self.command, "machine": machine(str(self.device))}
+            fid = agreement.fidelity(
+                self.victim,
+                model,
+                self.test_images,
+                c.n_unif,
+                c.seed,
+                victim_test=self.victim_test,
+                victim_unif=self.victim_unif,
+            )
+            return {
+                "loss": loss,
+                "budget": budget,
+                "accuracy": round(accuracy, 2),
+                **fid.as_dict(),
+                "epoch_losses": history,
+                "train_s": round(trained - started, 3),
+                "device": str(self.device),
+                "lambda": c.recipe.lam if loss == "explanations" else None,
+                **c.training(),
+                "made_by": self.command,
+                "machine": machine(str(self.device)),
+            }
 
         if self.config.only_cached and not self.is_cached(key):
             return None
@@ -250,7 +311,7 @@ class Evaluation:
             fallbacks = 0
             # warm-up (first-call allocations), not timed: the next test image, so that an arm sharing an
             # earlier arm's optimisations (measure/shared_modes.py) finds it kept like the timed ones
-            warm = self.all_test[c.runtime_n: c.runtime_n + 1]
+            warm = self.all_test[c.runtime_n : c.runtime_n + 1]
             oracle.query(warm if len(warm) else images[:1])
             started = time.perf_counter()
             for x in tqdm(images.split(c.query_batch), desc="runtime", unit="request", disable=not self.progress):
@@ -263,10 +324,14 @@ class Evaluation:
             seconds = time.perf_counter() - started
             if stats and all(s.get("shared") for s in stats):  # answered by an earlier arm's optimisation
                 seconds = sum(s["optimisation_seconds"] for s in stats)
-            record: dict[str, Any] = {"n": len(images), "query_batch": c.query_batch,
-                                      "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
-                                      "in_process": isinstance(oracle, LocalOracle), "machine": where,
-                                      "made_by": self.command}
+            record: dict[str, Any] = {
+                "n": len(images),
+                "query_batch": c.query_batch,
+                "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
+                "in_process": isinstance(oracle, LocalOracle),
+                "machine": where,
+                "made_by": self.command,
+            }
             l_orth = [s["l_orth"] for s in stats if "l_orth" in s]
             if isinstance(oracle, LocalOracle):
                 record["fallbacks"] = fallbacks
@@ -295,12 +360,18 @@ class Evaluation:
         answered_drops = average_drop.image_drops(model, images, answered.attributions, classes, c.p)
         figure = slice(0, min(c.n_figure, len(images)))
         return {
-            "n": len(images), "p": c.p, "victim": average_drop.summary(victim_drops),
+            "n": len(images),
+            "p": c.p,
+            "victim": average_drop.summary(victim_drops),
             "defended": average_drop.summary(answered_drops),
             "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
             "labels_kept": round(100.0 * float((answered.labels == classes).double().mean()), 2),
-            "figure": {"images": images[figure].tolist(), "victim_maps": victim_maps[figure].tolist(),
-                       "defended_maps": answered.attributions[figure].tolist(), "labels": classes[figure].tolist()},
+            "figure": {
+                "images": images[figure].tolist(),
+                "victim_maps": victim_maps[figure].tolist(),
+                "defended_maps": answered.attributions[figure].tolist(),
+                "labels": classes[figure].tolist(),
+            },
         }
 
     def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
@@ -309,19 +380,31 @@ class Evaluation:
         fp = collected["fingerprint"]
         budgets = sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
         jobs = [(loss, b) for b in reversed(budgets) for loss in arm.losses]  # the largest budget (Table 5) first
-        runs = [self.attack(data, info, fp, loss, b)
-                for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)]
+        runs = [
+            self.attack(data, info, fp, loss, b)
+            for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)
+        ]
         runs = [r for r in runs if r is not None]
-        result = {"key": arm.key, "defense": info.defense, "options": arm.options, "settings": info.defense_settings,
-                  "url": arm.url, "budget": arm.budget, **collected, "runtime": self.runtime(oracle, fp), "runs": runs}
+        result = {
+            "key": arm.key,
+            "defense": info.defense,
+            "options": arm.options,
+            "settings": info.defense_settings,
+            "url": arm.url,
+            "budget": arm.budget,
+            **collected,
+            "runtime": self.runtime(oracle, fp),
+            "runs": runs,
+        }
         if arm.key in self.config.avg_drop:
             result["average_drop"] = self.maps(oracle, info)
         return result
 
 
 @contextmanager
-def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None = None,
-                shared: dict[str, SharedModes] | None = None) -> Iterator[Oracle]:
+def open_oracle(
+    arm: Arm, config: EvalConfig, serve: bool, api_key: str | None = None, shared: dict[str, SharedModes] | None = None
+) -> Iterator[Oracle]:
     """The arm's oracle: in-process, a server started for it on loopback, or the running server at ``arm.url``.
 
     In-process engine modes with the same options share one engine through ``shared``
@@ -332,9 +415,17 @@ def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None =
         from measure.launcher import served
 
         context: AbstractContextManager[tuple[str, str | None]] = (
-            nullcontext((arm.url, api_key)) if arm.url is not None else
-            served(config.checkpoint, arm.defense, config.interpreter, device=device, engine=arm.options,
-                   data_root=config.data_root))
+            nullcontext((arm.url, api_key))
+            if arm.url is not None
+            else served(
+                config.checkpoint,
+                arm.defense,
+                config.interpreter,
+                device=device,
+                engine=arm.options,
+                data_root=config.data_root,
+            )
+        )
         with context as (url, key), HttpOracle(url, key) as oracle:
             yield oracle
         return
@@ -343,34 +434,54 @@ def open_oracle(arm: Arm, config: EvalConfig, serve: bool, api_key: str | None =
     if shared is not None and arm.defense in ENGINE_MODES:
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
         if key not in shared:
-            engine, _ = load_defense(config.checkpoint, "deepdefense", config.interpreter, device=device,
-                                     data_root=config.data_root, **arm.options)
+            engine, _ = load_defense(
+                config.checkpoint,
+                "deepdefense",
+                config.interpreter,
+                device=device,
+                data_root=config.data_root,
+                **arm.options,
+            )
             main = arm.key == arm.defense  # the Table 5 arms share; a CS or top-k arm has its own options
-            shared[key] = SharedModes(engine, tuple(m for m in ENGINE_MODES if m in config.defenses) if main
-                                      else (arm.defense,))
+            shared[key] = SharedModes(
+                engine, tuple(m for m in ENGINE_MODES if m in config.defenses) if main else (arm.defense,)
+            )
         defense: Defense = ModeOf(shared[key], arm.defense)
         meta = load_checkpoint(config.checkpoint)[1]
     else:
-        defense, meta = load_defense(config.checkpoint, arm.defense, config.interpreter, device=device,
-                                     data_root=config.data_root, **arm.options)
+        defense, meta = load_defense(
+            config.checkpoint, arm.defense, config.interpreter, device=device, data_root=config.data_root, **arm.options
+        )
     yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
 
 
-def run_evaluation(config: EvalConfig, out: str | Path, *, urls: list[str] | None = None, serve: bool = False,
-                   api_key: str | None = None, progress: bool = True, command: str | None = None, on_arm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_evaluation(
+    config: EvalConfig,
+    out: str | Path,
+    *,
+    urls: list[str] | None = None,
+    serve: bool = False,
+    api_key: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    on_arm: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run every arm (collect, train, test, time, maps) and return the whole record; ``on_arm`` is
     called after each arm (the CLI writes the result files there, so an interrupted run keeps them)."""
     out = Path(out)
     run = Evaluation(config, out, progress, command)
     arms = url_arms(config, urls, api_key) if urls else plan_arms(config)
     test = torch.utils.data.TensorDataset(run.test_images, run.test_labels)
-    record: dict[str, Any] = {"config": {**asdict(config), "arms": [a.key for a in arms]},
-                              "environment": environment(config), "victim": config.checkpoint,
-                              "arch": run.meta.arch, "dataset": run.meta.dataset,
-                              "victim_accuracy": round(evaluate(run.victim, test, run.device), 2),
-                              "victim_unif_classes": torch.bincount(run.victim_unif.argmax(1),
-                                                                    minlength=len(run.meta.classes)).tolist(),
-                              "arms": {}}
+    record: dict[str, Any] = {
+        "config": {**asdict(config), "arms": [a.key for a in arms]},
+        "environment": environment(config),
+        "victim": config.checkpoint,
+        "arch": run.meta.arch,
+        "dataset": run.meta.dataset,
+        "victim_accuracy": round(evaluate(run.victim, test, run.device), 2),
+        "victim_unif_classes": torch.bincount(run.victim_unif.argmax(1), minlength=len(run.meta.classes)).tolist(),
+        "arms": {},
+    }
     shared: dict[str, SharedModes] = {}
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
@@ -393,8 +504,13 @@ def machine(device: str) -> str:
 
 
 def environment(config: EvalConfig) -> dict[str, Any]:
-    return {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-            "machine": platform.machine(), "threads": torch.get_num_threads(), "device": config.device,
-            "defense_device": config.defense_device or config.device,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None}
-
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": config.device,
+        "defense_device": config.defense_device or config.device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None,
+    }

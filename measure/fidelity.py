@@ -45,7 +45,7 @@ def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, prog
     agree, l_orth, rho, l1, steps, fallbacks, seconds = 0, [], [], [], [], 0, 0.0
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc=f"fidelity {defense.name}", unit="batch", disable=not progress):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         reference = victim.answer(x)
         began = time.perf_counter()
         answers = defense.answer(x)
@@ -59,8 +59,12 @@ def measure_fidelity(defense: Defense, images: Tensor, batch_size: int = 1, prog
             fallbacks += int(ans.fallback)
     finite_rho = [r for r in rho if not math.isnan(r)]
     return Fidelity(
-        n=len(images), top1_agreement=100.0 * agree / len(images), mean_l_orth=statistics.fmean(l_orth),
+        n=len(images),
+        top1_agreement=100.0 * agree / len(images),
+        mean_l_orth=statistics.fmean(l_orth),
         median_spearman=statistics.median(finite_rho) if finite_rho else math.nan,
-        mean_l1_probabilities=statistics.fmean(l1), fallbacks=fallbacks, ms_per_query=1000.0 * seconds / len(images),
+        mean_l1_probabilities=statistics.fmean(l1),
+        fallbacks=fallbacks,
+        ms_per_query=1000.0 * seconds / len(images),
         mean_steps=statistics.fmean(steps),
     )

@@ -87,9 +87,16 @@ def in_thread(app: FastAPI, *, like_serve: bool = False, ready_timeout_s: float 
 
 
 @contextmanager
-def served(checkpoint: str, defense: str, interpreter: str, *, device: str = "cpu",
-           engine: dict[str, Any] | None = None, data_root: str | None = None,
-           ready_timeout_s: float = 600.0) -> Iterator[tuple[str, str]]:
+def served(
+    checkpoint: str,
+    defense: str,
+    interpreter: str,
+    *,
+    device: str = "cpu",
+    engine: dict[str, Any] | None = None,
+    data_root: str | None = None,
+    ready_timeout_s: float = 600.0,
+) -> Iterator[tuple[str, str]]:
     """A server for ``checkpoint`` behind ``defense`` in this process; yields (base URL, API key).
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
     folder), so the caller's ``DD_*`` environment cannot change them."""
@@ -98,9 +105,19 @@ def served(checkpoint: str, defense: str, interpreter: str, *, device: str = "cp
 
     key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="dd-served-") as tmp:
-        settings = ServerSettings(checkpoint=checkpoint, defense=defense, interpreter=interpreter, device=device,
-                                  engine=engine or {}, data_root=data_root, api_keys=key, api_keys_file=None,
-                                  query_budget=None, budget_db=Path(tmp) / "budget.sqlite", log_level="warning")
+        settings = ServerSettings(
+            checkpoint=checkpoint,
+            defense=defense,
+            interpreter=interpreter,
+            device=device,
+            engine=engine or {},
+            data_root=data_root,
+            api_keys=key,
+            api_keys_file=None,
+            query_budget=None,
+            budget_db=Path(tmp) / "budget.sqlite",
+            log_level="warning",
+        )
         with in_thread(create_app(settings), ready_timeout_s=ready_timeout_s) as url:
             yield url, key
 
@@ -114,9 +131,15 @@ def serve_command(port: int) -> list[str]:
 
 
 @contextmanager
-def spawned(command: Sequence[str], url: str, *, ready_timeout_s: float = 600.0, drain_timeout_s: float = 120.0,
-            env: dict[str, str] | None = None, log: Any = None
-            ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+def spawned(
+    command: Sequence[str],
+    url: str,
+    *,
+    ready_timeout_s: float = 600.0,
+    drain_timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    log: Any = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     """Start ``command`` (a server listening at ``url``), wait for ``/readyz``, yield the process and
     a dict that, after the block, holds the exit code and the seconds from SIGTERM to exit."""
     process = subprocess.Popen(list(command), env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -142,8 +165,9 @@ def spawned(command: Sequence[str], url: str, *, ready_timeout_s: float = 600.0,
 
 
 @contextmanager
-def spawn_serve(env: dict[str, str], *, log: Any = None, ready_timeout_s: float = 600.0
-                ) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, Any]]]:
+def spawn_serve(
+    env: dict[str, str], *, log: Any = None, ready_timeout_s: float = 600.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, Any]]]:
     """``deepdefense serve`` as a child on a free loopback port; yields (base URL, process, shutdown)."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"

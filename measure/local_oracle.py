@@ -12,9 +12,16 @@ from models.checkpoint import CheckpointMeta
 
 def local_info(name: str, meta: CheckpointMeta, defense: Defense) -> ModelInfo:
     """The :class:`ModelInfo` a server would report for checkpoint ``name`` served through ``defense``."""
-    return ModelInfo(name=name, arch=meta.arch, dataset=meta.dataset, classes=list(meta.classes),
-                     input_shape=tuple(meta.input_shape), interpreter=defense.interpreter.name,
-                     defense=defense.name, defense_settings=defense.public_settings())
+    return ModelInfo(
+        name=name,
+        arch=meta.arch,
+        dataset=meta.dataset,
+        classes=list(meta.classes),
+        input_shape=tuple(meta.input_shape),
+        interpreter=defense.interpreter.name,
+        defense=defense.name,
+        defense_settings=defense.public_settings(),
+    )
 
 
 class LocalOracle:

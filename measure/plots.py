@@ -15,18 +15,29 @@ import matplotlib.pyplot as plt
 #: One colour per defense across every panel.
 COLOURS = {"none": "tab:gray", "pp": "tab:orange", "deepdefense": "tab:blue", "dd-s": "tab:green", "dd-i": "tab:purple"}
 NAMES = {"none": "Undefended", "pp": "PP", "deepdefense": "DD", "dd-s": "DD-S", "dd-i": "DD-I"}
-TITLES = {"explanations": "probabilities + maps (eq. 1)", "probabilities": "probabilities only",
-          "labels": "top-1 labels only"}
+TITLES = {
+    "explanations": "probabilities + maps (eq. 1)",
+    "probabilities": "probabilities only",
+    "labels": "top-1 labels only",
+}
 
 
-def figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, *, paper: Mapping[str, float] | None = None,
-            paper_budget: int = 10_000, victim_accuracy: float | None = None, title: str = "") -> Path:
+def figure2(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    paper: Mapping[str, float] | None = None,
+    paper_budget: int = 10_000,
+    victim_accuracy: float | None = None,
+    title: str = "",
+) -> Path:
     """One panel per attack loss, one line per defense: test accuracy (%) against budget B. ``rows``
     hold ``defense``, ``loss``, ``budget``, ``accuracy``; ``paper`` (defense → accuracy at
     ``paper_budget``, the paper's Table 5) is drawn as stars on the eq. (1) panel."""
     losses = list(dict.fromkeys(r["loss"] for r in rows))
-    fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(4.6 * max(len(losses), 1), 4.0), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(losses), 1), figsize=(4.6 * max(len(losses), 1), 4.0), sharey=True, squeeze=False
+    )
     for ax, loss in zip(axes[0], losses, strict=False):  # an empty figure keeps one panel
         for defense in dict.fromkeys(r["defense"] for r in rows):
             points = sorted((r["budget"], r["accuracy"]) for r in rows if r["loss"] == loss and r["defense"] == defense)
@@ -34,8 +45,15 @@ def figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, *, paper: Mappi
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", color=COLOURS.get(defense), label=NAMES.get(defense, defense))
             if paper and loss == "explanations" and defense in paper and paper_budget <= max(r["budget"] for r in rows):
-                ax.plot([paper_budget], [paper[defense]], marker="*", markersize=13, linestyle="none",
-                        color=COLOURS.get(defense), markeredgecolor="black")
+                ax.plot(
+                    [paper_budget],
+                    [paper[defense]],
+                    marker="*",
+                    markersize=13,
+                    linestyle="none",
+                    color=COLOURS.get(defense),
+                    markeredgecolor="black",
+                )
         if victim_accuracy is not None:
             ax.axhline(victim_accuracy, color="black", linestyle=":", linewidth=1)
         ax.set_title(TITLES.get(loss, loss), fontsize=10)
@@ -45,8 +63,9 @@ def figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, *, paper: Mappi
     axes[0][0].set_ylabel("attack-model test accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if paper and paper_budget <= max(r["budget"] for r in rows):
-        handles.append(plt.Line2D([], [], marker="*", markersize=11, linestyle="none", color="white",
-                                  markeredgecolor="black"))
+        handles.append(
+            plt.Line2D([], [], marker="*", markersize=11, linestyle="none", color="white", markeredgecolor="black")
+        )
         labels.append(f"paper, B = {paper_budget:,} (Table 5)")
     if victim_accuracy is not None:
         handles.append(plt.Line2D([], [], color="black", linestyle=":"))
@@ -58,15 +77,23 @@ def figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, *, paper: Mappi
     return _save(fig, path)
 
 
-def figure3(images: Sequence[Any], victim_maps: Sequence[Any], defended_maps: Sequence[Any], labels: Sequence[int],
-            path: str | Path, *, defended_name: str = "DD") -> Path:
+def figure3(
+    images: Sequence[Any],
+    victim_maps: Sequence[Any],
+    defended_maps: Sequence[Any],
+    labels: Sequence[int],
+    path: str | Path,
+    *,
+    defended_name: str = "DD",
+) -> Path:
     """Rows of (input, victim map I over the input, misdirection map Ĩ over the input)."""
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n), squeeze=False)
     for row, (x, mv, md, y) in enumerate(zip(images, victim_maps, defended_maps, labels, strict=True)):
         grey = _grey(x)
-        for col, (img, title) in enumerate(((None, f"input (class {y})"), (mv, "victim I"),
-                                            (md, f"{defended_name} Ĩ"))):
+        for col, (img, title) in enumerate(
+            ((None, f"input (class {y})"), (mv, "victim I"), (md, f"{defended_name} Ĩ"))
+        ):
             ax = axes[row][col]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
             if img is not None:

@@ -30,8 +30,22 @@ PAPER: dict[str, Any] = {
 }
 MAIN = ("none", "pp", *ENGINE_MODES)  # the order of the report's tables
 NAMES = plots.NAMES
-CSV_FIELDS = ("arm", "defense", "cs", "top_k", "loss", "budget", "accuracy", "r_test", "r_test_tv", "r_unif",
-              "r_unif_tv", "epochs", "train_s", "device")
+CSV_FIELDS = (
+    "arm",
+    "defense",
+    "cs",
+    "top_k",
+    "loss",
+    "budget",
+    "accuracy",
+    "r_test",
+    "r_test_tv",
+    "r_unif",
+    "r_unif_tv",
+    "epochs",
+    "train_s",
+    "device",
+)
 
 
 def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -40,8 +54,15 @@ def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     for key, arm in record["arms"].items():
         settings = arm.get("settings", {})
         for run in arm["runs"]:
-            rows.append({"arm": key, "defense": arm["defense"], "cs": settings.get("cs"), "top_k": settings.get("top_k"),
-                         **{f: run.get(f) for f in CSV_FIELDS if f not in ("arm", "defense", "cs", "top_k")}})
+            rows.append(
+                {
+                    "arm": key,
+                    "defense": arm["defense"],
+                    "cs": settings.get("cs"),
+                    "top_k": settings.get("top_k"),
+                    **{f: run.get(f) for f in CSV_FIELDS if f not in ("arm", "defense", "cs", "top_k")},
+                }
+            )
     return rows
 
 
@@ -58,35 +79,74 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     budget = max(record["config"]["budgets"])
     losses = record["config"]["losses"]
     by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in arms} for loss in losses}
-    table5 = [{"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": PAPER["table5"][d]}
-              for d in MAIN if d in arms]
+    table5 = [
+        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": PAPER["table5"][d]}
+        for d in MAIN
+        if d in arms
+    ]
     for row in table5:
         row["difference"] = round(row["ours"] - row["paper"], 2) if row["ours"] is not None else None
-    fidelity = [{"defense": d, "loss": run["loss"], "budget": run["budget"], "accuracy": run["accuracy"],
-                 **{k: run.get(k) for k in ("r_test", "r_test_tv", "r_unif", "r_unif_tv")}}
-                for d in MAIN if d in arms for run in arms[d]["runs"] if run["budget"] == budget]
+    fidelity = [
+        {
+            "defense": d,
+            "loss": run["loss"],
+            "budget": run["budget"],
+            "accuracy": run["accuracy"],
+            **{k: run.get(k) for k in ("r_test", "r_test_tv", "r_unif", "r_unif_tv")},
+        }
+        for d in MAIN
+        if d in arms
+        for run in arms[d]["runs"]
+        if run["budget"] == budget
+    ]
     table3, table4 = [], []
     for key, arm in arms.items():
         if arm["defense"] != "deepdefense" or key == "deepdefense":
             continue
         s, rt = arm["settings"], arm["runtime"]
-        row = {"arm": key, "cs": s.get("cs"), "top_k": s.get("top_k"), "layers": s.get("layers"),
-               "budget": arm["budget"], "ms_per_query": rt["ms_per_query"], "mean_l_orth": rt.get("mean_l_orth"),
-               "fallbacks": rt.get("fallbacks"),
-               "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]}}
+        row = {
+            "arm": key,
+            "cs": s.get("cs"),
+            "top_k": s.get("top_k"),
+            "layers": s.get("layers"),
+            "budget": arm["budget"],
+            "ms_per_query": rt["ms_per_query"],
+            "mean_l_orth": rt.get("mean_l_orth"),
+            "fallbacks": rt.get("fallbacks"),
+            "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]},
+        }
         (table3 if key.startswith("deepdefense-cs") else table4).append(row)
     ablation = record["config"].get("ablation_budget") or budget
     if "pp" in arms:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
-        pp = {"arm": "pp", "cs": None, "top_k": None, "layers": None, "budget": ablation,
-              "ms_per_query": arms["pp"]["runtime"]["ms_per_query"], "mean_l_orth": None, "fallbacks": None,
-              "accuracy": {run["loss"]: run["accuracy"] for run in arms["pp"]["runs"] if run["budget"] == ablation}}
+        pp = {
+            "arm": "pp",
+            "cs": None,
+            "top_k": None,
+            "layers": None,
+            "budget": ablation,
+            "ms_per_query": arms["pp"]["runtime"]["ms_per_query"],
+            "mean_l_orth": None,
+            "fallbacks": None,
+            "accuracy": {run["loss"]: run["accuracy"] for run in arms["pp"]["runs"] if run["budget"] == ablation},
+        }
         table3 += [pp] if table3 else []
         table4 += [pp] if table4 else []
     runtime = [{"arm": key, "defense": arm["defense"], **arm["runtime"]} for key, arm in arms.items()]
-    drops = {key: {k: v for k, v in arm["average_drop"].items() if k != "figure"}
-             for key, arm in arms.items() if "average_drop" in arm}
-    return {"budget": budget, "table5": table5, "by_loss": by_loss, "fidelity": fidelity, "table3": table3,
-            "table4": table4, "runtime": runtime, "average_drop": drops}
+    drops = {
+        key: {k: v for k, v in arm["average_drop"].items() if k != "figure"}
+        for key, arm in arms.items()
+        if "average_drop" in arm
+    }
+    return {
+        "budget": budget,
+        "table5": table5,
+        "by_loss": by_loss,
+        "fidelity": fidelity,
+        "table3": table3,
+        "table4": table4,
+        "runtime": runtime,
+        "average_drop": drops,
+    }
 
 
 def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
@@ -94,8 +154,15 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    stripped = {**record, "arms": {k: {**a, "average_drop": {x: y for x, y in a["average_drop"].items() if x != "figure"}}
-                                   if "average_drop" in a else a for k, a in record["arms"].items()}}
+    stripped = {
+        **record,
+        "arms": {
+            k: {**a, "average_drop": {x: y for x, y in a["average_drop"].items() if x != "figure"}}
+            if "average_drop" in a
+            else a
+            for k, a in record["arms"].items()
+        },
+    }
     paths["results"] = _write_json(out / "results.json", stripped)
     rows = accuracy_rows(record)
     paths["accuracy"] = out / "accuracy.csv"
@@ -108,16 +175,26 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     paths["average_drop"] = _write_json(out / "average_drop.json", t["average_drop"])
     main_rows = [r for r in rows if r["arm"] in MAIN]
     if main_rows:
-        paths["fig2"] = plots.figure2(main_rows, out / "fig2.png", paper=PAPER["table5"],
-                                      paper_budget=PAPER["table5_budget"],
-                                      victim_accuracy=record.get("victim_accuracy"),
-                                      title=f"{record['config']['checkpoint']}, {record['config']['interpreter']}, "
-                                            f"P_A = {record['config']['attacker_dataset']}")
+        paths["fig2"] = plots.figure2(
+            main_rows,
+            out / "fig2.png",
+            paper=PAPER["table5"],
+            paper_budget=PAPER["table5_budget"],
+            victim_accuracy=record.get("victim_accuracy"),
+            title=f"{record['config']['checkpoint']}, {record['config']['interpreter']}, "
+            f"P_A = {record['config']['attacker_dataset']}",
+        )
     for key, arm in record["arms"].items():
         fig = arm.get("average_drop", {}).get("figure")
         if fig:
-            paths["fig3"] = plots.figure3(fig["images"], fig["victim_maps"], fig["defended_maps"], fig["labels"],
-                                          out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
+            paths["fig3"] = plots.figure3(
+                fig["images"],
+                fig["victim_maps"],
+                fig["defended_maps"],
+                fig["labels"],
+                out / "fig3.png",
+                defended_name=NAMES.get(arm["defense"], key),
+            )
             break
     return paths
 
@@ -152,30 +229,44 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "trainings are cached in the results folder and the transfer-set stores) to regenerate.",
         "",
         f"* command: `{record.get('command', '')}`",
-        (f"* seed {c['seed']}; attacker's queries: random images of the {c['attacker_dataset']} training split; "
-        f"attack model {record.get('arch', 'the victim architecture')}, {recipe['optimizer']} lr {recipe['lr']:g}, "
-        f"batch {recipe['batch_size']}, {recipe['schedule']} schedule, {recipe['epochs']} epochs, "
-        f"λ {recipe['lam']:g} (eq. 1)"),
-        (f"* test set: {'all' if c['test_n'] is None else 'first ' + str(c['test_n'])} {record.get('dataset', '')} test "
-        f"images; |U| = {c['n_unif']:,} uniform inputs for R_unif"),
-        (f"* this invocation: {env['host']} ({env['machine']}, torch {env['torch']}, {env['threads']} threads), attack "
-        f"models on {env['device']}{', ' + env['cuda'] if env.get('cuda') else ''}, defenses on {env['defense_device']}"),
+        (
+            f"* seed {c['seed']}; attacker's queries: random images of the {c['attacker_dataset']} training split; "
+            f"attack model {record.get('arch', 'the victim architecture')}, {recipe['optimizer']} lr {recipe['lr']:g}, "
+            f"batch {recipe['batch_size']}, {recipe['schedule']} schedule, {recipe['epochs']} epochs, "
+            f"λ {recipe['lam']:g} (eq. 1)"
+        ),
+        (
+            f"* test set: {'all' if c['test_n'] is None else 'first ' + str(c['test_n'])} "
+            f"{record.get('dataset', '')} test "
+            f"images; |U| = {c['n_unif']:,} uniform inputs for R_unif"
+        ),
+        (
+            f"* this invocation: {env['host']} ({env['machine']}, torch {env['torch']}, {env['threads']} threads), "
+            f"attack models on {env['device']}{', ' + env['cuda'] if env.get('cuda') else ''}, "
+            f"defenses on {env['defense_device']}"
+        ),
         *_provenance(record),
-        (f"* results folder: [`{rel}/`]({rel}/) (`results.json`, `accuracy.csv`, `tables.json`, "
-        "`average_drop.json`, `fig2.png`, `fig3.png`)"),
+        (
+            f"* results folder: [`{rel}/`]({rel}/) (`results.json`, `accuracy.csv`, `tables.json`, "
+            "`average_drop.json`, `fig2.png`, `fig3.png`)"
+        ),
         "",
         f"## Table 5: attack-model test accuracy (%) at B = {budget:,}, attacker of eq. (1)",
         "",
         "| | " + " | ".join(NAMES[d] for d in MAIN) + " |",
         "| --- | " + " | ".join("---" for _ in MAIN) + " |",
         "| paper | " + " | ".join(_f(PAPER["table5"][d]) for d in MAIN) + " |",
-        "| ours | " + " | ".join(_f(t["by_loss"].get("explanations", {}).get(d)) if d in present else "not run"
-                                  for d in MAIN) + " |",
-        "| ours − paper | " + " | ".join(_signed(next((r["difference"] for r in t["table5"] if r["defense"] == d), None))
-                                         for d in MAIN) + " |",
+        "| ours | "
+        + " | ".join(_f(t["by_loss"].get("explanations", {}).get(d)) if d in present else "not run" for d in MAIN)
+        + " |",
+        "| ours − paper | "
+        + " | ".join(_signed(next((r["difference"] for r in t["table5"] if r["defense"] == d), None)) for d in MAIN)
+        + " |",
         "",
-        (f"Victim accuracy on the same test images: {_f(record.get('victim_accuracy'))}% "
-        f"(paper, Table 1: {PAPER['victim_accuracy']}%)."),
+        (
+            f"Victim accuracy on the same test images: {_f(record.get('victim_accuracy'))}% "
+            f"(paper, Table 1: {PAPER['victim_accuracy']}%)."
+        ),
         "",
         f"## Every attacker against each defense (B = {budget:,})",
         "",
@@ -183,26 +274,45 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "| --- | " + " | ".join("---" for _ in present) + " |",
     ]
     for loss in c["losses"]:
-        lines.append(f"| {plots.TITLES.get(loss, loss)} (`{loss}`) | "
-                     + " | ".join(_f(t["by_loss"][loss].get(d)) for d in present) + " |")
-    lines += ["", "## Figure 2: test accuracy against the query budget", "",
-              f"![Figure 2]({rel}/fig2.png)", "",
-              "Stars: the paper's Table 5 at B = 10,000 (the paper's Figure 2 itself is not in the text we have).", "",
-              "| defense | attacker | " + " | ".join(f"B = {b:,}" for b in sorted(c["budgets"])) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in c["budgets"]) + " |"]
+        lines.append(
+            f"| {plots.TITLES.get(loss, loss)} (`{loss}`) | "
+            + " | ".join(_f(t["by_loss"][loss].get(d)) for d in present)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Figure 2: test accuracy against the query budget",
+        "",
+        f"![Figure 2]({rel}/fig2.png)",
+        "",
+        "Stars: the paper's Table 5 at B = 10,000 (the paper's Figure 2 itself is not in the text we have).",
+        "",
+        "| defense | attacker | " + " | ".join(f"B = {b:,}" for b in sorted(c["budgets"])) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in c["budgets"]) + " |",
+    ]
     for d in present:
         for loss in c["losses"]:
-            lines.append(f"| {NAMES[d]} | `{loss}` | "
-                         + " | ".join(_f(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"])) + " |")
-    lines += ["", f"## Fidelity of the stolen models to the victim (B = {budget:,})", "",
-              "R_test / R_unif: percent of MNIST test images / uniform random inputs on which the attack model's",
-              "top-1 differs from the victim's (the talk's 0-1 distance; 100 − R is the agreement); TV: mean total",
-              "variation ½‖f(x) − f̂(x)‖₁ of the probabilities.", "",
-              "| defense | attacker | accuracy | R_test | R_test^TV | R_unif | R_unif^TV |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {NAMES[d]} | `{loss}` | "
+                + " | ".join(_f(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"]))
+                + " |"
+            )
+    lines += [
+        "",
+        f"## Fidelity of the stolen models to the victim (B = {budget:,})",
+        "",
+        "R_test / R_unif: percent of MNIST test images / uniform random inputs on which the attack model's",
+        "top-1 differs from the victim's (the talk's 0-1 distance; 100 − R is the agreement); TV: mean total",
+        "variation ½‖f(x) − f̂(x)‖₁ of the probabilities.",
+        "",
+        "| defense | attacker | accuracy | R_test | R_test^TV | R_unif | R_unif^TV |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in t["fidelity"]:
-        lines.append(f"| {NAMES[r['defense']]} | `{r['loss']}` | {_f(r['accuracy'])} | {_f(r['r_test'])} | "
-                     f"{_f(r['r_test_tv'], 3)} | {_f(r['r_unif'])} | {_f(r['r_unif_tv'], 3)} |")
+        lines.append(
+            f"| {NAMES[r['defense']]} | `{r['loss']}` | {_f(r['accuracy'])} | {_f(r['r_test'])} | "
+            f"{_f(r['r_test_tv'], 3)} | {_f(r['r_unif'])} | {_f(r['r_unif_tv'], 3)} |"
+        )
     lines += _unif_note(record)
     lines += _average_drop_section(record, t, rel)
     lines += _runtime_sections(t)
@@ -217,7 +327,9 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
         for run in arm["runs"]:
             key = (run.get("made_by") or "unrecorded", run.get("machine") or run.get("device", "unrecorded"))
             made[key] = made.get(key, 0) + 1
-    return [f"* {n} attack model{'s' if n > 1 else ''} trained by `{cmd}` on {where}" for (cmd, where), n in made.items()]
+    return [
+        f"* {n} attack model{'s' if n > 1 else ''} trained by `{cmd}` on {where}" for (cmd, where), n in made.items()
+    ]
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -226,47 +338,77 @@ def _unif_note(record: Mapping[str, Any]) -> list[str]:
         return []
     top = max(range(len(counts)), key=counts.__getitem__)
     share = 100.0 * counts[top] / sum(counts)
-    return ["", f"On U the victim answers class {top} for {share:.1f}% of the inputs"
-                + (", so R_unif mostly checks that the attack model does the same." if share >= 90 else ".")]
+    return [
+        "",
+        f"On U the victim answers class {top} for {share:.1f}% of the inputs"
+        + (", so R_unif mostly checks that the attack model does the same." if share >= 90 else "."),
+    ]
 
 
 def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: Path) -> list[str]:
     pv, pd, pp = PAPER["average_drop"]["victim"], PAPER["average_drop"]["defended"], PAPER["average_drop"]["p_value"]
-    lines = ["", f"## Table 2: Average Drop at p = {record['config']['p']:g}% (lower is better; mean ± std, fractions)", "",
-             "Masking: each map's top p% pixels (ties by row-major index) keep their values, every other pixel is set",
-             "to 0 in [0, 1] pixel space; both maps are scored by the victim for its own top-1 class",
-             "(`measure/average_drop.py`).", "",
-             "| | n | victim I | misdirection Ĩ | paired t-test p |", "| --- | --- | --- | --- | --- |",
-             f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |"]
+    lines = [
+        "",
+        f"## Table 2: Average Drop at p = {record['config']['p']:g}% (lower is better; mean ± std, fractions)",
+        "",
+        "Masking: each map's top p% pixels (ties by row-major index) keep their values, every other pixel is set",
+        "to 0 in [0, 1] pixel space; both maps are scored by the victim for its own top-1 class",
+        "(`measure/average_drop.py`).",
+        "",
+        "| | n | victim I | misdirection Ĩ | paired t-test p |",
+        "| --- | --- | --- | --- | --- |",
+        f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |",
+    ]
     if not t["average_drop"]:
         lines.append("| ours | — | not run | not run | — |")
     for key, d in t["average_drop"].items():
-        lines.append(f"| ours ({key}) | {d['n']} | {d['victim']['mean']:.4f} ± {d['victim']['std']:.4f} | "
-                     f"{d['defended']['mean']:.4f} ± {d['defended']['std']:.4f} | {_f(d['ttest']['p_value'], 4)} |")
+        lines.append(
+            f"| ours ({key}) | {d['n']} | {d['victim']['mean']:.4f} ± {d['victim']['std']:.4f} | "
+            f"{d['defended']['mean']:.4f} ± {d['defended']['std']:.4f} | {_f(d['ttest']['p_value'], 4)} |"
+        )
     if any("figure" in a.get("average_drop", {}) for a in record["arms"].values()):
         lines += ["", "## Figure 3: victim vs misdirection maps", "", f"![Figure 3]({rel}/fig3.png)"]
     return lines
 
 
 def _runtime_sections(t: Mapping[str, Any]) -> list[str]:
-    lines = ["", "## Runtime per query, every arm", "",
-             "Wall-clock over the first test images, in requests of the query batch (in-process: `Defense.answer`;",
-             "otherwise HTTP round trips).", "",
-             "| arm | n | batch | ms/query | mean L_orth | fallbacks | measured on |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "## Runtime per query, every arm",
+        "",
+        "Wall-clock over the first test images, in requests of the query batch (in-process: `Defense.answer`;",
+        "otherwise HTTP round trips).",
+        "",
+        "| arm | n | batch | ms/query | mean L_orth | fallbacks | measured on |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in t["runtime"]:
-        lines.append(f"| {r['arm']} | {r['n']} | {r['query_batch']} | {_f(r['ms_per_query'], 1)} | "
-                     f"{_f(r.get('mean_l_orth'), 3)} | {r.get('fallbacks', '—')} | {r.get('machine', '—')} |")
+        lines.append(
+            f"| {r['arm']} | {r['n']} | {r['query_batch']} | {_f(r['ms_per_query'], 1)} | "
+            f"{_f(r.get('mean_l_orth'), 3)} | {r.get('fallbacks', '—')} | {r.get('machine', '—')} |"
+        )
     paper3 = PAPER["table3_flowers_l17"]
-    lines += ["", "## Table 3: cumulative sensitivity CS", "",
-              "Paper (Flowers-17, ResNet-18, Rel-CAM at layer 17, RTX 2080 Ti — another model and data set, for scale): "
-              + "; ".join(f"CS {cs}%: {v[0]} layers, f_A {v[1]}%, {v[2]} s" for cs, v in paper3.items() if cs != "pp")
-              + f"; PP: f_A {paper3['pp'][0]}%, {paper3['pp'][1]} s.", ""]
+    lines += [
+        "",
+        "## Table 3: cumulative sensitivity CS",
+        "",
+        "Paper (Flowers-17, ResNet-18, Rel-CAM at layer 17, RTX 2080 Ti — another model and data set, for scale): "
+        + "; ".join(f"CS {cs}%: {v[0]} layers, f_A {v[1]}%, {v[2]} s" for cs, v in paper3.items() if cs != "pp")
+        + f"; PP: f_A {paper3['pp'][0]}%, {paper3['pp'][1]} s.",
+        "",
+    ]
     lines += _variant_table(t["table3"], "CS (%)", "cs")
     paper4 = PAPER["table4_flowers"]
-    lines += ["", "## Table 4: top-k kept", "",
-              (f"Paper (Flowers-17, Grad-CAM): DD k=1 {paper4['dd'][1]}%, k=3 {paper4['dd'][3]}%; "
-              f"PP k=1 {paper4['pp'][1]}%, k=5 {paper4['pp'][5]}%."), ""]
+    lines += [
+        "",
+        "## Table 4: top-k kept",
+        "",
+        (
+            f"Paper (Flowers-17, Grad-CAM): DD k=1 {paper4['dd'][1]}%, k=3 {paper4['dd'][3]}%; "
+            f"PP k=1 {paper4['pp'][1]}%, k=5 {paper4['pp'][5]}%."
+        ),
+        "",
+    ]
     lines += _variant_table(t["table4"], "k", "top_k")
     return lines
 
@@ -275,15 +417,21 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
     if not rows:
         return ["Not run (no such DeepDefense arms: `deepdefense` not among `--defenses`, or the list was empty)."]
     losses = list(dict.fromkeys(loss for r in rows for loss in r["accuracy"]))
-    lines = [f"| {label} | layers | B | ms/query | mean L_orth | fallbacks | "
-             + " | ".join(f"f_A `{loss}` (%)" for loss in losses) + " |",
-             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in losses) + " |"]
+    lines = [
+        f"| {label} | layers | B | ms/query | mean L_orth | fallbacks | "
+        + " | ".join(f"f_A `{loss}` (%)" for loss in losses)
+        + " |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in losses) + " |",
+    ]
     for r in sorted(rows, key=lambda r: r[field] if r[field] is not None else math.inf):
         layers = ", ".join(str(x).split(".")[-1] for x in r["layers"]) if r["layers"] else "—"
         name = "PP" if r["arm"] == "pp" else f"{r[field]:g}"
-        lines.append(f"| {name} | {layers} | {r['budget']:,} | {_f(r['ms_per_query'], 1)} | "
-                     f"{_f(r['mean_l_orth'], 3)} | {r['fallbacks'] if r['fallbacks'] is not None else '—'} | "
-                     + " | ".join(_f(r["accuracy"].get(loss)) for loss in losses) + " |")
+        lines.append(
+            f"| {name} | {layers} | {r['budget']:,} | {_f(r['ms_per_query'], 1)} | "
+            f"{_f(r['mean_l_orth'], 3)} | {r['fallbacks'] if r['fallbacks'] is not None else '—'} | "
+            + " | ".join(_f(r["accuracy"].get(loss)) for loss in losses)
+            + " |"
+        )
     return lines
 
 
@@ -291,8 +439,9 @@ def _differences(t: Mapping[str, Any]) -> list[str]:
     measured = [r for r in t["table5"] if r["difference"] is not None]
     lines = ["", "## Where we differ from the paper", ""]
     for r in measured:
-        lines.append(f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% "
-                     f"({r['difference']:+.2f} points).")
+        lines.append(
+            f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
+        )
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["difference"] is None]
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
@@ -328,36 +477,49 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
     eq1, soft, top1 = (get(loss, "pp") for loss in ("explanations", "probabilities", "labels"))
     soft0, top10 = get("probabilities", "none"), get("labels", "none")
     if None not in (soft, soft0, top1, top10):
-        lines.append(f"* PP moves the soft-label attacker from {soft0:.2f}% to {soft:.2f}% ({soft - soft0:+.2f}) and the "
-                     f"top-1 attacker from {top10:.2f}% to {top1:.2f}% ({top1 - top10:+.2f}): MAD keeps the argmax, "
-                     "so labels alone are out of its reach.")
+        lines.append(
+            f"* PP moves the soft-label attacker from {soft0:.2f}% to {soft:.2f}% ({soft - soft0:+.2f}) and the "
+            f"top-1 attacker from {top10:.2f}% to {top1:.2f}% ({top1 - top10:+.2f}): MAD keeps the argmax, "
+            "so labels alone are out of its reach."
+        )
     if None not in (eq1, soft):
-        lines.append(f"* Against PP the eq. (1) attacker reaches {eq1:.2f}%, {eq1 - soft:+.2f} points over soft labels "
-                     "alone: PP answers the victim's own maps, and the map term of eq. (1) learns from them.")
+        lines.append(
+            f"* Against PP the eq. (1) attacker reaches {eq1:.2f}%, {eq1 - soft:+.2f} points over soft labels "
+            "alone: PP answers the victim's own maps, and the map term of eq. (1) learns from them."
+        )
     if top1 is not None and top1 > PAPER["table5"]["pp"]:
-        lines.append(f"* The paper's PP figure ({PAPER['table5']['pp']:.2f}%) lies {top1 - PAPER['table5']['pp']:.2f} "
-                     f"points below what our top-1 attacker gets through PP ({top1:.2f}%), which no argmax-keeping "
-                     "perturbation can lower: the paper's eq. (1) attacker must have been misled by PP's soft labels "
-                     "more than ours (whose recipe was tuned to be strong, see below), or its PP was set up "
-                     "differently (ε, surrogate).")
+        lines.append(
+            f"* The paper's PP figure ({PAPER['table5']['pp']:.2f}%) lies {top1 - PAPER['table5']['pp']:.2f} "
+            f"points below what our top-1 attacker gets through PP ({top1:.2f}%), which no argmax-keeping "
+            "perturbation can lower: the paper's eq. (1) attacker must have been misled by PP's soft labels "
+            "more than ours (whose recipe was tuned to be strong, see below), or its PP was set up "
+            "differently (ε, surrogate)."
+        )
     dd, dd_s, dd_i = (get("explanations", d) for d in ENGINE_MODES)
     if None not in (dd, dd_i):
-        lines.append(f"* DD-I (victim's probabilities, misdirected maps) {dd_i:.2f}% vs DD {dd:.2f}%: the "
-                     f"probabilities' share of the defense is {dd_i - dd:+.2f} points (paper "
-                     f"{PAPER['table5']['dd-i'] - PAPER['table5']['deepdefense']:+.2f}).")
+        lines.append(
+            f"* DD-I (victim's probabilities, misdirected maps) {dd_i:.2f}% vs DD {dd:.2f}%: the "
+            f"probabilities' share of the defense is {dd_i - dd:+.2f} points (paper "
+            f"{PAPER['table5']['dd-i'] - PAPER['table5']['deepdefense']:+.2f})."
+        )
     if None not in (dd, dd_s):
-        lines.append(f"* DD-S (misdirected probabilities, victim's maps) {dd_s:.2f}% vs DD {dd:.2f}%: the maps' "
-                     f"share is {dd_s - dd:+.2f} points (paper {PAPER['table5']['dd-s'] - PAPER['table5']['deepdefense']:+.2f}).")
+        lines.append(
+            f"* DD-S (misdirected probabilities, victim's maps) {dd_s:.2f}% vs DD {dd:.2f}%: the maps' "
+            f"share is {dd_s - dd:+.2f} points (paper {PAPER['table5']['dd-s'] - PAPER['table5']['deepdefense']:+.2f})."
+        )
     dd_top1 = get("labels", "deepdefense")
     if None not in (dd, dd_top1):
-        lines.append(f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% (undefended {_f(top10)}%): DD keeps the "
-                     f"top-1 class by design, so the labels alone are out of its reach as they are out of PP's. The "
-                     f"eq. (1) attacker gets {dd:.2f}%, {dd - dd_top1:+.2f} points against ignoring everything but the "
-                     f"label: the misdirected probabilities and maps are worth {'less than nothing' if dd < dd_top1 else 'little'}"
-                     f" to it. The paper's DD figure ({PAPER['table5']['deepdefense']:.2f}%) lies "
-                     f"{dd_top1 - PAPER['table5']['deepdefense']:.2f} points below our top-1 attacker through DD, which "
-                     "no top-1-keeping answer can lower; the paper's attacker must have followed the misdirected soft "
-                     "labels and maps far more than the label they carry.")
+        lines.append(
+            f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% (undefended {_f(top10)}%): DD keeps the "
+            f"top-1 class by design, so the labels alone are out of its reach as they are out of PP's. The "
+            f"eq. (1) attacker gets {dd:.2f}%, {dd - dd_top1:+.2f} points against ignoring everything but the "
+            "label: the misdirected probabilities and maps are worth "
+            f"{'less than nothing' if dd < dd_top1 else 'little'}"
+            f" to it. The paper's DD figure ({PAPER['table5']['deepdefense']:.2f}%) lies "
+            f"{dd_top1 - PAPER['table5']['deepdefense']:.2f} points below our top-1 attacker through DD, which "
+            "no top-1-keeping answer can lower; the paper's attacker must have followed the misdirected soft "
+            "labels and maps far more than the label they carry."
+        )
     return ["", *lines] if lines else []
 
 

@@ -109,7 +109,8 @@ def load_checkpoint(
     actual = sha256_file(weights)
     if actual != meta.sha256:
         raise CheckpointError(
-            f"checkpoint {meta_path.stem}: sha256 of {meta.weights} is {actual[:12]}…, metadata says {meta.sha256[:12]}…; refusing to load"
+            f"checkpoint {meta_path.stem}: sha256 of {meta.weights} is {actual[:12]}…, metadata says "
+            f"{meta.sha256[:12]}…; refusing to load"
         )
     model = build_model(meta)
     try:
@@ -117,5 +118,7 @@ def load_checkpoint(
         model.net.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {meta_path.stem}: weights do not fit architecture {meta.arch!r} ({first})") from None
+        raise CheckpointError(
+            f"checkpoint {meta_path.stem}: weights do not fit architecture {meta.arch!r} ({first})"
+        ) from None
     return model.to(device).eval(), meta

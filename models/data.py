@@ -44,16 +44,52 @@ class DatasetSpec:
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        DatasetSpec("mnist", "MNIST/raw", 1, 28, (0.1307,), (0.3081,), "lenet", datasets.MNIST,
-                    tuple(str(d) for d in range(10))),
-        DatasetSpec("fashionmnist", "FashionMNIST/raw", 1, 28, (0.2860,), (0.3530,), "lenet", datasets.FashionMNIST,
-                    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
-        DatasetSpec("kmnist", "KMNIST/raw", 1, 28, (0.1918,), (0.3483,), "lenet", datasets.KMNIST,
-                    ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
-        DatasetSpec("cifar10", "cifar-10-batches-py", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "wrn16_4",
-                    datasets.CIFAR10, ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
-        DatasetSpec("cifar100", "cifar-100-python", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "wrn16_4",
-                    datasets.CIFAR100),
+        DatasetSpec(
+            "mnist", "MNIST/raw", 1, 28, (0.1307,), (0.3081,), "lenet", datasets.MNIST, tuple(str(d) for d in range(10))
+        ),
+        DatasetSpec(
+            "fashionmnist",
+            "FashionMNIST/raw",
+            1,
+            28,
+            (0.2860,),
+            (0.3530,),
+            "lenet",
+            datasets.FashionMNIST,
+            ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        ),
+        DatasetSpec(
+            "kmnist",
+            "KMNIST/raw",
+            1,
+            28,
+            (0.1918,),
+            (0.3483,),
+            "lenet",
+            datasets.KMNIST,
+            ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        ),
+        DatasetSpec(
+            "cifar10",
+            "cifar-10-batches-py",
+            3,
+            32,
+            (0.4914, 0.4822, 0.4465),
+            (0.2470, 0.2435, 0.2616),
+            "wrn16_4",
+            datasets.CIFAR10,
+            ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        ),
+        DatasetSpec(
+            "cifar100",
+            "cifar-100-python",
+            3,
+            32,
+            (0.5071, 0.4865, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            "wrn16_4",
+            datasets.CIFAR100,
+        ),
         DatasetSpec("flowers17", "flowers17", 3, 224, _IMAGENET_MEAN, _IMAGENET_STD, "resnet18"),
         DatasetSpec("cub200", "cub200", 3, 224, _IMAGENET_MEAN, _IMAGENET_STD, "resnet34"),
     )
@@ -131,9 +167,13 @@ def _image_folder(spec: DatasetSpec, root: Path, split: str) -> datasets.ImageFo
             f"official archive (this project never downloads {spec.name})."
         )
     if split == "train":
-        tf = transforms.Compose([transforms.RandomResizedCrop(spec.size), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        tf = transforms.Compose(
+            [transforms.RandomResizedCrop(spec.size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        )
     else:
-        tf = transforms.Compose([transforms.Resize(spec.size * 8 // 7), transforms.CenterCrop(spec.size), transforms.ToTensor()])
+        tf = transforms.Compose(
+            [transforms.Resize(spec.size * 8 // 7), transforms.CenterCrop(spec.size), transforms.ToTensor()]
+        )
     rgb = transforms.Lambda(lambda img: img.convert("RGB"))
     return datasets.ImageFolder(str(folder), transform=transforms.Compose([rgb, tf]))
 

@@ -72,16 +72,33 @@ def train(cfg: TrainConfig) -> tuple[Path, CheckpointMeta]:
     train_set = load_split(spec.name, cfg.data_root, "train", download=cfg.download)
     test_set = load_split(spec.name, cfg.data_root, "test", download=cfg.download)
     meta = CheckpointMeta(
-        arch=cfg.arch, dataset=spec.name, classes=class_names(spec.name, cfg.data_root),
-        input_shape=list(spec.input_shape), mean=list(spec.mean), std=list(spec.std),
-        test_accuracy=0.0, seed=cfg.seed, command=cfg.command,
-        extra={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_shift": cfg.max_shift,
-               "torch": torch.__version__},
+        arch=cfg.arch,
+        dataset=spec.name,
+        classes=class_names(spec.name, cfg.data_root),
+        input_shape=list(spec.input_shape),
+        mean=list(spec.mean),
+        std=list(spec.std),
+        test_accuracy=0.0,
+        seed=cfg.seed,
+        command=cfg.command,
+        extra={
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "max_shift": cfg.max_shift,
+            "torch": torch.__version__,
+        },
     )
     model = build_model(meta).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        num_workers=cfg.num_workers, drop_last=True)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+    )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader))
     shift = cfg.max_shift if spec.size <= 32 else 0
     for epoch in range(cfg.epochs):

@@ -44,7 +44,9 @@ class WideResNet(nn.Module):
         layers: list[nn.Module] = []
         for group, stride in zip(range(3), (1, 2, 2), strict=True):
             for i in range(n):
-                layers.append(_Block(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1))
+                layers.append(
+                    _Block(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1)
+                )
         self.blocks = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU()

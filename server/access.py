@@ -14,16 +14,25 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .dependencies import RuntimeDep
 from .errors import ApiError
 
-_bearer = HTTPBearer(auto_error=False, scheme_name="OperatorKey",
-                     description="operator key, when an operator route is configured 'admin'")
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="OperatorKey",
+    description="operator key, when an operator route is configured 'admin'",
+)
 
 
-def require_operator(runtime: RuntimeDep,
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def require_operator(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     """401 unless ``Authorization: Bearer <operator key>``; keys are compared in constant time."""
     if credentials is None or runtime.admin_keys.identify(credentials.credentials) is None:
-        raise ApiError(401, "unauthorized", "an operator key is required (Authorization: Bearer <key>)",
-                       field="Authorization", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an operator key is required (Authorization: Bearer <key>)",
+            field="Authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 OPERATOR = [Depends(require_operator)]

@@ -50,7 +50,7 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
         title="DeepDefense inference server",
         version=__version__,
         summary="Predictions and attribution maps of a victim model, answered through a defense against "
-                "model stealing (DeepDefense, Lee/Han/Lee IJCAI-22).",
+        "model stealing (DeepDefense, Lee/Han/Lee IJCAI-22).",
         lifespan=_lifespan,
         docs_url="/docs" if docs_open else None,
         redoc_url="/redoc" if docs_open else None,
@@ -66,8 +66,12 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
         app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
     if settings.docs_access == "admin":
         app.include_router(docs_router(app))
-    install_served_openapi(app, input_shape=runtime.input_shape, max_instances=settings.max_instances,
-                           max_image_bytes=settings.max_image_bytes)
+    install_served_openapi(
+        app,
+        input_shape=runtime.input_shape,
+        max_instances=settings.max_instances,
+        max_image_bytes=settings.max_image_bytes,
+    )
     return app
 
 
@@ -77,9 +81,16 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     keep theirs (uvicorn's 5 s equals httpx's, and a client reusing a connection at the moment the
     server closes it gets a transport error); on SIGTERM/SIGINT new connections are refused while
     in-flight requests finish (for at most the request timeout plus a margin)."""
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          server_header=False, access_log=False, timeout_keep_alive=settings.keep_alive_s,
-                          timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S)
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        server_header=False,
+        access_log=False,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.request_timeout_s + DRAIN_MARGIN_S,
+    )
 
 
 def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
@@ -96,5 +107,6 @@ def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
     runtime.on_failure = stop
     server.run()
     if runtime.state == "failed":
-        raise StartupError(f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: "
-                           f"{runtime.failure}")
+        raise StartupError(
+            f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: {runtime.failure}"
+        )

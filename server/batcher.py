@@ -7,13 +7,13 @@ idle — when its expected latency exceeds ``max_latency``: overload becomes an 
 latency is the instances of the micro-batch on the model thread and of the queue ahead, and its
 own, times the measured model seconds per instance: a moving average that rises at once with a
 slower batch and falls slowly, seeded by the warm-up query. A queue whose oldest instance has
-already waited ``max_latency`` refuses too, whatever the estimate says. One worker coroutine takes the oldest instance, gathers up to ``max_batch``
-instances with the same ``explain`` flag, waiting at most ``max_wait`` seconds for more, and hands
-the batch to a single worker thread, so the model is used by one thread at a time; there
-:func:`server.isolation.answer_isolated` keeps one query's failure from failing the others. A
-request waits at most ``timeout`` seconds in all (:class:`RequestTimeout`); instances of a request
-that gave up (timeout, or the client went away and the request was cancelled) are dropped without
-being computed.
+already waited ``max_latency`` refuses too, whatever the estimate says. One worker coroutine takes
+the oldest instance, gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at
+most ``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
+used by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's
+failure from failing the others. A request waits at most ``timeout`` seconds in all
+(:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and
+the request was cancelled) are dropped without being computed.
 """
 
 from __future__ import annotations
@@ -75,9 +75,20 @@ class _Item:
 class MicroBatcher:
     """Collects instances into micro-batches and answers them with ``defense.answer``."""
 
-    def __init__(self, defense: Defense, metrics: ServerMetrics, *, device: torch.device, num_classes: int,
-                 max_batch: int, max_wait: float, capacity: int, timeout: float, max_latency: float,
-                 retry_after: int) -> None:
+    def __init__(
+        self,
+        defense: Defense,
+        metrics: ServerMetrics,
+        *,
+        device: torch.device,
+        num_classes: int,
+        max_batch: int,
+        max_wait: float,
+        capacity: int,
+        timeout: float,
+        max_latency: float,
+        retry_after: int,
+    ) -> None:
         self.defense = defense
         self.metrics = metrics
         self.device = device
@@ -264,5 +275,10 @@ class MicroBatcher:
         return self.defense.answer(x.to(self.device), explain=explain)
 
     def _answer_isolated(self, x: Tensor, explain: bool) -> list[Answer | Failure]:
-        return answer_isolated(self.defense, x.to(self.device), explain=explain, num_classes=self.num_classes,
-                               on_retry=self.metrics.isolation_retries.inc)
+        return answer_isolated(
+            self.defense,
+            x.to(self.device),
+            explain=explain,
+            num_classes=self.num_classes,
+            on_retry=self.metrics.isolation_retries.inc,
+        )

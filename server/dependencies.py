@@ -21,15 +21,21 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def authenticate(runtime: RuntimeDep,
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+def authenticate(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
     """``Authorization: Bearer <key>``; 401 when keys are configured and none of them is given."""
     if not runtime.keys.enabled:
         return Caller(ANONYMOUS)
     kid = runtime.keys.identify(credentials.credentials) if credentials is not None else None
     if kid is None:
-        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                       field="Authorization", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key>)",
+            field="Authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return Caller(kid)
 
 

@@ -47,8 +47,9 @@ def _pixels(pixels: list[list[list[float]]], field: str, shape: tuple[int, int, 
     try:
         x = torch.tensor(pixels, dtype=torch.float32)
     except ValueError:
-        raise ApiError(422, "invalid_shape", "pixels must be a C×H×W array whose rows all have the same length",
-                       field=field) from None
+        raise ApiError(
+            422, "invalid_shape", "pixels must be a C×H×W array whose rows all have the same length", field=field
+        ) from None
     if x.dim() != 3 or x.shape[0] != shape[0]:
         got = x.shape[0] if x.dim() == 3 else "?"
         raise ApiError(422, "wrong_channels", f"expected {shape[0]} channel(s), got {got}", field=field)
@@ -60,8 +61,7 @@ def _pixels(pixels: list[list[list[float]]], field: str, shape: tuple[int, int, 
 def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
     channels, height, width = shape
     if channels not in _MODES:
-        raise ApiError(422, "unsupported_input", f"this model takes {channels}-channel input; send pixels",
-                       field=field)
+        raise ApiError(422, "unsupported_input", f"this model takes {channels}-channel input; send pixels", field=field)
     if len(text) > 4 * (limits.max_bytes // 3 + 1):
         raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
     try:
@@ -82,8 +82,9 @@ def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimi
     except Image.DecompressionBombError:
         raise _too_many_pixels(field, limits) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        raise ApiError(422, "undecodable_image", "image_b64 is not a decodable PNG or JPEG image",
-                       field=field) from None
+        raise ApiError(
+            422, "undecodable_image", "image_b64 is not a decodable PNG or JPEG image", field=field
+        ) from None
     x = torch.from_numpy(array)
     return x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1).contiguous()
 

@@ -40,8 +40,9 @@ class Failure:
     reason: Reason
 
 
-def answer_isolated(defense: Defense, x: Tensor, *, explain: bool, num_classes: int,
-                    on_retry: Callable[[], None] = lambda: None) -> list[Answer | Failure]:
+def answer_isolated(
+    defense: Defense, x: Tensor, *, explain: bool, num_classes: int, on_retry: Callable[[], None] = lambda: None
+) -> list[Answer | Failure]:
     """One result per row of ``x``: the defense's answer, or a :class:`Failure` for that row alone."""
     try:
         answers = defense.answer(x, explain=explain)
@@ -51,11 +52,18 @@ def answer_isolated(defense: Defense, x: Tensor, *, explain: bool, num_classes: 
         if len(x) == 1:
             logger.exception("defense %r failed on one instance; it is answered 500 defense_failed", defense.name)
             return [Failure("exception")]
-        logger.warning("defense %r failed on a micro-batch of %d; answering its instances one by one",
-                       defense.name, len(x), exc_info=True)
+        logger.warning(
+            "defense %r failed on a micro-batch of %d; answering its instances one by one",
+            defense.name,
+            len(x),
+            exc_info=True,
+        )
         on_retry()
-        return [r for i in range(len(x)) for r in answer_isolated(defense, x[i:i + 1], explain=explain,
-                                                                  num_classes=num_classes)]
+        return [
+            r
+            for i in range(len(x))
+            for r in answer_isolated(defense, x[i : i + 1], explain=explain, num_classes=num_classes)
+        ]
     results: list[Answer | Failure] = []
     for answer in answers:
         problem = answer_problem(answer, explain=explain, num_classes=num_classes)

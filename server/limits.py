@@ -35,8 +35,13 @@ class BodySizeLimitMiddleware:
             return
         headers = dict(scope["headers"])
         if headers.get(b"content-encoding", b"identity").strip().lower() not in (b"", b"identity"):
-            response = error_response(415, "unsupported_encoding", "send the body uncompressed (no Content-Encoding)",
-                                      field="Content-Encoding", headers={"Connection": "close"})
+            response = error_response(
+                415,
+                "unsupported_encoding",
+                "send the body uncompressed (no Content-Encoding)",
+                field="Content-Encoding",
+                headers={"Connection": "close"},
+            )
             await response(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
@@ -50,8 +55,13 @@ class BodySizeLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
-                response = error_response(408, "body_timeout", f"the body did not arrive within {self.body_timeout:g} s",
-                                          field="body", headers={"Connection": "close"})
+                response = error_response(
+                    408,
+                    "body_timeout",
+                    f"the body did not arrive within {self.body_timeout:g} s",
+                    field="body",
+                    headers={"Connection": "close"},
+                )
                 await response(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
@@ -75,8 +85,13 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "body_too_large", f"request body exceeds {self.max_bytes} bytes",
-                                  field="body", headers={"Connection": "close"})
+        response = error_response(
+            413,
+            "body_too_large",
+            f"request body exceeds {self.max_bytes} bytes",
+            field="body",
+            headers={"Connection": "close"},
+        )
         await response(scope, receive, send)
 
 

@@ -28,43 +28,80 @@ class ServerMetrics:
         r = self.registry
         self.defense = defense
         Info("dd_server", "What this server serves; defense='none' means undefended.", registry=r).info(
-            {"model": model, "defense": defense, "interpreter": interpreter, "device": device})
-        self.requests = Counter("dd_http_requests_total", "HTTP requests by route template, method and status.",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("dd_http_request_duration_seconds", "End-to-end HTTP latency by route template.",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+            {"model": model, "defense": defense, "interpreter": interpreter, "device": device}
+        )
+        self.requests = Counter(
+            "dd_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "dd_http_request_duration_seconds",
+            "End-to-end HTTP latency by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("dd_http_requests_in_flight", "HTTP requests being handled now.", registry=r)
         self.queue_instances = Gauge("dd_queue_instances", "Instances waiting for a micro-batch.", registry=r)
-        self.queue_wait = Histogram("dd_queue_wait_seconds", "Time an instance waits before its micro-batch runs.",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("dd_inference_seconds", "Wall time of one defense.answer call (a micro-batch).",
-                                   buckets=_LATENCY_BUCKETS, registry=r)
-        self.optimisation = Histogram("dd_defense_optimisation_seconds",
-                                      "Per-query optimisation time reported by the defense.",
-                                      ["defense"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_instances = Histogram("dd_batch_instances", "Instances per micro-batch.",
-                                         buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "dd_queue_wait_seconds",
+            "Time an instance waits before its micro-batch runs.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "dd_inference_seconds",
+            "Wall time of one defense.answer call (a micro-batch).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.optimisation = Histogram(
+            "dd_defense_optimisation_seconds",
+            "Per-query optimisation time reported by the defense.",
+            ["defense"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_instances = Histogram(
+            "dd_batch_instances", "Instances per micro-batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.answers = Counter("dd_answers_total", "Answered instances by defense.", ["defense"], registry=r)
-        self.fallbacks = Counter("dd_defense_fallbacks_total",
-                                 "Answers that fell back to the defense's documented safe answer.",
-                                 ["defense"], registry=r)
-        self.key_queries = Counter("dd_key_queries_total", "Queries (instances) admitted per API key hash.",
-                                   ["key"], registry=r)
-        self.failures = Counter("dd_defense_failures_total",
-                                "Instances the defense could not answer (it raised, or its answer was not a finite, "
-                                "well-formed distribution); their requests got 500 defense_failed.",
-                                ["defense", "reason"], registry=r)
-        self.isolation_retries = Counter("dd_batch_isolation_retries_total",
-                                         "Micro-batches whose defense call failed and were retried one instance "
-                                         "at a time.", registry=r)
-        self.dropped = Counter("dd_dropped_instances_total",
-                               "Queued instances dropped uncomputed because their request gave up "
-                               "(timeout or client disconnect).", registry=r)
-        self.rejected = Counter("dd_rejected_requests_total", "Requests refused with 503 by admission control.",
-                                ["reason"], registry=r)
-        self.instance_cost = Gauge("dd_instance_cost_seconds",
-                                   "Moving average of model-thread seconds per instance (admission control).",
-                                   registry=r)
+        self.fallbacks = Counter(
+            "dd_defense_fallbacks_total",
+            "Answers that fell back to the defense's documented safe answer.",
+            ["defense"],
+            registry=r,
+        )
+        self.key_queries = Counter(
+            "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=r
+        )
+        self.failures = Counter(
+            "dd_defense_failures_total",
+            "Instances the defense could not answer (it raised, or its answer was not a finite, "
+            "well-formed distribution); their requests got 500 defense_failed.",
+            ["defense", "reason"],
+            registry=r,
+        )
+        self.isolation_retries = Counter(
+            "dd_batch_isolation_retries_total",
+            "Micro-batches whose defense call failed and were retried one instance at a time.",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "dd_dropped_instances_total",
+            "Queued instances dropped uncomputed because their request gave up (timeout or client disconnect).",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "dd_rejected_requests_total", "Requests refused with 503 by admission control.", ["reason"], registry=r
+        )
+        self.instance_cost = Gauge(
+            "dd_instance_cost_seconds",
+            "Moving average of model-thread seconds per instance (admission control).",
+            registry=r,
+        )
         self.answers.labels(defense)
         self.fallbacks.labels(defense)
         for reason in FAILURE_REASONS:

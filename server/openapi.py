@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import FastAPI
 
 
-def install_served_openapi(app: FastAPI, *, input_shape: tuple[int, int, int], max_instances: int,
-                           max_image_bytes: int) -> None:
+def install_served_openapi(
+    app: FastAPI, *, input_shape: tuple[int, int, int], max_instances: int, max_image_bytes: int
+) -> None:
     """Replace ``app.openapi`` by a cached schema with the exact C×H×W pixel arrays, exactly one of
     ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and an example
     request the served model accepts."""

@@ -41,8 +41,14 @@ def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
     if settings.defense == "none" and settings.engine:
         logger.warning("engine options are ignored by defense 'none'")
     options = settings.engine if settings.defense != "none" else {}
-    defense, _ = load_defense(settings.checkpoint, settings.defense, settings.interpreter, device=device,
-                              data_root=settings.data_root, **options)
+    defense, _ = load_defense(
+        settings.checkpoint,
+        settings.defense,
+        settings.interpreter,
+        device=device,
+        data_root=settings.data_root,
+        **options,
+    )
     return defense
 
 
@@ -65,8 +71,9 @@ class Runtime:
             self.device = next(defense.model.parameters()).device
             self.defense_name, self.interpreter_name = defense.name, defense.interpreter.name
         self.image_limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.metrics = ServerMetrics(model=self.model_name, defense=self.defense_name,
-                                     interpreter=self.interpreter_name, device=str(self.device))
+        self.metrics = ServerMetrics(
+            model=self.model_name, defense=self.defense_name, interpreter=self.interpreter_name, device=str(self.device)
+        )
         self.keys = KeyRing(settings.keys())
         self.admin_keys = KeyRing(settings.admin_keys_list())
         self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
@@ -96,11 +103,18 @@ class Runtime:
             if self.defense is None:
                 self.defense = await asyncio.to_thread(build_defense, self.settings, self.device)
             s = self.settings
-            self.batcher = MicroBatcher(self.defense, self.metrics, device=self.device,
-                                        num_classes=self.meta.num_classes, max_batch=s.max_batch_size,
-                                        max_wait=s.max_batch_wait_ms / 1000, capacity=s.queue_size,
-                                        timeout=s.request_timeout_s, max_latency=s.max_expected_latency_s,
-                                        retry_after=s.retry_after_s)
+            self.batcher = MicroBatcher(
+                self.defense,
+                self.metrics,
+                device=self.device,
+                num_classes=self.meta.num_classes,
+                max_batch=s.max_batch_size,
+                max_wait=s.max_batch_wait_ms / 1000,
+                capacity=s.queue_size,
+                timeout=s.request_timeout_s,
+                max_latency=s.max_expected_latency_s,
+                retry_after=s.retry_after_s,
+            )
             self.batcher.start()
             if s.warmup:
                 await self._warm_up(self.batcher)
@@ -112,8 +126,9 @@ class Runtime:
                 self.on_failure()
             return
         self.state = "ready"
-        logger.info("ready: %s through %s (%s) on %s", self.model_name, self.defense_name, self.interpreter_name,
-                    self.device)
+        logger.info(
+            "ready: %s through %s (%s) on %s", self.model_name, self.defense_name, self.interpreter_name, self.device
+        )
 
     async def _warm_up(self, batcher: MicroBatcher) -> None:
         probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))

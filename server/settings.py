@@ -29,8 +29,9 @@ _KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {","}
 class ServerSettings(BaseSettings):
     """Everything ``deepdefense serve`` can be told; see ``docs/server.md``."""
 
-    model_config = SettingsConfigDict(env_prefix="DD_", env_nested_delimiter="__", env_ignore_empty=True,
-                                      extra="forbid", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="DD_", env_nested_delimiter="__", env_ignore_empty=True, extra="forbid", hide_input_in_errors=True
+    )
 
     checkpoint: str = Field("lenet-mnist", description="shipped checkpoint name or path to its metadata JSON")
     defense: DefenseName = Field("deepdefense", description="`none` serves the undefended victim, by name only")
@@ -46,18 +47,28 @@ class ServerSettings(BaseSettings):
     max_instances: int = Field(16, ge=1, description="instances per request")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size, enforced while reading")
     body_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this time, else 408")
-    keep_alive_s: int = Field(20, ge=1, description="idle keep-alive connections are closed after this; longer "
-                                                   "than clients keep theirs (httpx: 5 s), so a client never "
-                                                   "reuses a connection the server is closing")
+    keep_alive_s: int = Field(
+        20,
+        ge=1,
+        description="idle keep-alive connections are closed after this; longer "
+        "than clients keep theirs (httpx: 5 s), so a client never "
+        "reuses a connection the server is closing",
+    )
     max_image_bytes: int = Field(2 << 20, ge=64, description="decoded size of one base64 image")
     max_image_pixels: int = Field(4_000_000, ge=1, description="declared width × height of one image")
 
-    max_batch_size: int = Field(64, ge=1, description="instances per micro-batch (N): the engine optimises them together")
+    max_batch_size: int = Field(
+        64, ge=1, description="instances per micro-batch (N): the engine optimises them together"
+    )
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
     queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
-    max_expected_latency_s: float = Field(10.0, gt=0, description="503 when a new request's expected time to its "
-                                          "answer (instances running and queued ahead, and its own, at the measured "
-                                          "seconds per instance) exceeds this, unless the server is idle")
+    max_expected_latency_s: float = Field(
+        10.0,
+        gt=0,
+        description="503 when a new request's expected time to its "
+        "answer (instances running and queued ahead, and its own, at the measured "
+        "seconds per instance) exceeds this, unless the server is idle",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="end-to-end limit of one request before 504")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers")
     warmup: bool = Field(True, description="send one query through the defense before reporting ready")

@@ -14,8 +14,8 @@ import torch
 from support.servers import served_queries
 from support.settings import loopback_settings
 
-from clients.attack_model import TrainingRecipe
 from clients.attack import AttackConfig, run_attack, sample_queries
+from clients.attack_model import TrainingRecipe
 from clients.oracle import OracleReply
 from clients.transfer import TransferStore
 from deepdefense.cli import main
@@ -37,8 +37,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def attack(url: str, data_root: Path, store: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     out = store.parent / f"{store.name}.json"
     out.unlink(missing_ok=True)
-    rc = main(["attack", "--url", url, "--data-root", str(data_root), "--store", str(store), "--out", str(out),
-               *SMALL, *extra])
+    rc = main(
+        [
+            "attack",
+            "--url",
+            url,
+            "--data-root",
+            str(data_root),
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            *SMALL,
+            *extra,
+        ]
+    )
     return rc, json.loads(out.read_text()) if out.is_file() else {}
 
 
@@ -63,19 +76,22 @@ def test_every_loss_on_one_stored_transfer_set(server: str, data_root: Path, tmp
     assert [s["count"] for s in manifest(store)["shards"]] == [16] * 4
     data = TransferStore(store, manifest(store)["fingerprint"]).load()
     pool = load_split("fashionmnist", data_root, "train").tensors[0]
-    assert torch.equal(data.images, pool[sample_queries(len(pool), 64, 0)]), \
+    assert torch.equal(data.images, pool[sample_queries(len(pool), 64, 0)]), (
         "identity is the property: the store holds the sampled pool images, byte for byte"
+    )
     assert torch.allclose(data.probabilities.sum(1), torch.ones(64), atol=1e-5)
     assert data.attributions is not None and data.attributions.shape == (64, 28, 28)
-    assert torch.equal(data.labels, data.probabilities.argmax(1)), \
+    assert torch.equal(data.labels, data.probabilities.argmax(1)), (
         "identity is the property: each stored label is the argmax of the stored probabilities it came with"
+    )
 
 
 def test_jbda_doubles_its_set_each_round(server: str, data_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "jbda"
     before = served_queries(server)
-    rc, result = attack(server, data_root, store, "--strategy", "jbda", "--seed-size", "16", "--rounds", "4",
-                        "--loss", "labels")
+    rc, result = attack(
+        server, data_root, store, "--strategy", "jbda", "--seed-size", "16", "--rounds", "4", "--loss", "labels"
+    )
     assert rc == 0 and result["strategy"] == "jbda" and result["queries_sent"] == 64
     assert served_queries(server) - before == 64
     rounds = [s["round"] for s in manifest(store)["shards"]]
@@ -111,7 +127,7 @@ class Interrupting:
     def __init__(self, oracle: LocalOracle, stop_at: int | None = None) -> None:
         self.oracle, self.stop_at, self.calls = oracle, stop_at, 0
 
-    def info(self):  # noqa: ANN201
+    def info(self):
         return self.oracle.info()
 
     def query(self, x: torch.Tensor, *, explain: bool = True) -> OracleReply:
@@ -124,8 +140,16 @@ class Interrupting:
 def test_ctrl_c_keeps_every_answered_batch(data_root: Path, tmp_path: Path) -> None:
     defense, meta = load_defense("lenet-mnist", "none")
     local = LocalOracle(defense, local_info("lenet-mnist", meta, defense))
-    config = AttackConfig(budget=48, strategy="jbda", seed_size=16, rounds=3, loss="labels",
-                          recipe=TrainingRecipe(epochs=1), data_root=str(data_root), test_n=200)
+    config = AttackConfig(
+        budget=48,
+        strategy="jbda",
+        seed_size=16,
+        rounds=3,
+        loss="labels",
+        recipe=TrainingRecipe(epochs=1),
+        data_root=str(data_root),
+        test_n=200,
+    )
     cut = Interrupting(local, stop_at=3)  # rounds 0 and 1 answered, the plan of round 2 stored, then Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         run_attack(cut, config, tmp_path / "s", progress=False)
@@ -136,8 +160,9 @@ def test_ctrl_c_keeps_every_answered_batch(data_root: Path, tmp_path: Path) -> N
     fresh = run_attack(Interrupting(local), config, tmp_path / "fresh", progress=False)
     resumed = TransferStore(tmp_path / "s", manifest(tmp_path / "s")["fingerprint"]).load()
     uncut = TransferStore(tmp_path / "fresh", manifest(tmp_path / "fresh")["fingerprint"]).load()
-    assert torch.equal(resumed.images, uncut.images), \
+    assert torch.equal(resumed.images, uncut.images), (
         "identity is the property: a resumed run sends the queries the uncut run sends (same seed, same shapes)"
+    )
     assert fresh["queries_sent"] == 48
 
 

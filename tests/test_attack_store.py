@@ -21,8 +21,9 @@ FP = {"strategy": "random", "dataset": "fashionmnist", "seed": 0}
 
 def reply(n: int, offset: int = 0) -> OracleReply:
     labels = torch.arange(offset, offset + n) % 10
-    return OracleReply(labels=labels, probabilities=torch.nn.functional.one_hot(labels, 10).float(),
-                       attributions=torch.rand(n, 28, 28))
+    return OracleReply(
+        labels=labels, probabilities=torch.nn.functional.one_hot(labels, 10).float(), attributions=torch.rand(n, 28, 28)
+    )
 
 
 def test_shards_are_committed_in_order_and_read_back(tmp_path: Path) -> None:
@@ -70,7 +71,7 @@ def test_jacobian_augmentation_steps_by_lambda_inside_the_unit_cube() -> None:
     out = jacobian_augmentation(model, x, labels, step=0.1, chunk=4)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     moved = (out - x).abs()
-    assert torch.all((moved <= 0.1 + 1e-6))
+    assert torch.all(moved <= 0.1 + 1e-6)
     assert moved.max() > 0.099
     x_req = x.clone().requires_grad_(True)
     score = model(x_req).softmax(-1)[torch.arange(6), labels].sum()

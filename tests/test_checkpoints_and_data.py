@@ -33,15 +33,32 @@ def tiny_mnist(tmp_path: Path) -> Path:
         images = rng.integers(0, 40, (n, 28, 28))
         for i, c in enumerate(labels):
             r, col = divmod(int(c), 5)
-            images[i, 4 + 10 * r: 12 + 10 * r, 2 + 5 * col: 6 + 5 * col] = 255
+            images[i, 4 + 10 * r : 12 + 10 * r, 2 + 5 * col : 6 + 5 * col] = 255
         _write_idx(raw / f"{split}-images-idx3-ubyte", images)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return tmp_path
 
 
 def _train(root: Path, out: Path, seed: int = 3) -> dict:
-    argv = ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(root), "--out", str(out),
-            "--epochs", "1", "--batch-size", "32", "--seed", str(seed), "--device", "cpu"]
+    argv = [
+        "train",
+        "--arch",
+        "lenet",
+        "--dataset",
+        "mnist",
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+    ]
     assert cli(argv) == 0
     return json.loads(out.with_suffix(".json").read_text())
 
@@ -98,7 +115,9 @@ def test_missing_data_names_the_path(tmp_path: Path) -> None:
 
 
 def test_cli_reports_missing_data_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli(["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")])
+    rc = cli(
+        ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")]
+    )
     assert rc == 2
     assert str(tmp_path / "MNIST") in capsys.readouterr().err
 
@@ -112,7 +131,7 @@ def test_image_folder_stand_in(tmp_path: Path) -> None:
                 Image.new("L", (300, 260), color=40 * i).save(folder / f"{i}.png")
     test = load_split("flowers17", tmp_path, "test")
     x, y = test[3]
-    assert x.shape == (3, 224, 224) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and y == 1
+    assert x.shape == (3, 224, 224) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and y == 1
     assert load_split("flowers17", tmp_path, "train")[0][0].shape == (3, 224, 224)
     assert class_names("flowers17", tmp_path) == ["daisy", "tulip"]
 

@@ -18,8 +18,22 @@ from server.app import create_app
 
 
 def run_client(url: str, data_root: Path, out: Path) -> dict:
-    rc = main(["client", "--url", url, "--data-root", str(data_root), "--n", "24", "--batch-size", "4",
-               "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "client",
+            "--url",
+            url,
+            "--data-root",
+            str(data_root),
+            "--n",
+            "24",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 

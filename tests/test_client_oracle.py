@@ -55,15 +55,24 @@ def test_http_oracle_retries_503_then_succeeds(monkeypatch: pytest.MonkeyPatch) 
     waits: list[float] = []
     monkeypatch.setattr("clients.oracle.time.sleep", waits.append)
     calls: list[httpx.Request] = []
-    body = {"model": "m", "defense": "none",
-            "predictions": [{"label": 3, "probabilities": [0.1, 0.9],
-                             "attribution": {"method": "gradcam", "shape": [1, 1], "values": [[1.0]]}}]}
+    body = {
+        "model": "m",
+        "defense": "none",
+        "predictions": [
+            {
+                "label": 3,
+                "probabilities": [0.1, 0.9],
+                "attribution": {"method": "gradcam", "shape": [1, 1], "values": [[1.0]]},
+            }
+        ],
+    }
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
         if len(calls) < 3:
-            return httpx.Response(503, headers={"Retry-After": "2"},
-                                  json={"error": {"code": "queue_full", "message": "busy"}})
+            return httpx.Response(
+                503, headers={"Retry-After": "2"}, json={"error": {"code": "queue_full", "message": "busy"}}
+            )
         return httpx.Response(200, json=body)
 
     with HttpOracle("http://oracle", "secret", backoff=0.5, transport=httpx.MockTransport(handler)) as oracle:
@@ -80,8 +89,11 @@ def test_http_oracle_gives_up_and_reports_errors(monkeypatch: pytest.MonkeyPatch
     with HttpOracle("http://oracle", retries=2, transport=busy) as oracle, pytest.raises(OracleError) as err:
         oracle.query(torch.zeros(1, 1, 1, 1))
     assert err.value.status == 503
-    spent = httpx.MockTransport(lambda r: httpx.Response(
-        429, json={"error": {"code": "budget_exhausted", "message": "the query budget of this key is spent"}}))
+    spent = httpx.MockTransport(
+        lambda r: httpx.Response(
+            429, json={"error": {"code": "budget_exhausted", "message": "the query budget of this key is spent"}}
+        )
+    )
     with HttpOracle("http://oracle", transport=spent) as oracle, pytest.raises(OracleError, match="budget") as err:
         oracle.query(torch.zeros(1, 1, 1, 1))
     assert err.value.status == 429 and err.value.code == "budget_exhausted"
@@ -89,8 +101,10 @@ def test_http_oracle_gives_up_and_reports_errors(monkeypatch: pytest.MonkeyPatch
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    with HttpOracle("http://oracle", retries=1, transport=httpx.MockTransport(refuse)) as oracle, \
-            pytest.raises(OracleError, match="connection refused") as err:
+    with (
+        HttpOracle("http://oracle", retries=1, transport=httpx.MockTransport(refuse)) as oracle,
+        pytest.raises(OracleError, match="connection refused") as err,
+    ):
         oracle.info()
     assert err.value.status is None and err.value.code == "connection_failed"
 

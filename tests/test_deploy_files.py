@@ -106,8 +106,13 @@ def test_grafana_provisioning_and_dashboard() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"\bdd_[a-z_]+\b", target["expr"]):
                 assert name in exported, f"panel {panel['title']!r} asks for unknown metric {name}"
-    assert {"/predict latency percentiles", "Throughput", "Queue", "Fail-closed fallbacks",
-            "Queries per API key"} <= titles
+    assert {
+        "/predict latency percentiles",
+        "Throughput",
+        "Queue",
+        "Fail-closed fallbacks",
+        "Queries per API key",
+    } <= titles
 
 
 def exported_names() -> set[str]:

@@ -107,10 +107,18 @@ def test_ablations_return_one_victim_output(engine: DeepDefense) -> None:
     x = _query(3)
     victim = NoDefense(engine.model, engine.interpreter).answer(x)[0]
     full = engine.answer(x)[0]
-    dd_s = DeepDefense(engine.model, engine.interpreter, mode="dd-s", sensitivity={"net.features.conv2": 1.0,
-                                                                                    "net.classifier.fc1": 1.0})
-    dd_i = DeepDefense(engine.model, engine.interpreter, mode="dd-i", sensitivity={"net.features.conv2": 1.0,
-                                                                                    "net.classifier.fc1": 1.0})
+    dd_s = DeepDefense(
+        engine.model,
+        engine.interpreter,
+        mode="dd-s",
+        sensitivity={"net.features.conv2": 1.0, "net.classifier.fc1": 1.0},
+    )
+    dd_i = DeepDefense(
+        engine.model,
+        engine.interpreter,
+        mode="dd-i",
+        sensitivity={"net.features.conv2": 1.0, "net.classifier.fc1": 1.0},
+    )
     s, i = dd_s.answer(x)[0], dd_i.answer(x)[0]
     torch.testing.assert_close(s.attribution, victim.attribution)
     assert not torch.allclose(s.probabilities, victim.probabilities, rtol=CHANGED, atol=0)

@@ -39,8 +39,8 @@ def test_per_query_layers_match_separate_models(impl: str) -> None:
     x = torch.rand(3, 1, 28, 28)
     batched = torch.func.functional_call(view, params, (x,), strict=False)
     for b in range(3):
-        own = torch.func.functional_call(model, {n: p[b] for n, p in params.items()}, (x[b:b + 1],), strict=False)
-        torch.testing.assert_close(batched[b:b + 1], own, atol=1e-5, rtol=1e-5)
+        own = torch.func.functional_call(model, {n: p[b] for n, p in params.items()}, (x[b : b + 1],), strict=False)
+        torch.testing.assert_close(batched[b : b + 1], own, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(view(x), model(x))  # shared weights: exactly nn.Conv2d / nn.Linear
     assert all(p is q for p, q in zip(view.parameters(), model.parameters(), strict=True))
 
@@ -57,7 +57,7 @@ def test_batched_explanations_match_one_query_at_a_time(name: str) -> None:
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 5, 7, 2])
     e = batched.explain(params, x, y)
     for b in range(4):
-        one = single.explain({n: p[b] for n, p in params.items()}, x[b:b + 1], int(y[b]))
+        one = single.explain({n: p[b] for n, p in params.items()}, x[b : b + 1], int(y[b]))
         torch.testing.assert_close(e.attribution[b], one.attribution[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(e.logits[b], one.logits[0], atol=1e-5, rtol=1e-5)
         for n in names:
@@ -112,8 +112,14 @@ def _float64(engine: DeepDefense, **overrides: object) -> DeepDefense:
     """The same engine rebuilt on a float64 copy of its victim (the shipped model stays float32)."""
     model64 = copy.deepcopy(engine.model).double()
     ranks = dict(zip(engine.layers, range(len(engine.layers), 0, -1), strict=True))  # the same layers at CS 100%
-    return DeepDefense(model64, create_interpreter(engine.interpreter.name, model64, engine.interpreter.input_shape),
-                       sensitivity=ranks, config=engine.config, cs=100.0, **overrides)
+    return DeepDefense(
+        model64,
+        create_interpreter(engine.interpreter.name, model64, engine.interpreter.input_shape),
+        sensitivity=ranks,
+        config=engine.config,
+        cs=100.0,
+        **overrides,
+    )
 
 
 def test_low_rank_linear_weights_give_the_dense_iterates(mnist: torch.Tensor) -> None:
@@ -125,8 +131,9 @@ def test_low_rank_linear_weights_give_the_dense_iterates(mnist: torch.Tensor) ->
 
     def no_noise_on_fc1(q: torch.Tensor) -> dict[str, torch.Tensor]:  # the low-rank start is W itself
         params = noisy(q)
-        params["net.classifier.fc1.weight"] = dense.victim_params()["net.classifier.fc1.weight"].detach().expand(
-            len(q), -1, -1).clone()
+        params["net.classifier.fc1.weight"] = (
+            dense.victim_params()["net.classifier.fc1.weight"].detach().expand(len(q), -1, -1).clone()
+        )
         return params
 
     dense.initial_params = no_noise_on_fc1
@@ -151,13 +158,13 @@ def test_one_step_of_32_queries_is_each_querys_own_step(mnist: torch.Tensor) -> 
 
     (grads, taps), out = one_step(x)
     for i in range(0, 32, 7):
-        (g1, t1), o1 = one_step(x[i:i + 1])
-        torch.testing.assert_close(out["loss"][i:i + 1], o1["loss"], atol=TOLERANCE, rtol=0)
-        torch.testing.assert_close(out["attribution"][i:i + 1], o1["attribution"], atol=TOLERANCE, rtol=0)
+        (g1, t1), o1 = one_step(x[i : i + 1])
+        torch.testing.assert_close(out["loss"][i : i + 1], o1["loss"], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(out["attribution"][i : i + 1], o1["attribution"], atol=TOLERANCE, rtol=0)
         for n in grads:
-            torch.testing.assert_close(grads[n][i:i + 1], g1[n], atol=TOLERANCE, rtol=1e-6)
+            torch.testing.assert_close(grads[n][i : i + 1], g1[n], atol=TOLERANCE, rtol=1e-6)
         for n in taps:
-            torch.testing.assert_close(taps[n][i:i + 1], t1[n], atol=TOLERANCE, rtol=1e-6)
+            torch.testing.assert_close(taps[n][i : i + 1], t1[n], atol=TOLERANCE, rtol=1e-6)
 
 
 def _marked(x: torch.Tensor) -> torch.Tensor:

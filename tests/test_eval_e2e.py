@@ -24,15 +24,45 @@ SMALL = ["--epochs", "1", "--test-n", "200", "--n-unif", "200", "--runtime-n", "
 
 def run_eval(tmp: Path, data_root: Path, *args: str) -> tuple[int, dict[str, Any], Path]:
     out = tmp / "results"
-    rc = main(["eval", "--data-root", str(data_root), "--store-root", str(tmp / "stores"), "--out", str(out),
-               "--report", str(tmp / "report.md"), *SMALL, *args])
+    rc = main(
+        [
+            "eval",
+            "--data-root",
+            str(data_root),
+            "--store-root",
+            str(tmp / "stores"),
+            "--out",
+            str(out),
+            "--report",
+            str(tmp / "report.md"),
+            *SMALL,
+            *args,
+        ]
+    )
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     return rc, results, out
 
 
 def test_in_process_none_and_pp(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--defenses", "none", "pp", "--budgets", "40", "80", "--losses", "explanations", "labels",
-            "--n-maps", "8", "--avg-drop", "pp", "--n-figure", "3", "--cs", "--top-k"]
+    args = [
+        "--defenses",
+        "none",
+        "pp",
+        "--budgets",
+        "40",
+        "80",
+        "--losses",
+        "explanations",
+        "labels",
+        "--n-maps",
+        "8",
+        "--avg-drop",
+        "pp",
+        "--n-figure",
+        "3",
+        "--cs",
+        "--top-k",
+    ]
     rc, results, out = run_eval(tmp_path, data_root, *args)
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -42,11 +72,14 @@ def test_in_process_none_and_pp(data_root: Path, tmp_path: Path, capsys: pytest.
         arm = results["arms"][key]
         assert arm["queries_sent"] == 80 and arm["budget"] == 80 and arm["runtime"]["n"] == 8
         assert arm["runtime"]["in_process"] and arm["runtime"]["ms_per_query"] > 0
-        assert {(r["loss"], r["budget"]) for r in arm["runs"]} == {(loss, b) for loss in ("explanations", "labels")
-                                                                   for b in (40, 80)}
+        assert {(r["loss"], r["budget"]) for r in arm["runs"]} == {
+            (loss, b) for loss in ("explanations", "labels") for b in (40, 80)
+        }
         for r in arm["runs"]:
             assert 0 <= r["accuracy"] <= 100 and 0 <= r["r_test"] <= 100 and 0 <= r["r_unif"] <= 100
-            assert 0 <= r["r_test_tv"] <= 1 and r["n_test"] == 200 and r["n_unif"] == 200 and len(r["epoch_losses"]) == 1
+            assert (
+                0 <= r["r_test_tv"] <= 1 and r["n_test"] == 200 and r["n_unif"] == 200 and len(r["epoch_losses"]) == 1
+            )
     assert results["arms"]["pp"]["settings"]["epsilon"] == 0.5 and 0 < results["victim_accuracy"] <= 100
     with open(out / "accuracy.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -55,8 +88,9 @@ def test_in_process_none_and_pp(data_root: Path, tmp_path: Path, capsys: pytest.
     assert drop["n"] == 8 and drop["p"] == 15.0 and drop["labels_kept"] == 100.0
     # PP answers the victim's own maps; the 8 maps are asked in one request (8 ≤ the query batch of 16) and the
     # reference explains the same 8 in one batch: the same computation, so the same bits
-    assert drop["victim"] == drop["defended"] and drop["ttest"]["p_value"] is None, \
+    assert drop["victim"] == drop["defended"] and drop["ttest"]["p_value"] is None, (
         "identity is the property: PP passes the victim's maps through untouched"
+    )
     tables = json.loads((out / "tables.json").read_text())
     assert tables["budget"] == 80 and tables["table5"][0]["paper"] == 93.37
     for png in ("fig2.png", "fig3.png"):
@@ -75,8 +109,22 @@ def test_in_process_none_and_pp(data_root: Path, tmp_path: Path, capsys: pytest.
 def test_against_a_deepdefense_server_on_loopback(data_root: Path, tmp_path: Path) -> None:
     settings = loopback_settings(tmp_path, defense="deepdefense", engine={"steps": 2})
     with in_thread(create_app(settings)) as url:
-        rc, results, out = run_eval(tmp_path, data_root, "--url", url, "--budgets", "8", "--losses", "explanations",
-                                    "--runtime-n", "4", "--n-maps", "6", "--n-figure", "2")
+        rc, results, out = run_eval(
+            tmp_path,
+            data_root,
+            "--url",
+            url,
+            "--budgets",
+            "8",
+            "--losses",
+            "explanations",
+            "--runtime-n",
+            "4",
+            "--n-maps",
+            "6",
+            "--n-figure",
+            "2",
+        )
         assert served_queries(url) == 8 + 1 + 4 + 6  # transfer set, warm-up and timed queries, Table 2 images
     assert rc == 0
     arm = results["arms"]["deepdefense"]
@@ -91,8 +139,20 @@ def test_against_a_deepdefense_server_on_loopback(data_root: Path, tmp_path: Pat
 
 
 def test_servers_it_starts_itself(data_root: Path, tmp_path: Path) -> None:
-    rc, results, out = run_eval(tmp_path, data_root, "--serve", "--defenses", "none", "--budgets", "16",
-                                "--losses", "labels", "--cs", "--top-k", "--avg-drop")
+    rc, results, out = run_eval(
+        tmp_path,
+        data_root,
+        "--serve",
+        "--defenses",
+        "none",
+        "--budgets",
+        "16",
+        "--losses",
+        "labels",
+        "--cs",
+        "--top-k",
+        "--avg-drop",
+    )
     assert rc == 0
     arm = results["arms"]["none"]
     assert arm["url"] is None and arm["queries_sent"] == 16 and not arm["runtime"]["in_process"]

@@ -37,8 +37,9 @@ def test_masked_images_are_zero_outside_the_top_pixels() -> None:
     masked = average_drop.mask_images(images, maps, 25.0)  # 4 of 16 pixels kept
     kept = average_drop.top_p_mask(maps, 25.0)
     for channel in (0, 1):
-        assert torch.equal(masked[:, channel][kept], images[:, channel][kept]), \
+        assert torch.equal(masked[:, channel][kept], images[:, channel][kept]), (
             "identity is the property: a kept pixel is multiplied by exactly 1"
+        )
     assert bool((masked.permute(1, 0, 2, 3)[:, ~kept] == 0).all())
     with pytest.raises(ValueError):
         average_drop.mask_images(images, maps[:2], 25.0)
@@ -50,7 +51,9 @@ def test_drops_follow_grad_cam_plus_plus() -> None:
     # (0.8−0.2)/0.8, 0, an increase counts as 0, (0.4−0.1)/0.4
     assert torch.allclose(average_drop.drops(full, masked), torch.tensor([0.75, 0.0, 0.0, 0.75]))
     s = average_drop.summary(average_drop.drops(full, masked))
-    assert s["mean"] == pytest.approx(0.375) and s["std"] == pytest.approx(float(torch.tensor([0.75, 0, 0, 0.75]).std()))
+    assert s["mean"] == pytest.approx(0.375) and s["std"] == pytest.approx(
+        float(torch.tensor([0.75, 0, 0, 0.75]).std())
+    )
 
 
 class Pixels(nn.Module):
@@ -72,7 +75,8 @@ def test_image_drops_score_the_masked_image_with_the_model() -> None:
     full = torch.softmax(torch.tensor([2.0, 2.0]), 0)[0]  # 0.5
     masked = torch.softmax(torch.tensor([2.0, 0.0]), 0)[0]  # the class-0 evidence survives: no drop
     assert float(average_drop.image_drops(model, images, left, torch.tensor([0]), 50.0)) == pytest.approx(
-        max(0.0, float(full - masked)) / float(full))
+        max(0.0, float(full - masked)) / float(full)
+    )
     right_class = average_drop.image_drops(model, images, left, torch.tensor([1]), 50.0)
     expected = (0.5 - float(torch.softmax(torch.tensor([2.0, 0.0]), 0)[1])) / 0.5
     assert float(right_class) == pytest.approx(expected)
@@ -101,8 +105,9 @@ def test_disagreement_and_total_variation() -> None:
 def test_r_unif_draws_uniform_inputs_and_is_zero_for_the_victim_itself() -> None:
     u = agreement.uniform_inputs(1000, (1, 28, 28), seed=3)
     assert u.shape == (1000, 1, 28, 28) and float(u.min()) >= 0 and float(u.max()) <= 1
-    assert torch.equal(u, agreement.uniform_inputs(1000, (1, 28, 28), seed=3)), \
+    assert torch.equal(u, agreement.uniform_inputs(1000, (1, 28, 28), seed=3)), (
         "identity is the property: the same seed draws the same inputs"
+    )
     assert 0.45 < float(u.mean()) < 0.55
     victim = build_attack_model("lenet", 10, (1, 28, 28), (0.5,), (0.5,), seed=0).eval()
     other = build_attack_model("lenet", 10, (1, 28, 28), (0.5,), (0.5,), seed=1).eval()
@@ -126,7 +131,7 @@ def test_the_attackers_maps_are_each_querys_own() -> None:
     logits, maps = explain_batch(interpreter, model, x, y)
     assert logits.shape == (5, 10) and maps.shape == (5, 28, 28)
     for i in range(5):
-        alone = interpreter.explain({}, x[i:i + 1], y[i:i + 1])
+        alone = interpreter.explain({}, x[i : i + 1], y[i : i + 1])
         # batch of 5 against one query: another summation order, maps in [0, 1] agree within PATH_ATOL
         torch.testing.assert_close(maps[i], alone.attribution[0], rtol=0, atol=PATH_ATOL)
     targets = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(3))
@@ -137,10 +142,24 @@ def test_the_attackers_maps_are_each_querys_own() -> None:
 
 
 def test_plan_arms() -> None:
-    config = EvalConfig(defenses=("none", "pp", "deepdefense", "dd-s"), budgets=(100, 300), cs=(50.0, 90.0), top_k=(3,),
-                        ablation_budget=200, engine_options={"steps": 5})
+    config = EvalConfig(
+        defenses=("none", "pp", "deepdefense", "dd-s"),
+        budgets=(100, 300),
+        cs=(50.0, 90.0),
+        top_k=(3,),
+        ablation_budget=200,
+        engine_options={"steps": 5},
+    )
     arms = {a.key: a for a in plan_arms(config)}
-    assert list(arms) == ["none", "pp", "deepdefense", "dd-s", "deepdefense-cs50", "deepdefense-cs90", "deepdefense-top3"]
+    assert list(arms) == [
+        "none",
+        "pp",
+        "deepdefense",
+        "dd-s",
+        "deepdefense-cs50",
+        "deepdefense-cs90",
+        "deepdefense-top3",
+    ]
     assert arms["none"].options == {} and arms["pp"].options == {} and arms["dd-s"].options == {"steps": 5}
     assert arms["deepdefense"].budget == 300 and arms["deepdefense"].losses == config.losses
     assert arms["deepdefense-cs50"].options == {"steps": 5, "cs": 50.0} and arms["deepdefense-cs50"].budget == 200

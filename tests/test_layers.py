@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
-    """For every module of ``package``: the packages of ours it imports (absolute imports; relative ones stay inside)."""
+    """For every module of ``package``: the packages of ours it imports (absolute imports; relative ones stay
+    inside the package)."""
     found: dict[str, set[str]] = {}
     for path in sorted((REPO / package).rglob("*.py")):
         names: set[str] = set()
@@ -36,7 +37,7 @@ def imports_of(package: str) -> dict[str, set[str]]:
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-        found[str(path.relative_to(REPO))] = {n for n in names if n in OURS + ("tests",) and n != package}
+        found[str(path.relative_to(REPO))] = {n for n in names if n in (*OURS, "tests") and n != package}
     return found
 
 
@@ -51,6 +52,8 @@ def test_imports_point_down(package: str) -> None:
 def test_the_check_sees_a_wrong_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scan finds lazy imports inside functions, the way cycles used to creep in."""
     (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "bad.py").write_text("def f():\n    from deepdefense.cli import main\n    import clients.load\n")
+    (tmp_path / "server" / "bad.py").write_text(
+        "def f():\n    from deepdefense.cli import main\n    import clients.load\n"
+    )
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     assert imports_of("server") == {"server/bad.py": {"deepdefense", "clients"}}

@@ -26,7 +26,9 @@ def test_architecture_forward_at_its_input_size(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(INPUT_SIZES))
 def test_cam_layer_names_a_4d_activation(name: str) -> None:
     channels, size = INPUT_SIZES[name]
-    model = Normalized(create_model(name, num_classes=5, in_channels=channels), [0.5] * channels, [0.5] * channels).eval()
+    model = Normalized(
+        create_model(name, num_classes=5, in_channels=channels), [0.5] * channels, [0.5] * channels
+    ).eval()
     seen: list[torch.Tensor] = []
     model.get_submodule(model.cam_layer).register_forward_hook(lambda _m, _i, out: seen.append(out))
     with torch.no_grad():

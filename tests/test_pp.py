@@ -30,7 +30,7 @@ def pp() -> PredictionPoisoning:
 
 
 @pytest.fixture(scope="module")
-def queries(data_root) -> torch.Tensor:  # noqa: ANN001
+def queries(data_root) -> torch.Tensor:
     """Attacker-like (Fashion-MNIST) and benign (MNIST) queries."""
     fashion = load_split("fashionmnist", data_root, "test").tensors[0][:12]
     digits = load_split("mnist", data_root, "test").tensors[0][:4]
@@ -53,8 +53,9 @@ def test_constraints_hold_on_every_query(pp: PredictionPoisoning, queries: torch
     assert (y_tilde - y).abs().sum(-1).mean() > 0.1  # it does perturb
     victim = pp.victim.answer(queries, explain=True)  # the batch PP answered: the same computation
     for a, v in zip(answers, victim, strict=True):
-        assert a.attribution is not None and torch.equal(a.attribution, v.attribution), \
+        assert a.attribution is not None and torch.equal(a.attribution, v.attribution), (
             "identity is the property: PP passes the victim's maps through untouched (same batch of 16)"
+        )
     assert all(a.attribution is None for a in pp.answer(queries[:2], explain=False))
 
 
@@ -97,12 +98,13 @@ def test_the_surrogate_is_a_seeded_random_copy(pp: PredictionPoisoning) -> None:
     other = PredictionPoisoning(pp.model, pp.interpreter, surrogate_seed=0)
     third = PredictionPoisoning(pp.model, pp.interpreter, surrogate_seed=1)
     w = pp.surrogate.get_submodule(pp.layer).weight
-    assert torch.equal(w, other.surrogate.get_submodule(pp.layer).weight), \
+    assert torch.equal(w, other.surrogate.get_submodule(pp.layer).weight), (
         "identity is the property: the same seed draws the same surrogate"
+    )
     # another draw (or the victim's weights) differs everywhere, not by rounding: each weight is
     # ~U(±1/√fan_in) on its own, so the largest difference is of that order (0.09 and 0.15 here)
     assert (w - third.surrogate.get_submodule(pp.layer).weight).abs().max() > 1e-2, "seed 1 drew seed 0's surrogate"
     assert (w - pp.model.get_submodule(pp.layer).weight).abs().max() > 1e-2, "the surrogate is the victim's layer"
     assert pp.public_settings() == {"epsilon": EPSILON, "surrogate": "random init (seed 0)", "layer": pp.layer}
-    with pytest.raises(ValueError, match="nn.Linear"):
+    with pytest.raises(ValueError, match=r"nn\.Linear"):
         PredictionPoisoning(pp.model, pp.interpreter, surrogate=nn.Sequential(nn.Flatten(), nn.Identity()))

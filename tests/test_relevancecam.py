@@ -38,8 +38,17 @@ class Tiny(nn.Module):
 
 
 def _lenet() -> Normalized:
-    meta = CheckpointMeta(arch="lenet", dataset="mnist", classes=[str(i) for i in range(K)], input_shape=[1, 28, 28],
-                          mean=[0.1307], std=[0.3081], test_accuracy=0.0, seed=0, command="")
+    meta = CheckpointMeta(
+        arch="lenet",
+        dataset="mnist",
+        classes=[str(i) for i in range(K)],
+        input_shape=[1, 28, 28],
+        mean=[0.1307],
+        std=[0.3081],
+        test_accuracy=0.0,
+        seed=0,
+        command="",
+    )
     return build_model(meta).eval()
 
 
@@ -128,8 +137,9 @@ def _non_negative_bias_free(model: nn.Module) -> None:
                 module.running_var.uniform_(0.5, 2.0)
 
 
-@pytest.mark.parametrize(("arch", "cam_layer", "shape"), [("resnet18", "layer3", (3, 64, 64)),
-                                                          ("wrn16_4", "blocks.3", (3, 32, 32))])
+@pytest.mark.parametrize(
+    ("arch", "cam_layer", "shape"), [("resnet18", "layer3", (3, 64, 64)), ("wrn16_4", "blocks.3", (3, 32, 32))]
+)
 def test_residual_top_matches_gradient_times_input(arch: str, cam_layer: str, shape: tuple[int, ...]) -> None:
     """With non-negative weights, bias-free convs and shift-free batch norms every rule reduces to the
     z-rule, and LRP-0 from the start vector c is A ⊙ ∂(Σ_j v_j f_j)/∂A with v = c / (f - b_fc) held
@@ -164,8 +174,11 @@ def test_probe_trace_is_backwards_compatible() -> None:
     model = _residual("resnet18", "layer3", (3, 64, 64))
     with torch.no_grad(), probe(model, model.cam_layer, trace=True) as rec:
         model(torch.rand(1, 3, 64, 64))
-    leaves = [n for n, m in model.named_modules() if n.startswith(("net.layer4", "net.avgpool", "net.fc"))
-              and not list(m.children())]
+    leaves = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith(("net.layer4", "net.avgpool", "net.fc")) and not list(m.children())
+    ]
     assert sorted({e.name for e in rec.trace}) == sorted(leaves)
     assert [b.name for b in rec.blocks] == ["net.layer4.0.downsample", "net.layer4.0", "net.layer4.1", "net.layer4"]
     lenet = _lenet()
@@ -221,11 +234,11 @@ def test_gradient_matches_finite_differences() -> None:
     model.double()
     params = {n: p.detach() for n, p in model.named_parameters()}
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
-    loss = lambda p: (interp.explain(p, x, 2).attribution[0] * torch.linspace(0, 1, 64, dtype=x.dtype).view(8, 8)).sum()  # noqa: E731
+    loss = lambda p: (interp.explain(p, x, 2).attribution[0] * torch.linspace(0, 1, 64, dtype=x.dtype).view(8, 8)).sum()
     direction = {n: torch.randn_like(p) for n, p in params.items()}
     analytic = sum((g * direction[n]).sum() for n, g in grad(loss)(params).items())
     h = 1e-6
-    shifted = lambda t: loss({n: p + t * direction[n] for n, p in params.items()})  # noqa: E731
+    shifted = lambda t: loss({n: p + t * direction[n] for n, p in params.items()})
     numeric = (shifted(h) - shifted(-h)) / (2 * h)
     assert analytic.item() == pytest.approx(numeric.item(), rel=1e-4, abs=1e-8)
 
@@ -236,5 +249,5 @@ def test_vmap_matches_loop() -> None:
     params = dict(model.named_parameters())
     xs, ys = torch.rand(3, 1, 1, 28, 28), torch.tensor([0, 3, 4])
     batched = vmap(lambda x, y: interp.explain(params, x, y).attribution[0])(xs, ys)
-    looped = torch.stack([interp.explain(params, x, int(y)).attribution[0] for x, y in zip(xs, ys)])
+    looped = torch.stack([interp.explain(params, x, int(y)).attribution[0] for x, y in zip(xs, ys, strict=True)])
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=0)

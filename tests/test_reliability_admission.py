@@ -25,8 +25,18 @@ pytestmark = pytest.mark.usefixtures("no_server_env")
 def batcher() -> MicroBatcher:
     """A batcher that is never started: its admission state is set by hand."""
     metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
-    return MicroBatcher(None, metrics, device=torch.device("cpu"), num_classes=10,  # type: ignore[arg-type]
-                        max_batch=8, max_wait=0.0, capacity=64, timeout=30.0, max_latency=10.0, retry_after=1)
+    return MicroBatcher(
+        None,
+        metrics,
+        device=torch.device("cpu"),
+        num_classes=10,  # type: ignore[arg-type]
+        max_batch=8,
+        max_wait=0.0,
+        capacity=64,
+        timeout=30.0,
+        max_latency=10.0,
+        retry_after=1,
+    )
 
 
 def queue(b: MicroBatcher, n: int, age: float = 0.0) -> None:

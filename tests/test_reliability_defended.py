@@ -41,8 +41,9 @@ def defended() -> Defense:
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory, defended: Defense) -> Iterator[str]:
-    settings = make_settings(tmp_path_factory.mktemp("defended"), defense="deepdefense", max_batch_wait_ms=20,
-                             request_timeout_s=300)
+    settings = make_settings(
+        tmp_path_factory.mktemp("defended"), defense="deepdefense", max_batch_wait_ms=20, request_timeout_s=300
+    )
     with in_thread(create_app(settings, defended), like_serve=True) as base:
         yield base
 
@@ -81,22 +82,37 @@ def test_defended_answers_keep_the_top_1_and_are_not_the_victims(url: str, defen
     assert metric_value(metrics, 'dd_defense_optimisation_seconds_count{defense="deepdefense"}') >= 5
     settings = models["defense"]["settings"]
     assert "seed" not in settings
-    assert all(isinstance(v, int | float | str | bool) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
-               for v in settings.values())
+    assert all(
+        isinstance(v, int | float | str | bool) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+        for v in settings.values()
+    )
 
 
-@pytest.mark.parametrize(("content", "headers", "status"), [
-    pytest.param('{"instances": [{"pixels": [[' + ", ".join(["[" + ", ".join(["NaN"] * 28) + "]"] * 28) + "]]}]}",
-                 {}, 422, id="nan-pixels"),
-    pytest.param(json.dumps({"instances": [{"image_b64": png_bomb(50_000, 50_000)}]}), {}, 413,
-                 id="png-declaring-50000x50000"),
-    pytest.param(gzip.compress(json.dumps({"instances": []}).encode()), {"Content-Encoding": "gzip"}, 415,
-                 id="gzip"),
-    pytest.param("[" * 50_000 + "]" * 50_000, {}, 400, id="deep-json"),
-    pytest.param(json.dumps({"instances": [{"pixels": [[[0.5] * 28] * 28] * 3}]}), {}, 422, id="three-channels"),
-])
-def test_hostile_requests_stop_before_the_defense(url: str, content: str | bytes, headers: dict[str, str],
-                                                  status: int) -> None:
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        pytest.param(
+            '{"instances": [{"pixels": [[' + ", ".join(["[" + ", ".join(["NaN"] * 28) + "]"] * 28) + "]]}]}",
+            {},
+            422,
+            id="nan-pixels",
+        ),
+        pytest.param(
+            json.dumps({"instances": [{"image_b64": png_bomb(50_000, 50_000)}]}),
+            {},
+            413,
+            id="png-declaring-50000x50000",
+        ),
+        pytest.param(
+            gzip.compress(json.dumps({"instances": []}).encode()), {"Content-Encoding": "gzip"}, 415, id="gzip"
+        ),
+        pytest.param("[" * 50_000 + "]" * 50_000, {}, 400, id="deep-json"),
+        pytest.param(json.dumps({"instances": [{"pixels": [[[0.5] * 28] * 28] * 3}]}), {}, 422, id="three-channels"),
+    ],
+)
+def test_hostile_requests_stop_before_the_defense(
+    url: str, content: str | bytes, headers: dict[str, str], status: int
+) -> None:
     with httpx.Client(base_url=url, timeout=60) as c:
         before = metric_value(c.get("/metrics").text, 'dd_answers_total{defense="deepdefense"}')
         r = c.post("/predict", content=content, headers={"Content-Type": "application/json"} | headers)

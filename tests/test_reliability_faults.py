@@ -37,12 +37,24 @@ def faulty(victim: torch.nn.Module) -> FaultyDefense:
 async def submit_together(defense: FaultyDefense, queries: list[torch.Tensor], **options: Any) -> list[Any]:
     """Submit one-instance requests at the same moment, so that they share one micro-batch."""
     metrics = ServerMetrics(model="lenet-mnist", defense=defense.name, interpreter="gradcam", device="cpu")
-    batcher = MicroBatcher(defense, metrics, device=torch.device("cpu"), num_classes=10, max_batch=len(queries),
-                           max_wait=5.0, capacity=64, timeout=30.0, max_latency=30.0, retry_after=1, **options)
+    batcher = MicroBatcher(
+        defense,
+        metrics,
+        device=torch.device("cpu"),
+        num_classes=10,
+        max_batch=len(queries),
+        max_wait=5.0,
+        capacity=64,
+        timeout=30.0,
+        max_latency=30.0,
+        retry_after=1,
+        **options,
+    )
     batcher.start()
     try:
-        results = await asyncio.gather(*(batcher.submit(q.unsqueeze(0), explain=True) for q in queries),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(batcher.submit(q.unsqueeze(0), explain=True) for q in queries), return_exceptions=True
+        )
     finally:
         await batcher.stop()
     return [r if isinstance(r, BaseException) else r[0] for r in results] + [metrics]
@@ -97,10 +109,12 @@ def test_a_wrong_number_of_answers_is_retried_one_by_one(victim: torch.nn.Module
 
 
 def test_over_http_the_failed_request_gets_a_generic_500_is_refunded_and_the_server_goes_on(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, faulty: FaultyDefense) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, faulty: FaultyDefense
+) -> None:
     monkeypatch.setenv("DD_API_KEYS", KEY)
     settings = make_settings(tmp_path, query_budget=3, warmup=False)
     with serving(create_app(settings, faulty)) as client:
+
         def post(*markers: float) -> Any:
             instances = [{"pixels": marked(m, i).tolist()} for i, m in enumerate(markers)]
             return client.post("/predict", json={"instances": instances}, headers=bearer(KEY))
@@ -131,8 +145,9 @@ class _AlwaysNaN(NoDefense):
         return answers
 
 
-def test_a_defense_whose_warm_up_answer_is_unusable_never_becomes_ready(tmp_path: Path,
-                                                                        victim: torch.nn.Module) -> None:
+def test_a_defense_whose_warm_up_answer_is_unusable_never_becomes_ready(
+    tmp_path: Path, victim: torch.nn.Module
+) -> None:
     broken = _AlwaysNaN(victim, create_interpreter("gradcam", victim, SHAPE))
     app = create_app(make_settings(tmp_path), broken)
     from fastapi.testclient import TestClient
@@ -194,17 +209,20 @@ def malformed_metadata(meta: Path, weights: Path) -> None:
     meta.write_text('{"arch": "lenet", ')
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (flip_a_byte, "sha256"),
-    (five_classes, "do not fit"),
-    (other_architecture, "do not fit"),
-    (not_safetensors, "do not fit"),
-    (missing_weights, "missing"),
-    (malformed_metadata, "malformed"),
-])
-def test_a_bad_checkpoint_is_refused_before_listening(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str], damage: Any,
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (flip_a_byte, "sha256"),
+        (five_classes, "do not fit"),
+        (other_architecture, "do not fit"),
+        (not_safetensors, "do not fit"),
+        (missing_weights, "missing"),
+        (malformed_metadata, "malformed"),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_before_listening(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, message: str
+) -> None:
     import uvicorn
 
     from deepdefense.cli import main
@@ -215,20 +233,35 @@ def test_a_bad_checkpoint_is_refused_before_listening(monkeypatch: pytest.Monkey
     monkeypatch.setattr(uvicorn.Server, "run", never)
     meta, weights = copy_checkpoint(tmp_path)
     damage(meta, weights)
-    assert main(["serve", "--checkpoint", str(meta), "--defense", "none",
-                 "--budget-db", str(tmp_path / "b.sqlite")]) == 2
+    assert (
+        main(["serve", "--checkpoint", str(meta), "--defense", "none", "--budget-db", str(tmp_path / "b.sqlite")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("deepdefense serve: error:") and message in err and len(err.splitlines()) == 1
 
 
-def test_a_defense_that_cannot_be_prepared_stops_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_defense_that_cannot_be_prepared_stops_the_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Failing after it listens (here: an unknown interpreter), the server exits instead of
     answering 503 for ever, and says why."""
     from deepdefense.cli import main
 
     monkeypatch.setenv("DD_LOG_LEVEL", "critical")
-    rc = main(["serve", "--defense", "none", "--interpreter", "no-such-interpreter", "--port", "0",
-               "--host", "127.0.0.1", "--budget-db", str(tmp_path / "b.sqlite")])
+    rc = main(
+        [
+            "serve",
+            "--defense",
+            "none",
+            "--interpreter",
+            "no-such-interpreter",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--budget-db",
+            str(tmp_path / "b.sqlite"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "could not prepare lenet-mnist" in err and "no-such-interpreter" in err

@@ -41,8 +41,15 @@ EXAMPLES: dict[tuple[str, str], tuple[int, int]] = {
     ("GET", "/metrics"): (1, 0),
 }
 SEEN: Counter[tuple[str, str, int]] = Counter()
-SECRETS = (KEY, str(SHIPPED_DIR), str(SHIPPED_DIR.parent), ".safetensors", read_meta(SHIPPED_DIR / "lenet-mnist.json")
-           .sha256, "Traceback", "tensor(")
+SECRETS = (
+    KEY,
+    str(SHIPPED_DIR),
+    str(SHIPPED_DIR.parent),
+    ".safetensors",
+    read_meta(SHIPPED_DIR / "lenet-mnist.json").sha256,
+    "Traceback",
+    "tensor(",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +76,12 @@ def no_secrets(response: requests.Response) -> None:
     assert "server" not in {k.lower() for k in response.headers}  # no software banner
 
 
-RUNS = [pytest.param(route, mode, id=f"{route[0]} {route[1]} {mode.value}")
-        for route, counts in EXAMPLES.items()
-        for mode, n in zip((GenerationMode.POSITIVE, GenerationMode.NEGATIVE), counts, strict=True) if n]
+RUNS = [
+    pytest.param(route, mode, id=f"{route[0]} {route[1]} {mode.value}")
+    for route, counts in EXAMPLES.items()
+    for mode, n in zip((GenerationMode.POSITIVE, GenerationMode.NEGATIVE), counts, strict=True)
+    if n
+]
 
 
 @pytest.mark.parametrize(("route", "mode"), RUNS)
@@ -82,8 +92,14 @@ def test_fuzz_route(served: tuple[str, Any], route: tuple[str, str], mode: Gener
     label = f"{route[0]} {route[1]}"
     session = requests.Session()
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
         r = case.call(base_url=url, session=session, headers=AUTH, timeout=60)

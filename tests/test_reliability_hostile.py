@@ -34,8 +34,13 @@ from server.app import create_app
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
 JSON = {"Content-Type": "application/json"}
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +84,7 @@ def digit(seed: int = 0) -> Image.Image:
 def jpeg_declaring(width: int, height: int) -> bytes:
     raw = bytearray(encoded(digit(), "JPEG"))
     sof = raw.find(b"\xff\xc0")
-    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    raw[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(raw)
 
 
@@ -92,8 +97,9 @@ def with_bad_crc(png: bytes) -> bytes:
 def text_bomb(kind: bytes) -> bytes:
     """A 28×28 PNG carrying a compressed text/ICC chunk that inflates to 50 MB."""
     header = {b"zTXt": b"k\x00\x00", b"iTXt": b"k\x00\x01\x00\x00\x00", b"iCCP": b"p\x00\x00"}[kind]
-    return png_declaring(28, 28, _chunk(kind, header + zlib.compress(b"a" * 50_000_000)),
-                         idat=zlib.compress(bytes(29 * 28)))
+    return png_declaring(
+        28, 28, _chunk(kind, header + zlib.compress(b"a" * 50_000_000)), idat=zlib.compress(bytes(29 * 28))
+    )
 
 
 def animated_png() -> bytes:
@@ -124,8 +130,9 @@ HOSTILE_IMAGES = [
     pytest.param(b"", 422, "undecodable_image", id="empty"),
     # decodable oddities are answered (converted to the model's one channel)
     pytest.param(png_declaring(28, 28, idat=zlib.compress(bytes(50_000_000))), 200, None, id="png-idat-bomb-28x28"),
-    pytest.param(encoded(Image.fromarray(np.arange(784, dtype=np.uint16).reshape(28, 28) * 80)), 200, None,
-                 id="png-16-bit"),
+    pytest.param(
+        encoded(Image.fromarray(np.arange(784, dtype=np.uint16).reshape(28, 28) * 80)), 200, None, id="png-16-bit"
+    ),
     pytest.param(encoded(digit().convert("1")), 200, None, id="png-1-bit"),
     pytest.param(encoded(digit().convert("P")), 200, None, id="png-palette"),
     pytest.param(encoded(digit().convert("RGBA")), 200, None, id="png-rgba"),
@@ -150,8 +157,13 @@ def test_hostile_images(client: TestClient, data: bytes, status: int, code: str 
 @given(seed=st.integers(0, 3), fmt=st.sampled_from(["PNG", "JPEG"]), data=st.data())
 def test_corrupted_images_never_fail_the_server(client: TestClient, seed: int, fmt: str, data: st.DataObject) -> None:
     raw = bytearray(encoded(digit(seed), fmt))
-    edits = data.draw(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, len(raw) - 1),
-                                         st.integers(0, 255)), min_size=1, max_size=4))
+    edits = data.draw(
+        st.lists(
+            st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, len(raw) - 1), st.integers(0, 255)),
+            min_size=1,
+            max_size=4,
+        )
+    )
     for kind, at, value in edits:
         at %= max(len(raw), 1)
         if kind == "flip":
@@ -199,8 +211,9 @@ HOSTILE_BODIES = [
     pytest.param('{"instances": [{"image_b64": "\\ud800"}]}', 422, id="lone-surrogate-image"),
     pytest.param('{"instances": [{"image_b64": "' + "\u00e9" * 1000 + '"}]}', 422, id="non-ascii-base64"),
     pytest.param('{"instances": [' + ", ".join(['{"pixels": [[[0]]]}'] * 20_000) + "]}", 413, id="20000-instances"),
-    pytest.param('{"instances": [{"pixels": [[' + "[" + ", ".join(["0.5"] * 500_000) + "]]]}]}", 422,
-                 id="500000-pixels-in-a-row"),
+    pytest.param(
+        '{"instances": [{"pixels": [[' + "[" + ", ".join(["0.5"] * 500_000) + "]]]}]}", 422, id="500000-pixels-in-a-row"
+    ),
     pytest.param("null", 422, id="null"),
     pytest.param("[]", 422, id="array"),
     pytest.param('"instances"', 422, id="string"),
@@ -225,15 +238,24 @@ def test_invalid_utf8_and_binary_bodies(client: TestClient) -> None:
 def test_a_20_mb_body_is_refused_unread(client: TestClient, chunked: bool) -> None:
     body = b'{"instances": [{"pixels": [[[' + b"0.5, " * 4_000_000 + b"0.5]]]}]}"
     assert len(body) > 20_000_000
-    content: Any = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)) if chunked else body
+    content: Any = (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)) if chunked else body
     error = check(client.post("/predict", content=content, headers=JSON), 413)
     assert error is not None and (error["code"], error["field"]) == ("body_too_large", "body")
 
 
-@pytest.mark.parametrize("content_type", [
-    "text/plain", "application/xml", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded",
-    "application/json-patch+json", "application/jsonx", "json", None,
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/xml",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+        "application/json-patch+json",
+        "application/jsonx",
+        "json",
+        None,
+    ],
+)
 def test_wrong_content_types(client: TestClient, content_type: str | None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     body = json.dumps({"instances": [{"pixels": np.full((1, 28, 28), 0.5).tolist()}]})
@@ -262,8 +284,7 @@ def test_odd_routes_methods_and_headers(client: TestClient) -> None:
     assert error_of(client.request("PATCH", "/predict"))["code"] == "method_not_allowed"
     assert error_of(client.request("DELETE", "/v1/models"))["code"] == "method_not_allowed"
     assert client.get("/healthz?%ff%fe=%00").status_code == 200
-    check(client.post("/predict", content=b"{}", headers=[(b"Content-Type", b"application/json; charset=\xe9")]),
-          422)
+    check(client.post("/predict", content=b"{}", headers=[(b"Content-Type", b"application/json; charset=\xe9")]), 422)
 
 
 def test_a_trickled_body_times_out_with_408(tmp_path: Path, defense: NoDefense) -> None:
@@ -271,8 +292,10 @@ def test_a_trickled_body_times_out_with_408(tmp_path: Path, defense: NoDefense) 
     with in_thread(create_app(make_settings(tmp_path, body_timeout_s=0.5), defense)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as raw:
-            raw.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 1000\r\n\r\n{\"instances\": [")
+            raw.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"instances": ['
+            )
             started = time.perf_counter()
             reply = b""
             while chunk := raw.recv(65536):  # the server answers, then closes the connection
@@ -289,10 +312,17 @@ def test_a_trickled_body_times_out_with_408(tmp_path: Path, defense: NoDefense) 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=30)
-near_valid = st.fixed_dictionaries({"instances": st.lists(
-    st.fixed_dictionaries({}, optional={"pixels": json_values, "image_b64": json_values, "extra": json_values}),
-    max_size=5)}, optional={"explain": json_values})
+    max_leaves=30,
+)
+near_valid = st.fixed_dictionaries(
+    {
+        "instances": st.lists(
+            st.fixed_dictionaries({}, optional={"pixels": json_values, "image_b64": json_values, "extra": json_values}),
+            max_size=5,
+        )
+    },
+    optional={"explain": json_values},
+)
 
 
 @FUZZ

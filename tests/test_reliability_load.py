@@ -46,12 +46,18 @@ def assert_overload_is_orderly(report: LoadReport, request_timeout_s: float) -> 
 def test_short_soak_overload_becomes_503_with_retry_after(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_MAX_BATCH_SIZE": "4",
-                        "DD_MAX_BATCH_WAIT_MS": "2", "DD_MAX_EXPECTED_LATENCY_S": "0.3", "DD_REQUEST_TIMEOUT_S": "5"}
+    env = os.environ | {
+        "DD_BUDGET_DB": str(tmp_path / "budget.sqlite"),
+        "DD_MAX_BATCH_SIZE": "4",
+        "DD_MAX_BATCH_WAIT_MS": "2",
+        "DD_MAX_EXPECTED_LATENCY_S": "0.3",
+        "DD_REQUEST_TIMEOUT_S": "5",
+    }
     command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--delay", "0.02"]
     with spawned(command, url, env=env) as (process, shutdown):
-        report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=5, timeout_s=10,
-                                                 server_pid=process.pid, seed=0)))
+        report = asyncio.run(
+            run_load(LoadConfig(url=url, clients=32, duration_s=5, timeout_s=10, server_pid=process.pid, seed=0))
+        )
     assert_overload_is_orderly(report, request_timeout_s=5)
     assert report.served >= 50 and report.statuses.get("503", 0) >= 10  # it was overloaded, and it served
     assert report.latency_ms["p99"] < 2000  # admission keeps latency near DD_MAX_EXPECTED_LATENCY_S
@@ -67,8 +73,11 @@ def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"DD_BUDGET_DB": str(tmp_path / "budget.sqlite"), "DD_LOG_LEVEL": "warning"}
     with spawned(serve_command(port), url, env=env, log=sys.stderr) as (process, shutdown):
-        report = asyncio.run(run_load(LoadConfig(url=url, clients=32, duration_s=SOAK_SECONDS, timeout_s=60,
-                                                 server_pid=process.pid, seed=0)))
+        report = asyncio.run(
+            run_load(
+                LoadConfig(url=url, clients=32, duration_s=SOAK_SECONDS, timeout_s=60, server_pid=process.pid, seed=0)
+            )
+        )
     report.shutdown = shutdown
     if SOAK_REPORT:
         Path(SOAK_REPORT).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
@@ -77,14 +86,34 @@ def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
     assert shutdown["exit_code"] in (0, -15)
 
 
-def test_the_load_command_reports_over_loopback_only(tmp_path: Path, defense: NoDefense,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_load_command_reports_over_loopback_only(
+    tmp_path: Path, defense: NoDefense, capsys: pytest.CaptureFixture[str]
+) -> None:
     from deepdefense.cli import main
 
     with in_thread(create_app(make_settings(tmp_path), defense), like_serve=True) as url:
         out = tmp_path / "report.json"
-        assert main(["load", "--url", url, "--clients", "3", "--duration", "1", "--max-requests", "20",
-                     "--no-explain", "--server-pid", str(os.getpid()), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "load",
+                    "--url",
+                    url,
+                    "--clients",
+                    "3",
+                    "--duration",
+                    "1",
+                    "--max-requests",
+                    "20",
+                    "--no-explain",
+                    "--server-pid",
+                    str(os.getpid()),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out)
     assert report["requests"] == report["served"] == 20 and report["statuses"] == {"200": 20}

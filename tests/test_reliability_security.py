@@ -55,15 +55,21 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
         return real(a, b)
 
     monkeypatch.setattr(server.auth.hmac, "compare_digest", counting)
-    for token, expected in [(ALICE, key_id(ALICE)), (BOB, key_id(BOB)), (ALICE[:-1], None), ("", None),
-                            ("x" * 100_000, None)]:
+    for token, expected in [
+        (ALICE, key_id(ALICE)),
+        (BOB, key_id(BOB)),
+        (ALICE[:-1], None),
+        ("", None),
+        ("x" * 100_000, None),
+    ]:
         seen.clear()
         assert ring.identify(token) == expected
         assert seen == [(32, 32)] * 3
 
 
-def test_keys_never_reach_logs_metrics_or_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                 defense: NoDefense) -> None:
+def test_keys_never_reach_logs_metrics_or_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
+) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     records: list[str] = []
 
@@ -102,20 +108,26 @@ def test_keys_never_reach_logs_metrics_or_errors(monkeypatch: pytest.MonkeyPatch
     assert records, "nothing was logged: the check would be empty"
     assert any("POST /predict 429" in r for r in records)
     for key in (ALICE, BOB):
-        for where, text in [("logs", "\n".join(records)), ("metrics", metrics),
-                            ("answers", "\n".join(r.text + json.dumps(dict(r.headers)) for r in answers))]:
+        for where, text in [
+            ("logs", "\n".join(records)),
+            ("metrics", metrics),
+            ("answers", "\n".join(r.text + json.dumps(dict(r.headers)) for r in answers)),
+        ]:
             assert key not in text, f"a key in the {where}"
     assert key_id(ALICE) in metrics and key_id(BOB) in metrics
     assert ALICE.encode() not in (tmp_path / "budget.sqlite").read_bytes()
 
 
-@pytest.mark.parametrize("environment", [
-    {"DD_API_KEYS": f"{ALICE}", "DD_QUERY_BUDGET": "not-a-number"},
-    {"DD_API_KEYS": f"{ALICE} with a space"},
-    {"DD_API_KEYS": f"{ALICE}", "DD_METRICS_ACCESS": "admin"},
-    {"DD_ADMIN_KEYS": f"{ALICE}\u00e9", "DD_METRICS_ACCESS": "admin"},
-    {"DD_API_KEYS": f" , {ALICE}", "DD_QUERY_BUDGET": "5", "DD_PORT": "x"},
-])
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"DD_API_KEYS": f"{ALICE}", "DD_QUERY_BUDGET": "not-a-number"},
+        {"DD_API_KEYS": f"{ALICE} with a space"},
+        {"DD_API_KEYS": f"{ALICE}", "DD_METRICS_ACCESS": "admin"},
+        {"DD_ADMIN_KEYS": f"{ALICE}\u00e9", "DD_METRICS_ACCESS": "admin"},
+        {"DD_API_KEYS": f" , {ALICE}", "DD_QUERY_BUDGET": "5", "DD_PORT": "x"},
+    ],
+)
 def test_settings_errors_never_echo_a_key(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]) -> None:
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -150,8 +162,10 @@ def budgeted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 
 
 def parallel(url: str, key: str, bodies: list[dict[str, Any]]) -> list[int]:
-    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=len(bodies))) as c, \
-            ThreadPoolExecutor(len(bodies)) as pool:
+    with (
+        httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=len(bodies))) as c,
+        ThreadPoolExecutor(len(bodies)) as pool,
+    ):
         return list(pool.map(lambda b: c.post("/predict", json=b, headers=bearer(key)).status_code, bodies))
 
 
@@ -180,20 +194,33 @@ def test_a_spent_budget_survives_a_restart(budgeted: tuple[str, Any]) -> None:
 DOCS = ("/docs", "/redoc", "/openapi.json")
 
 
-@pytest.mark.parametrize(("access", "anonymous", "api_key", "operator"), [
-    ("open", 200, 200, 200),
-    ("admin", 401, 401, 200),
-    ("off", 404, 404, 404),
-])
-def test_metrics_and_docs_access(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense,
-                                 access: str, anonymous: int, api_key: int, operator: int) -> None:
+@pytest.mark.parametrize(
+    ("access", "anonymous", "api_key", "operator"),
+    [
+        ("open", 200, 200, 200),
+        ("admin", 401, 401, 200),
+        ("off", 404, 404, 404),
+    ],
+)
+def test_metrics_and_docs_access(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    defense: NoDefense,
+    access: str,
+    anonymous: int,
+    api_key: int,
+    operator: int,
+) -> None:
     monkeypatch.setenv("DD_API_KEYS", ALICE)
     monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
     settings = make_settings(tmp_path, metrics_access=access, docs_access=access)
     with serving(create_app(settings, defense)) as client:
         for path in ("/metrics", *DOCS):
-            got = [client.get(path).status_code, client.get(path, headers=bearer(ALICE)).status_code,
-                   client.get(path, headers=bearer(OPERATOR)).status_code]
+            got = [
+                client.get(path).status_code,
+                client.get(path, headers=bearer(ALICE)).status_code,
+                client.get(path, headers=bearer(OPERATOR)).status_code,
+            ]
             assert got == [anonymous, api_key, operator], path
             if anonymous != 200:
                 error_of(client.get(path))
@@ -221,21 +248,39 @@ def weight_fingerprints(model: torch.nn.Module) -> list[str]:
     return [f"{v:.4f}" for v in w] + [hashlib.sha256(state).hexdigest()[:12]]
 
 
-def test_no_route_error_or_header_reveals_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                   victim: torch.nn.Module) -> None:
+def test_no_route_error_or_header_reveals_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, victim: torch.nn.Module
+) -> None:
     monkeypatch.setenv("DD_API_KEYS", ALICE)
     faulty = FaultyDefense(victim)
     meta = read_meta(SHIPPED_DIR / "lenet-mnist.json")
-    forbidden = [str(SHIPPED_DIR), "checkpoints/", ".safetensors", meta.sha256, meta.sha256[:12], "Traceback",
-                 "tensor(", "grad_fn", "requires_grad", "/srv/", "diverged", weight_fingerprints(victim)[-1]]
+    forbidden = [
+        str(SHIPPED_DIR),
+        "checkpoints/",
+        ".safetensors",
+        meta.sha256,
+        meta.sha256[:12],
+        "Traceback",
+        "tensor(",
+        "grad_fn",
+        "requires_grad",
+        "/srv/",
+        "diverged",
+        weight_fingerprints(victim)[-1],
+    ]
     app = create_app(make_settings(tmp_path, query_budget=50, max_instances=2), faulty)
     answers: list[Any] = []
     with in_thread(app, like_serve=True) as url, httpx.Client(base_url=url, timeout=30) as c:
         key = bearer(ALICE)
         answers += [c.get(p) for p in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/nope")]
         answers += [c.get("/v1/models", headers=key), c.get("/v1/models"), c.delete("/predict", headers=key)]
-        for body in (one(), one(n=3), {"instances": [{"pixels": [[[2.0]]]}]}, {"instances": [{"image_b64": "!"}]},
-                     {"instances": [{"pixels": marked(RAISE).tolist()}]}):
+        for body in (
+            one(),
+            one(n=3),
+            {"instances": [{"pixels": [[[2.0]]]}]},
+            {"instances": [{"image_b64": "!"}]},
+            {"instances": [{"pixels": marked(RAISE).tolist()}]},
+        ):
             answers.append(c.post("/predict", json=body, headers=key))
         answers.append(c.post("/predict", content=b"{", headers=key | {"Content-Type": "application/json"}))
         answers.append(c.post("/predict", content=b"{}", headers=key | {"Content-Type": "text/plain"}))
@@ -255,8 +300,7 @@ def test_no_route_error_or_header_reveals_the_model(monkeypatch: pytest.MonkeyPa
     assert all(isinstance(v, int | float | str | bool) for v in settings.values())
 
 
-def test_errors_in_a_defended_batch_never_carry_the_undefended_answer(tmp_path: Path,
-                                                                     victim: torch.nn.Module) -> None:
+def test_errors_in_a_defended_batch_never_carry_the_undefended_answer(tmp_path: Path, victim: torch.nn.Module) -> None:
     faulty = FaultyDefense(victim)
     with serving(create_app(make_settings(tmp_path, warmup=False), faulty)) as client:
         x = marked(RAISE)

@@ -67,14 +67,17 @@ def test_a_client_that_disconnects_frees_its_queued_work(tmp_path: Path, gated: 
     with in_thread(app) as url, ThreadPoolExecutor(1) as pool:
         gated.gate.clear()
         gated.entered.clear()
-        first = pool.submit(httpx.post, f"{url}/predict",
-                            json={"instances": [{"pixels": marked(0.9, 0).tolist()}]}, timeout=60)
+        first = pool.submit(
+            httpx.post, f"{url}/predict", json={"instances": [{"pixels": marked(0.9, 0).tolist()}]}, timeout=60
+        )
         assert gated.entered.wait(10)  # the model thread is busy with the first request
         body = json.dumps({"instances": [{"pixels": marked(0.9, 1).tolist()}]}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            raw.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             wait_until(lambda: batcher_of().queued == 1)
         # the server notices the disconnect and cancels the request while its instance is still queued
         wait_until(lambda: 'status="499"} 1.0' in httpx.get(f"{url}/metrics").text)

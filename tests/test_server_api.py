@@ -30,8 +30,14 @@ pytestmark = pytest.mark.usefixtures("no_server_env")
 
 @pytest.fixture
 def client(tmp_path: Path, defense: NoDefense) -> Iterator[TestClient]:
-    with serving(create_app(make_settings(tmp_path, max_instances=4, max_image_bytes=20_000,
-                                          max_image_pixels=250_000, max_body_bytes=200_000), defense)) as c:
+    with serving(
+        create_app(
+            make_settings(
+                tmp_path, max_instances=4, max_image_bytes=20_000, max_image_pixels=250_000, max_body_bytes=200_000
+            ),
+            defense,
+        )
+    ) as c:
         yield c
 
 
@@ -54,9 +60,15 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
     (model,) = client.get("/v1/models").json()["models"]
-    assert model == {"name": "lenet-mnist", "arch": "lenet", "dataset": "mnist",
-                     "classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28], "interpreter": "gradcam",
-                     "defense": {"name": "none", "settings": {}}}
+    assert model == {
+        "name": "lenet-mnist",
+        "arch": "lenet",
+        "dataset": "mnist",
+        "classes": [str(i) for i in range(10)],
+        "input_shape": [1, 28, 28],
+        "interpreter": "gradcam",
+        "defense": {"name": "none", "settings": {}},
+    }
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'dd_server_info{defense="none"' in metrics.text
@@ -90,8 +102,7 @@ def test_predict_without_explanation_has_no_attribution(client: TestClient) -> N
 def test_images_are_converted_to_the_models_channels_and_size(client: TestClient, victim: torch.nn.Module) -> None:
     gray = Image.fromarray((torch.rand(28, 28, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
     colour_big = Image.new("RGB", (56, 70), (200, 30, 90))
-    instances = [{"image_b64": encode(gray)}, {"image_b64": encode(colour_big)},
-                 {"image_b64": encode(gray, "JPEG")}]
+    instances = [{"image_b64": encode(gray)}, {"image_b64": encode(colour_big)}, {"image_b64": encode(gray, "JPEG")}]
     r = client.post("/predict", json={"instances": instances})
     assert r.status_code == 200
     labels = [p["label"] for p in r.json()["predictions"]]
@@ -116,45 +127,107 @@ def test_not_ready_answers_503(tmp_path: Path, defense: NoDefense) -> None:
 # -- bad inputs --------------------------------------------------------------------------------------
 
 BAD_JSON_BODIES = [
-    pytest.param({"instances": [{"pixels": pixels(shape=(1, 27, 28))}]}, 422, "invalid_shape",
-                 "instances[0].pixels", id="wrong-height"),
-    pytest.param({"instances": [{"pixels": pixels(shape=(3, 28, 28))}]}, 422, "wrong_channels",
-                 "instances[0].pixels", id="wrong-channels"),
-    pytest.param({"instances": [{"pixels": [[[0.5] * 28] * 27 + [[0.5] * 27]]}]}, 422, "invalid_shape",
-                 "instances[0].pixels", id="ragged"),
-    pytest.param({"instances": [{"pixels": [[[0.5, 1.5]]]}]}, 422, "out_of_range",
-                 "instances[0].pixels[0][0][1]", id="above-one"),
-    pytest.param({"instances": [{"pixels": [[[-0.1]]]}]}, 422, "out_of_range",
-                 "instances[0].pixels[0][0][0]", id="below-zero"),
-    pytest.param({"instances": [{"pixels": [[["0.5"]]]}]}, 422, "invalid_type",
-                 "instances[0].pixels[0][0][0]", id="string-pixel"),
-    pytest.param({"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_type",
-                 "instances[0].pixels[0][0]", id="two-dimensional"),
+    pytest.param(
+        {"instances": [{"pixels": pixels(shape=(1, 27, 28))}]},
+        422,
+        "invalid_shape",
+        "instances[0].pixels",
+        id="wrong-height",
+    ),
+    pytest.param(
+        {"instances": [{"pixels": pixels(shape=(3, 28, 28))}]},
+        422,
+        "wrong_channels",
+        "instances[0].pixels",
+        id="wrong-channels",
+    ),
+    pytest.param(
+        {"instances": [{"pixels": [[[0.5] * 28] * 27 + [[0.5] * 27]]}]},
+        422,
+        "invalid_shape",
+        "instances[0].pixels",
+        id="ragged",
+    ),
+    pytest.param(
+        {"instances": [{"pixels": [[[0.5, 1.5]]]}]}, 422, "out_of_range", "instances[0].pixels[0][0][1]", id="above-one"
+    ),
+    pytest.param(
+        {"instances": [{"pixels": [[[-0.1]]]}]}, 422, "out_of_range", "instances[0].pixels[0][0][0]", id="below-zero"
+    ),
+    pytest.param(
+        {"instances": [{"pixels": [[["0.5"]]]}]}, 422, "invalid_type", "instances[0].pixels[0][0][0]", id="string-pixel"
+    ),
+    pytest.param(
+        {"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_type", "instances[0].pixels[0][0]", id="two-dimensional"
+    ),
     pytest.param({"instances": [{}]}, 422, "invalid_value", "instances[0]", id="neither-field"),
-    pytest.param({"instances": [{"pixels": pixels(), "image_b64": "AA=="}]}, 422, "invalid_value",
-                 "instances[0]", id="both-fields"),
-    pytest.param({"instances": [{"pixels": pixels(), "label": 3}]}, 422, "unknown_field",
-                 "instances[0].label", id="unknown-field"),
+    pytest.param(
+        {"instances": [{"pixels": pixels(), "image_b64": "AA=="}]},
+        422,
+        "invalid_value",
+        "instances[0]",
+        id="both-fields",
+    ),
+    pytest.param(
+        {"instances": [{"pixels": pixels(), "label": 3}]},
+        422,
+        "unknown_field",
+        "instances[0].label",
+        id="unknown-field",
+    ),
     pytest.param({"instances": []}, 422, "empty", "instances", id="no-instances"),
     pytest.param({}, 422, "missing_field", "instances", id="missing-instances"),
-    pytest.param({"instances": [{"pixels": pixels()}], "explain": "yes"}, 422, "invalid_type", "explain",
-                 id="explain-not-bool"),
-    pytest.param({"instances": [{"pixels": pixels()}] * 5}, 413, "too_many_instances", "instances",
-                 id="too-many-instances"),
-    pytest.param({"instances": [{"image_b64": "not base64!"}]}, 422, "invalid_base64",
-                 "instances[0].image_b64", id="bad-base64"),
-    pytest.param({"instances": [{"image_b64": base64.b64encode(b"GIF89a" + bytes(64)).decode()}]}, 422,
-                 "undecodable_image", "instances[0].image_b64", id="not-png-or-jpeg"),
-    pytest.param({"instances": [{"image_b64": encode(Image.new("L", (28, 28)))[:60]}]}, 422,
-                 "undecodable_image", "instances[0].image_b64", id="truncated-png"),
-    pytest.param({"instances": [{"pixels": pixels()}, {"image_b64": encode(noise(150, 150))}]}, 413,
-                 "image_too_large", "instances[1].image_b64", id="oversized-image"),
-    pytest.param({"instances": [{"image_b64": encode(Image.new("L", (600, 600)))}]}, 413, "too_many_pixels",
-                 "instances[0].image_b64", id="too-many-pixels"),
-    pytest.param({"instances": [{"image_b64": png_bomb(600, 600)}]}, 413, "too_many_pixels",
-                 "instances[0].image_b64", id="declared-size-checked-before-decoding"),
-    pytest.param({"instances": [{"image_b64": png_bomb(200_000, 200_000)}]}, 413, "too_many_pixels",
-                 "instances[0].image_b64", id="decompression-bomb"),
+    pytest.param(
+        {"instances": [{"pixels": pixels()}], "explain": "yes"}, 422, "invalid_type", "explain", id="explain-not-bool"
+    ),
+    pytest.param(
+        {"instances": [{"pixels": pixels()}] * 5}, 413, "too_many_instances", "instances", id="too-many-instances"
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": "not base64!"}]}, 422, "invalid_base64", "instances[0].image_b64", id="bad-base64"
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": base64.b64encode(b"GIF89a" + bytes(64)).decode()}]},
+        422,
+        "undecodable_image",
+        "instances[0].image_b64",
+        id="not-png-or-jpeg",
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": encode(Image.new("L", (28, 28)))[:60]}]},
+        422,
+        "undecodable_image",
+        "instances[0].image_b64",
+        id="truncated-png",
+    ),
+    pytest.param(
+        {"instances": [{"pixels": pixels()}, {"image_b64": encode(noise(150, 150))}]},
+        413,
+        "image_too_large",
+        "instances[1].image_b64",
+        id="oversized-image",
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": encode(Image.new("L", (600, 600)))}]},
+        413,
+        "too_many_pixels",
+        "instances[0].image_b64",
+        id="too-many-pixels",
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": png_bomb(600, 600)}]},
+        413,
+        "too_many_pixels",
+        "instances[0].image_b64",
+        id="declared-size-checked-before-decoding",
+    ),
+    pytest.param(
+        {"instances": [{"image_b64": png_bomb(200_000, 200_000)}]},
+        413,
+        "too_many_pixels",
+        "instances[0].image_b64",
+        id="decompression-bomb",
+    ),
 ]
 
 
@@ -172,8 +245,11 @@ def test_non_finite_json_tokens_are_rejected(client: TestClient, token: str) -> 
     raw = '{"instances": [{"pixels": [[' + ", ".join([f"[{row}]"] * 28) + "]]}]}"
     r = client.post("/predict", content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 422
-    assert error_of(r) | {"message": ""} == {"code": "not_finite", "field": "instances[0].pixels[0][0][27]",
-                                             "message": ""}
+    assert error_of(r) | {"message": ""} == {
+        "code": "not_finite",
+        "field": "instances[0].pixels[0][0][27]",
+        "message": "",
+    }
 
 
 def test_malformed_json(client: TestClient) -> None:
@@ -186,8 +262,7 @@ def test_wrong_content_type(client: TestClient, content_type: str | None) -> Non
     headers = {"Content-Type": content_type} if content_type else {}
     r = client.post("/predict", content=json.dumps({"instances": [{"pixels": pixels()}]}), headers=headers)
     assert r.status_code == 415
-    assert error_of(r) | {"message": ""} == {"code": "unsupported_media_type", "field": "Content-Type",
-                                             "message": ""}
+    assert error_of(r) | {"message": ""} == {"code": "unsupported_media_type", "field": "Content-Type", "message": ""}
 
 
 def test_body_too_large_by_content_length(client: TestClient) -> None:
@@ -197,6 +272,7 @@ def test_body_too_large_by_content_length(client: TestClient) -> None:
 
 def test_body_too_large_without_content_length(client: TestClient) -> None:
     """A chunked body declares no length: the limit holds while the chunks are read."""
+
     def chunks() -> Iterator[bytes]:
         yield b'{"instances": ['
         for _ in range(100):
@@ -246,12 +322,15 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert ServerSettings().engine == {"steps": 2}
 
 
-@pytest.mark.parametrize(("overrides", "problem"), [
-    ({"defense": "nope"}, "defense"),
-    ({"checkpoint": "no-such-checkpoint"}, "not found"),
-    ({"query_budget": 5}, "needs API keys"),
-    ({"max_instances": 0}, "max_instances"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"defense": "nope"}, "defense"),
+        ({"checkpoint": "no-such-checkpoint"}, "not found"),
+        ({"query_budget": 5}, "needs API keys"),
+        ({"max_instances": 0}, "max_instances"),
+    ],
+)
 def test_bad_settings_are_refused(overrides: dict, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         ServerSettings(**overrides)

@@ -24,8 +24,9 @@ ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 
 def ask(client: TestClient, key: str | None, n: int = 1) -> int:
     headers = bearer(key) if key else {}
-    return client.post("/predict", json={"instances": [{"pixels": pixels(i)} for i in range(n)]},
-                       headers=headers).status_code
+    return client.post(
+        "/predict", json={"instances": [{"pixels": pixels(i)} for i in range(n)]}, headers=headers
+    ).status_code
 
 
 def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> None:
@@ -35,8 +36,12 @@ def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         assert r.json()["error"]["field"] == "Authorization"
         assert ask(client, "wrong-key") == 401
-        assert client.post("/predict", json={"instances": [{"pixels": pixels()}]},
-                           headers={"Authorization": f"Basic {ALICE}"}).status_code == 401
+        assert (
+            client.post(
+                "/predict", json={"instances": [{"pixels": pixels()}]}, headers={"Authorization": f"Basic {ALICE}"}
+            ).status_code
+            == 401
+        )
         assert client.get("/v1/models").status_code == 401
         assert ask(client, ALICE) == 200 and ask(client, BOB, 2) == 200
         assert client.get("/v1/models", headers=bearer(ALICE)).status_code == 200
@@ -55,8 +60,9 @@ def test_keys_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defen
         assert [ask(client, k) for k in (None, ALICE, BOB, "# service keys")] == [401, 200, 200, 401]
 
 
-def test_spent_budget_answers_429_and_survives_a_restart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                         defense: NoDefense) -> None:
+def test_spent_budget_answers_429_and_survives_a_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
+) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     settings = make_settings(tmp_path, query_budget=3)
     with serving(create_app(settings, defense)) as client:

@@ -46,8 +46,7 @@ def test_png_and_pixels_over_tcp(base_url: str) -> None:
     assert metrics.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
     latency = families["dd_http_request_duration_seconds"]
-    count = next(s.value for s in latency.samples
-                 if s.name.endswith("_count") and s.labels["route"] == "/predict")
+    count = next(s.value for s in latency.samples if s.name.endswith("_count") and s.labels["route"] == "/predict")
     buckets = [s for s in latency.samples if s.name.endswith("_bucket") and s.labels["route"] == "/predict"]
     assert count == 2
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 2

@@ -51,11 +51,21 @@ def test_concurrent_requests_never_touch_the_victim(tmp_path: Path) -> None:
     # top-1 is anywhere near a tie that rounding along another path could flip
     assert top1_margin(probabilities).min() > 100 * PATH_ATOL, "a near-tie: the top-1 may differ by path"
     expected = probabilities.argmax(1).tolist()
-    settings = make_settings(tmp_path, defense=defense.name, max_batch_size=8, max_batch_wait_ms=2,
-                             queue_size=REQUESTS, request_timeout_s=600, max_expected_latency_s=600)
+    settings = make_settings(
+        tmp_path,
+        defense=defense.name,
+        max_batch_size=8,
+        max_batch_wait_ms=2,
+        queue_size=REQUESTS,
+        request_timeout_s=600,
+        max_expected_latency_s=600,
+    )
     with serving(create_app(settings, defense)) as client, ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(
-            lambda x: client.post("/predict", json={"instances": [{"pixels": x.tolist()}], "explain": True}), images))
+        responses = list(
+            pool.map(
+                lambda x: client.post("/predict", json={"instances": [{"pixels": x.tolist()}], "explain": True}), images
+            )
+        )
     assert [r.status_code for r in responses] == [200] * REQUESTS
     for r, label in zip(responses, expected, strict=True):
         body = r.json()

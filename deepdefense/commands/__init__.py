@@ -3,5 +3,14 @@
 
 from . import attack, bench, client, eval, fidelity, load, sensitivity, serve, train
 
-COMMANDS = {"train": train, "sensitivity": sensitivity, "fidelity": fidelity, "serve": serve, "attack": attack,
-            "client": client, "load": load, "eval": eval, "bench": bench}
+COMMANDS = {
+    "train": train,
+    "sensitivity": sensitivity,
+    "fidelity": fidelity,
+    "serve": serve,
+    "attack": attack,
+    "client": client,
+    "load": load,
+    "eval": eval,
+    "bench": bench,
+}

@@ -12,20 +12,34 @@ from models.data import SPECS
 from models.registry import list_models
 
 HELP = "steal the served model: query it, store the transfer set, train and test an attack model"
-DESCRIPTION = ("The model-stealing adversary of DeepDefense §3 over HTTP. The transfer set is stored as it is "
-               "collected; rerunning the same command continues where an interrupted run stopped.")
+DESCRIPTION = (
+    "The model-stealing adversary of DeepDefense §3 over HTTP. The transfer set is stored as it is "
+    "collected; rerunning the same command continues where an interrupted run stopped."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = AttackConfig()
     flags.add_server_url(p)
     p.add_argument("--budget", type=int, default=d.budget, help="query budget B")
-    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="random: sample P_A (Knockoff Nets); jbda: Jacobian-based augmentation (Papernot et al.)")
-    p.add_argument("--loss", choices=ATTACK_LOSSES, default=d.loss,
-                   help="explanations: eq. (1); probabilities: soft labels; labels: top-1 only")
-    p.add_argument("--dataset", default=d.dataset, choices=sorted(SPECS),
-                   help="the attacker's data set P_A (queries come from its training split)")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=d.strategy,
+        help="random: sample P_A (Knockoff Nets); jbda: Jacobian-based augmentation (Papernot et al.)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=ATTACK_LOSSES,
+        default=d.loss,
+        help="explanations: eq. (1); probabilities: soft labels; labels: top-1 only",
+    )
+    p.add_argument(
+        "--dataset",
+        default=d.dataset,
+        choices=sorted(SPECS),
+        help="the attacker's data set P_A (queries come from its training split)",
+    )
     flags.add_data_root(p)
     p.add_argument("--arch", default=None, choices=list_models(), help="attack model (default: the victim's)")
     flags.add_recipe(p, d.recipe)
@@ -47,19 +61,34 @@ def run(args: argparse.Namespace) -> int:
     from common.device import resolve_device
 
     config = AttackConfig(
-        budget=args.budget, strategy=args.strategy, loss=args.loss, dataset=args.dataset,
-        data_root=str(args.data_root) if args.data_root else None, arch=args.arch, recipe=flags.recipe(args),
-        query_batch=args.query_batch, seed=args.seed, seed_size=args.seed_size, jbda_step=args.jbda_step,
-        rounds=args.rounds, test_n=args.test_n, device=str(resolve_device(args.device)))
+        budget=args.budget,
+        strategy=args.strategy,
+        loss=args.loss,
+        dataset=args.dataset,
+        data_root=str(args.data_root) if args.data_root else None,
+        arch=args.arch,
+        recipe=flags.recipe(args),
+        query_batch=args.query_batch,
+        seed=args.seed,
+        seed_size=args.seed_size,
+        jbda_step=args.jbda_step,
+        rounds=args.rounds,
+        test_n=args.test_n,
+        device=str(resolve_device(args.device)),
+    )
     try:
         with HttpOracle(args.url, read_api_key(args.api_key_file), timeout=args.timeout) as oracle:
             result = run_attack(oracle, config, args.store, progress=not args.quiet)
     except OracleError as err:
-        print(f"deepdefense attack: {err}; the answers so far are stored, rerun the same command to continue",
-              file=sys.stderr)
+        print(
+            f"deepdefense attack: {err}; the answers so far are stored, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print("deepdefense attack: interrupted; the answers so far are stored, rerun the same command to continue",
-              file=sys.stderr)
+        print(
+            "deepdefense attack: interrupted; the answers so far are stored, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     return flags.print_report({"command": args.command_line, "url": args.url, **result}, args.out)

@@ -8,14 +8,20 @@ from pathlib import Path
 
 from deepdefense import flags
 
-HELP = ("benchmark: undefended path, one-query engine, batched engine, and the server under 1/8/32 concurrent "
-        "clients; ms/query, queries/s, peak memory, ratios")
+HELP = (
+    "benchmark: undefended path, one-query engine, batched engine, and the server under 1/8/32 concurrent "
+    "clients; ms/query, queries/s, peak memory, ratios"
+)
 DESCRIPTION = "See docs/performance.md and measure/bench.py."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet-mnist", choices=["lenet-mnist", "resnet18"],
-                   help="lenet-mnist (shipped) or resnet18 (random weights, 224 px)")
+    p.add_argument(
+        "--model",
+        default="lenet-mnist",
+        choices=["lenet-mnist", "resnet18"],
+        help="lenet-mnist (shipped) or resnet18 (random weights, 224 px)",
+    )
     p.add_argument("--interpreter", default="gradcam")
     flags.add_device(p)
     flags.add_data_root(p, " (MNIST test images for lenet-mnist; random images without)")
@@ -34,11 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from measure.bench import BenchConfig, markdown, run_bench
 
-    config = BenchConfig(model=args.model, interpreter=args.interpreter, device=args.device, data_root=args.data_root,
-                         queries=args.queries, one_query_queries=args.one_query_queries,
-                         batch_sizes=flags.sizes(args.batch_sizes), clients=flags.sizes(args.clients),
-                         duration_s=args.duration, max_requests=args.max_requests, server=args.server, seed=args.seed,
-                         options=flags.engine_options(args.engine))
+    config = BenchConfig(
+        model=args.model,
+        interpreter=args.interpreter,
+        device=args.device,
+        data_root=args.data_root,
+        queries=args.queries,
+        one_query_queries=args.one_query_queries,
+        batch_sizes=flags.sizes(args.batch_sizes),
+        clients=flags.sizes(args.clients),
+        duration_s=args.duration,
+        max_requests=args.max_requests,
+        server=args.server,
+        seed=args.seed,
+        options=flags.engine_options(args.engine),
+    )
     result = {"command": args.command_line, **run_bench(config, progress=lambda m: print(m, file=sys.stderr))}
     table = markdown(result, args.command_line)
     print(table, file=sys.stderr)

@@ -12,8 +12,11 @@ HELP = "a benign user: test images, agreement with the truth and the undefended 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_server_url(p)
-    p.add_argument("--checkpoint", default=None,
-                   help="the undefended victim to compare with, loaded locally (default: the served model's name)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the undefended victim to compare with, loaded locally (default: the served model's name)",
+    )
     p.add_argument("--dataset", default=None, help="test images to send (default: the served model's data set)")
     flags.add_data_root(p)
     p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
@@ -38,11 +41,24 @@ def run(args: argparse.Namespace) -> int:
             model.requires_grad_(False)
             undefended = NoDefense(model, create_interpreter(info.interpreter, model, tuple(meta.input_shape)))
             images, labels = load_split(args.dataset or info.dataset, args.data_root, "test").tensors
-            report = run_benign(oracle, images[: args.n], labels[: args.n], undefended, batch_size=args.batch_size,
-                                explain=args.explain, progress=not args.quiet)
+            report = run_benign(
+                oracle,
+                images[: args.n],
+                labels[: args.n],
+                undefended,
+                batch_size=args.batch_size,
+                explain=args.explain,
+                progress=not args.quiet,
+            )
     except OracleError as err:
         print(f"deepdefense client: {err}", file=sys.stderr)
         return 1
-    result = {"command": args.command_line, "url": args.url, "model": info.name, "defense": info.defense,
-              "dataset": args.dataset or info.dataset, **report.as_dict()}
+    result = {
+        "command": args.command_line,
+        "url": args.url,
+        "model": info.name,
+        "defense": info.defense,
+        "dataset": args.dataset or info.dataset,
+        **report.as_dict(),
+    }
     return flags.print_report(result, args.out)

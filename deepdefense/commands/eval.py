@@ -15,20 +15,32 @@ from defense import DEFENSES
 from measure.evaluate import EvalConfig, run_evaluation
 from models.data import SPECS
 
-HELP = ("the paper's experiments end to end: attack accuracy per defense, loss and budget (Fig. 2, Tables 3-5), "
-        "Average Drop (Table 2), R_test/R_unif; JSON, CSV, PNG")
-DESCRIPTION = ("See measure/README.md. Transfer sets and finished trainings are stored as they are made: rerunning "
-               "the same command continues where an interrupted run stopped.")
+HELP = (
+    "the paper's experiments end to end: attack accuracy per defense, loss and budget (Fig. 2, Tables 3-5), "
+    "Average Drop (Table 2), R_test/R_unif; JSON, CSV, PNG"
+)
+DESCRIPTION = (
+    "See measure/README.md. Transfer sets and finished trainings are stored as they are made: rerunning "
+    "the same command continues where an interrupted run stopped."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = EvalConfig()
     where = p.add_argument_group("where the answers come from (default: in-process, the server's Defense.answer)")
-    where.add_argument("--serve", action="store_true", help="start a 'deepdefense serve' app on loopback per defense "
-                                                            "and query it over HTTP")
-    where.add_argument("--url", action="append", default=[], metavar="[KEY=]URL",
-                       help="a running server instead (repeatable); KEY names the arm (default: its defense), "
-                            "e.g. deepdefense-cs50=http://127.0.0.1:8001")
+    where.add_argument(
+        "--serve",
+        action="store_true",
+        help="start a 'deepdefense serve' app on loopback per defense and query it over HTTP",
+    )
+    where.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        metavar="[KEY=]URL",
+        help="a running server instead (repeatable); KEY names the arm (default: its defense), "
+        "e.g. deepdefense-cs50=http://127.0.0.1:8001",
+    )
     flags.add_api_key_file(where)
     what = p.add_argument_group("what to run")
     what.add_argument("--checkpoint", default=defaults.checkpoint)
@@ -36,14 +48,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--defenses", nargs="+", default=list(defaults.defenses), choices=DEFENSES)
     what.add_argument("--losses", nargs="+", default=list(defaults.losses), choices=ATTACK_LOSSES)
     what.add_argument("--budgets", nargs="+", type=int, default=list(defaults.budgets), help="query budgets B")
-    what.add_argument("--cs", nargs="*", type=float, default=list(defaults.cs),
-                      help="Table 3: DeepDefense arms at these cumulative sensitivities (none: skip)")
-    what.add_argument("--top-k", nargs="*", type=int, default=list(defaults.top_k),
-                      help="Table 4: DeepDefense arms keeping these top-k (none: skip)")
-    what.add_argument("--ablation-budget", type=int, default=None, help="B of the Table 3/4 arms (default: the largest)")
+    what.add_argument(
+        "--cs",
+        nargs="*",
+        type=float,
+        default=list(defaults.cs),
+        help="Table 3: DeepDefense arms at these cumulative sensitivities (none: skip)",
+    )
+    what.add_argument(
+        "--top-k",
+        nargs="*",
+        type=int,
+        default=list(defaults.top_k),
+        help="Table 4: DeepDefense arms keeping these top-k (none: skip)",
+    )
+    what.add_argument(
+        "--ablation-budget", type=int, default=None, help="B of the Table 3/4 arms (default: the largest)"
+    )
     what.add_argument("--ablation-losses", nargs="+", default=list(defaults.ablation_losses), choices=ATTACK_LOSSES)
-    what.add_argument("--avg-drop", nargs="*", default=list(defaults.avg_drop), metavar="ARM",
-                      help="arms whose maps are compared with the victim's (Table 2; none: skip)")
+    what.add_argument(
+        "--avg-drop",
+        nargs="*",
+        default=list(defaults.avg_drop),
+        metavar="ARM",
+        help="arms whose maps are compared with the victim's (Table 2; none: skip)",
+    )
     flags.add_engine_options(what, " for the DeepDefense arms")
     what.add_argument("--attacker-dataset", default=defaults.attacker_dataset, choices=sorted(SPECS))
     flags.add_data_root(what)
@@ -57,20 +86,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--p", type=float, default=defaults.p, help="Average Drop keeps the top p%% of each map")
     scale.add_argument("--n-figure", type=int, default=defaults.n_figure, help="rows of Figure 3")
     scale.add_argument("--runtime-n", type=int, default=defaults.runtime_n, help="test queries timed per arm")
-    scale.add_argument("--query-batch", type=int, default=defaults.query_batch,
-                       help="images per request / answer call")
+    scale.add_argument("--query-batch", type=int, default=defaults.query_batch, help="images per request / answer call")
     run_group = p.add_argument_group("running")
     flags.add_device(run_group, "attack models: ")
-    run_group.add_argument("--defense-device", default=None,
-                           help="in-process and started defenses (default: --device)")
-    run_group.add_argument("--store-root", default=defaults.store_root,
-                           help="transfer sets (shared with 'deepdefense attack')")
-    run_group.add_argument("--out", required=True,
-                           help="results folder (JSON, CSV, PNG; finished trainings are cached here)")
-    run_group.add_argument("--report", default=None, help="also write the Markdown report here, e.g. docs/results/mnist.md")
+    run_group.add_argument("--defense-device", default=None, help="in-process and started defenses (default: --device)")
+    run_group.add_argument(
+        "--store-root", default=defaults.store_root, help="transfer sets (shared with 'deepdefense attack')"
+    )
+    run_group.add_argument(
+        "--out", required=True, help="results folder (JSON, CSV, PNG; finished trainings are cached here)"
+    )
+    run_group.add_argument(
+        "--report", default=None, help="also write the Markdown report here, e.g. docs/results/mnist.md"
+    )
     flags.add_quiet(run_group)
-    run_group.add_argument("--only-cached", action="store_true",
-                           help="train no new attack model: report the stored ones (the others show as not run)")
+    run_group.add_argument(
+        "--only-cached",
+        action="store_true",
+        help="train no new attack model: report the stored ones (the others show as not run)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -78,15 +112,33 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
     device = str(resolve_device(args.device))
     return EvalConfig(
-        checkpoint=args.checkpoint, interpreter=args.interpreter, defenses=tuple(args.defenses),
-        losses=tuple(args.losses), budgets=tuple(args.budgets), cs=tuple(args.cs), top_k=tuple(args.top_k),
-        ablation_budget=args.ablation_budget, ablation_losses=tuple(args.ablation_losses), avg_drop=tuple(args.avg_drop),
-        attacker_dataset=args.attacker_dataset, data_root=str(args.data_root) if args.data_root else None,
-        recipe=flags.recipe(args), query_batch=args.query_batch, seed=args.seed,
-        test_n=args.test_n, n_unif=args.n_unif, n_maps=args.n_maps, p=args.p, n_figure=args.n_figure,
-        runtime_n=args.runtime_n, engine_options=flags.engine_options(args.engine), device=device,
+        checkpoint=args.checkpoint,
+        interpreter=args.interpreter,
+        defenses=tuple(args.defenses),
+        losses=tuple(args.losses),
+        budgets=tuple(args.budgets),
+        cs=tuple(args.cs),
+        top_k=tuple(args.top_k),
+        ablation_budget=args.ablation_budget,
+        ablation_losses=tuple(args.ablation_losses),
+        avg_drop=tuple(args.avg_drop),
+        attacker_dataset=args.attacker_dataset,
+        data_root=str(args.data_root) if args.data_root else None,
+        recipe=flags.recipe(args),
+        query_batch=args.query_batch,
+        seed=args.seed,
+        test_n=args.test_n,
+        n_unif=args.n_unif,
+        n_maps=args.n_maps,
+        p=args.p,
+        n_figure=args.n_figure,
+        runtime_n=args.runtime_n,
+        engine_options=flags.engine_options(args.engine),
+        device=device,
         defense_device=str(resolve_device(args.defense_device)) if args.defense_device else None,
-        store_root=args.store_root, only_cached=args.only_cached)
+        store_root=args.store_root,
+        only_cached=args.only_cached,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,20 +161,37 @@ def run(args: argparse.Namespace) -> int:
             Path(args.report).write_text(report.markdown(record, out, args.report))
 
     try:
-        record = run_evaluation(config, out, urls=args.url or None, serve=args.serve,
-                                api_key=read_api_key(args.api_key_file) if args.url else None,
-                                progress=not args.quiet, command=command, on_arm=write)
+        record = run_evaluation(
+            config,
+            out,
+            urls=args.url or None,
+            serve=args.serve,
+            api_key=read_api_key(args.api_key_file) if args.url else None,
+            progress=not args.quiet,
+            command=command,
+            on_arm=write,
+        )
     except OracleError as err:
-        print(f"deepdefense eval: {err}; the answers so far are stored, rerun the same command to continue",
-              file=sys.stderr)
+        print(
+            f"deepdefense eval: {err}; the answers so far are stored, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print("deepdefense eval: interrupted; collected answers and finished trainings are stored, rerun the same "
-              "command to continue", file=sys.stderr)
+        print(
+            "deepdefense eval: interrupted; collected answers and finished trainings are stored, rerun the same "
+            "command to continue",
+            file=sys.stderr,
+        )
         return 130
     record["wall_s"] = round(time.perf_counter() - started, 1)
     write(record)
-    summary = {"command": command, "out": str(out), "report": args.report, "wall_s": record["wall_s"],
-               "table5": report.tables(record)["table5"]}
+    summary = {
+        "command": command,
+        "out": str(out),
+        "report": args.report,
+        "wall_s": record["wall_s"],
+        "table5": report.tables(record)["table5"],
+    }
     print(json.dumps(summary, indent=2))
     return 0

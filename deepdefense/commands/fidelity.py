@@ -31,13 +31,22 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     options = flags.engine_options(args.engine)
-    defense, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device,
-                                 data_root=args.data_root, **options)
+    defense, meta = load_defense(
+        args.checkpoint, args.defense, args.interpreter, device=device, data_root=args.data_root, **options
+    )
     test = load_split(args.dataset or meta.dataset, args.data_root, "test")
     if not hasattr(test, "tensors"):
         raise ValueError("fidelity needs a tensor data set (MNIST-like or CIFAR)")
     images = test.tensors[0][: args.n].to(device)
-    result = {"command": args.command_line, "checkpoint": args.checkpoint, "dataset": args.dataset or meta.dataset,
-              "defense": args.defense, "interpreter": args.interpreter, "options": options, "device": str(device),
-              "batch_size": args.batch_size, **measure_fidelity(defense, images, batch_size=args.batch_size).as_dict()}
+    result = {
+        "command": args.command_line,
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset or meta.dataset,
+        "defense": args.defense,
+        "interpreter": args.interpreter,
+        "options": options,
+        "device": str(device),
+        "batch_size": args.batch_size,
+        **measure_fidelity(defense, images, batch_size=args.batch_size).as_dict(),
+    }
     return flags.print_report(result, args.json_out)

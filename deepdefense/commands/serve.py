@@ -13,9 +13,11 @@ from deepdefense import flags
 from server.settings import ServerSettings
 
 HELP = "serve a victim model through a defense over HTTP (FastAPI under uvicorn)"
-DESCRIPTION = ("Every flag overrides its DD_* environment variable (see docs/server.md). API keys are read only "
-               "from DD_API_KEYS or the file named by DD_API_KEYS_FILE (operator keys: DD_ADMIN_KEYS[_FILE]), "
-               "never from a flag, so that they stay out of process listings and shell history.")
+DESCRIPTION = (
+    "Every flag overrides its DD_* environment variable (see docs/server.md). API keys are read only "
+    "from DD_API_KEYS or the file named by DD_API_KEYS_FILE (operator keys: DD_ADMIN_KEYS[_FILE]), "
+    "never from a flag, so that they stay out of process listings and shell history."
+)
 
 #: Settings that are environment-only: keys and the files holding them.
 ENVIRONMENT_ONLY = ("api_keys", "api_keys_file", "admin_keys", "admin_keys_file")
@@ -51,8 +53,9 @@ def _kind(annotation: Any) -> dict[str, Any]:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """The flags given, over the ``DD_*`` environment, over the defaults."""
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in ServerSettings.model_fields and k != "engine" and v is not None}
+    overrides = {
+        k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and k != "engine" and v is not None
+    }
     settings = ServerSettings(**overrides)
     if args.engine:
         settings = ServerSettings(**overrides, engine={**settings.engine, **flags.engine_options(args.engine)})

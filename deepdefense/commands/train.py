@@ -31,9 +31,18 @@ def run(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
 
     cfg = TrainConfig(
-        arch=args.arch, dataset=args.dataset, data_root=args.data_root, out=args.out, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, max_shift=args.max_shift, seed=args.seed,
-        device=str(resolve_device(args.device)), download=args.download, command=args.command_line,
+        arch=args.arch,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_shift=args.max_shift,
+        seed=args.seed,
+        device=str(resolve_device(args.device)),
+        download=args.download,
+        command=args.command_line,
     )
     path, meta = train(cfg)
     print(f"wrote {path} (test accuracy {meta.test_accuracy:.2f}%, sha256 {meta.sha256[:12]}…)")

@@ -112,8 +112,15 @@ class PredictionPoisoning(Defense):
 
     name = "pp"
 
-    def __init__(self, model: nn.Module, interpreter: Interpreter, *, epsilon: float = 0.5,
-                 surrogate: nn.Module | None = None, surrogate_seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        interpreter: Interpreter,
+        *,
+        epsilon: float = 0.5,
+        surrogate: nn.Module | None = None,
+        surrogate_seed: int = 0,
+    ) -> None:
         super().__init__(model, interpreter)
         if epsilon < 0:
             raise ValueError("epsilon must be non-negative")
@@ -134,7 +141,11 @@ class PredictionPoisoning(Defense):
         y_tilde, deviation = mad(G, y, self.epsilon)
         l1 = (y_tilde - y).abs().sum(-1)
         return [
-            Answer(label=a.label, probabilities=yt.to(a.probabilities.dtype), attribution=a.attribution,
-                   stats={"angular_deviation": float(dev), "l1": float(d)})
+            Answer(
+                label=a.label,
+                probabilities=yt.to(a.probabilities.dtype),
+                attribution=a.attribution,
+                stats={"angular_deviation": float(dev), "l1": float(d)},
+            )
             for a, yt, dev, d in zip(truth, y_tilde, deviation, l1, strict=True)
         ]

@@ -16,7 +16,9 @@ def create_interpreter(name: str, model: nn.Module, input_shape: tuple[int, ...]
     try:
         cls = INTERPRETERS[name]
     except KeyError:
-        raise ValueError(f"unknown interpreter {name!r}; known interpreters: {', '.join(sorted(INTERPRETERS))}") from None
+        raise ValueError(
+            f"unknown interpreter {name!r}; known interpreters: {', '.join(sorted(INTERPRETERS))}"
+        ) from None
     return cls(model, input_shape)
 
 

@@ -32,9 +32,13 @@ class Explanation:
     """What the defense needs from one explained query."""
 
     logits: Tensor  # (B, K)
-    param_grads: dict[str, Tensor]  # ∇_w Σ_b f(x_b)_{y_b} for every entry of ``params`` (per query for per-query weights)
+    param_grads: dict[
+        str, Tensor
+    ]  # ∇_w Σ_b f(x_b)_{y_b} for every entry of ``params`` (per query for per-query weights)
     attribution: Tensor  # (B, H, W) at the input's resolution, each map min-max normalised to [0, 1]
-    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # factored weight gradients, see ``explain``
+    factors: dict[str, tuple[Tensor, Tensor]] = field(
+        default_factory=dict
+    )  # factored weight gradients, see ``explain``
 
 
 def class_targets(logits: Tensor, y: Tensor | int) -> Tensor:
@@ -84,9 +88,16 @@ class Interpreter(ABC):
         bottom = frozenset(n for n, g in zip(params, grads, strict=True) if g is not None)
         return tuple(activation.shape), bottom
 
-    def explain(self, params: dict[str, Tensor], x: Tensor, y: Tensor | int, *, factored: Sequence[str] = (),
-                constants: Mapping[str, Tensor] | None = None,
-                grad_taps: Mapping[str, Tensor] | None = None) -> Explanation:
+    def explain(
+        self,
+        params: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor | int,
+        *,
+        factored: Sequence[str] = (),
+        constants: Mapping[str, Tensor] | None = None,
+        grad_taps: Mapping[str, Tensor] | None = None,
+    ) -> Explanation:
         """Logits, ∇_params f_y and the attribution maps of class ``y`` (one, or one per query) for queries ``x``.
 
         ``factored`` names ``Linear`` layers whose weight gradient comes back as its two factors in
@@ -104,27 +115,37 @@ class Interpreter(ABC):
 
         def score(p: dict[str, Tensor], d: Tensor, t: dict[str, Tensor], xx: Tensor) -> tuple[Tensor, tuple]:
             p = {**p, **fixed}
-            with probe(self.model, self.layer, d if self.layer is not None else None, trace=self.needs_trace, taps=t,
-                       grad_taps=grad_taps) as rec:
+            with probe(
+                self.model,
+                self.layer,
+                d if self.layer is not None else None,
+                trace=self.needs_trace,
+                taps=t,
+                grad_taps=grad_taps,
+            ) as rec:
                 logits = functional_call(self.model, p, (xx,), strict=False)
             activation = rec.activation if rec.activation is not None else logits.new_zeros(())  # aux: tensors only
             return _class_score(logits, y), (logits, activation, self._from_forward(rec, p, logits, y), rec.tap_inputs)
 
         (g_params, g_act, g_taps, g_x), (logits, activation, extra, inputs) = grad(
-            score, argnums=(0, 1, 2, 3), has_aux=True)(free, delta, taps, x)
+            score, argnums=(0, 1, 2, 3), has_aux=True
+        )(free, delta, taps, x)
         if any(inputs[n].dim() != 2 for n in factored):
             raise ValueError("only Linear layers with (batch, features) inputs have rank-one weight gradients")
         attribution = self._map(x=x, grad_x=g_x, activation=activation, grad_activation=g_act, extra=extra)
-        return Explanation(logits=logits, param_grads=g_params, attribution=normalise(attribution),
-                           factors={n: (g_taps[n], inputs[n]) for n in factored})
+        return Explanation(
+            logits=logits,
+            param_grads=g_params,
+            attribution=normalise(attribution),
+            factors={n: (g_taps[n], inputs[n]) for n in factored},
+        )
 
     def _from_forward(self, rec: Probe, params: dict[str, Tensor], logits: Tensor, y: Tensor | int) -> Tensor:
         """Hook for quantities read off the forward pass (Relevance-CAM's relevance); default none."""
         return logits.new_zeros(())
 
     @abstractmethod
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor,
-             extra: Tensor) -> Tensor:
+    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
         """The (B, H, W) maps before normalisation."""
 
 
@@ -135,8 +156,7 @@ class CAM(Interpreter):
     def channel_weights(self, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
         """α, shape (B, channels)."""
 
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor,
-             extra: Tensor) -> Tensor:
+    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
         alpha = self.channel_weights(activation, grad_activation, extra)
         cam = F.relu((alpha[:, :, None, None] * activation).sum(1, keepdim=True))
         return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

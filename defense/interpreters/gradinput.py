@@ -13,6 +13,5 @@ class GradientInput(Interpreter):
     name = "gradinput"
     uses_activation = False
 
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor,
-             extra: Tensor) -> Tensor:
+    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
         return (x * grad_x).sum(dim=1)

@@ -78,8 +78,15 @@ _ACTIVE: ContextVar[Probe | None] = ContextVar("deepdefense_probe", default=None
 
 
 @contextmanager
-def probe(model: nn.Module, layer: str | None, delta: Tensor | None = None, *, trace: bool = False,
-          taps: Mapping[str, Tensor] | None = None, grad_taps: Mapping[str, Tensor] | None = None) -> Iterator[Probe]:
+def probe(
+    model: nn.Module,
+    layer: str | None,
+    delta: Tensor | None = None,
+    *,
+    trace: bool = False,
+    taps: Mapping[str, Tensor] | None = None,
+    grad_taps: Mapping[str, Tensor] | None = None,
+) -> Iterator[Probe]:
     record = Probe(delta=delta, trace_enabled=trace)
     target = None if layer is None else model.get_submodule(layer)
 

@@ -83,7 +83,7 @@ class BlockLayout:
 
 
 def _local(block: TraceEntry, child: TraceEntry) -> str:
-    return child.name[len(block.name) + 1:]
+    return child.name[len(block.name) + 1 :]
 
 
 def _basic_block_layout(block: TraceEntry, children: list[TraceEntry]) -> BlockLayout:
@@ -139,15 +139,28 @@ def _batchnorm_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Ten
 
 def _maxpool_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
     m: nn.MaxPool2d = entry.module
-    pool = partial(F.max_pool2d, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                   dilation=m.dilation, ceil_mode=m.ceil_mode)
+    pool = partial(
+        F.max_pool2d,
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        ceil_mode=m.ceil_mode,
+    )
     return winner_take_all(pool, entry.input, relevance)
 
 
 def _avgpool_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
     m: nn.AvgPool2d = entry.module
-    pool = partial(F.avg_pool2d, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
-                   count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)
+    pool = partial(
+        F.avg_pool2d,
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        ceil_mode=m.ceil_mode,
+        count_include_pad=m.count_include_pad,
+        divisor_override=m.divisor_override,
+    )
     return z_rule(pool, entry.input, relevance)
 
 
@@ -178,7 +191,9 @@ LEAF_RULES: dict[type[nn.Module], Callable[[TraceEntry, Tensor, Params], Tensor]
 
 
 def _leaf_rule(entry: TraceEntry, relevance: Tensor, params: Params) -> Tensor:
-    rule = next((LEAF_RULES[t] for t in type(entry.module).__mro__ if t in LEAF_RULES), None)  # per-query subclasses too
+    rule = next(
+        (LEAF_RULES[t] for t in type(entry.module).__mro__ if t in LEAF_RULES), None
+    )  # per-query subclasses too
     if rule is None:
         raise TypeError(f"Relevance-CAM has no LRP rule for {entry.name!r} ({type(entry.module).__name__})")
     return rule(entry, relevance, params)
@@ -200,7 +215,9 @@ def _back(units: list[Unit], relevance: Tensor, params: Params) -> Tensor:
     """Relevance at the input of the first unit, from the relevance at the output of the last."""
     for unit in reversed(units):
         relevance = relevance.reshape(unit.entry.output.shape)
-        relevance = _residual_rule(unit, relevance, params) if unit.children else _leaf_rule(unit.entry, relevance, params)
+        relevance = (
+            _residual_rule(unit, relevance, params) if unit.children else _leaf_rule(unit.entry, relevance, params)
+        )
     return relevance
 
 

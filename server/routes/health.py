@@ -15,8 +15,12 @@ async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
-@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}},
-            summary="model loaded, layer sensitivity computed, warm-up query answered")
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ErrorResponse}},
+    summary="model loaded, layer sensitivity computed, warm-up query answered",
+)
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     runtime.ready_batcher()
     return ReadyResponse(model=runtime.model_name, defense=runtime.defense_name)

@@ -10,12 +10,21 @@ from ..schemas import DefenseInfo, ErrorResponse, ModelInfo, ModelsResponse
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", response_model=ModelsResponse,
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
 async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
     defense = runtime.ready_defense()
     meta = runtime.meta
-    info = ModelInfo(name=runtime.model_name, arch=meta.arch, dataset=meta.dataset, classes=meta.classes,
-                     input_shape=meta.input_shape, interpreter=runtime.interpreter_name,
-                     defense=DefenseInfo(name=runtime.defense_name, settings=defense.public_settings()))
+    info = ModelInfo(
+        name=runtime.model_name,
+        arch=meta.arch,
+        dataset=meta.dataset,
+        classes=meta.classes,
+        input_shape=meta.input_shape,
+        interpreter=runtime.interpreter_name,
+        defense=DefenseInfo(name=runtime.defense_name, settings=defense.public_settings()),
+    )
     return ModelsResponse(models=[info])

@@ -29,32 +29,48 @@ CLIENT_CLOSED = 499
 T = TypeVar("T")
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             dependencies=[Depends(require_json)], responses=_ERRORS)  # type: ignore[arg-type]
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_json)],
+    responses=_ERRORS,
+)  # type: ignore[arg-type]
 async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
     """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
     batcher = runtime.ready_batcher()
     limit = runtime.settings.max_instances
     if len(body.instances) > limit:
-        raise ApiError(413, "too_many_instances", f"at most {limit} instances per request, got {len(body.instances)}",
-                       field="instances")
+        raise ApiError(
+            413,
+            "too_many_instances",
+            f"at most {limit} instances per request, got {len(body.instances)}",
+            field="instances",
+        )
     x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
     await run_in_threadpool(_spend, runtime, caller, len(x))
     try:
         answers = await _unless_disconnected(request, batcher.submit(x, explain=body.explain))
     except QueueFull as full:
         await _refund(runtime, caller, len(x))
-        raise ApiError(503, full.reason, "the server is busy; retry later",
-                       headers={"Retry-After": str(full.retry_after)}) from None
+        raise ApiError(
+            503, full.reason, "the server is busy; retry later", headers={"Retry-After": str(full.retry_after)}
+        ) from None
     except RequestTimeout:
         raise ApiError(504, "timeout", f"not answered within {runtime.settings.request_timeout_s:g} s") from None
     except DefenseFailed:
         await _refund(runtime, caller, len(x))
-        raise ApiError(500, "defense_failed", "the defense could not answer this query; nothing of it is sent and "
-                                              "the request is not charged") from None
+        raise ApiError(
+            500,
+            "defense_failed",
+            "the defense could not answer this query; nothing of it is sent and the request is not charged",
+        ) from None
     method = runtime.interpreter_name
-    return PredictResponse(model=runtime.model_name, defense=runtime.defense_name,
-                           predictions=[_prediction(a, method, body.explain) for a in answers])
+    return PredictResponse(
+        model=runtime.model_name,
+        defense=runtime.defense_name,
+        predictions=[_prediction(a, method, body.explain) for a in answers],
+    )
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -88,8 +104,12 @@ def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
     """Count the caller's queries and spend them from its budget (429 when it does not cover them)."""
     if runtime.ledger is not None and runtime.ledger.spend(caller.key_id, queries) is None:
         left = runtime.ledger.remaining(caller.key_id)
-        raise ApiError(429, "budget_exhausted", f"the query budget of this key is spent ({left} left, {queries} asked)",
-                       field="Authorization")
+        raise ApiError(
+            429,
+            "budget_exhausted",
+            f"the query budget of this key is spent ({left} left, {queries} asked)",
+            field="Authorization",
+        )
     runtime.metrics.key_queries.labels(caller.key_id).inc(queries)
 
 
@@ -98,5 +118,6 @@ def _prediction(answer: Answer, method: str, explain: bool) -> Prediction:
     if explain and answer.attribution is not None:
         values = answer.attribution.detach().cpu()
         attribution = Attribution(method=method, shape=list(values.shape), values=values.tolist())
-    return Prediction(label=int(answer.label), probabilities=answer.probabilities.detach().cpu().tolist(),
-                      attribution=attribution)
+    return Prediction(
+        label=int(answer.label), probabilities=answer.probabilities.detach().cpu().tolist(), attribution=attribution
+    )

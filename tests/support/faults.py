@@ -58,8 +58,10 @@ class FaultyDefense(NoDefense):
             self.calls.append(len(x))
         first = x[:, 0, 0, 0]
         if bool((first == RAISE).any()):
-            raise RuntimeError(f"optimisation diverged; weights at /srv/models/victim.safetensors: "
-                               f"{self.model.net.features.conv1.weight.flatten()[:4]}")
+            raise RuntimeError(
+                f"optimisation diverged; weights at /srv/models/victim.safetensors: "
+                f"{self.model.net.features.conv1.weight.flatten()[:4]}"
+            )
         answers = super().answer(x, explain=explain)
         for value, a in zip(first.tolist(), answers, strict=True):
             if value == NAN:

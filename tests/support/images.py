@@ -18,10 +18,12 @@ def pixels(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> list:
 
 def png_bomb(width: int, height: int) -> str:
     """A tiny PNG (base64) whose header declares width × height; its pixel data would inflate to gigabytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(bytes(1 << 16))
-    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-                            + chunk(b"IEND", b"")).decode()
+    return base64.b64encode(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    ).decode()

@@ -3,6 +3,7 @@ run's (docs/results/mnist/accuracy.csv), as a Markdown table.
 
     python docs/results/attack-tuning/compare_runs.py
 """
+
 import csv
 from pathlib import Path
 

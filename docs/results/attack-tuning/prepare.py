@@ -3,6 +3,7 @@
 
     python docs/results/attack-tuning/prepare.py ../shared/data
 """
+
 import sys
 from pathlib import Path
 
