@@ -13,7 +13,8 @@ most ``max_wait`` seconds for more, and hands the batch to a single worker threa
 used by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's
 failure from failing the others. A request waits at most ``timeout`` seconds in all
 (:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and
-the request was cancelled) are dropped without being computed.
+the request was cancelled) are dropped without being computed: :meth:`Ticket.give_up` drops them
+and counts the instances that reached the model thread, which is what such a request is charged for.
 """
 
 from __future__ import annotations
@@ -70,6 +71,37 @@ class _Item:
     explain: bool
     future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # handed to the model thread: computed, or being computed now
+
+
+class Ticket:
+    """A request's instances on the queue: their answers, or — once the request gives up — how many of
+    them reached the model thread."""
+
+    def __init__(self, items: list[_Item], timeout: float) -> None:
+        self._items = items
+        self._timeout = timeout
+
+    async def answers(self) -> list[Answer]:
+        """The answers in order; raises RequestTimeout or DefenseFailed."""
+        gathered = asyncio.gather(*(i.future for i in self._items), return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(gathered, self._timeout)
+        except TimeoutError:
+            raise RequestTimeout from None
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    def give_up(self) -> int:
+        """Drop the instances still queued (they are never computed) and return how many were handed
+        to the model thread: answered, failed, or being computed now (those finish and their answers
+        are discarded). Everything runs on the event loop and the worker takes only instances whose
+        request has not given up, so the count is exact and final. A no-op once all are answered."""
+        for item in self._items:
+            item.future.cancel()
+        return sum(item.taken for item in self._items)
 
 
 class MicroBatcher:
@@ -164,35 +196,36 @@ class MicroBatcher:
             self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
         self.metrics.instance_cost.set(self.cost)
 
-    async def submit(self, x: Tensor, *, explain: bool) -> list[Answer]:
-        """Answers for a (B, C, H, W) batch, in order; raises QueueFull, RequestTimeout or
-        DefenseFailed. Cancelling the call drops the instances that are still queued."""
+    def enqueue(self, x: Tensor, *, explain: bool) -> Ticket:
+        """Queue a (B, C, H, W) batch, or raise QueueFull (nothing queued)."""
         self._admit(len(x))
         loop = asyncio.get_running_loop()
         items = [_Item(xi, explain, loop.create_future()) for xi in x]
-        self._queue.extend(items)
-        self.metrics.queue_instances.set(len(self._queue))
+        self.metrics.queue_instances.set(len(self._queue) + len(items))
+        self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
-        gathered = asyncio.gather(*(i.future for i in items), return_exceptions=True)
+        return Ticket(items, self.timeout)
+
+    async def submit(self, x: Tensor, *, explain: bool) -> list[Answer]:
+        """Answers for a (B, C, H, W) batch, in order; raises QueueFull, RequestTimeout or
+        DefenseFailed. Cancelling the call drops the instances that are still queued."""
+        ticket = self.enqueue(x, explain=explain)
         try:
-            results = await asyncio.wait_for(gathered, self.timeout)
-        except TimeoutError:
-            raise RequestTimeout from None
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)
+            return await ticket.answers()
+        finally:
+            ticket.give_up()
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
+            batch: list[_Item] = []
             try:
-                await self._serve(batch)
+                batch = await self._next_batch()
+                if batch:
+                    await self._serve(batch)
             except Exception:  # a bug here must not kill the worker and leave every later request to time out
                 logger.exception("micro-batch of %d failed outside the defense", len(batch))
                 self._settle(batch, [Failure("exception")] * len(batch))
+                await asyncio.sleep(0)  # a bug that repeats does not starve the event loop
             finally:
                 self._running = 0
 
@@ -258,17 +291,20 @@ class MicroBatcher:
         if not self._live():
             return []
         explain = self._queue[0].explain
-        batch, rest = [], deque()
+        batch: list[_Item] = []
+        rest: deque[_Item] = deque()
         for item in self._queue:
             if item.future.done():
                 self.metrics.dropped.inc()
-                continue
-            if item.explain == explain and len(batch) < self.max_batch:
+            elif item.explain == explain and len(batch) < self.max_batch:
                 batch.append(item)
             else:
                 rest.append(item)
+        self.metrics.queue_instances.set(len(rest))
+        # nothing changes before this point, so a failure above leaves the queue as it was
         self._queue = rest
-        self.metrics.queue_instances.set(len(self._queue))
+        for item in batch:
+            item.taken = True
         return batch
 
     def _answer(self, x: Tensor, explain: bool) -> list[Answer]:

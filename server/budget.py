@@ -44,7 +44,7 @@ class QueryLedger:
         return self.budget - spent if updated == 1 else None
 
     def refund(self, key_id: str, queries: int) -> None:
-        """Give back queries that were spent but not answered (the queue was full)."""
+        """Give back queries that were spent but are not charged (docs/server.md, "What a request costs")."""
         with self._lock:
             self._db.execute("UPDATE spent SET queries = MAX(queries - ?, 0) WHERE key_id = ?", (queries, key_id))
 

@@ -90,7 +90,8 @@ def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    field = "body" if exc.status_code == 400 else None  # a body that cannot be read at all, as for invalid_json
+    return error_response(exc.status_code, code, str(exc.detail), field=field, headers=exc.headers)
 
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:

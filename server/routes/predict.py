@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from defense import Answer
 
 from ..auth import Caller
-from ..batcher import DefenseFailed, QueueFull, RequestTimeout
+from ..batcher import DefenseFailed, QueueFull, RequestTimeout, Ticket
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
@@ -48,34 +48,54 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             field="instances",
         )
     x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
+    # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
     await run_in_threadpool(_spend, runtime, caller, len(x))
+    charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
+    ticket: Ticket | None = None
     try:
-        answers = await _unless_disconnected(request, batcher.submit(x, explain=body.explain))
+        ticket = batcher.enqueue(x, explain=body.explain)
+        runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
+        try:
+            answers = await _unless_disconnected(request, ticket.answers())
+        except (RequestTimeout, ClientClosed):
+            charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
+            raise
+        method = runtime.interpreter_name
+        response = PredictResponse(
+            model=runtime.model_name,
+            defense=runtime.defense_name,
+            predictions=[_prediction(a, method, body.explain) for a in answers],
+        )
+        charged = len(x)
+        return response
     except QueueFull as full:
-        await _refund(runtime, caller, len(x))
         raise ApiError(
             503, full.reason, "the server is busy; retry later", headers={"Retry-After": str(full.retry_after)}
         ) from None
     except RequestTimeout:
         raise ApiError(504, "timeout", f"not answered within {runtime.settings.request_timeout_s:g} s") from None
+    except ClientClosed:
+        raise ApiError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection") from None
     except DefenseFailed:
-        await _refund(runtime, caller, len(x))
         raise ApiError(
             500,
             "defense_failed",
             "the defense could not answer this query; nothing of it is sent and the request is not charged",
         ) from None
-    method = runtime.interpreter_name
-    return PredictResponse(
-        model=runtime.model_name,
-        defense=runtime.defense_name,
-        predictions=[_prediction(a, method, body.explain) for a in answers],
-    )
+    finally:
+        if ticket is not None:
+            ticket.give_up()  # whatever went wrong, nothing of this request stays queued
+        if charged < len(x):
+            await _refund(runtime, caller, len(x) - charged)
+
+
+class ClientClosed(Exception):
+    """The client went away before its answer was ready."""
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or — when the client disconnects first — ``work`` cancelled (its queued
-    instances are then dropped uncomputed) and a 499 that nobody reads but the metrics count."""
+    """``work``'s result, or — when the client disconnects first — ``work`` cancelled and
+    :class:`ClientClosed` (answered 499, which nobody reads but the metrics count)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -85,7 +105,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise ApiError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection")
+        raise ClientClosed
     return task.result()
 
 
@@ -96,12 +116,13 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _refund(runtime: Runtime, caller: Caller, queries: int) -> None:
+    """Give back queries that were spent but are not charged (see "What a request costs")."""
     if runtime.ledger is not None:
         await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries)
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
-    """Count the caller's queries and spend them from its budget (429 when it does not cover them)."""
+    """Spend the caller's queries from its budget (429, nothing spent, when it does not cover them)."""
     if runtime.ledger is not None and runtime.ledger.spend(caller.key_id, queries) is None:
         left = runtime.ledger.remaining(caller.key_id)
         raise ApiError(
@@ -110,7 +131,6 @@ def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
             f"the query budget of this key is spent ({left} left, {queries} asked)",
             field="Authorization",
         )
-    runtime.metrics.key_queries.labels(caller.key_id).inc(queries)
 
 
 def _prediction(answer: Answer, method: str, explain: bool) -> Prediction:
