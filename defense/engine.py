@@ -408,7 +408,10 @@ class DeepDefense(Defense):
         """Answers for queries x (B, C, H, W), optimised ``batch_size`` at a time.
 
         Faults stay with their query: if a batch's optimisation raises, its queries are answered
-        one by one, and a query whose own optimisation raises gets the safe answer.
+        one by one, and a query whose own optimisation raises gets the safe answer. A query whose
+        victim-side ``reference`` raises has no safe answer (it is made of the victim's top-k and
+        map): the call raises, and the server's isolation answers the other queries alone
+        (server/isolation.py; that query's request gets a 500 ``defense_failed``).
         """
         return self.answer_modes(x, (self.mode,), explain=explain)[self.mode]
 
@@ -422,7 +425,7 @@ class DeepDefense(Defense):
             except Exception:
                 if len(chunk) == 1:
                     raise
-                logger.exception("misdirection failed on a batch of %d; answering its queries one by one", len(chunk))
+                logger.exception("a batch of %d failed; answering its queries one by one", len(chunk))
                 parts = [self._answer_batch(xi.unsqueeze(0), explain, modes) for xi in chunk]
             for part in parts:
                 for m in modes:

@@ -41,9 +41,15 @@ class Failure:
 
 
 def answer_isolated(
-    defense: Defense, x: Tensor, *, explain: bool, num_classes: int, on_retry: Callable[[], None] = lambda: None
+    defense: Defense,
+    x: Tensor,
+    *,
+    explain: bool,
+    num_classes: int,
+    on_retry: Callable[[], None] = lambda: None,
 ) -> list[Answer | Failure]:
-    """One result per row of ``x``: the defense's answer, or a :class:`Failure` for that row alone."""
+    """One result per row of ``x``: the defense's answer, or a :class:`Failure` for that row alone (maps are
+    checked against the queries' height and width)."""
     try:
         answers = defense.answer(x, explain=explain)
         if not isinstance(answers, list) or len(answers) != len(x):
@@ -66,7 +72,7 @@ def answer_isolated(
         ]
     results: list[Answer | Failure] = []
     for answer in answers:
-        problem = answer_problem(answer, explain=explain, num_classes=num_classes)
+        problem = answer_problem(answer, explain=explain, num_classes=num_classes, map_shape=tuple(x.shape[-2:]))
         if problem is not None:
             logger.error("defense %r gave an answer that is not sent (%s)", defense.name, problem)
             results.append(Failure("invalid_answer"))
@@ -75,9 +81,12 @@ def answer_isolated(
     return results
 
 
-def answer_problem(answer: object, *, explain: bool, num_classes: int) -> str | None:
+def answer_problem(
+    answer: object, *, explain: bool, num_classes: int, map_shape: tuple[int, ...] | None = None
+) -> str | None:
     """What is wrong with an answer, or None when it may be sent: a label among the classes, finite
-    probabilities that form a distribution over them, and a finite 2-D map when one was asked for."""
+    probabilities that form a distribution over them, and a finite 2-D map (of ``map_shape``, the query's
+    height and width, when given) when one was asked for."""
     if not isinstance(answer, Answer):
         return f"not an Answer but {type(answer).__name__}"
     try:
@@ -99,6 +108,8 @@ def answer_problem(answer: object, *, explain: bool, num_classes: int) -> str | 
         return None  # a map that was not asked for is not sent
     if not isinstance(a, Tensor) or a.dim() != 2 or not a.is_floating_point():
         return "the map is not a 2-D float tensor"
+    if map_shape is not None and tuple(a.shape) != tuple(map_shape):
+        return "the map is not the size of the image"
     if not bool(torch.isfinite(a.detach()).all()):
         return "the map is not finite"
     return None

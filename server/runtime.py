@@ -133,7 +133,9 @@ class Runtime:
     async def _warm_up(self, batcher: MicroBatcher) -> None:
         probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
         for answer in await batcher.run_in_worker(probe, explain=True):
-            problem = answer_problem(answer, explain=True, num_classes=self.meta.num_classes)
+            problem = answer_problem(
+                answer, explain=True, num_classes=self.meta.num_classes, map_shape=tuple(self.input_shape[1:])
+            )
             if problem is not None:
                 raise StartupError(f"the warm-up answer of defense {self.defense_name!r} is unusable: {problem}")
 

@@ -230,12 +230,19 @@ ANSWERS = [
     pytest.param(True, good(attribution=[[0.0] * 28] * 28), "the map is not a 2-D float tensor", id="map-as-list"),
     pytest.param(True, good(attribution=torch.full((28, 28), math.nan)), "the map is not finite", id="nan-map"),
     pytest.param(True, good(attribution=torch.full((28, 28), -math.inf)), "the map is not finite", id="inf-map"),
+    # … of the image's height and width
+    pytest.param(True, good(attribution=torch.rand(5, 5)), "the map is not the size of the image", id="map-5x5"),
+    pytest.param(True, good(attribution=torch.rand(28, 27)), "the map is not the size of the image", id="map-28x27"),
 ]
+
+
+def test_a_map_of_any_size_passes_when_no_size_is_given() -> None:
+    assert answer_problem(good(attribution=torch.rand(5, 5)), explain=True, num_classes=K) is None
 
 
 @pytest.mark.parametrize(("explain", "answer", "problem"), ANSWERS)
 def test_answer_problem(explain: bool, answer: object, problem: str | None) -> None:
-    found = answer_problem(answer, explain=explain, num_classes=K)
+    found = answer_problem(answer, explain=explain, num_classes=K, map_shape=(28, 28))
     if problem is None:
         assert found is None
     else:
@@ -265,6 +272,11 @@ def _map_3d(a: Answer) -> Answer:
     return a
 
 
+def _small_map(a: Answer) -> Answer:
+    a.attribution = torch.rand(7, 7)
+    return a
+
+
 def _no_map(a: Answer) -> Answer:
     a.attribution = None
     return a
@@ -279,7 +291,15 @@ def _stray_map(a: Answer) -> Answer:
     return a
 
 
-BAD = {0.01: _shift_label, 0.02: _double, 0.03: _extra_class, 0.04: _map_3d, 0.05: _no_map, 0.06: _as_dict}
+BAD = {
+    0.01: _shift_label,
+    0.02: _double,
+    0.03: _extra_class,
+    0.04: _map_3d,
+    0.05: _no_map,
+    0.06: _as_dict,
+    0.08: _small_map,
+}
 STRAY_MAP = 0.07
 
 

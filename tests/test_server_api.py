@@ -21,8 +21,11 @@ from support.servers import error_of, serving
 from support.settings import make_settings
 
 from defense import NoDefense
+from defense.engine import safe_answer
 from defense.interpreters import create_interpreter
 from server.app import create_app
+from server.images import ImageLimits, to_tensor
+from server.schemas import Instance
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
@@ -41,9 +44,9 @@ def client(tmp_path: Path, defense: NoDefense) -> Iterator[TestClient]:
         yield c
 
 
-def encode(img: Image.Image, fmt: str = "PNG") -> str:
+def encode(img: Image.Image, fmt: str = "PNG", **options: int) -> str:
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.save(buf, format=fmt, **options)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,18 +102,104 @@ def test_predict_without_explanation_has_no_attribution(client: TestClient) -> N
     assert set(r.json()["predictions"][0]) == {"label", "probabilities"}
 
 
-def test_images_are_converted_to_the_models_channels_and_size(client: TestClient, victim: torch.nn.Module) -> None:
-    gray = Image.fromarray((torch.rand(28, 28, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
-    colour_big = Image.new("RGB", (56, 70), (200, 30, 90))
-    instances = [{"image_b64": encode(gray)}, {"image_b64": encode(colour_big)}, {"image_b64": encode(gray, "JPEG")}]
-    r = client.post("/predict", json={"instances": instances})
+# What server/images.py documents for a 1-channel model: any PNG/JPEG is converted to 8-bit grayscale ("L":
+# ITU-R 601-2 luma), resized to 28×28 with PIL's bilinear filter when its size differs, and scaled by 1/255.
+LIMITS = ImageLimits(max_bytes=20_000, max_pixels=250_000)  # the client fixture's limits
+JPEG_QUALITY = 90
+
+
+def decoded(image_b64: str) -> torch.Tensor:
+    """The tensor the server decodes from one ``image_b64`` instance, by the server's own function."""
+    return to_tensor(Instance(image_b64=image_b64), "instances[0].image_b64", SHAPE, LIMITS)
+
+
+def as_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit grayscale PIL image as a (1, 28, 28) tensor in [0, 1]."""
+    assert img.mode == "L" and img.size == (28, 28)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).unsqueeze(0)
+
+
+def random_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
+    channels = {"L": 1, "RGB": 3}[mode]
+    values = torch.randint(0, 256, (height, width, channels), generator=torch.Generator().manual_seed(seed))
+    img = Image.fromarray(values.to(torch.uint8).squeeze(-1).numpy())  # (H, W) → "L", (H, W, 3) → "RGB"
+    assert img.mode == mode
+    return img
+
+
+def smooth_digit() -> Image.Image:
+    """A smooth 28×28 grey blob on a gradient: an image JPEG encodes with little loss (unlike noise)."""
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
+    values = 0.8 * np.exp(-((yy - 12) ** 2 / 40 + (xx - 15) ** 2 / 18)) + 0.15 * xx / 27
+    return Image.fromarray(np.round(values * 255).astype(np.uint8))
+
+
+def test_a_colour_image_is_decoded_to_its_luma() -> None:
+    rgb = random_image("RGB", 28, 28, seed=5)
+    x = decoded(encode(rgb))
+    r, g, b = (torch.from_numpy(np.asarray(rgb, dtype=np.float64)[..., c]) for c in range(3))
+    luma = (0.299 * r + 0.587 * g + 0.114 * b) / 255  # ITU-R 601-2, PIL's documented "L" conversion
+    # the server holds whole grey levels (8-bit "L"): the documented luma rounded to the nearest level, where PIL's
+    # fixed-point coefficients add at most 0.003 of a level
+    assert x.shape == SHAPE and x.dtype == torch.float32
+    torch.testing.assert_close(x[0].double(), luma, rtol=0, atol=0.51 / 255)
+    # identity is the property: the colour PNG and the PNG of its own "L" conversion are the same pixels
+    assert torch.equal(x, decoded(encode(rgb.convert("L")))), "a colour image must decode to its grayscale conversion"
+
+
+def test_a_resized_image_is_pils_bilinear_resize() -> None:
+    big = random_image("L", 56, 70, seed=6)
+    # identity is the property: the same documented PIL call on the same pixels (a different filter or size fails)
+    expected = as_tensor(big.resize((28, 28), Image.Resampling.BILINEAR))
+    assert torch.equal(decoded(encode(big)), expected), "not PIL's bilinear resize to 28×28"
+    assert not torch.equal(expected, as_tensor(big.resize((28, 28), Image.Resampling.NEAREST)))  # the filter shows
+    # independent of PIL's resize: a constant colour stays constant, at its luma 0.299·200 + 0.587·30 + 0.114·90 ≈ 88
+    flat = decoded(encode(Image.new("RGB", (56, 70), (200, 30, 90))))
+    assert torch.equal(flat, torch.full(SHAPE, 88 / 255)), "a constant colour resized is its luma, exactly"
+
+
+def test_a_jpeg_decodes_close_to_its_source() -> None:
+    source = smooth_digit()
+    x = decoded(encode(source, "JPEG", quality=JPEG_QUALITY))
+    error = (x - as_tensor(source)).abs()
+    # JPEG is lossy: measured max 3 and mean 0.44 grey levels at quality 90 for this smooth image (6 and 0.7 at
+    # Pillow's default 75); 8 and 2 levels leave room for other libjpeg builds, while a wrong decode (other
+    # channel, no 1/255 scaling, inverted, shifted) is off by tens of levels
+    assert float(error.max()) <= 8 / 255 and float(error.mean()) <= 2 / 255, (
+        f"max {error.max():.4f}, mean {error.mean():.4f}"
+    )
+
+
+def test_image_answers_are_the_victims_on_the_decoded_pixels(client: TestClient, victim: torch.nn.Module) -> None:
+    """Over HTTP (defense ``none``): each image's answer is the victim's on the tensor the documented conversion
+    gives, computed here without the server's code (luma / PIL resize / PIL's JPEG decode)."""
+    rgb, big, source = random_image("RGB", 28, 28, seed=5), random_image("L", 56, 70, seed=6), smooth_digit()
+    jpeg = encode(source, "JPEG", quality=JPEG_QUALITY)
+    with Image.open(io.BytesIO(base64.b64decode(jpeg))) as img:
+        jpeg_pixels = as_tensor(img.convert("L"))
+    cases = [  # (instance, the tensor the server should answer on)
+        (encode(rgb), as_tensor(rgb.convert("L"))),
+        (encode(rgb.convert("L")), as_tensor(rgb.convert("L"))),
+        (encode(big), as_tensor(big.resize((28, 28), Image.Resampling.BILINEAR))),
+        (jpeg, jpeg_pixels),
+    ]
+    r = client.post("/predict", json={"instances": [{"image_b64": i} for i, _ in cases], "explain": True})
     assert r.status_code == 200
-    labels = [p["label"] for p in r.json()["predictions"]]
-    x = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255).view(1, 1, 28, 28)
-    probs = victim(x).softmax(-1)  # one image here, three in the server's batch: compared by a clear top-1
-    assert top1_margin(probs).min() > 100 * PATH_ATOL, "a near-tie: the top-1 may differ by path"
-    assert labels[0] == int(probs.argmax())
-    assert len(labels) == 3
+    predictions = r.json()["predictions"]
+    x = torch.stack([t for _, t in cases])
+    expected = victim(x).softmax(-1)  # four images here, one batch in the server: compared within PATH_ATOL
+    assert top1_margin(expected).min() > 100 * PATH_ATOL, "a near-tie: the top-1 may differ by path"
+    maps = create_interpreter("gradcam", victim, SHAPE).explain({}, x, expected.argmax(1)).attribution.detach()
+    for pred, probs, heat in zip(predictions, expected, maps, strict=True):
+        assert pred["label"] == int(probs.argmax())
+        torch.testing.assert_close(torch.tensor(pred["probabilities"]), probs, rtol=0, atol=PATH_ATOL)
+        torch.testing.assert_close(torch.tensor(pred["attribution"]["values"]), heat, rtol=0, atol=PATH_ATOL)
+    # the colour PNG and its grayscale PNG are the same pixels: the same answer, up to the row they sit in
+    first, second = (torch.tensor(p["probabilities"]) for p in predictions[:2])
+    torch.testing.assert_close(first, second, rtol=0, atol=PATH_ATOL)
+    # the JPEG is answered on its lossy pixels, and keeps its source's label (a clear top-1, far above the loss)
+    own = victim(as_tensor(source).unsqueeze(0)).softmax(-1)
+    assert top1_margin(own).min() > 0.05 and predictions[3]["label"] == int(own.argmax())
 
 
 def test_not_ready_answers_503(tmp_path: Path, defense: NoDefense) -> None:
@@ -370,13 +459,17 @@ def test_serve_flags_are_the_settings_with_their_defaults() -> None:
 
 
 class _FailClosed(NoDefense):
-    """Every answer is the documented safe answer, after a reported optimisation time."""
+    """Every answer is the documented safe answer (the victim's, put through ``safe_answer``), marked as a fallback,
+    after a reported optimisation time. Only the counting is tested here; the real engine's fallbacks over HTTP are
+    tests/test_fail_closed.py's."""
 
     name = "fake-dd"
 
     def answer(self, x: torch.Tensor, *, explain: bool = True) -> list:
-        answers = super().answer(x, explain=explain)
+        answers = super().answer(x, explain=True)
         for a in answers:
+            a.probabilities, a.attribution = safe_answer(a.probabilities, a.attribution, top_k=1)
+            a.attribution = a.attribution if explain else None
             a.fallback, a.stats = True, {"optimisation_seconds": 0.02}
         return answers
 

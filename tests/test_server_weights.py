@@ -1,5 +1,6 @@
 """200 concurrent requests leave the victim's weights byte-identical, and every answer keeps the
-victim's own top-1. Served through DeepDefense when the server can build it, else through ``none``."""
+victim's own top-1. Served through DeepDefense, built as the server builds it: a defense that cannot be
+built fails this test (it never falls back to ``none``, which would make any engine pass)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from support.numerics import PATH_ATOL, top1_margin
-from support.servers import serving
+from support.servers import metric_value, serving
 from support.settings import make_settings
 
-from defense import Defense
+from defense.engine import DeepDefense
 from server.app import create_app
 from server.runtime import build_defense
 from server.settings import ServerSettings
@@ -24,12 +25,12 @@ REQUESTS = 200
 FAST_ENGINE = {"steps": 2}  # a short optimisation: this test is about isolation, not defense quality
 
 
-def served_defense() -> Defense:
-    cpu = torch.device("cpu")
-    try:
-        return build_defense(ServerSettings(defense="deepdefense", engine=FAST_ENGINE), cpu)
-    except (TypeError, ValueError, ImportError, NotImplementedError):
-        return build_defense(ServerSettings(defense="none"), cpu)
+def served_defense() -> DeepDefense:
+    """The server's own loading path; any error building the engine is this test's failure."""
+    defense = build_defense(ServerSettings(defense="deepdefense", engine=FAST_ENGINE), torch.device("cpu"))
+    assert isinstance(defense, DeepDefense) and defense.name == "deepdefense", f"built {defense!r}, not DeepDefense"
+    assert defense.config.steps == FAST_ENGINE["steps"]
+    return defense
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -53,7 +54,7 @@ def test_concurrent_requests_never_touch_the_victim(tmp_path: Path) -> None:
     expected = probabilities.argmax(1).tolist()
     settings = make_settings(
         tmp_path,
-        defense=defense.name,
+        defense="deepdefense",
         max_batch_size=8,
         max_batch_wait_ms=2,
         queue_size=REQUESTS,
@@ -66,10 +67,14 @@ def test_concurrent_requests_never_touch_the_victim(tmp_path: Path) -> None:
                 lambda x: client.post("/predict", json={"instances": [{"pixels": x.tolist()}], "explain": True}), images
             )
         )
+        metrics = client.get("/metrics").text
     assert [r.status_code for r in responses] == [200] * REQUESTS
+    # every answer went through the engine's optimisation, not some other path (the warm-up is not counted)
+    optimised = metric_value(metrics, 'dd_defense_optimisation_seconds_count{defense="deepdefense"}')
+    assert optimised == REQUESTS, f"{optimised} answers optimised by DeepDefense, expected {REQUESTS}"
     for r, label in zip(responses, expected, strict=True):
         body = r.json()
-        assert body["defense"] == defense.name
+        assert body["defense"] == "deepdefense"
         (prediction,) = body["predictions"]
         assert prediction["label"] == label
         assert max(range(10), key=prediction["probabilities"].__getitem__) == label
