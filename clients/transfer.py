@@ -6,6 +6,13 @@ written to a temporary file and renamed, then the manifest is replaced the same 
 Ctrl-C at any point leaves the store at its last committed shard; a shard written but not yet listed
 is simply written again. Opening a store made by a different attack (another fingerprint) is refused,
 so answers of different servers or query plans are never mixed.
+
+A store that does not read back as it was written is refused with :class:`TransferStoreError`, which
+names the store and what is wrong, never read in part: a ``manifest.json`` that is not JSON or not of
+the shape above, a shard it lists that is missing or unreadable, or whose tensors disagree with its
+entry (count, keys, shapes) or with the other shards; shards in a folder without a manifest. The
+manifest, the shard headers and the counts are checked when the store is opened, before any query
+is sent on the strength of them; each shard's SHA-256 (recorded in its entry) when it is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -22,13 +30,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save, save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from clients.oracle import Oracle, OracleReply
 
 _MANIFEST = "manifest.json"
+_SHARD = "shard-{:06d}.safetensors"
+_REQUIRED = ("images", "labels", "probabilities")  # and "attributions" in every shard or in none
+
+
+class TransferStoreError(ValueError):
+    """A transfer-set store that cannot be read back as it was written; the message names the store."""
+
+    def __init__(self, root: Path, problem: str) -> None:
+        super().__init__(f"transfer set {root}: {problem}")
+        self.root = root
+        self.problem = problem
 
 
 @dataclass
@@ -70,22 +90,115 @@ class TransferStore:
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON
         manifest = self.root / _MANIFEST
         if manifest.is_file():
-            stored = json.loads(manifest.read_text())
+            stored = self._read_manifest(manifest)
             if stored["fingerprint"] != self.fingerprint:
                 differ = sorted(
                     k
                     for k in {*stored["fingerprint"], *self.fingerprint}
                     if stored["fingerprint"].get(k) != self.fingerprint.get(k)
                 )
-                raise ValueError(
-                    f"transfer set {self.root} was collected by another attack (differs in: "
-                    f"{', '.join(differ)}); choose another --store"
+                raise TransferStoreError(
+                    self.root,
+                    f"collected by another attack (differs in: {', '.join(differ)}); choose another --store",
                 )
             self.shards: list[dict[str, Any]] = stored["shards"]
+            self._check_shards()
         else:
+            strays = sorted(p.name for p in self.root.glob("shard-*.safetensors"))
+            if strays:
+                raise TransferStoreError(
+                    self.root,
+                    f"holds {len(strays)} shard file(s) ({strays[0]}, ...) but no {_MANIFEST}; "
+                    "they would be overwritten, so the folder is not used as a new store",
+                )
             self.root.mkdir(parents=True, exist_ok=True)
             self.shards = []
             self._write_manifest()
+
+    def _read_manifest(self, path: Path) -> dict[str, Any]:
+        """``manifest.json`` parsed and checked for shape: ``fingerprint`` an object, ``shards`` a list of
+        ``{"file": "shard-<i>.safetensors", "count": int >= 0, "round": int >= 0[, "sha256": hex]}`` in order."""
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TransferStoreError(self.root, f"{_MANIFEST} is not valid JSON ({err})") from err
+
+        def bad(what: str) -> TransferStoreError:
+            return TransferStoreError(self.root, f"{_MANIFEST} is malformed: {what}")
+
+        if not isinstance(stored, dict):
+            raise bad(f"expected an object, found {type(stored).__name__}")
+        missing = [k for k in ("fingerprint", "shards") if k not in stored]
+        if missing:
+            raise bad(f"missing key(s) {', '.join(missing)}")
+        if not isinstance(stored["fingerprint"], dict):
+            raise bad(f"'fingerprint' must be an object, found {type(stored['fingerprint']).__name__}")
+        if not isinstance(stored["shards"], list):
+            raise bad(f"'shards' must be a list, found {type(stored['shards']).__name__}")
+        for i, entry in enumerate(stored["shards"]):
+            where = f"shards[{i}]"
+            if not isinstance(entry, dict):
+                raise bad(f"{where} must be an object, found {type(entry).__name__}")
+            lacking = [k for k in ("file", "count", "round") if k not in entry]
+            if lacking:
+                raise bad(f"{where} is missing key(s) {', '.join(lacking)}")
+            if entry["file"] != _SHARD.format(i):
+                # append names the next shard by position: any other name would be overwritten or skipped
+                raise bad(f"{where}.file is {entry['file']!r}, expected {_SHARD.format(i)!r}")
+            for key in ("count", "round"):
+                value = entry[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise bad(f"{where}.{key} must be a whole number >= 0, found {value!r}")
+            if "sha256" in entry and not (
+                isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+            ):
+                raise bad(f"{where}.sha256 must be 64 lowercase hex digits, found {entry['sha256']!r}")
+        return stored
+
+    def _check_shards(self) -> None:
+        """Every listed shard is present, its header readable, and its tensors agree with its entry
+        (count) and with the first shard (keys, shapes after the first dimension). Reads headers only."""
+        first: dict[str, list[int]] | None = None
+        for entry in self.shards:
+            path = self.root / entry["file"]
+            if not path.is_file():
+                raise TransferStoreError(self.root, f"shard {entry['file']} is listed in {_MANIFEST} but missing")
+            try:
+                with safe_open(str(path), "pt") as fh:
+                    shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+            except SafetensorError as err:
+                raise TransferStoreError(self.root, f"shard {entry['file']} is corrupt ({err})") from err
+            self._check_shard(entry, shapes, first)
+            first = first or shapes
+
+    def _check_shard(
+        self, entry: dict[str, Any], shapes: dict[str, list[int]], first: dict[str, list[int]] | None
+    ) -> None:
+        name = entry["file"]
+        lacking = [k for k in _REQUIRED if k not in shapes]
+        if lacking:
+            raise TransferStoreError(self.root, f"shard {name} lacks tensor(s) {', '.join(lacking)}")
+        for key, shape in shapes.items():
+            if not shape or shape[0] != entry["count"]:
+                rows = shape[0] if shape else "no"
+                raise TransferStoreError(
+                    self.root, f"shard {name} holds {rows} rows of {key}, its {_MANIFEST} entry counts {entry['count']}"
+                )
+        if first is None:
+            return
+        if ("attributions" in shapes) != ("attributions" in first):
+            has = "has" if "attributions" in shapes else "has no"
+            raise TransferStoreError(
+                self.root,
+                f"shard {name} {has} attribution maps, unlike {self.shards[0]['file']}; maps would be dropped",
+            )
+        for key, shape in shapes.items():
+            if key in first and shape[1:] != first[key][1:]:
+                raise TransferStoreError(
+                    self.root,
+                    f"shard {name} has {key} of shape [*, {', '.join(map(str, shape[1:]))}], "
+                    f"{self.shards[0]['file']} [*, {', '.join(map(str, first[key][1:]))}]",
+                )
 
     def __len__(self) -> int:
         return sum(s["count"] for s in self.shards)
@@ -103,27 +216,52 @@ class TransferStore:
         }
         if reply.attributions is not None:
             tensors["attributions"] = reply.attributions.cpu().float().contiguous()
-        name = f"shard-{len(self.shards):06d}.safetensors"
-        _atomic_write(self.root / name, lambda p: save_file(tensors, str(p)))
-        self.shards.append({"file": name, "count": len(x), "round": round_})
+        name = _SHARD.format(len(self.shards))
+        data = save(tensors)
+        _atomic_write(self.root / name, lambda p: p.write_bytes(data))
+        self.shards.append({"file": name, "count": len(x), "round": round_, "sha256": hashlib.sha256(data).hexdigest()})
         self._write_manifest()
 
     def load(self) -> TransferSet:
-        """Every committed query, in the order they were sent."""
-        parts = [load_file(str(self.root / s["file"])) for s in self.shards]
-        if not parts:
-            raise ValueError(f"transfer set {self.root} is empty")
-        cat = {k: torch.cat([p[k] for p in parts]) for k in ("images", "labels", "probabilities")}
-        maps = torch.cat([p["attributions"] for p in parts]) if all("attributions" in p for p in parts) else None
+        """Every committed query, in the order they were sent; :class:`TransferStoreError` if there are
+        none (every caller trains or measures on them) or a shard does not read back as written."""
+        if not self.shards:
+            raise TransferStoreError(self.root, "holds no queries (nothing has been collected into it)")
+        parts: list[dict[str, Tensor]] = []
+        for entry in self.shards:
+            parts.append(self._load_shard(entry, {k: list(t.shape) for k, t in parts[0].items()} if parts else None))
+        cat = {k: torch.cat([p[k] for p in parts]) for k in _REQUIRED}
+        maps = torch.cat([p["attributions"] for p in parts]) if "attributions" in parts[0] else None
         rounds = torch.cat([torch.full((s["count"],), s["round"], dtype=torch.long) for s in self.shards])
         return TransferSet(cat["images"], cat["labels"], cat["probabilities"], maps, rounds)
+
+    def _load_shard(self, entry: dict[str, Any], first: dict[str, list[int]] | None) -> dict[str, Tensor]:
+        name = entry["file"]
+        try:
+            data = (self.root / name).read_bytes()
+        except FileNotFoundError as err:
+            raise TransferStoreError(self.root, f"shard {name} is listed in {_MANIFEST} but missing") from err
+        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise TransferStoreError(self.root, f"shard {name} is corrupt (its SHA-256 differs from {_MANIFEST})")
+        try:
+            tensors = load(data)
+        except SafetensorError as err:
+            raise TransferStoreError(self.root, f"shard {name} is corrupt ({err})") from err
+        self._check_shard(entry, {k: list(t.shape) for k, t in tensors.items()}, first)
+        return tensors
 
     def plan(self, name: str, make: Callable[[], Tensor]) -> Tensor:
         """The queries planned under ``name``: read back when stored, else made and stored first, so
         that a resumed run sends exactly the queries the interrupted one would have sent."""
         path = self.root / f"plan-{name}.safetensors"
         if path.is_file():
-            return load_file(str(path))["x"]
+            try:
+                x = load(path.read_bytes()).get("x")
+            except SafetensorError as err:
+                raise TransferStoreError(self.root, f"{path.name} is corrupt ({err})") from err
+            if x is None:
+                raise TransferStoreError(self.root, f"{path.name} holds no tensor 'x'")
+            return x
         x = make().detach().cpu().float().contiguous()
         _atomic_write(path, lambda p: save_file({"x": x}, str(p)))
         return x

@@ -1,4 +1,7 @@
-"""`deepdefense bench` end to end at toy scale: every path measured, JSON and Markdown written."""
+"""`deepdefense bench` end to end at toy scale: every path measured, JSON and Markdown written.
+
+The speed figures are the bench's output and are checked for presence and order only (p50 <= p95),
+never against a limit: this test must pass on any machine, however slow or busy."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def test_bench_measures_every_path(tmp_path: Path, data_root: Path) -> None:
             "--clients",
             "1,2",
             "--duration",
-            "3",
+            "120",  # an upper bound only: each server phase ends at its 6-request cap (a second or two here)
             "--max-requests",
             "6",
             "--set",
@@ -49,7 +52,8 @@ def test_bench_measures_every_path(tmp_path: Path, data_root: Path) -> None:
     for row in result["rows"]:
         assert row["queries"] > 0 and row["queries_per_second"] > 0 and row["peak_memory_mb"] > 0
         assert 0 < row["ms_per_query_p50"] <= row["ms_per_query_p95"]
-    assert result["rows"][-1]["notes"]["statuses"] == {"200": result["rows"][-1]["queries"]}
+    for row in result["rows"][-2:]:  # the server phases: the cap, not the clock, ended them; every answer a 200
+        assert row["queries"] == 6 and row["notes"]["statuses"] == {"200": 6}, row
     assert "batched engine ×4 / one-query engine" in result["ratios"]
     table = out.with_suffix(".md").read_text()
     assert "| server | 2 |" in table and "deepdefense bench" in table

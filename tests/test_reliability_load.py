@@ -2,6 +2,12 @@
 immediate 503s with Retry-After — no timeouts, no transport errors, latency bounded by the
 admission limit, resident memory flat.
 
+Latency is judged by the server's own clock (``dd_queue_wait_seconds``), which admission controls,
+not by the load generator's: its 32 clients share the CPU with the server, so on a slow or busy
+machine their round trips grow for reasons admission cannot see. Time limits here are either the
+server's configured limits (a 504 or a client timeout is a failure by status) or many times the
+typical value.
+
 The CI form runs 5 s against a fast fake defense. The two-minute form runs against the real
 defended server (``deepdefense serve`` with its defaults, DeepDefense + Grad-CAM) and is behind a
 flag: ``DD_SOAK=1 python -m pytest -q tests/test_reliability_load.py`` (``DD_SOAK_SECONDS``
@@ -16,7 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support.settings import make_settings
 
 from clients.latency import percentiles
@@ -34,13 +42,24 @@ SOAK_SECONDS = float(os.environ.get("DD_SOAK_SECONDS", "120"))
 SOAK_REPORT = os.environ.get("DD_SOAK_REPORT")
 
 
-def assert_overload_is_orderly(report: LoadReport, request_timeout_s: float) -> None:
-    """Served answers and 503s with Retry-After only; latency below the request timeout."""
+def assert_overload_is_orderly(report: LoadReport) -> None:
+    """Served answers and 503s with Retry-After only: no 504 (nothing reached the server's request
+    timeout), no transport error (nor the client's timeout), no other status."""
     assert report.served > 0
     assert set(report.statuses) <= {"200", "503"}, report.statuses
     assert all(e in ("503 overloaded", "503 queue_full") for e in report.errors), report.errors
     assert report.retry_after_s["missing"] == 0
-    assert report.latency_all_ms["max"] < 1000 * request_timeout_s
+
+
+def queue_waits(url: str) -> dict[float, float]:
+    """The server's ``dd_queue_wait_seconds`` histogram: instances that waited at most ``le`` seconds
+    before their micro-batch ran, by bucket (``inf``: every instance that ran)."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    return {
+        float(s.labels["le"]): s.value
+        for s in families["dd_queue_wait_seconds"].samples
+        if s.name == "dd_queue_wait_seconds_bucket"
+    }
 
 
 def test_short_soak_overload_becomes_503_with_retry_after(tmp_path: Path) -> None:
@@ -58,13 +77,24 @@ def test_short_soak_overload_becomes_503_with_retry_after(tmp_path: Path) -> Non
         report = asyncio.run(
             run_load(LoadConfig(url=url, clients=32, duration_s=5, timeout_s=10, server_pid=process.pid, seed=0))
         )
-    assert_overload_is_orderly(report, request_timeout_s=5)
-    assert report.served >= 50 and report.statuses.get("503", 0) >= 10  # it was overloaded, and it served
-    assert report.latency_ms["p99"] < 2000  # admission keeps latency near DD_MAX_EXPECTED_LATENCY_S
-    assert report.retry_after_s["min"] >= 1
+        waits = queue_waits(url)
+    summary = {k: v for k, v in report.as_dict().items() if k not in ("server_metrics", "rss_mb")} | {"waits": waits}
+    assert_overload_is_orderly(report)
+    # It was overloaded and it served. Measured on one core, alone or beside 1-2 CPU hogs: 120-210 served,
+    # 75-100 refused. 503s do not fall on a slower machine (admission refuses more); served does, hence 20.
+    assert report.served >= 20 and report.statuses.get("503", 0) >= 10, summary
     assert report.server_metrics["dd_rejected_requests_total{reason=overloaded}"] >= 10
-    assert report.rss_mb["samples"] >= 5 and report.rss_mb["growth"] < 50
-    assert shutdown["exit_code"] in (0, -15) and shutdown["seconds_after_sigterm"] < 10
+    assert report.retry_after_s["min"] >= 1
+    # Admission keeps latency near DD_MAX_EXPECTED_LATENCY_S (0.3 s) by the server's clock: 95% of admitted
+    # instances start within 0.5 s (the limit + 0.2 s). Measured on one core, alone or beside 1-2 CPU hogs:
+    # all of them did (mean 0.08-0.13 s); with admission off (limit 3600 s) most wait 0.7-0.8 s, so this fails.
+    # (The clients' own p99, 0.35-1.75 s in the same runs and 0.8 s with admission off, was the old check, < 2 s:
+    # it measures the load generator's share of the CPU, not admission.)
+    assert waits[0.5] >= 0.95 * waits[float("inf")] > 0, summary
+    # memory sampled once a second (6 samples in 5 s); 3 is enough to see growth if the sampler runs late
+    assert report.rss_mb["samples"] >= 3 and report.rss_mb["growth"] < 50, report.rss_mb
+    # the drain after SIGTERM takes 0.3 s here; 10 s is the bound on "exits promptly"
+    assert shutdown["exit_code"] in (0, -15) and shutdown["seconds_after_sigterm"] < 10, shutdown
 
 
 @pytest.mark.skipif(not SOAK, reason="the two-minute soak runs with DD_SOAK=1")
@@ -81,7 +111,7 @@ def test_two_minute_soak_against_the_defended_server(tmp_path: Path) -> None:
     report.shutdown = shutdown
     if SOAK_REPORT:
         Path(SOAK_REPORT).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    assert_overload_is_orderly(report, request_timeout_s=30)
+    assert_overload_is_orderly(report)
     assert report.rss_mb["growth_second_half"] < 50
     assert shutdown["exit_code"] in (0, -15)
 
@@ -102,7 +132,7 @@ def test_the_load_command_reports_over_loopback_only(
                     "--clients",
                     "3",
                     "--duration",
-                    "1",
+                    "60",  # an upper bound only: the 20-request cap ends the run (in under a second here)
                     "--max-requests",
                     "20",
                     "--no-explain",
@@ -133,8 +163,6 @@ def test_percentiles_by_nearest_rank() -> None:
 def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path, defense: NoDefense) -> None:
     """With equal idle timeouts a client may reuse a connection just as the server closes it: a soak
     client waiting a 4-second Retry-After (+ jitter) got a transport ReadError that way."""
-    import httpx
-
     from server.app import uvicorn_config
 
     app = create_app(make_settings(tmp_path), defense)

@@ -20,18 +20,22 @@ from prometheus_client.parser import text_string_to_metric_families
 def serving(app: FastAPI, **client_options: Any) -> Iterator[TestClient]:
     """``app`` in FastAPI's TestClient (lifespan run); yields the client once ``/readyz`` answers 200."""
     with TestClient(app, **client_options) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.01)
+        wait_until(lambda: client.get("/readyz").status_code == 200, timeout=30, what="server ready (/readyz 200)")
         yield client
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` every 5 ms; fail the test if it is not true within ``timeout`` seconds."""
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str | None = None) -> None:
+    """Poll ``condition`` every 5 ms; fail the test if it is not true within ``timeout`` seconds.
+
+    The deadline is there so that a condition that never comes fails the test instead of hanging it;
+    it is not a speed requirement: the conditions polled here come within milliseconds, so the
+    default of 10 s leaves a slow or busy machine room to spare."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
+        if time.monotonic() >= deadline:
+            code = getattr(condition, "__code__", None)
+            where = f"{code.co_filename}:{code.co_firstlineno}" if code else repr(condition)
+            raise AssertionError(f"{what or 'condition at ' + where} not reached within {timeout:g} s")
         time.sleep(0.005)
 
 
