@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from support.faults import FALLBACK, INF_MAP, NAN, RAISE, SHAPE, FaultyDefense, marked
-from support.servers import bearer, error_of, metric_value, serving
+from support.servers import bearer, error_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
 from defense import Answer, NoDefense
@@ -154,8 +153,7 @@ def test_a_defense_whose_warm_up_answer_is_unusable_never_becomes_ready(
 
     with TestClient(app) as client:
         runtime = app.state.runtime
-        while runtime.state == "starting":
-            time.sleep(0.01)
+        wait_until(lambda: runtime.state != "starting", timeout=60)
         assert runtime.state == "failed" and "not finite" in (runtime.failure or "")
         r = client.post("/predict", json={"instances": [{"pixels": marked(0.9).tolist()}]})
         assert r.status_code == 503 and error_of(r)["code"] == "not_ready"
