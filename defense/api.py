@@ -20,6 +20,7 @@ class Answer:
     probabilities: Tensor  # (K,), sums to 1
     attribution: Tensor | None  # (H, W), None when no explanation was asked for
     fallback: bool = False  # True: the documented safe answer (see docs/design.md, "Fail closed")
+    misinformed: bool = False  # True: the misinformation gate answered it (defense/gate.py); counted, never sent
     stats: dict[str, float] = field(default_factory=dict)
 
 

@@ -25,8 +25,24 @@ def load_defense(
     **options: Any,
 ) -> tuple[Defense, CheckpointMeta]:
     model, meta = load_checkpoint(checkpoint, device=device)
+    if meta.extra.get("kind") == "misinformation":  # confidently wrong by design: never served as a victim
+        raise ValueError(f"checkpoint {checkpoint} is a misinformation model, not a victim; serve its victim")
     model.requires_grad_(False)
     bound = create_interpreter(interpreter, model, tuple(meta.input_shape))
     if defense in ENGINE_MODES:
         options.setdefault("sensitivity", checkpoint_sensitivity(model, meta, data_root))
     return create_defense(defense, model, bound, **options), meta
+
+
+def load_gate(inner: Defense, checkpoint: str, *, device: str | torch.device = "cpu") -> Defense:
+    """``inner`` behind the misinformation gate of ``checkpoint``: the domain score and the misinformation
+    model shipped beside it (each refused unless its hashes name these victim weights)."""
+    from .domain import load_domain_score
+    from .gate import MisinformationGate
+    from .misinformation import load_misinformation
+
+    score, _ = load_domain_score(checkpoint, inner.model, device)
+    misinformation, meta = load_misinformation(checkpoint, device=device)
+    misinformation.eval().requires_grad_(False)
+    interpreter = create_interpreter(inner.interpreter.name, misinformation, tuple(meta.input_shape))
+    return MisinformationGate(inner, score.score, score.threshold, misinformation, interpreter)

@@ -74,6 +74,12 @@ class ServerMetrics:
             ["defense"],
             registry=r,
         )
+        self.misinformed = Counter(
+            "dd_misinformed_answers_total",
+            "Answers the misinformation gate gave (queries its domain score flagged as out of domain).",
+            ["defense"],
+            registry=r,
+        )
         self.key_queries = Counter(
             "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=r
         )
@@ -104,6 +110,7 @@ class ServerMetrics:
         )
         self.answers.labels(defense)
         self.fallbacks.labels(defense)
+        self.misinformed.labels(defense)
         for reason in FAILURE_REASONS:
             self.failures.labels(defense, reason)
         for reason in REJECT_REASONS:
@@ -116,6 +123,8 @@ class ServerMetrics:
         self.answers.labels(self.defense).inc()
         if answer.fallback:
             self.fallbacks.labels(self.defense).inc()
+        if answer.misinformed:
+            self.misinformed.labels(self.defense).inc()
         seconds = answer.stats.get("optimisation_seconds")
         if seconds is not None:
             self.optimisation.labels(self.defense).observe(seconds)

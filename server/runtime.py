@@ -14,7 +14,7 @@ import torch
 
 from common.device import resolve_device
 from defense import Defense
-from defense.loader import load_defense
+from defense.loader import load_defense, load_gate
 from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
 from .auth import KeyRing
@@ -49,6 +49,8 @@ def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
         data_root=settings.data_root,
         **options,
     )
+    if settings.gate == "misinform":
+        defense = load_gate(defense, settings.checkpoint, device=device)
     return defense
 
 

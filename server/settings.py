@@ -39,6 +39,11 @@ class ServerSettings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     engine: dict[str, Any] = Field(default_factory=dict, description="keyword options passed to the defense")
     data_root: str | None = Field(None, description="data sets, for layer sensitivity not stored in the checkpoint")
+    gate: Literal["none", "misinform"] = Field(
+        "none",
+        description="misinform: queries the checkpoint's domain score flags as out of domain are answered from its "
+        "misinformation model (Adaptive Misinformation), in front of any defense",
+    )
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")

@@ -1,10 +1,11 @@
 """One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 (``args.command_line`` holds the command as typed, for the records it writes)."""
 
-from . import attack, bench, client, eval, fidelity, load, sensitivity, serve, train
+from . import attack, bench, client, domain, eval, fidelity, load, misinfo, sensitivity, serve, train
 
 COMMANDS = {
     "train": train,
+    "misinfo": misinfo,
     "sensitivity": sensitivity,
     "fidelity": fidelity,
     "serve": serve,
@@ -13,4 +14,5 @@ COMMANDS = {
     "load": load,
     "eval": eval,
     "bench": bench,
+    "domain": domain,
 }
