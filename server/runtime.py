@@ -88,7 +88,8 @@ class Runtime:
     async def start(self) -> None:
         """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
         if self.defense_name == "none":
-            logger.warning("serving %s UNDEFENDED (defense 'none'), as asked", self.model_name)
+            gated = " except for the misinformation gate" if self.settings.gate == "misinform" else ""
+            logger.warning("serving %s UNDEFENDED (defense 'none')%s, as asked", self.model_name, gated)
         self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name="dd-prepare")
 
     async def stop(self) -> None:
