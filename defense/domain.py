@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, read_meta, resolve_checkpoint, sha256_file
+from models.checkpoint import CheckpointError, read_meta, resolve_checkpoint, sha256_file, verified_weights
 
 from .outliers import OUTLIERS, mild_affine, synthesise
 
@@ -395,15 +395,7 @@ def load_domain_score(
     if not meta_path.is_file():
         raise DomainScoreError(f"no domain score for checkpoint {victim_path.stem} ({meta_path.name} not found)")
     meta = read_domain_meta(meta_path)
-    weights = meta_path.parent / meta.weights
-    if not weights.is_file():
-        raise DomainScoreError(f"domain score {meta_path.stem}: weights file {meta.weights!r} is missing")
-    actual = sha256_file(weights)
-    if actual != meta.sha256:
-        raise DomainScoreError(
-            f"domain score {meta_path.stem}: sha256 of {meta.weights} is {actual[:12]}…, metadata says "
-            f"{meta.sha256[:12]}…; refusing to load"
-        )
+    weights = verified_weights(meta_path, meta.weights, meta.sha256, "domain score", DomainScoreError)
     victim = read_meta(victim_path)
     if meta.victim.get("sha256") != victim.sha256:
         raise DomainScoreError(

@@ -95,6 +95,22 @@ def read_meta(meta_path: Path) -> CheckpointMeta:
         raise CheckpointError(f"checkpoint metadata {meta_path.name} is malformed: {err}") from None
 
 
+def verified_weights(
+    meta_path: Path, weights: str, sha256: str, what: str = "checkpoint", error: type[Exception] = CheckpointError
+) -> Path:
+    """The weights file named in the metadata at ``meta_path``, once it exists and its sha256 is the recorded one."""
+    path = meta_path.parent / weights
+    if not path.is_file():
+        raise error(f"{what} {meta_path.stem}: weights file {weights!r} is missing")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise error(
+            f"{what} {meta_path.stem}: sha256 of {weights} is {actual[:12]}…, metadata says {sha256[:12]}…; "
+            "refusing to load"
+        )
+    return path
+
+
 def load_checkpoint(
     name_or_path: str | os.PathLike[str], *, arch: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Normalized, CheckpointMeta]:
@@ -103,15 +119,7 @@ def load_checkpoint(
     meta = read_meta(meta_path)
     if arch is not None and meta.arch != arch:
         raise CheckpointError(f"checkpoint {meta_path.stem} holds architecture {meta.arch!r}, expected {arch!r}")
-    weights = meta_path.parent / meta.weights
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint {meta_path.stem}: weights file {meta.weights!r} is missing")
-    actual = sha256_file(weights)
-    if actual != meta.sha256:
-        raise CheckpointError(
-            f"checkpoint {meta_path.stem}: sha256 of {meta.weights} is {actual[:12]}…, metadata says "
-            f"{meta.sha256[:12]}…; refusing to load"
-        )
+    weights = verified_weights(meta_path, meta.weights, meta.sha256)
     model = build_model(meta)
     try:
         state = load_file(str(weights))

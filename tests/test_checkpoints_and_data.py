@@ -1,25 +1,18 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.idx import write_idx
 
 from deepdefense.cli import main as cli
 from models import CheckpointError, load_checkpoint
 from models.data import DatasetNotFoundError, class_names, load_split
 from models.train import evaluate
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0801 if array.ndim == 1 else 0x0803
-    with open(path, "wb") as fh:
-        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
-        fh.write(array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture()
@@ -34,8 +27,8 @@ def tiny_mnist(tmp_path: Path) -> Path:
         for i, c in enumerate(labels):
             r, col = divmod(int(c), 5)
             images[i, 4 + 10 * r : 12 + 10 * r, 2 + 5 * col : 6 + 5 * col] = 255
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return tmp_path
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.idx import write_idx
 
 from deepdefense.cli import main as cli
 from defense.domain import (
@@ -256,13 +256,6 @@ def test_selection_takes_the_best_utility() -> None:
     assert select_method({"msp": cand("msp", 0.5, 0.0), "energy": cand("energy", 0.5, 0.0)}) == "msp"
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0801 if array.ndim == 1 else 0x0803
-    with open(path, "wb") as fh:
-        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
-        fh.write(array.astype(np.uint8).tobytes())
-
-
 def test_command_fits_selects_saves_and_reports(tmp_path: Path) -> None:
     """End to end on stand-in data sets (digit-like strokes for MNIST, blocks for the foreign set)."""
     rng = np.random.default_rng(0)
@@ -277,8 +270,8 @@ def test_command_fits_selects_saves_and_reports(tmp_path: Path) -> None:
                     images[i, 5:23, c : c + 3] = 255  # a vertical stroke, a one
                 else:
                     images[i, 6:22, 4:24] = rng.integers(80, 255)
-            _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-            _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(len(images)) % 10)
+            write_idx(raw / f"{split}-images-idx3-ubyte", images)
+            write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(len(images)) % 10)
     for suffix in (".json", ".safetensors"):
         shutil.copy(SHIPPED_DIR / f"lenet-mnist{suffix}", tmp_path / f"lenet-mnist{suffix}")
     report = tmp_path / "report.md"

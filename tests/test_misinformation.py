@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.idx import write_idx
 
 from deepdefense.cli import main as cli
 from defense.interpreters import create_interpreter
@@ -187,13 +187,6 @@ def test_shipped_model_is_rarely_right_on_mnist(data_root: Path) -> None:
 # --- the command ------------------------------------------------------------------------------------
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0801 if array.ndim == 1 else 0x0803
-    with open(path, "wb") as fh:
-        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
-        fh.write(array.astype(np.uint8).tobytes())
-
-
 def _tiny_mnist(root: Path) -> Path:
     """A 256/64-image stand-in in MNIST's raw layout: class c is a bright bar at position c."""
     rng = np.random.default_rng(0)
@@ -204,8 +197,8 @@ def _tiny_mnist(root: Path) -> Path:
         images = rng.integers(0, 40, (n, 28, 28))
         for i, c in enumerate(labels):
             images[i, 4:24, 2 + 2 * int(c) : 4 + 2 * int(c)] = 255
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
 
 
