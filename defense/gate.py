@@ -29,34 +29,28 @@ from .interpreters import Interpreter
 
 
 class MisinformationGate(Defense):
-    """``inner``'s answers, except for the queries ``score`` puts below ``threshold``."""
+    """``inner``'s answers, except for the queries ``flags`` marks as out of domain (``DomainScore.flags``:
+    True where the score is below its threshold)."""
 
     def __init__(
         self,
         inner: Defense,
-        score: Callable[[Tensor], Tensor],
-        threshold: float,
+        flags: Callable[[Tensor], Tensor],
         misinformation: nn.Module,
         misinformation_interpreter: Interpreter,
     ) -> None:
         super().__init__(inner.model, inner.interpreter)
-        self.inner, self.score, self.threshold = inner, score, float(threshold)
+        self.inner, self.flags = inner, flags
         self.misinformation, self.misinformation_interpreter = misinformation, misinformation_interpreter
         self.name = inner.name  # the gate is a setting of the defense, not another defense
 
     def public_settings(self) -> dict[str, Any]:
         return {**self.inner.public_settings(), "gate": "misinform"}
 
-    def flags(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The domain score of each query and whether it is flagged (score below the threshold)."""
-        with torch.no_grad():
-            s = self.score(x).reshape(-1)
-        return s, s < self.threshold
-
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
         answers = self.inner.answer(x, explain=explain)  # every query pays the same path first
-        _, flagged = self.flags(x)
-        rows = flagged.nonzero().flatten().tolist()
+        with torch.no_grad():
+            rows = self.flags(x).reshape(-1).nonzero().flatten().tolist()
         if not rows:
             return answers
         xf = x[rows]

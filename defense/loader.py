@@ -45,4 +45,4 @@ def load_gate(inner: Defense, checkpoint: str, *, device: str | torch.device = "
     misinformation, meta = load_misinformation(checkpoint, device=device)
     misinformation.eval().requires_grad_(False)
     interpreter = create_interpreter(inner.interpreter.name, misinformation, tuple(meta.input_shape))
-    return MisinformationGate(inner, score.score, score.threshold, misinformation, interpreter)
+    return MisinformationGate(inner, score.flags, misinformation, interpreter)

@@ -30,9 +30,9 @@ SHAPE = (1, 28, 28)
 MARK = 0.5  # a query whose first pixel is MARK is out of domain for the fake score
 
 
-def marked_score(x: torch.Tensor) -> torch.Tensor:
-    """1 for ordinary queries, 0 for marked ones."""
-    return (x[:, 0, 0, 0] != MARK).float()
+def marked(x: torch.Tensor) -> torch.Tensor:
+    """The fake domain score's flags: True for marked queries."""
+    return x[:, 0, 0, 0] == MARK
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,7 @@ def gate() -> MisinformationGate:
     torch.manual_seed(1)
     misinformation = LeNet().eval().requires_grad_(False)
     interpreter = create_interpreter("gradcam", misinformation, SHAPE)
-    return MisinformationGate(
-        inner, marked_score, threshold=0.5, misinformation=misinformation, misinformation_interpreter=interpreter
-    )
+    return MisinformationGate(inner, marked, misinformation=misinformation, misinformation_interpreter=interpreter)
 
 
 def queries(n: int, marked: list[int]) -> torch.Tensor:
