@@ -30,7 +30,12 @@ from .interpreters import Interpreter
 
 class MisinformationGate(Defense):
     """``inner``'s answers, except for the queries ``flags`` marks as out of domain (``DomainScore.flags``:
-    True where the score is below its threshold)."""
+    True where the score is below its threshold).
+
+    ``equal_cost`` (the server's setting) sends every query through ``inner`` first, so that a flagged
+    answer costs what any other costs; the evaluation harness turns it off to skip the wrapped defense's
+    work for flagged queries, whose answers it would throw away: the answers are the same either way.
+    """
 
     def __init__(
         self,
@@ -38,9 +43,11 @@ class MisinformationGate(Defense):
         flags: Callable[[Tensor], Tensor],
         misinformation: nn.Module,
         misinformation_interpreter: Interpreter,
+        *,
+        equal_cost: bool = True,
     ) -> None:
         super().__init__(inner.model, inner.interpreter)
-        self.inner, self.flags = inner, flags
+        self.inner, self.flags, self.equal_cost = inner, flags, equal_cost
         self.misinformation, self.misinformation_interpreter = misinformation, misinformation_interpreter
         self.name = inner.name  # the gate is a setting of the defense, not another defense
 
@@ -48,20 +55,35 @@ class MisinformationGate(Defense):
         return {**self.inner.public_settings(), "gate": "misinform"}
 
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
-        answers = self.inner.answer(x, explain=explain)  # every query pays the same path first
         with torch.no_grad():
-            rows = self.flags(x).reshape(-1).nonzero().flatten().tolist()
-        if not rows:
-            return answers
-        xf = x[rows]
+            flagged = self.flags(x).reshape(-1).cpu()
+        rows, kept = flagged.nonzero().flatten().tolist(), (~flagged).nonzero().flatten().tolist()
+        answers: list[Answer | None] = [None] * len(x)
+        if self.equal_cost:  # every query pays the same path first
+            answers = list(self.inner.answer(x, explain=explain))
+        elif kept:
+            for i, a in zip(kept, self.inner.answer(x[kept], explain=explain), strict=True):
+                answers[i] = a
+        for i, a in zip(rows, self.misinform(x[rows], explain=explain) if rows else [], strict=True):
+            answers[i] = a if answers[i] is None else replace(answers[i], **_answered(a))
+        return answers  # type: ignore[return-value]  # every row is answered above
+
+    def misinform(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
+        """The misinformation model's answers for every query of ``x`` (flagged queries; and every query of a
+        key the server's extraction monitor has escalated): its label, its probabilities and its own map
+        for that label through the same interpreter, so label and map agree."""
         with torch.no_grad():
-            p = self.misinformation(xf).softmax(-1)
+            p = self.misinformation(x).softmax(-1)
         labels = p.argmax(1)
-        maps: list[Tensor | None] = [None] * len(rows)
-        if explain:  # the misinformation model's own map for the label it answers: label and map agree
-            maps = list(self.misinformation_interpreter.explain({}, xf, labels).attribution.detach())
-        for j, i in enumerate(rows):
-            answers[i] = replace(
-                answers[i], label=int(labels[j]), probabilities=p[j], attribution=maps[j], misinformed=True
-            )
-        return answers
+        maps: list[Tensor | None] = [None] * len(x)
+        if explain:
+            maps = list(self.misinformation_interpreter.explain({}, x, labels).attribution.detach())
+        return [
+            Answer(label=int(labels[j]), probabilities=p[j], attribution=maps[j], misinformed=True)
+            for j in range(len(x))
+        ]
+
+
+def _answered(a: Answer) -> dict[str, Any]:
+    """What a misinformation answer replaces in a wrapped defense's answer (its stats stay: they are not sent)."""
+    return {"label": a.label, "probabilities": a.probabilities, "attribution": a.attribution, "misinformed": True}

@@ -77,6 +77,30 @@ def test_flagged_queries_are_misinformed_with_a_map_that_agrees_with_the_label(g
     assert not torch.allclose(gated[1].probabilities, gate.inner.answer(x[1:2])[0].probabilities, atol=1e-3)
 
 
+def test_skipping_the_wrapped_defense_for_flagged_queries_gives_the_same_answers(gate: MisinformationGate) -> None:
+    """``equal_cost=False`` (the evaluation harness) answers only the unflagged queries through ``inner``."""
+    calls: list[int] = []
+    inner = gate.inner
+    counting = type(
+        "Counting", (NoDefense,), {"answer": lambda self, x, **kw: calls.append(len(x)) or inner.answer(x, **kw)}
+    )
+    cheap = MisinformationGate(
+        counting(inner.model, inner.interpreter),
+        marked,
+        gate.misinformation,
+        gate.misinformation_interpreter,
+        equal_cost=False,
+    )
+    x = queries(6, marked=[1, 4])
+    fast, full = cheap.answer(x), gate.answer(x)
+    assert calls == [4], "the wrapped defense should answer the 4 unflagged queries only"
+    for a, b in zip(fast, full, strict=True):
+        assert (a.label, a.misinformed) == (b.label, b.misinformed)
+        torch.testing.assert_close(a.probabilities, b.probabilities, rtol=0, atol=PATH_ATOL)
+        torch.testing.assert_close(a.attribution, b.attribution, rtol=0, atol=PATH_ATOL)
+    assert cheap.answer(queries(3, marked=[0, 1, 2]))[2].misinformed and calls == [4], "all flagged: inner not called"
+
+
 def test_flagged_answers_look_like_any_other(gate: MisinformationGate) -> None:
     x = queries(4, marked=[0])
     gated, plain = gate.answer(x), gate.answer(x, explain=False)
