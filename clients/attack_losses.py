@@ -8,6 +8,14 @@
   probabilities used as soft labels.
 * ``labels`` — cross-entropy on the returned top-1 label only: the adaptive attacker that ignores
   perturbed probabilities (and JBDA's oracle labels, Papernot et al., AsiaCCS 2017).
+
+Two attackers that know about a misinformation gate (defense/gate.py) and drop the answers they suspect,
+then train like ``labels`` on the rest (:func:`kept_answers`):
+
+* ``confident`` keeps the answers whose top probability is at least ``TRUST`` — misinformation, it
+  guesses, hedges;
+* ``doubtful`` keeps those below ``TRUST`` — the misinformation model, it guesses, is trained to be
+  confidently wrong (ours is: docs/results/misinformation.md), so the confident answers are the lies.
 """
 
 from __future__ import annotations
@@ -19,8 +27,22 @@ from torch import Tensor, nn
 
 from defense.interpreters import Interpreter
 
-AttackLoss = Literal["explanations", "probabilities", "labels"]
-ATTACK_LOSSES: tuple[AttackLoss, ...] = ("explanations", "probabilities", "labels")
+AttackLoss = Literal["explanations", "probabilities", "labels", "confident", "doubtful"]
+#: The paper's attackers (eq. 1, Knockoff Nets) and the label-only one.
+PAPER_LOSSES: tuple[AttackLoss, ...] = ("explanations", "probabilities", "labels")
+#: And the two that filter suspected misinformation.
+ATTACK_LOSSES: tuple[AttackLoss, ...] = (*PAPER_LOSSES, "confident", "doubtful")
+TRUST = 0.99  # the gate-aware attackers' line between a confident and a doubtful answer (their guess, not fitted)
+
+
+def kept_answers(kind: AttackLoss, probabilities: Tensor) -> Tensor | None:
+    """Which answers of a transfer set the attacker ``kind`` trains on (a (N,) mask); None: all of them."""
+    top = probabilities.max(-1).values
+    if kind == "confident":
+        return top >= TRUST
+    if kind == "doubtful":
+        return top < TRUST
+    return None
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -58,7 +80,7 @@ def attack_loss(
     lam: float,
 ) -> Tensor:
     """The loss ``kind`` of the attack model on one batch of the transfer set."""
-    if kind == "labels":
+    if kind in ("labels", "confident", "doubtful"):  # the filters act on the transfer set (kept_answers)
         return F.cross_entropy(model(x), labels)
     if kind == "probabilities":
         return soft_cross_entropy(model(x), probabilities)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from clients.attack_losses import AttackLoss, attack_loss
+from clients.attack_losses import AttackLoss, attack_loss, kept_answers
 from clients.transfer import TransferSet
 from defense.interpreters import create_interpreter
 from models.normalized import Normalized
@@ -81,8 +81,13 @@ def train_attack_model(
     device: torch.device,
     progress: bool = True,
 ) -> list[float]:
-    """The recipe's optimizer on the attack loss for ``recipe.epochs`` passes over ``data``; the mean loss of
-    every epoch."""
+    """The recipe's optimizer on the attack loss for ``recipe.epochs`` passes over ``data`` (over the answers
+    the attacker keeps, for the filtering attackers); the mean loss of every epoch."""
+    mask = kept_answers(loss, data.probabilities)
+    if mask is not None:
+        data = data.select(mask)
+        if len(data) == 0:
+            raise ValueError(f"the {loss} attacker keeps none of the {len(mask)} answers")
     epochs, batch_size, lam = recipe.epochs, recipe.batch_size, recipe.lam
     model.to(device).train()
     explainer = create_interpreter(interpreter, model, tuple(data.images.shape[1:]))

@@ -65,8 +65,12 @@ class TransferSet:
         return len(self.labels)
 
     def prefix(self, n: int) -> TransferSet:
-        maps = self.attributions[:n] if self.attributions is not None else None
-        return TransferSet(self.images[:n], self.labels[:n], self.probabilities[:n], maps, self.rounds[:n])
+        return self.select(slice(0, n))
+
+    def select(self, rows: slice | Tensor) -> TransferSet:
+        """The answers at ``rows`` (a slice, indices or a boolean mask), in query order."""
+        maps = self.attributions[rows] if self.attributions is not None else None
+        return TransferSet(self.images[rows], self.labels[rows], self.probabilities[rows], maps, self.rounds[rows])
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:

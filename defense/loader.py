@@ -34,9 +34,12 @@ def load_defense(
     return create_defense(defense, model, bound, **options), meta
 
 
-def load_gate(inner: Defense, checkpoint: str, *, device: str | torch.device = "cpu") -> Defense:
+def load_gate(
+    inner: Defense, checkpoint: str, *, device: str | torch.device = "cpu", equal_cost: bool = True
+) -> Defense:
     """``inner`` behind the misinformation gate of ``checkpoint``: the domain score and the misinformation
-    model shipped beside it (each refused unless its hashes name these victim weights)."""
+    model shipped beside it (each refused unless its hashes name these victim weights). ``equal_cost``:
+    see :class:`defense.gate.MisinformationGate` (the server keeps it on)."""
     from .domain import load_domain_score
     from .gate import MisinformationGate
     from .misinformation import load_misinformation
@@ -45,4 +48,4 @@ def load_gate(inner: Defense, checkpoint: str, *, device: str | torch.device = "
     misinformation, meta = load_misinformation(checkpoint, device=device)
     misinformation.eval().requires_grad_(False)
     interpreter = create_interpreter(inner.interpreter.name, misinformation, tuple(meta.input_shape))
-    return MisinformationGate(inner, score.flags, misinformation, interpreter)
+    return MisinformationGate(inner, score.flags, misinformation, interpreter, equal_cost=equal_cost)

@@ -4,10 +4,14 @@ For every *arm* — a defense with its options, answered in-process (``LocalOrac
 ``defense.loader.load_defense``: the ``Defense.answer`` the server's micro-batcher calls), by a
 server this harness starts on loopback, or by a running server (``--url``) — the harness
 
-1. collects one transfer set of the arm's largest budget from the attacker's data set (random
-   sampling, Knockoff Nets; the store of :mod:`clients.transfer`, shared with ``deepdefense
-   attack``: resumable, never re-sends a stored query); every smaller budget is a prefix of it and
-   every attack loss trains on it;
+1. collects one transfer set of the arm's largest budget from its *query set* — ``random``: the
+   attacker's data set sampled at random (Knockoff Nets; the paper's); ``jbda``: Jacobian-based
+   augmentation from a few of the victim's training images (Papernot et al.); ``victim-train``: the
+   victim's own training images, the in-domain ceiling — in the store of :mod:`clients.transfer`,
+   shared with ``deepdefense attack`` (resumable, never re-sends a stored query); every smaller
+   budget is a prefix of it and every attack loss trains on it. An arm may sit behind the
+   misinformation gate (``gated``: ``<defense>+gate``; ``--defense none`` behind it is Adaptive
+   Misinformation);
 2. trains an attack model per (loss, budget) and measures its test accuracy on the victim's test
    set (Figure 2, Tables 3–5) and its fidelity R_test / R_unif to the victim (:mod:`measure.agreement`);
 3. times ``runtime_n`` test queries (ms/query; mean L_orth and fallbacks when in-process, Table 3);
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +43,9 @@ import torch
 from tqdm import tqdm
 
 from clients.attack import AttackConfig, fingerprint, sample_queries
-from clients.attack_losses import ATTACK_LOSSES, AttackLoss
+from clients.attack_losses import PAPER_LOSSES, AttackLoss, kept_answers
 from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from clients.jbda import collect_jbda
 from clients.oracle import HttpOracle, ModelInfo, Oracle
 from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
 from defense import ENGINE_MODES, Defense, NoDefense
@@ -48,7 +54,7 @@ from measure import agreement, average_drop
 from measure.local_oracle import LocalOracle, local_info
 from measure.shared_modes import ModeOf, SharedModes, engine_key
 from models.checkpoint import load_checkpoint
-from models.data import get_spec, load_split
+from models.data import DatasetSpec, get_spec, load_split
 from models.train import evaluate
 
 
@@ -59,14 +65,19 @@ class EvalConfig:
     checkpoint: str = "lenet-mnist"
     interpreter: str = "gradcam"
     defenses: tuple[str, ...] = ("none", "pp", *ENGINE_MODES)
-    losses: tuple[AttackLoss, ...] = ATTACK_LOSSES
+    gated: tuple[str, ...] = ()  # defenses also evaluated behind the misinformation gate (arms '<defense>+gate')
+    query_sets: tuple[str, ...] = ("random",)  # QUERY_SETS: where the attacker's queries come from
+    losses: tuple[AttackLoss, ...] = PAPER_LOSSES
     budgets: tuple[int, ...] = (2500, 5000, 7500, 10_000)
     cs: tuple[float, ...] = (50.0, 70.0, 90.0)  # Table 3 (DeepDefense arms, when 'deepdefense' is evaluated)
     top_k: tuple[int, ...] = (1, 3)  # Table 4
     ablation_budget: int | None = None  # B of the Table 3/4 arms (None: the largest budget)
     ablation_losses: tuple[AttackLoss, ...] = ("explanations",)
     avg_drop: tuple[str, ...] = ("deepdefense",)  # arms whose maps are compared with the victim's (Table 2)
-    attacker_dataset: str = AttackConfig.dataset  # P_A: the attacker's queries come from its training split
+    attacker_dataset: str = AttackConfig.dataset  # P_A of the random query set: its training split
+    jbda_seeds: int = 100  # |S_0| of the jbda query set, drawn from the victim's training split
+    jbda_step: float = AttackConfig.jbda_step  # λ
+    jbda_epochs: int = 10  # epochs of each round's substitute (Papernot et al. train theirs for 10)
     data_root: str | None = None
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)  # how every attack model is trained
     query_batch: int = AttackConfig.query_batch
@@ -77,6 +88,7 @@ class EvalConfig:
     p: float = 15.0  # Average Drop keeps the top p% of each map
     n_figure: int = 6  # rows of Figure 3
     runtime_n: int = 100  # test queries timed per arm
+    benign_n: int = 0  # victim test images an honest user sends each random-query-set arm (0: none)
     engine_options: dict[str, Any] = field(default_factory=dict)  # --set, for the engine modes
     device: str = "cpu"  # attack models, the victim's reference outputs
     defense_device: str | None = None  # in-process defenses and served ones (None: ``device``)
@@ -92,9 +104,14 @@ class EvalConfig:
         return {**asdict(self.recipe), "seed": self.seed, "attacker_dataset": self.attacker_dataset}
 
 
+#: Where an arm's queries come from (module docstring, step 1).
+QUERY_SETS = ("random", "jbda", "victim-train")
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``…)."""
+    """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``,
+    ``deepdefense+gate``, ``none+gate@jbda``…)."""
 
     key: str
     defense: str
@@ -102,16 +119,37 @@ class Arm:
     budget: int
     losses: tuple[AttackLoss, ...]
     url: str | None = None  # a running server (None: in-process or started by the harness)
+    gated: bool = False  # behind the misinformation gate (in-process and started servers)
+    query_set: str = "random"
+
+
+def arm_key(defense: str, gated: bool = False, query_set: str = "random") -> str:
+    return defense + ("+gate" if gated else "") + ("" if query_set == "random" else f"@{query_set}")
 
 
 def plan_arms(config: EvalConfig) -> list[Arm]:
-    """The main arms (one per defense, every loss, the largest budget) and, when DeepDefense is
-    evaluated, its Table 3 (CS) and Table 4 (top-k) variants at the ablation budget."""
+    """The main arms (one per defense, and per gated defense, for every query set, every loss, the largest
+    budget) and, when DeepDefense is evaluated, its Table 3 (CS) and Table 4 (top-k) variants at the
+    ablation budget on the random query set."""
+    unknown = sorted(set(config.query_sets) - set(QUERY_SETS))
+    if unknown:
+        raise ValueError(f"unknown query sets {unknown}; known: {', '.join(QUERY_SETS)}")
     engine = {**config.engine_options}
     arms = [
-        Arm(d, d, engine if d in ENGINE_MODES else {}, config.largest_budget, config.losses) for d in config.defenses
+        Arm(
+            arm_key(d, gated, qs),
+            d,
+            engine if d in ENGINE_MODES else {},
+            config.largest_budget,
+            config.losses,
+            gated=gated,
+            query_set=qs,
+        )
+        for qs in config.query_sets
+        for gated, defenses in ((False, config.defenses), (True, config.gated))
+        for d in defenses
     ]
-    if "deepdefense" in config.defenses:
+    if "deepdefense" in config.defenses and "random" in config.query_sets:
         budget = config.ablation_budget or config.largest_budget
         arms += [
             Arm(f"deepdefense-cs{cs:g}", "deepdefense", {**engine, "cs": float(cs)}, budget, config.ablation_losses)
@@ -172,8 +210,10 @@ class Evaluation:
                 f"attacker data set {config.attacker_dataset} does not fit the victim's input {self.meta.input_shape}"
             )
         self.pool = load_split(config.attacker_dataset, config.data_root, "train").tensors[0]
+        self.victim_train = load_split(self.meta.dataset, config.data_root, "train").tensors[0]
+        self.victim_spec = get_spec(self.meta.dataset)
         images, labels = load_split(self.meta.dataset, config.data_root, "test").tensors
-        self.all_test = images
+        self.all_test, self.all_test_labels = images, labels
         self.test_images, self.test_labels = images[: config.test_n], labels[: config.test_n]
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
@@ -200,33 +240,98 @@ class Evaluation:
 
     # -- one arm -----------------------------------------------------------------------------------
     def store(self, info: ModelInfo, strategy: str, dataset: str) -> TransferStore:
-        """The store of this oracle's answers to ``strategy`` queries from ``dataset`` (``random``: the
-        attack's, named and fingerprinted as ``deepdefense attack`` names them; ``test``: test images)."""
+        """The store of this oracle's answers to ``strategy`` queries from ``dataset`` (``random`` and
+        ``jbda``: the attack's, named and fingerprinted as ``deepdefense attack`` names them; ``test``:
+        test images)."""
         c = self.config
-        fp = fingerprint(AttackConfig(strategy="random", dataset=dataset, seed=c.seed), info)
-        if strategy != "random":
+        if strategy == "jbda":
+            fp = fingerprint(self.jbda_config(info), info)
+        else:
+            fp = fingerprint(AttackConfig(strategy="random", dataset=dataset, seed=c.seed), info)
+        if strategy not in ("random", "jbda"):
             fp = {**fp, "strategy": strategy, "seed": None}
         name = f"{info.name}-{info.defense}-{strategy}-{dataset}-{fingerprint_digest(fp)}"
         return TransferStore(Path(c.store_root) / name, fp)
 
-    def transfer_set(self, oracle: Oracle, info: ModelInfo, budget: int) -> tuple[TransferSet, dict[str, Any]]:
-        """Collect (or finish collecting) the arm's transfer set of ``budget`` queries."""
+    def jbda_config(self, info: ModelInfo) -> AttackConfig:
+        """JBDA as the jbda query set runs it: seeds from the victim's training split, substitutes of the
+        victim's architecture trained on labels for ``jbda_epochs`` per round."""
         c = self.config
-        store = self.store(info, "random", c.attacker_dataset)
-        before = len(store)
-        started = time.perf_counter()
-        sent = collect(
-            oracle,
-            store,
-            self.pool[sample_queries(len(self.pool), budget, c.seed)],
-            batch_size=c.query_batch,
-            progress=self.progress,
+        return AttackConfig(
+            strategy="jbda",
+            loss="labels",
+            dataset=self.meta.dataset,
+            arch=info.arch,
+            recipe=replace(c.recipe, epochs=c.jbda_epochs),
+            seed=c.seed,
+            seed_size=c.jbda_seeds,
+            jbda_step=c.jbda_step,
+            rounds=1 + max(0, math.ceil(math.log2(c.largest_budget / c.jbda_seeds))),
         )
+
+    def query_spec(self, query_set: str) -> DatasetSpec:
+        """The statistics the attack model normalises with: those of the data its queries come from."""
+        return self.spec if query_set == "random" else self.victim_spec
+
+    def collect_set(self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str) -> tuple[TransferStore, int]:
+        """Send the query set's queries that are not stored yet; the store and the number sent."""
+        c = self.config
+        if query_set == "random":
+            store = self.store(info, "random", c.attacker_dataset)
+            queries = self.pool[sample_queries(len(self.pool), budget, c.seed)]
+        elif query_set == "victim-train":
+            store = self.store(info, "random", self.meta.dataset)
+            queries = self.victim_train[sample_queries(len(self.victim_train), budget, c.seed)]
+        elif query_set == "jbda":
+            store, jbda = self.store(info, "jbda", self.meta.dataset), self.jbda_config(info)
+            spec = self.victim_spec
+            seeds = self.victim_train[sample_queries(len(self.victim_train), jbda.seed_size, c.seed)]
+
+            def substitute(data: TransferSet) -> torch.nn.Module:
+                model = build_attack_model(
+                    info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed + len(data)
+                )
+                train_attack_model(
+                    model,
+                    data,
+                    loss="labels",
+                    interpreter=info.interpreter,
+                    recipe=jbda.recipe,
+                    seed=c.seed + len(data),
+                    device=self.device,
+                    progress=self.progress,
+                )
+                return model
+
+            sent = collect_jbda(
+                oracle,
+                store,
+                seeds,
+                budget=budget,
+                rounds=jbda.rounds,
+                step=jbda.jbda_step,
+                train=substitute,
+                batch_size=c.query_batch,
+                progress=self.progress,
+            )
+            return store, sent
+        else:
+            raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
+        return store, collect(oracle, store, queries, batch_size=c.query_batch, progress=self.progress)
+
+    def transfer_set(
+        self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str = "random"
+    ) -> tuple[TransferSet, dict[str, Any]]:
+        """Collect (or finish collecting) the arm's transfer set of ``budget`` queries."""
+        started = time.perf_counter()
+        store, sent = self.collect_set(oracle, info, budget, query_set)
+        before = len(store) - sent
         seconds = time.perf_counter() - started
         data = store.load().prefix(budget)
         if len(data) < budget:
             raise ValueError(f"transfer set {store.root} holds {len(data)} queries, fewer than B = {budget}")
         return data, {
+            "query_set": query_set,
             "store": str(store.root),
             "fingerprint": fingerprint_digest(store.fingerprint),
             "stored_before": before,
@@ -236,7 +341,13 @@ class Evaluation:
         }
 
     def attack(
-        self, data: TransferSet, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int
+        self,
+        data: TransferSet,
+        info: ModelInfo,
+        store_fp: str,
+        loss: AttackLoss,
+        budget: int,
+        query_set: str = "random",
     ) -> dict[str, Any] | None:
         """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
@@ -255,9 +366,12 @@ class Evaluation:
         )
 
         def make() -> dict[str, Any]:
-            model = build_attack_model(
-                info.arch, len(info.classes), info.input_shape, self.spec.mean, self.spec.std, c.seed
-            )
+            spec = self.query_spec(query_set)
+            model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed)
+            mask = kept_answers(loss, data.prefix(budget).probabilities)
+            kept = budget if mask is None else int(mask.sum())
+            if kept == 0:  # a filtering attacker that trusts none of the answers learns nothing
+                return {"loss": loss, "budget": budget, "kept": 0, "accuracy": None, **c.training()}
             started = time.perf_counter()
             history = train_attack_model(
                 model,
@@ -283,6 +397,7 @@ class Evaluation:
             return {
                 "loss": loss,
                 "budget": budget,
+                "kept": kept,
                 "accuracy": round(accuracy, 2),
                 **fid.as_dict(),
                 "epoch_losses": history,
@@ -374,20 +489,42 @@ class Evaluation:
             },
         }
 
+    def benign(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
+        """What an honest user gets from the arm: the first ``benign_n`` victim test images, answered (stored
+        with Table 2's), scored against the true labels and the victim's own; with ``only_cached`` the
+        images already stored."""
+        c = self.config
+        store = self.store(info, "test", info.dataset)
+        if not c.only_cached:
+            collect(oracle, store, self.all_test[: c.benign_n], batch_size=c.query_batch, progress=self.progress)
+        if len(store) == 0:
+            return {"n": 0}
+        answered = store.load().prefix(c.benign_n)
+        n = len(answered)
+        victim = agreement.probabilities(self.victim, self.all_test[:n]).argmax(1)
+        truth = self.all_test_labels[:n]
+        return {
+            "n": n,
+            "accuracy": round(100.0 * float((answered.labels == truth).double().mean()), 2),
+            "victim_accuracy": round(100.0 * float((victim == truth).double().mean()), 2),
+            "agreement": round(100.0 * float((answered.labels == victim).double().mean()), 2),
+        }
+
     def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
         info = oracle.info()
-        data, collected = self.transfer_set(oracle, info, arm.budget)
+        data, collected = self.transfer_set(oracle, info, arm.budget, arm.query_set)
         fp = collected["fingerprint"]
         budgets = sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
         jobs = [(loss, b) for b in reversed(budgets) for loss in arm.losses]  # the largest budget (Table 5) first
         runs = [
-            self.attack(data, info, fp, loss, b)
+            self.attack(data, info, fp, loss, b, arm.query_set)
             for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)
         ]
         runs = [r for r in runs if r is not None]
         result = {
             "key": arm.key,
             "defense": info.defense,
+            "gated": arm.gated,
             "options": arm.options,
             "settings": info.defense_settings,
             "url": arm.url,
@@ -398,6 +535,8 @@ class Evaluation:
         }
         if arm.key in self.config.avg_drop:
             result["average_drop"] = self.maps(oracle, info)
+        if self.config.benign_n and arm.query_set == "random":
+            result["benign"] = self.benign(oracle, info)
         return result
 
 
@@ -424,12 +563,13 @@ def open_oracle(
                 device=device,
                 engine=arm.options,
                 data_root=config.data_root,
+                gate="misinform" if arm.gated else "none",
             )
         )
         with context as (url, key), HttpOracle(url, key) as oracle:
             yield oracle
         return
-    from defense.loader import load_defense
+    from defense.loader import load_defense, load_gate
 
     if shared is not None and arm.defense in ENGINE_MODES:
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
@@ -452,6 +592,8 @@ def open_oracle(
         defense, meta = load_defense(
             config.checkpoint, arm.defense, config.interpreter, device=device, data_root=config.data_root, **arm.options
         )
+    if arm.gated:  # the answers a gated server gives, without its equal-cost work for flagged queries
+        defense = load_gate(defense, config.checkpoint, device=device, equal_cost=False)
     yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
 
 
@@ -486,7 +628,7 @@ def run_evaluation(
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget)[1]
+            collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget, arm.query_set)[1]
     for arm in arms:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
             record["arms"][arm.key] = {**run.run_arm(arm, oracle), **collected[arm.key]}

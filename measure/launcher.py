@@ -95,9 +95,11 @@ def served(
     device: str = "cpu",
     engine: dict[str, Any] | None = None,
     data_root: str | None = None,
+    gate: str = "none",
     ready_timeout_s: float = 600.0,
 ) -> Iterator[tuple[str, str]]:
-    """A server for ``checkpoint`` behind ``defense`` in this process; yields (base URL, API key).
+    """A server for ``checkpoint`` behind ``defense`` (and the misinformation gate, with ``gate="misinform"``)
+    in this process; yields (base URL, API key).
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
     folder), so the caller's ``DD_*`` environment cannot change them."""
     from server.app import create_app
@@ -112,6 +114,7 @@ def served(
             device=device,
             engine=engine or {},
             data_root=data_root,
+            gate=gate,
             api_keys=key,
             api_keys_file=None,
             query_budget=None,

@@ -4,7 +4,8 @@ The three modes run the same optimisation and differ only in which of its output
 (Table 5). In-process, the harness therefore keeps one engine per engine configuration and, for a
 batch of queries, asks it once for all three modes (``DeepDefense.answer_modes``, the code path of
 ``DeepDefense.answer``); the answers of the modes not asked for yet are kept, keyed by the query's
-bytes, until their arm asks. Each arm still sees exactly what a server of its mode would answer
+bytes, for every arm that asks (DeepDefense alone and behind the misinformation gate ask for the
+same mode). Each arm still sees exactly what a server of its mode would answer
 (tests/test_engine_batched.py), at a third of the cost.
 """
 
@@ -21,7 +22,7 @@ from defense.engine import DeepDefense
 
 
 class SharedModes:
-    """One engine's answers for every mode, kept per query until each mode has taken them."""
+    """One engine's answers for every mode, kept per query (an evaluation's transfer sets: tens of MB)."""
 
     def __init__(self, engine: DeepDefense, modes: tuple[str, ...] = ENGINE_MODES) -> None:
         self.engine, self.modes = engine, modes
@@ -38,7 +39,9 @@ class SharedModes:
                 if m != mode:
                     answers = [replace(a, stats={**a.stats, "shared": 1.0}) for a in answers]
                 self._kept[m].update((keys[i], a) for i, a in zip(missing, answers, strict=True))
-        answers = [self._kept[mode].pop(k) for k in keys]
+        answers = [self._kept[mode][k] for k in keys]
+        for k in keys:  # kept for another arm of the same mode (e.g. behind the misinformation gate), as shared
+            self._kept[mode][k] = replace(self._kept[mode][k], stats={**self._kept[mode][k].stats, "shared": 1.0})
         return answers if explain else [replace(a, attribution=None) for a in answers]
 
 

@@ -144,7 +144,7 @@ def test_shipped_score_flags_noise_and_names_its_victim(
     victim_meta = read_meta(SHIPPED_DIR / "lenet-mnist.json")
     assert meta.victim["sha256"] == victim_meta.sha256 == sha256_file(SHIPPED_DIR / victim_meta.weights)
     assert meta.sha256 == sha256_file(SHIPPED_DIR / meta.weights)
-    assert meta.fpr == 0.005 and meta.fpr_held_out <= meta.fpr
+    assert meta.fpr <= 0.005 and meta.fpr_held_out <= meta.fpr  # the target: at most 0.5% of honest digits flagged
     assert meta.command.startswith("deepdefense domain") and meta.seed == 0
     assert "fashionmnist" in meta.fit_on["never"]
     assert bool(score.flags(noise(64)).all()), "uniform noise must be out of domain"

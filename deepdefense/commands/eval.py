@@ -12,7 +12,7 @@ from typing import Any
 from clients.attack_losses import ATTACK_LOSSES
 from deepdefense import flags
 from defense import DEFENSES
-from measure.evaluate import EvalConfig, run_evaluation
+from measure.evaluate import QUERY_SETS, EvalConfig, run_evaluation
 from models.data import SPECS
 
 HELP = (
@@ -45,7 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument("--checkpoint", default=defaults.checkpoint)
     what.add_argument("--interpreter", default=defaults.interpreter)
-    what.add_argument("--defenses", nargs="+", default=list(defaults.defenses), choices=DEFENSES)
+    what.add_argument("--defenses", nargs="*", default=list(defaults.defenses), choices=DEFENSES)
+    what.add_argument(
+        "--gated",
+        nargs="*",
+        default=list(defaults.gated),
+        choices=DEFENSES,
+        help="defenses also evaluated behind the misinformation gate (arms '<defense>+gate'; 'none': Adaptive "
+        "Misinformation)",
+    )
+    what.add_argument(
+        "--query-sets",
+        nargs="+",
+        default=list(defaults.query_sets),
+        choices=QUERY_SETS,
+        help="random: the attacker's data set (--attacker-dataset); jbda: Jacobian augmentation from --jbda-seeds "
+        "victim training images; victim-train: the victim's training images (the in-domain ceiling)",
+    )
+    what.add_argument("--jbda-seeds", type=int, default=defaults.jbda_seeds, help="|S_0| of the jbda query set")
     what.add_argument("--losses", nargs="+", default=list(defaults.losses), choices=ATTACK_LOSSES)
     what.add_argument("--budgets", nargs="+", type=int, default=list(defaults.budgets), help="query budgets B")
     what.add_argument(
@@ -86,6 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--p", type=float, default=defaults.p, help="Average Drop keeps the top p%% of each map")
     scale.add_argument("--n-figure", type=int, default=defaults.n_figure, help="rows of Figure 3")
     scale.add_argument("--runtime-n", type=int, default=defaults.runtime_n, help="test queries timed per arm")
+    scale.add_argument(
+        "--benign-n",
+        type=int,
+        default=defaults.benign_n,
+        help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)",
+    )
     scale.add_argument("--query-batch", type=int, default=defaults.query_batch, help="images per request / answer call")
     run_group = p.add_argument_group("running")
     flags.add_device(run_group, "attack models: ")
@@ -97,7 +120,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", required=True, help="results folder (JSON, CSV, PNG; finished trainings are cached here)"
     )
     run_group.add_argument(
-        "--report", default=None, help="also write the Markdown report here, e.g. docs/results/mnist.md"
+        "--report",
+        default=None,
+        help="also write the Markdown report here, e.g. docs/results/mnist.md (runs with gated arms or other query "
+        "sets: the misinformation gate's report, e.g. docs/results/below-label-line.md)",
+    )
+    run_group.add_argument(
+        "--baseline-results",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="the gate's report: another run's results.json whose ungated arms fill the rows this run lacks",
     )
     flags.add_quiet(run_group)
     run_group.add_argument(
@@ -115,6 +147,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         checkpoint=args.checkpoint,
         interpreter=args.interpreter,
         defenses=tuple(args.defenses),
+        gated=tuple(args.gated),
+        query_sets=tuple(args.query_sets),
+        jbda_seeds=args.jbda_seeds,
         losses=tuple(args.losses),
         budgets=tuple(args.budgets),
         cs=tuple(args.cs),
@@ -133,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         p=args.p,
         n_figure=args.n_figure,
         runtime_n=args.runtime_n,
+        benign_n=args.benign_n,
         engine_options=flags.engine_options(args.engine),
         device=device,
         defense_device=str(resolve_device(args.defense_device)) if args.defense_device else None,
@@ -144,7 +180,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, writing the result files after every arm; print a summary as JSON."""
     from clients.oracle import OracleError, read_api_key
-    from measure import report
+    from measure import gate_report, report
 
     command = args.command_line
     config = config_from_args(args)
@@ -153,12 +189,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.perf_counter()
 
+    baseline = json.loads(Path(args.baseline_results).read_text()) if args.baseline_results else None
+
+    def markdown(record: dict[str, Any]) -> str:
+        if config.gated or set(config.query_sets) != {"random"}:
+            return gate_report.markdown(record, out, args.report, baseline)
+        return report.markdown(record, out, args.report)
+
     def write(record: dict[str, Any]) -> None:
         record["command"] = command
         report.write_outputs(record, out)
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.report).write_text(report.markdown(record, out, args.report))
+            Path(args.report).write_text(markdown(record))
 
     try:
         record = run_evaluation(
