@@ -18,7 +18,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import RequestMetricsMiddleware
 from .openapi import install_served_openapi
-from .routes import health, metrics, models, predict
+from .routes import admin, health, metrics, models, predict
 from .runtime import Runtime, StartupError
 from .settings import ServerSettings
 
@@ -64,6 +64,8 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
         app.include_router(router)
     if settings.metrics_access != "off":
         app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
+    if settings.monitor == "on":
+        app.include_router(admin.router)
     if settings.docs_access == "admin":
         app.include_router(docs_router(app))
     install_served_openapi(

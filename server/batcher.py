@@ -24,8 +24,10 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +38,7 @@ from .isolation import Failure, answer_isolated
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("deepdefense.server")
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -163,6 +166,11 @@ class MicroBatcher:
         answers = await loop.run_in_executor(self._executor, self._answer, x, explain)
         self._observe_cost(time.perf_counter() - started, len(x))
         return answers
+
+    async def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the model thread, after the micro-batch running there (the models are used by
+        one thread at a time)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def expected_latency(self, instances: int) -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch

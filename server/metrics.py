@@ -80,6 +80,18 @@ class ServerMetrics:
             ["defense"],
             registry=r,
         )
+        self.flagged_keys = Gauge(
+            "dd_flagged_keys",
+            "API keys the extraction monitor has escalated (until an operator clears them).",
+            registry=r,
+        )
+        self.escalated = Counter(
+            "dd_escalated_instances_total",
+            "Instances of escalated keys, by what they got: misinform (every answer from the misinformation "
+            "model) or refuse (403 key_flagged).",
+            ["action"],
+            registry=r,
+        )
         self.key_queries = Counter(
             "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=r
         )
@@ -115,6 +127,8 @@ class ServerMetrics:
             self.failures.labels(defense, reason)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for action in ("misinform", "refuse"):
+            self.escalated.labels(action)
 
     def observe_failure(self, reason: str) -> None:
         self.failures.labels(self.defense, reason).inc()

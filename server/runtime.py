@@ -24,6 +24,7 @@ from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
 from .metrics import ServerMetrics
+from .monitor import ExtractionMonitor, MonitorPolicy
 from .settings import ServerSettings
 
 logger = logging.getLogger("deepdefense.server")
@@ -79,6 +80,11 @@ class Runtime:
         self.keys = KeyRing(settings.keys())
         self.admin_keys = KeyRing(settings.admin_keys_list())
         self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
+        self.monitor: ExtractionMonitor | None = None
+        if settings.monitor == "on":
+            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
+            self.monitor = ExtractionMonitor(settings.budget_db, policy)
+            self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
         self.batcher: MicroBatcher | None = None
         self.state: State = "starting"
         self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
@@ -100,6 +106,8 @@ class Runtime:
             await self.batcher.stop()
         if self.ledger is not None:
             self.ledger.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
     async def _prepare(self) -> None:
         try:

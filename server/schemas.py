@@ -93,3 +93,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class FlaggedKey(BaseModel):
+    key_id: str = Field(description="the key's id (12 hex digits of its sha256), as in the metrics")
+    queries: int = Field(description="queries the key has sent while watched")
+    flagged: int = Field(description="of those, flagged as out of domain by the gate's domain score")
+    escalated_at: float = Field(description="unix time of the escalation")
+    escalated_after: int = Field(description="queries the key had sent when it was escalated")
+
+
+class FlaggedKeysResponse(BaseModel):
+    keys: list[FlaggedKey]

@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from defense.names import DefenseName
 from models.checkpoint import resolve_checkpoint
 
+from .monitor import MIN_QUERIES, THRESHOLD, WINDOW
+
 #: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
 Access = Literal["open", "admin", "off"]
 #: Characters a key may hold: visible ASCII except the comma (the separator of DD_API_KEYS).
@@ -43,6 +45,19 @@ class ServerSettings(BaseSettings):
         "none",
         description="misinform: queries the checkpoint's domain score flags as out of domain are answered from its "
         "misinformation model (Adaptive Misinformation), in front of any defense",
+    )
+    monitor: Literal["off", "on"] = Field(
+        "off",
+        description="on: per API key, a window of its queries' domain flags; a key whose window looks like "
+        "extraction is escalated (needs API keys and gate misinform; state in budget_db)",
+    )
+    monitor_action: Literal["misinform", "refuse"] = Field(
+        "misinform", description="an escalated key's answers: all from the misinformation model, or 403 key_flagged"
+    )
+    monitor_window: int = Field(WINDOW, ge=1, description="queries per key the monitor looks at")
+    monitor_min_queries: int = Field(MIN_QUERIES, ge=1, description="queries before a key can be escalated")
+    monitor_threshold: float = Field(
+        THRESHOLD, ge=0, lt=1, description="a window with more than this fraction flagged is escalated"
     )
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
@@ -81,7 +96,9 @@ class ServerSettings(BaseSettings):
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (environment only)")
     api_keys_file: FilePath | None = Field(None, description="file with one API key per line")
     query_budget: int | None = Field(None, ge=1, description="queries per API key, kept in budget_db")
-    budget_db: Path = Field(Path("deepdefense-budget.sqlite"), description="SQLite file of spent budgets")
+    budget_db: Path = Field(
+        Path("deepdefense-budget.sqlite"), description="SQLite file of spent budgets and the monitor's state"
+    )
 
     admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")
     admin_keys_file: FilePath | None = Field(None, description="file with one operator key per line")
@@ -105,6 +122,12 @@ class ServerSettings(BaseSettings):
         keys, admin = self.keys(), self.admin_keys_list()
         if self.query_budget is not None and not keys:
             raise ValueError("query_budget needs API keys (DD_API_KEYS or DD_API_KEYS_FILE)")
+        if self.monitor == "on" and not keys:
+            raise ValueError("monitor 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it watches each key")
+        if self.monitor == "on" and self.gate != "misinform":
+            raise ValueError("monitor 'on' needs gate 'misinform': it reads the gate's domain flags")
+        if self.monitor_min_queries > self.monitor_window:
+            raise ValueError("monitor_min_queries cannot exceed monitor_window")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):
             if access == "admin" and not admin:
                 raise ValueError(f"{route}_access 'admin' needs operator keys (DD_ADMIN_KEYS or DD_ADMIN_KEYS_FILE)")

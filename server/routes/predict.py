@@ -8,11 +8,13 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
 from defense import Answer
+from defense.gate import MisinformationGate
 
 from ..auth import Caller
-from ..batcher import DefenseFailed, QueueFull, RequestTimeout, Ticket
+from ..batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
@@ -22,7 +24,7 @@ from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, Pr
 
 router = APIRouter(tags=["predict"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 500, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 413, 415, 422, 429, 500, 503, 504)}
 #: Logged and counted (never received) when the client went away before its answer was ready.
 CLIENT_CLOSED = 499
 
@@ -48,6 +50,7 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             field="instances",
         )
     x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
+    escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
     # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
     await run_in_threadpool(_spend, runtime, caller, len(x))
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
@@ -60,6 +63,8 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
         except (RequestTimeout, ClientClosed):
             charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
             raise
+        if runtime.monitor is not None:
+            answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=body.explain)
         method = runtime.interpreter_name
         response = PredictResponse(
             model=runtime.model_name,
@@ -119,6 +124,39 @@ async def _refund(runtime: Runtime, caller: Caller, queries: int) -> None:
     """Give back queries that were spent but are not charged (see "What a request costs")."""
     if runtime.ledger is not None:
         await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries)
+
+
+def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
+    """Whether the extraction monitor has escalated the caller's key (403 when escalated keys are refused)."""
+    if runtime.monitor is None or not runtime.monitor.escalated(caller.key_id):
+        return False
+    if runtime.settings.monitor_action == "refuse":
+        runtime.metrics.escalated.labels("refuse").inc(queries)
+        raise ApiError(403, "key_flagged", "this API key is suspended; contact the operator", field="Authorization")
+    return True
+
+
+async def _monitored(
+    runtime: Runtime,
+    batcher: MicroBatcher,
+    caller: Caller,
+    x: Tensor,
+    answers: list[Answer],
+    escalated: bool,
+    *,
+    explain: bool,
+) -> list[Answer]:
+    """The monitor sees the request's domain flags; an escalated key's answers all come from the
+    misinformation model (computed after the defense's, so the request costs what any other costs)."""
+    flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
+    if not escalated:
+        await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
+        runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
+        return answers
+    gate = runtime.defense
+    assert isinstance(gate, MisinformationGate)  # the settings require gate 'misinform' for the monitor
+    runtime.metrics.escalated.labels("misinform").inc(len(x))
+    return await batcher.on_model_thread(lambda: gate.misinform(x.to(batcher.device), explain=explain))
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:

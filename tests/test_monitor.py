@@ -1,0 +1,131 @@
+"""The per-key extraction monitor (server/monitor.py): the policy alone, its state across a restart,
+and served with the shipped domain score: a key that sends noise is escalated, and from then on its
+digits too are misinformed (or refused), while another key's digits keep the victim's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from support.numerics import CHANGED, PATH_ATOL
+from support.servers import bearer, error_of, metric_value, serving
+from support.settings import make_settings
+
+from models.checkpoint import load_checkpoint
+from models.data import load_split
+from server.app import create_app
+from server.auth import key_id
+from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy
+
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
+ALICE, BOB, OPERATOR = "alice-key-0001", "bob-key-0002", "operator-key-03"
+SHAPE = (1, 28, 28)
+
+
+def test_the_policy_escalates_a_window_of_flags_and_not_honest_traffic() -> None:
+    policy = MonitorPolicy(window=100, min_queries=50, threshold=0.5)
+    assert policy.queries_until_escalated([True] * 200) == 50, "all flagged: escalated once min_queries are in"
+    honest = [i % 100 == 0 for i in range(5000)]  # 1% flagged, more than the score's false-positive rate
+    assert policy.queries_until_escalated(honest) is None
+    assert policy.queries_until_escalated([i % 5 < 2 for i in range(1000)]) is None, "40% flagged stays below 0.5"
+    # a key that behaves for a long while, then extracts: the window forgets the good past
+    late = [False] * 1000 + [True] * 100
+    assert policy.queries_until_escalated(late) == 1051
+    state = policy.observe(KeyWindow(), [True] * 60, now=7.0)
+    assert state.escalated and state.escalated_at == 7.0
+    assert policy.observe(state, [False] * 500).escalated, "an escalation is kept until an operator clears it"
+    with pytest.raises(ValueError):
+        MonitorPolicy(window=10, min_queries=20)
+
+
+def test_the_state_survives_a_restart_and_an_operator_clears_it(tmp_path: Path) -> None:
+    db = tmp_path / "budget.sqlite"
+    monitor = ExtractionMonitor(db, MonitorPolicy(window=10, min_queries=5, threshold=0.5))
+    assert not monitor.observe("a", [True, True, False])
+    monitor.observe("b", [False] * 20)
+    monitor.close()
+    monitor = ExtractionMonitor(db, MonitorPolicy(window=10, min_queries=5, threshold=0.5))
+    assert monitor.observe("a", [True, True]), "the three earlier flags were kept: 4 of 5 flagged"
+    assert [k["key_id"] for k in monitor.flagged_keys()] == ["a"] and monitor.flagged_keys()[0]["escalated_after"] == 5
+    monitor.close()
+    monitor = ExtractionMonitor(db, MonitorPolicy(window=10, min_queries=5, threshold=0.5))
+    assert monitor.escalated("a") and not monitor.escalated("b") and monitor.count_flagged() == 1
+    assert monitor.clear("a") and not monitor.clear("a") and not monitor.clear("b")
+    assert not monitor.escalated("a")
+    monitor.close()
+
+
+def test_the_monitor_needs_keys_and_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="needs API keys"):
+        make_settings(tmp_path, gate="misinform", monitor="on")
+    monkeypatch.setenv("DD_API_KEYS", ALICE)
+    with pytest.raises(ValidationError, match="needs gate 'misinform'"):
+        make_settings(tmp_path, monitor="on")
+
+
+def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object):  # noqa: ANN202
+    monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
+    monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
+    options = {"gate": "misinform", "monitor": "on", "monitor_window": 10, "monitor_min_queries": 5}
+    return make_settings(tmp_path, **(options | overrides))
+
+
+def _ask(client, key: str, x: torch.Tensor):  # noqa: ANN001, ANN202
+    return client.post("/predict", json={"instances": [{"pixels": q.tolist()} for q in x]}, headers=bearer(key))
+
+
+def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digits = load_split("mnist", str(data_root), "test").tensors[0][:4]  # not flagged by the shipped score
+    noise = torch.rand((6, *SHAPE), generator=torch.Generator().manual_seed(0))
+    victim, _ = load_checkpoint("lenet-mnist")
+    with torch.no_grad():
+        truth = victim(digits).softmax(-1)
+    settings = _settings(tmp_path, monkeypatch)
+
+    def honest(response) -> bool:  # noqa: ANN001
+        got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
+        if torch.allclose(got, truth, rtol=0, atol=PATH_ATOL):
+            return True
+        assert all(not torch.allclose(g, t, atol=CHANGED) for g, t in zip(got, truth, strict=True)), "partly misinformed"
+        return False
+
+    with serving(create_app(settings)) as client:
+        assert honest(_ask(client, ALICE, digits)), "a fresh key's digits get the victim's answers"
+        assert _ask(client, ALICE, noise).status_code == 200  # escalated at the 9th query (5 of 9 flagged)
+        r = _ask(client, ALICE, digits)
+        assert r.status_code == 200 and not honest(r), "an escalated key's digits were answered honestly"
+        assert set(r.json()["predictions"][0]) == {"label", "probabilities", "attribution"}, "the answer tells"
+        assert honest(_ask(client, BOB, digits)), "another key paid for Alice's escalation"
+        admin = bearer(OPERATOR)
+        assert client.get("/v1/admin/flags").status_code == 401
+        assert client.get("/v1/admin/flags", headers=bearer(ALICE)).status_code == 401, "an API key opened admin"
+        flags = client.get("/v1/admin/flags", headers=admin).json()["keys"]
+        assert [(k["key_id"], k["escalated_after"]) for k in flags] == [(key_id(ALICE), 9)]  # 5 of 9 flagged
+        metrics = client.get("/metrics").text
+        assert metric_value(metrics, "dd_flagged_keys") == 1
+        assert metric_value(metrics, 'dd_escalated_instances_total{action="misinform"}') == 4
+    with serving(create_app(settings)) as client:  # a restart on the same database
+        assert not honest(_ask(client, ALICE, digits)), "the escalation did not survive the restart"
+        assert metric_value(client.get("/metrics").text, "dd_flagged_keys") == 1
+        assert client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR)).status_code == 204
+        missing = client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR))
+        assert missing.status_code == 404 and error_of(missing)["code"] == "not_flagged"
+        assert honest(_ask(client, ALICE, digits)), "a cleared key is still misinformed"
+        assert metric_value(client.get("/metrics").text, "dd_flagged_keys") == 0
+
+
+def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    noise = torch.rand((5, *SHAPE), generator=torch.Generator().manual_seed(0))
+    with serving(create_app(_settings(tmp_path, monkeypatch, monitor_action="refuse"))) as client:
+        assert _ask(client, ALICE, noise).status_code == 200
+        r = _ask(client, ALICE, noise[:1])
+        assert r.status_code == 403 and error_of(r)["code"] == "key_flagged"
+        assert ALICE not in r.text and key_id(ALICE) not in r.text
+        assert _ask(client, BOB, noise[:1]).status_code == 200
+        metrics = client.get("/metrics").text
+        assert metric_value(metrics, 'dd_escalated_instances_total{action="refuse"}') == 1
