@@ -66,14 +66,14 @@ def test_the_monitor_needs_keys_and_the_gate(tmp_path: Path, monkeypatch: pytest
         make_settings(tmp_path, monitor="on")
 
 
-def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object):  # noqa: ANN202
+def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object):
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
     options = {"gate": "misinform", "monitor": "on", "monitor_window": 10, "monitor_min_queries": 5}
     return make_settings(tmp_path, **(options | overrides))
 
 
-def _ask(client, key: str, x: torch.Tensor):  # noqa: ANN001, ANN202
+def _ask(client, key: str, x: torch.Tensor):
     return client.post("/predict", json={"instances": [{"pixels": q.tolist()} for q in x]}, headers=bearer(key))
 
 
@@ -87,11 +87,12 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         truth = victim(digits).softmax(-1)
     settings = _settings(tmp_path, monkeypatch)
 
-    def honest(response) -> bool:  # noqa: ANN001
+    def honest(response) -> bool:
         got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
         if torch.allclose(got, truth, rtol=0, atol=PATH_ATOL):
             return True
-        assert all(not torch.allclose(g, t, atol=CHANGED) for g, t in zip(got, truth, strict=True)), "partly misinformed"
+        changed = [not torch.allclose(g, t, atol=CHANGED) for g, t in zip(got, truth, strict=True)]
+        assert all(changed), "partly misinformed"
         return False
 
     with serving(create_app(settings)) as client:
