@@ -34,6 +34,15 @@ def load_defense(
     return create_defense(defense, model, bound, **options), meta
 
 
+def gate_available(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` ships what the misinformation gate needs: a domain score and a misinformation
+    model beside it (``deepdefense domain``, ``deepdefense misinfo``)."""
+    from .domain import domain_paths
+    from .misinformation import misinformation_path
+
+    return domain_paths(checkpoint)[0].is_file() and misinformation_path(checkpoint).with_suffix(".json").is_file()
+
+
 def load_gate(
     inner: Defense, checkpoint: str, *, device: str | torch.device = "cpu", equal_cost: bool = True
 ) -> Defense:

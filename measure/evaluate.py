@@ -49,13 +49,19 @@ from clients.jbda import collect_jbda
 from clients.oracle import HttpOracle, ModelInfo, Oracle
 from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
 from defense import ENGINE_MODES, Defense, NoDefense
+from defense.domain import DomainScore, load_domain_score
 from defense.interpreters import create_interpreter
 from measure import agreement, average_drop
+from measure.domain import PERTURBATIONS
 from measure.local_oracle import LocalOracle, local_info
 from measure.shared_modes import ModeOf, SharedModes, engine_key
 from models.checkpoint import load_checkpoint
 from models.data import DatasetSpec, get_spec, load_split
 from models.train import evaluate
+from server.monitor import MonitorPolicy
+
+#: Queries per honest key in the monitor's replay (a user who sends a thousand digits).
+BENIGN_KEY_QUERIES = 1000
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,8 @@ class Evaluation:
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
+        self._domain: DomainScore | None = None  # the gate's, for the monitor's replay; loaded when first needed
+        self._benign_monitor: dict[str, Any] | None = None
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
@@ -510,6 +518,47 @@ class Evaluation:
             "agreement": round(100.0 * float((answered.labels == victim).double().mean()), 2),
         }
 
+    def monitor(self, data: TransferSet) -> dict[str, Any]:
+        """The extraction monitor replayed: the transfer set's queries in order as one API key through the
+        server's policy (its default settings), and honest keys of ``BENIGN_KEY_QUERIES`` victim test digits,
+        clean and perturbed, beside it."""
+        policy = MonitorPolicy()
+        flags = self.domain_flags(data.images)
+        return {
+            "window": policy.window,
+            "min_queries": policy.min_queries,
+            "threshold": policy.threshold,
+            "queries": len(flags),
+            "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
+            "escalated_at": policy.queries_until_escalated(flags),
+            "benign": self.benign_monitor(policy),
+            "benign_key_queries": BENIGN_KEY_QUERIES,
+        }
+
+    def domain_flags(self, images: torch.Tensor) -> list[bool]:
+        if self._domain is None:
+            self._domain, _ = load_domain_score(self.config.checkpoint, self.victim, device=self.device)
+        return self._domain.flags(images.to(self.device)).cpu().tolist()
+
+    def benign_monitor(self, policy: MonitorPolicy) -> dict[str, Any]:
+        """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries,
+        clean and under each perturbation of ``docs/results/domain-score.md`` (seeded); the same for every arm."""
+        if self._benign_monitor is not None:
+            return self._benign_monitor
+        out = {}
+        for name, perturb in {"clean": None, **PERTURBATIONS}.items():
+            g = torch.Generator().manual_seed(self.config.seed)
+            x = self.all_test if perturb is None else perturb(self.all_test, g)
+            flags = self.domain_flags(x)
+            keys = [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
+            out[name] = {
+                "keys": len(keys),
+                "flagged_pct": round(100.0 * sum(flags) / len(flags), 2),
+                "escalated": sum(policy.queries_until_escalated(k) is not None for k in keys),
+            }
+        self._benign_monitor = out
+        return out
+
     def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
         info = oracle.info()
         data, collected = self.transfer_set(oracle, info, arm.budget, arm.query_set)
@@ -537,6 +586,8 @@ class Evaluation:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
             result["benign"] = self.benign(oracle, info)
+        if arm.gated:
+            result["monitor"] = self.monitor(data)
         return result
 
 

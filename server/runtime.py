@@ -14,6 +14,7 @@ import torch
 
 from common.device import resolve_device
 from defense import Defense
+from defense.gate import MisinformationGate
 from defense.loader import load_defense, load_gate
 from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
@@ -50,7 +51,7 @@ def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
         data_root=settings.data_root,
         **options,
     )
-    if settings.gate == "misinform":
+    if settings.gated():
         defense = load_gate(defense, settings.checkpoint, device=device)
     return defense
 
@@ -82,6 +83,8 @@ class Runtime:
         self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
         self.monitor: ExtractionMonitor | None = None
         if settings.monitor == "on":
+            if not settings.gated():
+                raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
             policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
             self.monitor = ExtractionMonitor(settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
@@ -94,7 +97,7 @@ class Runtime:
     async def start(self) -> None:
         """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
         if self.defense_name == "none":
-            gated = " except for the misinformation gate" if self.settings.gate == "misinform" else ""
+            gated = " except for the misinformation gate" if self.settings.gated() else ""
             logger.warning("serving %s UNDEFENDED (defense 'none')%s, as asked", self.model_name, gated)
         self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name="dd-prepare")
 
@@ -137,8 +140,14 @@ class Runtime:
                 self.on_failure()
             return
         self.state = "ready"
+        gate = "on" if isinstance(self.defense, MisinformationGate) else "off"
         logger.info(
-            "ready: %s through %s (%s) on %s", self.model_name, self.defense_name, self.interpreter_name, self.device
+            "ready: %s through %s (%s) on %s, misinformation gate %s",
+            self.model_name,
+            self.defense_name,
+            self.interpreter_name,
+            self.device,
+            gate,
         )
 
     async def _warm_up(self, batcher: MicroBatcher) -> None:

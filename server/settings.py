@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from defense.loader import gate_available
 from defense.names import DefenseName
 from models.checkpoint import resolve_checkpoint
 
@@ -41,10 +42,11 @@ class ServerSettings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     engine: dict[str, Any] = Field(default_factory=dict, description="keyword options passed to the defense")
     data_root: str | None = Field(None, description="data sets, for layer sensitivity not stored in the checkpoint")
-    gate: Literal["none", "misinform"] = Field(
-        "none",
+    gate: Literal["auto", "none", "misinform"] = Field(
+        "auto",
         description="misinform: queries the checkpoint's domain score flags as out of domain are answered from its "
-        "misinformation model (Adaptive Misinformation), in front of any defense",
+        "misinformation model (Adaptive Misinformation), in front of any defense; auto: misinform when the "
+        "checkpoint ships a domain score and a misinformation model, else none",
     )
     monitor: Literal["off", "on"] = Field(
         "off",
@@ -124,8 +126,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("query_budget needs API keys (DD_API_KEYS or DD_API_KEYS_FILE)")
         if self.monitor == "on" and not keys:
             raise ValueError("monitor 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it watches each key")
-        if self.monitor == "on" and self.gate != "misinform":
-            raise ValueError("monitor 'on' needs gate 'misinform': it reads the gate's domain flags")
+        if self.monitor == "on" and self.gate == "none":
+            raise ValueError("monitor 'on' needs the gate (misinform or auto): it reads the gate's domain flags")
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):
@@ -135,6 +137,10 @@ class ServerSettings(BaseSettings):
             if any(not set(k) <= _KEY_CHARS for k in found):  # the message never shows a key
                 raise ValueError(f"an {kind} key holds a character other than visible ASCII (no spaces or commas)")
         return self
+
+    def gated(self) -> bool:
+        """Whether the misinformation gate is on: ``misinform``, or ``auto`` with a checkpoint that ships it."""
+        return self.gate == "misinform" or (self.gate == "auto" and gate_available(self.checkpoint))
 
     def keys(self) -> list[str]:
         """The configured API keys, from the environment variable and the key file together."""

@@ -23,6 +23,7 @@ from models.checkpoint import load_checkpoint
 from models.data import load_split
 from models.lenet import LeNet
 from server.app import create_app
+from server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")  # the servers here are configured by the test alone
 
@@ -138,3 +139,16 @@ def test_a_checkpoint_without_a_domain_score_cannot_be_gated(tmp_path: Path) -> 
     with TestClient(app):
         wait_until(lambda: app.state.runtime.state != "starting", timeout=60)
         assert app.state.runtime.state == "failed" and "no domain score" in (app.state.runtime.failure or "")
+
+
+def test_the_gate_is_on_by_default_where_the_checkpoint_ships_it(tmp_path: Path) -> None:
+    """``gate auto`` (the default): on for ``lenet-mnist`` (domain score and misinformation model shipped), off
+    for ``lenet-fashionmnist`` (neither), which is served as before instead of failing to start."""
+    assert ServerSettings.model_fields["gate"].default == "auto"
+    assert make_settings(tmp_path, gate="auto").gated() and not make_settings(tmp_path, gate="none").gated()
+    assert not make_settings(tmp_path, gate="auto", checkpoint="lenet-fashionmnist").gated()
+    app = create_app(make_settings(tmp_path, gate="auto"))
+    with serving(app) as client:
+        assert client.get("/v1/models").json()["models"][0]["defense"]["settings"]["gate"] == "misinform"
+    with serving(create_app(make_settings(tmp_path, gate="auto", checkpoint="lenet-fashionmnist"))) as client:
+        assert "gate" not in client.get("/v1/models").json()["models"][0]["defense"]["settings"]

@@ -34,10 +34,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-server", dest="server", action="store_false", help="skip the server phases")
     flags.add_engine_options(p)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gate-latency",
+        action="store_true",
+        help="instead: the misinformation gate's latency, plain vs gated servers of deepdefense and none "
+        "(docs/results/gate-latency.md); --queries requests of each kind per server",
+    )
     p.add_argument("--out", default=None, help="write the JSON here and the Markdown table beside it (.md)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gate_latency:
+        return _gate_latency(args)
     from measure.bench import BenchConfig, markdown, run_bench
 
     config = BenchConfig(
@@ -56,6 +64,27 @@ def run(args: argparse.Namespace) -> int:
         options=flags.engine_options(args.engine),
     )
     result = {"command": args.command_line, **run_bench(config, progress=lambda m: print(m, file=sys.stderr))}
+    table = markdown(result, args.command_line)
+    print(table, file=sys.stderr)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(table)
+    return flags.print_report(result, args.out)
+
+
+def _gate_latency(args: argparse.Namespace) -> int:
+    from measure.gate_latency import GateLatencyConfig, markdown, run_gate_latency
+
+    if args.model != "lenet-mnist":
+        raise SystemExit("--gate-latency: only lenet-mnist ships a domain score and a misinformation model")
+    config = GateLatencyConfig(
+        checkpoint=args.model,
+        interpreter=args.interpreter,
+        n=args.queries,
+        seed=args.seed,
+        device=args.device,
+        data_root=args.data_root,
+    )
+    result = {"command": args.command_line, **run_gate_latency(config, progress=lambda m: print(m, file=sys.stderr))}
     table = markdown(result, args.command_line)
     print(table, file=sys.stderr)
     if args.out:

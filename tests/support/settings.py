@@ -1,5 +1,5 @@
-"""Server settings for the tests: explicit defaults (defense ``none``, a budget database in the test's
-temporary folder, a 1 ms batch wait) with per-test overrides."""
+"""Server settings for the tests: explicit defaults (defense ``none`` without the misinformation gate, a budget
+database in the test's temporary folder, a 1 ms batch wait) with per-test overrides."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from server.settings import ServerSettings
 def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
     """Settings from the defaults and ``overrides``; ``DD_*`` variables still apply (the
     ``no_server_env`` fixture clears those of the caller's shell, a test may set its own)."""
-    options: dict[str, Any] = {"defense": "none", "budget_db": tmp_path / "budget.sqlite", "max_batch_wait_ms": 1}
+    options: dict[str, Any] = {
+        "defense": "none",
+        "gate": "none",
+        "budget_db": tmp_path / "budget.sqlite",
+        "max_batch_wait_ms": 1,
+    }
     return ServerSettings(**(options | overrides))
 
 
