@@ -226,6 +226,7 @@ class Evaluation:
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
         self._domain: DomainScore | None = None  # the gate's, for the monitor's replay; loaded when first needed
         self._benign_monitor: dict[str, Any] | None = None
+        self._threshold_choice: dict[str, Any] | None = None
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
@@ -532,6 +533,7 @@ class Evaluation:
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
             "escalated_at": policy.queries_until_escalated(flags),
             "benign": self.benign_monitor(policy),
+            "threshold_choice": self.monitor_threshold_choice(),
             "benign_key_queries": BENIGN_KEY_QUERIES,
         }
 
@@ -539,6 +541,25 @@ class Evaluation:
         if self._domain is None:
             self._domain, _ = load_domain_score(self.config.checkpoint, self.victim, device=self.device)
         return self._domain.flags(images.to(self.device)).cpu().tolist()
+
+    def monitor_threshold_choice(self) -> dict[str, Any]:
+        """How the monitor's default threshold was chosen, on digits no result here is measured on: per
+        candidate threshold, the honest keys escalated among ``BENIGN_KEY_QUERIES``-query keys of the last
+        10,000 victim training images, clean and under every perturbation (the default is the lowest with none)."""
+        if self._threshold_choice is not None:
+            return self._threshold_choice
+        x = self.victim_train[-10_000:]
+        keys = []
+        for perturb in (None, *PERTURBATIONS.values()):
+            g = torch.Generator().manual_seed(self.config.seed)
+            flags = self.domain_flags(x if perturb is None else perturb(x, g))
+            keys += [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
+        escalated = {
+            f"{t:.1f}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
+            for t in (0.5, 0.6, 0.7, 0.8, 0.9)
+        }
+        self._threshold_choice = {"keys": len(keys), "escalated": escalated}
+        return self._threshold_choice
 
     def benign_monitor(self, policy: MonitorPolicy) -> dict[str, Any]:
         """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries,

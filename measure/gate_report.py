@@ -49,6 +49,7 @@ def accuracy_grid(record: Mapping[str, Any], baseline: Mapping[str, Any] | None 
     """{query set: {budget: {arm: {loss: (accuracy, kept share, source)}}}} from the record (and, for arms it
     lacks, the baseline record's random-query-set arms)."""
     grid: dict[str, Any] = {}
+    budgets = set(record["config"]["budgets"])
     sources = [("", record)] + ([("baseline", baseline)] if baseline else [])
     for source, rec in sources:
         for key, arm in rec["arms"].items():
@@ -56,6 +57,8 @@ def accuracy_grid(record: Mapping[str, Any], baseline: Mapping[str, Any] | None 
             if base not in ARM_NAMES:
                 continue
             for run in arm.get("runs", []):
+                if source and run["budget"] not in budgets:  # the baseline fills this run's table, no more
+                    continue
                 cells = grid.setdefault(query_set, {}).setdefault(run["budget"], {}).setdefault(base, {})
                 if run["loss"] in cells:  # this run's own cell wins over the baseline's
                     continue
@@ -170,7 +173,8 @@ def _benign(record: Mapping[str, Any]) -> list[str]:
         "## Honest users",
         "",
         "The first n MNIST test digits sent through each arm (in-process, the server's `Defense.answer`), scored",
-        "against the true labels and the victim's own labels; ms/query: the arm's answer time on 100 test digits",
+        "against the true labels and the victim's own labels; ms/query: the arm's answer time on "
+        f"{record['config']['runtime_n']} test digits",
         "(in-process; gated arms skip the wrapped defense's work for flagged queries here, the server does not).",
         "",
         "| arm | n | accuracy (%) | victim (%) | agrees with victim (%) | ms/query |",
@@ -220,6 +224,19 @@ def _monitor(record: Mapping[str, Any]) -> list[str]:
         ]
         for name, b in benign.items():
             lines.append(f"| {name} | {b['keys']} | {_f(b['flagged_pct'])} | {b['escalated']} |")
+    if first.get("threshold_choice"):
+        total, choice = first["threshold_choice"]["keys"], first["threshold_choice"]["escalated"]
+        lines += [
+            "",
+            f"How the threshold was chosen, before any of the above: honest keys escalated among {total} keys of "
+            f"{first.get('benign_key_queries', '—')} perturbed *training* digits (the last 10,000 of the victim's "
+            "training split: clean, blurred, noisy, shifted, thicker, thinner) per candidate; the default is the "
+            "lowest with none.",
+            "",
+            "| threshold | " + " | ".join(choice) + " |",
+            "| --- | " + " | ".join("---" for _ in choice) + " |",
+            "| honest keys escalated | " + " | ".join(str(v) for v in choice.values()) + " |",
+        ]
     return [*lines, ""]
 
 

@@ -3,8 +3,8 @@
 Every answer of a gated server says whether the domain score flagged its query (``Answer.misinformed``).
 An honest user sends digits, of which the score flags about 0.5%; an attacker who steals with queries
 from another domain (Fashion-MNIST, noise, Jacobian-augmented images) has most of his flagged. The
-policy keeps, per key, the flags of its last ``window`` queries, and escalates the key once at least
-``min_queries`` of them are in and more than ``threshold`` of the window is flagged. From then on
+policy keeps, per key, the flags of its last ``window`` (100) queries, and escalates the key once at least
+``min_queries`` (50) of them are in and more than ``threshold`` (80%) of the window is flagged. From then on
 every answer to that key comes from the misinformation model — in-domain queries included, which is
 what the gate alone cannot do — or the key is refused with 403 (``monitor_action``), until an
 operator clears it (``DELETE /v1/admin/flags/{key_id}``).
@@ -27,8 +27,9 @@ from pathlib import Path
 WINDOW = 100
 #: Queries a key must have sent before it can be escalated.
 MIN_QUERIES = 50
-#: A window with more than this fraction flagged is extraction.
-THRESHOLD = 0.5
+#: A window with more than this fraction flagged is extraction: the lowest of 0.5, 0.6, …, 0.9 under which no
+#: honest key of 1,000 perturbed victim training digits is escalated (the evaluation's "monitor threshold" table).
+THRESHOLD = 0.8
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS monitor (
     key_id TEXT PRIMARY KEY,

@@ -157,3 +157,45 @@ def test_servers_it_starts_itself(data_root: Path, tmp_path: Path) -> None:
     arm = results["arms"]["none"]
     assert arm["url"] is None and arm["queries_sent"] == 16 and not arm["runtime"]["in_process"]
     assert (out / "fig2.png").read_bytes().startswith(PNG)
+
+
+def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Path) -> None:
+    """Adaptive Misinformation (``--gated none``) beside the undefended arm on the three query sets, with a
+    gate-aware attacker, honest users and the monitor replayed; the gate's report is written instead of the
+    paper's. The shipped domain score flags Fashion-MNIST and passes MNIST training images."""
+    args = ["--defenses", "none", "--gated", "none", "--query-sets", "random", "jbda", "victim-train"]
+    args += ["--budgets", "60", "--losses", "labels", "confident", "--jbda-seeds", "10", "--benign-n", "50"]
+    rc, results, _ = run_eval(tmp_path, data_root, *args, "--avg-drop", "--cs", "--top-k")
+    assert rc == 0
+    arms = results["arms"]
+    assert set(arms) == {f"none{g}{q}" for g in ("", "+gate") for q in ("", "@jbda", "@victim-train")}
+    assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform"}
+    assert not arms["none"]["gated"] and arms["none"]["fingerprint"] != arms["none+gate"]["fingerprint"]
+    assert {arms[k]["query_set"] for k in arms} == {"random", "jbda", "victim-train"}
+    for key, arm in arms.items():
+        assert arm["budget"] == 60 and {r["loss"] for r in arm["runs"]} == {"labels", "confident"}
+        for run in arm["runs"]:
+            assert 0 < run["kept"] <= 60 and (run["kept"] == 60 or run["loss"] == "confident"), key
+    for key in ("none", "none+gate"):  # honest users only on the paper's query set
+        benign = arms[key]["benign"]
+        assert benign["n"] == 50 and benign["accuracy"] >= 90 and benign["victim_accuracy"] >= 90
+    assert "benign" not in arms["none+gate@jbda"] and "monitor" not in arms["none"]
+    random_, train = arms["none+gate"]["monitor"], arms["none+gate@victim-train"]["monitor"]
+    assert random_["flagged_pct"] > 80 and random_["escalated_at"] == random_["min_queries"]
+    assert train["flagged_pct"] < 10 and train["escalated_at"] is None
+    assert random_["benign"]["clean"] == {
+        "keys": 10,
+        "flagged_pct": random_["benign"]["clean"]["flagged_pct"],
+        "escalated": 0,
+    }
+    assert random_["benign"]["clean"]["flagged_pct"] <= 1.0
+    assert random_["threshold_choice"]["escalated"][f"{random_['threshold']:.1f}"] == 0
+    report = (tmp_path / "report.md").read_text()
+    for heading in (
+        "# Below the label line",
+        "## Queries: JBDA from 10",
+        "## Honest users",
+        "## The extraction monitor",
+    ):
+        assert heading in report
+    assert "| Adaptive Misinformation (`--defense none --gate misinform`) | jbda |" in report

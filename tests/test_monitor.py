@@ -70,6 +70,7 @@ def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: obje
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
     options = {"gate": "misinform", "monitor": "on", "monitor_window": 10, "monitor_min_queries": 5}
+    options["monitor_threshold"] = 0.5
     return make_settings(tmp_path, **(options | overrides))
 
 
