@@ -112,6 +112,7 @@ def test_grafana_provisioning_and_dashboard() -> None:
         "Queue",
         "Fail-closed fallbacks",
         "Queries per API key",
+        "Misinformation and flagged keys",
     } <= titles
 
 
