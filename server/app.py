@@ -18,7 +18,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import RequestMetricsMiddleware
 from .openapi import install_served_openapi
-from .routes import admin, health, metrics, models, predict
+from .routes import admin, health, metrics, models, oip, predict
 from .runtime import Runtime, StartupError
 from .settings import ServerSettings
 
@@ -60,7 +60,7 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
-    for router in (predict.router, models.router, health.router):
+    for router in (predict.router, oip.router, models.router, health.router):
         app.include_router(router)
     if settings.metrics_access != "off":
         app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
@@ -70,6 +70,7 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
         app.include_router(docs_router(app))
     install_served_openapi(
         app,
+        model_name=runtime.model_name,
         input_shape=runtime.input_shape,
         max_instances=settings.max_instances,
         max_image_bytes=settings.max_image_bytes,

@@ -4,23 +4,30 @@ documentation and schema-driven fuzzers see the arrays and sizes that are accept
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
 
 
 def install_served_openapi(
-    app: FastAPI, *, input_shape: tuple[int, int, int], max_instances: int, max_image_bytes: int
+    app: FastAPI,
+    *,
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    max_instances: int,
+    max_image_bytes: int,
 ) -> None:
     """Replace ``app.openapi`` by a cached schema with the exact C×H×W pixel arrays, exactly one of
-    ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and an example
-    request the served model accepts."""
+    ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and example
+    requests the served model accepts (``/predict`` and the Open Inference Protocol's ``infer``)."""
     generate = app.openapi
 
     def served() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             _narrow(schema["components"]["schemas"], input_shape, max_instances, max_image_bytes)
+            _narrow_oip(schema["paths"], model_name, input_shape)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -45,3 +52,19 @@ def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances:
     request["properties"]["instances"]["maxItems"] = max_instances
     c, h, w = shape
     request["examples"] = [{"instances": [{"pixels": [[[0.5] * w] * h] * c}], "explain": True}]
+
+
+def _narrow_oip(paths: dict[str, Any], model_name: str, shape: tuple[int, int, int]) -> None:
+    """The Open Inference Protocol's routes: the served model's name as the one value of their path
+    parameter (others are 404), and an example infer request for one image of its size."""
+    for path, operations in paths.items():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] == "model_name":
+                    parameter["schema"] = {**parameter["schema"], "enum": [model_name]}
+            if path.endswith("/infer") and "requestBody" in operation:
+                # a copy: FastAPI puts the route's own openapi_extra dict into the schema, shared by every app
+                operation["requestBody"] = copy.deepcopy(operation["requestBody"])
+                c, h, w = shape
+                image = {"name": "image", "shape": [1, c, h, w], "datatype": "FP32", "data": [0.5] * (c * h * w)}
+                operation["requestBody"]["content"]["application/json"]["example"] = {"inputs": [image]}

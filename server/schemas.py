@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 
 #: One pixel value: a finite number in [0, 1]; lists stop at their first bad element.
 Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)]
@@ -105,3 +116,126 @@ class FlaggedKey(BaseModel):
 
 class FlaggedKeysResponse(BaseModel):
     keys: list[FlaggedKey]
+
+
+# -- the Open Inference Protocol (KServe v2 REST, as Triton speaks it) ---------------------------------------------
+
+#: Nesting accepted in a tensor's ``data``: flat, or nested as deep as the image input's shape [B, C, H, W].
+MAX_DATA_DEPTH = 4
+
+
+def _flatten(value: Any) -> Any:
+    """Nested lists → one flat list in row-major order (the protocol allows both); anything else as it is,
+    for the list validator to judge. Iterative, so a hostile nesting cannot exhaust the stack."""
+    if not isinstance(value, list) or not any(isinstance(v, list) for v in value):
+        return value
+    flat: list[Any] = []
+    stack = [iter(value)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= MAX_DATA_DEPTH:
+                    raise ValueError(f"data must be flat or nested at most {MAX_DATA_DEPTH} deep")
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+#: A tensor's elements: floats in [0, 1] (the rules of ``pixels``), flat in row-major order or nested;
+#: error locations count the flattened elements.
+TensorData = Annotated[
+    list[Pixel],
+    Field(fail_fast=True),
+    BeforeValidator(_flatten),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "description": "the elements in row-major order, flat (or nested), floats in [0, 1]",
+            "items": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "array"}]},
+        }
+    ),
+]
+#: ``parameters`` of a request, a tensor or an output: names to booleans, numbers or strings.
+Parameters = dict[str, StrictBool | StrictInt | StrictFloat | StrictStr]
+Dim = Annotated[int, Field(strict=True, ge=0)]
+
+
+class InferInputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(description="the input's name: 'image'")
+    shape: list[Dim] = Field(description="[B, C, H, W], C×H×W the model's input size")
+    datatype: Literal["FP32", "FP64"]
+    parameters: Parameters | None = Field(
+        None, description="'binary_data_size': the data follow the JSON as little-endian binary (Triton's extension)"
+    )
+    data: TensorData | None = Field(None, description="absent when the data come as binary")
+
+
+class InferRequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(description="'probabilities', 'label' or 'attribution'")
+    parameters: Parameters | None = Field(None, description="'binary_data' is accepted; outputs always come as JSON")
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | None = Field(None, description="echoed in the response")
+    parameters: Parameters | None = None
+    inputs: list[InferInputTensor] = Field(min_length=1, description="one input, 'image'")
+    outputs: list[InferRequestedOutput] | None = Field(
+        None, description="the outputs to return (all when absent); maps are computed only for 'attribution'"
+    )
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    datatype: Literal["FP32", "INT64"]
+    shape: list[int]
+    parameters: dict[str, str] | None = Field(None, description="'method': the interpreter of an attribution")
+    data: list[StrictInt] | list[float] = Field(description="the elements in row-major order")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = Field(None, description="the request's id")
+    parameters: dict[str, str] = Field(description="'defense': the defense that answered")
+    outputs: list[InferOutputTensor]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size (the batch)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool = True
+
+
+class ServerReady(BaseModel):
+    ready: bool = True
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool = True

@@ -40,6 +40,12 @@ EXAMPLES: dict[tuple[str, str], tuple[int, int]] = {
     ("GET", "/healthz"): (1, 0),
     ("GET", "/readyz"): (1, 0),
     ("GET", "/metrics"): (1, 0),
+    ("POST", "/v2/models/{model_name}/infer"): (30, 60),
+    ("GET", "/v2/models/{model_name}"): (10, 15),
+    ("GET", "/v2/models/{model_name}/ready"): (10, 15),
+    ("GET", "/v2"): (1, 10),
+    ("GET", "/v2/health/live"): (1, 0),
+    ("GET", "/v2/health/ready"): (1, 0),
 }
 SEEN: Counter[tuple[str, str, int]] = Counter()
 #: Statuses that reject invalid data: schemathesis' list, plus 413 (more instances than ``max_instances``, the
@@ -143,3 +149,5 @@ def test_fuzz_route(served: tuple[str, Any], route: tuple[str, str], mode: Gener
     assert total >= min(examples, 10) if examples > 1 else total == 1
     if route == ("POST", "/predict") and mode == GenerationMode.POSITIVE:
         assert SEEN[(label, mode.value, 200)] >= 3, "the fuzzer never reached the model"
+    if route == ("POST", "/v2/models/{model_name}/infer") and mode == GenerationMode.POSITIVE:
+        assert SEEN[(label, mode.value, 200)] >= 1, "the fuzzer never reached the model"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -40,7 +40,7 @@ T = TypeVar("T")
 )  # type: ignore[arg-type]
 async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
     """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
-    batcher = runtime.ready_batcher()
+    runtime.ready_batcher()  # 503 while not ready, before the instances are looked at
     limit = runtime.settings.max_instances
     if len(body.instances) > limit:
         raise ApiError(
@@ -50,13 +50,46 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             field="instances",
         )
     x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
+    method = runtime.interpreter_name
+    return await answer_instances(
+        runtime,
+        caller,
+        x,
+        explain=body.explain,
+        request=request,
+        respond=lambda answers: PredictResponse(
+            model=runtime.model_name,
+            defense=runtime.defense_name,
+            predictions=[_prediction(a, method, body.explain) for a in answers],
+        ),
+    )
+
+
+async def answer_instances(
+    runtime: Runtime,
+    caller: Caller,
+    x: Tensor,
+    *,
+    explain: bool,
+    request: Request,
+    respond: Callable[[list[Answer]], T],
+) -> T:
+    """``respond(answers)`` for the validated (B, C, H, W) batch ``x``, answered by the defense: the path
+    every route that answers queries shares (``/predict``, the Open Inference Protocol's ``infer``).
+
+    In order: the extraction monitor (403 ``key_flagged``), the caller's budget (429), the micro-batcher
+    (503 when full or overloaded), the answers (504 in time, 499 when the client goes away, 500 when the
+    defense fails), the monitor's hook, then ``respond``. The request is charged once ``respond`` has
+    returned; whatever else happens, the queries not paid for are refunded (docs/server.md, "What a
+    request costs")."""
+    batcher = runtime.ready_batcher()
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
     # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
     await run_in_threadpool(_spend, runtime, caller, len(x))
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
     ticket: Ticket | None = None
     try:
-        ticket = batcher.enqueue(x, explain=body.explain)
+        ticket = batcher.enqueue(x, explain=explain)
         runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
         try:
             answers = await _unless_disconnected(request, ticket.answers())
@@ -64,13 +97,8 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
             raise
         if runtime.monitor is not None:
-            answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=body.explain)
-        method = runtime.interpreter_name
-        response = PredictResponse(
-            model=runtime.model_name,
-            defense=runtime.defense_name,
-            predictions=[_prediction(a, method, body.explain) for a in answers],
-        )
+            answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
+        response = respond(answers)
         charged = len(x)
         return response
     except QueueFull as full:
