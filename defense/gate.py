@@ -10,9 +10,9 @@ score)); both of ours are confident, so a blend with α near ½ answers with whi
 (docs/results/misinformation.md) and leaks the true label: a flagged query gets α = 1.
 
 What a flagged answer must not give away: it has the schema of any other answer, and every query —
-flagged or not — goes through the wrapped defense first, so a flagged answer costs what any other
-costs (its latency does not tell). ``Answer.misinformed`` is for the server's metrics only; it is
-never sent.
+flagged or not — goes through the wrapped defense and the misinformation model both, so a flagged
+answer costs what any other costs (its latency does not tell: ``docs/results/gate-latency.md``).
+``Answer.misinformed`` is for the server's metrics only; it is never sent.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class MisinformationGate(Defense):
     """``inner``'s answers, except for the queries ``flags`` marks as out of domain (``DomainScore.flags``:
     True where the score is below its threshold).
 
-    ``equal_cost`` (the server's setting) sends every query through ``inner`` first, so that a flagged
-    answer costs what any other costs; the evaluation harness turns it off to skip the wrapped defense's
-    work for flagged queries, whose answers it would throw away: the answers are the same either way.
+    ``equal_cost`` (the server's setting) sends every query through ``inner`` and the misinformation model,
+    so that a flagged answer costs what any other costs; the evaluation harness turns it off to skip the
+    work whose answers it would throw away: the answers are the same either way.
     """
 
     def __init__(
@@ -59,13 +59,17 @@ class MisinformationGate(Defense):
             flagged = self.flags(x).reshape(-1).cpu()
         rows, kept = flagged.nonzero().flatten().tolist(), (~flagged).nonzero().flatten().tolist()
         answers: list[Answer | None] = [None] * len(x)
-        if self.equal_cost:  # every query pays the same path first
+        if self.equal_cost:  # every query pays both paths, so that its latency does not tell whether it was flagged
             answers = list(self.inner.answer(x, explain=explain))
-        elif kept:
+            misinformation = self.misinform(x, explain=explain)
+            for i in rows:
+                answers[i] = replace(answers[i], **_answered(misinformation[i]))  # type: ignore[arg-type]
+            return answers  # type: ignore[return-value]
+        if kept:
             for i, a in zip(kept, self.inner.answer(x[kept], explain=explain), strict=True):
                 answers[i] = a
         for i, a in zip(rows, self.misinform(x[rows], explain=explain) if rows else [], strict=True):
-            answers[i] = a if answers[i] is None else replace(answers[i], **_answered(a))
+            answers[i] = a
         return answers  # type: ignore[return-value]  # every row is answered above
 
     def misinform(self, x: Tensor, *, explain: bool = True) -> list[Answer]:

@@ -102,6 +102,19 @@ def test_skipping_the_wrapped_defense_for_flagged_queries_gives_the_same_answers
     assert cheap.answer(queries(3, marked=[0, 1, 2]))[2].misinformed and calls == [4], "all flagged: inner not called"
 
 
+def test_on_the_server_every_query_pays_both_paths(gate: MisinformationGate) -> None:
+    """``equal_cost`` (the server's default): the wrapped defense and the misinformation model both answer
+    every query, flagged or not, so that a misinformed answer does not take longer than another."""
+    seen: list[int] = []
+    hook = gate.misinformation.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    try:
+        answers = gate.answer(queries(6, marked=[1, 4]))
+    finally:
+        hook.remove()
+    assert seen and all(n == 6 for n in seen), f"the misinformation model did not answer every query: {seen}"
+    assert [a.misinformed for a in answers] == [False, True, False, False, True, False]
+
+
 def test_flagged_answers_look_like_any_other(gate: MisinformationGate) -> None:
     x = queries(4, marked=[0])
     gated, plain = gate.answer(x), gate.answer(x, explain=False)
