@@ -198,6 +198,10 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class NotCollected(ValueError):
+    """With ``only_cached``: the arm's transfer set is not (fully) stored, and nothing is sent to complete it."""
+
+
 class Evaluation:
     """One evaluation run: what every arm shares (the attacker's pool, the victim's test set and its reference
     outputs, the cache of finished trainings) and the steps each arm goes through."""
@@ -285,14 +289,20 @@ class Evaluation:
     def collect_set(self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str) -> tuple[TransferStore, int]:
         """Send the query set's queries that are not stored yet; the store and the number sent."""
         c = self.config
+        if query_set not in QUERY_SETS:
+            raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
         if query_set == "random":
             store = self.store(info, "random", c.attacker_dataset)
+        else:
+            store = self.store(info, "jbda" if query_set == "jbda" else "random", self.meta.dataset)
+        if c.only_cached:  # report what is stored: send nothing
+            return store, 0
+        if query_set == "random":
             queries = self.pool[sample_queries(len(self.pool), budget, c.seed)]
         elif query_set == "victim-train":
-            store = self.store(info, "random", self.meta.dataset)
             queries = self.victim_train[sample_queries(len(self.victim_train), budget, c.seed)]
-        elif query_set == "jbda":
-            store, jbda = self.store(info, "jbda", self.meta.dataset), self.jbda_config(info)
+        else:
+            jbda = self.jbda_config(info)
             spec = self.victim_spec
             seeds = self.victim_train[sample_queries(len(self.victim_train), jbda.seed_size, c.seed)]
 
@@ -324,8 +334,6 @@ class Evaluation:
                 progress=self.progress,
             )
             return store, sent
-        else:
-            raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
         return store, collect(oracle, store, queries, batch_size=c.query_batch, progress=self.progress)
 
     def transfer_set(
@@ -336,9 +344,10 @@ class Evaluation:
         store, sent = self.collect_set(oracle, info, budget, query_set)
         before = len(store) - sent
         seconds = time.perf_counter() - started
+        if len(store) < budget:
+            kind = NotCollected if self.config.only_cached else ValueError
+            raise kind(f"transfer set {store.root} holds {len(store)} queries, fewer than B = {budget}")
         data = store.load().prefix(budget)
-        if len(data) < budget:
-            raise ValueError(f"transfer set {store.root} holds {len(data)} queries, fewer than B = {budget}")
         return data, {
             "query_set": query_set,
             "store": str(store.root),
@@ -700,8 +709,11 @@ def run_evaluation(
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget, arm.query_set)[1]
-    for arm in arms:
+            try:
+                collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget, arm.query_set)[1]
+            except NotCollected as missing:  # --only-cached: an arm whose queries were never sent is not run
+                record["not_collected"] = {**record.get("not_collected", {}), arm.key: str(missing)}
+    for arm in [a for a in arms if a.key in collected]:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
             record["arms"][arm.key] = {**run.run_arm(arm, oracle), **collected[arm.key]}
         if on_arm is not None:

@@ -199,3 +199,10 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
     ):
         assert heading in report
     assert "| Adaptive Misinformation (`--defense none --gate misinform`) | jbda |" in report
+
+    # --only-cached with an arm never collected: reported as not run, nothing sent, the others as before
+    rc, again, _ = run_eval(tmp_path, data_root, *args, "--gated", "none", "deepdefense", "--only-cached")
+    assert rc == 0 and set(again["not_collected"]) == {f"deepdefense+gate{q}" for q in ("", "@jbda", "@victim-train")}
+    assert set(again["arms"]) == set(arms) and all(a["queries_sent"] == 0 for a in again["arms"].values())
+    assert again["arms"]["none+gate"]["runs"] == arms["none+gate"]["runs"]
+    assert "Arms not run" in (tmp_path / "report.md").read_text()
