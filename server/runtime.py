@@ -20,13 +20,14 @@ from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
 from .auth import KeyRing
 from .batcher import MicroBatcher
-from .budget import QueryLedger
+from .budget import Ledger, QueryLedger, RedisLedger
 from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
 from .metrics import ServerMetrics
-from .monitor import ExtractionMonitor, MonitorPolicy
+from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
+from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -80,19 +81,38 @@ class Runtime:
         )
         self.keys = KeyRing(settings.keys())
         self.admin_keys = KeyRing(settings.admin_keys_list())
-        self.ledger = QueryLedger(settings.budget_db, settings.query_budget) if settings.query_budget else None
+        if settings.monitor == "on" and not settings.gated():
+            raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
+        self.ledger: Ledger | None = None
         self.monitor: ExtractionMonitor | None = None
-        if settings.monitor == "on":
-            if not settings.gated():
-                raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
-            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
-            self.monitor = ExtractionMonitor(settings.budget_db, policy)
-            self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
+        try:
+            self._open_state(settings)
+        except StateUnreachable as err:  # the server does not start answering without its state
+            raise StartupError(str(err)) from None
+        except STATE_ERRORS as err:  # reached, then lost before start-up was done
+            raise StartupError(
+                f"lost the Redis state at {redis_address(settings.state or '')} while starting: {type(err).__name__}"
+            ) from None
         self.batcher: MicroBatcher | None = None
         self.state: State = "starting"
         self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
         self.on_failure: Callable[[], None] | None = None  # `serve` stops the server when preparing fails
         self._preparing: asyncio.Task[None] | None = None
+
+    def _open_state(self, settings: ServerSettings) -> None:
+        """The budgets and the monitor's state: in the SQLite file ``budget_db``, or in the Redis at ``state``."""
+        if settings.query_budget is None and settings.monitor == "off":
+            if settings.state:
+                logger.warning("state is set, but without query_budget or the monitor nothing is kept there")
+            return
+        client = connect_redis(settings.state) if settings.state else None
+        if settings.query_budget is not None:
+            budget = settings.query_budget
+            self.ledger = RedisLedger(client, budget) if client else QueryLedger(settings.budget_db, budget)
+        if settings.monitor == "on":
+            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
+            self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
+            self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
 
     async def start(self) -> None:
         """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""

@@ -22,6 +22,7 @@ from defense.names import DefenseName
 from models.checkpoint import resolve_checkpoint
 
 from .monitor import MIN_QUERIES, THRESHOLD, WINDOW
+from .state import redis_address
 
 #: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
 Access = Literal["open", "admin", "off"]
@@ -51,7 +52,7 @@ class ServerSettings(BaseSettings):
     monitor: Literal["off", "on"] = Field(
         "off",
         description="on: per API key, a window of its queries' domain flags; a key whose window looks like "
-        "extraction is escalated (needs API keys and gate misinform; state in budget_db)",
+        "extraction is escalated (needs API keys and gate misinform; state in budget_db or state)",
     )
     monitor_action: Literal["misinform", "refuse"] = Field(
         "misinform", description="an escalated key's answers: all from the misinformation model, or 403 key_flagged"
@@ -97,9 +98,15 @@ class ServerSettings(BaseSettings):
 
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (environment only)")
     api_keys_file: FilePath | None = Field(None, description="file with one API key per line")
-    query_budget: int | None = Field(None, ge=1, description="queries per API key, kept in budget_db")
+    query_budget: int | None = Field(None, ge=1, description="queries per API key, kept in budget_db or state")
     budget_db: Path = Field(
-        Path("deepdefense-budget.sqlite"), description="SQLite file of spent budgets and the monitor's state"
+        Path("deepdefense-budget.sqlite"),
+        description="SQLite file of spent budgets and the monitor's state (when state is unset)",
+    )
+    state: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db (or rediss://): budgets and the monitor's state in Redis, "
+        "shared by server replicas; unset: in budget_db (a password is better given in DD_STATE than as a flag)",
     )
 
     admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")
@@ -118,6 +125,13 @@ class ServerSettings(BaseSettings):
     def _decode_engine_values(cls, value: dict[str, Any]) -> dict[str, Any]:
         """``DD_ENGINE__STEPS=10`` arrives as the string "10": read such values as JSON when they parse."""
         return {key: _json_or_str(v) for key, v in value.items()}
+
+    @field_validator("state")
+    @classmethod
+    def _state_is_redis(cls, value: str | None) -> str | None:
+        if value is not None:
+            redis_address(value)  # its ValueError never repeats the URL, which may hold a password
+        return value
 
     @model_validator(mode="after")
     def _check_keys(self) -> ServerSettings:

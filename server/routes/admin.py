@@ -13,8 +13,11 @@ from ..errors import ApiError
 from ..monitor import ExtractionMonitor
 from ..runtime import Runtime
 from ..schemas import ErrorResponse, FlaggedKey, FlaggedKeysResponse
+from ..state import state_reachable
 
-router = APIRouter(tags=["admin"], dependencies=OPERATOR, responses={401: {"model": ErrorResponse}})
+router = APIRouter(
+    tags=["admin"], dependencies=OPERATOR, responses={status: {"model": ErrorResponse} for status in (401, 503)}
+)
 
 
 def _monitor(runtime: Runtime) -> ExtractionMonitor:
@@ -25,7 +28,8 @@ def _monitor(runtime: Runtime) -> ExtractionMonitor:
 @router.get("/v1/admin/flags", response_model=FlaggedKeysResponse)
 async def list_flags(runtime: RuntimeDep) -> FlaggedKeysResponse:
     """The keys the extraction monitor has escalated, oldest first."""
-    keys = await run_in_threadpool(_monitor(runtime).flagged_keys)
+    with state_reachable(runtime.settings.retry_after_s):
+        keys = await run_in_threadpool(_monitor(runtime).flagged_keys)
     return FlaggedKeysResponse(keys=[FlaggedKey.model_validate(k) for k in keys])
 
 
@@ -33,7 +37,8 @@ async def list_flags(runtime: RuntimeDep) -> FlaggedKeysResponse:
 async def clear_flag(key_id: str, runtime: RuntimeDep) -> Response:
     """Clear a key's escalation and its window: it is answered as any other key again."""
     monitor = _monitor(runtime)
-    if not await run_in_threadpool(monitor.clear, key_id):
-        raise ApiError(404, "not_flagged", "no escalated key has this id", field="key_id")
-    runtime.metrics.flagged_keys.set(await run_in_threadpool(monitor.count_flagged))
+    with state_reachable(runtime.settings.retry_after_s):
+        if not await run_in_threadpool(monitor.clear, key_id):
+            raise ApiError(404, "not_flagged", "no escalated key has this id", field="key_id")
+        runtime.metrics.flagged_keys.set(await run_in_threadpool(monitor.count_flagged))
     return Response(status_code=204)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,6 +22,9 @@ from ..images import instances_to_tensor
 from ..limits import require_json
 from ..runtime import Runtime
 from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, PredictResponse
+from ..state import STATE_ERRORS, state_reachable
+
+logger = logging.getLogger("deepdefense.server")
 
 router = APIRouter(tags=["predict"])
 
@@ -81,7 +85,8 @@ async def answer_instances(
     (503 when full or overloaded), the answers (504 in time, 499 when the client goes away, 500 when the
     defense fails), the monitor's hook, then ``respond``. The request is charged once ``respond`` has
     returned; whatever else happens, the queries not paid for are refunded (docs/server.md, "What a
-    request costs")."""
+    request costs"). Where the monitor or the budget cannot be reached (their state in Redis), the request
+    is answered 503 ``state_unavailable``: never an answer that was not metered."""
     batcher = runtime.ready_batcher()
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
     # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
@@ -150,14 +155,21 @@ async def _disconnected(request: Request) -> None:
 
 async def _refund(runtime: Runtime, caller: Caller, queries: int) -> None:
     """Give back queries that were spent but are not charged (see "What a request costs")."""
-    if runtime.ledger is not None:
+    if runtime.ledger is None:
+        return
+    try:
         await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries)
+    except STATE_ERRORS as err:  # the state is lost: the queries stay spent (too much charged, never too little)
+        logger.warning("could not refund %d queries (%s): they stay spent", queries, type(err).__name__)
 
 
 def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
     """Whether the extraction monitor has escalated the caller's key (403 when escalated keys are refused)."""
-    if runtime.monitor is None or not runtime.monitor.escalated(caller.key_id):
+    if runtime.monitor is None:
         return False
+    with state_reachable(runtime.settings.retry_after_s):
+        if not runtime.monitor.escalated(caller.key_id):
+            return False
     if runtime.settings.monitor_action == "refuse":
         runtime.metrics.escalated.labels("refuse").inc(queries)
         raise ApiError(403, "key_flagged", "this API key is suspended; contact the operator", field="Authorization")
@@ -178,8 +190,9 @@ async def _monitored(
     misinformation model (computed after the defense's, so the request costs what any other costs)."""
     flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
     if not escalated:
-        await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
-        runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
+        with state_reachable(runtime.settings.retry_after_s):  # unobserved answers are not sent
+            await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
+            runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
         return answers
     gate = runtime.defense
     assert isinstance(gate, MisinformationGate)  # the settings require gate 'misinform' for the monitor
@@ -188,9 +201,14 @@ async def _monitored(
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
-    """Spend the caller's queries from its budget (429, nothing spent, when it does not cover them)."""
-    if runtime.ledger is not None and runtime.ledger.spend(caller.key_id, queries) is None:
-        left = runtime.ledger.remaining(caller.key_id)
+    """Spend the caller's queries from its budget (429, nothing spent, when it does not cover them; 503
+    ``state_unavailable`` when the budget cannot be reached)."""
+    if runtime.ledger is None:
+        return
+    with state_reachable(runtime.settings.retry_after_s):
+        spent = runtime.ledger.spend(caller.key_id, queries) is not None
+        left = 0 if spent else runtime.ledger.remaining(caller.key_id)
+    if not spent:
         raise ApiError(
             429,
             "budget_exhausted",

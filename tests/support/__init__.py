@@ -8,6 +8,8 @@
 - ``fakes``: ``GatedDefense``, a defense that holds the model thread at a gate
 - ``faults``: fault-injecting fakes (``FaultyDefense``, ``SlowDefense``, ``marked``) and the fake server
   process (``python tests/support/faults.py --port P``)
+- ``redis_server``: a real ``redis-server`` of the test's own on a free port (``RedisServer``), and the body
+  of a process that spends budget (``spend_in_process``)
 - ``numerics``: tolerances for floats computed along different paths (``PATH_ATOL``, ``CHANGED``,
   ``top1_margin``)
 
