@@ -141,6 +141,7 @@ def markdown(
                 )
             lines.append("")
     lines += _benign(record)
+    lines += _client_benign(Path(out))
     lines += _monitor(record)
     lines += _domain(here / "domain-score.json")
     lines += _latency(here / "gate-latency.json")
@@ -190,6 +191,34 @@ def _benign(record: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"| {ARM_NAMES.get(base, key)} | {b['n']:,} | {_f(b['accuracy'])} | {_f(b['victim_accuracy'])} | "
             f"{_f(b['agreement'])} | {_f(ms, 1)} |"
+        )
+    return [*lines, ""]
+
+
+def _client_benign(folder: Path) -> list[str]:
+    """Honest users over HTTP (``deepdefense client``, ``benign-*.json`` in the results folder, made by its
+    ``benign.sh``), with the server's count of misinformed answers (``benign-*-metrics.txt``)."""
+    files = sorted(folder.glob("benign-*.json"))
+    if not files:
+        return []
+    lines = [
+        "Over HTTP, through servers started with the default settings but the defense "
+        f"(`{_relative(folder / 'benign.sh', folder.parent)}`; `deepdefense client`, the first n MNIST test digits):",
+        "",
+        "| server | n | accuracy (%) | agrees with the victim (%) | misinformed answers | p50 latency (ms) | command |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in files:
+        d = json.loads(path.read_text())
+        metrics = path.with_name(path.stem + "-metrics.txt")
+        misinformed = "—"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                if line.startswith("dd_misinformed_answers_total"):
+                    misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
+        lines.append(
+            f"| `{d['defense']}` + gate | {d['n']:,} | {_f(d['accuracy'])} | {_f(d['agreement_undefended'])} | "
+            f"{misinformed} | {_f(d['latency_ms']['p50'], 0)} | `{d['command']}` |"
         )
     return [*lines, ""]
 
