@@ -203,6 +203,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     for defense, a in result["arms"].items():
         lo, hi = a["ratio_ci95"]
         verdict = "met" if a["ratio"] <= TARGET_RATIO else "not met"
+        if defense == "none":  # the target is for a defended query; here the gate's cost is set against a bare forward
+            verdict = "— (undefended)"
         lines.append(
             f"| {defense} | {a['plain_ms']['p50']} / {a['plain_ms']['p95']} | {a['gated_ms']['p50']} / "
             f"{a['gated_ms']['p95']} | {a['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {verdict} |"
