@@ -116,7 +116,10 @@ def markdown(
     ]
     if record.get("not_collected"):
         missing = ", ".join(f"`{k}`" for k in record["not_collected"])
-        lines += ["", f"Arms not run (transfer sets never collected; `--only-cached` sends nothing): {missing}."]
+        lines += [
+            "",
+            f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): {missing}.",
+        ]
     for query_set in [q for q in ("random", "jbda", "victim-train") if q in grid]:
         name = QUERY_SET_NAMES[query_set].format(
             attacker=c["attacker_dataset"], seeds=c.get("jbda_seeds"), victim=record.get("dataset")

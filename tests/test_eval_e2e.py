@@ -205,4 +205,4 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
     assert rc == 0 and set(again["not_collected"]) == {f"deepdefense+gate{q}" for q in ("", "@jbda", "@victim-train")}
     assert set(again["arms"]) == set(arms) and all(a["queries_sent"] == 0 for a in again["arms"].values())
     assert again["arms"]["none+gate"]["runs"] == arms["none+gate"]["runs"]
-    assert "Arms not run" in (tmp_path / "report.md").read_text()
+    assert "Not collected by this run" in (tmp_path / "report.md").read_text()
