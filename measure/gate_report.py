@@ -118,7 +118,8 @@ def markdown(
         missing = ", ".join(f"`{k}`" for k in record["not_collected"])
         lines += [
             "",
-            f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): {missing}.",
+            f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): "
+            f"{missing}.",
         ]
     for query_set in [q for q in ("random", "jbda", "victim-train") if q in grid]:
         name = QUERY_SET_NAMES[query_set].format(
