@@ -70,7 +70,7 @@ def in_thread(app: FastAPI, *, like_serve: bool = False, ready_timeout_s: float 
         config = uvicorn_config(app, app.state.runtime.settings)
         config.log_level = "warning"
     else:
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, http="h11", loop="asyncio")  # as serve
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((LOOPBACK, 0))
     server = uvicorn.Server(config)

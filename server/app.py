@@ -16,7 +16,7 @@ from defense import Defense
 from .access import OPERATOR, docs_router
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
-from .metrics import RequestMetricsMiddleware
+from .metrics import MAIN, RequestMetricsMiddleware
 from .openapi import install_served_openapi
 from .routes import admin, health, metrics, models, oip, predict
 from .runtime import Runtime, StartupError
@@ -33,18 +33,34 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     await runtime.start()
     try:
+        if app.state.wait_until_ready:  # a Ray Serve replica: no request before the model is ready
+            await runtime.prepared()
+            if runtime.state == "failed":
+                raise StartupError(
+                    f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: {runtime.failure}"
+                )
         yield
     finally:
         await runtime.stop()
 
 
-def create_app(settings: ServerSettings | None = None, defense: Defense | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings | None = None,
+    defense: Defense | None = None,
+    *,
+    replica: str = MAIN,
+    wait_until_ready: bool = False,
+) -> FastAPI:
     """A FastAPI app serving ``settings.checkpoint`` through ``defense``, or through the defense the
     settings name (built in the background at start-up; ``/readyz`` tells when it is done). A
-    checkpoint that fails verification raises ``models.checkpoint.CheckpointError`` here."""
+    checkpoint that fails verification raises ``models.checkpoint.CheckpointError`` here. ``replica``
+    names this app in ``/metrics`` (``dd_server_info{replica}``): a Ray Serve replica id under
+    ``server/cluster.py``, ``"main"`` for the one-process server. ``wait_until_ready``: the lifespan's
+    start-up returns only once the model is ready, and raises :class:`StartupError` when preparing
+    failed (a Ray Serve replica, which gets requests as soon as its start-up returns)."""
     settings = settings or ServerSettings()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own decompression-bomb guard
-    runtime = Runtime(settings, defense)
+    runtime = Runtime(settings, defense, replica=replica)
     docs_open = settings.docs_access == "open"
     app = FastAPI(
         title="DeepDefense inference server",
@@ -57,6 +73,7 @@ def create_app(settings: ServerSettings | None = None, defense: Defense | None =
         openapi_url="/openapi.json" if docs_open else None,
     )
     app.state.runtime = runtime
+    app.state.wait_until_ready = wait_until_ready
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
@@ -83,11 +100,15 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     no query strings) instead of uvicorn's; idle keep-alive connections kept longer than clients
     keep theirs (uvicorn's 5 s equals httpx's, and a client reusing a connection at the moment the
     server closes it gets a transport error); on SIGTERM/SIGINT new connections are refused while
-    in-flight requests finish (for at most the request timeout plus a margin)."""
+    in-flight requests finish (for at most the request timeout plus a margin). The HTTP parser and event
+    loop are named (h11, asyncio): uvicorn would otherwise switch to httptools and uvloop whenever they are
+    installed, as ``ray[serve]`` (the ``cluster`` extra) installs them, and the server tested here is h11's."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http="h11",
+        loop="asyncio",
         log_level=settings.log_level,
         server_header=False,
         access_log=False,

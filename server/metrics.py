@@ -16,6 +16,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FAILURE_REASONS = ("exception", "invalid_answer")
 REJECT_REASONS = ("queue_full", "overloaded")
+#: The ``replica`` label of ``dd_server_info`` outside Ray Serve (one process, its own registry).
+MAIN = "main"
 
 access_log = logging.getLogger("deepdefense.access")
 
@@ -23,13 +25,16 @@ access_log = logging.getLogger("deepdefense.access")
 class ServerMetrics:
     """Every metric the server exports; names follow Prometheus conventions (units, ``_total``)."""
 
-    def __init__(self, *, model: str, defense: str, interpreter: str, device: str) -> None:
+    def __init__(self, *, model: str, defense: str, interpreter: str, device: str, replica: str = MAIN) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.defense = defense
-        Info("dd_server", "What this server serves; defense='none' means undefended.", registry=r).info(
-            {"model": model, "defense": defense, "interpreter": interpreter, "device": device}
-        )
+        Info(
+            "dd_server",
+            "What this server serves; defense='none' means undefended; replica: the Ray Serve replica answering "
+            "this scrape, 'main' for the one-process server.",
+            registry=r,
+        ).info({"model": model, "defense": defense, "interpreter": interpreter, "device": device, "replica": replica})
         self.requests = Counter(
             "dd_http_requests_total",
             "HTTP requests by route template, method and status.",

@@ -24,7 +24,7 @@ from .budget import Ledger, QueryLedger, RedisLedger
 from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
-from .metrics import ServerMetrics
+from .metrics import MAIN, ServerMetrics
 from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
 from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address
@@ -60,7 +60,7 @@ def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
 class Runtime:
     """The served model, its defense, the batcher, keys, budgets and metrics of one app."""
 
-    def __init__(self, settings: ServerSettings, defense: Defense | None = None) -> None:
+    def __init__(self, settings: ServerSettings, defense: Defense | None = None, *, replica: str = MAIN) -> None:
         self.settings = settings
         meta_path = resolve_checkpoint(settings.checkpoint)
         self.model_name = meta_path.stem
@@ -77,7 +77,11 @@ class Runtime:
             self.defense_name, self.interpreter_name = defense.name, defense.interpreter.name
         self.image_limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.metrics = ServerMetrics(
-            model=self.model_name, defense=self.defense_name, interpreter=self.interpreter_name, device=str(self.device)
+            model=self.model_name,
+            defense=self.defense_name,
+            interpreter=self.interpreter_name,
+            device=str(self.device),
+            replica=replica,
         )
         self.keys = KeyRing(settings.keys())
         self.admin_keys = KeyRing(settings.admin_keys_list())
@@ -120,6 +124,12 @@ class Runtime:
             gated = " except for the misinformation gate" if self.settings.gated() else ""
             logger.warning("serving %s UNDEFENDED (defense 'none')%s, as asked", self.model_name, gated)
         self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name="dd-prepare")
+
+    async def prepared(self) -> None:
+        """Wait until preparing is over (``state`` is then ``ready`` or ``failed``); a Ray Serve replica
+        waits for this before Serve sends it requests (``create_app(..., wait_until_ready=True)``)."""
+        if self._preparing is not None:
+            await asyncio.shield(self._preparing)
 
     async def stop(self) -> None:
         if self._preparing is not None:

@@ -109,6 +109,26 @@ class ServerSettings(BaseSettings):
         "shared by server replicas; unset: in budget_db (a password is better given in DD_STATE than as a flag)",
     )
 
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="run the app as this many Ray Serve replicas behind Serve's HTTP proxy (pip install "
+        "'deepdefense[cluster]'; docs/scaling.md); more than 1 with a budget or the monitor needs state; "
+        "unset: one uvicorn process, no Ray",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="with replicas: the Ray cluster to join (host:port, ray://…, or auto: the one started on "
+        "this host); unset: a new local Ray instance",
+    )
+    max_ongoing_requests: int = Field(
+        8,
+        ge=1,
+        description="with replicas: requests Serve sends to one replica at a time (its micro-batcher batches "
+        "them); the rest wait in Serve's router for a free replica (docs/scaling.md)",
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="with replicas: CPUs Ray reserves for each replica")
+
     admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")
     admin_keys_file: FilePath | None = Field(None, description="file with one operator key per line")
     metrics_access: Access = Field("open", description="/metrics: open, admin (operator key) or off")
@@ -142,6 +162,11 @@ class ServerSettings(BaseSettings):
             raise ValueError("monitor 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it watches each key")
         if self.monitor == "on" and self.gate == "none":
             raise ValueError("monitor 'on' needs the gate (misinform or auto): it reads the gate's domain flags")
+        if (self.replicas or 1) > 1 and not self.state and (self.query_budget is not None or self.monitor == "on"):
+            raise ValueError(
+                "replicas > 1 with a query budget or the monitor need state (a redis:// URL, DD_STATE or --state): "
+                "the SQLite budget_db is a file of one machine, so replicas would not share budgets and windows"
+            )
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):

@@ -12,7 +12,7 @@ from typing import Any
 from deepdefense import flags
 from server.settings import ServerSettings
 
-HELP = "serve a victim model through a defense over HTTP (FastAPI under uvicorn)"
+HELP = "serve a victim model through a defense over HTTP (FastAPI under uvicorn; --replicas: on Ray Serve)"
 DESCRIPTION = (
     "Every flag overrides its DD_* environment variable (see docs/server.md). API keys are read only "
     "from DD_API_KEYS or the file named by DD_API_KEYS_FILE (operator keys: DD_ADMIN_KEYS[_FILE]), "
@@ -63,7 +63,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.replicas is not None:  # Ray Serve replicas (docs/scaling.md); Ray is imported only here
+        from server.cluster import serve_replicas
+
+        serve_replicas(settings)
+        return 0
     from server.app import serve
 
-    serve(settings_from_args(args))
+    serve(settings)
     return 0
