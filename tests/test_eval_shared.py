@@ -27,5 +27,10 @@ def test_modes_share_one_optimisation(data_root: Path) -> None:
             torch.testing.assert_close(a.probabilities, b.probabilities)
             torch.testing.assert_close(a.attribution, b.attribution)
             assert ("shared" in a.stats) == (mode != "deepdefense")
-    ModeOf(shared, "dd-s").answer(x)
-    assert calls == [3, 3], "taken answers are not kept: asking again optimises again"
+    again = ModeOf(shared, "deepdefense").answer(x)  # another arm of the same mode (behind the gate, say)
+    assert calls == [3], "an arm asking for a mode already answered optimised again"
+    for a, b in zip(again, arms["deepdefense"], strict=True):
+        torch.testing.assert_close(a.probabilities, b.probabilities)
+        assert "shared" in a.stats
+    ModeOf(shared, "dd-s").answer(x[:2] + 0.01)
+    assert calls == [3, 2], "new queries are optimised"
