@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -16,6 +19,9 @@ from server.metrics import ServerMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cpu", REPO / "docker" / "Dockerfile.cuda"]
+#: docker compose -f docker/compose.cluster.yml: its relative paths are relative to docker/
+CLUSTER = REPO / "docker" / "compose.cluster.yml"
+RAY_SERVICES = ("ray-head", "ray-worker")
 
 
 def load_yaml(path: Path) -> Any:
@@ -26,18 +32,19 @@ def compose() -> dict[str, Any]:
     return load_yaml(REPO / "docker-compose.yml")
 
 
-def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
-    """Container path → host path of a service's bind mounts (named volumes left out)."""
+def bind_mounts(service: dict[str, Any], base: Path = REPO) -> dict[str, Path]:
+    """Container path → host path of a service's bind mounts (named volumes left out); relative sources
+    are relative to ``base``, the folder of the (first) compose file."""
     mounts = {}
     for volume in service.get("volumes", []):
         source, target = volume.split(":")[:2]
         if source.startswith("."):
-            mounts[target] = REPO / source
+            mounts[target] = (base / source).resolve()
     return mounts
 
 
-def host_path(service: dict[str, Any], container_path: str) -> Path:
-    for target, source in bind_mounts(service).items():
+def host_path(service: dict[str, Any], container_path: str, base: Path = REPO) -> Path:
+    for target, source in bind_mounts(service, base).items():
         if container_path == target or container_path.startswith(target + "/"):
             return source / Path(container_path).relative_to(target)
     raise AssertionError(f"{container_path} is not mounted from the repository")
@@ -121,3 +128,109 @@ def exported_names() -> set[str]:
     registry = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu").registry
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",), "histogram": ("_bucket", "_count", "_sum")}
     return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+
+
+def cluster() -> dict[str, Any]:
+    return load_yaml(CLUSTER)
+
+
+def command_text(service: dict[str, Any]) -> str:
+    command = service["command"]
+    return " ".join(command) if isinstance(command, list) else command
+
+
+def flag(service: dict[str, Any], name: str) -> str:
+    """The value of ``--name=value`` (or ``--name value``) in a service's command."""
+    found = re.findall(rf"--{name}[= ](\S+)", command_text(service))
+    assert len(found) == 1, f"{name} given {len(found)} times in {command_text(service)!r}"
+    return found[0]
+
+
+def test_cluster_compose_services_and_their_files() -> None:
+    spec = cluster()
+    services = spec["services"]
+    assert {"ray-head", "ray-worker", "redis", "prometheus", "grafana"} <= set(services)
+    base = CLUSTER.parent
+    optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    builds = [services[name]["build"] for name in RAY_SERVICES]
+    assert builds[0] == builds[1], "the Ray head and workers run the same image"
+    assert services["ray-head"]["image"] == services["ray-worker"]["image"]
+    build = builds[0]
+    assert (base / build["context"]).resolve() == REPO, "the build context is the repository root"
+    assert (REPO / build["dockerfile"]).is_file()
+    assert (REPO / f"{build['dockerfile']}.dockerignore").is_file()
+    assert set(build["args"]["EXTRAS"].split(",")) <= set(optional)
+    assert "cluster" in build["args"]["EXTRAS"].split(",")
+    for name, service in services.items():
+        for target, source in bind_mounts(service, base).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) is missing"
+        for volume in service.get("volumes", []):
+            if not volume.startswith("."):
+                assert volume.split(":")[0] in spec["volumes"], f"{name}: undeclared volume {volume}"
+    redis = services["redis"]
+    assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    assert services["ray-head"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    # the same dashboard as docker-compose.yml
+    assert bind_mounts(services["grafana"], base) == bind_mounts(compose()["services"]["grafana"])
+
+
+def test_cluster_ray_and_redis() -> None:
+    services = cluster()["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    env = head["environment"]
+    state = urlsplit(env["DD_STATE"])
+    assert (state.scheme, state.hostname, state.port) == ("redis", "redis", 6379), "DD_STATE is the redis service"
+    assert "--port" not in command_text(services["redis"]) or flag(services["redis"], "port") == "6379"
+    # Ray's GCS on a port of its own, which the workers join
+    assert "ray start --head" in command_text(head)
+    assert flag(head, "include-dashboard") == "false"
+    gcs_port = flag(head, "port")
+    assert gcs_port != "6379"
+    assert command_text(worker).startswith("ray start") and "--block" in command_text(worker)
+    assert flag(worker, "address") == f"ray-head:{gcs_port}"
+    # the driver: deepdefense serve as Ray Serve replicas on this Ray cluster (server/cluster.py)
+    assert "deepdefense serve" in command_text(head)
+    assert env["DD_RAY_ADDRESS"] == "auto"
+    assert int(re.fullmatch(r"\$\{DD_REPLICAS:-(\d+)\}", str(env["DD_REPLICAS"]))[1]) >= 2
+    # the same deployment as docker/serve-config.yaml, with the Redis of this network
+    serve_config = load_yaml(REPO / "docker" / "serve-config.yaml")
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "server.cluster:app_builder"
+    assert urlsplit(app["args"]["state"]).port == state.port and urlsplit(app["args"]["state"]).path == state.path
+    assert head["ports"] == [f"{serve_config['http_options']['port']}:{serve_config['http_options']['port']}"]
+    # every Ray node exports its metrics on the same, explicit port
+    assert flag(head, "metrics-export-port") == flag(worker, "metrics-export-port")
+
+
+def test_cluster_prometheus_scrapes_the_proxy_and_every_ray_node() -> None:
+    services = cluster()["services"]
+    config = load_yaml(host_path(services["prometheus"], "/etc/prometheus/prometheus.yml", CLUSTER.parent))
+    targets: dict[str, set[str]] = {}  # metrics path → host:port scraped
+    for job in config["scrape_configs"]:
+        found = targets.setdefault(job.get("metrics_path", "/metrics"), set())
+        for static in job.get("static_configs", []):
+            found.update(static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            assert dns.get("type", "SRV") == "A", "compose's DNS answers A records, one per container"
+            found.update(f"{name}:{dns['port']}" for name in dns["names"])
+    (published,) = services["ray-head"]["ports"]
+    assert f"ray-head:{published.split(':')[-1]}" in targets["/metrics"], "the app's /metrics through Serve's proxy"
+    for name in RAY_SERVICES:
+        assert f"{name}:{flag(services[name], 'metrics-export-port')}" in targets["/metrics"], f"{name}'s Ray metrics"
+
+
+def test_dockerfile_extras_arg() -> None:
+    """docker/Dockerfile.cpu installs the package's extras named by the build argument EXTRAS, none by default."""
+    text = (REPO / "docker" / "Dockerfile.cpu").read_text()
+    assert re.search(r'^ARG EXTRAS=""$', text, re.M)
+    (line,) = [line for line in text.splitlines() if line.startswith("RUN pip install") and "EXTRAS" in line]
+    argument = line.split()[3]  # RUN pip install <argument> && …, expanded by the shell of RUN
+    assert argument.startswith('"') and argument.endswith('"')
+
+    def expand(extras: str) -> str:
+        command = ["sh", "-c", f"printf %s {argument}"]
+        return subprocess.run(command, env={"EXTRAS": extras}, capture_output=True, text=True, check=True).stdout
+
+    assert expand("") == "."
+    assert expand("cluster") == ".[cluster]"
