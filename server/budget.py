@@ -8,14 +8,13 @@ immediate transaction, Redis with one Lua script (Redis runs a script alone, sta
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Protocol
 
 import redis
 
-from .state import PREFIX, redis_key
+from .state import PREFIX, connect_sqlite, redis_key
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS spent (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL)"
 
@@ -44,12 +43,8 @@ class QueryLedger:
 
     def __init__(self, path: Path, budget: int) -> None:
         self.budget = budget
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
+        self._db = connect_sqlite(path, _SCHEMA)
 
     def spend(self, key_id: str, queries: int) -> int | None:
         """Spend ``queries`` of ``key_id``'s budget and return what is left, or None (nothing spent)

@@ -17,7 +17,6 @@ by replicas), so a restart forgets nothing.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ from typing import Protocol
 
 import redis
 
-from .state import PREFIX, is_key_id, redis_key
+from .state import PREFIX, connect_sqlite, is_key_id, redis_key
 
 #: Queries per key whose flags the policy looks at.
 WINDOW = 100
@@ -164,12 +163,8 @@ class SqliteMonitorStore:
     """:class:`MonitorStore` in a SQLite file (the budgets' ``budget_db``): one row per key."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
+        self._db = connect_sqlite(path, _SCHEMA)
 
     def read(self, key_id: str) -> KeyWindow:
         with self._lock:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis
@@ -114,3 +116,13 @@ def state_reachable(retry_after: int) -> Iterator[None]:
 def _without_secrets(message: str, url: str) -> str:
     password = urlsplit(url).password
     return message.replace(password, "***") if password else message
+
+
+def connect_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """The SQLite state file at ``path`` (made with its folder when missing) in WAL mode with ``schema`` applied:
+    autocommit, shared by threads (callers hold their own lock) and by processes on one host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(schema)
+    return db

@@ -15,6 +15,7 @@ import torch
 from support.fakes import GatedDefense
 from support.faults import load_victim
 from support.images import SHAPE
+from support.redis_server import RedisServer
 
 from defense import NoDefense, create_defense
 from defense.interpreters import create_interpreter
@@ -67,3 +68,14 @@ def gated(victim: torch.nn.Module) -> Iterator[GatedDefense]:
     d = GatedDefense(victim)
     yield d
     d.gate.set()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free port, killed at teardown (no mock: the package must be installed)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

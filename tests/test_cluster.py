@@ -54,16 +54,6 @@ def ray_modules() -> tuple[Any, Any]:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def local_ray() -> Iterator[Any]:
     """A local Ray instance of 2 CPUs without its dashboard; Serve and Ray are shut down afterwards."""
     ray, serve = ray_modules()

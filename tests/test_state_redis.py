@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,17 +32,6 @@ pytestmark = pytest.mark.usefixtures("no_server_env")
 ALICE, BOB, OPERATOR = "alice-key-0123456789", "bob-key-9876543210", "operator-key-0000"
 KEY = key_id(ALICE)
 POLICY = MonitorPolicy(window=10, min_queries=5, threshold=0.5)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own on a free port, killed at teardown."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ask(client: TestClient, key: str, n: int = 1):

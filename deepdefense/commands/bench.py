@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from deepdefense import flags
 
@@ -63,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         options=flags.engine_options(args.engine),
     )
-    result = {"command": args.command_line, **run_bench(config, progress=lambda m: print(m, file=sys.stderr))}
-    table = markdown(result, args.command_line)
-    print(table, file=sys.stderr)
-    if args.out:
-        Path(args.out).with_suffix(".md").write_text(table)
-    return flags.print_report(result, args.out)
+    return _report(args, run_bench(config, progress=_progress), markdown)
 
 
 def _gate_latency(args: argparse.Namespace) -> int:
@@ -84,7 +81,16 @@ def _gate_latency(args: argparse.Namespace) -> int:
         device=args.device,
         data_root=args.data_root,
     )
-    result = {"command": args.command_line, **run_gate_latency(config, progress=lambda m: print(m, file=sys.stderr))}
+    return _report(args, run_gate_latency(config, progress=_progress), markdown)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _report(args: argparse.Namespace, measured: dict[str, Any], markdown: Callable[[dict[str, Any], str], str]) -> int:
+    """Print the Markdown table, write it beside ``--out`` (.md), and print (and write) the JSON."""
+    result = {"command": args.command_line, **measured}
     table = markdown(result, args.command_line)
     print(table, file=sys.stderr)
     if args.out:
