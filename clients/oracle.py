@@ -8,6 +8,7 @@ harness can also answer in-process (``measure.local_oracle.LocalOracle``).
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,17 @@ def stack_reply(labels: list[int], probabilities: list[Tensor], attributions: li
     )
 
 
+#: Retries wait up to this share longer than asked (uniformly at random), never shorter than Retry-After.
+RETRY_JITTER = 0.25
+
+
 class HttpOracle:
     """``deepdefense serve`` over HTTP: ``Authorization: Bearer <key>``, requests of at most
     ``max_instances`` images, retries with exponential backoff on 503 (honouring ``Retry-After``),
     504 and connection errors, and an :class:`OracleError` naming the server's reason on any other
-    error status (or the connection error once the retries are spent)."""
+    error status (or the connection error once the retries are spent). Every wait is stretched by up
+    to :data:`RETRY_JITTER` at random (seeded by ``jitter_seed``), so that clients refused together do
+    not come back together."""
 
     def __init__(
         self,
@@ -95,8 +102,10 @@ class HttpOracle:
         retries: int = 5,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        jitter_seed: int | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._jitter = random.Random(jitter_seed)
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_instances = max_instances
         self.retries = retries
@@ -152,10 +161,10 @@ class HttpOracle:
             except httpx.TransportError as err:
                 if not retry:
                     raise OracleError(None, "connection_failed", f"{self.client.base_url}: {err}") from err
-                time.sleep(wait)
+                time.sleep(wait * (1 + RETRY_JITTER * self._jitter.random()))
                 continue
             if retry and response.status_code in (503, 504):
-                time.sleep(retry_delay(response, wait))
+                time.sleep(retry_delay(response, wait) * (1 + RETRY_JITTER * self._jitter.random()))
                 continue
             if response.is_error:
                 raise error_from(response)

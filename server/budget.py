@@ -4,17 +4,31 @@
 Both check and spend in one atomic step, so concurrent requests (threads, or server processes
 sharing the file or the Redis) cannot overspend: SQLite with one conditional ``UPDATE`` inside an
 immediate transaction, Redis with one Lua script (Redis runs a script alone, start to end).
+
+**Holds** (Redis only; cluster mode, docs/scaling.md "Faults"): a request that the cluster's gateway sent to
+a replica carries a hold id (:data:`HOLD_HEADER`). The replica spends *and* records the spend under the hold
+in one script, gives back through the hold what it refunds, and settles the hold (the rest is charged) when
+the request ends. When the replica dies with the request, the gateway releases the hold: whatever it still
+holds is refunded, once, so a killed replica neither loses a budget nor charges for answers never sent.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Protocol
 
 import redis
 
 from .state import PREFIX, connect_sqlite, redis_key
+
+#: The header by which cluster mode's gateway names the hold of a request it sends to a replica (a fresh
+#: :func:`new_hold` per request; the gateway replaces any a client sends, and one-process servers ignore it).
+HOLD_HEADER = "x-dd-hold"
+#: A hold id: 32 hex digits.
+_HOLD_ID = re.compile(r"[0-9a-f]{32}")
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS spent (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL)"
 
@@ -24,13 +38,18 @@ class Ledger(Protocol):
 
     budget: int
 
-    def spend(self, key_id: str, queries: int) -> int | None:
+    def spend(self, key_id: str, queries: int, hold: str | None = None) -> int | None:
         """Spend ``queries`` of ``key_id``'s budget and return what is left, or None (nothing spent)
-        when the budget does not cover them."""
+        when the budget does not cover them; with ``hold``, the spend is also recorded under it."""
         ...
 
-    def refund(self, key_id: str, queries: int) -> None:
-        """Give back queries that were spent but are not charged; never below nothing spent."""
+    def refund(self, key_id: str, queries: int, hold: str | None = None) -> None:
+        """Give back queries that were spent but are not charged; never below nothing spent. With ``hold``,
+        at most what the hold still holds (nothing once the gateway has released it)."""
+        ...
+
+    def settle(self, hold: str) -> None:
+        """The request of ``hold`` has ended: what the hold still holds stays charged."""
         ...
 
     def remaining(self, key_id: str) -> int: ...
@@ -46,9 +65,10 @@ class QueryLedger:
         self._lock = threading.Lock()
         self._db = connect_sqlite(path, _SCHEMA)
 
-    def spend(self, key_id: str, queries: int) -> int | None:
+    def spend(self, key_id: str, queries: int, hold: str | None = None) -> int | None:
         """Spend ``queries`` of ``key_id``'s budget and return what is left, or None (nothing spent)
         when the budget does not cover them."""
+        _no_hold(hold)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -64,10 +84,14 @@ class QueryLedger:
                 raise
         return self.budget - spent if updated == 1 else None
 
-    def refund(self, key_id: str, queries: int) -> None:
+    def refund(self, key_id: str, queries: int, hold: str | None = None) -> None:
         """Give back queries that were spent but are not charged (docs/server.md, "What a request costs")."""
+        _no_hold(hold)
         with self._lock:
             self._db.execute("UPDATE spent SET queries = MAX(queries - ?, 0) WHERE key_id = ?", (queries, key_id))
+
+    def settle(self, hold: str) -> None:
+        _no_hold(hold)
 
     def remaining(self, key_id: str) -> int:
         with self._lock:
@@ -79,40 +103,96 @@ class QueryLedger:
             self._db.close()
 
 
+def _no_hold(hold: str | None) -> None:
+    if hold is not None:
+        raise ValueError("holds are kept in the Redis state only (cluster mode requires it)")
+
+
+def new_hold() -> str:
+    """A fresh hold id (cluster mode's gateway makes one per request)."""
+    return uuid.uuid4().hex
+
+
+def is_hold(hold: str) -> bool:
+    return _HOLD_ID.fullmatch(hold) is not None
+
+
 #: KEYS[1] the key's spent queries, ARGV[1] the queries asked, ARGV[2] the budget: {1, left} when
-#: spent, {0, left} (nothing spent) when the budget does not cover them. Atomic: Redis runs a script alone.
+#: spent, {0, left} (nothing spent) when the budget does not cover them. With KEYS[2] (a hold) the spend is
+#: recorded there too (its budget key and queries), expiring after ARGV[3] s. Atomic: Redis runs a script alone.
 _SPEND = """
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
 local queries, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 if spent + queries > budget then
     return {0, budget - spent}
 end
-return {1, budget - redis.call('INCRBY', KEYS[1], queries)}
+local left = budget - redis.call('INCRBY', KEYS[1], queries)
+if KEYS[2] then
+    redis.call('HSET', KEYS[2], 'budget', KEYS[1], 'queries', queries)
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+return {1, left}
 """
 #: KEYS[1] the key's spent queries, ARGV[1] the queries given back; never below 0, never creates the key.
+#: With KEYS[2] (a hold) at most what the hold still holds, taken from it: nothing once it was released.
 _REFUND = """
+local queries = tonumber(ARGV[1])
+if KEYS[2] then
+    local held = tonumber(redis.call('HGET', KEYS[2], 'queries') or '0')
+    queries = math.min(queries, held)
+    if queries <= 0 then
+        return 0
+    end
+    redis.call('HSET', KEYS[2], 'queries', held - queries)
+end
 local spent = redis.call('GET', KEYS[1])
 if spent then
-    redis.call('SET', KEYS[1], math.max(tonumber(spent) - tonumber(ARGV[1]), 0))
+    redis.call('SET', KEYS[1], math.max(tonumber(spent) - queries, 0))
 end
+return queries
+"""
+#: KEYS[1] a hold: what it still holds is refunded to its budget key and the hold deleted; returns the queries.
+_RELEASE = """
+local held = redis.call('HMGET', KEYS[1], 'budget', 'queries')
+redis.call('DEL', KEYS[1])
+if not held[1] then
+    return 0
+end
+local queries = tonumber(held[2])
+local spent = redis.call('GET', held[1])
+if spent and queries > 0 then
+    redis.call('SET', held[1], math.max(tonumber(spent) - queries, 0))
+end
+return queries
 """
 
 
 class RedisLedger:
     """:class:`Ledger` in Redis: the queries spent by a key id under ``dd:budget:<key id>``."""
 
-    def __init__(self, client: redis.Redis, budget: int, prefix: str = PREFIX) -> None:
+    def __init__(self, client: redis.Redis, budget: int, prefix: str = PREFIX, hold_ttl_s: int = 3600) -> None:
+        """``hold_ttl_s``: how long a hold outlives its spend when neither its replica nor the gateway ends it
+        (both died): it then expires, and its queries stay charged."""
         self.budget = budget
-        self._client, self._prefix = client, prefix
+        self._client, self._prefix, self._hold_ttl_s = client, prefix, hold_ttl_s
         self._spend = client.register_script(_SPEND)  # EVALSHA, loaded again when Redis has forgotten it
         self._refund = client.register_script(_REFUND)
+        self._release = client.register_script(_RELEASE)
 
-    def spend(self, key_id: str, queries: int) -> int | None:
-        ok, left = self._spend(keys=[self._key(key_id)], args=[queries, self.budget])
+    def spend(self, key_id: str, queries: int, hold: str | None = None) -> int | None:
+        keys = [self._key(key_id), *self._hold_keys(hold)]
+        ok, left = self._spend(keys=keys, args=[queries, self.budget, self._hold_ttl_s])
         return int(left) if ok == 1 else None
 
-    def refund(self, key_id: str, queries: int) -> None:
-        self._refund(keys=[self._key(key_id)], args=[queries])
+    def refund(self, key_id: str, queries: int, hold: str | None = None) -> None:
+        self._refund(keys=[self._key(key_id), *self._hold_keys(hold)], args=[queries])
+
+    def settle(self, hold: str) -> None:
+        self._client.delete(*self._hold_keys(hold))
+
+    def release(self, hold: str) -> int:
+        """Refund what ``hold`` still holds (its replica died with the request) and end it; the queries refunded."""
+        return int(self._release(keys=self._hold_keys(hold)))
 
     def remaining(self, key_id: str) -> int:
         return self.budget - int(self._client.get(self._key(key_id)) or 0)
@@ -122,3 +202,10 @@ class RedisLedger:
 
     def _key(self, key_id: str) -> str:
         return redis_key(self._prefix, "budget", key_id)
+
+    def _hold_keys(self, hold: str | None) -> list[str]:
+        if hold is None:
+            return []
+        if not is_hold(hold):
+            raise ValueError("a hold id is 32 hex digits (budget.new_hold)")
+        return [f"{self._prefix}hold:{hold}"]

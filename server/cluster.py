@@ -4,10 +4,14 @@
 Ray is imported lazily, inside the functions here, so that the one-process server (``--replicas`` unset)
 never needs it; ``pip install 'deepdefense[cluster]'`` installs it.
 
+Serve's proxy sends every request to a gateway (``server/gateway.py``, the application's ingress, one per
+replica, holding no model), which hands it whole to a replica of the app and answers 503 ``replica_lost``
+(JSON, Retry-After, the request's budget hold released) when that replica dies with it: without the
+gateway, Serve's proxy answers such requests with a plain-text 500 and their budget stays spent.
+
 Each replica is a whole server: :func:`server.app.create_app` builds the app inside the replica (from the
-settings, sent to it as a plain dict), Serve runs the app's lifespan there (``Runtime.start``/``stop``:
-Serve's ingress wrapper drives FastAPI's lifespan with uvicorn's ``LifespanOn`` when the replica starts
-and when it stops), and the replica gets requests only once its model is ready. Every replica keeps
+settings, sent to it as a plain dict), the replica runs the app's lifespan (``Runtime.start``/``stop``)
+when it starts and stops, and gets requests only once its model is ready. Every replica keeps
 its own micro-batcher (``server/batcher.py``), not ``@serve.batch``: the batcher is where this server
 does admission control by expected latency (503 ``overloaded`` / ``queue_full`` with ``Retry-After``
 instead of a 504 after the timeout), refunds the budget of instances that never reached the model,
@@ -37,8 +41,11 @@ import httpx
 from pydantic import SecretStr
 
 from .app import DRAIN_MARGIN_S, create_app
+from .budget import RedisLedger
+from .gateway import Forwarded, Gateway, Returned, call_app, gateway_app
 from .runtime import StartupError
 from .settings import ServerSettings
+from .state import connect_redis
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -48,6 +55,8 @@ logger = logging.getLogger("deepdefense.server")
 #: The Serve application's name (``serve status``, ``serve shutdown``) and its deployment's.
 APP_NAME = "deepdefense"
 DEPLOYMENT_NAME = "DeepDefense"
+#: The gateway's deployment (``server/gateway.py``), Serve's ingress of the application.
+GATEWAY_NAME = "Gateway"
 #: Longest wait for the proxy to answer ``/readyz`` with 200 once Serve reports the replicas running.
 HTTP_READY_TIMEOUT_S = 120.0
 #: Serve's own access log (proxy and replicas) writes raw paths; the app's access log (``deepdefense.access``)
@@ -111,7 +120,8 @@ def replica_app(payload: dict[str, Any]) -> FastAPI:
 
 
 def deployment(settings: ServerSettings) -> Any:
-    """The Serve deployment: ``settings.replicas`` replicas of :func:`replica_app` under ``@serve.ingress``.
+    """The Serve deployment of the app: ``settings.replicas`` replicas of :func:`replica_app`, each running the
+    app's lifespan, reached through the gateway (:func:`gateway_deployment`) by ``forward``.
 
     ``max_ongoing_requests`` (``settings.max_ongoing_requests``, default 8) is how many requests Serve's
     router lets one replica hold at a time; the others wait in the router until a replica has room, and
@@ -128,6 +138,9 @@ def deployment(settings: ServerSettings) -> Any:
     holds. A reasoned default, not measured under Serve: raise it for throughput when requests are
     single instances and the replicas are saturated, lower it when latency matters more.
 
+    ``max_queued_requests`` (``settings.max_queued_requests``): how many requests may wait in each gateway's
+    router for a replica; beyond it the gateway answers 503 ``overloaded`` with Retry-After at once.
+
     ``ray_actor_options``: ``replica_cpus`` CPUs per replica, one GPU when the device is ``cuda``.
     ``graceful_shutdown_timeout_s`` matches the one-process server's drain (request timeout + 5 s); Serve's
     access log is off (:data:`NO_SERVE_ACCESS_LOG`).
@@ -135,24 +148,36 @@ def deployment(settings: ServerSettings) -> Any:
     _, serve = _ray()
     payload = settings_payload(settings)
 
-    def build_app() -> FastAPI:  # called inside each replica when it starts
-        return replica_app(payload)
-
-    @serve.ingress(build_app)
     class DeepDefenseReplica:
-        """One replica: the FastAPI app of ``server.app.create_app``, its runtime started by the app's lifespan."""
+        """One replica: the FastAPI app of ``server.app.create_app``, its lifespan run here (start-up returns
+        once the model is ready), reached by the gateway through :meth:`forward`. (Serve allows one
+        ``@serve.ingress`` per application: the gateway's.)"""
+
+        async def __init__(self) -> None:
+            self.app = replica_app(payload)
+            self._lifespan = self.app.router.lifespan_context(self.app)
+            await self._lifespan.__aenter__()
+
+        async def forward(self, request: Forwarded) -> Returned:
+            """A request from the gateway, through this replica's app."""
+            return await call_app(self.app, request)
 
         def check_health(self) -> None:
             """Serve's periodic health check: a replica whose model is not ready is replaced."""
-            runtime = self.app.state.runtime  # type: ignore[attr-defined]
+            runtime = self.app.state.runtime
             if runtime.state != "ready":
                 raise RuntimeError(f"the model of this replica is {runtime.state}: {runtime.failure}")
+
+        async def __del__(self) -> None:
+            """Serve stops the replica: the app's shutdown (its runtime drains and stops)."""
+            await self._lifespan.__aexit__(None, None, None)
 
     return serve.deployment(
         DeepDefenseReplica,
         name=DEPLOYMENT_NAME,
         num_replicas=settings.replicas or 1,
         max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
         ray_actor_options={
             "num_cpus": settings.replica_cpus,
             "num_gpus": 1 if settings.device.startswith("cuda") else 0,
@@ -162,6 +187,62 @@ def deployment(settings: ServerSettings) -> Any:
     )
 
 
+def gateway_deployment(settings: ServerSettings) -> Any:
+    """The gateway (``server/gateway.py``): Serve's ingress, one per replica of the app, holding no model.
+    It awaits its requests and costs almost no CPU, so it reserves none, and it may hold what every replica
+    holds plus its router's queue: more than that, and Serve's router refuses (503 ``overloaded`` as JSON)
+    before Serve's proxy would queue requests for the gateway itself."""
+    _, serve = _ray()
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    payload = settings_payload(settings)
+
+    def build_gateway() -> Any:  # called inside each gateway replica when it starts
+        gateway_settings = ServerSettings(**payload)
+        logging.getLogger("deepdefense").setLevel(gateway_settings.log_level.upper())
+        app = serve.get_deployment_handle(DEPLOYMENT_NAME)  # of this application
+
+        async def replica(request: Forwarded) -> Returned:
+            return await app.forward.remote(request)
+
+        ledger = None
+        if gateway_settings.state is not None and gateway_settings.query_budget is not None:
+            ledger = RedisLedger(connect_redis(gateway_settings.state), gateway_settings.query_budget)
+        gateway = Gateway(
+            replica,
+            lost=(RayActorError,),
+            overloaded=(BackPressureError,),
+            ledger=ledger,
+            retry_after_s=gateway_settings.retry_after_s,
+        )
+        return gateway_app(
+            gateway, max_body_bytes=gateway_settings.max_body_bytes, body_timeout_s=gateway_settings.body_timeout_s
+        )
+
+    @serve.ingress(build_gateway)
+    class DeepDefenseGateway:
+        """Serve's ingress of the application: hands each request to a replica (``server/gateway.py``)."""
+
+        def __init__(self, app: Any) -> None:
+            """``app``: the bound replicas (Serve deploys them with the gateway; the gateway finds them by name)."""
+
+    return serve.deployment(
+        DeepDefenseGateway,
+        name=GATEWAY_NAME,
+        num_replicas=settings.replicas or 1,
+        max_ongoing_requests=(settings.replicas or 1) * settings.max_ongoing_requests + settings.max_queued_requests,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=settings.request_timeout_s + DRAIN_MARGIN_S,
+        logging_config=NO_SERVE_ACCESS_LOG,
+    )
+
+
+def application(settings: ServerSettings) -> Any:
+    """The Serve application: the gateway as its ingress, bound to the app's replicas."""
+    return gateway_deployment(settings).bind(deployment(settings).bind())
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """The Serve application for Ray's own ``serve run`` / ``serve deploy`` (``docker/serve-config.yaml``,
     ``import_path: server.cluster:app_builder``): ``args`` are settings by name (``replicas``, ``state``,
@@ -169,7 +250,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     application (API keys from ``DD_API_KEYS`` / ``DD_API_KEYS_FILE`` there); ``replicas`` defaults to 1.
     The config file's ``http_options`` choose the address; ``host``/``port`` here are not used."""
     settings = ServerSettings(**{"replicas": 1, **args})
-    return deployment(settings).bind()
+    return application(settings)
 
 
 def start_replicas(settings: ServerSettings) -> str:
@@ -185,7 +266,7 @@ def start_replicas(settings: ServerSettings) -> str:
         logging_config=NO_SERVE_ACCESS_LOG,
     )
     try:
-        serve.run(deployment(settings).bind(), name=APP_NAME, route_prefix="/")
+        serve.run(application(settings), name=APP_NAME, route_prefix="/")
     except Exception as err:  # Serve's RuntimeError/RayServeException after the replicas failed to start
         raise StartupError(
             f"the Serve replicas of {settings.checkpoint} did not start: {err} (why: the replica logs, "

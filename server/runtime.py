@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
+import redis
 import torch
 
 from common.device import resolve_device
@@ -27,7 +28,7 @@ from .isolation import answer_problem
 from .metrics import MAIN, ServerMetrics
 from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
-from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address
+from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address, state_reachable
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -89,6 +90,7 @@ class Runtime:
             raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
         self.ledger: Ledger | None = None
         self.monitor: ExtractionMonitor | None = None
+        self._redis: redis.Redis | None = None  # the Redis state's client, when there is one
         try:
             self._open_state(settings)
         except StateUnreachable as err:  # the server does not start answering without its state
@@ -110,6 +112,7 @@ class Runtime:
                 logger.warning("state is set, but without query_budget or the monitor nothing is kept there")
             return
         client = connect_redis(settings.state) if settings.state else None
+        self._redis = client
         if settings.query_budget is not None:
             budget = settings.query_budget
             self.ledger = RedisLedger(client, budget) if client else QueryLedger(settings.budget_db, budget)
@@ -195,6 +198,13 @@ class Runtime:
             message = "the model is still loading" if self.state == "starting" else "the model failed to load"
             raise ApiError(503, "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)})
         return self.batcher
+
+    def check_state(self) -> None:
+        """Readiness of the shared state: 503 ``state_unavailable`` while the Redis state cannot be reached
+        (requests that spend or observe would get the same); nothing to check for SQLite or no state."""
+        if self._redis is not None:
+            with state_reachable(self.settings.retry_after_s):
+                self._redis.ping()
 
     def ready_defense(self) -> Defense:
         self.ready_batcher()

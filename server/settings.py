@@ -127,6 +127,12 @@ class ServerSettings(BaseSettings):
         description="with replicas: requests Serve sends to one replica at a time (its micro-batcher batches "
         "them); the rest wait in Serve's router for a free replica (docs/scaling.md)",
     )
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="with replicas: requests that may wait in a gateway's router for a free replica; beyond, "
+        "503 overloaded with Retry-After at once (docs/scaling.md)",
+    )
     replica_cpus: float = Field(1.0, gt=0, description="with replicas: CPUs Ray reserves for each replica")
 
     admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")

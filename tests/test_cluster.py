@@ -9,6 +9,8 @@ fake and no skip: without ``ray[serve]`` (in the ``dev`` extra) these tests fail
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,8 +23,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.redis_server import RedisServer
+from support.servers import bearer
 from support.settings import make_settings
 
+from measure.cluster_faults import replica_pids
 from measure.launcher import LOOPBACK, free_port
 from server import cluster
 from server.auth import key_id
@@ -37,6 +41,9 @@ REQUESTS = 200
 #: Longest wait for the scrapes of /metrics to have reached both replicas.
 SCRAPE_DEADLINE_S = 60.0
 BLANK = {"instances": [{"pixels": [[[0.0] * 28] * 28]}]}
+#: The kill: this many concurrent requests of this many instances (2 replicas hold 8 each), killed once
+#: the replicas hold them; longest wait for that.
+KILL_REQUESTS, KILL_INSTANCES, KILL_DEADLINE_S = 16, 4, 120.0
 
 
 def ray_modules() -> tuple[Any, Any]:
@@ -130,6 +137,57 @@ def test_two_replicas_spend_one_shared_budget(
     assert sum((c for c in per_replica.values()), Counter()) == {"200": BUDGET, "429": REQUESTS - BUDGET}
 
 
+def test_a_replica_killed_under_load_costs_nothing_and_answers_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, local_ray: Any, data_root: Path
+) -> None:
+    """SIGKILL of one replica's process while both hold requests (DeepDefense, 4 instances each): every client
+    gets 200 or 503 JSON with Retry-After (``replica_lost`` for those the dead replica held), the budget
+    spent is exactly the answered instances, and no hold is left behind."""
+    monkeypatch.setenv("DD_API_KEYS", KEY)
+    settings = make_settings(
+        tmp_path,
+        defense="deepdefense",
+        data_root=str(data_root),
+        replicas=2,
+        state=redis_server.url,
+        query_budget=10_000,
+        host=LOOPBACK,
+        port=free_port(),
+        request_timeout_s=120,
+        max_expected_latency_s=60,
+        max_batch_wait_ms=50,
+    )
+    url = cluster.start_replicas(settings)
+    raw = redis_server.client()
+    body = {"instances": [{"pixels": [[[0.1 * i] * 28] * 28]} for i in range(KILL_INSTANCES)], "explain": True}
+
+    async def load_and_kill() -> tuple[list[httpx.Response], int]:
+        limits = httpx.Limits(max_connections=KILL_REQUESTS)
+        async with httpx.AsyncClient(base_url=url, timeout=180, limits=limits, headers=bearer(KEY)) as client:
+            sent = [asyncio.ensure_future(client.post("/predict", json=body)) for _ in range(KILL_REQUESTS)]
+            deadline = time.monotonic() + KILL_DEADLINE_S
+            while len(list(raw.scan_iter("dd:hold:*"))) < KILL_REQUESTS - 2:  # both replicas hold requests
+                assert time.monotonic() < deadline, "the replicas did not take the requests in time"
+                await asyncio.sleep(0.05)
+            victim = replica_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            return list(await asyncio.gather(*sent)), victim
+
+    answers, victim = asyncio.run(load_and_kill())
+
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) <= {200, 503} and statuses[503] > 0, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] in ("replica_lost", "overloaded") and int(r.headers["Retry-After"]) >= 1
+    assert sum(r.json()["error"]["code"] == "replica_lost" for r in answers if r.status_code == 503) > 0
+    spent = int(raw.get(f"dd:budget:{key_id(KEY)}") or 0)
+    assert spent == KILL_INSTANCES * statuses[200], f"spent {spent} for {statuses[200]} answered requests"
+    assert list(raw.scan_iter("dd:hold:*")) == [], "a hold outlived its request"
+    assert victim not in replica_pids()
+    raw.close()
+
+
 # -- without a cluster: what the settings and the config file promise -------------------------------------
 
 
@@ -165,6 +223,9 @@ def test_deployment_options(tmp_path: Path) -> None:
     assert (deployment.name, deployment.num_replicas, deployment.max_ongoing_requests) == ("DeepDefense", 3, 4)
     assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 1}
     assert cluster.deployment(make_settings(tmp_path, device="cpu")).ray_actor_options["num_gpus"] == 0
+    gateway = cluster.gateway_deployment(settings)  # Serve's ingress: holds no model, reserves no CPU
+    assert (gateway.name, gateway.num_replicas, gateway.ray_actor_options) == ("Gateway", 3, {"num_cpus": 0})
+    assert gateway.max_ongoing_requests == 3 * 4 + settings.max_queued_requests
 
 
 def test_serve_config_builds_the_application(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,7 +197,10 @@ def test_redis_lost_while_serving_answers_503_until_it_is_back(
             assert r.status_code == 503 and error_of(r)["code"] == "state_unavailable", r.text
             assert r.headers["Retry-After"] == "1" and "predictions" not in r.text
         assert client.get("/healthz").status_code == 200
+        not_ready = client.get("/readyz")  # a load balancer stops sending requests here meanwhile
+        assert not_ready.status_code == 503 and error_of(not_ready)["code"] == "state_unavailable"
         redis_server.start()  # the same port, nothing remembered (--save ''): the budget starts again
+        assert client.get("/readyz").status_code == 200
         r = ask(client, ALICE, 2)
         assert r.status_code == 200, r.text
         assert ask(client, ALICE).status_code == 200

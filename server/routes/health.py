@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from ..dependencies import RuntimeDep
 from ..schemas import ErrorResponse, HealthResponse, ReadyResponse
@@ -19,8 +20,9 @@ async def healthz() -> HealthResponse:
     "/readyz",
     response_model=ReadyResponse,
     responses={503: {"model": ErrorResponse}},
-    summary="model loaded, layer sensitivity computed, warm-up query answered",
+    summary="model loaded, layer sensitivity computed, warm-up query answered, the Redis state (if any) reachable",
 )
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     runtime.ready_batcher()
+    await run_in_threadpool(runtime.check_state)
     return ReadyResponse(model=runtime.model_name, defense=runtime.defense_name)

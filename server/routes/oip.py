@@ -124,10 +124,11 @@ async def server_live() -> ServerLive:
     "/v2/health/ready",
     response_model=ServerReady,
     responses={503: {"model": ErrorResponse}},
-    summary="model loaded, layer sensitivity computed, warm-up query answered",
+    summary="model loaded, layer sensitivity computed, warm-up query answered, the Redis state (if any) reachable",
 )
 async def server_ready(runtime: RuntimeDep) -> ServerReady:
     runtime.ready_batcher()
+    await run_in_threadpool(runtime.check_state)
     return ServerReady()
 
 

@@ -16,6 +16,7 @@ from defense.gate import MisinformationGate
 
 from ..auth import Caller
 from ..batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
+from ..budget import HOLD_HEADER, is_hold
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
@@ -86,11 +87,13 @@ async def answer_instances(
     defense fails), the monitor's hook, then ``respond``. The request is charged once ``respond`` has
     returned; whatever else happens, the queries not paid for are refunded (docs/server.md, "What a
     request costs"). Where the monitor or the budget cannot be reached (their state in Redis), the request
-    is answered 503 ``state_unavailable``: never an answer that was not metered."""
+    is answered 503 ``state_unavailable``: never an answer that was not metered. In cluster mode the spend
+    is kept under the gateway's hold until the request ends (``server/budget.py``, "Holds")."""
     batcher = runtime.ready_batcher()
+    hold = _hold(runtime, request)
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
     # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
-    await run_in_threadpool(_spend, runtime, caller, len(x))
+    await run_in_threadpool(_spend, runtime, caller, len(x), hold)
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
     ticket: Ticket | None = None
     try:
@@ -124,7 +127,9 @@ async def answer_instances(
         if ticket is not None:
             ticket.give_up()  # whatever went wrong, nothing of this request stays queued
         if charged < len(x):
-            await _refund(runtime, caller, len(x) - charged)
+            await _refund(runtime, caller, len(x) - charged, hold)
+        if hold is not None:
+            await _settle(runtime, hold)
 
 
 class ClientClosed(Exception):
@@ -153,14 +158,32 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _refund(runtime: Runtime, caller: Caller, queries: int) -> None:
+async def _refund(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
     """Give back queries that were spent but are not charged (see "What a request costs")."""
     if runtime.ledger is None:
         return
     try:
-        await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries)
+        await run_in_threadpool(runtime.ledger.refund, caller.key_id, queries, hold)
     except STATE_ERRORS as err:  # the state is lost: the queries stay spent (too much charged, never too little)
         logger.warning("could not refund %d queries (%s): they stay spent", queries, type(err).__name__)
+
+
+async def _settle(runtime: Runtime, hold: str) -> None:
+    """End the request's hold: what it holds stays charged (an unreachable state lets it expire, the same)."""
+    try:
+        await run_in_threadpool(runtime.ledger.settle, hold)  # type: ignore[union-attr]
+    except STATE_ERRORS as err:
+        logger.warning("could not settle a hold (%s): it expires charged", type(err).__name__)
+
+
+def _hold(runtime: Runtime, request: Request) -> str | None:
+    """The hold the cluster's gateway named for this request; None outside cluster mode, without a budget or
+    without the Redis state (holds live there). Only the gateway reaches a replica's app, and it replaces
+    any hold header a client sends."""
+    if runtime.settings.replicas is None or runtime.ledger is None or runtime.settings.state is None:
+        return None
+    hold = request.headers.get(HOLD_HEADER)
+    return hold if hold is not None and is_hold(hold) else None
 
 
 def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
@@ -200,13 +223,13 @@ async def _monitored(
     return await batcher.on_model_thread(lambda: gate.misinform(x.to(batcher.device), explain=explain))
 
 
-def _spend(runtime: Runtime, caller: Caller, queries: int) -> None:
+def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
     """Spend the caller's queries from its budget (429, nothing spent, when it does not cover them; 503
     ``state_unavailable`` when the budget cannot be reached)."""
     if runtime.ledger is None:
         return
     with state_reachable(runtime.settings.retry_after_s):
-        spent = runtime.ledger.spend(caller.key_id, queries) is not None
+        spent = runtime.ledger.spend(caller.key_id, queries, hold) is not None
         left = 0 if spent else runtime.ledger.remaining(caller.key_id)
     if not spent:
         raise ApiError(
