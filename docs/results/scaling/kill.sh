@@ -15,34 +15,9 @@ export DD_DATA_ROOT=$DATA_ROOT
 export DD_API_KEYS=scaling-kill-key
 export DD_CLIENT_API_KEY=$DD_API_KEYS
 WORK=$(mktemp -d)
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-SERVE_PID=
-cleanup() {
-  if [ -n "$SERVE_PID" ] && kill -0 "$SERVE_PID" 2>/dev/null; then
-    kill -TERM "$SERVE_PID"; for _ in $(seq 60); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL "$SERVE_PID" 2>/dev/null || true
-  fi
-  kill -KILL "$REDIS_PID" 2>/dev/null || true
-  rm -rf "$WORK"
-}
+source "$(dirname "$0")/common.sh"
 trap cleanup EXIT
-for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-
-PORT=$(free_port)
-deepdefense serve --replicas 2 --replica-cpus 1 --state "redis://127.0.0.1:$REDIS_PORT/0" \
-  --query-budget "$BUDGET" --host 127.0.0.1 --port "$PORT" --log-level warning >"$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
-t0=$(date +%s)
-until curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do
-  if ! kill -0 "$SERVE_PID" 2>/dev/null || [ $(( $(date +%s) - t0 )) -gt "$READY_DEADLINE_S" ]; then
-    echo "not ready within ${READY_DEADLINE_S} s" >&2; tail -50 "$WORK/serve.log" >&2; exit 1
-  fi
-  sleep 1
-done
-echo "ready after $(( $(date +%s) - t0 )) s" >&2
-python -m measure.cluster_faults --url "http://127.0.0.1:$PORT" --redis "redis://127.0.0.1:$REDIS_PORT/0" \
+start_redis
+start_cluster 2 "$WORK/serve.log" --query-budget "$BUDGET"
+python -m measure.cluster_faults --url "$URL" --redis "$REDIS_URL" \
   --budget "$BUDGET" --clients 16 --duration 60 --kill-after 20 --restart-deadline 120 --out "$OUT/kill.json"
