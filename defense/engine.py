@@ -53,6 +53,7 @@ from .names import ENGINE_MODES
 from .names import EngineMode as Mode
 from .per_query import ConvImpl, default_conv_impl, per_query_view
 from .sensitivity import layer_params, select_layers
+from .warm_start import WarmStart
 from .weight_gradients import WeightGradient, inner, norm, weight_gradient
 
 logger = logging.getLogger("deepdefense.engine")
@@ -72,7 +73,8 @@ class DeepDefenseConfig:
     int_margin: float = 0.5  # eq. (7) with a margin: keep this share of each victim gap (0: the paper's form)
     top_k: int = 1  # eq. (3): k = 1 keeps the predicted class
     pred_margin: float = 0.0  # eq. (6) margin, in log-probability units
-    steps: int = 60  # the per-query step cap
+    steps: int | None = None  # the per-query step cap; None: WARM_STEPS from a warm start, COLD_STEPS from the victim
+    warm_start: bool = True  # start from the checkpoint's learnt warm start when there is one (defense/warm_start.py)
     lr: float = 0.05  # relative step size when normalise_steps (see relative_steps)
     momentum: float = 0.9
     normalise_steps: bool = True  # each tensor's step is lr·‖w_ℓ‖ along its gradient's direction (LARS-style)
@@ -86,6 +88,10 @@ class DeepDefenseConfig:
     low_rank: bool = True  # Linear weights as W + rank-two steps where the interpreter allows (defense/low_rank.py)
     conv_impl: Literal["auto", "unfold", "grouped"] = "auto"  # per-query convolutions (defense/per_query.py)
 
+
+#: Default step caps: from a warm start a few steps enforce the query's own constraints; from the victim
+#: the solver first has to walk away from it (docs/performance.md, "Warm starts": equal strength, measured).
+WARM_STEPS, COLD_STEPS = 10, 60
 
 #: Defaults that differ per interpreter (docs/tuning.md): Gradient⊙Input's map is x ⊙ ∂f/∂x, tied to
 #: every layer's weight gradient, so it optimises fewer layers (CS 50%: conv2, fc1 on lenet-mnist)
@@ -225,8 +231,11 @@ class DeepDefense(Defense):
         sensitivity: Mapping[str, float],
         mode: Mode = "deepdefense",
         config: DeepDefenseConfig | None = None,
+        warm: WarmStart | None = None,
         **overrides: Any,
     ) -> None:
+        """``warm``: the checkpoint's learnt warm start (``defense/warm_start.py``), used unless the config's
+        ``warm_start`` is False; one learnt for other layers or another interpreter is not used (logged)."""
         super().__init__(model, interpreter)
         if mode not in ENGINE_MODES:
             raise ValueError(f"unknown DeepDefense mode {mode!r}")
@@ -234,9 +243,13 @@ class DeepDefense(Defense):
         self.mode = mode
         base = config or DeepDefenseConfig(**INTERPRETER_DEFAULTS.get(interpreter.name, {}))
         self.config = replace(base, **overrides)
+        self.layers = select_layers(sensitivity, self.config.cs)
+        self.warm = warm if self.config.warm_start and warm is not None and self._fits(warm, interpreter) else None
+        if self.config.steps is None:
+            self.config = replace(self.config, steps=WARM_STEPS if self.warm is not None else COLD_STEPS)
+        assert self.config.steps is not None
         if self.config.batch_size < 1 or self.config.steps < 0 or self.config.patience < 0:
             raise ValueError("batch_size must be ≥ 1, steps and patience ≥ 0")
-        self.layers = select_layers(sensitivity, self.config.cs)
         selected = layer_params(model, self.layers)
         self.bottom_names = [n for n in selected if n in interpreter.bottom]
         self.top_names = [n for n in selected if n not in interpreter.bottom]
@@ -253,9 +266,23 @@ class DeepDefense(Defense):
         # the same interpreter on a view of the victim whose selected layers take per-query weights
         self.explainer = type(interpreter)(per_query_view(model, self.layers, impl), interpreter.input_shape)
 
+    def _fits(self, warm: WarmStart, interpreter: Interpreter) -> bool:
+        """Whether ``warm`` was learnt for this engine's layers and interpreter (otherwise: logged, not used)."""
+        if warm.meta.interpreter == interpreter.name and warm.meta.layers == self.layers:
+            return True
+        logger.warning(
+            "the warm start was learnt for %s on %s, this engine explains with %s on %s: starting from the victim",
+            warm.meta.interpreter,
+            warm.meta.layers,
+            interpreter.name,
+            self.layers,
+        )
+        return False
+
     def public_settings(self) -> dict[str, Any]:
         """The configuration users may see; the seed that keys the per-query noise stays private."""
         settings = {k: v for k, v in asdict(self.config).items() if k != "seed"}
+        settings["warm_start"] = self.warm is not None  # whether one is in use, not only allowed
         return {"mode": self.mode, **settings, "layers": self.layers}
 
     @property
@@ -357,10 +384,15 @@ class DeepDefense(Defense):
         L_orth has not improved by ``min_improvement`` for ``patience`` steps; stopped queries leave
         the batch, so the rest run on a smaller one.
         """
+        return self.solve(x, ref).best
+
+    def solve(self, x: Tensor, ref: Reference) -> SolverState:
+        """The solver of :meth:`misdirect`, run to its end; the state holds the last iterate and ``best``."""
+        steps = self.steps
         state = self._start(x, ref)
-        for t in range(self.config.steps + 1):
-            out, grads = self._evaluate(state, differentiate=t < self.config.steps)
-            if t == 0:  # the start is (nearly) the victim: never answered, never undone
+        for t in range(steps + 1):
+            out, grads = self._evaluate(state, differentiate=t < steps)
+            if t == 0:  # the start (the victim plus noise, or a checked warm start): never answered, never undone
                 infeasible = torch.zeros_like(out["feasible"])
             else:
                 infeasible = ~out["feasible"]
@@ -371,14 +403,22 @@ class DeepDefense(Defense):
             if not state.retire_finished(steps_run=t + 1):
                 break
         state.best["found"] = torch.isfinite(state.best["l_orth"])
-        return state.best
+        return state
+
+    @property
+    def steps(self) -> int:
+        """The per-query step cap, resolved (``config.steps`` is never None after ``__init__``)."""
+        assert self.config.steps is not None
+        return self.config.steps
 
     def _start(self, x: Tensor, ref: Reference) -> SolverState:
-        """The solver at the clones' start (``initial_params``): no momentum, full step size, nothing recorded."""
+        """The solver at the clones' start (``initial_params``, moved by the warm start when there is one): no
+        momentum, full step size, nothing recorded."""
         c, n = self.config, len(x)
         params = self.initial_params(x)
         victim = self.victim_params()
-        return SolverState(
+        terms = self.warm.terms if self.warm is not None else 0
+        state = SolverState(
             config=c,
             x=x,
             ref=ref,
@@ -388,9 +428,34 @@ class DeepDefense(Defense):
             velocity={k: torch.zeros_like(p) for k, p in params.items()},
             lr=x.new_full((n,), c.lr),
             stall=torch.zeros(n, dtype=torch.long, device=x.device),
-            low_rank={m: LowRankWeight(victim[f"{m}.weight"], n, c.steps) for m in self.low_rank},
-            best={"l_orth": x.new_full((n,), torch.inf), "steps": x.new_full((n,), float(c.steps))},
+            low_rank={m: LowRankWeight(victim[f"{m}.weight"], n, self.steps + terms) for m in self.low_rank},
+            best={
+                "l_orth": x.new_full((n,), torch.inf),
+                "steps": x.new_full((n,), float(self.steps)),
+                "warm": x.new_zeros(n),
+            },
         )
+        if self.warm is not None:
+            self._warm_start(state)
+        return state
+
+    def _warm_start(self, state: SolverState) -> None:
+        """Move each clone's start by the warm start of its query's predicted class (the keyed noise stays), then
+        check it: a query whose warm start already breaks constraint (3) or (4) starts from the victim instead
+        (a warm start it could never step back from to a feasible iterate)."""
+        warm, label = self.warm, state.ref.label
+        assert warm is not None
+        cold = state.params
+        state.params = {k: p + warm.dense[k].to(p)[label] for k, p in cold.items()}
+        for m, w in state.low_rank.items():
+            u, v = warm.factors[m]
+            w.preset(u.to(w.weight)[label], v.to(w.weight)[label])
+        bad = ~self._evaluate(state, differentiate=False)[0]["feasible"]
+        state.params = {k: torch.where(_per_row(bad, p), cold[k], p) for k, p in state.params.items()}
+        state.anchor = dict(state.params)
+        for w in state.low_rank.values():
+            w.reset(bad)
+        state.best["warm"] = (~bad).to(state.best["warm"])
 
     def _evaluate(self, state: SolverState, differentiate: bool) -> tuple[dict[str, Any], Gradients | None]:
         """The objective's per-query outputs at the current iterate, and its gradient when ``differentiate``
@@ -461,7 +526,8 @@ class DeepDefense(Defense):
         elif mode == "dd-i":
             probs = ref.probs[i]
         steps = float(best["steps"][i]) if best is not None else 0.0
-        stats.update({"steps": steps, "optimisation_seconds": seconds})
+        warm = float(best["warm"][i]) if best is not None else 0.0
+        stats.update({"steps": steps, "warm_start": warm, "optimisation_seconds": seconds})
         return Answer(
             label=int(ref.top_k[i, 0]),
             probabilities=probs,

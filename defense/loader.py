@@ -13,6 +13,7 @@ from . import ENGINE_MODES, create_defense
 from .api import Defense
 from .interpreters import create_interpreter
 from .sensitivity import checkpoint_sensitivity
+from .warm_start import load_warm_start
 
 
 def load_defense(
@@ -31,6 +32,9 @@ def load_defense(
     bound = create_interpreter(interpreter, model, tuple(meta.input_shape))
     if defense in ENGINE_MODES:
         options.setdefault("sensitivity", checkpoint_sensitivity(model, meta, data_root))
+        warm = load_warm_start(checkpoint, model)
+        if warm is not None and warm.meta.interpreter == interpreter:  # another interpreter's: from the victim
+            options.setdefault("warm", warm)
     return create_defense(defense, model, bound, **options), meta
 
 

@@ -30,6 +30,7 @@ class LowRankWeight:
     """The per-query weights W + Σ_j c_j P_j Q_jᵀ of one ``Linear`` layer for B queries, with their solver state."""
 
     def __init__(self, weight: Tensor, batch: int, steps: int) -> None:
+        """``steps``: how many rank-two terms the weight may hold (solver steps, plus a warm start's terms)."""
         out_features, in_features = weight.shape
         self.weight = weight.detach()
         self.norm2 = float(self.weight.pow(2).sum())
@@ -43,10 +44,11 @@ class LowRankWeight:
         self.velocity = new(batch, steps)  # the momentum buffer in the same coordinates
         self.used = 0  # steps recorded so far
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """(U, V) with W̃ = W + U Vᵀ: U (B, out, 2·used), V (B, in, 2·used)."""
-        n = 2 * self.used
-        return self.p[:, :, :n] * self.coef[:, : self.used].repeat_interleave(2, dim=1).unsqueeze(1), self.q[:, :, :n]
+    def factors(self, anchor: bool = False) -> tuple[Tensor, Tensor]:
+        """(U, V) with W̃ = W + U Vᵀ: U (B, out, 2·used), V (B, in, 2·used); of the current iterate, or of the
+        last feasible one with ``anchor``."""
+        n, coef = 2 * self.used, self.anchor if anchor else self.coef
+        return self.p[:, :, :n] * coef[:, : self.used].repeat_interleave(2, dim=1).unsqueeze(1), self.q[:, :, :n]
 
     def norm(self) -> Tensor:
         """‖W̃‖ per query, (B,)."""
@@ -68,6 +70,22 @@ class LowRankWeight:
         self.cross[:, t] = (w_q * p_t.transpose(1, 2)).sum(dim=(1, 2))
         self.used = t + 1
         return row[:, t].clamp_min(0).sqrt()
+
+    def preset(self, u: Tensor, v: Tensor) -> None:
+        """Start from W + U Vᵀ instead of W (a warm start, ``defense/warm_start.py``): U (B, out, 2r), V (B, in, 2r)
+        become r rank-two terms with coefficient 1, which the solver's momentum never moves (it only steps
+        along the gradients it records after them). Call before the first step."""
+        if self.used:
+            raise RuntimeError("a warm start is set before the solver's first step")
+        for j in range(u.shape[2] // 2):
+            self.record(u[:, :, 2 * j], v[:, :, 2 * j], u[:, :, 2 * j + 1], v[:, :, 2 * j + 1])
+        self.coef[:, : self.used] = 1.0
+        self.anchor = self.coef.clone()
+
+    def reset(self, rows: Tensor) -> None:
+        """Back to W for the queries ``rows`` (a boolean mask): their preset terms' coefficients become 0."""
+        self.coef = torch.where(rows.unsqueeze(1), 0.0, self.coef)
+        self.anchor = torch.where(rows.unsqueeze(1), 0.0, self.anchor)
 
     def step(self, ok: Tensor, lr: Tensor, momentum: float, scale: Tensor) -> None:
         """The solver's move for the step just recorded: where ``ok``, anchor here, v ← m·v + scale·G_t and

@@ -1,7 +1,7 @@
 """One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 (``args.command_line`` holds the command as typed, for the records it writes)."""
 
-from . import attack, bench, client, domain, eval, fidelity, load, misinfo, sensitivity, serve, train
+from . import attack, bench, client, domain, eval, fidelity, load, misinfo, sensitivity, serve, train, warmstart
 
 COMMANDS = {
     "train": train,
@@ -15,4 +15,5 @@ COMMANDS = {
     "eval": eval,
     "bench": bench,
     "domain": domain,
+    "warmstart": warmstart,
 }
