@@ -4,7 +4,10 @@ Paths measured, in this order, each on the same images:
 
 (a) ``undefended`` — the victim's predict + explain (``NoDefense.answer``), one query per call;
 (b) ``one-query engine`` — DeepDefense answering one query per call (``batch_size=1``);
-(c) ``batched engine`` — DeepDefense answering micro-batches of 1, 8, 32, 64 queries;
+(c) ``batched engine`` — DeepDefense answering micro-batches of 1, 8, 32, 64 queries; then, at the largest
+    micro-batch, ``batched engine (previous defaults)`` — the engine with ``previous`` options (default
+    ``warm_start=false``: the configuration before warm starts, 60 steps from the victim), so that the
+    speed-up of the current defaults is measured side by side in one run;
 (d) ``server`` — ``deepdefense serve`` started on a free loopback port (micro-batches of the largest
     batch size, admission limit and request timeout lifted so that capacity is measured) under a
     closed loop of 1, 8 and 32 concurrent clients, bounded in requests and seconds
@@ -45,6 +48,8 @@ from defense.api import Defense
 from defense.loader import load_defense
 
 MODELS = ("lenet-mnist", "resnet18")
+#: The setup of the arm with the previous defaults (``BenchConfig.previous``).
+PREVIOUS = "batched engine (previous defaults)"
 
 
 @dataclass
@@ -77,6 +82,7 @@ class BenchConfig:
     server: bool = True
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # engine options (--set)
+    previous: dict[str, Any] | None = field(default_factory=lambda: {"warm_start": False})  # None: no such arm
 
 
 class PeakMemory:
@@ -246,6 +252,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             batched = defense("deepdefense", **{**engine, "batch_size": b})
             n = max(config.queries, b) if b > 1 else config.one_query_queries
             rows.append(measure("batched engine", batched.answer, images[: -(-n // b) * b], b, device))
+        if config.previous is not None:
+            b = max(config.batch_sizes)
+            progress(f"(c) batched engine with the previous defaults {config.previous}, batch {b}")
+            old = defense("deepdefense", **{**engine, **config.previous, "batch_size": b})
+            n = -(-max(config.queries, b) // b) * b
+            notes = {"options": config.previous, "steps": old.config.steps}
+            rows.append(measure(PREVIOUS, old.answer, images[:n], b, device, notes))
         if config.server:
             rows += server_rows(checkpoint, config, device, progress)
     return {
@@ -334,6 +347,12 @@ def ratios(rows: list[Row]) -> dict[str, float]:
             )
     if one and undefended:
         out["undefended / one-query engine"] = round(undefended / one, 2)
+    old = next((r for r in rows if r.setup == PREVIOUS), None)
+    new = qps("batched engine", old.queries_per_call) if old is not None and old.queries_per_call else None
+    if old is not None and new:
+        out[f"batched engine ×{old.queries_per_call} / previous defaults ×{old.queries_per_call}"] = round(
+            new / old.queries_per_second, 2
+        )
     return out
 
 

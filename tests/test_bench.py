@@ -46,6 +46,7 @@ def test_bench_measures_every_path(tmp_path: Path, data_root: Path) -> None:
         ("one-query engine", 1, None),
         ("batched engine", 1, None),
         ("batched engine", 4, None),
+        ("batched engine (previous defaults)", 4, None),  # warm_start=false beside the defaults, same batch
         ("server", None, 1),
         ("server", None, 2),
     ]
@@ -55,5 +56,7 @@ def test_bench_measures_every_path(tmp_path: Path, data_root: Path) -> None:
     for row in result["rows"][-2:]:  # the server phases: the cap, not the clock, ended them; every answer a 200
         assert row["queries"] == 6 and row["notes"]["statuses"] == {"200": 6}, row
     assert "batched engine ×4 / one-query engine" in result["ratios"]
+    assert "batched engine ×4 / previous defaults ×4" in result["ratios"]
+    assert result["rows"][4]["notes"]["options"] == {"warm_start": False}
     table = out.with_suffix(".md").read_text()
     assert "| server | 2 |" in table and "deepdefense bench" in table

@@ -35,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=2000, help="requests per server phase")
     p.add_argument("--no-server", dest="server", action="store_false", help="skip the server phases")
     flags.add_engine_options(p)
+    p.add_argument(
+        "--previous",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="engine options of the 'previous defaults' arm, measured at the largest batch size beside the current "
+        "defaults (default: warm_start=false, the 60-step cold configuration); --previous none: no such arm",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--gate-latency",
@@ -64,8 +72,16 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         seed=args.seed,
         options=flags.engine_options(args.engine),
+        previous=_previous(args.previous),
     )
     return _report(args, run_bench(config, progress=_progress), markdown)
+
+
+def _previous(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``--previous`` as engine options; the default arm (warm_start=false) when not given, None for ``none``."""
+    if pairs is None:
+        return {"warm_start": False}
+    return None if pairs == ["none"] else flags.engine_options(pairs)
 
 
 def _gate_latency(args: argparse.Namespace) -> int:
