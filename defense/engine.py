@@ -73,7 +73,7 @@ class DeepDefenseConfig:
     int_margin: float = 0.5  # eq. (7) with a margin: keep this share of each victim gap (0: the paper's form)
     top_k: int = 1  # eq. (3): k = 1 keeps the predicted class
     pred_margin: float = 0.0  # eq. (6) margin, in log-probability units
-    steps: int | None = None  # the per-query step cap; None: WARM_STEPS from a warm start, COLD_STEPS from the victim
+    steps: int | None = None  # the per-query step cap; None: the warm start's serve_steps, or COLD_STEPS (victim)
     warm_start: bool = True  # start from the checkpoint's learnt warm start when there is one (defense/warm_start.py)
     lr: float = 0.05  # relative step size when normalise_steps (see relative_steps)
     momentum: float = 0.9
@@ -89,9 +89,9 @@ class DeepDefenseConfig:
     conv_impl: Literal["auto", "unfold", "grouped"] = "auto"  # per-query convolutions (defense/per_query.py)
 
 
-#: Default step caps: from a warm start a few steps enforce the query's own constraints; from the victim
-#: the solver first has to walk away from it (docs/performance.md, "Warm starts": equal strength, measured).
-WARM_STEPS, COLD_STEPS = 10, 60
+#: The default step cap from the victim; from a warm start, the few steps its metadata names (``serve_steps``,
+#: chosen per checkpoint by measurement: docs/performance.md, "Warm starts") enforce the query's own constraints.
+COLD_STEPS = 60
 
 #: Defaults that differ per interpreter (docs/tuning.md): Gradient⊙Input's map is x ⊙ ∂f/∂x, tied to
 #: every layer's weight gradient, so it optimises fewer layers (CS 50%: conv2, fc1 on lenet-mnist)
@@ -246,7 +246,8 @@ class DeepDefense(Defense):
         self.layers = select_layers(sensitivity, self.config.cs)
         self.warm = warm if self.config.warm_start and warm is not None and self._fits(warm, interpreter) else None
         if self.config.steps is None:
-            self.config = replace(self.config, steps=WARM_STEPS if self.warm is not None else COLD_STEPS)
+            steps = self.warm.meta.serve_steps if self.warm is not None else COLD_STEPS
+            self.config = replace(self.config, steps=steps)
         assert self.config.steps is not None
         if self.config.batch_size < 1 or self.config.steps < 0 or self.config.patience < 0:
             raise ValueError("batch_size must be ≥ 1, steps and patience ≥ 0")

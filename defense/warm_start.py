@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 #: ``<checkpoint>.warm.json`` / ``.safetensors``.
 SUFFIX = ".warm"
+#: The engine's default step cap from a warm start unless its metadata says otherwise (``serve_steps``).
+WARM_STEPS = 10
 
 
 class WarmStartError(ValueError):
@@ -57,6 +59,7 @@ class WarmStartMeta:
     steps: int  # the cold solver's steps per image
     seed: int
     command: str
+    serve_steps: int = WARM_STEPS  # the engine's default step cap from this warm start, chosen by measurement
     victim: dict[str, str] = field(default_factory=dict)  # checkpoint name, weights file, sha256
     weights: str = ""
     sha256: str = ""

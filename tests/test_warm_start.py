@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from defense.engine import COLD_STEPS, WARM_STEPS, DeepDefense
+from defense.engine import COLD_STEPS, DeepDefense
 from defense.interpreters import create_interpreter
 from defense.loader import load_defense
 from defense.low_rank import LowRankWeight
 from defense.sensitivity import checkpoint_sensitivity
 from defense.warm_start import (
+    WARM_STEPS,
     WarmStart,
     WarmStartError,
     WarmStartMeta,
@@ -75,7 +76,9 @@ def test_preset_terms_start_the_weight_and_the_solver_never_moves_them() -> None
 
 
 def test_the_default_step_cap_follows_the_warm_start(victim: nn.Module, data_root: Path, learnt: WarmStart) -> None:
-    assert engine(victim, data_root, learnt).steps == WARM_STEPS
+    assert engine(victim, data_root, learnt).steps == learnt.meta.serve_steps == WARM_STEPS
+    fewer = WarmStart(replace(learnt.meta, serve_steps=4), learnt.dense, learnt.factors)
+    assert engine(victim, data_root, fewer).steps == 4  # the step cap measured for this warm start
     assert engine(victim, data_root).steps == COLD_STEPS
     assert engine(victim, data_root, learnt, warm_start=False).steps == COLD_STEPS  # the old configuration
     assert engine(victim, data_root, learnt, steps=7).steps == 7
@@ -143,7 +146,7 @@ def test_saved_warm_starts_are_verified_and_bound_to_their_victim(
 
 def test_the_shipped_checkpoint_serves_from_its_warm_start(data_root: Path) -> None:
     dd, _ = load_defense("lenet-mnist", "deepdefense", "gradcam", data_root=str(data_root))
-    assert isinstance(dd, DeepDefense) and dd.warm is not None and dd.steps == WARM_STEPS
+    assert isinstance(dd, DeepDefense) and dd.warm is not None and dd.steps == dd.warm.meta.serve_steps == 10
     assert dd.warm.meta.dataset == "mnist train", "a warm start must be learnt on training images only"
     cold, _ = load_defense("lenet-mnist", "deepdefense", "gradinput", data_root=str(data_root))
     assert isinstance(cold, DeepDefense) and cold.warm is None and cold.steps == COLD_STEPS

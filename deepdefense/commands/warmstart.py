@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from deepdefense import flags
+from defense.warm_start import WARM_STEPS
 
 HELP = "learn the engine's per-class warm start on a checkpoint's training images; writes <checkpoint>.warm.*"
 DESCRIPTION = (
@@ -23,6 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1280, help="training images to learn on")
     p.add_argument("--rank", type=int, default=8, help="rank of each low-rank layer's move (even)")
     p.add_argument("--seed", type=int, default=0, help="which training images (a seeded permutation)")
+    p.add_argument(
+        "--serve-steps",
+        type=int,
+        default=WARM_STEPS,
+        help="the engine's default steps from this warm start: the fewest that keep the strength of the cold "
+        "solver, measured with deepdefense fidelity (docs/performance.md)",
+    )
     p.add_argument("--out", default=None, help="output path without suffix (default: <checkpoint>.warm beside it)")
     flags.add_engine_options(p, " of the cold solver it averages")
     flags.add_device(p)
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             steps=engine.config.steps or COLD_STEPS,
             seed=args.seed,
             command=args.command_line,
+            serve_steps=args.serve_steps,
         ),
         dense,
         factors,
