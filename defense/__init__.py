@@ -11,7 +11,8 @@ from .names import DEFENSES, ENGINE_MODES, DefenseName, EngineMode
 
 def create_defense(name: str, model: nn.Module, interpreter: Interpreter, **options: object) -> Defense:
     """A defense by name: ``deepdefense``, ``dd-s``, ``dd-i`` (engine options as keywords), ``pp``
-    (Prediction Poisoning options as keywords) or ``none``."""
+    (Prediction Poisoning options as keywords), ``edm`` (its trained ``members`` as a keyword: see
+    ``defense.loader.load_defense``, which loads the ensemble shipped beside a checkpoint) or ``none``."""
     if name == "none":
         return NoDefense(model, interpreter)
     if name in ENGINE_MODES:
@@ -22,6 +23,15 @@ def create_defense(name: str, model: nn.Module, interpreter: Interpreter, **opti
         from .baselines.pp import PredictionPoisoning
 
         return PredictionPoisoning(model, interpreter, **options)
+    if name == "edm":
+        from .baselines.edm import EnsembleOfDiverseModels
+
+        if "members" not in options:
+            raise ValueError(
+                "defense 'edm' needs its trained members: load it with defense.loader.load_defense(checkpoint, "
+                "'edm'), which reads the ensemble shipped beside the checkpoint (deepdefense edm makes one)"
+            )
+        return EnsembleOfDiverseModels(model, interpreter, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(DEFENSES)}")
 
 

@@ -35,6 +35,11 @@ def load_defense(
         warm = load_warm_start(checkpoint, model)
         if warm is not None and warm.meta.interpreter == interpreter:  # another interpreter's: from the victim
             options.setdefault("warm", warm)
+    if defense == "edm" and "members" not in options:  # the ensemble shipped beside the victim, or a ValueError
+        from .baselines.edm import load_ensemble
+
+        members, info = load_ensemble(checkpoint, model, device=device)
+        options.update(members=members, info=info)
     return create_defense(defense, model, bound, **options), meta
 
 

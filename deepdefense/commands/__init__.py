@@ -1,11 +1,12 @@
 """One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 (``args.command_line`` holds the command as typed, for the records it writes)."""
 
-from . import attack, bench, client, domain, eval, fidelity, load, misinfo, sensitivity, serve, train, warmstart
+from . import attack, bench, client, domain, edm, eval, fidelity, load, misinfo, sensitivity, serve, train, warmstart
 
 COMMANDS = {
     "train": train,
     "misinfo": misinfo,
+    "edm": edm,
     "sensitivity": sensitivity,
     "fidelity": fidelity,
     "serve": serve,
