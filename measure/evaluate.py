@@ -136,7 +136,8 @@ def arm_key(defense: str, gated: bool = False, query_set: str = "random") -> str
 def plan_arms(config: EvalConfig) -> list[Arm]:
     """The main arms (one per defense, and per gated defense, for every query set, every loss, the largest
     budget) and, when DeepDefense is evaluated, its Table 3 (CS) and Table 4 (top-k) variants at the
-    ablation budget on the random query set."""
+    ablation budget on the random query set; PP's Table 4 variants likewise when PP is evaluated (a
+    variant whose settings equal the main arm's shares its transfer set and trainings)."""
     unknown = sorted(set(config.query_sets) - set(QUERY_SETS))
     if unknown:
         raise ValueError(f"unknown query sets {unknown}; known: {', '.join(QUERY_SETS)}")
@@ -165,6 +166,9 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
             Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, config.ablation_losses)
             for k in config.top_k
         ]
+    if "pp" in config.defenses and "random" in config.query_sets:  # Table 4 compares PP at the same k
+        budget = config.ablation_budget or config.largest_budget
+        arms += [Arm(f"pp-top{k}", "pp", {"top_k": int(k)}, budget, config.ablation_losses) for k in config.top_k]
     return arms
 
 

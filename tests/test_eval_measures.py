@@ -159,10 +159,14 @@ def test_plan_arms() -> None:
         "deepdefense-cs50",
         "deepdefense-cs90",
         "deepdefense-top3",
+        "pp-top3",
     ]
     assert arms["none"].options == {} and arms["pp"].options == {} and arms["dd-s"].options == {"steps": 5}
     assert arms["deepdefense"].budget == 300 and arms["deepdefense"].losses == config.losses
     assert arms["deepdefense-cs50"].options == {"steps": 5, "cs": 50.0} and arms["deepdefense-cs50"].budget == 200
     assert arms["deepdefense-top3"].options == {"steps": 5, "top_k": 3}
     assert arms["deepdefense-top3"].losses == ("explanations",)
-    assert [a.key for a in plan_arms(EvalConfig(defenses=("none", "pp")))] == ["none", "pp"]
+    # Table 4 runs PP at the same k as DeepDefense, without the engine's options
+    assert arms["pp-top3"].options == {"top_k": 3} and arms["pp-top3"].budget == 200
+    assert [a.key for a in plan_arms(EvalConfig(defenses=("none", "pp")))] == ["none", "pp", "pp-top1", "pp-top3"]
+    assert [a.key for a in plan_arms(EvalConfig(defenses=("none", "pp"), top_k=()))] == ["none", "pp"]

@@ -105,6 +105,41 @@ def test_the_surrogate_is_a_seeded_random_copy(pp: PredictionPoisoning) -> None:
     # ~U(±1/√fan_in) on its own, so the largest difference is of that order (0.09 and 0.15 here)
     assert (w - third.surrogate.get_submodule(pp.layer).weight).abs().max() > 1e-2, "seed 1 drew seed 0's surrogate"
     assert (w - pp.model.get_submodule(pp.layer).weight).abs().max() > 1e-2, "the surrogate is the victim's layer"
-    assert pp.public_settings() == {"epsilon": EPSILON, "surrogate": "random init (seed 0)", "layer": pp.layer}
+    assert pp.public_settings() == {
+        "epsilon": EPSILON,
+        "surrogate": "random init (seed 0)",
+        "layer": pp.layer,
+    }
     with pytest.raises(ValueError, match=r"nn\.Linear"):
         PredictionPoisoning(pp.model, pp.interpreter, surrogate=nn.Sequential(nn.Flatten(), nn.Identity()))
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_order_is_kept(queries: torch.Tensor, top_k: int) -> None:
+    """Table 4's PP arms: with top_k = k every answer keeps the victim's top-k classes in their order."""
+    model, meta = load_checkpoint("lenet-mnist")
+    model.requires_grad_(False)
+    pp = PredictionPoisoning(
+        model, create_interpreter("gradcam", model, tuple(meta.input_shape)), epsilon=EPSILON, top_k=top_k
+    )
+    y_tilde = torch.stack([a.probabilities for a in pp.answer(queries, explain=False)]).double()
+    # the victim's probabilities as PP itself computed them (the same batch and path: identity is the
+    # property), since the 2nd and 3rd classes of a clear digit lie within 1e-7 of each other
+    y = torch.stack([a.probabilities for a in pp.victim.answer(queries, explain=False)]).double()
+    order = y.argsort(-1, descending=True)
+    assert torch.all(y.gather(-1, order)[:, :top_k].diff(dim=-1) < 0), "an exact tie inside the top-k"
+    assert torch.equal(y_tilde.argsort(-1, descending=True)[:, :top_k], order[:, :top_k])
+    kept = y_tilde.gather(-1, order)
+    assert torch.all(kept[:, top_k - 1 : top_k] > kept[:, top_k:]), "s_k must stay above every other class"
+    assert torch.all((y_tilde - y).abs().sum(-1) <= EPSILON + 1e-6)
+    assert pp.public_settings().get("top_k", 1) == top_k
+
+
+def test_mix_towards_keeps_the_top_three_order_on_a_hand_case() -> None:
+    y = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    towards_last = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=torch.float64)
+    one = mix_towards(y, towards_last, epsilon=2.0, top_k=1)[0, 0]
+    three = mix_towards(y, towards_last, epsilon=2.0, top_k=3)[0, 0]
+    assert one.argmax() == 0 and one[3] > one[2]  # k = 1 lets class 3 pass classes 1 and 2
+    # k = 3: class 3 may rise only until it meets class 2 (0.15 − α·0.15 = 0.05 + α·0.95 → α = 0.1 / 1.1)
+    assert three[2] > three[3] and torch.isclose(three[2], three[3], atol=1e-3)

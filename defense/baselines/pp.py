@@ -7,6 +7,9 @@ a surrogate's log-probabilities with respect to its last layer's weights w, MAD 
     ỹ = argmax ‖ G^T ỹ / ‖G^T ỹ‖ − G^T y / ‖G^T y‖ ‖²
         s.t. ỹ ∈ Δ^K, ‖ỹ − y‖₁ ≤ ε, argmax ỹ = argmax y,
 
+(with ``top_k`` = k > 1, the victim's whole top-k order kept instead of the argmax: the paper's
+Table 4 compares DeepDefense and PP at k = 1 and more),
+
 i.e. the answer whose gradient signal to a model like the surrogate (G^T ỹ is the negative
 cross-entropy gradient at soft label ỹ) points as far as possible from the true one.
 
@@ -79,17 +82,36 @@ def angular_deviation(G: Tensor, y: Tensor, y_tilde: Tensor) -> Tensor:
     return (a_hat - u_hat[:, None]).pow(2).sum(-1)
 
 
-def mix_towards(y: Tensor, targets: Tensor, epsilon: float, shrink: float = 1e-3) -> Tensor:
-    """ỹ_m = y + α_m (t_m − y) for targets t_m on the simplex (B, M, K), with the largest α_m ≤ 1 such
-    that ‖ỹ_m − y‖₁ ≤ ε and argmax ỹ_m = argmax y strictly (α kept a factor ``shrink`` below the bound).
+def order_pairs(y: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The pairs (a, b) whose order an answer keeps, for each query of ``y`` (B, K): the victim's top-k
+    in its order (s_1 > s_2 > … > s_k) and s_k above every class outside the top-k. Both (B, K − 1):
+    k − 1 adjacent pairs inside the top-k, then K − k pairs from s_k down."""
+    order = y.argsort(-1, descending=True)
+    k = max(1, min(top_k, y.shape[-1]))
+    upper = torch.cat([order[:, : k - 1], order[:, k - 1 : k].expand(-1, y.shape[-1] - k)], dim=1)
+    lower = order[:, 1:]
+    return upper, lower
 
-    Class j stays below the top class c while (1 − α)(y_c − y_j) + α(t_c − t_j) > 0, which bounds α
-    by (y_c − y_j) / ((y_c − y_j) − (t_c − t_j)) whenever t_c − t_j < y_c − y_j.
+
+def _at(v: Tensor, idx: Tensor) -> Tensor:
+    """``v`` (B, M, K) at each query's class indices ``idx`` (B, P): (B, M, P)."""
+    return v.gather(-1, idx[:, None, :].expand(-1, v.shape[1], -1))
+
+
+def mix_towards(y: Tensor, targets: Tensor, epsilon: float, shrink: float = 1e-3, top_k: int = 1) -> Tensor:
+    """ỹ_m = y + α_m (t_m − y) for targets t_m on the simplex (B, M, K), with the largest α_m ≤ 1 such
+    that ‖ỹ_m − y‖₁ ≤ ε and the victim's top-``top_k`` order is kept strictly (``top_k`` = 1: the argmax;
+    α kept a factor ``shrink`` below the bound).
+
+    Class a stays above class b while (1 − α)(y_a − y_b) + α(t_a − t_b) > 0, which bounds α by
+    (y_a − y_b) / ((y_a − y_b) − (t_a − t_b)) whenever t_a − t_b < y_a − y_b; the pairs are
+    :func:`order_pairs`.
     """
+    upper, lower = order_pairs(y, top_k)
+    m = targets.shape[1]
     y = y[:, None, :]
-    c = y.argmax(-1, keepdim=True)
-    gap_y = y.gather(-1, c) - y
-    gap_t = targets.gather(-1, c.expand(-1, targets.shape[1], -1)) - targets
+    gap_y = (_at(y, upper) - _at(y, lower)).expand(-1, m, -1)
+    gap_t = _at(targets, upper) - _at(targets, lower)
     slack = gap_y - gap_t
     bound = torch.where(slack > 0, gap_y / slack.clamp_min(_EPS), torch.full_like(slack, torch.inf)).amin(-1)
     alpha_eps = epsilon / (targets - y).abs().sum(-1).clamp_min(_EPS)
@@ -97,10 +119,11 @@ def mix_towards(y: Tensor, targets: Tensor, epsilon: float, shrink: float = 1e-3
     return y + alpha[..., None] * (targets - y)
 
 
-def mad(G: Tensor, y: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
-    """The MAD answer ỹ (B, K) among the K feasible vertex candidates, and its angular deviation (B,)."""
+def mad(G: Tensor, y: Tensor, epsilon: float, top_k: int = 1) -> tuple[Tensor, Tensor]:
+    """The MAD answer ỹ (B, K) among the K feasible vertex candidates (top-``top_k`` order kept), and its
+    angular deviation (B,)."""
     vertices = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device).expand(len(y), -1, -1)
-    candidates = mix_towards(y, vertices, epsilon)
+    candidates = mix_towards(y, vertices, epsilon, top_k=top_k)
     deviation = angular_deviation(G, y, candidates)
     best = deviation.argmax(-1)
     rows = torch.arange(len(y), device=y.device)
@@ -118,13 +141,16 @@ class PredictionPoisoning(Defense):
         interpreter: Interpreter,
         *,
         epsilon: float = 0.5,
+        top_k: int = 1,
         surrogate: nn.Module | None = None,
         surrogate_seed: int = 0,
     ) -> None:
         super().__init__(model, interpreter)
         if epsilon < 0:
             raise ValueError("epsilon must be non-negative")
-        self.epsilon = epsilon
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        self.epsilon, self.top_k = epsilon, int(top_k)
         self.surrogate_seed = surrogate_seed if surrogate is None else None
         self.surrogate = random_surrogate(model, surrogate_seed) if surrogate is None else surrogate
         self.layer = last_linear(self.surrogate)
@@ -132,13 +158,16 @@ class PredictionPoisoning(Defense):
 
     def public_settings(self) -> dict[str, Any]:
         surrogate = "given" if self.surrogate_seed is None else f"random init (seed {self.surrogate_seed})"
-        return {"epsilon": self.epsilon, "surrogate": surrogate, "layer": self.layer}
+        settings: dict[str, Any] = {"epsilon": self.epsilon, "surrogate": surrogate, "layer": self.layer}
+        if self.top_k != 1:  # MAD as published keeps the argmax; its settings (and stored transfer sets' names) stay
+            settings["top_k"] = self.top_k
+        return settings
 
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
         truth = self.victim.answer(x, explain=explain)
         y = torch.stack([a.probabilities for a in truth]).double()
         G = log_prob_jacobian(self.surrogate, self.layer, x).double()
-        y_tilde, deviation = mad(G, y, self.epsilon)
+        y_tilde, deviation = mad(G, y, self.epsilon, self.top_k)
         l1 = (y_tilde - y).abs().sum(-1)
         return [
             Answer(
