@@ -13,8 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 #: One colour per defense across every panel.
-COLOURS = {"none": "tab:gray", "pp": "tab:orange", "deepdefense": "tab:blue", "dd-s": "tab:green", "dd-i": "tab:purple"}
-NAMES = {"none": "Undefended", "pp": "PP", "deepdefense": "DD", "dd-s": "DD-S", "dd-i": "DD-I"}
+COLOURS = {
+    "none": "tab:gray",
+    "pp": "tab:orange",
+    "edm": "tab:brown",
+    "deepdefense": "tab:blue",
+    "dd-s": "tab:green",
+    "dd-i": "tab:purple",
+}
+NAMES = {"none": "Undefended", "pp": "PP", "edm": "EDM", "deepdefense": "DD", "dd-s": "DD-S", "dd-i": "DD-I"}
 TITLES = {
     "explanations": "probabilities + maps (eq. 1)",
     "probabilities": "probabilities only",

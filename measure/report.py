@@ -20,15 +20,18 @@ from measure import plots
 
 #: The paper's numbers for MNIST (LeNet, Grad-CAM): Table 5 (B = 10,000) and Table 2 (Average Drop).
 PAPER: dict[str, Any] = {
-    "table5": {"none": 93.37, "pp": 64.03, "deepdefense": 17.56, "dd-s": 26.07, "dd-i": 82.16},
+    "table5": {"none": 93.37, "pp": 64.03, "deepdefense": 17.56, "dd-s": 26.07, "dd-i": 82.16},  # no EDM column
     "table5_budget": 10_000,
     "victim_accuracy": 99.49,
     "average_drop": {"victim": (0.7888, 0.3691), "defended": (0.7587, 0.4091), "p_value": 0.7581},
     # Table 3 and 4 are on Flowers-17 / CUBS-200 (ResNet-18/34, an RTX 2080 Ti): quoted for scale only.
+    # Table 4's PP row was run at k = 1 and k = 5; ours runs PP at the same k as DeepDefense.
     "table3_flowers_l17": {"90": (8, 9.19, 1.47), "70": (6, 8.98, 1.38), "50": (3, 11.40, 0.73), "pp": (62.13, 0.21)},
     "table4_flowers": {"dd": {1: 9.19, 3: 41.91}, "pp": {1: 62.13, 5: 51.84}},
 }
-MAIN = ("none", "pp", *ENGINE_MODES)  # the order of the report's tables
+#: How the report names the data sets it mentions.
+DATASET_TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
+MAIN = ("none", "pp", "edm", *ENGINE_MODES)  # the order of the report's tables
 NAMES = plots.NAMES
 CSV_FIELDS = (
     "arm",
@@ -46,6 +49,12 @@ CSV_FIELDS = (
     "train_s",
     "device",
 )
+
+
+def paper_for(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The paper's numbers when the record's victim is the paper's (LeNet on MNIST); None for another victim
+    (the paper attacks no Fashion-MNIST victim)."""
+    return PAPER if record.get("dataset", "mnist") == "mnist" else None
 
 
 def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -79,13 +88,13 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     budget = max(record["config"]["budgets"])
     losses = record["config"]["losses"]
     by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in arms} for loss in losses}
+    paper = (paper_for(record) or {}).get("table5", {})
     table5 = [
-        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": PAPER["table5"][d]}
-        for d in MAIN
-        if d in arms
+        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in MAIN if d in arms
     ]
     for row in table5:
-        row["difference"] = round(row["ours"] - row["paper"], 2) if row["ours"] is not None else None
+        both = row["ours"] is not None and row["paper"] is not None
+        row["difference"] = round(row["ours"] - row["paper"], 2) if both else None
     fidelity = [
         {
             "defense": d,
@@ -101,13 +110,14 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     ]
     table3, table4 = [], []
     for key, arm in arms.items():
-        if arm["defense"] != "deepdefense" or key == "deepdefense":
+        if not (key.startswith("deepdefense-") or key.startswith("pp-top")):
             continue
         s, rt = arm["settings"], arm["runtime"]
         row = {
             "arm": key,
+            "defense": arm["defense"],
             "cs": s.get("cs"),
-            "top_k": s.get("top_k"),
+            "top_k": s.get("top_k", 1),  # PP names k only when it is not the argmax
             "layers": s.get("layers"),
             "budget": arm["budget"],
             "ms_per_query": rt["ms_per_query"],
@@ -120,6 +130,7 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     if "pp" in arms:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
         pp = {
             "arm": "pp",
+            "defense": "pp",
             "cs": None,
             "top_k": None,
             "layers": None,
@@ -130,7 +141,7 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             "accuracy": {run["loss"]: run["accuracy"] for run in arms["pp"]["runs"] if run["budget"] == ablation},
         }
         table3 += [pp] if table3 else []
-        table4 += [pp] if table4 else []
+        table4 += [pp] if table4 and not any(r["defense"] == "pp" for r in table4) else []
     runtime = [{"arm": key, "defense": arm["defense"], **arm["runtime"]} for key, arm in arms.items()]
     drops = {
         key: {k: v for k, v in arm["average_drop"].items() if k != "figure"}
@@ -178,7 +189,7 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
         paths["fig2"] = plots.figure2(
             main_rows,
             out / "fig2.png",
-            paper=PAPER["table5"],
+            paper=(paper_for(record) or {}).get("table5"),
             paper_budget=PAPER["table5_budget"],
             victim_accuracy=record.get("victim_accuracy"),
             title=f"{record['config']['checkpoint']}, {record['config']['interpreter']}, "
@@ -206,6 +217,10 @@ def _write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def _title(dataset: str) -> str:
+    return DATASET_TITLES.get(dataset, dataset)
+
+
 def _f(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -222,6 +237,8 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     rel = Path(_relative(Path(out), Path(doc).parent))
     budget = t["budget"]
     present = [d for d in MAIN if d in record["arms"]]
+    paper = paper_for(record)
+    columns = [d for d in MAIN if d in present or (paper and d in paper["table5"])]
     lines = [
         f"# {c['checkpoint']} ({c['interpreter']}): model stealing against each defense",
         "",
@@ -253,19 +270,53 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "",
         f"## Table 5: attack-model test accuracy (%) at B = {budget:,}, attacker of eq. (1)",
         "",
-        "| | " + " | ".join(NAMES[d] for d in MAIN) + " |",
-        "| --- | " + " | ".join("---" for _ in MAIN) + " |",
-        "| paper | " + " | ".join(_f(PAPER["table5"][d]) for d in MAIN) + " |",
+        "| | " + " | ".join(NAMES[d] for d in columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+        *(
+            [
+                "| paper | " + " | ".join(_f(paper["table5"].get(d)) for d in columns) + " |",
+            ]
+            if paper
+            else []
+        ),
         "| ours | "
-        + " | ".join(_f(t["by_loss"].get("explanations", {}).get(d)) if d in present else "not run" for d in MAIN)
+        + " | ".join(_f(t["by_loss"].get("explanations", {}).get(d)) if d in present else "not run" for d in columns)
         + " |",
-        "| ours − paper | "
-        + " | ".join(_signed(next((r["difference"] for r in t["table5"] if r["defense"] == d), None)) for d in MAIN)
-        + " |",
+        *(
+            [
+                "| ours − paper | "
+                + " | ".join(
+                    _signed(next((r["difference"] for r in t["table5"] if r["defense"] == d), None)) for d in columns
+                )
+                + " |"
+            ]
+            if paper
+            else []
+        ),
         "",
         (
             f"Victim accuracy on the same test images: {_f(record.get('victim_accuracy'))}% "
-            f"(paper, Table 1: {PAPER['victim_accuracy']}%)."
+            + (f"(paper, Table 1: {paper['victim_accuracy']}%)." if paper else "(the paper has no such victim).")
+        ),
+        *(
+            []
+            if paper
+            else [
+                "",
+                f"The paper attacks no {_title(record.get('dataset', ''))} victim: there are no paper numbers to set "
+                "beside these. The roles of the data sets are swapped against the MNIST report: the victim learnt "
+                f"{_title(record.get('dataset', ''))}, the attacker queries random {_title(c['attacker_dataset'])} "
+                "training images.",
+            ]
+        ),
+        *(
+            [
+                "",
+                "EDM has no Table 5 entry in the paper (it appears only in its Figure 2, whose numbers the text "
+                "we have does not give).",
+            ]
+            if paper and "edm" in present
+            else []
         ),
         "",
         f"## Every attacker against each defense (B = {budget:,})",
@@ -285,7 +336,11 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "",
         f"![Figure 2]({rel}/fig2.png)",
         "",
-        "Stars: the paper's Table 5 at B = 10,000 (the paper's Figure 2 itself is not in the text we have).",
+        (
+            "Stars: the paper's Table 5 at B = 10,000 (the paper's Figure 2 itself is not in the text we have)."
+            if paper
+            else "No stars: the paper has no numbers for this victim."
+        ),
         "",
         "| defense | attacker | " + " | ".join(f"B = {b:,}" for b in sorted(c["budgets"])) + " |",
         "| --- | --- | " + " | ".join("---" for _ in c["budgets"]) + " |",
@@ -301,8 +356,9 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "",
         f"## Fidelity of the stolen models to the victim (B = {budget:,})",
         "",
-        "R_test / R_unif: percent of MNIST test images / uniform random inputs on which the attack model's",
-        "top-1 differs from the victim's (the talk's 0-1 distance; 100 − R is the agreement); TV: mean total",
+        f"R_test / R_unif: percent of {_title(record.get('dataset', 'the victim'))} test images / uniform random",
+        "inputs on which the attack model's top-1 differs from the victim's (the talk's 0-1 distance; 100 − R is",
+        "the agreement); TV: mean total",
         "variation ½‖f(x) − f̂(x)‖₁ of the probabilities.",
         "",
         "| defense | attacker | accuracy | R_test | R_test^TV | R_unif | R_unif^TV |",
@@ -316,7 +372,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     lines += _unif_note(record)
     lines += _average_drop_section(record, t, rel)
     lines += _runtime_sections(t)
-    lines += _differences(t)
+    lines += _differences(t, record) if paper else _setup_notes(record)
     return "\n".join(lines) + "\n"
 
 
@@ -357,8 +413,9 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
         "",
         "| | n | victim I | misdirection Ĩ | paired t-test p |",
         "| --- | --- | --- | --- | --- |",
-        f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |",
     ]
+    if paper_for(record):
+        lines.append(f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |")
     if not t["average_drop"]:
         lines.append("| ours | — | not run | not run | — |")
     for key, d in t["average_drop"].items():
@@ -418,16 +475,18 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
         return ["Not run (no such DeepDefense arms: `deepdefense` not among `--defenses`, or the list was empty)."]
     losses = list(dict.fromkeys(loss for r in rows for loss in r["accuracy"]))
     lines = [
-        f"| {label} | layers | B | ms/query | mean L_orth | fallbacks | "
+        f"| defense | {label} | layers | B | ms/query | mean L_orth | fallbacks | "
         + " | ".join(f"f_A `{loss}` (%)" for loss in losses)
         + " |",
-        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in losses) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in losses) + " |",
     ]
-    for r in sorted(rows, key=lambda r: r[field] if r[field] is not None else math.inf):
+    order = {"deepdefense": 0, "pp": 1}
+    for r in sorted(rows, key=lambda r: (order.get(r["defense"], 2), r[field] if r[field] is not None else math.inf)):
         layers = ", ".join(str(x).split(".")[-1] for x in r["layers"]) if r["layers"] else "—"
-        name = "PP" if r["arm"] == "pp" else f"{r[field]:g}"
+        value = "—" if r[field] is None else f"{r[field]:g}"
         lines.append(
-            f"| {name} | {layers} | {r['budget']:,} | {_f(r['ms_per_query'], 1)} | "
+            f"| {NAMES.get(r['defense'], r['defense'])} | {value} | {layers} | {r['budget']:,} | "
+            f"{_f(r['ms_per_query'], 1)} | "
             f"{_f(r['mean_l_orth'], 3)} | {r['fallbacks'] if r['fallbacks'] is not None else '—'} | "
             + " | ".join(_f(r["accuracy"].get(loss)) for loss in losses)
             + " |"
@@ -435,7 +494,7 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
     return lines
 
 
-def _differences(t: Mapping[str, Any]) -> list[str]:
+def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
     measured = [r for r in t["table5"] if r["difference"] is not None]
     lines = ["", "## Where we differ from the paper", ""]
     for r in measured:
@@ -446,7 +505,13 @@ def _differences(t: Mapping[str, Any]) -> list[str]:
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
     lines += _evidence(t)
-    lines += [
+    return lines + _setup_notes(record)
+
+
+def _setup_notes(record: Mapping[str, Any]) -> list[str]:
+    """How our setup differs from the paper's (and, for another victim, what was kept the same)."""
+    attacker = record["config"]["attacker_dataset"]
+    lines = [
         "",
         "Known differences in the setup (each can move these numbers; none is a measured cause on its own):",
         "",
@@ -460,8 +525,18 @@ def _differences(t: Mapping[str, Any]) -> list[str]:
         "* DD, DD-S, DD-I: our engine's solver and constraints differ from the paper's (docs/design.md,",
         "  docs/tuning.md): relative SGD steps that stay in the feasible region, a Spearman floor for",
         "  constraint (4), a margin in eq. (7), CS 90% of the layer sensitivity (eq. 9).",
-        "* The transfer set is one random draw of the Fashion-MNIST training split (the paper's P_A for MNIST);",
+        f"* The transfer set is one random draw of the {_title(attacker)} training split"
+        + (" (the paper's P_A for MNIST);" if attacker == "fashionmnist" else ";"),
         "  the paper's draw and its test subset are unknown.",
+        *(
+            [
+                "* EDM: an ensemble trained with the victim's training images in-domain and *synthetic* outliers",
+                "  (defense/outliers.py) out of domain, never the attacker's data set (the talk notes that EDM",
+                "  assumes the attacker's OOD data is known; we do not grant it that).",
+            ]
+            if "edm" in record["arms"]
+            else []
+        ),
     ]
     return lines
 

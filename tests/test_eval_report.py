@@ -1,0 +1,84 @@
+"""The Markdown report from a record (no training): the paper's numbers only beside the paper's victim,
+Table 4 with PP at the same k as DeepDefense, and an EDM column."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from measure.report import markdown, tables
+
+
+def _run(loss: str, budget: int, accuracy: float) -> dict[str, Any]:
+    return {"loss": loss, "budget": budget, "accuracy": accuracy, "r_test": 1.0, "r_test_tv": 0.1, "r_unif": 0.0}
+
+
+def _arm(defense: str, accuracy: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "defense": defense,
+        "settings": settings or {},
+        "budget": 100,
+        "runtime": {"n": 4, "query_batch": 2, "ms_per_query": 1.5, "fallbacks": 0},
+        "runs": [_run("explanations", 100, accuracy)],
+    }
+
+
+def record(dataset: str, attacker: str) -> dict[str, Any]:
+    return {
+        "config": {
+            "checkpoint": f"lenet-{dataset}",
+            "interpreter": "gradcam",
+            "attacker_dataset": attacker,
+            "losses": ["explanations"],
+            "budgets": [100],
+            "seed": 0,
+            "test_n": None,
+            "n_unif": 10,
+            "p": 15.0,
+            "recipe": {
+                "optimizer": "adam",
+                "lr": 1e-3,
+                "batch_size": 64,
+                "schedule": "cosine",
+                "epochs": 1,
+                "lam": 0.01,
+            },
+        },
+        "environment": {
+            "host": "h",
+            "machine": "m",
+            "torch": "t",
+            "threads": 1,
+            "device": "cpu",
+            "defense_device": "cpu",
+        },
+        "dataset": dataset,
+        "victim_accuracy": 99.0,
+        "arms": {
+            "none": _arm("none", 90.0),
+            "pp": _arm("pp", 80.0, {"epsilon": 0.5}),
+            "edm": _arm("edm", 70.0, {"members": 5}),
+            "deepdefense": _arm("deepdefense", 60.0, {"top_k": 1, "cs": 90.0, "layers": ["a.conv1"]}),
+            "deepdefense-top3": _arm("deepdefense", 65.0, {"top_k": 3, "cs": 90.0, "layers": ["a.conv1"]}),
+            "pp-top1": _arm("pp", 80.0, {"epsilon": 0.5}),
+            "pp-top3": _arm("pp", 85.0, {"epsilon": 0.5, "top_k": 3}),
+        },
+    }
+
+
+def test_table4_rows_dd_and_pp_at_each_k() -> None:
+    t = tables(record("mnist", "fashionmnist"))
+    rows = {(r["defense"], r["top_k"]): r["accuracy"]["explanations"] for r in t["table4"]}
+    assert rows == {("deepdefense", 3): 65.0, ("pp", 1): 80.0, ("pp", 3): 85.0}  # the main PP row is not repeated
+    report = markdown(record("mnist", "fashionmnist"), "results", "report.md")
+    assert "| PP | 3 | — | 100 | 1.5 |" in report and "| DD | 3 | conv1 | 100 |" in report
+
+
+def test_paper_numbers_only_beside_the_papers_victim() -> None:
+    mnist = markdown(record("mnist", "fashionmnist"), "results", "report.md")
+    assert "| paper | 93.37 | 64.03 | — | 17.56 |" in mnist and "| ours | 90.00 | 80.00 | 70.00 | 60.00 |" in mnist
+    assert "Where we differ from the paper" in mnist and "EDM has no Table 5 entry" in mnist
+    fashion = markdown(record("fashionmnist", "mnist"), "results", "report.md")
+    assert "93.37" not in fashion and "| paper |" not in fashion and "Where we differ from the paper" not in fashion
+    assert "The paper attacks no Fashion-MNIST victim" in fashion and "random MNIST training images" in fashion
+    assert "| ours | 90.00 | 80.00 | 70.00 | 60.00 |" in fashion
+    assert tables(record("fashionmnist", "mnist"))["table5"][0]["paper"] is None
