@@ -370,6 +370,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
             f"{_f(r['r_test_tv'], 3)} | {_f(r['r_unif'])} | {_f(r['r_unif_tv'], 3)} |"
         )
     lines += _unif_note(record)
+    lines += _benign_section(record)
     lines += _average_drop_section(record, t, rel)
     lines += _runtime_sections(t)
     lines += _differences(t, record) if paper else _setup_notes(record)
@@ -399,6 +400,31 @@ def _unif_note(record: Mapping[str, Any]) -> list[str]:
         f"On U the victim answers class {top} for {share:.1f}% of the inputs"
         + (", so R_unif mostly checks that the attack model does the same." if share >= 90 else "."),
     ]
+
+
+def _benign_section(record: Mapping[str, Any]) -> list[str]:
+    """What an honest user pays for each defense (``--benign-n``): the first n victim test images sent as
+    queries, the answered labels scored against the truth and against the victim's own top-1."""
+    rows = [(key, arm["benign"]) for key, arm in record["arms"].items() if arm.get("benign", {}).get("n")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## What honest users get (benign cost)",
+        "",
+        f"The first n {_title(record.get('dataset', ''))} test images sent to each arm as an honest user would send "
+        "them; accuracy of the answered labels, and their agreement with the undefended victim's top-1.",
+        "",
+        "| arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, b in rows:
+        ms = record["arms"][key].get("runtime", {}).get("ms_per_query")
+        lines.append(
+            f"| {key} | {b['n']:,} | {_f(b.get('accuracy'))} | {_f(b.get('victim_accuracy'))} | "
+            f"{_f(b.get('agreement'))} | {_f(ms, 1)} |"
+        )
+    return lines
 
 
 def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: Path) -> list[str]:

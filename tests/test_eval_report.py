@@ -56,7 +56,10 @@ def record(dataset: str, attacker: str) -> dict[str, Any]:
         "arms": {
             "none": _arm("none", 90.0),
             "pp": _arm("pp", 80.0, {"epsilon": 0.5}),
-            "edm": _arm("edm", 70.0, {"members": 5}),
+            "edm": {
+                **_arm("edm", 70.0, {"members": 5}),
+                "benign": {"n": 10, "accuracy": 90.0, "victim_accuracy": 100.0, "agreement": 90.0},
+            },
             "deepdefense": _arm("deepdefense", 60.0, {"top_k": 1, "cs": 90.0, "layers": ["a.conv1"]}),
             "deepdefense-top3": _arm("deepdefense", 65.0, {"top_k": 3, "cs": 90.0, "layers": ["a.conv1"]}),
             "pp-top1": _arm("pp", 80.0, {"epsilon": 0.5}),
@@ -82,3 +85,9 @@ def test_paper_numbers_only_beside_the_papers_victim() -> None:
     assert "The paper attacks no Fashion-MNIST victim" in fashion and "random MNIST training images" in fashion
     assert "| ours | 90.00 | 80.00 | 70.00 | 60.00 |" in fashion
     assert tables(record("fashionmnist", "mnist"))["table5"][0]["paper"] is None
+
+
+def test_honest_users_cost_per_arm() -> None:
+    report = markdown(record("mnist", "fashionmnist"), "results", "report.md")
+    assert "## What honest users get (benign cost)" in report
+    assert "| edm | 10 | 90.00 | 100.00 | 90.00 | 1.5 |" in report and "| none | 10 |" not in report
