@@ -263,6 +263,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
             f"defenses on {env['defense_device']}"
         ),
         *_provenance(record),
+        *_not_collected(record),
         (
             f"* results folder: [`{rel}/`]({rel}/) (`results.json`, `accuracy.csv`, `tables.json`, "
             "`average_drop.json`, `fig2.png`, `fig3.png`)"
@@ -387,6 +388,12 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
     return [
         f"* {n} attack model{'s' if n > 1 else ''} trained by `{cmd}` on {where}" for (cmd, where), n in made.items()
     ]
+
+
+def _not_collected(record: Mapping[str, Any]) -> list[str]:
+    """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
+    missing = record.get("not_collected") or {}
+    return [f"* not run: `{key}` (its transfer set is not stored and `--only-cached` sends nothing)" for key in missing]
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:

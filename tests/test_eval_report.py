@@ -87,6 +87,11 @@ def test_paper_numbers_only_beside_the_papers_victim() -> None:
     assert tables(record("fashionmnist", "mnist"))["table5"][0]["paper"] is None
 
 
+def test_arms_not_collected_are_named() -> None:
+    r = {**record("mnist", "fashionmnist"), "not_collected": {"deepdefense-cs70": "no stored answers"}}
+    assert "* not run: `deepdefense-cs70`" in markdown(r, "results", "report.md")
+
+
 def test_honest_users_cost_per_arm() -> None:
     report = markdown(record("mnist", "fashionmnist"), "results", "report.md")
     assert "## What honest users get (benign cost)" in report
