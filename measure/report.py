@@ -221,6 +221,11 @@ def _title(dataset: str) -> str:
     return DATASET_TITLES.get(dataset, dataset)
 
 
+def _cell(value: float | None) -> str:
+    """An accuracy cell: *not run* when no attack model of it is stored."""
+    return "*not run*" if value is None else _f(value)
+
+
 def _f(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -280,9 +285,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
             if paper
             else []
         ),
-        "| ours | "
-        + " | ".join(_f(t["by_loss"].get("explanations", {}).get(d)) if d in present else "not run" for d in columns)
-        + " |",
+        "| ours | " + " | ".join(_cell(t["by_loss"].get("explanations", {}).get(d)) for d in columns) + " |",
         *(
             [
                 "| ours − paper | "
@@ -328,7 +331,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     for loss in c["losses"]:
         lines.append(
             f"| {plots.TITLES.get(loss, loss)} (`{loss}`) | "
-            + " | ".join(_f(t["by_loss"][loss].get(d)) for d in present)
+            + " | ".join(_cell(t["by_loss"][loss].get(d)) for d in present)
             + " |"
         )
     lines += [
@@ -350,9 +353,14 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         for loss in c["losses"]:
             lines.append(
                 f"| {NAMES[d]} | `{loss}` | "
-                + " | ".join(_f(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"]))
+                + " | ".join(_cell(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"]))
                 + " |"
             )
+    lines += [
+        "",
+        "*not run*: no attack model of that cell is stored (`--only-cached` trains none); the same command",
+        "without `--only-cached` trains it.",
+    ]
     lines += [
         "",
         f"## Fidelity of the stolen models to the victim (B = {budget:,})",
@@ -521,7 +529,7 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
             f"| {NAMES.get(r['defense'], r['defense'])} | {value} | {layers} | {r['budget']:,} | "
             f"{_f(r['ms_per_query'], 1)} | "
             f"{_f(r['mean_l_orth'], 3)} | {r['fallbacks'] if r['fallbacks'] is not None else '—'} | "
-            + " | ".join(_f(r["accuracy"].get(loss)) for loss in losses)
+            + " | ".join(_cell(r["accuracy"].get(loss)) for loss in losses)
             + " |"
         )
     return lines

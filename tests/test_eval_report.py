@@ -84,6 +84,13 @@ def test_paper_numbers_only_beside_the_papers_victim() -> None:
     assert "93.37" not in fashion and "| paper |" not in fashion and "Where we differ from the paper" not in fashion
     assert "The paper attacks no Fashion-MNIST victim" in fashion and "random MNIST training images" in fashion
     assert "| ours | 90.00 | 80.00 | 70.00 | 60.00 |" in fashion
+
+
+def test_cells_without_an_attack_model_say_not_run() -> None:
+    r = record("mnist", "fashionmnist")
+    r["config"]["budgets"] = [50, 100]
+    report = markdown(r, "results", "report.md")
+    assert "| EDM | `explanations` | *not run* | 70.00 |" in report and "*not run*: no attack model" in report
     assert tables(record("fashionmnist", "mnist"))["table5"][0]["paper"] is None
 
 
