@@ -4,6 +4,13 @@ Images are checked before they are decoded: the base64 text and the decoded byte
 ``max_image_bytes``, the size declared in the header against ``max_image_pixels`` (decompression
 bombs), and only PNG and JPEG decoders are tried. Every failure is an :class:`ApiError` naming the
 instance's field.
+
+What happens to an image, in order (the model card of ``/v1/models`` says the same, ``server/card.py``):
+decoded by Pillow; converted to ``MODES[C]`` (8-bit grayscale "L", ITU-R 601-2 luma, for one channel;
+"RGB" for three; an alpha channel is dropped, not composited; 16-bit images are clipped to 8 bits; EXIF
+orientation is not applied); resized to the model's W×H with Pillow's bilinear filter when its size differs
+(aspect ratio not kept, nothing cropped, padded or centred); divided by 255. Pixels are used as sent. With
+the request's ``invert`` option, the values v of either become 1 − v; nothing is inverted otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from .errors import ApiError
 from .schemas import Instance
 
 _FORMATS = ("PNG", "JPEG")
-_MODES = {1: "L", 3: "RGB"}
+#: Pillow modes an image is converted to, by the model's channel count.
+MODES = {1: "L", 3: "RGB"}
+#: The filter of a resize to the model's input size.
+RESAMPLE = Image.Resampling.BILINEAR
 
 
 @dataclass(frozen=True)
@@ -31,9 +41,18 @@ class ImageLimits:
     max_pixels: int
 
 
-def instances_to_tensor(instances: list[Instance], shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
-    """Stack every instance into a (B, C, H, W) batch, or raise the first instance's error."""
-    return torch.stack([to_tensor(inst, f"instances[{i}]", shape, limits) for i, inst in enumerate(instances)])
+def instances_to_tensor(
+    instances: list[Instance], shape: tuple[int, int, int], limits: ImageLimits, *, invert: bool = False
+) -> Tensor:
+    """Stack every instance into a (B, C, H, W) batch, or raise the first instance's error; with ``invert``
+    (the request's option, never a guess), every value v becomes 1 − v."""
+    x = torch.stack([to_tensor(inst, f"instances[{i}]", shape, limits) for i, inst in enumerate(instances)])
+    return inverted(x) if invert else x
+
+
+def inverted(x: Tensor) -> Tensor:
+    """1 − x: light and dark swapped (a light background becomes dark); values in [0, 1] stay in [0, 1]."""
+    return 1.0 - x
 
 
 def to_tensor(instance: Instance, field: str, shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
@@ -60,7 +79,7 @@ def _pixels(pixels: list[list[list[float]]], field: str, shape: tuple[int, int, 
 
 def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimits) -> Tensor:
     channels, height, width = shape
-    if channels not in _MODES:
+    if channels not in MODES:
         raise ApiError(422, "unsupported_input", f"this model takes {channels}-channel input; send pixels", field=field)
     if len(text) > 4 * (limits.max_bytes // 3 + 1):
         raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
@@ -75,9 +94,9 @@ def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimi
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise _too_many_pixels(field, limits)
-            img = img.convert(_MODES[channels])
+            img = img.convert(MODES[channels])
             if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
+                img = img.resize((width, height), RESAMPLE)
             array = np.asarray(img, dtype=np.float32) / 255.0
     except Image.DecompressionBombError:
         raise _too_many_pixels(field, limits) from None

@@ -51,7 +51,7 @@ def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances:
     request = schemas["PredictRequest"]
     request["properties"]["instances"]["maxItems"] = max_instances
     c, h, w = shape
-    request["examples"] = [{"instances": [{"pixels": [[[0.5] * w] * h] * c}], "explain": True}]
+    request["examples"] = [{"instances": [{"pixels": [[[0.5] * w] * h] * c}], "explain": True, "invert": False}]
 
 
 def _narrow_oip(paths: dict[str, Any], model_name: str, shape: tuple[int, int, int]) -> None:

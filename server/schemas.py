@@ -24,6 +24,16 @@ Plane = Annotated[list[Row], Field(fail_fast=True)]
 Pixels = Annotated[list[Plane], Field(fail_fast=True)]
 
 
+#: What the ``invert`` request option does (``/predict``'s ``invert``, the Open Inference Protocol's
+#: ``parameters.invert``); the model card and the OpenAPI schema say the same.
+INVERT_DESCRIPTION = (
+    "true: every instance's values v (pixels, or an image once decoded, converted and resized) become 1 − v before "
+    "the model sees them, so dark strokes on a light background (ink on paper) reach a model that expects light "
+    "strokes on a dark background as it expects them; false (the default): values are used as sent. The server "
+    "never inverts on its own."
+)
+
+
 class Instance(BaseModel):
     """One query: a C×H×W array of floats in [0, 1] at the model's input size, or a PNG/JPEG image."""
 
@@ -47,6 +57,7 @@ class PredictRequest(BaseModel):
 
     instances: list[Instance] = Field(min_length=1, description="queries, up to the server's maximum")
     explain: StrictBool = Field(True, description="also return an attribution map per instance")
+    invert: StrictBool = Field(False, description=INVERT_DESCRIPTION)
 
 
 class Attribution(BaseModel):
@@ -186,7 +197,7 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: StrictStr | None = Field(None, description="echoed in the response")
-    parameters: Parameters | None = None
+    parameters: Parameters | None = Field(None, description="'invert' (a boolean): " + INVERT_DESCRIPTION)
     inputs: list[InferInputTensor] = Field(min_length=1, description="one input, 'image'")
     outputs: list[InferRequestedOutput] | None = Field(
         None, description="the outputs to return (all when absent); maps are computed only for 'attribution'"

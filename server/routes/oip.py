@@ -7,7 +7,8 @@ three outputs: ``probabilities`` (FP32 [B, K]), ``label`` (INT64 [B]) and ``attr
 computed only when asked for or when no outputs are listed). The data come as JSON (flat in row-major
 order, or nested) or, with ``Inference-Header-Content-Length``, as little-endian binary after the JSON
 (Triton's binary tensor data extension, what ``tritonclient`` sends by default); outputs always come as
-JSON.
+JSON. The request's ``parameters.invert`` (a boolean, as ``/predict``'s ``invert``) turns every value v of
+the images into 1 − v before the model sees them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from defense import Answer
 
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
+from ..images import inverted
 from ..runtime import Runtime
 from ..schemas import (
     ErrorResponse,
@@ -49,6 +51,8 @@ PLATFORM = "pytorch"
 INPUT = "image"
 OUTPUTS = ("probabilities", "label", "attribution")
 INFER_PATH = "/v2/models/{model_name}/infer"
+#: The request parameter that inverts the images (``/predict``'s ``invert``; ``schemas.INVERT_DESCRIPTION``).
+INVERT = "invert"
 #: Triton's binary tensor data extension: the JSON's length, binary data after it.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -182,9 +186,12 @@ async def infer(
     infer_request, binary = await run_in_threadpool(_parse, body, inference_header_content_length)
     runtime.ready_batcher()  # 503 while not ready, before the tensors are looked at (as /predict)
     wanted = _wanted_outputs(infer_request)
+    invert = _invert(infer_request)
     x = await run_in_threadpool(
         _to_batch, _image_input(infer_request), binary, runtime.input_shape, runtime.settings.max_instances
     )
+    if invert:
+        x = inverted(x)
     method = runtime.interpreter_name
     return await answer_instances(
         runtime,
@@ -240,6 +247,14 @@ def _wanted_outputs(infer_request: InferRequest) -> list[str]:
         _unsupported(output.parameters, f"outputs[{i}].parameters")
         wanted.append(output.name)
     return wanted
+
+
+def _invert(infer_request: InferRequest) -> bool:
+    """The request's ``parameters.invert`` (``/predict``'s ``invert``): a boolean, false when absent."""
+    value = (infer_request.parameters or {}).get(INVERT, False)
+    if type(value) is not bool:
+        raise ApiError(422, "invalid_type", "invert must be true or false", field=f"parameters.{INVERT}")
+    return value
 
 
 def _image_input(infer_request: InferRequest) -> InferInputTensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -54,7 +55,9 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             f"at most {limit} instances per request, got {len(body.instances)}",
             field="instances",
         )
-    x = await run_in_threadpool(instances_to_tensor, body.instances, runtime.input_shape, runtime.image_limits)
+    x = await run_in_threadpool(
+        partial(instances_to_tensor, invert=body.invert), body.instances, runtime.input_shape, runtime.image_limits
+    )
     method = runtime.interpreter_name
     return await answer_instances(
         runtime,
