@@ -8,8 +8,10 @@ expected at ``<root>/<folder>/{train,test}/<class name>/<image>``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +25,78 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class DatasetLook:
+    """What the data set's images look like, for whoever sends a model trained on it an image (the server's
+    model card, ``server/card.py``): the subject of one image, which side is dark, how the images were made,
+    and inputs such a model is not meant for. A checkpoint's metadata may override any of these
+    (``extra["card"]``, read by ``look_of``)."""
+
+    subject: str
+    background: str  # "dark": light content on a dark background; "light": the reverse; "any": natural photos
+    polarity: str
+    appearance: str
+    not_for: tuple[str, ...] = ()
+
+
+_NATURAL_PHOTOS = DatasetLook(
+    subject="",
+    background="any",
+    polarity="natural colour photos, as a camera takes them (nothing inverted)",
+    appearance="",
+    not_for=("drawings, text or several subjects in one image", "images of classes outside the data set's"),
+)
+
+
+def _photos(subject: str, appearance: str) -> DatasetLook:
+    return replace(_NATURAL_PHOTOS, subject=subject, appearance=appearance)
+
+
+_CIFAR = "RGB 32×32 (Krizhevsky, 2009)"
+
+MNIST_LOOK = DatasetLook(
+    subject="one handwritten digit, 0 to 9",
+    background="dark",
+    polarity="light strokes on a dark background: the background is 0 (black), the strokes up to 1 (white)",
+    appearance="grayscale 28×28; each digit was size-normalised to fit a 20×20 box (aspect ratio kept), "
+    "anti-aliased and centred by its centre of mass, leaving a margin of about 4 pixels (LeCun et al., 1998)",
+    not_for=(
+        "dark strokes on a light background (ink on paper, a photographed page) sent without invert: true",
+        "photos of scenes, faces or objects",
+        "letters, symbols, words or signatures",
+        "several digits in one image (a number, a date, a code)",
+        "a digit that fills the whole image edge to edge, or sits in a corner or at an edge",
+        "photos with uneven light, shadows or a grey paper background (invert makes grey paper dark grey, not black)",
+    ),
+)
+
+FASHION_MNIST_LOOK = DatasetLook(
+    subject="one fashion product alone: a garment, a shoe or a bag of the ten classes",
+    background="dark",
+    polarity="a light item on a dark background: the background is 0 (black), the item brighter (the white-"
+    "background product photos were negated)",
+    appearance="grayscale 28×28; Zalando product photos trimmed, resized so that the longest edge is 28 pixels, "
+    "sharpened, centred and negated (Xiao et al., 2017)",
+    not_for=(
+        "items on a light background (a product photo as shops show it) sent without invert: true",
+        "people wearing clothes, or several items in one image",
+        "handwritten digits, letters or drawings",
+        "products of other kinds than the ten classes",
+    ),
+)
+
+KMNIST_LOOK = DatasetLook(
+    subject="one handwritten Kuzushiji (cursive Japanese) character of ten hiragana",
+    background="dark",
+    polarity="light strokes on a dark background, as MNIST",
+    appearance="grayscale 28×28, in MNIST's format (Clanuwat et al., 2018)",
+    not_for=("dark strokes on a light background sent without invert: true", "other characters, digits or photos"),
+)
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """What a model needs to know about a data set: shape, normalisation, class names."""
+    """What a model needs to know about a data set: shape, normalisation, class names, and what its images
+    look like."""
 
     name: str
     folder: str  # where the files live under the data root
@@ -35,6 +107,7 @@ class DatasetSpec:
     default_arch: str
     torchvision_class: type | None = None  # None: ImageFolder layout
     classes: tuple[str, ...] | None = None  # None: read from the ImageFolder
+    look: DatasetLook | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -45,7 +118,16 @@ SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            "mnist", "MNIST/raw", 1, 28, (0.1307,), (0.3081,), "lenet", datasets.MNIST, tuple(str(d) for d in range(10))
+            "mnist",
+            "MNIST/raw",
+            1,
+            28,
+            (0.1307,),
+            (0.3081,),
+            "lenet",
+            datasets.MNIST,
+            tuple(str(d) for d in range(10)),
+            MNIST_LOOK,
         ),
         DatasetSpec(
             "fashionmnist",
@@ -57,6 +139,7 @@ SPECS: dict[str, DatasetSpec] = {
             "lenet",
             datasets.FashionMNIST,
             ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            FASHION_MNIST_LOOK,
         ),
         DatasetSpec(
             "kmnist",
@@ -68,6 +151,7 @@ SPECS: dict[str, DatasetSpec] = {
             "lenet",
             datasets.KMNIST,
             ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+            KMNIST_LOOK,
         ),
         DatasetSpec(
             "cifar10",
@@ -79,6 +163,7 @@ SPECS: dict[str, DatasetSpec] = {
             "wrn16_4",
             datasets.CIFAR10,
             ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+            _photos("a small colour photo of one object or animal of the ten classes", _CIFAR),
         ),
         DatasetSpec(
             "cifar100",
@@ -89,9 +174,30 @@ SPECS: dict[str, DatasetSpec] = {
             (0.2673, 0.2564, 0.2762),
             "wrn16_4",
             datasets.CIFAR100,
+            look=_photos(
+                "a small colour photo of one object or animal of the 100 classes", "RGB 32×32 (Krizhevsky, 2009)"
+            ),
         ),
-        DatasetSpec("flowers17", "flowers17", 3, 224, _IMAGENET_MEAN, _IMAGENET_STD, "resnet18"),
-        DatasetSpec("cub200", "cub200", 3, 224, _IMAGENET_MEAN, _IMAGENET_STD, "resnet34"),
+        DatasetSpec(
+            "flowers17",
+            "flowers17",
+            3,
+            224,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "resnet18",
+            look=_photos("a colour photo of one flower of the 17 species", "RGB photos, served at 224×224"),
+        ),
+        DatasetSpec(
+            "cub200",
+            "cub200",
+            3,
+            224,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "resnet34",
+            look=_photos("a colour photo of one bird of the 200 species", "RGB photos, served at 224×224"),
+        ),
     )
 }
 
@@ -110,6 +216,26 @@ def get_spec(name: str) -> DatasetSpec:
         return SPECS[name.lower()]
     except KeyError:
         raise UnknownDatasetError(f"unknown data set {name!r}; known data sets: {', '.join(sorted(SPECS))}") from None
+
+
+def look_of(dataset: str, override: Mapping[str, Any] | None = None) -> DatasetLook | None:
+    """What ``dataset``'s images look like (its spec's :class:`DatasetLook`), with the fields of ``override``
+    (a checkpoint's ``extra["card"]``) in their place; None for a data set this module does not describe and
+    no complete override. An override field that :class:`DatasetLook` does not have is a ``ValueError``."""
+    override = dict(override or {})
+    unknown = set(override) - {f.name for f in fields(DatasetLook)}
+    if unknown:
+        raise ValueError(f"unknown model card fields {sorted(unknown)}; known: {[f.name for f in fields(DatasetLook)]}")
+    if "not_for" in override:
+        override["not_for"] = tuple(override["not_for"])
+    spec = SPECS.get(dataset.lower())
+    base = spec.look if spec is not None else None
+    if base is None:
+        try:
+            return DatasetLook(**override)
+        except TypeError:  # incomplete: nothing to say rather than half a card
+            return None
+    return replace(base, **override)
 
 
 def default_data_root() -> Path | None:

@@ -22,6 +22,7 @@ from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from .auth import KeyRing
 from .batcher import MicroBatcher
 from .budget import Ledger, QueryLedger, RedisLedger
+from .card import dataset_look
 from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
@@ -69,6 +70,7 @@ class Runtime:
         if defense is None:  # sha256, architecture and shapes, before anything listens (CheckpointError)
             load_checkpoint(meta_path)
         self.input_shape: tuple[int, int, int] = tuple(self.meta.input_shape)  # type: ignore[assignment]
+        self.look = dataset_look(self.meta)  # the model card's data (CheckpointError when malformed)
         self.defense = defense
         if defense is None:
             self.device = resolve_device(settings.device)

@@ -93,6 +93,53 @@ class DefenseInfo(BaseModel):
     settings: dict[str, Any] = Field(description="the defense's public settings")
 
 
+class ExpectedInput(BaseModel):
+    """What the model was trained on, so what an input should look like to be read as the model reads its own."""
+
+    subject: str = Field(description="what one input shows, e.g. 'one handwritten digit, 0 to 9'")
+    shape: list[int] = Field(description="[C, H, W] of the model's input; images of any size are resized to it")
+    colour: Literal["grayscale", "RGB"] | None = Field(description="the channels, None for another channel count")
+    value_range: list[float] = Field(description="[low, high] of every value the model sees: [0, 1]")
+    background: Literal["dark", "light", "any"] = Field(
+        description="dark: light content on a dark background; light: the reverse; any: natural photos"
+    )
+    polarity: str = Field(description="which values are background and which are content")
+    appearance: str = Field(description="how the training images were made: size, centring, margins")
+    normalisation: dict[str, list[float]] = Field(
+        description="'mean' and 'std' per channel, applied inside the model: send values in [0, 1], not normalised"
+    )
+
+
+class InvertOption(BaseModel):
+    """The request option that turns a light background into a dark one; the server never guesses it."""
+
+    predict: str = Field(description="how to ask for it on POST /predict")
+    open_inference_protocol: str = Field(description="how to ask for it on POST /v2/models/{name}/infer")
+    default: bool = Field(description="what happens when it is absent: false, the values are used as sent")
+    effect: str
+    when: str = Field(description="when to set it for this model")
+
+
+class Preprocessing(BaseModel):
+    """What the server does to an input before the model sees it (server/images.py), step by step."""
+
+    image_b64: list[str] = Field(description="the steps for a base64 PNG or JPEG, in order")
+    pixels: list[str] = Field(description="the steps for a C×H×W array of values")
+    invert: InvertOption
+
+
+class ModelCard(BaseModel):
+    """What the model expects, what the server does to an input, and what the model is not meant for."""
+
+    summary: str
+    trained_on: str = Field(description="the data set the model learnt from")
+    test_accuracy: float = Field(description="percent of the data set's test split read correctly (undefended)")
+    expects: ExpectedInput
+    preprocessing: Preprocessing
+    not_meant_for: list[str] = Field(description="inputs the model was not trained for; it answers them anyway")
+    answers: list[str] = Field(description="what every answer is, and is not, whatever the input")
+
+
 class ModelInfo(BaseModel):
     name: str
     arch: str
@@ -101,6 +148,10 @@ class ModelInfo(BaseModel):
     input_shape: list[int] = Field(description="[C, H, W]")
     interpreter: str
     defense: DefenseInfo
+    card: ModelCard | None = Field(
+        description="the model card; None for a checkpoint whose data set nobody described (models/data.py, or "
+        "the checkpoint's extra['card'])"
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -63,6 +63,7 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
     (model,) = client.get("/v1/models").json()["models"]
+    assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/test_model_card.py
     assert model == {
         "name": "lenet-mnist",
         "arch": "lenet",

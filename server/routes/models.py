@@ -1,9 +1,12 @@
-"""What is served: the model, its interpreter and the defense with its public settings."""
+"""What is served: the model, its interpreter, the defense with its public settings, and the model card."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
+from defense.gate import MisinformationGate
+
+from ..card import model_card
 from ..dependencies import CallerDep, RuntimeDep
 from ..schemas import DefenseInfo, ErrorResponse, ModelInfo, ModelsResponse
 
@@ -18,6 +21,7 @@ router = APIRouter(tags=["models"])
 async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
     defense = runtime.ready_defense()
     meta = runtime.meta
+    gated = isinstance(defense, MisinformationGate)
     info = ModelInfo(
         name=runtime.model_name,
         arch=meta.arch,
@@ -26,5 +30,6 @@ async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
         input_shape=meta.input_shape,
         interpreter=runtime.interpreter_name,
         defense=DefenseInfo(name=runtime.defense_name, settings=defense.public_settings()),
+        card=model_card(meta, runtime.look, runtime.image_limits, gated=gated),
     )
     return ModelsResponse(models=[info])
