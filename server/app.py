@@ -18,7 +18,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import MAIN, RequestMetricsMiddleware
 from .openapi import install_served_openapi
-from .routes import admin, health, metrics, models, oip, predict
+from .routes import admin, health, metrics, models, oip, playground, predict
 from .runtime import Runtime, StartupError
 from .settings import ServerSettings
 
@@ -85,6 +85,8 @@ def create_app(
         app.include_router(admin.router)
     if settings.docs_access == "admin":
         app.include_router(docs_router(app))
+    if settings.playground == "on":
+        app.include_router(playground.build_router())
     install_served_openapi(
         app,
         model_name=runtime.model_name,

@@ -139,6 +139,11 @@ class ServerSettings(BaseSettings):
     admin_keys_file: FilePath | None = Field(None, description="file with one operator key per line")
     metrics_access: Access = Field("open", description="/metrics: open, admin (operator key) or off")
     docs_access: Access = Field("open", description="/docs, /redoc and /openapi.json: open, admin or off")
+    playground: Literal["on", "off"] = Field(
+        "on",
+        description="GET /: a page to draw a digit or drop an image and see the answer, through /predict as any "
+        "client (off: GET / is 404)",
+    )
 
     @field_validator("checkpoint")
     @classmethod
