@@ -81,3 +81,26 @@ def test_with_keys_the_page_asks_for_one_and_shows_401_readably(browser, tmp_pat
         wait_for_model(browser)
         assert predict_and_wait(browser) in [str(d) for d in range(10)]
         assert painted_pixels(browser, "map") > 0
+
+
+def test_a_picked_image_with_invert_ticked_is_read_as_its_negative(browser, url: str, tmp_path: Path) -> None:
+    """Ink on paper with "invert light background" ticked gets the answer of the same digit white on black."""
+    from PIL import ImageFont
+    from selenium.webdriver.common.by import By
+
+    from measure.ten_digits import FONT_SIZE, render, system_font
+
+    font = ImageFont.truetype(str(system_font()), FONT_SIZE)
+    labels = {}
+    for polarity, tick in (("white on black", False), ("black on white", True)):
+        path = tmp_path / f"{polarity.replace(' ', '-')}.png"
+        path.write_bytes(render(3, polarity, font))
+        browser.get(url + "/")
+        wait_for_model(browser)
+        invert = browser.find_element(By.ID, "invert")
+        if invert.is_selected() != tick:
+            invert.click()
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        labels[polarity] = predict_and_wait(browser)
+        assert 1000 < bright_pixels(browser) < 280 * 280 // 3, "shown as the model sees it: a light digit on dark"
+    assert labels["black on white"] == labels["white on black"]
