@@ -1,7 +1,22 @@
 """One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 (``args.command_line`` holds the command as typed, for the records it writes)."""
 
-from . import attack, bench, client, domain, edm, eval, fidelity, load, misinfo, sensitivity, serve, train, warmstart
+from . import (
+    attack,
+    bench,
+    client,
+    domain,
+    edm,
+    eval,
+    fidelity,
+    formats,
+    load,
+    misinfo,
+    sensitivity,
+    serve,
+    train,
+    warmstart,
+)
 
 COMMANDS = {
     "train": train,
@@ -16,5 +31,6 @@ COMMANDS = {
     "eval": eval,
     "bench": bench,
     "domain": domain,
+    "formats": formats,
     "warmstart": warmstart,
 }

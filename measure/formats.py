@@ -1,0 +1,263 @@
+"""Honest digits in the formats people make them, through the server's own input path, and what the
+misinformation gate makes of them (``deepdefense formats``, docs/results/format-variants.md).
+
+Each variant starts from the victim's *test* digits (never seen by the victim, the domain score or its
+threshold) and ends as what an honest user would send: the 28×28 pixels as they are, or a 200×200 PNG/JPEG
+— white on black, or black on white (ink on paper) sent with the request's ``invert`` option — possibly
+after a perturbation that a pen, a scanner or a camera makes (``measure.domain.PERTURBATIONS``: blurred,
+noisy, off-centre, thicker and thinner strokes) or a photograph's grey, unevenly lit paper and sensor noise.
+What is sent is decoded by ``server.images.instances_to_tensor``, the function ``/predict`` calls, with the
+server's default image limits; the shipped domain score then says which queries the gate would answer from
+the misinformation model. Per variant: the share flagged (with a 95% Wilson interval), the victim's accuracy
+on the decoded digits, and the share of right labels an honest user gets through the gate (the victim's
+label where not flagged — DeepDefense keeps the top-1 — and the misinformation model's where flagged).
+
+Nothing here is fitted or tuned; Fashion-MNIST is not read.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from defense.domain import DomainScore, victim_outputs
+from server.images import ImageLimits, instances_to_tensor
+from server.schemas import Instance
+from server.settings import ServerSettings
+
+from .domain import PERTURBATIONS
+
+#: The side of the images an honest user sends (as in the issue's experiment: 200×200 PNGs).
+SENT_SIZE = 200
+#: The server's default image limits: the variants are decoded as a default server decodes them.
+DEFAULT_LIMITS = ImageLimits(
+    max_bytes=ServerSettings.model_fields["max_image_bytes"].default,
+    max_pixels=ServerSettings.model_fields["max_image_pixels"].default,
+)
+JPEG_QUALITY = 75
+#: A photographed page: paper brightness from PAPER_DARK to PAPER_LIGHT across the image, ink at INK.
+PAPER_LIGHT, PAPER_DARK, INK = 0.95, 0.70, 0.12
+#: Sensor noise of a photo, per pixel of the 200×200 image (σ, in [0, 1] units).
+SENSOR_SIGMA = 0.2
+
+
+# --- what an honest user sends ---------------------------------------------------------------------------------
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → 8-bit grey levels (rounded)."""
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def upscaled(digit: Tensor, size: int = SENT_SIZE) -> np.ndarray:
+    """A (1, 28, 28) digit in [0, 1] as a size×size float image (Pillow's bilinear upscale of its 8-bit form)."""
+    img = Image.fromarray(to_uint8(digit[0].numpy())).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float64) / 255.0
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> str:
+    """An (H, W) float image in [0, 1] as base64 of an 8-bit grayscale PNG or JPEG."""
+    buf = io.BytesIO()
+    options = {"quality": JPEG_QUALITY} if fmt == "JPEG" else {}
+    Image.fromarray(to_uint8(array)).save(buf, format=fmt, **options)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def photographed(ink_on_paper: np.ndarray, g: torch.Generator) -> np.ndarray:
+    """Black-on-white ``ink_on_paper`` as a phone photo of a page: grey paper lit unevenly (brightness falling
+    from PAPER_LIGHT to PAPER_DARK in a random direction), ink at INK, sensor noise of σ SENSOR_SIGMA."""
+    h, w = ink_on_paper.shape
+    angle = float(torch.rand((), generator=g)) * 2 * math.pi
+    yy, xx = np.mgrid[0:h, 0:w] / max(h - 1, 1)
+    ramp = (math.cos(angle) * (xx - 0.5) + math.sin(angle) * (yy - 0.5)) / math.sqrt(0.5) + 0.5  # 0..1 (about)
+    paper = PAPER_LIGHT - (PAPER_LIGHT - PAPER_DARK) * np.clip(ramp, 0.0, 1.0)
+    ink = 1.0 - ink_on_paper  # 1 where the pen was
+    image = paper * (1.0 - ink) + INK * ink
+    return image + SENSOR_SIGMA * torch.randn((h, w), generator=g, dtype=torch.float64).numpy()
+
+
+#: How a digit (white on black, 28×28, already perturbed) reaches the server: (instance, invert).
+Sender = Callable[[Tensor, torch.Generator], tuple[Instance, bool]]
+
+
+def as_pixels(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(pixels=digit.clamp(0.0, 1.0).tolist()), False  # a blur's float error may pass 1 by 1e-7
+
+
+def as_white_on_black_png(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(image_b64=encode(upscaled(digit))), False
+
+
+def as_ink_on_paper_png(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(image_b64=encode(1.0 - upscaled(digit))), True
+
+
+def as_ink_on_paper_png_not_inverted(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(image_b64=encode(1.0 - upscaled(digit))), False
+
+
+def as_ink_on_paper_jpeg(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(image_b64=encode(1.0 - upscaled(digit), "JPEG")), True
+
+
+def as_ink_with_sensor_noise(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    noise = SENSOR_SIGMA * torch.randn((SENT_SIZE, SENT_SIZE), generator=g, dtype=torch.float64).numpy()
+    return Instance(image_b64=encode(1.0 - upscaled(digit) + noise)), True
+
+
+def as_photographed_page(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+    return Instance(image_b64=encode(photographed(1.0 - upscaled(digit), g), "JPEG")), True
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    perturbation: str | None  # a key of measure.domain.PERTURBATIONS, applied to the 28×28 digit first
+    send: Sender
+
+
+INK_ON_PAPER = "black on white 200×200 PNG, invert: true"
+NOT_INVERTED = "black on white 200×200 PNG sent WITHOUT invert (the mistake the option is for)"
+JPEG = f"black on white 200×200 JPEG (quality {JPEG_QUALITY}), invert: true"
+SENSOR = f"{INK_ON_PAPER}, with Gaussian noise σ {SENSOR_SIGMA} per 200×200 pixel"
+PHOTO = (
+    f"black on white 200×200 JPEG of a photographed page: grey paper lit unevenly ({PAPER_LIGHT} to {PAPER_DARK}), "
+    f"ink {INK}, sensor noise σ {SENSOR_SIGMA}; invert: true (a case the model card says it is not meant for)"
+)
+
+
+def _perturbed(name: str, on_paper: bool) -> Variant:
+    doc = (PERTURBATIONS[name].__doc__ or "").split(":")[0].split(" (")[0].rstrip(".")
+    what = f"{name} ({doc[:1].lower() + doc[1:]})"
+    if on_paper:
+        return Variant(f"{name}, ink on paper, invert", f"{what}, then {INK_ON_PAPER}", name, as_ink_on_paper_png)
+    return Variant(f"{name}, pixels", f"{what}, sent as 28×28 pixels", name, as_pixels)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("clean pixels", "the test digits as 28×28 pixels, white on black (the baseline)", None, as_pixels),
+    Variant("clean white-on-black PNG", "white on black, upscaled to a 200×200 PNG", None, as_white_on_black_png),
+    Variant("clean ink on paper, invert", INK_ON_PAPER, None, as_ink_on_paper_png),
+    Variant("clean ink on paper, no invert", NOT_INVERTED, None, as_ink_on_paper_png_not_inverted),
+    Variant("ink on paper, JPEG, invert", JPEG, None, as_ink_on_paper_jpeg),
+    *(_perturbed(name, on_paper=False) for name in PERTURBATIONS),
+    *(_perturbed(name, on_paper=True) for name in PERTURBATIONS),
+    Variant("sensor noise, ink on paper, invert", SENSOR, None, as_ink_with_sensor_noise),
+    Variant("photographed page, invert", PHOTO, None, as_photographed_page),
+)
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def decoded_batches(
+    variant: Variant, digits: Tensor, g: torch.Generator, limits: ImageLimits, batch: int = 500
+) -> Iterator[Tensor]:
+    """The variant's digits as the server decodes them (``instances_to_tensor``, as ``/predict``), in batches."""
+    shape: tuple[int, int, int] = tuple(digits.shape[1:])  # type: ignore[assignment]
+    for chunk in digits.split(batch):
+        instances, invert = sent_instances(variant, chunk, g)
+        yield instances_to_tensor(instances, shape, limits, invert=invert)
+
+
+@torch.no_grad()
+def measure_variant(
+    variant: Variant,
+    digits: Tensor,
+    labels: Tensor,
+    score: DomainScore,
+    misinformation: nn.Module,
+    g: torch.Generator,
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Flag rate, victim accuracy and right labels through the gate for one variant of ``digits``."""
+    flags, victim_labels, misinformed_labels = [], [], []
+    for x in decoded_batches(variant, digits, g, limits):
+        feats, logits = victim_outputs(score.model, x)
+        flags.append((score.score_outputs(feats, logits).cpu() < score.threshold).cpu())
+        victim_labels.append(logits.argmax(1))
+        device = next(misinformation.parameters()).device
+        misinformed_labels.append(misinformation(x.to(device)).argmax(1).cpu())
+    flagged = torch.cat(flags)
+    victim = torch.cat(victim_labels)
+    answered = torch.where(flagged, torch.cat(misinformed_labels), victim)
+    n, k = len(flagged), int(flagged.sum())
+    low, high = wilson(k, n)
+    return {
+        "name": variant.name,
+        "description": variant.description,
+        "n": n,
+        "flagged": k,
+        "flag_rate": k / n,
+        "flag_rate_ci95": [low, high],
+        "victim_accuracy": float((victim == labels).double().mean()),
+        "right_through_gate": float((answered == labels).double().mean()),
+    }
+
+
+def sample_test_digits(images: Tensor, labels: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` test digits drawn without replacement by ``seed`` (all of them, in order, when n ≥ their count)."""
+    if n >= len(images):
+        return images, labels
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def sent_instances(variant: Variant, digits: Tensor, g: torch.Generator) -> tuple[list[Instance], bool]:
+    """What an honest user sends for ``digits`` in ``variant``'s format: the instances and the invert option."""
+    perturb = PERTURBATIONS[variant.perturbation] if variant.perturbation else None
+    x = perturb(digits, g) if perturb is not None else digits
+    sent = [variant.send(d, g) for d in x]
+    (invert,) = {inv for _, inv in sent}
+    return [inst for inst, _ in sent], invert
+
+
+def check_over_http(
+    variant: Variant, digits: Tensor, score: DomainScore, checkpoint: str, g: torch.Generator, per_request: int = 16
+) -> dict[str, Any]:
+    """The same queries counted twice: flagged offline (``instances_to_tensor`` and the domain score, as above) and
+    answered from the misinformation model by a real server on loopback (``--defense none --gate misinform``,
+    ``dd_misinformed_answers_total`` of its /metrics), each sent as ``/predict`` requests with the invert option."""
+    import httpx
+
+    from .launcher import served
+
+    instances, invert = sent_instances(variant, digits, g)
+    shape: tuple[int, int, int] = tuple(digits.shape[1:])  # type: ignore[assignment]
+    x = instances_to_tensor(instances, shape, DEFAULT_LIMITS, invert=invert)
+    offline = int(score.flags(x).sum())
+    with served(checkpoint, "none", "gradcam", gate="misinform") as (url, key), httpx.Client(timeout=120) as client:
+        before = misinformed_answers(client.get(f"{url}/metrics").text)
+        headers = {"Authorization": f"Bearer {key}"}
+        for i in range(0, len(instances), per_request):
+            chunk = [inst.model_dump(exclude_none=True) for inst in instances[i : i + per_request]]
+            body = {"instances": chunk, "explain": False, "invert": invert}
+            client.post(f"{url}/predict", json=body, headers=headers).raise_for_status()
+        after = misinformed_answers(client.get(f"{url}/metrics").text)
+    return {"name": variant.name, "n": len(instances), "flagged_offline": offline, "by_server": after - before}
+
+
+def misinformed_answers(metrics: str) -> int:
+    """``dd_misinformed_answers_total`` of a /metrics page, summed over its labels."""
+    samples = [line for line in metrics.splitlines() if line.startswith("dd_misinformed_answers_total")]
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in samples))

@@ -1,0 +1,88 @@
+"""The Markdown report of ``deepdefense formats`` (docs/results/format-variants.md), from its JSON record only:
+nothing here measures anything."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: A variant flagged more often than this is named in the reading as one the gate punishes.
+NOTABLE = 0.05
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def markdown(record: Mapping[str, Any]) -> str:
+    gate = record["gate"]
+    out = [
+        f"# Honest digits in other formats, and the misinformation gate of `{record['checkpoint']}`",
+        "",
+        f"Made by (seed {record['seed']}, {record['seconds']} s on this machine):",
+        "",
+        "```bash",
+        record["command"],
+        "```",
+        "",
+        f"Digits: {record['n']} of the {record['dataset']} **test** split (drawn by seed {record['seed']}; never "
+        "seen by the victim, its domain score or the score's threshold). Each variant is what an honest user would "
+        "send, decoded by `server.images.instances_to_tensor` — the function `/predict` calls — with the server's "
+        f"default image limits; the shipped domain score (`{gate['method']}`, threshold {gate['threshold']:.6g}) "
+        "then says which queries the gate answers from the misinformation model. *Right through the gate*: the "
+        "victim's label where the query is not flagged (DeepDefense keeps the top-1), the misinformation model's "
+        "where it is. Nothing was fitted or tuned on these variants; Fashion-MNIST is not read.",
+        "",
+        "| variant | what is sent | n | flagged (95% CI) | victim accuracy | right through the gate |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in record["variants"]:
+        low, high = r["flag_rate_ci95"]
+        out.append(
+            f"| {r['name']} | {r['description']} | {r['n']} | **{_pct(r['flag_rate'])}** ({_pct(low)}–{_pct(high)}) "
+            f"| {_pct(r['victim_accuracy'])} | {_pct(r['right_through_gate'])} |"
+        )
+    checks = record.get("http_check") or []
+    if checks:
+        out += [
+            "",
+            "The same count over HTTP: the queries of a variant for the first digits of the sample, sent as "
+            "`/predict` requests (16 instances each, with "
+            "the variant's invert option) to a server on loopback (`--defense none --gate misinform`), answered from "
+            "the misinformation model as often as counted offline (`dd_misinformed_answers_total`):",
+            "",
+            "| variant | n | flagged offline | misinformed by the server |",
+            "| --- | --- | --- | --- |",
+            *(f"| {c['name']} | {c['n']} | {c['flagged_offline']} | {c['by_server']} |" for c in checks),
+        ]
+    out += ["", "## Reading", "", *_reading(record), ""]
+    return "\n".join(out)
+
+
+def _reading(record: Mapping[str, Any]) -> list[str]:
+    rows = {r["name"]: r for r in record["variants"]}
+    base = rows.get("clean pixels")
+    lines = []
+    if base is not None:
+        lines.append(f"* Clean test digits as pixels: {_pct(base['flag_rate'])} flagged (the gate's benign target is "
+                     "below 0.5%).")  # fmt: skip
+    for name in ("clean white-on-black PNG", "clean ink on paper, invert", "ink on paper, JPEG, invert"):
+        if name in rows:
+            lines.append(f"* {name}: {_pct(rows[name]['flag_rate'])} flagged, "
+                         f"{_pct(rows[name]['right_through_gate'])} right through the gate.")  # fmt: skip
+    if "clean ink on paper, no invert" in rows:
+        r = rows["clean ink on paper, no invert"]
+        lines.append(f"* The same black-on-white digits **without** the invert option: {_pct(r['flag_rate'])} flagged, "
+                     f"the victim reads {_pct(r['victim_accuracy'])} of them, {_pct(r['right_through_gate'])} right "
+                     "through the gate: the option is what makes ink on paper readable.")  # fmt: skip
+    punished = [
+        r for r in record["variants"] if r["flag_rate"] > NOTABLE and r["name"] != "clean ink on paper, no invert"
+    ]
+    if punished:
+        named = "; ".join(
+            f"{r['name']} {_pct(r['flag_rate'])}" for r in sorted(punished, key=lambda r: -r["flag_rate"])
+        )
+        lines.append(f"* **Flagged more than {_pct(NOTABLE)} although honest:** {named}. The gate punishes these "
+                     "users: their answers come from the misinformation model, wrong on purpose and not marked. "
+                     "Not tuned here (the gate is unchanged); the model card says so in `answers`.")  # fmt: skip
+    return lines
