@@ -3,6 +3,11 @@ agree with each other and with the victim, and out of domain, where they should 
 
 The served answer of a query is its hashed member's (``member_index``), exactly as the server answers it;
 coherence is max_{a≠b} CS of the members' probability vectors (1: they all point the same way).
+
+Coherence is the worst pair of N(N−1)/2, so it rises with N by itself and does not compare ensembles of
+different sizes. What does is the *served similarity*: the expected CS between the answers a query gets
+from two independent hash draws, 1/N · 1 + (1 − 1/N) · mean_{a≠b} CS(p_a, p_b) — two queries that land on
+the same member (chance 1/N) get proportional answers, two that land on different members get that pair's.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defense.baselines.edm import HeldOut, coherence, member_index
+from defense.baselines.edm import HeldOut, coherence, member_index, pairwise_cosine
 from measure.agreement import probabilities
 
 
@@ -36,14 +41,23 @@ def _mean(values: Tensor) -> float:
     return round(float(values.double().mean()), 4)
 
 
+def served_similarity(p: Tensor) -> Tensor:
+    """1/N + (1 − 1/N) · mean_{a≠b} CS(p_a, p_b) per query for the members' probabilities ``p`` (N, B, K): the
+    expected CS of the answers two independent member draws give the same query; shape (B,)."""
+    n = p.shape[0]
+    return 1.0 / n + (1.0 - 1.0 / n) * pairwise_cosine(p).mean(0)
+
+
 def spread(p: Tensor) -> dict[str, float]:
-    """How far the members are apart on a set of queries: mean and median coherence, and the share (percent)
-    of queries whose members do not all give the same top-1."""
+    """How far the members are apart on a set of queries: mean and median coherence, the mean served
+    similarity (comparable across N), and the share (percent) of queries whose members do not all give the
+    same top-1."""
     c = coherence(p)
     top1 = p.argmax(-1)
     return {
         "coherence_mean": _mean(c),
         "coherence_median": round(float(c.double().median()), 4),
+        "served_similarity_mean": _mean(served_similarity(p)),
         "members_disagree_top1_pct": _pct((top1 != top1[0]).any(0)),
     }
 

@@ -23,6 +23,7 @@ from measure.report import _relative
 ARM_NAMES = {
     "none": "undefended",
     "pp": "Prediction Poisoning",
+    "edm": "Ensemble of Diverse Models",
     "deepdefense": "DeepDefense",
     "none+gate": "Adaptive Misinformation (`--defense none --gate misinform`)",
     "deepdefense+gate": "**DeepDefense + gate** (`--gate misinform`)",

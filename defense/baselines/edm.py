@@ -77,7 +77,7 @@ KIND = "edm"
 SUFFIX = ".edm"
 #: The shipped choice (module docstring; docs/design.md has the sweep).
 DEFAULT_MEMBERS = 5
-DEFAULT_LAMBDA_D = 1.0
+DEFAULT_LAMBDA_D = 0.5
 #: How :func:`member_index` picks a member, as stated in the metadata and the public settings.
 MEMBER_CHOICE = "sha256 of the query's float32 bytes (C, H, W, row-major; -0.0 as 0.0), first 8 bytes big-endian, mod N"
 
