@@ -99,7 +99,7 @@ class EvalConfig:
     device: str = "cpu"  # attack models, the victim's reference outputs
     defense_device: str | None = None  # in-process defenses and served ones (None: ``device``)
     store_root: str = "runs/transfer-sets"
-    only_cached: bool = False  # report what is stored: no new attack-model training (missing cells: not run)
+    only_cached: bool = False  # report the cached attack models: no training, no attacker query (missing: not run)
 
     @property
     def largest_budget(self) -> int:
@@ -200,10 +200,6 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
 
 def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class NotCollected(ValueError):
-    """With ``only_cached``: the arm's transfer set is not (fully) stored, and nothing is sent to complete it."""
 
 
 class Evaluation:
@@ -342,16 +338,17 @@ class Evaluation:
 
     def transfer_set(
         self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str = "random"
-    ) -> tuple[TransferSet, dict[str, Any]]:
-        """Collect (or finish collecting) the arm's transfer set of ``budget`` queries."""
+    ) -> tuple[TransferSet | None, dict[str, Any]]:
+        """Collect (or finish collecting) the arm's transfer set of ``budget`` queries; with ``only_cached``
+        nothing is sent and the set is None when it is not fully stored."""
         started = time.perf_counter()
         store, sent = self.collect_set(oracle, info, budget, query_set)
         before = len(store) - sent
         seconds = time.perf_counter() - started
-        if len(store) < budget:
-            kind = NotCollected if self.config.only_cached else ValueError
-            raise kind(f"transfer set {store.root} holds {len(store)} queries, fewer than B = {budget}")
-        data = store.load().prefix(budget)
+        if len(store) < budget and not self.config.only_cached:
+            raise ValueError(f"transfer set {store.root} holds {len(store)} queries, fewer than B = {budget}")
+        # --only-cached on a machine without the (uncommitted) transfer set: the cached records stand alone
+        data = store.load().prefix(budget) if len(store) >= budget else None
         return data, {
             "query_set": query_set,
             "store": str(store.root),
@@ -362,18 +359,10 @@ class Evaluation:
             "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
         }
 
-    def attack(
-        self,
-        data: TransferSet,
-        info: ModelInfo,
-        store_fp: str,
-        loss: AttackLoss,
-        budget: int,
-        query_set: str = "random",
-    ) -> dict[str, Any] | None:
-        """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
+    def attack_key(self, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> str:
+        """The cache key of one attack model: everything that determines it."""
         c = self.config
-        key = digest(
+        return digest(
             {
                 "store": store_fp,
                 "budget": budget,
@@ -387,7 +376,31 @@ class Evaluation:
             }
         )
 
+    def budgets(self, arm: Arm) -> list[int]:
+        """The budgets the arm's attack models are trained at: the configured ones up to the arm's."""
+        return sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
+
+    def any_cached(self, arm: Arm, info: ModelInfo, store_fp: str) -> bool:
+        """Whether one of the arm's attack models is cached (``only_cached`` reports such an arm)."""
+        return any(
+            self.is_cached(self.attack_key(info, store_fp, loss, b)) for b in self.budgets(arm) for loss in arm.losses
+        )
+
+    def attack(
+        self,
+        data: TransferSet | None,
+        info: ModelInfo,
+        store_fp: str,
+        loss: AttackLoss,
+        budget: int,
+        query_set: str = "random",
+    ) -> dict[str, Any] | None:
+        """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
+        c = self.config
+        key = self.attack_key(info, store_fp, loss, budget)
+
         def make() -> dict[str, Any]:
+            assert data is not None, "only_cached never trains"
             spec = self.query_spec(query_set)
             model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed)
             mask = kept_answers(loss, data.prefix(budget).probabilities)
@@ -481,9 +494,22 @@ class Evaluation:
 
     def maps(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
         """Table 2 for one arm: the answered maps of the first ``n_maps`` test images (stored and
-        resumable) against the victim's own, scored by the victim; Figure 3's rows kept too."""
+        resumable) against the victim's own, scored by the victim; Figure 3's rows kept too (cached)."""
         c = self.config
         store = self.store(info, "test", info.dataset)
+        key = digest(
+            {
+                "maps": fingerprint_digest(store.fingerprint),
+                "n": c.n_maps,
+                "p": c.p,
+                "figure": c.n_figure,
+                "victim": c.checkpoint,
+            }
+        )
+        return self.cached(key, lambda: self._maps(oracle, store))
+
+    def _maps(self, oracle: Oracle, store: TransferStore) -> dict[str, Any]:
+        c = self.config
         images = self.all_test[: c.n_maps]
         collect(oracle, store, images, batch_size=c.query_batch, progress=self.progress)
         answered = store.load().prefix(c.n_maps)
@@ -513,14 +539,15 @@ class Evaluation:
 
     def benign(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
         """What an honest user gets from the arm: the first ``benign_n`` victim test images, answered (stored
-        with Table 2's), scored against the true labels and the victim's own; with ``only_cached`` the
-        images already stored."""
+        with Table 2's), scored against the true labels and the victim's own (cached)."""
         c = self.config
         store = self.store(info, "test", info.dataset)
-        if not c.only_cached:
-            collect(oracle, store, self.all_test[: c.benign_n], batch_size=c.query_batch, progress=self.progress)
-        if len(store) == 0:
-            return {"n": 0}
+        key = digest({"benign": fingerprint_digest(store.fingerprint), "n": c.benign_n, "victim": c.checkpoint})
+        return self.cached(key, lambda: self._benign(oracle, store))
+
+    def _benign(self, oracle: Oracle, store: TransferStore) -> dict[str, Any]:
+        c = self.config
+        collect(oracle, store, self.all_test[: c.benign_n], batch_size=c.query_batch, progress=self.progress)
         answered = store.load().prefix(c.benign_n)
         n = len(answered)
         victim = agreement.probabilities(self.victim, self.all_test[:n]).argmax(1)
@@ -597,7 +624,7 @@ class Evaluation:
         info = oracle.info()
         data, collected = self.transfer_set(oracle, info, arm.budget, arm.query_set)
         fp = collected["fingerprint"]
-        budgets = sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
+        budgets = self.budgets(arm)
         jobs = [(loss, b) for b in reversed(budgets) for loss in arm.losses]  # the largest budget (Table 5) first
         runs = [
             self.attack(data, info, fp, loss, b, arm.query_set)
@@ -620,7 +647,7 @@ class Evaluation:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
             result["benign"] = self.benign(oracle, info)
-        if arm.gated:
+        if arm.gated and data is not None:  # the monitor replays the transfer set's queries
             result["monitor"] = self.monitor(data)
         return result
 
@@ -713,10 +740,14 @@ def run_evaluation(
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
-            try:
-                collected[arm.key] = run.transfer_set(oracle, oracle.info(), arm.budget, arm.query_set)[1]
-            except NotCollected as missing:  # --only-cached: an arm whose queries were never sent is not run
-                record["not_collected"] = {**record.get("not_collected", {}), arm.key: str(missing)}
+            info = oracle.info()
+            data, collected_ = run.transfer_set(oracle, info, arm.budget, arm.query_set)
+            if data is None and not run.any_cached(arm, info, collected_["fingerprint"]):
+                # --only-cached: an arm whose queries were never sent here and that has no cached model is not run
+                missing = f"transfer set {collected_['store']} is not stored and no attack model of it is cached"
+                record["not_collected"] = {**record.get("not_collected", {}), arm.key: missing}
+            else:
+                collected[arm.key] = collected_
     for arm in [a for a in arms if a.key in collected]:
         with open_oracle(arm, config, serve, api_key, shared) as oracle:
             record["arms"][arm.key] = {**run.run_arm(arm, oracle), **collected[arm.key]}

@@ -401,7 +401,8 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
 def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     missing = record.get("not_collected") or {}
-    return [f"* not run: `{key}` (its transfer set is not stored and `--only-cached` sends nothing)" for key in missing]
+    why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
+    return [f"* not run: `{key}` ({why})" for key in missing]
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:

@@ -135,7 +135,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--only-cached",
         action="store_true",
-        help="train no new attack model: report the stored ones (the others show as not run)",
+        help=(
+            "train no attack model and send no attacker query: report the cached ones from <out>/runs (the "
+            "others show as not run), with or without the transfer sets; honest-user and Table 2 answers are "
+            "measured once when not cached"
+        ),
     )
 
 
