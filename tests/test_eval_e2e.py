@@ -105,6 +105,21 @@ def test_in_process_none_and_pp(data_root: Path, tmp_path: Path, capsys: pytest.
         assert again["arms"][key]["queries_sent"] == 0 and again["arms"][key]["stored_before"] == 80
         assert again["arms"][key]["runs"] == results["arms"][key]["runs"]
 
+    # a fresh clone: the attacker's transfer sets are gone (not committed), the cached trainings are not;
+    # --only-cached reports them without sending a query
+    import shutil
+
+    gone = [d for d in (tmp_path / "stores").iterdir() if "-random-" in d.name]
+    assert len(gone) == 2
+    for d in gone:
+        shutil.rmtree(d)
+    rc, cached, _ = run_eval(tmp_path, data_root, *args, "--only-cached")
+    assert rc == 0 and not cached.get("not_collected")
+    for key in ("none", "pp"):
+        assert cached["arms"][key]["queries_sent"] == 0 and cached["arms"][key]["stored_before"] == 0
+        assert cached["arms"][key]["runs"] == results["arms"][key]["runs"]
+    assert not list((tmp_path / "stores").glob("*-random-*/shard-*")), "--only-cached stored answers"
+
 
 def test_against_a_deepdefense_server_on_loopback(data_root: Path, tmp_path: Path) -> None:
     settings = loopback_settings(tmp_path, defense="deepdefense", engine={"steps": 2})
