@@ -356,11 +356,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
                 + " | ".join(_cell(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"]))
                 + " |"
             )
-    lines += [
-        "",
-        "*not run*: no attack model of that cell is stored (`--only-cached` trains none); the same command",
-        "without `--only-cached` trains it.",
-    ]
+    lines += ["", *_not_run_legend(record, present, sorted(c["budgets"]))]
     lines += [
         "",
         f"## Fidelity of the stolen models to the victim (B = {budget:,})",
@@ -384,6 +380,30 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     lines += _runtime_sections(t)
     lines += _differences(t, record) if paper else _setup_notes(record)
     return "\n".join(lines) + "\n"
+
+
+def _not_run_legend(record: Mapping[str, Any], present: list[str], budgets: list[int]) -> list[str]:
+    """Why a Figure 2 cell says *not run*; the labels of a top-1-keeping arm get their own reason."""
+    lines = [
+        "*not run*: no attack model of that cell is stored (`--only-cached` trains none); the same command",
+        "without `--only-cached` trains it.",
+    ]
+    same_labels = [
+        NAMES[d]
+        for d in present
+        if d in ENGINE_MODES
+        and "labels" in record["config"]["losses"]
+        and any(_accuracy(record, d, "labels", b) is None and _accuracy(record, "none", "labels", b) for b in budgets)
+    ]
+    if same_labels:
+        lines += [
+            "",
+            f"`labels` through {', '.join(same_labels)}: these arms answer the victim's top-1 for every query",
+            "(constraint (3) with k = 1; a fail-closed safe answer keeps it too), and they are asked the same",
+            "queries as Undefended, so the labels attacker's transfer set is Undefended's: its row is their figure,",
+            "and their trainings were spent on the cells above instead.",
+        ]
+    return lines
 
 
 def _provenance(record: Mapping[str, Any]) -> list[str]:

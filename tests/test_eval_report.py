@@ -94,6 +94,17 @@ def test_cells_without_an_attack_model_say_not_run() -> None:
     assert tables(record("fashionmnist", "mnist"))["table5"][0]["paper"] is None
 
 
+def test_labels_of_top1_keeping_arms_not_run_say_why() -> None:
+    r = record("mnist", "fashionmnist")
+    r["config"]["losses"] = ["explanations", "labels"]
+    r["arms"]["none"]["runs"].append(_run("labels", 100, 77.0))
+    report = markdown(r, "results", "report.md")
+    assert "| DD | `labels` | *not run* |" in report and "| PP | `labels` | *not run* |" in report
+    assert "`labels` through DD: these arms answer the victim's top-1" in report  # not PP: it is not an engine mode
+    r["arms"]["none"]["runs"].pop()  # without Undefended's labels there is no figure to point at
+    assert "`labels` through" not in markdown(r, "results", "report.md")
+
+
 def test_arms_not_collected_are_named() -> None:
     r = {**record("mnist", "fashionmnist"), "not_collected": {"deepdefense-cs70": "no stored answers"}}
     assert "* not run: `deepdefense-cs70`" in markdown(r, "results", "report.md")
