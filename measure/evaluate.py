@@ -745,7 +745,8 @@ def run_evaluation(
             if data is None and not run.any_cached(arm, info, collected_["fingerprint"]):
                 # --only-cached: an arm whose queries were never sent here and that has no cached model is not run
                 missing = f"transfer set {collected_['store']} is not stored and no attack model of it is cached"
-                record["not_collected"] = {**record.get("not_collected", {}), arm.key: missing}
+                entry = {"why": missing, "defense": info.defense, "settings": info.defense_settings}
+                record["not_collected"] = {**record.get("not_collected", {}), arm.key: entry}
             else:
                 collected[arm.key] = collected_
     for arm in [a for a in arms if a.key in collected]:

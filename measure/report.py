@@ -126,6 +126,12 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]},
         }
         (table3 if key.startswith("deepdefense-cs") else table4).append(row)
+    for key, entry in (record.get("not_collected") or {}).items():  # a CS arm not run beside its twin's figures
+        twin = _same_layers_as(record, key)
+        if twin:
+            s = entry["settings"]
+            row = next(r for r in table3 if r["arm"] == twin)
+            table3.append({**row, "arm": key, "cs": s.get("cs"), "same_as": twin})
     ablation = record["config"].get("ablation_budget") or budget
     if "pp" in arms:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
         pp = {
@@ -422,7 +428,26 @@ def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     missing = record.get("not_collected") or {}
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
-    return [f"* not run: `{key}` ({why})" for key in missing]
+    lines = []
+    for key in missing:
+        twin = _same_layers_as(record, key)
+        also = f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
+        lines.append(f"* not run: `{key}` ({why}{also})")
+    return lines
+
+
+def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
+    """The reported CS arm whose engine optimises the same layers as the not-run CS arm ``key`` (CS only
+    chooses the layers, eq. 9: same layers, same engine, same answers), or None."""
+    entry = (record.get("not_collected") or {}).get(key)
+    if not key.startswith("deepdefense-cs") or not isinstance(entry, Mapping):
+        return None
+    settings = entry.get("settings") or {}
+    strip = {k: v for k, v in settings.items() if k != "cs"}
+    for other, arm in record["arms"].items():
+        if other.startswith("deepdefense-cs") and {k: v for k, v in arm["settings"].items() if k != "cs"} == strip:
+            return other
+    return None
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -546,6 +571,8 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
     for r in sorted(rows, key=lambda r: (order.get(r["defense"], 2), r[field] if r[field] is not None else math.inf)):
         layers = ", ".join(str(x).split(".")[-1] for x in r["layers"]) if r["layers"] else "—"
         value = "—" if r[field] is None else f"{r[field]:g}"
+        if r.get("same_as"):  # not run: the same layers as another CS, so the same engine and answers
+            value += f" (= {r['same_as'].removeprefix('deepdefense-')}: same layers, not run)"
         lines.append(
             f"| {NAMES.get(r['defense'], r['defense'])} | {value} | {layers} | {r['budget']:,} | "
             f"{_f(r['ms_per_query'], 1)} | "
@@ -563,9 +590,14 @@ def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
         )
-    missing = [NAMES[r["defense"]] for r in t["table5"] if r["difference"] is None]
+    missing = [NAMES[r["defense"]] for r in t["table5"] if r["ours"] is None]
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
+    unpaired = [
+        f"{NAMES[r['defense']]} {r['ours']:.2f}%" for r in t["table5"] if r["ours"] is not None and r["paper"] is None
+    ]
+    if unpaired:
+        lines.append(f"* No paper figure to compare with: {', '.join(unpaired)}.")
     lines += _evidence(t)
     return lines + _setup_notes(record)
 
@@ -645,9 +677,12 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
             f"share is {dd_s - dd:+.2f} points (paper {PAPER['table5']['dd-s'] - PAPER['table5']['deepdefense']:+.2f})."
         )
     dd_top1 = get("labels", "deepdefense")
+    same = dd_top1 is None and top10 is not None  # not trained: DD's labels are Undefended's (top-1 kept)
+    dd_top1 = top10 if same else dd_top1
     if None not in (dd, dd_top1):
         lines.append(
-            f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% (undefended {_f(top10)}%): DD keeps the "
+            f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% "
+            f"({'the labels are Undefended’s' if same else f'undefended {_f(top10)}%'}): DD keeps the "
             f"top-1 class by design, so the labels alone are out of its reach as they are out of PP's. The "
             f"eq. (1) attacker gets {dd:.2f}%, {dd - dd_top1:+.2f} points against ignoring everything but the "
             "label: the misdirected probabilities and maps are worth "
@@ -656,6 +691,15 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
             f"{dd_top1 - PAPER['table5']['deepdefense']:.2f} points below our top-1 attacker through DD, which "
             "no top-1-keeping answer can lower; the paper's attacker must have followed the misdirected soft "
             "labels and maps far more than the label they carry."
+        )
+    edm_top1, edm_eq1 = get("labels", "edm"), get("explanations", "edm")
+    if None not in (edm_top1, top10):
+        lines.append(
+            f"* Through EDM the top-1 attacker gets {edm_top1:.2f}% ({edm_top1 - top10:+.2f} against undefended"
+            f"{'' if edm_eq1 is None else f'; eq. (1) {edm_eq1:.2f}%'}): EDM is the one arm here that does not "
+            "keep the victim's top-1 on the attacker's queries (the member a query hashes to answers "
+            "out-of-domain images its own way), so it goes below the label line; on honest digits see the "
+            "benign table."
         )
     return ["", *lines] if lines else []
 

@@ -110,6 +110,19 @@ def test_arms_not_collected_are_named() -> None:
     assert "* not run: `deepdefense-cs70`" in markdown(r, "results", "report.md")
 
 
+def test_a_cs_arm_not_run_with_the_same_layers_as_another_says_so() -> None:
+    r = record("mnist", "fashionmnist")
+    cs50 = {"top_k": 1, "cs": 50.0, "layers": ["a.conv2", "a.fc1"]}
+    r["arms"]["deepdefense-cs50"] = _arm("deepdefense", 82.0, cs50)
+    r["not_collected"] = {"deepdefense-cs70": {"why": "not stored", "settings": {**cs50, "cs": 70.0}}}
+    report = markdown(r, "results", "report.md")
+    assert "it optimises the same layers as `deepdefense-cs50`" in report
+    assert "| DD | 70 (= cs50: same layers, not run) | conv2, fc1 | 100 | 1.5 |" in report
+    r["not_collected"]["deepdefense-cs70"]["settings"]["layers"] = ["a.conv2"]  # other layers: only named as not run
+    report = markdown(r, "results", "report.md")
+    assert "same layers" not in report and "* not run: `deepdefense-cs70`" in report
+
+
 def test_honest_users_cost_per_arm() -> None:
     report = markdown(record("mnist", "fashionmnist"), "results", "report.md")
     assert "## What honest users get (benign cost)" in report
