@@ -383,7 +383,7 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
     lines += _unif_note(record)
     lines += _benign_section(record)
     lines += _average_drop_section(record, t, rel)
-    lines += _runtime_sections(t)
+    lines += _runtime_sections(t, record["config"])
     lines += _differences(t, record) if paper else _setup_notes(record)
     return "\n".join(lines) + "\n"
 
@@ -515,7 +515,7 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
     return lines
 
 
-def _runtime_sections(t: Mapping[str, Any]) -> list[str]:
+def _runtime_sections(t: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     lines = [
         "",
         "## Runtime per query, every arm",
@@ -541,7 +541,7 @@ def _runtime_sections(t: Mapping[str, Any]) -> list[str]:
         + f"; PP: f_A {paper3['pp'][0]}%, {paper3['pp'][1]} s.",
         "",
     ]
-    lines += _variant_table(t["table3"], "CS (%)", "cs")
+    lines += _variant_table(t["table3"], "CS (%)", "cs") or [_variant_not_run(config, "cs")]
     paper4 = PAPER["table4_flowers"]
     lines += [
         "",
@@ -553,13 +553,24 @@ def _runtime_sections(t: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
-    lines += _variant_table(t["table4"], "k", "top_k")
+    lines += _variant_table(t["table4"], "k", "top_k") or [_variant_not_run(config, "top_k")]
     return lines
+
+
+def _variant_not_run(config: Mapping[str, Any], field: str) -> str:
+    """Why a Table 3 / 4 has no row: the one of the three reasons that holds for this run."""
+    flag = "--" + field.replace("_", "-")
+    if "deepdefense" not in config.get("defenses", ()):
+        return "Not run: `deepdefense` is not among `--defenses`."
+    if not config.get(field):
+        return f"Not run: `{flag}` was given without values, which skips these arms."
+    values = " ".join(str(v) for v in config[field])
+    return f"Not run: no attack model of the `{flag} {values}` arms is stored, and `--only-cached` trains none."
 
 
 def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> list[str]:
     if not rows:
-        return ["Not run (no such DeepDefense arms: `deepdefense` not among `--defenses`, or the list was empty)."]
+        return []
     losses = list(dict.fromkeys(loss for r in rows for loss in r["accuracy"]))
     lines = [
         f"| defense | {label} | layers | B | ms/query | mean L_orth | fallbacks | "

@@ -127,3 +127,17 @@ def test_honest_users_cost_per_arm() -> None:
     report = markdown(record("mnist", "fashionmnist"), "results", "report.md")
     assert "## What honest users get (benign cost)" in report
     assert "| edm | 10 | 90.00 | 100.00 | 90.00 | 1.5 |" in report and "| none | 10 |" not in report
+
+
+def test_tables_3_and_4_without_rows_say_which_reason_holds() -> None:
+    r = record("fashionmnist", "mnist")
+    r["arms"] = {k: v for k, v in r["arms"].items() if k in ("none", "pp")}
+    r["config"] |= {"defenses": ["none", "pp"], "cs": [50], "top_k": [1]}
+    assert "Not run: `deepdefense` is not among `--defenses`." in markdown(r, "results", "report.md")
+    r["config"] |= {"defenses": ["none", "pp", "deepdefense"], "cs": [], "top_k": []}
+    report = markdown(r, "results", "report.md")
+    assert "Not run: `--cs` was given without values" in report and "`--top-k` was given without values" in report
+    r["config"] |= {"cs": [50, 70], "top_k": [1, 3]}
+    report = markdown(r, "results", "report.md")
+    assert "no attack model of the `--cs 50 70` arms is stored" in report
+    assert "no attack model of the `--top-k 1 3` arms is stored" in report
