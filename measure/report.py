@@ -133,6 +133,7 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             row = next(r for r in table3 if r["arm"] == twin)
             table3.append({**row, "arm": key, "cs": s.get("cs"), "same_as": twin})
     ablation = record["config"].get("ablation_budget") or budget
+    ablation_losses = record["config"].get("ablation_losses") or ["explanations"]
     if "pp" in arms:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
         pp = {
             "arm": "pp",
@@ -144,7 +145,11 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             "ms_per_query": arms["pp"]["runtime"]["ms_per_query"],
             "mean_l_orth": None,
             "fallbacks": None,
-            "accuracy": {run["loss"]: run["accuracy"] for run in arms["pp"]["runs"] if run["budget"] == ablation},
+            "accuracy": {  # the attackers the DeepDefense variants faced (--ablation-losses), not every one
+                run["loss"]: run["accuracy"]
+                for run in arms["pp"]["runs"]
+                if run["budget"] == ablation and run["loss"] in ablation_losses
+            },
         }
         table3 += [pp] if table3 else []
         table4 += [pp] if table4 and not any(r["defense"] == "pp" for r in table4) else []

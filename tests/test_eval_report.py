@@ -141,3 +141,14 @@ def test_tables_3_and_4_without_rows_say_which_reason_holds() -> None:
     report = markdown(r, "results", "report.md")
     assert "no attack model of the `--cs 50 70` arms is stored" in report
     assert "no attack model of the `--top-k 1 3` arms is stored" in report
+
+
+def test_pp_beside_the_cs_arms_only_for_the_attackers_they_faced() -> None:
+    r = record("mnist", "fashionmnist")
+    r["arms"]["deepdefense-cs50"] = _arm("deepdefense", 62.0, {"top_k": 1, "cs": 50.0, "layers": ["a.conv2"]})
+    r["arms"]["pp"]["runs"].append(_run("labels", 100, 77.0))
+    pp = next(row for row in tables(r)["table3"] if row["defense"] == "pp")
+    assert pp["accuracy"] == {"explanations": 80.0}  # ablation losses default to eq. (1)'s
+    r["config"]["ablation_losses"] = ["explanations", "labels"]
+    pp = next(row for row in tables(r)["table3"] if row["defense"] == "pp")
+    assert pp["accuracy"] == {"explanations": 80.0, "labels": 77.0}
