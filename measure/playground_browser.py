@@ -60,9 +60,12 @@ def chromium(window: tuple[int, int] = WINDOW) -> Iterator[Any]:
         driver.quit()
 
 
-def draw(driver: Any, points: Sequence[tuple[float, float]], canvas_id: str = "pad") -> None:
-    """One stroke through ``points`` (canvas pixels) with the mouse: press, move, release, as a person draws."""
+def draw(driver: Any, points: Sequence[tuple[float, float]], canvas_id: str = "pad", pointer: str = "mouse") -> None:
+    """One stroke through ``points`` (canvas pixels): press, move, release, as a person draws — with the mouse,
+    or with a finger (``pointer="touch"``: WebDriver's touch pointer, which the browser delivers as touch
+    pointer events, as on a phone)."""
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
 
     canvas = driver.find_element(By.ID, canvas_id)
@@ -73,7 +76,12 @@ def draw(driver: Any, points: Sequence[tuple[float, float]], canvas_id: str = "p
     def offset(p: tuple[float, float]) -> tuple[int, int]:  # from the element's centre (Selenium 4)
         return round(p[0] * scale_x - centre[0]), round(p[1] * scale_y - centre[1])
 
-    chain = ActionChains(driver, duration=10).move_to_element_with_offset(canvas, *offset(points[0])).click_and_hold()
+    device = PointerInput(pointer, pointer)
+    chain = (
+        ActionChains(driver, duration=10, devices=[device])
+        .move_to_element_with_offset(canvas, *offset(points[0]))
+        .click_and_hold()
+    )
     here = points[0]
     for target in points[1:]:
         for k in range(1, 9):  # small moves, so that pointermove fires along the way

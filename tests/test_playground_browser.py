@@ -1,8 +1,9 @@
 """The playground in a real browser: headless Chromium (Debian's ``chromium`` and ``chromium-driver``, through
-Selenium) loads ``GET /`` from a server on loopback, a stroke is drawn with the mouse, Predict is clicked, and
-the page shows a label, the probabilities and an attribution map; with API keys, the key typed into the page
-opens the API and a wrong one is shown as the server's 401. No skip: like the Redis tests, these need the real
-thing and fail without it (``.ci/run`` installs Chromium and its driver when missing)."""
+Selenium) loads ``GET /`` from a server on loopback, a stroke is drawn with the mouse (and once with a finger,
+as touch pointer events), Predict is clicked, and the page shows a label, the probabilities and an attribution
+map; with API keys, the key typed into the page opens the API and a wrong one is shown as the server's 401.
+No skip: like the Redis tests, these need the real thing and fail without it (``.ci/run`` installs Chromium
+and its driver when missing)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def test_a_drawn_digit_gets_a_label_bars_and_a_map(browser, url: str) -> None:
     browser.find_element(By.ID, "clear").click()
     assert bright_pixels(browser) == 0 and painted_pixels(browser, "map") == 0
     assert browser.find_element(By.ID, "label").text == "–"
+
+
+def test_a_digit_drawn_with_a_finger_is_answered_too(browser, url: str) -> None:
+    browser.get(url + "/")
+    wait_for_model(browser)
+    draw(browser, SEVEN, pointer="touch")
+    assert bright_pixels(browser) > 1000, "the touch stroke was drawn on the pad"
+    assert predict_and_wait(browser) in [str(d) for d in range(10)]
+    assert painted_pixels(browser, "map") > 0
 
 
 def test_with_keys_the_page_asks_for_one_and_shows_401_readably(browser, tmp_path: Path, defense: NoDefense) -> None:
