@@ -139,6 +139,12 @@ def test_two_replicas_spend_one_shared_budget(
     )
     url = cluster.start_replicas(settings)
 
+    page = httpx.get(f"{url}/", timeout=30)  # the playground through Serve's proxy and a gateway, open without a key
+    assert page.status_code == 200 and '<canvas id="pad"' in page.text, page.text[:200]
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    script = httpx.get(f"{url}/playground/playground.js", timeout=30)
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+
     answers, refused = asyncio.run(predict_all(url, REQUESTS))
 
     statuses = Counter(r.status_code for r in answers)
