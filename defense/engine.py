@@ -243,6 +243,7 @@ class DeepDefense(Defense):
         self.mode = mode
         base = config or DeepDefenseConfig(**INTERPRETER_DEFAULTS.get(interpreter.name, {}))
         self.config = replace(base, **overrides)
+        self.sensitivity = dict(sensitivity)  # S_ℓ of eq. (9), kept for an engine on another model of this victim
         self.layers = select_layers(sensitivity, self.config.cs)
         self.warm = warm if self.config.warm_start and warm is not None and self._fits(warm, interpreter) else None
         if self.config.steps is None:

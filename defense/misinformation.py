@@ -139,6 +139,41 @@ def fit_misinformation(
     return model.eval()
 
 
+#: Training images turned into synthetic outliers for the logit calibration (an equal share per kind).
+CALIBRATION_IMAGES = 2000
+
+
+def calibration_outliers(train_set: Dataset, seed: int, n: int = CALIBRATION_IMAGES) -> Tensor:
+    """``n`` synthetic outliers (``defense/outliers.py``, every kind alike) made from the last ``n`` training
+    images: out-of-domain inputs the defense may fit on (never an attacker's data set)."""
+    from .outliers import OUTLIERS
+
+    x = torch.stack([train_set[i][0] for i in range(len(train_set) - n, len(train_set))])  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.tensor_split(x, len(OUTLIERS))
+    return torch.cat([make(part, g) for make, part in zip(OUTLIERS.values(), parts, strict=True)])
+
+
+def logit_temperature(victim: torch.nn.Module, misinformation: torch.nn.Module, outliers: Tensor) -> float:
+    """T = median top-two logit margin of the misinformation model / the victim's, on ``outliers``: dividing
+    the misinformation model's logits by T makes its answers to out-of-domain queries as confident as the
+    victim's own answers to them."""
+    with torch.no_grad():
+        margins = [m(outliers).topk(2, dim=1).values for m in (misinformation.eval(), victim.eval())]
+    mis, vic = ((v[:, 0] - v[:, 1]).median() for v in margins)
+    return max(float(mis / vic), 1.0)
+
+
+def temper(model: torch.nn.Module, temperature: float) -> None:
+    """Divide ``model``'s logits by ``temperature``, in its last Linear layer (so it stays a plain network of
+    its architecture, which the per-query engine can clone)."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.div_(temperature)
+        if last.bias is not None:
+            last.bias.div_(temperature)
+
+
 def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta]:
     """A misinformation model for ``cfg.victim``: its architecture and normalisation, its training split.
 
@@ -179,6 +214,17 @@ def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta
     train_set = load_split(victim.dataset, cfg.data_root, "train")
     shift = cfg.max_shift if victim.input_shape[-1] <= 32 else 0
     model = fit_misinformation(model, train_set, cfg, generator, shift)
+    # why: trained to be wrong, its logits are several times the victim's; answers drawn from it through the
+    # per-query engine would be saturated and stand still when a query moves (the thief's twin test)
+    victim_model, _ = load_checkpoint(victim_path)
+    outliers = calibration_outliers(train_set, cfg.seed)
+    temperature = logit_temperature(victim_model, model, outliers)
+    temper(model, temperature)
+    meta.extra["logit_temperature"] = round(temperature, 4)
+    meta.extra["calibration"] = (
+        f"last layer divided by the ratio of median top-two logit margins (misinformation model / victim) on "
+        f"{len(outliers)} synthetic outliers of the training split (defense/outliers.py, seed {cfg.seed})"
+    )
     test_set = load_split(victim.dataset, cfg.data_root, "test")
     meta.test_accuracy = round(evaluate(model, test_set, torch.device(cfg.device)), 2)
     return model.cpu(), meta

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .dependencies import RuntimeDep
 from .errors import ApiError
 
-_bearer = HTTPBearer(
+bearer = HTTPBearer(
     auto_error=False,
     scheme_name="OperatorKey",
     description="operator key, when an operator route is configured 'admin'",
@@ -22,7 +22,7 @@ _bearer = HTTPBearer(
 
 
 def require_operator(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     """401 unless ``Authorization: Bearer <operator key>``; keys are compared in constant time."""
     if credentials is None or runtime.admin_keys.identify(credentials.credentials) is None:

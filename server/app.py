@@ -81,7 +81,7 @@ def create_app(
         app.include_router(router)
     if settings.metrics_access != "off":
         app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
-    if settings.monitor == "on":
+    if settings.monitoring():
         app.include_router(admin.router)
     if settings.docs_access == "admin":
         app.include_router(docs_router(app))

@@ -72,6 +72,7 @@ _MAX_RETRY_AFTER = 60
 class _Item:
     x: Tensor  # (C, H, W)
     explain: bool
+    misinform: bool  # answered by the gate's misinformation path whatever its domain score (an escalated key's)
     future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
@@ -204,11 +205,13 @@ class MicroBatcher:
             self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
         self.metrics.instance_cost.set(self.cost)
 
-    def enqueue(self, x: Tensor, *, explain: bool) -> Ticket:
-        """Queue a (B, C, H, W) batch, or raise QueueFull (nothing queued)."""
+    def enqueue(self, x: Tensor, *, explain: bool, misinform: bool = False) -> Ticket:
+        """Queue a (B, C, H, W) batch, or raise QueueFull (nothing queued). ``misinform``: every instance is
+        answered by the misinformation gate's misinformation path (a key the monitor escalated), in the same
+        micro-batch computation as any other, so that it costs what any other costs."""
         self._admit(len(x))
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, loop.create_future()) for xi in x]
+        items = [_Item(xi, explain, misinform, loop.create_future()) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
@@ -244,8 +247,9 @@ class MicroBatcher:
         self.metrics.batch_instances.observe(len(batch))
         self._running = len(batch)
         x = torch.stack([item.x for item in batch])
+        misinform = torch.tensor([item.misinform for item in batch])
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._answer_isolated, x, batch[0].explain)
+        results = await loop.run_in_executor(self._executor, self._answer_isolated, x, batch[0].explain, misinform)
         elapsed = time.perf_counter() - started
         self.metrics.inference.observe(elapsed)
         self._observe_cost(elapsed, len(batch))
@@ -318,11 +322,12 @@ class MicroBatcher:
     def _answer(self, x: Tensor, explain: bool) -> list[Answer]:
         return self.defense.answer(x.to(self.device), explain=explain)
 
-    def _answer_isolated(self, x: Tensor, explain: bool) -> list[Answer | Failure]:
+    def _answer_isolated(self, x: Tensor, explain: bool, misinform: Tensor) -> list[Answer | Failure]:
         return answer_isolated(
             self.defense,
             x.to(self.device),
             explain=explain,
             num_classes=self.num_classes,
             on_retry=self.metrics.isolation_retries.inc,
+            misinform=misinform,
         )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from defense import Answer, Defense
+from defense.gate import MisinformationGate
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -40,6 +41,16 @@ class Failure:
     reason: Reason
 
 
+def answer_rows(defense: Defense, x: Tensor, *, explain: bool, misinform: Tensor | None = None) -> list[Answer]:
+    """``defense.answer(x)``, with the rows of ``misinform`` answered by the gate's misinformation path (the
+    monitor needs the gate, so a defense without one is never asked to misinform)."""
+    if misinform is None or not bool(misinform.any()):
+        return defense.answer(x, explain=explain)
+    if not isinstance(defense, MisinformationGate):
+        raise TypeError(f"defense {defense.name!r} has no misinformation gate to answer escalated keys")
+    return defense.answer(x, explain=explain, misinform=misinform)
+
+
 def answer_isolated(
     defense: Defense,
     x: Tensor,
@@ -47,11 +58,13 @@ def answer_isolated(
     explain: bool,
     num_classes: int,
     on_retry: Callable[[], None] = lambda: None,
+    misinform: Tensor | None = None,
 ) -> list[Answer | Failure]:
     """One result per row of ``x``: the defense's answer, or a :class:`Failure` for that row alone (maps are
-    checked against the queries' height and width)."""
+    checked against the queries' height and width). ``misinform`` (B,) bool: rows the misinformation gate
+    answers from its misinformation path whatever their domain score (an escalated key's)."""
     try:
-        answers = defense.answer(x, explain=explain)
+        answers = answer_rows(defense, x, explain=explain, misinform=misinform)
         if not isinstance(answers, list) or len(answers) != len(x):
             raise TypeError(f"defense.answer returned {type(answers).__name__} for a batch of {len(x)}")
     except Exception:
@@ -68,7 +81,13 @@ def answer_isolated(
         return [
             r
             for i in range(len(x))
-            for r in answer_isolated(defense, x[i : i + 1], explain=explain, num_classes=num_classes)
+            for r in answer_isolated(
+                defense,
+                x[i : i + 1],
+                explain=explain,
+                num_classes=num_classes,
+                misinform=None if misinform is None else misinform[i : i + 1],
+            )
         ]
     results: list[Answer | Failure] = []
     for answer in answers:

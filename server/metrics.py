@@ -23,11 +23,16 @@ access_log = logging.getLogger("deepdefense.access")
 
 
 class ServerMetrics:
-    """Every metric the server exports; names follow Prometheus conventions (units, ``_total``)."""
+    """Every metric the server exports; names follow Prometheus conventions (units, ``_total``).
+
+    Two registries: ``registry`` holds the service's series, which anyone who may read ``/metrics`` gets;
+    ``operator_registry`` holds what would tell a thief about the gate and the monitor (misinformed answers,
+    escalated keys, per-key counts by key id), which only an operator key reads."""
 
     def __init__(self, *, model: str, defense: str, interpreter: str, device: str, replica: str = MAIN) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.operator_registry = CollectorRegistry()
+        r, op = self.registry, self.operator_registry
         self.defense = defense
         Info(
             "dd_server",
@@ -83,22 +88,22 @@ class ServerMetrics:
             "dd_misinformed_answers_total",
             "Answers the misinformation gate gave (queries its domain score flagged as out of domain).",
             ["defense"],
-            registry=r,
+            registry=op,
         )
         self.flagged_keys = Gauge(
             "dd_flagged_keys",
             "API keys the extraction monitor has escalated (until an operator clears them).",
-            registry=r,
+            registry=op,
         )
         self.escalated = Counter(
             "dd_escalated_instances_total",
             "Instances of escalated keys, by what they got: misinform (every answer from the misinformation "
             "model) or refuse (403 key_flagged).",
             ["action"],
-            registry=r,
+            registry=op,
         )
         self.key_queries = Counter(
-            "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=r
+            "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=op
         )
         self.failures = Counter(
             "dd_defense_failures_total",

@@ -88,7 +88,7 @@ class Runtime:
         )
         self.keys = KeyRing(settings.keys())
         self.admin_keys = KeyRing(settings.admin_keys_list())
-        if settings.monitor == "on" and not settings.gated():
+        if settings.monitoring() and not settings.gated():
             raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
         self.ledger: Ledger | None = None
         self.monitor: ExtractionMonitor | None = None
@@ -109,7 +109,7 @@ class Runtime:
 
     def _open_state(self, settings: ServerSettings) -> None:
         """The budgets and the monitor's state: in the SQLite file ``budget_db``, or in the Redis at ``state``."""
-        if settings.query_budget is None and settings.monitor == "off":
+        if settings.query_budget is None and not settings.monitoring():
             if settings.state:
                 logger.warning("state is set, but without query_budget or the monitor nothing is kept there")
             return
@@ -118,7 +118,7 @@ class Runtime:
         if settings.query_budget is not None:
             budget = settings.query_budget
             self.ledger = RedisLedger(client, budget) if client else QueryLedger(settings.budget_db, budget)
-        if settings.monitor == "on":
+        if settings.monitoring():
             policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
             self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart

@@ -172,6 +172,14 @@ class FlaggedKey(BaseModel):
     key_id: str = Field(description="the key's id (12 hex digits of its sha256), as in the metrics")
     queries: int = Field(description="queries the key has sent while watched")
     flagged: int = Field(description="of those, flagged as out of domain by the gate's domain score")
+    duplicates: int = Field(description="of those, near-duplicates of earlier queries (of any key)")
+    spread: float | None = Field(
+        description="PRADA's W of the key's nearest-earlier-query distances (low: queries grown from earlier ones)"
+    )
+    reason: Literal["domain", "duplicates", "taint", "spread"] = Field(
+        description="what escalated the key: its domain flags, its near-duplicates, near-duplicates of an escalated "
+        "key's queries, or the distances between its queries"
+    )
     escalated_at: float = Field(description="unix time of the escalation")
     escalated_after: int = Field(description="queries the key had sent when it was escalated")
 

@@ -49,10 +49,11 @@ class ServerSettings(BaseSettings):
         "misinformation model (Adaptive Misinformation), in front of any defense; auto: misinform when the "
         "checkpoint ships a domain score and a misinformation model, else none",
     )
-    monitor: Literal["off", "on"] = Field(
-        "off",
-        description="on: per API key, a window of its queries' domain flags; a key whose window looks like "
-        "extraction is escalated (needs API keys and gate misinform; state in budget_db or state)",
+    monitor: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="on: per API key, what its queries are (domain flags, near-duplicates across keys, PRADA's "
+        "distances); a key whose queries look like extraction is escalated (needs API keys and the gate; state "
+        "in budget_db or state); auto: on whenever API keys are configured and the gate is on",
     )
     monitor_action: Literal["misinform", "refuse"] = Field(
         "misinform", description="an escalated key's answers: all from the misinformation model, or 403 key_flagged"
@@ -137,7 +138,11 @@ class ServerSettings(BaseSettings):
 
     admin_keys: SecretStr | None = Field(None, description="comma-separated operator keys (environment only)")
     admin_keys_file: FilePath | None = Field(None, description="file with one operator key per line")
-    metrics_access: Access = Field("open", description="/metrics: open, admin (operator key) or off")
+    metrics_access: Access = Field(
+        "open",
+        description="/metrics: open (anyone gets the service's series; the gate's and the monitor's, and key ids, "
+        "only with an operator key), admin (operator key only) or off",
+    )
     docs_access: Access = Field("open", description="/docs, /redoc and /openapi.json: open, admin or off")
     playground: Literal["on", "off"] = Field(
         "on",
@@ -173,7 +178,7 @@ class ServerSettings(BaseSettings):
             raise ValueError("monitor 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it watches each key")
         if self.monitor == "on" and self.gate == "none":
             raise ValueError("monitor 'on' needs the gate (misinform or auto): it reads the gate's domain flags")
-        if (self.replicas or 1) > 1 and not self.state and (self.query_budget is not None or self.monitor == "on"):
+        if (self.replicas or 1) > 1 and not self.state and (self.query_budget is not None or self.monitoring()):
             raise ValueError(
                 "replicas > 1 with a query budget or the monitor need state (a redis:// URL, DD_STATE or --state): "
                 "the SQLite budget_db is a file of one machine, so replicas would not share budgets and windows"
@@ -187,6 +192,10 @@ class ServerSettings(BaseSettings):
             if any(not set(k) <= _KEY_CHARS for k in found):  # the message never shows a key
                 raise ValueError(f"an {kind} key holds a character other than visible ASCII (no spaces or commas)")
         return self
+
+    def monitoring(self) -> bool:
+        """Whether the extraction monitor runs: ``on``, or ``auto`` with API keys and the gate."""
+        return self.monitor == "on" or (self.monitor == "auto" and bool(self.keys()) and self.gated())
 
     def gated(self) -> bool:
         """Whether the misinformation gate is on: ``misinform``, or ``auto`` with a checkpoint that ships it."""

@@ -81,14 +81,16 @@ def _ask(client, key: str, x: torch.Tensor):
 def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
     tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    digits = load_split("mnist", str(data_root), "test").tensors[0][:4]  # not flagged by the shipped score
+    test_digits = load_split("mnist", str(data_root), "test").tensors[0]
+    digits, others = test_digits[:4], test_digits[4:8]  # not flagged by the shipped score
     noise = torch.rand((6, *SHAPE), generator=torch.Generator().manual_seed(0))
     victim, _ = load_checkpoint("lenet-mnist")
     with torch.no_grad():
-        truth = victim(digits).softmax(-1)
+        truths = {id(digits): victim(digits).softmax(-1), id(others): victim(others).softmax(-1)}
     settings = _settings(tmp_path, monkeypatch)
 
-    def honest(response) -> bool:
+    def honest(response, sent: torch.Tensor = digits) -> bool:
+        truth = truths[id(sent)]
         got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
         if torch.allclose(got, truth, rtol=0, atol=PATH_ATOL):
             return True
@@ -102,23 +104,26 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         r = _ask(client, ALICE, digits)
         assert r.status_code == 200 and not honest(r), "an escalated key's digits were answered honestly"
         assert set(r.json()["predictions"][0]) == {"label", "probabilities", "attribution"}, "the answer tells"
-        assert honest(_ask(client, BOB, digits)), "another key paid for Alice's escalation"
+        assert honest(_ask(client, BOB, others), others), "another key paid for Alice's escalation"
         admin = bearer(OPERATOR)
         assert client.get("/v1/admin/flags").status_code == 401
         assert client.get("/v1/admin/flags", headers=bearer(ALICE)).status_code == 401, "an API key opened admin"
         flags = client.get("/v1/admin/flags", headers=admin).json()["keys"]
-        assert [(k["key_id"], k["escalated_after"]) for k in flags] == [(key_id(ALICE), 9)]  # 5 of 9 flagged
-        metrics = client.get("/metrics").text
+        # 5 of 9 flagged at the 9th query; the request's 10 queries were all screened before its flags came in
+        assert [(k["key_id"], k["escalated_after"], k["reason"]) for k in flags] == [(key_id(ALICE), 10, "domain")]
+        metrics = client.get("/metrics", headers=admin).text
         assert metric_value(metrics, "dd_flagged_keys") == 1
+        anonymous = client.get("/metrics").text
+        assert "dd_flagged_keys" not in anonymous and key_id(ALICE) not in anonymous, "anonymous /metrics tells"
         assert metric_value(metrics, 'dd_escalated_instances_total{action="misinform"}') == 4
     with serving(create_app(settings)) as client:  # a restart on the same database
         assert not honest(_ask(client, ALICE, digits)), "the escalation did not survive the restart"
-        assert metric_value(client.get("/metrics").text, "dd_flagged_keys") == 1
+        assert metric_value(client.get("/metrics", headers=bearer(OPERATOR)).text, "dd_flagged_keys") == 1
         assert client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR)).status_code == 204
         missing = client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR))
         assert missing.status_code == 404 and error_of(missing)["code"] == "not_flagged"
         assert honest(_ask(client, ALICE, digits)), "a cleared key is still misinformed"
-        assert metric_value(client.get("/metrics").text, "dd_flagged_keys") == 0
+        assert metric_value(client.get("/metrics", headers=bearer(OPERATOR)).text, "dd_flagged_keys") == 0
 
 
 def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,5 +134,5 @@ def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.Mon
         assert r.status_code == 403 and error_of(r)["code"] == "key_flagged"
         assert ALICE not in r.text and key_id(ALICE) not in r.text
         assert _ask(client, BOB, noise[:1]).status_code == 200
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
         assert metric_value(metrics, 'dd_escalated_instances_total{action="refuse"}') == 1

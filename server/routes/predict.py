@@ -13,10 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from defense import Answer
-from defense.gate import MisinformationGate
 
 from ..auth import Caller
-from ..batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
+from ..batcher import DefenseFailed, QueueFull, RequestTimeout, Ticket
 from ..budget import HOLD_HEADER, is_hold
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
@@ -85,13 +84,16 @@ async def answer_instances(
     """``respond(answers)`` for the validated (B, C, H, W) batch ``x``, answered by the defense: the path
     every route that answers queries shares (``/predict``, the Open Inference Protocol's ``infer``).
 
-    In order: the extraction monitor (403 ``key_flagged``), the caller's budget (429), the micro-batcher
-    (503 when full or overloaded), the answers (504 in time, 499 when the client goes away, 500 when the
-    defense fails), the monitor's hook, then ``respond``. The request is charged once ``respond`` has
-    returned; whatever else happens, the queries not paid for are refunded (docs/server.md, "What a
-    request costs"). Where the monitor or the budget cannot be reached (their state in Redis), the request
-    is answered 503 ``state_unavailable``: never an answer that was not metered. In cluster mode the spend
-    is kept under the gateway's hold until the request ends (``server/budget.py``, "Holds")."""
+    In order: the extraction monitor (403 ``key_flagged`` when the key is escalated and escalated keys are
+    refused), the caller's budget (429), the monitor's screening of the queries (near-duplicates and
+    distances: it may escalate the key now, before anything is answered), the micro-batcher
+    (503 when full or overloaded; an escalated key's queries are answered there by the misinformation
+    path, in the same computation as any other), the answers (504 in time, 499 when the client goes away,
+    500 when the defense fails), the monitor's record of the domain flags, then ``respond``. The request is
+    charged once ``respond`` has returned; whatever else happens, the queries not paid for are refunded
+    (docs/server.md, "What a request costs"). Where the monitor or the budget cannot be reached (their state
+    in Redis), the request is answered 503 ``state_unavailable``: never an answer that was not metered. In
+    cluster mode the spend is kept under the gateway's hold until the request ends (``server/budget.py``, "Holds")."""
     batcher = runtime.ready_batcher()
     hold = _hold(runtime, request)
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
@@ -100,7 +102,8 @@ async def answer_instances(
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
     ticket: Ticket | None = None
     try:
-        ticket = batcher.enqueue(x, explain=explain)
+        escalated = await run_in_threadpool(_screened, runtime, caller, x) or escalated
+        ticket = batcher.enqueue(x, explain=explain, misinform=escalated)
         runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
         try:
             answers = await _unless_disconnected(request, ticket.answers())
@@ -108,7 +111,7 @@ async def answer_instances(
             charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
             raise
         if runtime.monitor is not None:
-            answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
+            await _monitored(runtime, caller, answers, escalated)
         response = respond(answers)
         charged = len(x)
         return response
@@ -194,36 +197,40 @@ def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
     if runtime.monitor is None:
         return False
     with state_reachable(runtime.settings.retry_after_s):
-        if not runtime.monitor.escalated(caller.key_id):
-            return False
+        escalated = runtime.monitor.escalated(caller.key_id)
+    return escalated and _act(runtime, queries)
+
+
+def _screened(runtime: Runtime, caller: Caller, x: Tensor) -> bool:
+    """The extraction monitor screens the request's queries before they are answered (an escalated key's
+    too: its queries go into the near-duplicate index, where another key that reuses them is found); True
+    when the key is escalated now (403 ``key_flagged`` instead when escalated keys are refused)."""
+    if runtime.monitor is None:
+        return False
+    with state_reachable(runtime.settings.retry_after_s):
+        escalated = runtime.monitor.screen(caller.key_id, x)
+        runtime.metrics.flagged_keys.set(runtime.monitor.count_flagged())
+    return escalated and _act(runtime, len(x))
+
+
+def _act(runtime: Runtime, queries: int) -> bool:
+    """An escalated key's request: counted, and refused (403) or answered by the misinformation path (True)."""
     if runtime.settings.monitor_action == "refuse":
         runtime.metrics.escalated.labels("refuse").inc(queries)
         raise ApiError(403, "key_flagged", "this API key is suspended; contact the operator", field="Authorization")
     return True
 
 
-async def _monitored(
-    runtime: Runtime,
-    batcher: MicroBatcher,
-    caller: Caller,
-    x: Tensor,
-    answers: list[Answer],
-    escalated: bool,
-    *,
-    explain: bool,
-) -> list[Answer]:
-    """The monitor sees the request's domain flags; an escalated key's answers all come from the
-    misinformation model (computed after the defense's, so the request costs what any other costs)."""
+async def _monitored(runtime: Runtime, caller: Caller, answers: list[Answer], escalated: bool) -> None:
+    """The monitor records the request's domain flags (an escalated key's answers all came from the
+    misinformation path: there is nothing left to record)."""
+    if escalated:
+        runtime.metrics.escalated.labels("misinform").inc(len(answers))
+        return
     flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
-    if not escalated:
-        with state_reachable(runtime.settings.retry_after_s):  # unobserved answers are not sent
-            await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
-            runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
-        return answers
-    gate = runtime.defense
-    assert isinstance(gate, MisinformationGate)  # the settings require gate 'misinform' for the monitor
-    runtime.metrics.escalated.labels("misinform").inc(len(x))
-    return await batcher.on_model_thread(lambda: gate.misinform(x.to(batcher.device), explain=explain))
+    with state_reachable(runtime.settings.retry_after_s):  # unobserved answers are not sent
+        await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
+        runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
