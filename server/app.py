@@ -18,6 +18,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import MAIN, RequestMetricsMiddleware
 from .openapi import install_served_openapi
+from .requestid import RequestIdMiddleware
 from .routes import admin, health, metrics, models, oip, playground, predict
 from .runtime import Runtime, StartupError
 from .settings import ServerSettings
@@ -77,6 +78,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, refusals included, carries the id
     for router in (predict.router, oip.router, models.router, health.router):
         app.include_router(router)
     if settings.metrics_access != "off":

@@ -64,6 +64,7 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
     (model,) = client.get("/v1/models").json()["models"]
     assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/test_model_card.py
+    assert len(model.pop("version")) == 12  # the weights' version: tests/test_server_oip.py
     assert model == {
         "name": "lenet-mnist",
         "arch": "lenet",
@@ -100,7 +101,7 @@ def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: to
 def test_predict_without_explanation_has_no_attribution(client: TestClient) -> None:
     r = client.post("/predict", json={"instances": [{"pixels": pixels()}], "explain": False})
     assert r.status_code == 200
-    assert set(r.json()["predictions"][0]) == {"label", "probabilities"}
+    assert set(r.json()["predictions"][0]) == {"label", "class_name", "probabilities"}
 
 
 # What server/images.py documents for a 1-channel model: any PNG/JPEG is converted to 8-bit grayscale ("L":
@@ -248,7 +249,7 @@ BAD_JSON_BODIES = [
         {"instances": [{"pixels": [[["0.5"]]]}]}, 422, "invalid_type", "instances[0].pixels[0][0][0]", id="string-pixel"
     ),
     pytest.param(
-        {"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_type", "instances[0].pixels[0][0]", id="two-dimensional"
+        {"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_shape", "instances[0].pixels", id="two-dimensional"
     ),
     pytest.param({"instances": [{}]}, 422, "invalid_value", "instances[0]", id="neither-field"),
     pytest.param(
@@ -375,6 +376,50 @@ def test_body_too_large_without_content_length(client: TestClient) -> None:
 def test_unknown_route_and_method(client: TestClient) -> None:
     assert error_of(client.get("/nope"))["code"] == "not_found"
     assert error_of(client.get("/predict"))["code"] == "method_not_allowed"
+
+
+def test_every_response_carries_a_request_id_and_the_access_log_has_it(
+    tmp_path: Path, defense: NoDefense, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings(tmp_path, api_keys="request-id-key-0123"), defense)
+
+    async def boom() -> None:
+        raise RuntimeError("nobody expected this")
+
+    app.add_api_route("/boom", boom)
+    key = {"Authorization": "Bearer request-id-key-0123"}
+    body = {"instances": [{"pixels": pixels()}]}
+    with serving(app, raise_server_exceptions=False) as client, caplog.at_level("INFO", "deepdefense.access"):
+        sent = client.post("/predict", json=body, headers=key | {"X-Request-ID": "trace-0123:abc.DEF_9"})
+        assert sent.status_code == 200 and sent.headers["X-Request-ID"] == "trace-0123:abc.DEF_9"
+        answers = {
+            "generated": client.post("/predict", json=body, headers=key),
+            "not a token": client.post("/predict", json=body, headers=key | {"X-Request-ID": "a b\nFAKE 200"}),
+            "too long": client.post("/predict", json=body, headers=key | {"X-Request-ID": "x" * 129}),
+        }
+        for why, r in answers.items():
+            assert r.status_code == 200 and len(r.headers["X-Request-ID"]) == 32, why
+            int(r.headers["X-Request-ID"], 16)
+        assert len({r.headers["X-Request-ID"] for r in answers.values()}) == 3
+        refusals = {
+            "unauthorized": client.post("/predict", json=body),
+            "out_of_range": client.post(
+                "/predict", json={"instances": [{"pixels": torch.full(SHAPE, 2.0).tolist()}]}, headers=key
+            ),
+            "not_found": client.get("/nope", headers={"X-Request-ID": "nope-1"}),
+            "model_not_found": client.get("/v2/models/other", headers=key),
+            "body_too_large": client.post("/predict", content=b"x" * 10**7, headers=key),
+            "internal_error": client.get("/boom"),
+        }
+    assert refusals["not_found"].headers["X-Request-ID"] == "nope-1"
+    lines = [record.getMessage() for record in caplog.records if record.name == "deepdefense.access"]
+    assert any(line.startswith("POST /predict 200 ") and line.endswith(" id=trace-0123:abc.DEF_9") for line in lines)
+    assert not any("FAKE" in line for line in lines)
+    for code, r in refusals.items():
+        rid = r.headers["X-Request-ID"]
+        assert error_of(r)["code"] == code
+        if code != "internal_error":  # answered outside the middlewares, after the access log's line
+            assert sum(line.endswith(f" id={rid} error={code}") for line in lines) == 1, (code, lines)
 
 
 class _Exploding(NoDefense):
