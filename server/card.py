@@ -61,13 +61,16 @@ def model_card(meta: CheckpointMeta, look: DatasetLook | None, limits: ImageLimi
     )
     normalise = "the model itself then subtracts the mean and divides by the std of normalisation (do not normalise)"
     image_steps = [
-        f"base64-decoded (standard alphabet); at most {limits.max_bytes} bytes once decoded (else 413 "
+        "base64-decoded (standard alphabet; a data URL's 'data:image/…;base64,' header is dropped); at most "
+        f"{limits.max_bytes} bytes once decoded (else 413 "
         f"image_too_large) and at most {limits.max_pixels} pixels, width × height as the header declares them "
         "(else 413 too_many_pixels)",
         "decoded by Pillow as PNG or JPEG, nothing else (else 422 undecodable_image)",
         (_MODE_STEP[MODES[c]] if c in MODES else f"refused: a {c}-channel model takes pixels only (422)")
-        + "; an alpha channel is dropped, not composited over a background (a transparent pixel counts with its "
-        "colour, often black); 16-bit images are clipped to 8 bits; EXIF orientation is not applied",
+        + "; an image with transparency is first composited onto white when its content (mean luma weighted "
+        "by opacity) is dark and onto black when it is light, so that the content shows (black ink on a transparent "
+        "page becomes black on white, which then needs invert as any ink on paper); 16-bit images are clipped to "
+        "8 bits; EXIF orientation is not applied",
         f"resized to {w}×{h} with Pillow's {RESAMPLE.name.lower()} filter when its size differs (shrinking "
         f"filters over the whole source area); the aspect ratio is not kept and nothing is cropped, padded or "
         "centred: the whole image is squeezed to the model's size, margins included",

@@ -115,11 +115,29 @@ def decoded(img: Image.Image) -> np.ndarray:
     return to_tensor(instance, "instances[0].image_b64", SHAPE, LIMITS).numpy()[0]
 
 
-def test_claim_alpha_is_dropped_not_composited() -> None:
-    rgba = Image.new("RGBA", (28, 28), (0, 0, 0, 0))  # fully transparent black
-    rgba.putpixel((3, 3), (255, 255, 255, 0))  # a transparent white pixel counts as white
-    x = decoded(rgba)
-    assert x[3, 3] == 1.0 and x[0, 0] == 0.0
+def strokes(ink: int, background: int, alpha: int) -> Image.Image:
+    """A 28×28 RGBA drawing: a cross of colour ``ink`` (opaque) on ``background`` with opacity ``alpha``."""
+    img = Image.new("RGBA", (28, 28), (background, background, background, alpha))
+    for i in range(4, 24):
+        img.putpixel((i, 14), (ink, ink, ink, 255))
+        img.putpixel((14, i), (ink, ink, ink, 255))
+    return img
+
+
+def test_claim_transparency_is_composited_onto_the_background_the_content_shows_against() -> None:
+    black_on_transparent = decoded(strokes(ink=0, background=0, alpha=0))  # a pen tool's black ink, no page
+    assert black_on_transparent[14, 10] == 0.0 and black_on_transparent[0, 0] == 1.0, "black ink shows on white"
+    np.testing.assert_array_equal(black_on_transparent, decoded(strokes(ink=0, background=255, alpha=255)))
+    white_on_transparent = decoded(strokes(ink=255, background=255, alpha=0))  # a canvas's white strokes
+    assert white_on_transparent[14, 10] == 1.0 and white_on_transparent[0, 0] == 0.0, "white strokes show on black"
+    np.testing.assert_array_equal(white_on_transparent, decoded(strokes(ink=255, background=0, alpha=255)))
+    half = decoded(strokes(ink=0, background=0, alpha=128))  # a half-transparent black page behind black ink
+    assert 0.45 < half[0, 0] < 0.55 and half[14, 10] == 0.0  # composited (onto white), not dropped
+    grey_l = Image.new("L", (28, 28), 40)
+    grey_l.paste(200, (10, 10, 18, 18))  # light content on grey, the grey transparent (PNG tRNS, no alpha channel)
+    grey_l.info["transparency"] = 40
+    x = decoded(grey_l)
+    assert x[0, 0] == 0.0 and x[14, 14] == 200 / 255
 
 
 def test_claim_the_aspect_ratio_is_not_kept() -> None:

@@ -330,6 +330,54 @@ def test_bad_input_names_the_field(client: TestClient, body: dict, status: int, 
     assert error_of(r) | {"message": ""} == {"code": code, "field": field, "message": ""}
 
 
+# -- the commonest mistakes get a 422 that says what to do -----------------------------------------------------
+
+
+def test_8_bit_values_are_told_to_divide_by_255(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [[[255.0] * 28] * 28]}]})
+    assert r.status_code == 422 and error_of(r)["code"] == "out_of_range"
+    assert "divide by 255" in error_of(r)["message"] and "[0, 1]" in error_of(r)["message"]
+
+
+def test_an_image_without_its_channel_dimension_is_told_how_to_add_it(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [[0.5] * 28] * 28}]})
+    assert r.status_code == 422
+    error = error_of(r)
+    assert (error["code"], error["field"]) == ("invalid_shape", "instances[0].pixels")
+    assert error["message"].startswith("pixels must have shape [1, 28, 28] (C×H×W), got [28, 28]")
+    assert "channel dimension is missing" in error["message"] and "x.reshape(1, 28, 28)" in error["message"]
+
+
+def test_a_flat_list_is_told_how_to_reshape(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [0.5] * 784}]})
+    assert r.status_code == 422
+    error = error_of(r)
+    assert (error["code"], error["field"]) == ("invalid_shape", "instances[0].pixels")
+    assert "got [784]: a flat list of 784 values" in error["message"]
+    assert "x.reshape(1, 28, 28)" in error["message"]
+    batched = client.post("/predict", json={"instances": [{"pixels": [pixels()]}]})  # [1, 1, 28, 28]
+    assert "send each image as its own instance" in error_of(batched)["message"]
+
+
+def test_a_data_url_is_accepted_as_its_base64(client: TestClient) -> None:
+    png = encode(smooth_digit())
+    plain = client.post("/predict", json={"instances": [{"image_b64": png}], "explain": False})
+    url = client.post("/predict", json={"instances": [{"image_b64": "data:image/png;base64," + png}], "explain": False})
+    assert plain.status_code == url.status_code == 200 and url.json() == plain.json()
+    r = client.post("/predict", json={"instances": [{"image_b64": "data:text/plain," + png}]})
+    assert r.status_code == 422 and "data:image/<type>;base64," in error_of(r)["message"]
+
+
+def test_black_ink_on_a_transparent_png_is_not_blank(client: TestClient) -> None:
+    ink = Image.new("RGBA", (28, 28), (0, 0, 0, 0))
+    for i in range(6, 22):
+        ink.putpixel((14, i), (0, 0, 0, 255))
+    x = decoded(encode(ink))
+    assert x.min() == 0.0 and x.max() == 1.0, "the ink shows, on white (docs/server.md: then use invert)"
+    r = client.post("/predict", json={"instances": [{"image_b64": encode(ink)}], "invert": True, "explain": False})
+    assert r.status_code == 200
+
+
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_json_tokens_are_rejected(client: TestClient, token: str) -> None:
     row = ", ".join(["0.5"] * 27 + [token])

@@ -311,6 +311,29 @@ def test_bad_inputs_are_refused(client: TestClient) -> None:
     )
 
 
+def test_the_commonest_mistakes_are_told_what_to_do(client: TestClient) -> None:
+    def message(body: Any, **kwargs: Any) -> str:
+        r = client.post(INFER, json=body, **kwargs) if "content" not in kwargs else client.post(INFER, **kwargs)
+        assert r.status_code == 422, r.text
+        return error_of(r)["message"]
+
+    no_batch = infer_body([pixels()])
+    no_batch["inputs"][0]["shape"] = [1, 28, 28]
+    assert "add the batch dimension: shape [1, 1, 28, 28]" in message(no_batch)
+    no_channel = infer_body([pixels()])
+    no_channel["inputs"][0]["shape"] = [2, 28, 28]
+    no_channel["inputs"][0]["data"] *= 2
+    assert "add the channel dimension: shape [2, 1, 28, 28]" in message(no_channel)
+    flat = infer_body([pixels()])
+    flat["inputs"][0]["shape"] = [784]
+    assert "say shape [1, 1, 28, 28]" in message(flat)
+    eight_bit = infer_body([pixels()])
+    eight_bit["inputs"][0]["data"] = [255.0] * 784
+    assert "divide by 255" in message(eight_bit)
+    body, headers = binary_body(np.full((1, 1, 28, 28), 255.0))
+    assert "divide by 255" in message(None, content=body, headers=headers)
+
+
 # -- keys, budgets ---------------------------------------------------------------------------------------------------
 
 
