@@ -47,5 +47,5 @@ def _info(runtime: Runtime) -> ModelInfo:
         input_shape=meta.input_shape,
         interpreter=runtime.interpreter_name,
         defense=DefenseInfo(name=runtime.defense_name, settings=defense.public_settings()),
-        card=model_card(meta, runtime.look, runtime.image_limits, gated=gated),
+        card=model_card(meta, runtime.look, runtime.image_limits, defense=runtime.defense_name, gated=gated),
     )
