@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,18 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert 'dd_http_requests_total{method="GET",route="/v1/models",status="200"} 1.0' in metrics.text
     assert client.get("/docs").status_code == 200
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_docs_pages_load_nothing_from_another_host(client: TestClient) -> None:
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:(]\s*['"]?([^'")\s>]+)""", html)
+        assert any(url.endswith(".js") for url in urls), (page, urls)
+        assert not re.search(r"https?://|//[a-z0-9-]+\.", html), f"{page} names another host"
+        for url in urls:
+            assert url.startswith("/"), (page, url)
+            r = client.get(url)
+            assert r.status_code == 200 and len(r.content) > 0, (page, url)
 
 
 def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: torch.nn.Module) -> None:
