@@ -111,6 +111,25 @@ def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: to
         assert torch.tensor(pred["attribution"]["values"]).shape == (28, 28)
 
 
+def test_answers_carry_six_significant_digits(client: TestClient, victim: torch.nn.Module) -> None:
+    batch = [pixels(4), pixels(5)]
+    r = client.post("/predict", json={"instances": [{"pixels": p} for p in batch], "explain": True})
+    expected = victim(torch.tensor(batch)).softmax(-1)
+    for prediction, probs in zip(r.json()["predictions"], expected, strict=True):
+        values = prediction["probabilities"] + [v for row in prediction["attribution"]["values"] for v in row]
+        assert all(v == float(f"{v:.6g}") for v in values), "more than 6 significant digits"
+        assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
+        torch.testing.assert_close(torch.tensor(prediction["probabilities"]), probs, rtol=1e-5, atol=PATH_ATOL)
+    oip = client.post(
+        "/v2/models/lenet-mnist/infer",
+        json={"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": batch[0]}]},
+    )
+    for output in oip.json()["outputs"]:
+        if output["datatype"] == "FP32":
+            assert all(v == float(f"{v:.6g}") for v in output["data"]), output["name"]
+    assert len(r.content) < 2 * 9_000, "about 9 KB an instance with its map"
+
+
 def test_predict_without_explanation_has_no_attribution(client: TestClient) -> None:
     r = client.post("/predict", json={"instances": [{"pixels": pixels()}], "explain": False})
     assert r.status_code == 200

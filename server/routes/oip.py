@@ -32,6 +32,7 @@ from defense import Answer
 from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ABOVE_ONE, ApiError
 from ..images import inverted
+from ..precision import rounded
 from ..requestid import request_id_of
 from ..runtime import Runtime
 from ..schemas import (
@@ -407,5 +408,5 @@ def _output(name: str, answers: list[Answer], method: str, classes: list[str]) -
         datatype="FP32",
         shape=list(values.shape),
         parameters=parameters,
-        data=values.reshape(-1).tolist(),
+        data=rounded(values),
     )

@@ -22,6 +22,7 @@ from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
 from ..limits import require_json
+from ..precision import rounded
 from ..runtime import Runtime
 from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from ..state import STATE_ERRORS, state_reachable
@@ -247,12 +248,14 @@ def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> 
 def _prediction(answer: Answer, method: str, classes: list[str], explain: bool) -> Prediction:
     attribution = None
     if explain and answer.attribution is not None:
-        values = answer.attribution.detach().cpu()
-        attribution = Attribution(method=method, shape=list(values.shape), values=values.tolist())
+        h, w = answer.attribution.shape
+        flat = rounded(answer.attribution)
+        rows = [flat[i * w : (i + 1) * w] for i in range(h)]
+        attribution = Attribution(method=method, shape=[h, w], values=rows)
     label = int(answer.label)
     return Prediction(
         label=label,
         class_name=classes[label],
-        probabilities=answer.probabilities.detach().cpu().tolist(),
+        probabilities=rounded(answer.probabilities),
         attribution=attribution,
     )
