@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from common.provenance import provenance
 from models.data import DATA_ROOT_ENV, default_data_root
 
 
@@ -94,7 +95,9 @@ def sizes(text: str) -> tuple[int, ...]:
 
 
 def print_report(result: dict[str, Any], out: str | None) -> int:
-    """Print a result as JSON and, when asked, write it to ``out`` too."""
+    """Print a result as JSON and, when asked, write it to ``out`` too; the result is stamped with where it
+    comes from (``measured``: the commit and the date, :func:`common.provenance.provenance`)."""
+    result = {**result, "measured": provenance()}
     print(json.dumps(result, indent=2))
     if out:
         with open(out, "w") as fh:

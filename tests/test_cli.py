@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from support.settings import make_settings
 
 from clients.load import LoadConfig, run_load
+from deepdefense import flags
 from deepdefense.cli import build_parser
 from defense import NoDefense
 from measure.launcher import in_thread
@@ -58,3 +62,17 @@ def test_load_reports_progress_while_it_runs(
     assert report.served > 0
     with pytest.raises(ValueError, match="progress_every_s"):
         LoadConfig(url=url, progress_every_s=-1)
+
+
+def test_results_files_say_which_commit_measured_them_and_when(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    assert flags.print_report({"command": "deepdefense x", "figure": 1.0}, str(out)) == 0
+    measured = json.loads(out.read_text())["measured"]
+    assert re.fullmatch(r"[0-9a-f]{7,}", measured["commit"]) and isinstance(measured["dirty"], bool)
+    assert (
+        measured["commit"]
+        == subprocess.run(
+            ["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", measured["date"])
