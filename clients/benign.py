@@ -1,12 +1,14 @@
 """A benign user (``deepdefense client``): in-distribution test images, one request at a time.
 
 Reports what a defense costs honest users: top-1 agreement with the true labels and with the
-undefended victim (the checkpoint loaded locally behind ``NoDefense``), and the latency of each
+undefended victim (the checkpoint loaded locally behind ``NoDefense``), the top-1 probability of the
+answers beside the victim's (a defense that keeps the label may still lower it), and the latency of each
 request as percentiles (p50/p95/p99 by nearest rank, max, mean).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,9 +30,23 @@ class BenignReport:
     accuracy: float  # percent of answers whose label is the true label
     agreement_undefended: float  # percent of answers whose label is the undefended victim's
     latency_ms: dict[str, float]  # p50, p95, p99 (nearest rank), max and mean per request
+    top1_probability: dict[str, float]  # the answers' top-1 probability: :func:`low_tail`
+    top1_probability_undefended: dict[str, float]  # the victim's on the same images
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def low_tail(values: list[float]) -> dict[str, float]:
+    """min, p10, p25 (nearest rank) and median of ``values``, and the percent of them below 0.9 (3 decimals)."""
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    summary = {"min": ordered[0], "p10": rank(0.10), "p25": rank(0.25), "median": rank(0.50)}
+    summary["percent_below_0.9"] = 100.0 * sum(v < 0.9 for v in ordered) / len(ordered)
+    return {k: round(v, 3) for k, v in summary.items()}
 
 
 def latency_summary(seconds: list[float]) -> dict[str, float]:
@@ -52,12 +68,17 @@ def run_benign(
     device = next(undefended.model.parameters()).device
     correct = agree = 0
     seconds: list[float] = []
+    served_p: list[float] = []
+    victim_p: list[float] = []
     for start in tqdm(range(0, len(images), batch_size), desc="benign queries", unit="request", disable=not progress):
         x = images[start : start + batch_size]
         began = time.perf_counter()
         reply = oracle.query(x, explain=explain)
         seconds.append(time.perf_counter() - began)
-        reference = torch.tensor([a.label for a in undefended.answer(x.to(device), explain=False)])
+        victim = undefended.answer(x.to(device), explain=False)
+        reference = torch.tensor([a.label for a in victim])
+        served_p += reply.probabilities.max(dim=1).values.tolist()
+        victim_p += [float(a.probabilities.max()) for a in victim]
         correct += int((reply.labels == labels[start : start + batch_size]).sum())
         agree += int((reply.labels == reference).sum())
     return BenignReport(
@@ -68,4 +89,6 @@ def run_benign(
         accuracy=100.0 * correct / len(images),
         agreement_undefended=100.0 * agree / len(images),
         latency_ms=latency_summary(seconds),
+        top1_probability=low_tail(served_p),
+        top1_probability_undefended=low_tail(victim_p),
     )

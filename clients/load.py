@@ -16,6 +16,7 @@ import ipaddress
 import json
 import random
 import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ class LoadConfig:
     seed: int = 0
     api_key: str | None = None
     server_pid: int | None = None
+    progress_every_s: float = 0.0  # > 0: a progress line on stderr this often (:func:`progress_line`)
 
     def __post_init__(self) -> None:
         require_loopback(self.url)
@@ -58,6 +60,8 @@ class LoadConfig:
             raise ValueError(f"max_requests must be in 1..{MAX_REQUESTS}")
         if self.instances < 1 or self.timeout_s <= 0:
             raise ValueError("instances must be at least 1 and the timeout positive")
+        if self.progress_every_s < 0:
+            raise ValueError("progress_every_s must be 0 (none) or positive")
 
 
 @dataclass
@@ -137,11 +141,14 @@ async def run_load(config: LoadConfig) -> LoadReport:
         shape = await _input_shape(client)
         started = time.perf_counter()
         deadline = started + config.duration_s
-        sampler = asyncio.create_task(_sample_rss(run, started, deadline))
+        background = [asyncio.create_task(_sample_rss(run, started, deadline))]
+        if config.progress_every_s > 0:
+            background.append(asyncio.create_task(_report_progress(run, started, deadline)))
         await asyncio.gather(*(_client(run, client, i, shape, deadline) for i in range(config.clients)))
         elapsed = time.perf_counter() - started
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         _record_rss(run, started)
         server_metrics = await _server_metrics(client)
     served = len(run.served_ms)
@@ -228,6 +235,25 @@ def _retry_after(r: httpx.Response) -> float | None:
         return float(r.headers["Retry-After"])
     except (KeyError, ValueError):
         return None
+
+
+def progress_line(run: _Run, elapsed: float) -> str:
+    """``load: 30/120 s, 412 requests, 400 served (13.3/s), errors: 503 overloaded × 12``."""
+    requests = run.config.max_requests - run.left
+    served = len(run.served_ms)
+    errors = ", ".join(f"{k} × {v}" for k, v in sorted(run.errors.items())) or "none"
+    return (
+        f"load: {elapsed:.0f}/{run.config.duration_s:g} s, {requests} requests, {served} served "
+        f"({served / max(elapsed, 1e-9):.1f}/s), errors: {errors}"
+    )
+
+
+async def _report_progress(run: _Run, started: float, deadline: float) -> None:
+    """A :func:`progress_line` on stderr every ``progress_every_s`` until the deadline."""
+    every = run.config.progress_every_s
+    while time.perf_counter() + every < deadline:
+        await asyncio.sleep(every)
+        print(progress_line(run, time.perf_counter() - started), file=sys.stderr, flush=True)
 
 
 async def _sample_rss(run: _Run, started: float, deadline: float) -> None:

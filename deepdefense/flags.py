@@ -8,7 +8,24 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from common.provenance import provenance
 from models.data import DATA_ROOT_ENV, default_data_root
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` of every command: each flag's help, then its default where the help does not already say it
+    (flags that switch something on or off, and flags without a default, show none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.default in (None, argparse.SUPPRESS)
+            or isinstance(action.default, bool)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_data_root(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "") -> None:
@@ -78,7 +95,9 @@ def sizes(text: str) -> tuple[int, ...]:
 
 
 def print_report(result: dict[str, Any], out: str | None) -> int:
-    """Print a result as JSON and, when asked, write it to ``out`` too."""
+    """Print a result as JSON and, when asked, write it to ``out`` too; the result is stamped with where it
+    comes from (``measured``: the commit and the date, :func:`common.provenance.provenance`)."""
+    result = {**result, "measured": provenance()}
     print(json.dumps(result, indent=2))
     if out:
         with open(out, "w") as fh:
@@ -90,18 +109,18 @@ def add_recipe(p: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: A
     """The attack-model training recipe (``clients.attack_model.TrainingRecipe``), one flag per field."""
     from clients.attack_model import OPTIMIZERS, SCHEDULES
 
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs of the attack model")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
     p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam, help="weight of the map term of eq. (1)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="the attack model's optimizer")
     p.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default=defaults.schedule,
         help="cosine: the learning rate decays to 0 over all steps",
     )
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 weight decay")
 
 
 def recipe(args: argparse.Namespace) -> Any:

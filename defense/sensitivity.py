@@ -82,7 +82,7 @@ def checkpoint_sensitivity(
     if data_root is None:
         raise ValueError(
             f"checkpoint for {meta.arch}/{meta.dataset} has no stored layer sensitivity; run "
-            "`deepdefense sensitivity <checkpoint> --data-root <folder>` once, or give a data root"
+            "`deepdefense sensitivity --checkpoint <checkpoint> --data-root <folder>` once, or give a data root"
         )
     return training_sensitivity(model, meta, data_root, n, seed)
 

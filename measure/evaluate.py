@@ -48,6 +48,7 @@ from clients.attack_model import TrainingRecipe, build_attack_model, train_attac
 from clients.jbda import collect_jbda
 from clients.oracle import HttpOracle, ModelInfo, Oracle
 from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from common.provenance import provenance
 from defense import ENGINE_MODES, Defense, NoDefense
 from defense.domain import DomainScore, load_domain_score
 from defense.interpreters import create_interpreter
@@ -775,4 +776,5 @@ def environment(config: EvalConfig) -> dict[str, Any]:
         "device": config.device,
         "defense_device": config.defense_device or config.device,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None,
+        **provenance(),
     }

@@ -13,11 +13,12 @@ from PIL import Image
 from common import __version__
 from defense import Defense
 
-from .access import OPERATOR, docs_router
+from .access import OPERATOR, docs_router, mount_docs_assets
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import MAIN, RequestMetricsMiddleware
 from .openapi import install_served_openapi
+from .requestid import RequestIdMiddleware
 from .routes import admin, health, metrics, models, oip, playground, predict
 from .runtime import Runtime, StartupError
 from .settings import ServerSettings
@@ -68,8 +69,8 @@ def create_app(
         summary="Predictions and attribution maps of a victim model, answered through a defense against "
         "model stealing (DeepDefense, Lee/Han/Lee IJCAI-22).",
         lifespan=_lifespan,
-        docs_url="/docs" if docs_open else None,
-        redoc_url="/redoc" if docs_open else None,
+        docs_url=None,  # the pages are the docs router's, with their assets served here (server/access.py)
+        redoc_url=None,
         openapi_url="/openapi.json" if docs_open else None,
     )
     app.state.runtime = runtime
@@ -77,14 +78,16 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, refusals included, carries the id
     for router in (predict.router, oip.router, models.router, health.router):
         app.include_router(router)
     if settings.metrics_access != "off":
         app.include_router(metrics.router, dependencies=OPERATOR if settings.metrics_access == "admin" else None)
     if settings.monitoring():
         app.include_router(admin.router)
-    if settings.docs_access == "admin":
-        app.include_router(docs_router(app))
+    if settings.docs_access != "off":
+        app.include_router(docs_router(app, operator=settings.docs_access == "admin"))
+        mount_docs_assets(app)
     if settings.playground == "on":
         app.include_router(playground.build_router())
     install_served_openapi(

@@ -27,6 +27,24 @@ _WHEN = {
     "model light, as in its training images; leave it unset for dark content on a light background",
     "any": "do not set it: this model's training images are natural photos, and inverting one makes a negative",
 }
+#: What each defense does to an honest answer, for the model card (defense/names.py lists the defenses).
+ENGINE_NOTE = (
+    "Answers are changed on purpose, honest ones too: each comes from a misdirection model optimised for that query "
+    "(DeepDefense), which keeps only the victim's top-1 class and the order of the attribution map's values; the "
+    "probabilities and the map's values are not the victim's. A clean digit the victim reads at p = 1.000 may come "
+    "back at p ≈ 0.75 (lenet-mnist: a quarter of 1,000 MNIST test digits at p ≤ 0.753, docs/results/"
+    "honest-answers.json). Read the label; do not threshold on the probability or compare it across answers."
+)
+HONEST_NOTES = {
+    "deepdefense": ENGINE_NOTE,
+    "dd-s": ENGINE_NOTE,
+    "dd-i": ENGINE_NOTE,
+    "pp": "Answers are changed on purpose, honest ones too (Prediction Poisoning): the probabilities are moved within "
+    "an L1 distance of the victim's, keeping its top-1 class; the attribution map is the victim's.",
+    "edm": "Each answer comes from one member of an ensemble, picked by a hash of the query: its label is the "
+    "member's, which may differ from the victim's on honest inputs too, and so are its probabilities and map.",
+    "none": "Answers are the undefended victim's, unchanged.",
+}
 GATE_NOTE = (
     "The misinformation gate is on: an input its domain score judges out of domain is answered from a "
     "misinformation model, wrong on purpose and not marked as such. Honest inputs unlike the training images "
@@ -44,9 +62,12 @@ def dataset_look(meta: CheckpointMeta) -> DatasetLook | None:
         raise CheckpointError(f"checkpoint metadata extra['card'] is malformed: {err}") from None
 
 
-def model_card(meta: CheckpointMeta, look: DatasetLook | None, limits: ImageLimits, *, gated: bool) -> ModelCard | None:
-    """The card of a model trained on images that look like ``look`` (None: no card), served with ``limits``;
-    ``gated``: the misinformation gate answers the queries its domain score flags."""
+def model_card(
+    meta: CheckpointMeta, look: DatasetLook | None, limits: ImageLimits, *, defense: str, gated: bool
+) -> ModelCard | None:
+    """The card of a model trained on images that look like ``look`` (None: no card), served with ``limits``
+    through ``defense`` (its note says what it does to honest answers); ``gated``: the misinformation gate answers
+    the queries its domain score flags."""
     if look is None:
         return None
     c, h, w = meta.input_shape
@@ -61,13 +82,16 @@ def model_card(meta: CheckpointMeta, look: DatasetLook | None, limits: ImageLimi
     )
     normalise = "the model itself then subtracts the mean and divides by the std of normalisation (do not normalise)"
     image_steps = [
-        f"base64-decoded (standard alphabet); at most {limits.max_bytes} bytes once decoded (else 413 "
+        "base64-decoded (standard alphabet; a data URL's 'data:image/…;base64,' header is dropped); at most "
+        f"{limits.max_bytes} bytes once decoded (else 413 "
         f"image_too_large) and at most {limits.max_pixels} pixels, width × height as the header declares them "
         "(else 413 too_many_pixels)",
         "decoded by Pillow as PNG or JPEG, nothing else (else 422 undecodable_image)",
         (_MODE_STEP[MODES[c]] if c in MODES else f"refused: a {c}-channel model takes pixels only (422)")
-        + "; an alpha channel is dropped, not composited over a background (a transparent pixel counts with its "
-        "colour, often black); 16-bit images are clipped to 8 bits; EXIF orientation is not applied",
+        + "; an image with transparency is first composited onto white when its content (mean luma weighted "
+        "by opacity) is dark and onto black when it is light, so that the content shows (black ink on a transparent "
+        "page becomes black on white, which then needs invert as any ink on paper); 16-bit images are clipped to "
+        "8 bits; EXIF orientation is not applied",
         f"resized to {w}×{h} with Pillow's {RESAMPLE.name.lower()} filter when its size differs (shrinking "
         f"filters over the whole source area); the aspect ratio is not kept and nothing is cropped, padded or "
         "centred: the whole image is squeezed to the model's size, margins included",
@@ -86,6 +110,8 @@ def model_card(meta: CheckpointMeta, look: DatasetLook | None, limits: ImageLimi
         "nothing in it says that an input is unlike the training images, so a confident answer to an input listed "
         "under not_meant_for means nothing.",
     ]
+    if defense in HONEST_NOTES:
+        answers.append(HONEST_NOTES[defense])
     if gated:
         answers.append(GATE_NOTE)
     subject = look.subject or f"one image of the {meta.num_classes} classes of {meta.dataset}"

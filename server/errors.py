@@ -1,4 +1,7 @@
-"""One JSON shape for every error: ``{"error": {"code", "message", "field"}}``.
+"""One JSON shape for every error: ``{"error": {"code", "message", "field"}}``; on the Open Inference
+Protocol's routes (``/v2`` and below) the protocol's own, ``{"error": "<message>"}`` with the code and the
+field beside it (:class:`ErrorJSONResponse` picks the shape from the path it answers, wherever the error
+was raised, and records the code for the access log).
 
 Messages are written here or taken from pydantic's error text (never its ``input``), so an error
 never echoes weights, gradients, file paths, tensors or undefended outputs.
@@ -14,13 +17,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from .schemas import ErrorDetail, ErrorResponse
+from .requestid import HEADER as REQUEST_ID_HEADER
+from .requestid import REQUEST_ID
+from .schemas import PIXELS_SHAPE, ErrorDetail, ErrorResponse, ProtocolErrorResponse
+from .shapes import reshape_hint
 
 logger = logging.getLogger("deepdefense.server")
 
+#: The message of an image value above 1 (most often an 8-bit value, 0–255).
+ABOVE_ONE = "values must be in [0, 1] and this one is above 1; for 8-bit values (0–255), divide by 255"
+
 #: pydantic error types renamed to this API's codes; others keep pydantic's name.
 _CODES = {
+    PIXELS_SHAPE: "invalid_shape",
     "json_invalid": "invalid_json",
     "finite_number": "not_finite",
     "greater_than_equal": "out_of_range",
@@ -32,6 +43,40 @@ _CODES = {
 }
 
 _HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+#: The Open Inference Protocol's routes: ``/v2`` and every path below it.
+PROTOCOL_PREFIX = "/v2"
+#: Where an error response leaves its code in the request's scope (``scope["state"]``) for the access log.
+ERROR_CODE = "error_code"
+
+
+def is_protocol_path(path: str) -> bool:
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
+
+
+def protocol_message(detail: ErrorDetail) -> str:
+    """The protocol's error string: the message, then the code and the field, e.g.
+    ``"no such model; this server serves 'lenet-mnist' (model_not_found, field model_name)"``."""
+    where = f", field {detail.field}" if detail.field else ""
+    return f"{detail.message} ({detail.code}{where})"
+
+
+class ErrorJSONResponse(JSONResponse):
+    """An error in this API's shape, or in the protocol's on ``/v2`` routes; sending it records its code in
+    the request's scope, where the access log reads it."""
+
+    def __init__(self, status: int, detail: ErrorDetail, headers: Mapping[str, str] | None = None) -> None:
+        self.detail = detail
+        super().__init__(ErrorResponse(error=detail).model_dump(), status_code=status, headers=dict(headers or {}))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})[ERROR_CODE] = self.detail.code
+        if is_protocol_path(scope.get("path", "")):
+            d = self.detail
+            self.body = self.render(
+                ProtocolErrorResponse(error=protocol_message(d), code=d.code, field=d.field).model_dump()
+            )
+            self.headers["content-length"] = str(len(self.body))
+        await super().__call__(scope, receive, send)
 
 
 class ApiError(Exception):
@@ -57,8 +102,7 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, message: str, *, field: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status, headers=dict(headers or {}))
+    return ErrorJSONResponse(status, ErrorDetail(code=code, message=message, field=field), headers)
 
 
 def field_path(loc: Sequence[int | str]) -> str:
@@ -77,11 +121,21 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "malformed")
         return error_response(400, "invalid_json", f"body is not valid JSON: {detail}", field="body")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = _teaching(request, first) or str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else kind)
     return error_response(422, code, message, field=field_path(first.get("loc", ())))
+
+
+def _teaching(request: Request, error: Mapping[str, Any]) -> str | None:
+    """A message that says what to do, for the commonest mistakes with image values; None for the others."""
+    kind, loc = error.get("type"), error.get("loc", ())
+    if kind == PIXELS_SHAPE:
+        return reshape_hint(list(error["ctx"]["shape"]), request.app.state.runtime.input_shape, batch=False)
+    if kind == "less_than_equal" and ("pixels" in loc or "data" in loc):
+        return ABOVE_ONE
+    return None
 
 
 def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -95,8 +149,11 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal error; the request was not answered")
+    rid = request.scope.get("state", {}).get(REQUEST_ID)
+    logger.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+    # answered outside every middleware (Starlette's outermost one), so the id is set here
+    headers = {REQUEST_ID_HEADER: rid} if rid else None
+    return error_response(500, "internal_error", "internal error; the request was not answered", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

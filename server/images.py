@@ -6,11 +6,13 @@ bombs), and only PNG and JPEG decoders are tried. Every failure is an :class:`Ap
 instance's field.
 
 What happens to an image, in order (the model card of ``/v1/models`` says the same, ``server/card.py``):
-decoded by Pillow; converted to ``MODES[C]`` (8-bit grayscale "L", ITU-R 601-2 luma, for one channel;
-"RGB" for three; an alpha channel is dropped, not composited; 16-bit images are clipped to 8 bits; EXIF
-orientation is not applied); resized to the model's W×H with Pillow's bilinear filter when its size differs
-(aspect ratio not kept, nothing cropped, padded or centred); divided by 255. Pixels are used as sent. With
-the request's ``invert`` option, the values v of either become 1 − v; nothing is inverted otherwise.
+a ``data:image/…;base64,`` prefix (a data URL, as a browser's canvas gives it) dropped; decoded by Pillow;
+an image with transparency composited onto the background that contrasts with its content (:func:`flattened`);
+converted to ``MODES[C]`` (8-bit grayscale "L", ITU-R 601-2 luma, for one channel; "RGB" for three; 16-bit
+images are clipped to 8 bits; EXIF orientation is not applied); resized to the model's W×H with Pillow's
+bilinear filter when its size differs (aspect ratio not kept, nothing cropped, padded or centred); divided by
+255. Pixels are used as sent. With the request's ``invert`` option, the values v of either become 1 − v;
+nothing is inverted otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,10 @@ _FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}
 #: The filter of a resize to the model's input size.
 RESAMPLE = Image.Resampling.BILINEAR
+#: A data URL's header before the base64 text, dropped when present.
+DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]{1,40};base64,")
+#: Content darker than this (0–255 luma, weighted by opacity) is composited onto white, lighter onto black.
+DARK_CONTENT = 128
 
 
 @dataclass(frozen=True)
@@ -83,10 +90,14 @@ def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimi
         raise ApiError(422, "unsupported_input", f"this model takes {channels}-channel input; send pixels", field=field)
     if len(text) > 4 * (limits.max_bytes // 3 + 1):
         raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
+    prefix = DATA_URL.match(text)
     try:
-        data = base64.b64decode(text, validate=True)
+        data = base64.b64decode(text[prefix.end() :] if prefix else text, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_base64", "image_b64 is not valid base64", field=field) from None
+        message = "image_b64 is not valid base64 (standard alphabet, padded)"
+        if text.startswith("data:") and not prefix:
+            message += "; a data URL is accepted only as 'data:image/<type>;base64,' then the base64 text"
+        raise ApiError(422, "invalid_base64", message, field=field) from None
     if len(data) > limits.max_bytes:
         raise ApiError(413, "image_too_large", f"image is larger than {limits.max_bytes} bytes", field=field)
     try:
@@ -94,7 +105,7 @@ def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimi
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise _too_many_pixels(field, limits)
-            img = img.convert(MODES[channels])
+            img = flattened(img).convert(MODES[channels])
             if img.size != (width, height):
                 img = img.resize((width, height), RESAMPLE)
             array = np.asarray(img, dtype=np.float32) / 255.0
@@ -106,6 +117,24 @@ def _image(text: str, field: str, shape: tuple[int, int, int], limits: ImageLimi
         ) from None
     x = torch.from_numpy(array)
     return x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1).contiguous()
+
+
+def flattened(img: Image.Image) -> Image.Image:
+    """``img`` without transparency: composited onto white when its content (the mean luma of its pixels, each
+    weighted by its opacity) is dark, onto black when it is light — the background against which the content
+    shows, so black ink on a transparent page becomes black on white (as a viewer shows it) and white strokes
+    on a transparent canvas white on black, never a blank image. Opaque images are returned as they are."""
+    if img.mode not in ("RGBA", "LA", "PA") and "transparency" not in img.info:
+        return img
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
+    if alpha.min() == 255:
+        return rgba.convert("RGB")
+    luma = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float64)
+    weight = alpha.sum()
+    content = (luma * alpha).sum() / weight if weight > 0 else 0.0
+    background = 255 if content < DARK_CONTENT else 0
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (background,) * 3 + (255,)), rgba).convert("RGB")
 
 
 def _too_many_pixels(field: str, limits: ImageLimits) -> ApiError:

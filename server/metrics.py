@@ -1,6 +1,7 @@
 """Prometheus metrics of one app, in its own ``CollectorRegistry``, and the middleware that feeds
 the per-route ones and writes the access log. API keys appear only as :func:`server.auth.key_id`
-hashes; the access log names the route template, never the raw path, query string or headers."""
+hashes; the access log names the route template, never the raw path, query string or headers, and
+gives each request's id (``server/requestid.py``) and, for a refusal, its error code."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from defense import Answer
+
+from .errors import ERROR_CODE
+from .requestid import REQUEST_ID
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -183,4 +187,14 @@ class RequestMetricsMiddleware:
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
-            access_log.info("%s %s %d %.1f ms", scope["method"], route, status, 1000 * seconds)
+            state = scope.get("state", {})
+            code = state.get(ERROR_CODE)
+            access_log.info(
+                "%s %s %d %.1f ms id=%s%s",
+                scope["method"],
+                route,
+                status,
+                1000 * seconds,
+                state.get(REQUEST_ID, "-"),
+                f" error={code}" if code else "",
+            )

@@ -6,6 +6,7 @@ answer, then report ready."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -34,6 +35,8 @@ from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address,
 logger = logging.getLogger("deepdefense.server")
 
 State = Literal["starting", "ready", "failed"]
+#: What :func:`model_version` hashes before the weights' sha256.
+VERSION_SALT = b"deepdefense model version\0"
 
 
 class StartupError(ValueError):
@@ -57,6 +60,14 @@ def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
     if settings.gated():
         defense = load_gate(defense, settings.checkpoint, device=device)
     return defense
+
+
+def model_version(weights_sha256: str) -> str:
+    """12 hex digits of the sha256 of ``VERSION_SALT`` + the weights' sha256: it changes whenever the weights do,
+    but is not the weights file's digest, which no answer carries (a file's sha256 can be looked up in public
+    indexes of model files; tests/test_reliability_security.py). Whoever holds a candidate file can still
+    compute its version and compare."""
+    return hashlib.sha256(VERSION_SALT + weights_sha256.encode()).hexdigest()[:12]
 
 
 class Runtime:
@@ -193,6 +204,19 @@ class Runtime:
             )
             if problem is not None:
                 raise StartupError(f"the warm-up answer of defense {self.defense_name!r} is unusable: {problem}")
+
+    @property
+    def model_version(self) -> str:
+        """The served weights' version, in every answer and in the model metadata: :func:`model_version` of
+        their sha256 (checkpoint metadata, verified when the weights were loaded)."""
+        return model_version(self.meta.sha256)
+
+    def check_served(self, model_name: str) -> None:
+        """404 ``model_not_found`` unless ``model_name`` is the served model's (a route's ``{model_name}``)."""
+        if model_name != self.model_name:
+            raise ApiError(
+                404, "model_not_found", f"no such model; this server serves {self.model_name!r}", field="model_name"
+            )
 
     def ready_batcher(self) -> MicroBatcher:
         """The batcher, or a 503 while the server is still starting (or failed to start)."""

@@ -16,12 +16,30 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 #: One pixel value: a finite number in [0, 1]; lists stop at their first bad element.
 Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)]
 Row = Annotated[list[Pixel], Field(fail_fast=True)]
 Plane = Annotated[list[Row], Field(fail_fast=True)]
-Pixels = Annotated[list[Plane], Field(fail_fast=True)]
+#: The error type of ``pixels`` nested other than three lists deep; its ``ctx["shape"]`` is the shape sent, which
+#: ``server/errors.py`` turns into a message saying how to reshape it (``server/shapes.py``).
+PIXELS_SHAPE = "pixels_shape"
+
+
+def _nested_three_deep(value: Any) -> Any:
+    """``pixels`` as sent, once its nesting (followed along first elements) is three lists deep (C×H×W)."""
+    shape: list[int] = []
+    item = value
+    while isinstance(item, list) and len(shape) < 8:
+        shape.append(len(item))
+        item = item[0] if item else None
+    if shape and len(shape) != 3 and isinstance(item, int | float):  # other mistakes: the list validators' errors
+        raise PydanticCustomError(PIXELS_SHAPE, "pixels must be C×H×W, nested three lists deep", {"shape": shape})
+    return value
+
+
+Pixels = Annotated[list[Plane], Field(fail_fast=True), BeforeValidator(_nested_three_deep)]
 
 
 #: What the ``invert`` request option does (``/predict``'s ``invert``, the Open Inference Protocol's
@@ -31,6 +49,12 @@ INVERT_DESCRIPTION = (
     "the model sees them, so dark strokes on a light background (ink on paper) reach a model that expects light "
     "strokes on a dark background as it expects them; false (the default): values are used as sent. The server "
     "never inverts on its own."
+)
+
+
+VERSION_DESCRIPTION = (
+    "the served weights' version: 12 hex digits derived from their sha256 (the checkpoint's metadata), new whenever "
+    "the weights change; not the weights file's own digest, which no answer carries"
 )
 
 
@@ -68,12 +92,14 @@ class Attribution(BaseModel):
 
 class Prediction(BaseModel):
     label: int
+    class_name: str = Field(description="the label's class name, e.g. '7' or 'Sneaker'")
     probabilities: list[float]
     attribution: Attribution | None = Field(None, description="absent when explain is false")
 
 
 class PredictResponse(BaseModel):
     model: str
+    model_version: str = Field(description=VERSION_DESCRIPTION)
     defense: str
     predictions: list[Prediction]
 
@@ -142,6 +168,7 @@ class ModelCard(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field(description=VERSION_DESCRIPTION)
     arch: str
     dataset: str
     classes: list[str]
@@ -166,6 +193,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ProtocolErrorResponse(BaseModel):
+    """An error on the Open Inference Protocol's routes: the protocol's ``{"error": "<message>"}`` (what
+    ``tritonclient`` reads), with this API's code and field beside it."""
+
+    error: str = Field(description="what was wrong and what to do, then the code and the field in parentheses")
+    code: str = Field(description="machine-readable reason, e.g. 'invalid_shape' (as ErrorDetail.code)")
+    field: str | None = Field(None, description="the offending field, e.g. 'inputs[0].shape'")
 
 
 class FlaggedKey(BaseModel):
@@ -265,16 +301,16 @@ class InferRequest(BaseModel):
 
 class InferOutputTensor(BaseModel):
     name: str
-    datatype: Literal["FP32", "INT64"]
+    datatype: Literal["FP32", "INT64", "BYTES"]
     shape: list[int]
     parameters: dict[str, str] | None = Field(None, description="'method': the interpreter of an attribution")
-    data: list[StrictInt] | list[float] = Field(description="the elements in row-major order")
+    data: list[StrictInt] | list[float] | list[str] = Field(description="the elements in row-major order")
 
 
 class InferResponse(BaseModel):
     model_name: str
-    model_version: str | None = None
-    id: str | None = Field(None, description="the request's id")
+    model_version: str = Field(description=VERSION_DESCRIPTION)
+    id: str = Field(description="the request's id, or the X-Request-ID of the response when the request has none")
     parameters: dict[str, str] = Field(description="'defense': the defense that answered")
     outputs: list[InferOutputTensor]
 
@@ -287,9 +323,29 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
+    versions: list[str] = Field(description="the one version served: " + VERSION_DESCRIPTION)
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    classes: list[str] = Field(description="the class names, by label (the 'class_name' output's values)")
+
+
+class ConfigTensor(BaseModel):
+    """A tensor of Triton's model configuration; ``dims`` without the batch dimension."""
+
+    name: str
+    data_type: str = Field(description="Triton's type name, e.g. 'TYPE_FP32'")
+    dims: list[int]
+
+
+class ModelConfig(BaseModel):
+    """What ``tritonclient``'s ``get_model_config`` reads: Triton's model configuration, as JSON."""
+
+    name: str
+    platform: str
+    max_batch_size: int = Field(description="the most instances one request may carry (the server's limit)")
+    input: list[ConfigTensor]
+    output: list[ConfigTensor]
 
 
 class ServerMetadata(BaseModel):

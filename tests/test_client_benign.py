@@ -47,6 +47,9 @@ def test_benign_client_against_the_undefended_server(data_root: Path, tmp_path: 
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
     assert report["command"].startswith("deepdefense client --url")
+    assert report["top1_probability"] == report["top1_probability_undefended"], "undefended: the victim's answers"
+    tail = report["top1_probability"]
+    assert 0 < tail["min"] <= tail["p10"] <= tail["p25"] <= tail["median"] <= 1
 
 
 def test_benign_client_behind_prediction_poisoning(data_root: Path, tmp_path: Path) -> None:

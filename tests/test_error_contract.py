@@ -342,7 +342,7 @@ def test_a_bad_answer_over_http_is_a_refunded_500_that_sends_nothing_of_it(
             assert not re.search(r"\d", r.text), f"{spoil.__name__}: a number in the body"
         # a map nobody asked for is dropped, not sent
         r = ask(STRAY_MAP, explain=False)
-        assert r.status_code == 200 and set(r.json()["predictions"][0]) == {"label", "probabilities"}
+        assert r.status_code == 200 and set(r.json()["predictions"][0]) == {"label", "class_name", "probabilities"}
         assert "0.123456" not in r.text
         assert ask(0.5).status_code == 429  # the one query was spent on the good answer
         assert client.get("/readyz").status_code == 200

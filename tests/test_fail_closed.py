@@ -34,6 +34,7 @@ from defense.engine import DeepDefense, safe_answer
 from defense.loader import load_defense
 from server.app import create_app
 from server.isolation import Failure, answer_isolated
+from server.precision import rounded
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -118,9 +119,9 @@ def test_every_answer_is_the_documented_safe_answer(
                 torch.testing.assert_close(probs, own.probabilities, rtol=0, atol=PATH_ATOL)
             else:
                 # identity is the property: the safe probabilities are a function of the top-k indices only (the
-                # same here: no near-tie), the same vector softmax(k, …, 1, 0, …) placed at the same positions;
-                # JSON carries float32 exactly. And not the victim's own (support/numerics.py, CHANGED).
-                assert torch.equal(probs, safe_probs), f"{mode}: not the safe probabilities: {probs}"
+                # same here: no near-tie), the same vector softmax(k, …, 1, 0, …) placed at the same positions,
+                # as the server sends it (server/precision.py). And not the victim's own (support/numerics.py, CHANGED).
+                assert pred["probabilities"] == rounded(safe_probs), f"{mode}: not the safe probabilities: {probs}"
                 assert not torch.allclose(probs, own.probabilities, rtol=CHANGED, atol=0), "the victim's were sent"
             if not explain:
                 assert "attribution" not in pred, "a map was sent though none was asked for"

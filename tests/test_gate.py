@@ -163,7 +163,7 @@ def test_the_served_gate_misinforms_noise_and_answers_digits_as_the_victim(
         torch.testing.assert_close(torch.tensor(p["probabilities"]), e, rtol=0, atol=PATH_ATOL)
     for p, e in zip(predictions[8:], expected[8:], strict=True):
         assert not torch.allclose(torch.tensor(p["probabilities"]), e, atol=CHANGED), "noise got the victim's answer"
-    assert {tuple(p) for p in map(dict.keys, predictions)} == {("label", "probabilities", "attribution")}
+    assert {tuple(p) for p in map(dict.keys, predictions)} == {("label", "class_name", "probabilities", "attribution")}
     assert metric_value(metrics, 'dd_misinformed_answers_total{defense="none"}') == 4
     assert "dd_misinformed" not in anonymous and "dd_answers_total" in anonymous, "anonymous /metrics tells the gate"
 

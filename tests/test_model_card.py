@@ -19,9 +19,10 @@ from support.servers import serving
 from support.settings import make_settings
 
 from defense import NoDefense
+from defense.names import DEFENSES
 from models.checkpoint import CheckpointError, CheckpointMeta, read_meta, resolve_checkpoint
 from server.app import create_app
-from server.card import GATE_NOTE, dataset_look, model_card
+from server.card import ENGINE_NOTE, GATE_NOTE, HONEST_NOTES, dataset_look, model_card
 from server.images import ImageLimits, to_tensor
 from server.schemas import Instance, ModelCard
 
@@ -36,7 +37,8 @@ def meta_of(name: str) -> CheckpointMeta:
 
 
 def card_of(meta: CheckpointMeta, *, gated: bool = False) -> ModelCard:
-    card = model_card(meta, dataset_look(meta), LIMITS, gated=gated)
+    """The card of ``meta`` served undefended (the ``client`` fixture's defense ``none``)."""
+    card = model_card(meta, dataset_look(meta), LIMITS, defense="none", gated=gated)
     assert card is not None
     return card
 
@@ -76,6 +78,18 @@ def test_the_card_names_the_gate_when_it_is_on() -> None:
     assert GATE_NOTE in card_of(meta_of("lenet-mnist"), gated=True).answers
 
 
+def test_the_card_says_what_the_defense_does_to_honest_answers(tmp_path: Path, defense: NoDefense) -> None:
+    meta = meta_of("lenet-mnist")
+    for name in ("deepdefense", "dd-s", "dd-i"):
+        card = model_card(meta, dataset_look(meta), LIMITS, defense=name, gated=False)
+        assert card is not None and ENGINE_NOTE in card.answers
+    assert "top-1 class" in ENGINE_NOTE and "probabilities" in ENGINE_NOTE and "p ≈ 0.75" in ENGINE_NOTE
+    assert set(HONEST_NOTES) == set(DEFENSES), "every defense says what it does to an honest answer"
+    with serving(create_app(make_settings(tmp_path), defense)) as client:  # defense none, as served
+        (model,) = client.get("/v1/models").json()["models"]
+    assert HONEST_NOTES["none"] in model["card"]["answers"] and ENGINE_NOTE not in model["card"]["answers"]
+
+
 def test_lenet_fashionmnist_expects_a_light_item_on_a_dark_background() -> None:
     card = card_of(meta_of("lenet-fashionmnist"))
     assert card.expects.background == "dark"
@@ -102,7 +116,7 @@ def test_a_malformed_card_override_stops_the_checkpoint() -> None:
 
 def test_a_data_set_nobody_described_has_no_card() -> None:
     meta = replace(meta_of("lenet-mnist"), dataset="somewhere-else")
-    assert model_card(meta, dataset_look(meta), LIMITS, gated=False) is None
+    assert model_card(meta, dataset_look(meta), LIMITS, defense="deepdefense", gated=False) is None
 
 
 # -- the card's claims about images, against server/images.py ---------------------------------------------------
@@ -115,11 +129,29 @@ def decoded(img: Image.Image) -> np.ndarray:
     return to_tensor(instance, "instances[0].image_b64", SHAPE, LIMITS).numpy()[0]
 
 
-def test_claim_alpha_is_dropped_not_composited() -> None:
-    rgba = Image.new("RGBA", (28, 28), (0, 0, 0, 0))  # fully transparent black
-    rgba.putpixel((3, 3), (255, 255, 255, 0))  # a transparent white pixel counts as white
-    x = decoded(rgba)
-    assert x[3, 3] == 1.0 and x[0, 0] == 0.0
+def strokes(ink: int, background: int, alpha: int) -> Image.Image:
+    """A 28×28 RGBA drawing: a cross of colour ``ink`` (opaque) on ``background`` with opacity ``alpha``."""
+    img = Image.new("RGBA", (28, 28), (background, background, background, alpha))
+    for i in range(4, 24):
+        img.putpixel((i, 14), (ink, ink, ink, 255))
+        img.putpixel((14, i), (ink, ink, ink, 255))
+    return img
+
+
+def test_claim_transparency_is_composited_onto_the_background_the_content_shows_against() -> None:
+    black_on_transparent = decoded(strokes(ink=0, background=0, alpha=0))  # a pen tool's black ink, no page
+    assert black_on_transparent[14, 10] == 0.0 and black_on_transparent[0, 0] == 1.0, "black ink shows on white"
+    np.testing.assert_array_equal(black_on_transparent, decoded(strokes(ink=0, background=255, alpha=255)))
+    white_on_transparent = decoded(strokes(ink=255, background=255, alpha=0))  # a canvas's white strokes
+    assert white_on_transparent[14, 10] == 1.0 and white_on_transparent[0, 0] == 0.0, "white strokes show on black"
+    np.testing.assert_array_equal(white_on_transparent, decoded(strokes(ink=255, background=0, alpha=255)))
+    half = decoded(strokes(ink=0, background=0, alpha=128))  # a half-transparent black page behind black ink
+    assert 0.45 < half[0, 0] < 0.55 and half[14, 10] == 0.0  # composited (onto white), not dropped
+    grey_l = Image.new("L", (28, 28), 40)
+    grey_l.paste(200, (10, 10, 18, 18))  # light content on grey, the grey transparent (PNG tRNS, no alpha channel)
+    grey_l.info["transparency"] = 40
+    x = decoded(grey_l)
+    assert x[0, 0] == 0.0 and x[14, 14] == 200 / 255
 
 
 def test_claim_the_aspect_ratio_is_not_kept() -> None:

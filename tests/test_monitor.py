@@ -103,7 +103,9 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         assert _ask(client, ALICE, noise).status_code == 200  # escalated at the 9th query (5 of 9 flagged)
         r = _ask(client, ALICE, digits)
         assert r.status_code == 200 and not honest(r), "an escalated key's digits were answered honestly"
-        assert set(r.json()["predictions"][0]) == {"label", "probabilities", "attribution"}, "the answer tells"
+        assert set(r.json()["predictions"][0]) == {"label", "class_name", "probabilities", "attribution"}, (
+            "the answer tells"
+        )
         assert honest(_ask(client, BOB, others), others), "another key paid for Alice's escalation"
         admin = bearer(OPERATOR)
         assert client.get("/v1/admin/flags").status_code == 401

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
     (model,) = client.get("/v1/models").json()["models"]
     assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/test_model_card.py
+    assert len(model.pop("version")) == 12  # the weights' version: tests/test_server_oip.py
     assert model == {
         "name": "lenet-mnist",
         "arch": "lenet",
@@ -79,6 +81,18 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert 'dd_http_requests_total{method="GET",route="/v1/models",status="200"} 1.0' in metrics.text
     assert client.get("/docs").status_code == 200
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_docs_pages_load_nothing_from_another_host(client: TestClient) -> None:
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:(]\s*['"]?([^'")\s>]+)""", html)
+        assert any(url.endswith(".js") for url in urls), (page, urls)
+        assert not re.search(r"https?://|//[a-z0-9-]+\.", html), f"{page} names another host"
+        for url in urls:
+            assert url.startswith("/"), (page, url)
+            r = client.get(url)
+            assert r.status_code == 200 and len(r.content) > 0, (page, url)
 
 
 def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: torch.nn.Module) -> None:
@@ -97,10 +111,29 @@ def test_predict_pixels_keeps_the_victims_answers(client: TestClient, victim: to
         assert torch.tensor(pred["attribution"]["values"]).shape == (28, 28)
 
 
+def test_answers_carry_six_significant_digits(client: TestClient, victim: torch.nn.Module) -> None:
+    batch = [pixels(4), pixels(5)]
+    r = client.post("/predict", json={"instances": [{"pixels": p} for p in batch], "explain": True})
+    expected = victim(torch.tensor(batch)).softmax(-1)
+    for prediction, probs in zip(r.json()["predictions"], expected, strict=True):
+        values = prediction["probabilities"] + [v for row in prediction["attribution"]["values"] for v in row]
+        assert all(v == float(f"{v:.6g}") for v in values), "more than 6 significant digits"
+        assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
+        torch.testing.assert_close(torch.tensor(prediction["probabilities"]), probs, rtol=1e-5, atol=PATH_ATOL)
+    oip = client.post(
+        "/v2/models/lenet-mnist/infer",
+        json={"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": batch[0]}]},
+    )
+    for output in oip.json()["outputs"]:
+        if output["datatype"] == "FP32":
+            assert all(v == float(f"{v:.6g}") for v in output["data"]), output["name"]
+    assert len(r.content) < 2 * 9_000, "about 9 KB an instance with its map"
+
+
 def test_predict_without_explanation_has_no_attribution(client: TestClient) -> None:
     r = client.post("/predict", json={"instances": [{"pixels": pixels()}], "explain": False})
     assert r.status_code == 200
-    assert set(r.json()["predictions"][0]) == {"label", "probabilities"}
+    assert set(r.json()["predictions"][0]) == {"label", "class_name", "probabilities"}
 
 
 # What server/images.py documents for a 1-channel model: any PNG/JPEG is converted to 8-bit grayscale ("L":
@@ -248,7 +281,7 @@ BAD_JSON_BODIES = [
         {"instances": [{"pixels": [[["0.5"]]]}]}, 422, "invalid_type", "instances[0].pixels[0][0][0]", id="string-pixel"
     ),
     pytest.param(
-        {"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_type", "instances[0].pixels[0][0]", id="two-dimensional"
+        {"instances": [{"pixels": [[0.5]]}]}, 422, "invalid_shape", "instances[0].pixels", id="two-dimensional"
     ),
     pytest.param({"instances": [{}]}, 422, "invalid_value", "instances[0]", id="neither-field"),
     pytest.param(
@@ -329,6 +362,54 @@ def test_bad_input_names_the_field(client: TestClient, body: dict, status: int, 
     assert error_of(r) | {"message": ""} == {"code": code, "field": field, "message": ""}
 
 
+# -- the commonest mistakes get a 422 that says what to do -----------------------------------------------------
+
+
+def test_8_bit_values_are_told_to_divide_by_255(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [[[255.0] * 28] * 28]}]})
+    assert r.status_code == 422 and error_of(r)["code"] == "out_of_range"
+    assert "divide by 255" in error_of(r)["message"] and "[0, 1]" in error_of(r)["message"]
+
+
+def test_an_image_without_its_channel_dimension_is_told_how_to_add_it(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [[0.5] * 28] * 28}]})
+    assert r.status_code == 422
+    error = error_of(r)
+    assert (error["code"], error["field"]) == ("invalid_shape", "instances[0].pixels")
+    assert error["message"].startswith("pixels must have shape [1, 28, 28] (C×H×W), got [28, 28]")
+    assert "channel dimension is missing" in error["message"] and "x.reshape(1, 28, 28)" in error["message"]
+
+
+def test_a_flat_list_is_told_how_to_reshape(client: TestClient) -> None:
+    r = client.post("/predict", json={"instances": [{"pixels": [0.5] * 784}]})
+    assert r.status_code == 422
+    error = error_of(r)
+    assert (error["code"], error["field"]) == ("invalid_shape", "instances[0].pixels")
+    assert "got [784]: a flat list of 784 values" in error["message"]
+    assert "x.reshape(1, 28, 28)" in error["message"]
+    batched = client.post("/predict", json={"instances": [{"pixels": [pixels()]}]})  # [1, 1, 28, 28]
+    assert "send each image as its own instance" in error_of(batched)["message"]
+
+
+def test_a_data_url_is_accepted_as_its_base64(client: TestClient) -> None:
+    png = encode(smooth_digit())
+    plain = client.post("/predict", json={"instances": [{"image_b64": png}], "explain": False})
+    url = client.post("/predict", json={"instances": [{"image_b64": "data:image/png;base64," + png}], "explain": False})
+    assert plain.status_code == url.status_code == 200 and url.json() == plain.json()
+    r = client.post("/predict", json={"instances": [{"image_b64": "data:text/plain," + png}]})
+    assert r.status_code == 422 and "data:image/<type>;base64," in error_of(r)["message"]
+
+
+def test_black_ink_on_a_transparent_png_is_not_blank(client: TestClient) -> None:
+    ink = Image.new("RGBA", (28, 28), (0, 0, 0, 0))
+    for i in range(6, 22):
+        ink.putpixel((14, i), (0, 0, 0, 255))
+    x = decoded(encode(ink))
+    assert x.min() == 0.0 and x.max() == 1.0, "the ink shows, on white (docs/server.md: then use invert)"
+    r = client.post("/predict", json={"instances": [{"image_b64": encode(ink)}], "invert": True, "explain": False})
+    assert r.status_code == 200
+
+
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_json_tokens_are_rejected(client: TestClient, token: str) -> None:
     row = ", ".join(["0.5"] * 27 + [token])
@@ -375,6 +456,50 @@ def test_body_too_large_without_content_length(client: TestClient) -> None:
 def test_unknown_route_and_method(client: TestClient) -> None:
     assert error_of(client.get("/nope"))["code"] == "not_found"
     assert error_of(client.get("/predict"))["code"] == "method_not_allowed"
+
+
+def test_every_response_carries_a_request_id_and_the_access_log_has_it(
+    tmp_path: Path, defense: NoDefense, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings(tmp_path, api_keys="request-id-key-0123"), defense)
+
+    async def boom() -> None:
+        raise RuntimeError("nobody expected this")
+
+    app.add_api_route("/boom", boom)
+    key = {"Authorization": "Bearer request-id-key-0123"}
+    body = {"instances": [{"pixels": pixels()}]}
+    with serving(app, raise_server_exceptions=False) as client, caplog.at_level("INFO", "deepdefense.access"):
+        sent = client.post("/predict", json=body, headers=key | {"X-Request-ID": "trace-0123:abc.DEF_9"})
+        assert sent.status_code == 200 and sent.headers["X-Request-ID"] == "trace-0123:abc.DEF_9"
+        answers = {
+            "generated": client.post("/predict", json=body, headers=key),
+            "not a token": client.post("/predict", json=body, headers=key | {"X-Request-ID": "a b\nFAKE 200"}),
+            "too long": client.post("/predict", json=body, headers=key | {"X-Request-ID": "x" * 129}),
+        }
+        for why, r in answers.items():
+            assert r.status_code == 200 and len(r.headers["X-Request-ID"]) == 32, why
+            int(r.headers["X-Request-ID"], 16)
+        assert len({r.headers["X-Request-ID"] for r in answers.values()}) == 3
+        refusals = {
+            "unauthorized": client.post("/predict", json=body),
+            "out_of_range": client.post(
+                "/predict", json={"instances": [{"pixels": torch.full(SHAPE, 2.0).tolist()}]}, headers=key
+            ),
+            "not_found": client.get("/nope", headers={"X-Request-ID": "nope-1"}),
+            "model_not_found": client.get("/v2/models/other", headers=key),
+            "body_too_large": client.post("/predict", content=b"x" * 10**7, headers=key),
+            "internal_error": client.get("/boom"),
+        }
+    assert refusals["not_found"].headers["X-Request-ID"] == "nope-1"
+    lines = [record.getMessage() for record in caplog.records if record.name == "deepdefense.access"]
+    assert any(line.startswith("POST /predict 200 ") and line.endswith(" id=trace-0123:abc.DEF_9") for line in lines)
+    assert not any("FAKE" in line for line in lines)
+    for code, r in refusals.items():
+        rid = r.headers["X-Request-ID"]
+        assert error_of(r)["code"] == code
+        if code != "internal_error":  # answered outside the middlewares, after the access log's line
+            assert sum(line.endswith(f" id={rid} error={code}") for line in lines) == 1, (code, lines)
 
 
 class _Exploding(NoDefense):

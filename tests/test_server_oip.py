@@ -5,6 +5,7 @@ input, keys and budgets; and the real Triton client (``tritonclient.http``) agai
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from support.settings import make_settings
 
 from defense import NoDefense
 from measure.launcher import in_thread
+from models.checkpoint import SHIPPED_DIR, read_meta
 from models.data import load_split
 from server.app import create_app
 from server.auth import key_id
@@ -80,22 +82,44 @@ def test_health_and_metadata(client: TestClient) -> None:
     server = client.get("/v2").json()
     assert server["name"] == "deepdefense" and server["extensions"] == ["binary_tensor_data"]
     assert client.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
+    sha256 = read_meta(SHIPPED_DIR / f"{MODEL}.json").sha256
+    version = hashlib.sha256(b"deepdefense model version\0" + sha256.encode()).hexdigest()[:12]
     assert client.get(f"/v2/models/{MODEL}").json() == {
         "name": MODEL,
+        "versions": [version],
         "platform": "pytorch",
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
             {"name": "attribution", "datatype": "FP32", "shape": [-1, 28, 28]},
         ],
+        "classes": [str(digit) for digit in range(10)],
     }
+    assert client.get(f"/v2/models/{MODEL}/config").json() == {
+        "name": MODEL,
+        "platform": "pytorch",
+        "max_batch_size": 4,
+        "input": [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 28, 28]}],
+        "output": [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
+            {"name": "label", "data_type": "TYPE_INT64", "dims": [1]},
+            {"name": "class_name", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "attribution", "data_type": "TYPE_FP32", "dims": [28, 28]},
+        ],
+    }
+    info = client.get(f"/v1/models/{MODEL}").json()
+    assert info == client.get("/v1/models").json()["models"][0]
+    assert info["version"] == version and sha256[:12] not in json.dumps(info)  # not the weights file's digest
     paths = client.get("/openapi.json").json()["paths"]
     assert {
         "/v2",
         "/v2/health/live",
         "/v2/health/ready",
         "/v2/models/{model_name}/ready",
+        "/v2/models/{model_name}/config",
+        "/v1/models/{model_name}",
         INFER.replace(MODEL, "{model_name}"),
     } <= set(paths)
 
@@ -104,7 +128,9 @@ def test_an_unknown_model_is_404(client: TestClient) -> None:
     for r in (
         client.get("/v2/models/resnet-imagenet"),
         client.get("/v2/models/resnet-imagenet/ready"),
+        client.get("/v2/models/resnet-imagenet/config"),
         client.post("/v2/models/resnet-imagenet/infer", json=infer_body([pixels()])),
+        client.get("/v1/models/resnet-imagenet"),
     ):
         assert r.status_code == 404
         error = error_of(r)
@@ -118,11 +144,12 @@ def test_while_starting_readiness_and_infer_answer_503(tmp_path: Path, gated: Ga
     with TestClient(app) as client:
         try:
             assert gated.entered.wait(10)
-            starting = {"error": {"code": "not_ready", "message": "the model is still loading", "field": None}}
+            starting = {"error": "the model is still loading (not_ready)", "code": "not_ready", "field": None}
             for r in (
                 client.get("/v2/health/ready"),
                 client.get(f"/v2/models/{MODEL}/ready"),
                 client.get(f"/v2/models/{MODEL}"),
+                client.get(f"/v2/models/{MODEL}/config"),
                 client.post(INFER, json=infer_body([pixels()])),
             ):
                 assert r.status_code == 503 and r.headers["Retry-After"] == "3" and r.json() == starting
@@ -145,7 +172,8 @@ def test_infer_answers_what_predict_answers(client: TestClient) -> None:
     assert r.status_code == 200
     body = r.json()
     assert (body["model_name"], body["id"], body["parameters"]) == (MODEL, "request-7", {"defense": "none"})
-    assert [o["name"] for o in body["outputs"]] == ["probabilities", "label", "attribution"]
+    assert body["model_version"] == predicted.json()["model_version"]
+    assert [o["name"] for o in body["outputs"]] == ["probabilities", "label", "class_name", "attribution"]
     outputs = by_name(r)
     predictions = predicted.json()["predictions"]
     assert outputs["label"] == {
@@ -154,6 +182,13 @@ def test_infer_answers_what_predict_answers(client: TestClient) -> None:
         "shape": [2],
         "data": [p["label"] for p in predictions],
     }
+    assert outputs["class_name"] == {
+        "name": "class_name",
+        "datatype": "BYTES",
+        "shape": [2],
+        "data": [p["class_name"] for p in predictions],
+    }
+    assert [p["class_name"] for p in predictions] == [str(p["label"]) for p in predictions]  # MNIST's classes
     probs = outputs["probabilities"]
     assert (probs["datatype"], probs["shape"]) == ("FP32", [2, 10])
     expected = torch.tensor([p["probabilities"] for p in predictions])
@@ -193,7 +228,9 @@ def test_maps_are_computed_only_when_asked_for(tmp_path: Path, gated: GatedDefen
         ):
             r = client.post(INFER, json=infer_body([pixels()], outputs=outputs))
             assert r.status_code == 200
-            assert [o["name"] for o in r.json()["outputs"]] == (outputs or ["probabilities", "label", "attribution"])
+            assert [o["name"] for o in r.json()["outputs"]] == (
+                outputs or ["probabilities", "label", "class_name", "attribution"]
+            )
             assert gated.batches[-1] == (1, explain), outputs
 
 
@@ -274,6 +311,29 @@ def test_bad_inputs_are_refused(client: TestClient) -> None:
     )
 
 
+def test_the_commonest_mistakes_are_told_what_to_do(client: TestClient) -> None:
+    def message(body: Any, **kwargs: Any) -> str:
+        r = client.post(INFER, json=body, **kwargs) if "content" not in kwargs else client.post(INFER, **kwargs)
+        assert r.status_code == 422, r.text
+        return error_of(r)["message"]
+
+    no_batch = infer_body([pixels()])
+    no_batch["inputs"][0]["shape"] = [1, 28, 28]
+    assert "add the batch dimension: shape [1, 1, 28, 28]" in message(no_batch)
+    no_channel = infer_body([pixels()])
+    no_channel["inputs"][0]["shape"] = [2, 28, 28]
+    no_channel["inputs"][0]["data"] *= 2
+    assert "add the channel dimension: shape [2, 1, 28, 28]" in message(no_channel)
+    flat = infer_body([pixels()])
+    flat["inputs"][0]["shape"] = [784]
+    assert "say shape [1, 1, 28, 28]" in message(flat)
+    eight_bit = infer_body([pixels()])
+    eight_bit["inputs"][0]["data"] = [255.0] * 784
+    assert "divide by 255" in message(eight_bit)
+    body, headers = binary_body(np.full((1, 1, 28, 28), 255.0))
+    assert "divide by 255" in message(None, content=body, headers=headers)
+
+
 # -- keys, budgets ---------------------------------------------------------------------------------------------------
 
 
@@ -340,22 +400,34 @@ def test_the_triton_client_gets_predicts_label(tmp_path: Path, defense: NoDefens
             assert client.is_server_live() and client.is_server_ready()
             assert client.is_model_ready(MODEL, headers=headers)
             assert client.get_server_metadata(headers=headers)["extensions"] == ["binary_tensor_data"]
-            assert client.get_model_metadata(MODEL, headers=headers)["inputs"][0]["shape"] == [-1, 1, 28, 28]
+            metadata = client.get_model_metadata(MODEL, headers=headers)
+            assert metadata["inputs"][0]["shape"] == [-1, 1, 28, 28]
+            (version,) = metadata["versions"]
+            config = client.get_model_config(MODEL, headers=bearer(KEY))
+            assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 28, 28]}]
             for i, prediction in enumerate(predicted):
                 for binary in (True, False):  # binary tensor data (the client's default), and JSON
                     image = http.InferInput("image", [1, 1, 28, 28], "FP32")
                     image.set_data_from_numpy(images[i : i + 1].numpy(), binary_data=binary)
-                    outputs = [http.InferRequestedOutput("probabilities"), http.InferRequestedOutput("label")]
+                    outputs = [http.InferRequestedOutput(name) for name in ("probabilities", "label", "class_name")]
                     # a fresh dict each time: the client writes Inference-Header-Content-Length into it
                     result = client.infer(MODEL, [image], outputs=outputs, headers=bearer(KEY))
                     assert result.as_numpy("label").tolist() == [prediction["label"]]
+                    assert result.as_numpy("class_name").tolist() == [prediction["class_name"]]
+                    assert result.get_response()["model_version"] == version
                     assert result.as_numpy("attribution") is None
                     probabilities = result.as_numpy("probabilities")
                     assert probabilities.shape == (1, 10) and probabilities.dtype == np.float32
                     np.testing.assert_allclose(probabilities[0], prediction["probabilities"], rtol=0, atol=ATOL)
-            # refusals come in the one error shape, which the client hands over as the exception's message
-            with pytest.raises(utils.InferenceServerException) as refusal:
-                client.infer("resnet-imagenet", [image], headers=bearer(KEY))
-            assert refusal.value.status() == "404" and refusal.value.message()["code"] == "model_not_found"
+            # refusals come in the protocol's error shape, a string the client hands over as the exception's message
+            for refuse in (
+                lambda: client.infer("resnet-imagenet", [image], headers=bearer(KEY)),
+                lambda: client.get_model_config("resnet-imagenet", headers=bearer(KEY)),
+            ):
+                with pytest.raises(utils.InferenceServerException) as refusal:
+                    refuse()
+                assert refusal.value.status() == "404"
+                assert refusal.value.message().endswith("(model_not_found, field model_name)")
+                assert MODEL in str(refusal.value) and "model_not_found" in str(refusal.value)
         finally:
             client.close()

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, choices=list_models(), help="attack model (default: the victim's)")
     flags.add_recipe(p, d.recipe)
     p.add_argument("--query-batch", type=int, default=d.query_batch, help="images per request")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order and the attack model's training")
     p.add_argument("--seed-size", type=int, default=d.seed_size, help="JBDA: size of the seed set S_0")
     p.add_argument("--jbda-step", type=float, default=d.jbda_step, help="JBDA: step λ of the augmentation")
     p.add_argument("--rounds", type=int, default=d.rounds, help="JBDA: labelling rounds max_ρ")

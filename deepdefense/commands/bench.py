@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["lenet-mnist", "resnet18"],
         help="lenet-mnist (shipped) or resnet18 (random weights, 224 px)",
     )
-    p.add_argument("--interpreter", default="gradcam")
+    p.add_argument("--interpreter", default="gradcam", help="attribution method: gradcam, gradinput, relevancecam")
     flags.add_device(p)
     flags.add_data_root(p, " (MNIST test images for lenet-mnist; random images without)")
     p.add_argument("--queries", type=int, default=64, help="queries per in-process phase")
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="engine options of the 'previous defaults' arm, measured at the largest batch size beside the current "
         "defaults (default: warm_start=false, the 60-step cold configuration); --previous none: no such arm",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and of the engine")
     p.add_argument(
         "--gate-latency",
         action="store_true",

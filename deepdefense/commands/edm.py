@@ -25,17 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_data_root(p, " (the victim's training split is used; its test split for the figures)")
     p.add_argument("--members", type=int, default=DEFAULT_MEMBERS, help="N, the ensemble's size (≥ 2)")
     p.add_argument("--lambda-d", type=float, default=DEFAULT_LAMBDA_D, help="λ_D, the weight of DivLoss")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs of the ensemble")
     p.add_argument("--batch-size", type=int, default=128, help="in-domain images per step")
     p.add_argument("--outlier-batch", type=int, default=64, help="synthetic outliers per step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--max-shift", type=int, default=2, help="random translation in pixels for images ≤ 32 px (0: off)")
     p.add_argument("--held-out", type=int, default=5000, help="training images kept out of training (the choice)")
     p.add_argument(
         "--train-images", type=int, default=None, help="fit on only this many of the other training images (sweeps)"
     )
     p.add_argument("--kinds", nargs="+", default=list(OUTLIERS), choices=list(OUTLIERS), help="outlier kinds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the members' initialisation and the data order")
     p.add_argument(
         "--ood-dataset",
         default=None,

@@ -43,9 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     flags.add_api_key_file(where)
     what = p.add_argument_group("what to run")
-    what.add_argument("--checkpoint", default=defaults.checkpoint)
-    what.add_argument("--interpreter", default=defaults.interpreter)
-    what.add_argument("--defenses", nargs="*", default=list(defaults.defenses), choices=DEFENSES)
+    what.add_argument(
+        "--checkpoint", default=defaults.checkpoint, help="the victim: shipped name or path to its metadata JSON"
+    )
+    what.add_argument("--interpreter", default=defaults.interpreter, help="attribution method of the defended answers")
+    what.add_argument(
+        "--defenses",
+        nargs="*",
+        default=list(defaults.defenses),
+        choices=DEFENSES,
+        help="the defenses to attack, one arm each",
+    )
     what.add_argument(
         "--gated",
         nargs="*",
@@ -63,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "victim training images; victim-train: the victim's training images (the in-domain ceiling)",
     )
     what.add_argument("--jbda-seeds", type=int, default=defaults.jbda_seeds, help="|S_0| of the jbda query set")
-    what.add_argument("--losses", nargs="+", default=list(defaults.losses), choices=ATTACK_LOSSES)
+    what.add_argument(
+        "--losses", nargs="+", default=list(defaults.losses), choices=ATTACK_LOSSES, help="the attackers' losses"
+    )
     what.add_argument("--budgets", nargs="+", type=int, default=list(defaults.budgets), help="query budgets B")
     what.add_argument(
         "--cs",
@@ -82,7 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--ablation-budget", type=int, default=None, help="B of the Table 3/4 arms (default: the largest)"
     )
-    what.add_argument("--ablation-losses", nargs="+", default=list(defaults.ablation_losses), choices=ATTACK_LOSSES)
+    what.add_argument(
+        "--ablation-losses",
+        nargs="+",
+        default=list(defaults.ablation_losses),
+        choices=ATTACK_LOSSES,
+        help="the attackers' losses of the Table 3/4 arms",
+    )
     what.add_argument(
         "--avg-drop",
         nargs="*",
@@ -91,11 +107,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="arms whose maps are compared with the victim's (Table 2; none: skip)",
     )
     flags.add_engine_options(what, " for the DeepDefense arms")
-    what.add_argument("--attacker-dataset", default=defaults.attacker_dataset, choices=sorted(SPECS))
+    what.add_argument(
+        "--attacker-dataset",
+        default=defaults.attacker_dataset,
+        choices=sorted(SPECS),
+        help="the data set the attacker queries with",
+    )
     flags.add_data_root(what)
     train = p.add_argument_group("the attack models")
     flags.add_recipe(train, defaults.recipe)
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of the queries and the attack models")
     scale = p.add_argument_group("scale")
     scale.add_argument("--test-n", type=int, default=None, help="first n victim test images (default: all)")
     scale.add_argument("--n-unif", type=int, default=defaults.n_unif, help="uniform inputs for R_unif")

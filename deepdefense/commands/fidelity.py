@@ -11,11 +11,11 @@ HELP = "measure what a defense costs benign users on real test images"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="lenet-mnist")
+    p.add_argument("--checkpoint", default="lenet-mnist", help="shipped checkpoint name or path to its metadata JSON")
     p.add_argument("--dataset", default=None, help="images to query with (default: the checkpoint's data set)")
     flags.add_data_root(p)
-    p.add_argument("--defense", default="deepdefense", choices=DEFENSES)
-    p.add_argument("--interpreter", default="gradcam")
+    p.add_argument("--defense", default="deepdefense", choices=DEFENSES, help="the defense measured")
+    p.add_argument("--interpreter", default="gradcam", help="attribution method: gradcam, gradinput, relevancecam")
     p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
     p.add_argument("--batch-size", type=int, default=64, help="queries per defense.answer call (a micro-batch)")
     flags.add_engine_options(p)

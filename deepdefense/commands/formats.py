@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="lenet-mnist", help="a checkpoint that ships the gate")
     flags.add_data_root(p)
     p.add_argument("--n", type=int, default=10_000, help="test digits per variant (default: all 10,000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random variants (noise, offsets)")
     p.add_argument("--http-check", type=int, default=256, help="digits per variant sent over HTTP (0: none)")
     p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/format-variants.md)")
     p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")

@@ -43,7 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--server-pid", type=int, default=None, help="sample this process's resident memory")
     flags.add_api_key_file(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images sent and the retry jitter")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines on stderr (requests, served, errors so far); 0: none",
+    )
     flags.add_out(p, "the report")
 
 
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             api_key=read_api_key(args.api_key_file),
             server_pid=pid,
+            progress_every_s=args.progress_every,
         )
 
     if args.serve:

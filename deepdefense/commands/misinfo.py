@@ -18,9 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default=None, help="output path without suffix (default: <victim>-misinfo beside the victim)"
     )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--max-shift", type=int, default=2, help="random translation in pixels for images ≤ 32 px (0: off)")
     p.add_argument(
         "--balance",
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="weight of the answer-spread term (confident answers over all classes); 0: AM's loss alone",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     flags.add_device(p)
     p.add_argument(
         "--report", default=None, help="also write the figures as Markdown here (docs/results/misinformation.md)"

@@ -10,10 +10,10 @@ HELP = "compute layer sensitivity (eq. 9) and store it in a checkpoint's metadat
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="shipped checkpoint name (lenet-mnist) or path to its metadata JSON")
+    p.add_argument("--checkpoint", default="lenet-mnist", help="shipped checkpoint name or path to its metadata JSON")
     flags.add_data_root(p)
     p.add_argument("--n", type=int, default=1000, help="number of training images N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the N training images drawn")
 
 
 def run(args: argparse.Namespace) -> int:

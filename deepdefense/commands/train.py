@@ -12,15 +12,15 @@ HELP = "train a victim model and write a checkpoint (safetensors + metadata JSON
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, choices=list_models())
-    p.add_argument("--dataset", required=True, choices=sorted(SPECS))
+    p.add_argument("--arch", required=True, choices=list_models(), help="the victim's architecture")
+    p.add_argument("--dataset", required=True, choices=sorted(SPECS), help="the data set to train on")
     flags.add_data_root(p)
     p.add_argument("--out", required=True, help="output path without suffix, e.g. models/checkpoints/lenet-mnist")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--max-shift", type=int, default=2, help="random translation in pixels for images ≤ 32 px (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     flags.add_device(p)
     p.add_argument("--download", action="store_true", help="download the data set if it is missing (needs internet)")
 

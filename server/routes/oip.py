@@ -2,9 +2,12 @@
 
 ``POST /v2/models/{name}/infer`` answers through the same path as ``/predict`` (:func:`answer_instances`:
 keys, the extraction monitor, budgets, the micro-batcher, timeouts, refunds) with the same limits and the
-one error shape. The model has one input, ``image`` (FP32 or FP64, [B, C, H, W], values in [0, 1]), and
-three outputs: ``probabilities`` (FP32 [B, K]), ``label`` (INT64 [B]) and ``attribution`` (FP32 [B, H, W],
-computed only when asked for or when no outputs are listed). The data come as JSON (flat in row-major
+protocol's error shape (``{"error": "<message>"}``, with the code and the field beside it; ``server/errors.py``).
+The model has one input, ``image`` (FP32 or FP64, [B, C, H, W], values in [0, 1]), and four outputs:
+``probabilities`` (FP32 [B, K]), ``label`` (INT64 [B]), ``class_name`` (BYTES [B], the label's name) and
+``attribution`` (FP32 [B, H, W], computed only when asked for or when no outputs are listed). Its version is
+the first 12 hex digits of the weights' sha256; ``GET /v2/models/{name}/config`` answers Triton's model
+configuration (what ``tritonclient``'s ``get_model_config`` reads). The data come as JSON (flat in row-major
 order, or nested) or, with ``Inference-Header-Content-Length``, as little-endian binary after the JSON
 (Triton's binary tensor data extension, what ``tritonclient`` sends by default); outputs always come as
 JSON. The request's ``parameters.invert`` (a boolean, as ``/predict``'s ``invert``) turns every value v of
@@ -27,29 +30,36 @@ from common import __version__
 from defense import Answer
 
 from ..dependencies import CallerDep, RuntimeDep
-from ..errors import ApiError
+from ..errors import ABOVE_ONE, ApiError
 from ..images import inverted
+from ..precision import rounded
+from ..requestid import request_id_of
 from ..runtime import Runtime
 from ..schemas import (
-    ErrorResponse,
+    ConfigTensor,
     InferInputTensor,
     InferOutputTensor,
     InferRequest,
     InferResponse,
+    ModelConfig,
     ModelMetadata,
     ModelReady,
+    ProtocolErrorResponse,
     ServerLive,
     ServerMetadata,
     ServerReady,
     TensorMetadata,
 )
+from ..shapes import reshape_hint
 from .predict import answer_instances
 
 router = APIRouter(tags=["open inference protocol (KServe v2)"])
 
 PLATFORM = "pytorch"
 INPUT = "image"
-OUTPUTS = ("probabilities", "label", "attribution")
+OUTPUTS = ("probabilities", "label", "class_name", "attribution")
+#: Triton's type names of the configuration, by the protocol's.
+_CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 INFER_PATH = "/v2/models/{model_name}/infer"
 #: The request parameter that inverts the images (``/predict``'s ``invert``; ``schemas.INVERT_DESCRIPTION``).
 INVERT = "invert"
@@ -65,8 +75,10 @@ _CONTENT_TYPES = ("", "application/json", "application/octet-stream")
 
 #: 422 never comes from a model route (its one parameter is any string), but FastAPI would document
 #: its own validation error body for it otherwise.
-_MODEL_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 422, 503)}
-_INFER_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504)}
+_MODEL_ERRORS = {status: {"model": ProtocolErrorResponse} for status in (401, 404, 422, 503)}
+_INFER_ERRORS = {
+    status: {"model": ProtocolErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504)
+}
 
 
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
@@ -104,17 +116,10 @@ def require_infer_body(request: Request) -> None:
         )
 
 
-def _served(runtime: Runtime, model_name: str) -> None:
-    if model_name != runtime.model_name:
-        raise ApiError(
-            404, "model_not_found", f"no such model; this server serves {runtime.model_name!r}", field="model_name"
-        )
-
-
 # -- server and model metadata, health ---------------------------------------------------------------------------
 
 
-@router.get("/v2", response_model=ServerMetadata, responses={401: {"model": ErrorResponse}})
+@router.get("/v2", response_model=ServerMetadata, responses={401: {"model": ProtocolErrorResponse}})
 async def server_metadata(caller: CallerDep) -> ServerMetadata:
     return ServerMetadata(name="deepdefense", version=__version__, extensions=EXTENSIONS)
 
@@ -127,7 +132,7 @@ async def server_live() -> ServerLive:
 @router.get(
     "/v2/health/ready",
     response_model=ServerReady,
-    responses={503: {"model": ErrorResponse}},
+    responses={503: {"model": ProtocolErrorResponse}},
     summary="model loaded, layer sensitivity computed, warm-up query answered, the Redis state (if any) reachable",
 )
 async def server_ready(runtime: RuntimeDep) -> ServerReady:
@@ -138,24 +143,56 @@ async def server_ready(runtime: RuntimeDep) -> ServerReady:
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=_MODEL_ERRORS)
 async def model_metadata(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelMetadata:
-    _served(runtime, model_name)
+    runtime.check_served(model_name)
     runtime.ready_batcher()
-    c, h, w = runtime.input_shape
+    inputs, outputs = _tensors(runtime)
     return ModelMetadata(
         name=runtime.model_name,
+        versions=[runtime.model_version],
         platform=PLATFORM,
-        inputs=[TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, c, h, w])],
-        outputs=[
-            TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, runtime.meta.num_classes]),
-            TensorMetadata(name="label", datatype="INT64", shape=[-1]),
-            TensorMetadata(name="attribution", datatype="FP32", shape=[-1, h, w]),
-        ],
+        inputs=inputs,
+        outputs=outputs,
+        classes=runtime.meta.classes,
     )
+
+
+@router.get("/v2/models/{model_name}/config", response_model=ModelConfig, responses=_MODEL_ERRORS)
+async def model_config(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelConfig:
+    """Triton's model configuration (``tritonclient``'s ``get_model_config``): the tensors without the batch
+    dimension, and the most instances a request may carry."""
+    runtime.check_served(model_name)
+    runtime.ready_batcher()
+    inputs, outputs = _tensors(runtime)
+
+    def config(tensors: list[TensorMetadata]) -> list[ConfigTensor]:
+        return [
+            ConfigTensor(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.shape[1:] or [1]) for t in tensors
+        ]
+
+    return ModelConfig(
+        name=runtime.model_name,
+        platform=PLATFORM,
+        max_batch_size=runtime.settings.max_instances,
+        input=config(inputs),
+        output=config(outputs),
+    )
+
+
+def _tensors(runtime: Runtime) -> tuple[list[TensorMetadata], list[TensorMetadata]]:
+    """The model's input and outputs, the batch dimension first (-1)."""
+    c, h, w = runtime.input_shape
+    outputs = [
+        TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, runtime.meta.num_classes]),
+        TensorMetadata(name="label", datatype="INT64", shape=[-1]),
+        TensorMetadata(name="class_name", datatype="BYTES", shape=[-1]),
+        TensorMetadata(name="attribution", datatype="FP32", shape=[-1, h, w]),
+    ]
+    return [TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, c, h, w])], outputs
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=_MODEL_ERRORS)
 async def model_ready(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelReady:
-    _served(runtime, model_name)
+    runtime.check_served(model_name)
     runtime.ready_batcher()
     return ModelReady(name=runtime.model_name)
 
@@ -181,7 +218,7 @@ async def infer(
     ] = None,
 ) -> InferResponse:
     """Probabilities, labels and (when asked for) attribution maps of a batch of images, from the defense."""
-    _served(runtime, model_name)
+    runtime.check_served(model_name)
     body = await request.body()
     infer_request, binary = await run_in_threadpool(_parse, body, inference_header_content_length)
     runtime.ready_batcher()  # 503 while not ready, before the tensors are looked at (as /predict)
@@ -192,7 +229,7 @@ async def infer(
     )
     if invert:
         x = inverted(x)
-    method = runtime.interpreter_name
+    method, classes = runtime.interpreter_name, runtime.meta.classes
     return await answer_instances(
         runtime,
         caller,
@@ -201,9 +238,10 @@ async def infer(
         request=request,
         respond=lambda answers: InferResponse(
             model_name=runtime.model_name,
-            id=infer_request.id,
+            model_version=runtime.model_version,
+            id=infer_request.id if infer_request.id is not None else request_id_of(request),
             parameters={"defense": runtime.defense_name},
-            outputs=[_output(name, answers, method) for name in wanted],
+            outputs=[_output(name, answers, method, classes) for name in wanted],
         ),
     )
 
@@ -273,10 +311,12 @@ def _to_batch(tensor: InferInputTensor, binary: bytes, shape: tuple[int, int, in
     ``limit`` (413 above), its elements as many as the shape says, finite and in [0, 1]."""
     field = "inputs[0]"
     dims = tensor.shape
-    wanted = f"[B, {', '.join(map(str, shape))}]"
     if len(dims) != 4 or tuple(dims[1:]) != shape:
-        got = str(dims) if len(dims) == 4 and max(dims) < 10**9 else f"a shape of {len(dims)} dimensions"
-        raise ApiError(422, "invalid_shape", f"expected shape {wanted}, got {got}", field=f"{field}.shape")
+        if len(dims) > 4 or max(dims, default=0) >= 10**9:
+            message = f"expected shape [B, {', '.join(map(str, shape))}], got a shape of {len(dims)} dimensions"
+        else:
+            message = reshape_hint(list(dims), shape, batch=True)
+        raise ApiError(422, "invalid_shape", message, field=f"{field}.shape")
     if dims[0] == 0:
         raise ApiError(422, "empty", "the batch has no instances", field=f"{field}.shape")
     if dims[0] > limit:
@@ -341,14 +381,18 @@ def _check_values(values: np.ndarray, field: str) -> None:
     elif values[i] < 0:
         code, message = "out_of_range", "Input should be greater than or equal to 0"
     else:
-        code, message = "out_of_range", "Input should be less than or equal to 1"
+        code, message = "out_of_range", ABOVE_ONE
     raise ApiError(422, code, message, field=f"{field}[{i}]")
 
 
-def _output(name: str, answers: list[Answer], method: str) -> InferOutputTensor:
+def _output(name: str, answers: list[Answer], method: str, classes: list[str]) -> InferOutputTensor:
     if name == "label":
         return InferOutputTensor(
             name=name, datatype="INT64", shape=[len(answers)], data=[int(a.label) for a in answers]
+        )
+    if name == "class_name":
+        return InferOutputTensor(
+            name=name, datatype="BYTES", shape=[len(answers)], data=[classes[int(a.label)] for a in answers]
         )
     if name == "probabilities":
         values = torch.stack([a.probabilities.detach().cpu() for a in answers])
@@ -364,5 +408,5 @@ def _output(name: str, answers: list[Answer], method: str) -> InferOutputTensor:
         datatype="FP32",
         shape=list(values.shape),
         parameters=parameters,
-        data=values.reshape(-1).tolist(),
+        data=rounded(values),
     )

@@ -21,6 +21,7 @@ from ..dependencies import CallerDep, RuntimeDep
 from ..errors import ApiError
 from ..images import instances_to_tensor
 from ..limits import require_json
+from ..precision import rounded
 from ..runtime import Runtime
 from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from ..state import STATE_ERRORS, state_reachable
@@ -57,7 +58,7 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
     x = await run_in_threadpool(
         partial(instances_to_tensor, invert=body.invert), body.instances, runtime.input_shape, runtime.image_limits
     )
-    method = runtime.interpreter_name
+    method, classes = runtime.interpreter_name, runtime.meta.classes
     return await answer_instances(
         runtime,
         caller,
@@ -66,8 +67,9 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
         request=request,
         respond=lambda answers: PredictResponse(
             model=runtime.model_name,
+            model_version=runtime.model_version,
             defense=runtime.defense_name,
-            predictions=[_prediction(a, method, body.explain) for a in answers],
+            predictions=[_prediction(a, method, classes, body.explain) for a in answers],
         ),
     )
 
@@ -250,11 +252,17 @@ def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> 
         )
 
 
-def _prediction(answer: Answer, method: str, explain: bool) -> Prediction:
+def _prediction(answer: Answer, method: str, classes: list[str], explain: bool) -> Prediction:
     attribution = None
     if explain and answer.attribution is not None:
-        values = answer.attribution.detach().cpu()
-        attribution = Attribution(method=method, shape=list(values.shape), values=values.tolist())
+        h, w = answer.attribution.shape
+        flat = rounded(answer.attribution)
+        rows = [flat[i * w : (i + 1) * w] for i in range(h)]
+        attribution = Attribution(method=method, shape=[h, w], values=rows)
+    label = int(answer.label)
     return Prediction(
-        label=int(answer.label), probabilities=answer.probabilities.detach().cpu().tolist(), attribution=attribution
+        label=label,
+        class_name=classes[label],
+        probabilities=rounded(answer.probabilities),
+        attribution=attribution,
     )

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -40,10 +41,25 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str |
 
 
 def error_of(response: Any) -> dict[str, Any]:
-    """The ``error`` object of a refusal, after checking that the body is exactly the one error shape."""
+    """The ``error`` object ``{"code", "message", "field"}`` of a refusal, after checking that the body is exactly
+    the one error shape (on the Open Inference Protocol's routes, the protocol's: :func:`protocol_error_of`)."""
+    path = urlsplit(str(response.request.url)).path  # an httpx or a requests response
+    if path == "/v2" or path.startswith("/v2/"):
+        return protocol_error_of(response)
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
     return body["error"]
+
+
+def protocol_error_of(response: Any) -> dict[str, Any]:
+    """A refusal on an Open Inference Protocol route as ``{"code", "message", "field"}``, after checking that the
+    body is the protocol's shape: ``{"error": "<message> (<code>, field <field>)", "code", "field"}``."""
+    body = response.json()
+    assert set(body) == {"error", "code", "field"} and isinstance(body["error"], str)
+    where = f", field {body['field']}" if body["field"] else ""
+    suffix = f" ({body['code']}{where})"
+    assert body["error"].endswith(suffix), body
+    return {"code": body["code"], "message": body["error"].removesuffix(suffix), "field": body["field"]}
 
 
 def bearer(key: str) -> dict[str, str]:

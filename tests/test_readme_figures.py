@@ -1,0 +1,83 @@
+"""README's headline figures are the values of the results files they cite (``docs/results/``): a rerun that
+writes new results without the README following, or a README edited by hand, fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import SHIPPED_DIR, read_meta
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+README = (REPO / "README.md").read_text()
+
+
+def results(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text())
+
+
+def quoted(pattern: str, count: int = 1) -> list[float]:
+    """The numbers README gives where ``pattern`` (a regular expression with ``count`` groups) matches, once."""
+    matches = re.findall(pattern, README, flags=re.S)
+    assert len(matches) == 1, f"README should say {pattern!r} once, found {len(matches)}"
+    groups = matches[0] if count > 1 else (matches[0],)
+    return [float(g) for g in groups]
+
+
+def accuracy(arm: dict[str, Any], budget: int, losses: tuple[str, ...] | None = None) -> float:
+    """The strongest attacker's accuracy among ``arm``'s runs at ``budget`` (of ``losses``, or all)."""
+    runs = [r for r in arm["runs"] if r["budget"] == budget and (losses is None or r["loss"] in losses)]
+    assert runs, (arm["key"], budget, losses)
+    return max(r["accuracy"] for r in runs)
+
+
+def test_the_victim() -> None:
+    (figure,) = quoted(r"\| victim `lenet-mnist` \| (\d+\.\d+)% MNIST test")
+    assert figure == read_meta(SHIPPED_DIR / "lenet-mnist.json").test_accuracy
+
+
+def test_the_gate_against_thieves_and_the_label_line() -> None:
+    arms = results("below-label-line/results.json")["arms"]
+    gated, am = quoted(r"\*\*(\d+\.\d+)%\*\* \(\*60-step engine\*\), AM alone (\d+\.\d+)%", 2)
+    assert gated == accuracy(arms["deepdefense+gate"], 10_000)
+    assert am == accuracy(arms["none+gate"], 10_000)
+    (line,) = quoted(r"the label line is (\d+\.\d+)%, the top-1-only attacker against the undefended victim")
+    mnist = results("mnist/results.json")["arms"]
+    assert line == accuracy(mnist["none"], 10_000, ("labels",))
+
+
+def test_honest_users() -> None:
+    am, default = quoted(
+        r"\*\*(\d+\.\d+)%\*\* of the 10,000 MNIST test digits [^|]*?\*\*(\d+\.\d+)%\*\* of the first", 2
+    )
+    assert am == results("below-label-line/benign-am.json")["accuracy"]
+    assert default == results("below-label-line/benign-deepdefense-gate.json")["accuracy"]
+    top = quoted(
+        r"honest users keep their\s+accuracy: (\d+\.\d+)% of the first 1,000 [^|]*?(\d+\.\d+)% of all 10,000", 2
+    )
+    assert top == [default, am]
+    tail = results("honest-answers.json")["top1_probability"]
+    assert quoted(r"top-1 probability median (\d\.\d+), 25th percentile (\d\.\d+)", 2) == [tail["median"], tail["p25"]]
+
+
+def test_the_gates_latency_and_the_load() -> None:
+    (ratio,) = quoted(r"×(\d\.\d+) \(95% CI")
+    assert ratio == round(results("gate-latency.json")["arms"]["deepdefense"]["ratio"], 3)
+    goodput, p50 = quoted(r"32 clients: (\d+\.\d+) defended queries/s goodput, no 503; 1 client: p50 (\d+) ms", 2)
+    assert goodput == round(results("goodput/clients32.json")["throughput_rps"], 1)
+    assert p50 == round(results("goodput/clients1.json")["latency_ms"]["p50"])
+
+
+def test_table_5() -> None:
+    row = (
+        r"undefended (\d+\.\d+)%, PP (\d+\.\d+)%, \*\*EDM (\d+\.\d+)%\*\*[^|]*?DD (\d+\.\d+)%, DD-S (\d+\.\d+)%, "
+        r"DD-I (\d+\.\d+)%"
+    )
+    arms = results("mnist/results.json")["arms"]
+    expected = [
+        accuracy(arms[k], 10_000, ("explanations",)) for k in ("none", "pp", "edm", "deepdefense", "dd-s", "dd-i")
+    ]
+    assert quoted(row, 6) == expected
