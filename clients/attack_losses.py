@@ -16,33 +16,56 @@ then train like ``labels`` on the rest (:func:`kept_answers`):
   guesses, hedges;
 * ``doubtful`` keeps those below ``TRUST`` — the misinformation model, it guesses, is trained to be
   confidently wrong (ours is: docs/results/misinformation.md), so the confident answers are the lies.
+
+And one that asks twice (``clients/adaptive.py``: the ``twins`` and ``adaptive`` query sets, where every
+query is followed by its twin, the same image with one pixel moved by 1/255):
+
+* ``twin`` keeps a query's answer when it moved between the twins by more than ``MOVED`` — DeepDefense
+  misdirects each query afresh, so honest answers move, while an answer drawn from one fixed network would
+  stand still — and never trains on the twins themselves.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from defense.interpreters import Interpreter
 
-AttackLoss = Literal["explanations", "probabilities", "labels", "confident", "doubtful"]
+AttackLoss = Literal["explanations", "probabilities", "labels", "confident", "doubtful", "twin"]
 #: The paper's attackers (eq. 1, Knockoff Nets) and the label-only one.
 PAPER_LOSSES: tuple[AttackLoss, ...] = ("explanations", "probabilities", "labels")
-#: And the two that filter suspected misinformation.
-ATTACK_LOSSES: tuple[AttackLoss, ...] = (*PAPER_LOSSES, "confident", "doubtful")
+#: And the three that filter suspected misinformation (``twin`` only on query sets of twins).
+ATTACK_LOSSES: tuple[AttackLoss, ...] = (*PAPER_LOSSES, "confident", "doubtful", "twin")
 TRUST = 0.99  # the gate-aware attackers' line between a confident and a doubtful answer (their guess, not fitted)
+#: ``twin``'s line: an answer whose probabilities moved by more than this between twins is believed honest (the
+#: answers are sent to 6 significant digits, so a fixed network's answers to twins differ by far less).
+MOVED = 1e-4
 
 
 def kept_answers(kind: AttackLoss, probabilities: Tensor) -> Tensor | None:
     """Which answers of a transfer set the attacker ``kind`` trains on (a (N,) mask); None: all of them."""
     top = probabilities.max(-1).values
+    if kind == "twin":
+        return twin_moved(probabilities)
     if kind == "confident":
         return top >= TRUST
     if kind == "doubtful":
         return top < TRUST
     return None
+
+
+def twin_moved(probabilities: Tensor) -> Tensor:
+    """For a transfer set of (query, twin) pairs in consecutive rows: the first row of each pair whose answer
+    moved by more than ``MOVED`` between the twins; never a twin's own row."""
+    pairs = len(probabilities) // 2
+    moved = (probabilities[0 : 2 * pairs : 2] - probabilities[1 : 2 * pairs : 2]).abs().amax(-1) > MOVED
+    mask = torch.zeros(len(probabilities), dtype=torch.bool, device=probabilities.device)
+    mask[0 : 2 * pairs : 2] = moved
+    return mask
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -80,7 +103,7 @@ def attack_loss(
     lam: float,
 ) -> Tensor:
     """The loss ``kind`` of the attack model on one batch of the transfer set."""
-    if kind in ("labels", "confident", "doubtful"):  # the filters act on the transfer set (kept_answers)
+    if kind in ("labels", "confident", "doubtful", "twin"):  # the filters act on the transfer set (kept_answers)
         return F.cross_entropy(model(x), labels)
     if kind == "probabilities":
         return soft_cross_entropy(model(x), probabilities)

@@ -44,7 +44,7 @@ class MisinformationGate(Defense):
         self.name = inner.name  # the gate is a setting of the defense, not another defense
 
     def public_settings(self) -> dict[str, Any]:
-        return {**self.inner.public_settings(), "gate": "misinform"}
+        return {**self.inner.public_settings(), "gate": "misinform", "misinformer": self.misinformer.name}
 
     def answer(self, x: Tensor, *, explain: bool = True, misinform: Tensor | None = None) -> list[Answer]:
         """Answers for ``x``; ``misinform`` (B,) bool marks queries answered from the misinformation path

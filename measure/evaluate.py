@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clients.adaptive import collect_adaptive, with_twins
 from clients.attack import AttackConfig, fingerprint, sample_queries
 from clients.attack_losses import PAPER_LOSSES, AttackLoss, kept_answers
 from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
@@ -51,16 +53,19 @@ from clients.transfer import TransferSet, TransferStore, collect, fingerprint_di
 from common.provenance import provenance
 from defense import ENGINE_MODES, Defense, NoDefense
 from defense.domain import DomainScore, load_domain_score
+from defense.gate import MisinformationGate
 from defense.interpreters import create_interpreter
 from measure import agreement, average_drop
 from measure.domain import PERTURBATIONS
-from measure.local_oracle import LocalOracle, local_info
+from measure.local_oracle import LocalOracle, MonitoredOracle, local_info
 from measure.shared_modes import ModeOf, SharedModes, engine_key
 from models.checkpoint import load_checkpoint
 from models.data import DatasetSpec, get_spec, load_split
 from models.train import evaluate
-from server.monitor import MonitorPolicy
+from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
+#: The key id an arm's queries are sent under when the monitor watches them (``--monitored``).
+MONITORED_KEY = "a77ac4e40000"
 #: Queries per honest key in the monitor's replay (a user who sends a thousand digits).
 BENIGN_KEY_QUERIES = 1000
 
@@ -73,6 +78,7 @@ class EvalConfig:
     interpreter: str = "gradcam"
     defenses: tuple[str, ...] = ("none", "pp", *ENGINE_MODES)
     gated: tuple[str, ...] = ()  # defenses also evaluated behind the misinformation gate (arms '<defense>+gate')
+    monitored: bool = False  # gated arms answer as the default server with API keys: the monitor watches each arm's key
     query_sets: tuple[str, ...] = ("random",)  # QUERY_SETS: where the attacker's queries come from
     losses: tuple[AttackLoss, ...] = PAPER_LOSSES
     budgets: tuple[int, ...] = (2500, 5000, 7500, 10_000)
@@ -112,7 +118,9 @@ class EvalConfig:
 
 
 #: Where an arm's queries come from (module docstring, step 1).
-QUERY_SETS = ("random", "jbda", "victim-train")
+QUERY_SETS = ("random", "jbda", "victim-train", "twins", "adaptive")
+#: Query sets where every query is followed by its twin (``clients/adaptive.py``): the ``twin`` attacker's.
+TWIN_SETS = ("twins", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
             d,
             engine if d in ENGINE_MODES else {},
             config.largest_budget,
-            config.losses,
+            tuple(loss for loss in config.losses if (loss == "twin") == (qs in TWIN_SETS) or loss != "twin"),
             gated=gated,
             query_set=qs,
         )
@@ -258,11 +266,11 @@ class Evaluation:
         ``jbda``: the attack's, named and fingerprinted as ``deepdefense attack`` names them; ``test``:
         test images)."""
         c = self.config
-        if strategy == "jbda":
-            fp = fingerprint(self.jbda_config(info), info)
+        if strategy in ("jbda", "adaptive"):
+            fp = {**fingerprint(self.jbda_config(info), info), "strategy": strategy}
         else:
             fp = fingerprint(AttackConfig(strategy="random", dataset=dataset, seed=c.seed), info)
-        if strategy not in ("random", "jbda"):
+        if strategy not in ("random", "jbda", "adaptive"):
             fp = {**fp, "strategy": strategy, "seed": None}
         name = f"{info.name}-{info.defense}-{strategy}-{dataset}-{fingerprint_digest(fp)}"
         return TransferStore(Path(c.store_root) / name, fp)
@@ -285,21 +293,24 @@ class Evaluation:
 
     def query_spec(self, query_set: str) -> DatasetSpec:
         """The statistics the attack model normalises with: those of the data its queries come from."""
-        return self.spec if query_set == "random" else self.victim_spec
+        return self.spec if query_set in ("random", "twins") else self.victim_spec
 
     def collect_set(self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str) -> tuple[TransferStore, int]:
         """Send the query set's queries that are not stored yet; the store and the number sent."""
         c = self.config
         if query_set not in QUERY_SETS:
             raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
-        if query_set == "random":
-            store = self.store(info, "random", c.attacker_dataset)
+        if query_set in ("random", "twins"):
+            store = self.store(info, query_set, c.attacker_dataset)
         else:
-            store = self.store(info, "jbda" if query_set == "jbda" else "random", self.meta.dataset)
+            strategy = "random" if query_set == "victim-train" else query_set
+            store = self.store(info, strategy, self.meta.dataset)
         if c.only_cached:  # report what is stored: send nothing
             return store, 0
         if query_set == "random":
             queries = self.pool[sample_queries(len(self.pool), budget, c.seed)]
+        elif query_set == "twins":  # half the budget's images, each followed by its twin
+            queries = with_twins(self.pool[sample_queries(len(self.pool), (budget + 1) // 2, c.seed)])
         elif query_set == "victim-train":
             queries = self.victim_train[sample_queries(len(self.victim_train), budget, c.seed)]
         else:
@@ -323,7 +334,7 @@ class Evaluation:
                 )
                 return model
 
-            sent = collect_jbda(
+            sent = (collect_adaptive if query_set == "adaptive" else collect_jbda)(
                 oracle,
                 store,
                 seeds,
@@ -560,23 +571,49 @@ class Evaluation:
             "agreement": round(100.0 * float((answered.labels == victim).double().mean()), 2),
         }
 
-    def monitor(self, data: TransferSet) -> dict[str, Any]:
-        """The extraction monitor replayed: the transfer set's queries in order as one API key through the
-        server's policy (its default settings), and honest keys of ``BENIGN_KEY_QUERIES`` victim test digits,
-        clean and perturbed, beside it."""
+    def monitor(self, data: TransferSet, arm: Arm) -> dict[str, Any]:
+        """The extraction monitor and the arm's queries: with ``monitored``, what the monitor that watched them
+        did (``monitor/<arm>.json``, written when they were sent); otherwise their domain flags replayed in order
+        through the policy as one key. Honest keys of ``BENIGN_KEY_QUERIES`` victim test digits, clean and
+        perturbed, beside it."""
         policy = MonitorPolicy()
         flags = self.domain_flags(data.images)
+        watched = self.monitor_summary(arm)
         return {
             "window": policy.window,
             "min_queries": policy.min_queries,
             "threshold": policy.threshold,
             "queries": len(flags),
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
-            "escalated_at": policy.queries_until_escalated(flags),
-            "benign": self.benign_monitor(policy),
+            "escalated_at": watched["escalated_after"] if watched else policy.queries_until_escalated(flags),
+            "watched": watched,
+            "benign": self.benign_monitor(),
             "threshold_choice": self.monitor_threshold_choice(),
             "benign_key_queries": BENIGN_KEY_QUERIES,
         }
+
+    def monitor_db(self, arm: Arm) -> Path | None:
+        """The monitor's state while an in-process gated arm's queries are sent, when ``monitored``."""
+        if not (arm.gated and self.config.monitored and arm.url is None):
+            return None
+        return self.out / "monitor" / f"{arm.key}.sqlite"
+
+    def save_monitor_summary(self, arm: Arm) -> None:
+        """What the monitor did with the arm's key, kept beside its state (the state itself is not committed)."""
+        db = self.monitor_db(arm)
+        if db is None or not db.exists():
+            return
+        store = SqliteMonitorStore(db)
+        try:
+            s = store.read(MONITORED_KEY)
+        finally:
+            store.close()
+        summary = _window_summary(s)
+        db.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    def monitor_summary(self, arm: Arm) -> dict[str, Any] | None:
+        path = self.out / "monitor" / f"{arm.key}.json"
+        return json.loads(path.read_text()) if self.config.monitored and path.exists() else None
 
     def domain_flags(self, images: torch.Tensor) -> list[bool]:
         if self._domain is None:
@@ -602,22 +639,44 @@ class Evaluation:
         self._threshold_choice = {"keys": len(keys), "escalated": escalated}
         return self._threshold_choice
 
-    def benign_monitor(self, policy: MonitorPolicy) -> dict[str, Any]:
-        """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries,
-        clean and under each perturbation of ``docs/results/domain-score.md`` (seeded); the same for every arm."""
+    def benign_monitor(self) -> dict[str, Any]:
+        """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries, clean
+        and under each perturbation of ``docs/results/domain-score.md`` (seeded), all through one monitor with
+        its default policy as the server runs it (screened before, domain flags after); the same for every arm
+        (cached in ``monitor/benign.json``)."""
         if self._benign_monitor is not None:
             return self._benign_monitor
+        cached = self.out / "monitor" / "benign.json"
+        if cached.exists():
+            self._benign_monitor = json.loads(cached.read_text())
+            return self._benign_monitor
         out = {}
-        for name, perturb in {"clean": None, **PERTURBATIONS}.items():
-            g = torch.Generator().manual_seed(self.config.seed)
-            x = self.all_test if perturb is None else perturb(self.all_test, g)
-            flags = self.domain_flags(x)
-            keys = [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
-            out[name] = {
-                "keys": len(keys),
-                "flagged_pct": round(100.0 * sum(flags) / len(flags), 2),
-                "escalated": sum(policy.queries_until_escalated(k) is not None for k in keys),
-            }
+        with tempfile.TemporaryDirectory() as tmp:
+            monitor = ExtractionMonitor(Path(tmp) / "honest.sqlite")
+            variants = {"clean": None, **PERTURBATIONS}
+            for v, (name, perturb) in enumerate(tqdm(variants.items(), desc="honest keys", disable=not self.progress)):
+                g = torch.Generator().manual_seed(self.config.seed)
+                x = self.all_test if perturb is None else perturb(self.all_test, g)
+                flags = self.domain_flags(x)
+                states = []
+                for k, start in enumerate(range(0, len(x), BENIGN_KEY_QUERIES)):
+                    key = f"{v:06x}{k:06x}"
+                    for b in range(start, min(start + BENIGN_KEY_QUERIES, len(x)), self.config.query_batch):
+                        end = min(b + self.config.query_batch, start + BENIGN_KEY_QUERIES, len(x))
+                        if not monitor.screen(key, x[b:end]):
+                            monitor.observe(key, flags[b:end])
+                    states.append(monitor.store.read(key))
+                out[name] = {
+                    "keys": len(states),
+                    "flagged_pct": round(100.0 * sum(flags) / len(flags), 2),
+                    "escalated": sum(s.escalated for s in states),
+                    "reasons": sorted({s.reason for s in states if s.reason}),
+                    "duplicates_pct": round(100.0 * sum(s.duplicates for s in states) / len(flags), 2),
+                    "min_spread": round(min(s.spread for s in states if s.spread is not None), 4),
+                }
+            monitor.close()
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(out, indent=1) + "\n")
         self._benign_monitor = out
         return out
 
@@ -648,16 +707,24 @@ class Evaluation:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
             result["benign"] = self.benign(oracle, info)
-        if arm.gated and data is not None:  # the monitor replays the transfer set's queries
-            result["monitor"] = self.monitor(data)
+        if arm.gated and data is not None:  # the monitor and the transfer set's queries
+            result["monitor"] = self.monitor(data, arm)
         return result
 
 
 @contextmanager
 def open_oracle(
-    arm: Arm, config: EvalConfig, serve: bool, api_key: str | None = None, shared: dict[str, SharedModes] | None = None
+    arm: Arm,
+    config: EvalConfig,
+    serve: bool,
+    api_key: str | None = None,
+    shared: dict[str, SharedModes] | None = None,
+    monitor_db: Path | None = None,
 ) -> Iterator[Oracle]:
     """The arm's oracle: in-process, a server started for it on loopback, or the running server at ``arm.url``.
+
+    ``monitor_db``: an in-process gated arm answers as the default server with API keys — its queries are one
+    key's, which the extraction monitor (its state in this SQLite file) screens and may escalate.
 
     In-process engine modes with the same options share one engine through ``shared``
     (:mod:`measure.shared_modes`): one optimisation per query answers DeepDefense, DD-S and DD-I.
@@ -684,7 +751,7 @@ def open_oracle(
         return
     from defense.loader import load_defense, load_gate
 
-    if shared is not None and arm.defense in ENGINE_MODES:
+    if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # the gate's misinformer needs the engine
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
         if key not in shared:
             engine, _ = load_defense(
@@ -705,9 +772,24 @@ def open_oracle(
         defense, meta = load_defense(
             config.checkpoint, arm.defense, config.interpreter, device=device, data_root=config.data_root, **arm.options
         )
-    if arm.gated:  # the answers a gated server gives, without its equal-cost work for flagged queries
-        defense = load_gate(defense, config.checkpoint, device=device, equal_cost=False)
-    yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
+    if not arm.gated:
+        yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
+        return
+    gate = load_gate(defense, config.checkpoint, device=device)
+    assert isinstance(gate, MisinformationGate)
+    info = local_info(config.checkpoint, meta, gate)
+    if not config.monitored:
+        yield LocalOracle(gate, info)
+        return
+    info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
+    if monitor_db is None:  # the arm's queries were collected: what else it is asked is not the thief's
+        yield LocalOracle(gate, info)
+        return
+    monitor = ExtractionMonitor(monitor_db)
+    try:
+        yield MonitoredOracle(gate, info, monitor, MONITORED_KEY)
+    finally:
+        monitor.close()
 
 
 def run_evaluation(
@@ -740,9 +822,10 @@ def run_evaluation(
     shared: dict[str, SharedModes] = {}
     collected = {}
     for arm in arms:  # every transfer set first: the engine modes sharing one optimisation collect together
-        with open_oracle(arm, config, serve, api_key, shared) as oracle:
+        with open_oracle(arm, config, serve, api_key, shared, run.monitor_db(arm)) as oracle:
             info = oracle.info()
             data, collected_ = run.transfer_set(oracle, info, arm.budget, arm.query_set)
+            run.save_monitor_summary(arm)
             if data is None and not run.any_cached(arm, info, collected_["fingerprint"]):
                 # --only-cached: an arm whose queries were never sent here and that has no cached model is not run
                 missing = f"transfer set {collected_['store']} is not stored and no attack model of it is cached"
@@ -756,6 +839,19 @@ def run_evaluation(
         if on_arm is not None:
             on_arm(record)
     return record
+
+
+def _window_summary(s: KeyWindow) -> dict[str, Any]:
+    """A monitored key's state as the results report it (no coarse views, no distances)."""
+    return {
+        "queries": s.queries,
+        "flagged": s.flagged,
+        "duplicates": s.duplicates,
+        "tainted": s.tainted,
+        "spread": None if s.spread is None else round(s.spread, 4),
+        "escalated_after": s.escalated_after,
+        "reason": s.reason,
+    }
 
 
 def machine(device: str) -> str:

@@ -3,11 +3,14 @@ as the server's micro-batcher calls it, for the evaluation harness's in-process 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from clients.oracle import ModelInfo, OracleReply, stack_reply
 from defense.api import Defense
+from defense.gate import MisinformationGate
 from models.checkpoint import CheckpointMeta
+from server.monitor import ExtractionMonitor
 
 
 def local_info(name: str, meta: CheckpointMeta, defense: Defense) -> ModelInfo:
@@ -37,5 +40,24 @@ class LocalOracle:
 
     def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
         answers = self.defense.answer(x.to(self.device), explain=explain)
+        maps = [a.attribution.detach().cpu() for a in answers] if explain else None
+        return stack_reply([a.label for a in answers], [a.probabilities.detach().cpu() for a in answers], maps)
+
+
+class MonitoredOracle(LocalOracle):
+    """A gated defense called in-process as the default server with API keys answers one key: the extraction
+    monitor screens each batch before it is answered, an escalated key's queries are all answered by the
+    misinformation path, and the domain flags are recorded after (``server/routes/predict.py``'s order)."""
+
+    def __init__(self, gate: MisinformationGate, info: ModelInfo, monitor: ExtractionMonitor, key_id: str) -> None:
+        super().__init__(gate, info)
+        self.gate, self.monitor, self.key_id = gate, monitor, key_id
+
+    def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
+        escalated = self.monitor.screen(self.key_id, x)
+        misinform = torch.full((len(x),), escalated, dtype=torch.bool)
+        answers = self.gate.answer(x.to(self.device), explain=explain, misinform=misinform)
+        if not escalated:
+            self.monitor.observe(self.key_id, [a.misinformed for a in answers])
         maps = [a.attribution.detach().cpu() for a in answers] if explain else None
         return stack_reply([a.label for a in answers], [a.probabilities.detach().cpu() for a in answers], maps)

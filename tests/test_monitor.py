@@ -138,3 +138,42 @@ def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.Mon
         assert _ask(client, BOB, noise[:1]).status_code == 200
         metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
         assert metric_value(metrics, 'dd_escalated_instances_total{action="refuse"}') == 1
+
+
+def test_screening_sees_twins_and_queries_grown_from_earlier_ones_but_not_digits(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """What the monitor sees of the queries themselves, with its default policy: an honest key's 400 test
+    digits pass; a key that asks every image twice (one pixel moved by 1/255) is escalated for its
+    near-duplicates; a key whose queries are Jacobian-style steps (±0.1 a pixel) from 100 seed digits
+    and from each other is escalated by PRADA's statistic; and a fresh key that sends the escalated
+    key's queries is tainted by them."""
+    digits = load_split("mnist", str(data_root), "test").tensors[0]
+    monitor = ExtractionMonitor(tmp_path / "state.sqlite")
+
+    def screen(key: str, x: torch.Tensor, batch: int = 16) -> KeyWindow:
+        for i in range(0, len(x), batch):
+            monitor.screen(key, x[i : i + batch])
+        return monitor.store.read(key)
+
+    honest = screen("0" * 12, digits[:400])
+    assert not honest.escalated and honest.spread is not None and honest.spread > MonitorPolicy().spread
+
+    twin = digits[400:500].clone()
+    twin[:, 0, 14, 14] = torch.where(
+        twin[:, 0, 14, 14] < 0.5, twin[:, 0, 14, 14] + 1 / 255, twin[:, 0, 14, 14] - 1 / 255
+    )
+    twins = screen("1" * 12, torch.stack([digits[400:500], twin], 1).reshape(-1, *SHAPE))
+    assert twins.reason == "duplicates" and twins.escalated_after <= 2 * MonitorPolicy().min_queries
+
+    g = torch.Generator().manual_seed(0)
+    grown = [digits[500:600]]
+    for _ in range(2):  # two rounds of JBDA-like growth: every point so far, stepped by ±0.1 per pixel
+        pool = torch.cat(grown)
+        grown.append((pool + 0.1 * torch.randn(pool.shape, generator=g).sign()).clamp(0, 1))
+    jbda = screen("2" * 12, torch.cat(grown))
+    assert jbda.escalated and jbda.reason == "spread", (jbda.reason, jbda.spread)
+
+    moved = screen("3" * 12, torch.cat(grown)[150:160])
+    assert moved.escalated and moved.reason == "taint"
+    assert not monitor.escalated("0" * 12)

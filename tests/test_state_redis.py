@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from support.images import pixels
@@ -135,7 +136,32 @@ def test_the_monitor_state_is_shared_by_instances_and_survives_a_new_one(redis_s
     finally:
         restarted.close()
     with redis_server.client() as raw:
-        assert set(raw.keys("*")) == {f"dd:monitor:{k}" for k in (a, b, c)}  # the escalated set is empty: gone
+        # the escalated set is empty: gone; the fingerprints' secret stays
+        assert set(raw.keys("*")) == {f"dd:monitor:{k}" for k in (a, b, c)} | {"dd:monitor-secret"}
+
+
+def test_screening_is_shared_by_replicas_an_escalated_key_everywhere_and_its_queries_taint_another_key(
+    redis_server: RedisServer,
+) -> None:
+    """Two replicas' monitors on one Redis: one secret, one near-duplicate index. A key that twin-tests
+    through one replica is escalated on both; another key that sends its queries through the other replica is
+    tainted by them (a thief who moves to a fresh key brings his queries along)."""
+    thief, fresh, honest = key_id("thief"), key_id("fresh"), key_id("honest")
+    one, two = (ExtractionMonitor(RedisMonitorStore(connect_redis(redis_server.url)), POLICY) for _ in "12")
+    try:
+        assert one._secret == two._secret, "replicas fingerprint with different secrets"
+        images = torch.rand((8, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        twins = images.clone()
+        twins[:, 0, 3, 3] += 1 / 255
+        escalated = [one.screen(thief, torch.stack([x, t])) for x, t in zip(images, twins, strict=True)]
+        assert escalated[-1] and not escalated[0], "half of the queries were twins: escalated once the window had 5"
+        assert two.escalated(thief) and two.flagged_keys()[0]["reason"] == "duplicates"
+        assert not two.screen(honest, torch.rand((6, 1, 28, 28), generator=torch.Generator().manual_seed(1)))
+        assert not two.screen(fresh, images[:2]) and two.screen(fresh, images[2:3]), "3 of the thief's: tainted"
+        assert two.store.read(fresh).reason == "taint" and not one.escalated(honest)
+    finally:
+        one.close()
+        two.close()
 
 
 # -- through the app ---------------------------------------------------------------------------------------

@@ -63,12 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Misinformation)",
     )
     what.add_argument(
+        "--monitored",
+        action="store_true",
+        help="gated arms answer as the default server with API keys: each arm's queries are one key's, which the "
+        "extraction monitor screens and may escalate (its state and summary under <out>/monitor/)",
+    )
+    what.add_argument(
         "--query-sets",
         nargs="+",
         default=list(defaults.query_sets),
         choices=QUERY_SETS,
         help="random: the attacker's data set (--attacker-dataset); jbda: Jacobian augmentation from --jbda-seeds "
-        "victim training images; victim-train: the victim's training images (the in-domain ceiling)",
+        "victim training images; victim-train: the victim's training images (the in-domain ceiling); twins: random "
+        "with every image followed by its twin (one pixel moved by 1/255); adaptive: JBDA grown only from the "
+        "answers that moved between their twins (clients/adaptive.py)",
     )
     what.add_argument("--jbda-seeds", type=int, default=defaults.jbda_seeds, help="|S_0| of the jbda query set")
     what.add_argument(
@@ -173,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         interpreter=args.interpreter,
         defenses=tuple(args.defenses),
         gated=tuple(args.gated),
+        monitored=args.monitored,
         query_sets=tuple(args.query_sets),
         jbda_seeds=args.jbda_seeds,
         losses=tuple(args.losses),
