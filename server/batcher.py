@@ -7,9 +7,14 @@ idle — when its expected latency exceeds ``max_latency``: overload becomes an 
 latency is the instances of the micro-batch on the model thread and of the queue ahead, and its
 own, times the measured model seconds per instance: a moving average that rises at once with a
 slower batch and falls slowly, seeded by the warm-up query. A queue whose oldest instance has
-already waited ``max_latency`` refuses too, whatever the estimate says. One worker coroutine takes
-the oldest instance, gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at
-most ``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
+already waited ``max_latency`` refuses too, whatever the estimate says. No key may hold more than
+``key_share`` of the queue, in instances (of ``capacity``) or in expected seconds (of ``max_latency``):
+beyond, its request is refused (``key_share``) while other keys' requests are still admitted — unless the
+key has nothing queued, so that any key can always send one request. One worker coroutine takes the
+oldest instance and gathers up to ``max_batch`` instances with the same ``explain`` flag, round-robin
+across the keys that queued them (one of each key, then a second of each, …), so that a key with one
+instance queued is in the next micro-batch however many another key queued; it waits at most
+``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
 used by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's
 failure from failing the others. A request waits at most ``timeout`` seconds in all
 (:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and
@@ -73,6 +78,7 @@ class _Item:
     x: Tensor  # (C, H, W)
     explain: bool
     future: asyncio.Future[Answer]
+    key: str = ""  # the key id of the request, for the per-key share and the round-robin
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
 
@@ -123,6 +129,7 @@ class MicroBatcher:
         timeout: float,
         max_latency: float,
         retry_after: int,
+        key_share: float = 1.0,
     ) -> None:
         self.defense = defense
         self.metrics = metrics
@@ -134,6 +141,7 @@ class MicroBatcher:
         self.timeout = timeout
         self.max_latency = max_latency
         self.retry_after = retry_after
+        self.key_share = key_share
         self.cost: float | None = None  # moving average of model-thread seconds per instance
         self._running = 0  # instances of the micro-batch on the model thread now
         self._queue: deque[_Item] = deque()
@@ -179,12 +187,22 @@ class MicroBatcher:
         only when its own expected latency, which counts this request, is within the limit."""
         return (self._running + len(self._queue) + instances) * (self.cost or 0.0)
 
-    def _admit(self, instances: int) -> None:
-        """Raise :class:`QueueFull` when the request's instances do not fit or would be late."""
+    def _held(self, key: str) -> int:
+        """Instances of ``key`` waiting in the queue (of requests that have not given up)."""
+        return sum(1 for item in self._queue if item.key == key and not item.future.done())
+
+    def _admit(self, instances: int, key: str = "") -> None:
+        """Raise :class:`QueueFull` when the request's instances do not fit, would be late, or would take
+        its key past its share of the queue."""
         cost = self.cost or 0.0
         busy = self._live() or self._running > 0
         oldest = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
-        if len(self._queue) + instances > self.capacity:
+        held = self._held(key) if self.key_share < 1 else 0
+        over_share = held + instances - self.key_share * self.capacity
+        late_share = (held + instances) * cost - self.key_share * self.max_latency
+        if held and (over_share > 0 or (busy and late_share > 0)):
+            reason, wait = "key_share", max(over_share * cost, late_share)
+        elif len(self._queue) + instances > self.capacity:
             reason, wait = "queue_full", (len(self._queue) + instances - self.capacity) * cost
         elif busy and (self.expected_latency(instances) > self.max_latency or oldest > self.max_latency):
             # an idle server takes any request that fits, however long it will take
@@ -204,11 +222,11 @@ class MicroBatcher:
             self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
         self.metrics.instance_cost.set(self.cost)
 
-    def enqueue(self, x: Tensor, *, explain: bool) -> Ticket:
-        """Queue a (B, C, H, W) batch, or raise QueueFull (nothing queued)."""
-        self._admit(len(x))
+    def enqueue(self, x: Tensor, *, explain: bool, key: str = "") -> Ticket:
+        """Queue a (B, C, H, W) batch of the key with id ``key``, or raise QueueFull (nothing queued)."""
+        self._admit(len(x), key)
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, loop.create_future()) for xi in x]
+        items = [_Item(xi, explain, loop.create_future(), key) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
@@ -296,18 +314,23 @@ class MicroBatcher:
         return sum(1 for item in self._queue if item.explain == explain and not item.future.done())
 
     def _take(self) -> list[_Item]:
+        """The next micro-batch: instances with the oldest one's ``explain``, round-robin across keys."""
         if not self._live():
             return []
         explain = self._queue[0].explain
-        batch: list[_Item] = []
-        rest: deque[_Item] = deque()
+        by_key: dict[str, list[_Item]] = {}
         for item in self._queue:
             if item.future.done():
                 self.metrics.dropped.inc()
-            elif item.explain == explain and len(batch) < self.max_batch:
-                batch.append(item)
-            else:
-                rest.append(item)
+            elif item.explain == explain:
+                by_key.setdefault(item.key, []).append(item)
+        batch: list[_Item] = []
+        for turn in range(self.max_batch):
+            batch += [items[turn] for items in by_key.values() if turn < len(items)][: self.max_batch - len(batch)]
+            if len(batch) == self.max_batch:
+                break
+        chosen = {id(item) for item in batch}
+        rest = deque(item for item in self._queue if not item.future.done() and id(item) not in chosen)
         self.metrics.queue_instances.set(len(rest))
         # nothing changes before this point, so a failure above leaves the queue as it was
         self._queue = rest

@@ -217,7 +217,7 @@ def gateway_deployment(settings: ServerSettings) -> Any:
             retry_after_s=gateway_settings.retry_after_s,
         )
         return gateway_app(
-            gateway, max_body_bytes=gateway_settings.max_body_bytes, body_timeout_s=gateway_settings.body_timeout_s
+            gateway, max_body_bytes=gateway_settings.body_limit(), body_timeout_s=gateway_settings.body_timeout_s
         )
 
     @serve.ingress(build_gateway)

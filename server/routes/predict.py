@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
@@ -19,7 +22,7 @@ from ..auth import Caller
 from ..batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
 from ..budget import HOLD_HEADER, is_hold
 from ..dependencies import CallerDep, RuntimeDep
-from ..errors import ApiError
+from ..errors import ApiError, body_validation_error
 from ..images import instances_to_tensor
 from ..limits import require_json
 from ..runtime import Runtime
@@ -37,16 +40,25 @@ CLIENT_CLOSED = 499
 T = TypeVar("T")
 
 
+_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+}
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     response_model_exclude_none=True,
     dependencies=[Depends(require_json)],
     responses=_ERRORS,
+    openapi_extra={"requestBody": _REQUEST_BODY},
 )  # type: ignore[arg-type]
-async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
+async def predict(caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
     """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
     runtime.ready_batcher()  # 503 while not ready, before the instances are looked at
+    await before_body(runtime, caller)
+    body = await run_in_threadpool(_parse, await request.body())
     limit = runtime.settings.max_instances
     if len(body.instances) > limit:
         raise ApiError(
@@ -55,6 +67,7 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             f"at most {limit} instances per request, got {len(body.instances)}",
             field="instances",
         )
+    await run_in_threadpool(_within_budget, runtime, caller, len(body.instances))  # before any image is decoded
     x = await run_in_threadpool(
         partial(instances_to_tensor, invert=body.invert), body.instances, runtime.input_shape, runtime.image_limits
     )
@@ -73,6 +86,41 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
     )
 
 
+def _parse(body: bytes) -> PredictRequest:
+    """The request body, validated off the event loop; the errors FastAPI would give for a declared body."""
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "ctx": {"error": err.msg}}]
+        ) from None
+    except (ValueError, RecursionError):  # not UTF-8, or nested deeper than the parser goes
+        raise HTTPException(400, "There was an error parsing the body") from None
+    try:
+        return PredictRequest.model_validate(data)
+    except ValidationError as err:
+        raise body_validation_error(err) from None
+
+
+async def before_body(runtime: Runtime, caller: Caller) -> None:
+    """What refuses a request before its body is read: a key escalated with ``monitor_action refuse`` (403)
+    and a spent budget (429, fewer than one query left); a body costs the server nothing before these."""
+    await run_in_threadpool(_escalated, runtime, caller, 1)
+    await run_in_threadpool(_within_budget, runtime, caller, 1)
+
+
+def _within_budget(runtime: Runtime, caller: Caller, queries: int) -> None:
+    """429 when the caller's budget has fewer than ``queries`` left (read only: :func:`_spend` spends)."""
+    if runtime.ledger is None:
+        return
+    with state_reachable(runtime.settings.retry_after_s):
+        left = runtime.ledger.remaining(caller.key_id)
+    if left < queries:
+        raise _budget_exhausted(left, queries)
+
+
 async def answer_instances(
     runtime: Runtime,
     caller: Caller,
@@ -86,12 +134,14 @@ async def answer_instances(
     every route that answers queries shares (``/predict``, the Open Inference Protocol's ``infer``).
 
     In order: the extraction monitor (403 ``key_flagged``), the caller's budget (429), the micro-batcher
-    (503 when full or overloaded), the answers (504 in time, 499 when the client goes away, 500 when the
-    defense fails), the monitor's hook, then ``respond``. The request is charged once ``respond`` has
-    returned; whatever else happens, the queries not paid for are refunded (docs/server.md, "What a
-    request costs"). Where the monitor or the budget cannot be reached (their state in Redis), the request
-    is answered 503 ``state_unavailable``: never an answer that was not metered. In cluster mode the spend
-    is kept under the gateway's hold until the request ends (``server/budget.py``, "Holds")."""
+    (503 when full, overloaded or the key holds its share of the queue), the answers (504 in time, 499 when
+    the client goes away, 500 when the defense fails), the monitor again (a key escalated while the request
+    was queued gets the escalated answer or 403), the monitor's hook, then ``respond``. The request is
+    charged once ``respond`` has returned; whatever else happens, the queries not paid for are refunded
+    (docs/server.md, "What a request costs"). Where the monitor or the budget cannot be reached (their state
+    in Redis), the request is answered 503 ``state_unavailable``: never an answer that was not metered. In
+    cluster mode the spend is kept under the gateway's hold until the request ends (``server/budget.py``,
+    "Holds")."""
     batcher = runtime.ready_batcher()
     hold = _hold(runtime, request)
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
@@ -100,7 +150,7 @@ async def answer_instances(
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
     ticket: Ticket | None = None
     try:
-        ticket = batcher.enqueue(x, explain=explain)
+        ticket = batcher.enqueue(x, explain=explain, key=caller.key_id)
         runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
         try:
             answers = await _unless_disconnected(request, ticket.answers())
@@ -108,6 +158,8 @@ async def answer_instances(
             charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
             raise
         if runtime.monitor is not None:
+            # escalated while the request was queued: its answers are the escalated key's (or a 403, uncharged)
+            escalated = escalated or await run_in_threadpool(_escalated, runtime, caller, len(x))
             answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
         response = respond(answers)
         charged = len(x)
@@ -235,12 +287,16 @@ def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> 
         spent = runtime.ledger.spend(caller.key_id, queries, hold) is not None
         left = 0 if spent else runtime.ledger.remaining(caller.key_id)
     if not spent:
-        raise ApiError(
-            429,
-            "budget_exhausted",
-            f"the query budget of this key is spent ({left} left, {queries} asked)",
-            field="Authorization",
-        )
+        raise _budget_exhausted(left, queries)
+
+
+def _budget_exhausted(left: int, queries: int) -> ApiError:
+    return ApiError(
+        429,
+        "budget_exhausted",
+        f"the query budget of this key is spent ({left} left, {queries} asked)",
+        field="Authorization",
+    )
 
 
 def _prediction(answer: Answer, method: str, explain: bool) -> Prediction:
