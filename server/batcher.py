@@ -78,9 +78,9 @@ class _Item:
     x: Tensor  # (C, H, W)
     explain: bool
     future: asyncio.Future[Answer]
-    key: str = ""  # the key id of the request, for the per-key share and the round-robin
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
+    key: str = ""  # the key id of the request, for the per-key share and the round-robin
 
 
 class Ticket:
@@ -197,7 +197,7 @@ class MicroBatcher:
         cost = self.cost or 0.0
         busy = self._live() or self._running > 0
         oldest = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
-        held = self._held(key) if self.key_share < 1 else 0
+        held = self._held(key) if key and self.key_share < 1 else 0  # "": no keys, one caller
         over_share = held + instances - self.key_share * self.capacity
         late_share = (held + instances) * cost - self.key_share * self.max_latency
         if held and (over_share > 0 or (busy and late_share > 0)):
@@ -223,10 +223,11 @@ class MicroBatcher:
         self.metrics.instance_cost.set(self.cost)
 
     def enqueue(self, x: Tensor, *, explain: bool, key: str = "") -> Ticket:
-        """Queue a (B, C, H, W) batch of the key with id ``key``, or raise QueueFull (nothing queued)."""
+        """Queue a (B, C, H, W) batch of the key with id ``key`` (``""``: a server without keys, whose one
+        anonymous caller has the whole queue), or raise QueueFull (nothing queued)."""
         self._admit(len(x), key)
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, loop.create_future(), key) for xi in x]
+        items = [_Item(xi, explain, loop.create_future(), key=key) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
