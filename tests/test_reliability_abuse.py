@@ -183,9 +183,9 @@ def test_silent_and_trickling_sockets_are_closed(tmp_path: Path, defense: NoDefe
 
 
 def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torch.nn.Module) -> None:
-    """Alice keeps eight 16-instance requests in flight against a queue of 64; Bob's single requests are
+    """Alice keeps sixteen 16-instance requests in flight against a queue of 32; Bob's single requests are
     still answered (not 503), and soon: round-robin puts his instance in the next micro-batch."""
-    settings = make_settings(tmp_path, api_keys=f"{ALICE},{BOB}", queue_size=64, max_batch_size=32)
+    settings = make_settings(tmp_path, api_keys=f"{ALICE},{BOB}", queue_size=32, max_batch_size=16)
     stop = threading.Event()
     alice: list[int] = []
 
@@ -195,10 +195,10 @@ def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torc
                 body = {"instances": [{"pixels": pixels(i)} for i in range(16)], "explain": False}
                 alice.append(c.post("/predict", json=body, headers=bearer(ALICE)).status_code)
                 if alice[-1] != 200:
-                    time.sleep(0.02)
+                    time.sleep(0.005)
 
-    with in_thread(create_app(settings, SlowDefense(victim, 0.005))) as url, ThreadPoolExecutor(8) as pool:
-        for _ in range(8):
+    with in_thread(create_app(settings, SlowDefense(victim, 0.005))) as url, ThreadPoolExecutor(16) as pool:
+        for _ in range(16):
             pool.submit(saturate, url)
         time.sleep(1.0)
         bob: list[tuple[int, float]] = []
