@@ -1,0 +1,214 @@
+"""The server under abuse of the service itself (issue 29; docs/server.md, "Abuse of the service"), measured
+against real servers on loopback: ``python -m measure.abuse [--defense none] [--out abuse.json]``.
+
+* **Liveness under unauthenticated bodies**: three clients send 8 MiB bodies without a key, back to back
+  (one declares its length, two send it chunked); meanwhile ``/healthz`` is asked one request at a time:
+  its p50 and p99.
+* **A spent key's 16 images**: a key whose budget is spent sends 16 small PNGs that declare 2000×2000 pixels:
+  the time to its 429, and how many images the server decoded (a counter around its decoder, so this
+  server runs in this process).
+* **A silent socket**: seconds until the server closes a connection that sends nothing (given up after 45 s).
+* **One key saturating**: sixteen clients of one key keep 16-instance requests in flight; another key sends
+  single requests one at a time: the share answered 200, and their latency.
+
+The servers are ``deepdefense serve`` as a child process (``measure.launcher.spawn_serve``) with the given
+defense and the defaults otherwise, except the last two checks' in-process server (same settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import secrets
+import socket
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clients.latency import percentiles
+from measure.launcher import in_thread, spawn_serve
+
+BODY_BYTES = 8 << 20
+SILENT_LIMIT_S = 45.0
+
+
+def tiny_png(width: int, height: int) -> str:
+    """A small PNG (base64) whose header declares width × height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 << 16)))
+    return base64.b64encode(png + chunk(b"IEND", b"")).decode()
+
+
+def one_instance(seed: int) -> dict[str, Any]:
+    value = (seed % 97) / 97
+    return {"pixels": [[[value] * 28] * 28]}
+
+
+def healthz_under_bodies(url: str, requests: int = 300) -> dict[str, Any]:
+    stop = threading.Event()
+    sent = [0]
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(BODY_BYTES // (1 << 20)):
+            yield b"[" * (1 << 20)
+
+    def flood(chunked: bool) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                body = chunks() if chunked else b"[" * BODY_BYTES
+                with contextlib.suppress(httpx.TransportError):  # closed by the server before the body was sent
+                    c.post("/predict", content=body, headers={"Content-Type": "application/json"})
+                sent[0] += 1
+
+    floods = [threading.Thread(target=flood, args=(chunked,), daemon=True) for chunked in (False, True, True)]
+    for t in floods:
+        t.start()
+    time.sleep(1.0)
+    latencies = []
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(requests):
+            started = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - started)
+    stop.set()
+    for t in floods:
+        t.join(timeout=60)
+    return {"healthz_s": percentiles(latencies), "bodies_sent": sent[0]}
+
+
+def spent_key_images(settings_env: dict[str, str], repeats: int = 20) -> dict[str, Any]:
+    import server.images
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    decoded = [0]
+    decode = server.images._image
+
+    def counting(*args: Any) -> Any:
+        decoded[0] += 1
+        return decode(*args)
+
+    server.images._image = counting  # type: ignore[assignment]
+    key = settings_env["DD_API_KEYS"]
+    body = {"instances": [{"image_b64": tiny_png(2000, 2000)} for _ in range(16)], "explain": False}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = ServerSettings(
+                defense=settings_env["DD_DEFENSE"],
+                api_keys=key,
+                query_budget=1,
+                budget_db=Path(tmp) / "budget.sqlite",
+                log_level="warning",
+            )
+            with in_thread(create_app(settings), like_serve=True) as url, httpx.Client(base_url=url, timeout=60) as c:
+                auth = {"Authorization": f"Bearer {key}"}
+                assert c.post("/predict", json={"instances": [one_instance(0)]}, headers=auth).status_code == 200
+                times, statuses = [], []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    statuses.append(c.post("/predict", json=body, headers=auth).status_code)
+                    times.append(time.perf_counter() - started)
+    finally:
+        server.images._image = decode  # type: ignore[assignment]
+    return {"statuses": sorted(set(statuses)), "refusal_s": percentiles(times), "images_decoded": decoded[0]}
+
+
+def silent_socket(url: str) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(SILENT_LIMIT_S)
+        started = time.perf_counter()
+        try:
+            closed = s.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+        return {"closed": closed, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def saturation(url: str, saturating: str, other: str, requests: int = 40) -> dict[str, Any]:
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def saturate(seed: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while not stop.is_set():
+                body = {"instances": [one_instance(seed + i) for i in range(16)], "explain": False}
+                statuses.append(
+                    c.post("/predict", json=body, headers={"Authorization": f"Bearer {saturating}"}).status_code
+                )
+                if statuses[-1] != 200:
+                    time.sleep(0.005)
+
+    answered, latencies = 0, []
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(16):
+            pool.submit(saturate, 100 * i)
+        time.sleep(3.0)
+        try:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for i in range(requests):
+                    started = time.perf_counter()
+                    r = c.post(
+                        "/predict",
+                        json={"instances": [one_instance(i)], "explain": False},
+                        headers={"Authorization": f"Bearer {other}"},
+                    )
+                    if r.status_code == 200:
+                        answered += 1
+                        latencies.append(time.perf_counter() - started)
+        finally:
+            stop.set()
+    return {
+        "other_answered": f"{answered}/{requests}",
+        "other_latency_s": percentiles(latencies) if latencies else None,
+        "saturating_503": statuses.count(503),
+        "saturating_200": statuses.count(200),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--defense", default="deepdefense", help="the served defense (default: deepdefense)")
+    p.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    saturating, other = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    with tempfile.TemporaryDirectory() as tmp:
+        env |= {
+            "DD_DEFENSE": args.defense,
+            "DD_API_KEYS": f"{saturating},{other}",
+            "DD_BUDGET_DB": str(Path(tmp) / "budget.sqlite"),
+            "DD_LOG_LEVEL": "warning",
+        }
+        report: dict[str, Any] = {"defense": args.defense}
+        with spawn_serve(env) as (url, _, _):
+            report["healthz_under_unauthenticated_8mib_bodies"] = healthz_under_bodies(url)
+            report["silent_socket"] = silent_socket(url)
+            report["one_key_saturating"] = saturation(url, saturating, other)
+        report["spent_key_16_images"] = spent_key_images({"DD_API_KEYS": other, "DD_DEFENSE": args.defense})
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
