@@ -169,7 +169,7 @@ class ErrorResponse(BaseModel):
 
 
 class FlaggedKey(BaseModel):
-    key_id: str = Field(description="the key's id (12 hex digits of its sha256), as in the metrics")
+    key_id: str = Field(description="the key's id (12 hex digits of its HMAC under the server's secret), as in metrics")
     queries: int = Field(description="queries the key has sent while watched")
     flagged: int = Field(description="of those, flagged as out of domain by the gate's domain score")
     escalated_at: float = Field(description="unix time of the escalation")
