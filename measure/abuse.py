@@ -1,10 +1,10 @@
 """The server under abuse of the service itself (issue 29; docs/server.md, "Abuse of the service"), measured
 against real servers on loopback: ``python -m measure.abuse [--defense none] [--out abuse.json]``.
 
-* **Liveness under unauthenticated bodies**: three clients send 8 MiB bodies without a key, back to back
-  (one declares its length, two send it chunked); meanwhile ``/healthz`` is asked one request at a time:
-  its p50 and p99.
-* **A spent key's 16 images**: a key whose budget is spent sends 16 small PNGs that declare 2000×2000 pixels:
+* **Liveness under unauthenticated bodies**: three clients send 8 MiB JSON documents (1.7 million pixel
+  values) without a key, back to back (one declares its length, two send it chunked); meanwhile
+  ``/healthz`` is asked one request at a time: its p50 and p99.
+* **A spent key's 16 images**: a key whose budget is spent sends 16 black 2000×2000 PNGs (4 kB each):
   the time to its 429, and how many images the server decoded (a counter around its decoder, so this
   server runs in this process).
 * **A silent socket**: seconds until the server closes a connection that sends nothing (given up after 45 s).
@@ -12,7 +12,7 @@ against real servers on loopback: ``python -m measure.abuse [--defense none] [--
   single requests one at a time: the share answered 200, and their latency.
 
 The servers are ``deepdefense serve`` as a child process (``measure.launcher.spawn_serve``) with the given
-defense and the defaults otherwise, except the last two checks' in-process server (same settings).
+defense and the defaults otherwise, except the spent key's server, in this process (same settings).
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ BODY_BYTES = 8 << 20
 SILENT_LIMIT_S = 45.0
 
 
-def tiny_png(width: int, height: int) -> str:
-    """A small PNG (base64) whose header declares width × height pixels."""
+def black_png(width: int, height: int) -> str:
+    """A valid, black, 8-bit grayscale PNG of width × height (base64): a few kB that decode to width × height bytes."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 << 16)))
+    rows = zlib.compress(bytes(height * (width + 1)), 9)  # each row: filter byte 0, then width zeros
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows)
     return base64.b64encode(png + chunk(b"IEND", b"")).decode()
 
 
@@ -63,14 +64,17 @@ def healthz_under_bodies(url: str, requests: int = 300) -> dict[str, Any]:
     stop = threading.Event()
     sent = [0]
 
+    values = b"0.5, " * ((BODY_BYTES - 64) // 5)
+    document = b'{"instances": [{"pixels": [[[' + values[:-2] + b"]]]}]}"  # valid JSON: 1.7 million values
+
     def chunks() -> Iterator[bytes]:
-        for _ in range(BODY_BYTES // (1 << 20)):
-            yield b"[" * (1 << 20)
+        for start in range(0, len(document), 1 << 20):
+            yield document[start : start + (1 << 20)]
 
     def flood(chunked: bool) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
             while not stop.is_set():
-                body = chunks() if chunked else b"[" * BODY_BYTES
+                body = chunks() if chunked else document
                 with contextlib.suppress(httpx.TransportError):  # closed by the server before the body was sent
                     c.post("/predict", content=body, headers={"Content-Type": "application/json"})
                 sent[0] += 1
@@ -105,7 +109,7 @@ def spent_key_images(settings_env: dict[str, str], repeats: int = 20) -> dict[st
 
     server.images._image = counting  # type: ignore[assignment]
     key = settings_env["DD_API_KEYS"]
-    body = {"instances": [{"image_b64": tiny_png(2000, 2000)} for _ in range(16)], "explain": False}
+    body = {"instances": [{"image_b64": black_png(2000, 2000)} for _ in range(16)], "explain": False}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             settings = ServerSettings(
@@ -142,7 +146,7 @@ def silent_socket(url: str) -> dict[str, Any]:
         return {"closed": closed, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def saturation(url: str, saturating: str, other: str, requests: int = 40) -> dict[str, Any]:
+def saturation(url: str, saturating: str, other: str, requests: int = 30) -> dict[str, Any]:
     stop = threading.Event()
     statuses: list[int] = []
 
