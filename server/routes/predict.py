@@ -107,17 +107,20 @@ def _parse(body: bytes) -> PredictRequest:
 async def before_body(runtime: Runtime, caller: Caller) -> None:
     """What refuses a request before its body is read: a key escalated with ``monitor_action refuse`` (403)
     and a spent budget (429, fewer than one query left); a body costs the server nothing before these."""
-    await run_in_threadpool(_escalated, runtime, caller, 1)
-    await run_in_threadpool(_within_budget, runtime, caller, 1)
+    if runtime.monitor is not None:
+        await run_in_threadpool(_escalated, runtime, caller, 1)
+    if runtime.ledger is not None:
+        await run_in_threadpool(_within_budget, runtime, caller, None)
 
 
-def _within_budget(runtime: Runtime, caller: Caller, queries: int) -> None:
-    """429 when the caller's budget has fewer than ``queries`` left (read only: :func:`_spend` spends)."""
+def _within_budget(runtime: Runtime, caller: Caller, queries: int | None) -> None:
+    """429 when the caller's budget has fewer than ``queries`` left (None: before the body is read, when the
+    request's instances are not known yet: none left). Read only: :func:`_spend` spends."""
     if runtime.ledger is None:
         return
     with state_reachable(runtime.settings.retry_after_s):
         left = runtime.ledger.remaining(caller.key_id)
-    if left < queries:
+    if left < (queries or 1):
         raise _budget_exhausted(left, queries)
 
 
@@ -290,12 +293,10 @@ def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> 
         raise _budget_exhausted(left, queries)
 
 
-def _budget_exhausted(left: int, queries: int) -> ApiError:
+def _budget_exhausted(left: int, queries: int | None) -> ApiError:
+    asked = "" if queries is None else f", {queries} asked"
     return ApiError(
-        429,
-        "budget_exhausted",
-        f"the query budget of this key is spent ({left} left, {queries} asked)",
-        field="Authorization",
+        429, "budget_exhausted", f"the query budget of this key is spent ({left} left{asked})", field="Authorization"
     )
 
 
