@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -112,13 +113,9 @@ def spent_key_images(settings_env: dict[str, str], repeats: int = 20) -> dict[st
     body = {"instances": [{"image_b64": black_png(2000, 2000)} for _ in range(16)], "explain": False}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            settings = ServerSettings(
-                defense=settings_env["DD_DEFENSE"],
-                api_keys=key,
-                query_budget=1,
-                budget_db=Path(tmp) / "budget.sqlite",
-                log_level="warning",
-            )
+            overrides = {k.removeprefix("DD_").lower(): v for k, v in settings_env.items() if k.startswith("DD_")}
+            overrides |= {"api_keys": key, "query_budget": 1, "budget_db": Path(tmp) / "budget.sqlite"}
+            settings = ServerSettings(**overrides)
             with in_thread(create_app(settings), like_serve=True) as url, httpx.Client(base_url=url, timeout=60) as c:
                 auth = {"Authorization": f"Bearer {key}"}
                 assert c.post("/predict", json={"instances": [one_instance(0)]}, headers=auth).status_code == 200
@@ -190,6 +187,8 @@ def saturation(url: str, saturating: str, other: str, requests: int = 30) -> dic
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--defense", default="deepdefense", help="the served defense (default: deepdefense)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="the servers' DD_MAX_BATCH_SIZE (default: theirs)")
+    p.add_argument("--queue-size", type=int, default=None, help="the servers' DD_QUEUE_SIZE (default: theirs)")
     p.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     saturating, other = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
@@ -201,12 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "DD_BUDGET_DB": str(Path(tmp) / "budget.sqlite"),
             "DD_LOG_LEVEL": "warning",
         }
-        report: dict[str, Any] = {"defense": args.defense}
+        for name in ("max_batch_size", "queue_size"):
+            if getattr(args, name) is not None:
+                env[f"DD_{name.upper()}"] = str(getattr(args, name))
+        report: dict[str, Any] = {"command": " ".join(["python -m measure.abuse", *(argv or sys.argv[1:])])}
         with spawn_serve(env) as (url, _, _):
             report["healthz_under_unauthenticated_8mib_bodies"] = healthz_under_bodies(url)
             report["silent_socket"] = silent_socket(url)
             report["one_key_saturating"] = saturation(url, saturating, other)
-        report["spent_key_16_images"] = spent_key_images({"DD_API_KEYS": other, "DD_DEFENSE": args.defense})
+        report["spent_key_16_images"] = spent_key_images(env | {"DD_API_KEYS": other})
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

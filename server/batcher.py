@@ -180,12 +180,25 @@ class MicroBatcher:
         one thread at a time)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def expected_latency(self, instances: int) -> float:
+    def expected_latency(self, instances: int, key: str = "") -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
         on the model thread and the queue ahead of it, at the measured seconds per instance (0
         before any measurement). Instances admitted after it may join its micro-batch, but each
-        only when its own expected latency, which counts this request, is within the limit."""
-        return (self._running + len(self._queue) + instances) * (self.cost or 0.0)
+        only when its own expected latency, which counts this request, is within the limit.
+
+        With a ``key``, "ahead" is what the round-robin of :meth:`_take` puts ahead: the key's own queued
+        instances, and of every other key at most as many as the request's last turn (its held
+        instances and its own), so that one key's backlog does not make another key's request late."""
+        if key:
+            held: dict[str, int] = {}
+            for item in self._queue:
+                if not item.future.done():
+                    held[item.key] = held.get(item.key, 0) + 1
+            turns = held.get(key, 0) + instances
+            ahead = sum(min(n, turns) for n in held.values()) + instances
+        else:
+            ahead = len(self._queue) + instances
+        return (self._running + ahead) * (self.cost or 0.0)
 
     def _held(self, key: str) -> int:
         """Instances of ``key`` waiting in the queue (of requests that have not given up)."""
@@ -196,17 +209,21 @@ class MicroBatcher:
         its key past its share of the queue."""
         cost = self.cost or 0.0
         busy = self._live() or self._running > 0
-        oldest = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
         held = self._held(key) if key and self.key_share < 1 else 0  # "": no keys, one caller
+        # the oldest instance ahead: of the whole queue, or (round-robin) of the key's own
+        waiting = [i for i in self._queue if not i.future.done() and (not key or i.key == key)]
+        oldest = time.perf_counter() - waiting[0].enqueued if waiting else 0.0
         over_share = held + instances - self.key_share * self.capacity
         late_share = (held + instances) * cost - self.key_share * self.max_latency
         if held and (over_share > 0 or (busy and late_share > 0)):
             reason, wait = "key_share", max(over_share * cost, late_share)
         elif len(self._queue) + instances > self.capacity:
             reason, wait = "queue_full", (len(self._queue) + instances - self.capacity) * cost
-        elif busy and (self.expected_latency(instances) > self.max_latency or oldest > self.max_latency):
+        elif busy and (
+            (expected := self.expected_latency(instances, key)) > self.max_latency or oldest > self.max_latency
+        ):
             # an idle server takes any request that fits, however long it will take
-            reason, wait = "overloaded", self.expected_latency(instances) - self.max_latency
+            reason, wait = "overloaded", expected - self.max_latency
         else:
             return
         self.metrics.rejected.labels(reason).inc()

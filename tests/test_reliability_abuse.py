@@ -5,6 +5,7 @@ server that its earlier versions allowed (issue 29)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import stat
@@ -30,8 +31,10 @@ from measure.launcher import in_thread
 from models.data import load_split
 from server.app import create_app
 from server.auth import KEY_RULE
+from server.batcher import MicroBatcher, QueueFull, _Item
 from server.keystore import EDM_HASH, KEY_ID, secret_path
 from server.limits import default_body_limit
+from server.metrics import ServerMetrics
 from server.runtime import Runtime, StartupError
 from server.settings import ServerSettings
 
@@ -216,6 +219,40 @@ def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torc
     answered = [seconds for status, seconds in bob if status == 200]
     assert len(answered) >= 0.9 * len(bob), [status for status, _ in bob]
     assert percentiles(answered)["p50"] < 3.0
+
+
+def test_admission_and_micro_batches_are_fair_across_keys() -> None:
+    """Alice's 32 queued instances are her share of a queue of 64: her next request is refused (503 key_share)
+    while Bob's is admitted, judged by what the round-robin puts ahead of it (not by Alice's backlog), and his
+    instance is in the next micro-batch."""
+    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+    b = MicroBatcher(
+        None,  # type: ignore[arg-type]  # never started: its admission state is set by hand
+        metrics,
+        device=torch.device("cpu"),
+        num_classes=10,
+        max_batch=8,
+        max_wait=0.0,
+        capacity=64,
+        timeout=30.0,
+        max_latency=10.0,
+        retry_after=1,
+        key_share=0.5,
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        b.cost, b._running = 0.25, 8
+        b._queue.extend(_Item(torch.zeros(SHAPE), False, loop.create_future(), key="alice") for _ in range(32))
+        with pytest.raises(QueueFull) as refused:
+            b._admit(1, "alice")
+        assert refused.value.reason == "key_share"
+        assert b.expected_latency(1, "bob") == (8 + 1 + 1) * 0.25  # the running batch, one of Alice's, his own
+        assert b.expected_latency(1) > b.max_latency  # the whole queue ahead: a server without keys is overloaded
+        b._admit(1, "bob")
+        b._queue.append(_Item(torch.zeros(SHAPE), False, loop.create_future(), key="bob"))
+        assert [item.key for item in b._take()].count("bob") == 1 and len(b._queue) == 25
+    finally:
+        loop.close()
 
 
 # -- key ids and keys -----------------------------------------------------------------------------------------------
