@@ -227,7 +227,7 @@ def test_replicas_with_a_budget_need_redis(tmp_path: Path, monkeypatch: pytest.M
 
 def test_the_settings_reach_a_replica_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dict sent to the replicas rebuilds the same settings where no DD_* variable is set, keys included."""
-    (tmp_path / "keys").write_text("second-key  # a comment\n")
+    (tmp_path / "keys").write_text("# a comment\nsecond-key#0123456789\n")
     monkeypatch.setenv("DD_API_KEYS", KEY)
     monkeypatch.setenv("DD_API_KEYS_FILE", str(tmp_path / "keys"))
     settings = make_settings(tmp_path, replicas=2, state="redis://127.0.0.1:1/0", query_budget=BUDGET, device="cuda:1")
@@ -237,7 +237,7 @@ def test_the_settings_reach_a_replica_whole(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("DD_API_KEYS_FILE")
     monkeypatch.setenv("DD_QUERY_BUDGET", "5")  # a replica host's environment changes nothing
     rebuilt = ServerSettings(**payload)
-    assert rebuilt.keys() == [KEY, "second-key"]
+    assert rebuilt.keys() == [KEY, "second-key#0123456789"]
     assert (rebuilt.query_budget, rebuilt.state, rebuilt.replicas) == (BUDGET, settings.state, 2)
     assert rebuilt.device == "cuda" and rebuilt.budget_db.is_absolute()
 
