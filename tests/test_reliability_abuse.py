@@ -32,6 +32,7 @@ from models.data import load_split
 from server.app import create_app
 from server.auth import KEY_RULE
 from server.batcher import MicroBatcher, QueueFull, _Item
+from server.cluster import app_builder
 from server.keystore import EDM_HASH, KEY_ID, secret_path
 from server.limits import default_body_limit
 from server.metrics import ServerMetrics
@@ -60,6 +61,9 @@ def test_an_open_bind_without_keys_refuses_to_start_unless_asked_for() -> None:
         assert ServerSettings(host=host, api_keys=ALICE).keys() == [ALICE]
     for host in ("127.0.0.1", "127.3.2.1", "::1", "localhost"):
         assert ServerSettings(host=host).host == host  # loopback: only this machine can reach it
+    # `serve run docker/serve-config.yaml`: the builder cannot see the proxy's address, and assumes a public one
+    with pytest.raises(ValueError, match="no API keys are configured"):
+        app_builder({"replicas": 2, "state": "redis://127.0.0.1:6379/0"})
 
 
 # -- work before authentication and before the budget ---------------------------------------------------------------
