@@ -62,11 +62,13 @@ class OracleError(RuntimeError):
 
 
 def read_api_key(path: str | os.PathLike[str] | None = None) -> str | None:
-    """The API key: the first non-comment line of ``path``, else ``$DD_CLIENT_API_KEY``, else None."""
+    """The API key: the first line of ``path`` that is neither blank nor a comment (a line whose first visible
+    character is ``#``; a ``#`` inside a key is part of it, as the server reads key files), else
+    ``$DD_CLIENT_API_KEY``, else None."""
     if path is not None:
         for line in Path(path).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
+            line = line.strip()
+            if line and not line.startswith("#"):
                 return line
         raise ValueError(f"API key file {path} holds no key")
     return os.environ.get(API_KEY_ENV) or None

@@ -25,6 +25,7 @@ import redis
 
 from clients.load import LoadConfig, run_load
 from server.auth import key_id
+from server.keystore import KEY_ID, redis_secret
 
 REPLICA_TITLE = "ServeReplica:deepdefense:DeepDefense"
 
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     thread.start()
     report = asyncio.run(run_load(config)).as_dict()
     thread.join(timeout=args.restart_deadline + args.kill_after)
-    spent = redis.Redis.from_url(args.redis, decode_responses=True).get(f"dd:budget:{key_id(key)}")
+    state = redis.Redis.from_url(args.redis, decode_responses=True)
+    spent = state.get(f"dd:budget:{key_id(key, redis_secret(state, KEY_ID))}")
     answered = report["statuses"].get("200", 0)
     others = {k: v for k, v in report["statuses"].items() if k not in ("200", "503")}
     transport = {k: v for k, v in report["errors"].items() if k.startswith("transport")}

@@ -18,6 +18,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import MAIN, RequestMetricsMiddleware
 from .openapi import install_served_openapi
+from .protocol import header_deadline_protocol
 from .requestid import RequestIdMiddleware
 from .routes import admin, health, metrics, models, oip, playground, predict
 from .runtime import Runtime, StartupError
@@ -76,7 +77,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.wait_until_ready = wait_until_ready
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.body_limit(), body_timeout=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, refusals included, carries the id
     for router in (predict.router, oip.router, models.router, health.router):
@@ -105,14 +106,18 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     no query strings) instead of uvicorn's; idle keep-alive connections kept longer than clients
     keep theirs (uvicorn's 5 s equals httpx's, and a client reusing a connection at the moment the
     server closes it gets a transport error); on SIGTERM/SIGINT new connections are refused while
-    in-flight requests finish (for at most the request timeout plus a margin). The HTTP parser and event
-    loop are named (h11, asyncio): uvicorn would otherwise switch to httptools and uvloop whenever they are
-    installed, as ``ray[serve]`` (the ``cluster`` extra) installs them, and the server tested here is h11's."""
+    in-flight requests finish (for at most the request timeout plus a margin); a connection whose request
+    headers do not arrive within ``header_timeout_s`` is closed (``server/protocol.py``), and beyond
+    ``max_connections`` open connections or requests in progress requests are answered 503. The HTTP parser
+    and event loop are named (h11, asyncio): uvicorn would otherwise switch to httptools and uvloop whenever
+    they are installed, as ``ray[serve]`` (the ``cluster`` extra) installs them, and the server tested here
+    is h11's."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http="h11",
+        http=header_deadline_protocol(settings.header_timeout_s),
+        limit_concurrency=settings.max_connections,
         loop="asyncio",
         log_level=settings.log_level,
         server_header=False,

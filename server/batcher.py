@@ -7,9 +7,14 @@ idle — when its expected latency exceeds ``max_latency``: overload becomes an 
 latency is the instances of the micro-batch on the model thread and of the queue ahead, and its
 own, times the measured model seconds per instance: a moving average that rises at once with a
 slower batch and falls slowly, seeded by the warm-up query. A queue whose oldest instance has
-already waited ``max_latency`` refuses too, whatever the estimate says. One worker coroutine takes
-the oldest instance, gathers up to ``max_batch`` instances with the same ``explain`` flag, waiting at
-most ``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
+already waited ``max_latency`` refuses too, whatever the estimate says. No key may hold more than
+``key_share`` of the queue, in instances (of ``capacity``) or in expected seconds (of ``max_latency``):
+beyond, its request is refused (``key_share``) while other keys' requests are still admitted — unless the
+key has nothing queued, so that any key can always send one request. One worker coroutine takes the
+oldest instance and gathers up to ``max_batch`` instances with the same ``explain`` flag, round-robin
+across the keys that queued them (one of each key, then a second of each, …), so that a key with one
+instance queued is in the next micro-batch however many another key queued; it waits at most
+``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
 used by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's
 failure from failing the others. A request waits at most ``timeout`` seconds in all
 (:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and
@@ -76,6 +81,7 @@ class _Item:
     future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
+    key: str = ""  # the key id of the request, for the per-key share and the round-robin
 
 
 class Ticket:
@@ -124,6 +130,7 @@ class MicroBatcher:
         timeout: float,
         max_latency: float,
         retry_after: int,
+        key_share: float = 1.0,
     ) -> None:
         self.defense = defense
         self.metrics = metrics
@@ -135,6 +142,7 @@ class MicroBatcher:
         self.timeout = timeout
         self.max_latency = max_latency
         self.retry_after = retry_after
+        self.key_share = key_share
         self.cost: float | None = None  # moving average of model-thread seconds per instance
         self._running = 0  # instances of the micro-batch on the model thread now
         self._queue: deque[_Item] = deque()
@@ -173,23 +181,50 @@ class MicroBatcher:
         one thread at a time)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def expected_latency(self, instances: int) -> float:
+    def expected_latency(self, instances: int, key: str = "") -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
         on the model thread and the queue ahead of it, at the measured seconds per instance (0
         before any measurement). Instances admitted after it may join its micro-batch, but each
-        only when its own expected latency, which counts this request, is within the limit."""
-        return (self._running + len(self._queue) + instances) * (self.cost or 0.0)
+        only when its own expected latency, which counts this request, is within the limit.
 
-    def _admit(self, instances: int) -> None:
-        """Raise :class:`QueueFull` when the request's instances do not fit or would be late."""
+        With a ``key``, "ahead" is what the round-robin of :meth:`_take` puts ahead: the key's own queued
+        instances, and of every other key at most as many as the request's last turn (its held
+        instances and its own), so that one key's backlog does not make another key's request late."""
+        if key:
+            held: dict[str, int] = {}
+            for item in self._queue:
+                if not item.future.done():
+                    held[item.key] = held.get(item.key, 0) + 1
+            turns = held.get(key, 0) + instances
+            ahead = sum(min(n, turns) for n in held.values()) + instances
+        else:
+            ahead = len(self._queue) + instances
+        return (self._running + ahead) * (self.cost or 0.0)
+
+    def _held(self, key: str) -> int:
+        """Instances of ``key`` waiting in the queue (of requests that have not given up)."""
+        return sum(1 for item in self._queue if item.key == key and not item.future.done())
+
+    def _admit(self, instances: int, key: str = "") -> None:
+        """Raise :class:`QueueFull` when the request's instances do not fit, would be late, or would take
+        its key past its share of the queue."""
         cost = self.cost or 0.0
         busy = self._live() or self._running > 0
-        oldest = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
-        if len(self._queue) + instances > self.capacity:
+        held = self._held(key) if key and self.key_share < 1 else 0  # "": no keys, one caller
+        # the oldest instance ahead: of the whole queue, or (round-robin) of the key's own
+        waiting = [i for i in self._queue if not i.future.done() and (not key or i.key == key)]
+        oldest = time.perf_counter() - waiting[0].enqueued if waiting else 0.0
+        over_share = held + instances - self.key_share * self.capacity
+        late_share = (held + instances) * cost - self.key_share * self.max_latency
+        if held and (over_share > 0 or (busy and late_share > 0)):
+            reason, wait = "key_share", max(over_share * cost, late_share)
+        elif len(self._queue) + instances > self.capacity:
             reason, wait = "queue_full", (len(self._queue) + instances - self.capacity) * cost
-        elif busy and (self.expected_latency(instances) > self.max_latency or oldest > self.max_latency):
+        elif busy and (
+            (expected := self.expected_latency(instances, key)) > self.max_latency or oldest > self.max_latency
+        ):
             # an idle server takes any request that fits, however long it will take
-            reason, wait = "overloaded", self.expected_latency(instances) - self.max_latency
+            reason, wait = "overloaded", expected - self.max_latency
         else:
             return
         self.metrics.rejected.labels(reason).inc()
@@ -205,13 +240,14 @@ class MicroBatcher:
             self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
         self.metrics.instance_cost.set(self.cost)
 
-    def enqueue(self, x: Tensor, *, explain: bool, misinform: bool = False) -> Ticket:
-        """Queue a (B, C, H, W) batch, or raise QueueFull (nothing queued). ``misinform``: every instance is
-        answered by the misinformation gate's misinformation path (a key the monitor escalated), in the same
-        micro-batch computation as any other, so that it costs what any other costs."""
-        self._admit(len(x))
+    def enqueue(self, x: Tensor, *, explain: bool, misinform: bool = False, key: str = "") -> Ticket:
+        """Queue a (B, C, H, W) batch of the key with id ``key`` (``""``: a server without keys, whose one
+        anonymous caller has the whole queue), or raise QueueFull (nothing queued). ``misinform``: every
+        instance is answered by the misinformation gate's misinformation path (a key the monitor escalated), in
+        the same micro-batch computation as any other, so that it costs what any other costs."""
+        self._admit(len(x), key)
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, misinform, loop.create_future()) for xi in x]
+        items = [_Item(xi, explain, misinform, loop.create_future(), key=key) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
@@ -300,18 +336,23 @@ class MicroBatcher:
         return sum(1 for item in self._queue if item.explain == explain and not item.future.done())
 
     def _take(self) -> list[_Item]:
+        """The next micro-batch: instances with the oldest one's ``explain``, round-robin across keys."""
         if not self._live():
             return []
         explain = self._queue[0].explain
-        batch: list[_Item] = []
-        rest: deque[_Item] = deque()
+        by_key: dict[str, list[_Item]] = {}
         for item in self._queue:
             if item.future.done():
                 self.metrics.dropped.inc()
-            elif item.explain == explain and len(batch) < self.max_batch:
-                batch.append(item)
-            else:
-                rest.append(item)
+            elif item.explain == explain:
+                by_key.setdefault(item.key, []).append(item)
+        batch: list[_Item] = []
+        for turn in range(self.max_batch):
+            batch += [items[turn] for items in by_key.values() if turn < len(items)][: self.max_batch - len(batch)]
+            if len(batch) == self.max_batch:
+                break
+        chosen = {id(item) for item in batch}
+        rest = deque(item for item in self._queue if not item.future.done() and id(item) not in chosen)
         self.metrics.queue_instances.set(len(rest))
         # nothing changes before this point, so a failure above leaves the queue as it was
         self._queue = rest

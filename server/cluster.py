@@ -217,7 +217,7 @@ def gateway_deployment(settings: ServerSettings) -> Any:
             retry_after_s=gateway_settings.retry_after_s,
         )
         return gateway_app(
-            gateway, max_body_bytes=gateway_settings.max_body_bytes, body_timeout_s=gateway_settings.body_timeout_s
+            gateway, max_body_bytes=gateway_settings.body_limit(), body_timeout_s=gateway_settings.body_timeout_s
         )
 
     @serve.ingress(build_gateway)
@@ -248,8 +248,10 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``import_path: server.cluster:app_builder``): ``args`` are settings by name (``replicas``, ``state``,
     ``checkpoint``, ``defense``, …), over the ``DD_*`` environment of the process that builds the
     application (API keys from ``DD_API_KEYS`` / ``DD_API_KEYS_FILE`` there); ``replicas`` defaults to 1.
-    The config file's ``http_options`` choose the address; ``host``/``port`` here are not used."""
-    settings = ServerSettings(**{"replicas": 1, **args})
+    The config file's ``http_options`` choose the address; ``host``/``port`` here are not used, except that
+    ``host`` defaults to ``0.0.0.0``: the builder cannot see the proxy's address, so without API keys it
+    refuses to build unless ``allow_open`` is set (or ``host`` names the loopback address the proxy uses)."""
+    settings = ServerSettings(**{"replicas": 1, "host": "0.0.0.0", **args})
     return application(settings)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -112,6 +113,11 @@ def field_path(loc: Sequence[int | str]) -> str:
     for part in parts:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "body"
+
+
+def body_validation_error(err: ValidationError) -> RequestValidationError:
+    """pydantic's errors of a body validated by hand, located under ``body`` as FastAPI locates its own."""
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)])
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,7 +19,7 @@ from .requestid import REQUEST_ID
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FAILURE_REASONS = ("exception", "invalid_answer")
-REJECT_REASONS = ("queue_full", "overloaded")
+REJECT_REASONS = ("queue_full", "overloaded", "key_share")
 #: The ``replica`` label of ``dd_server_info`` outside Ray Serve (one process, its own registry).
 MAIN = "main"
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .schemas import PredictRequest
+
 
 def install_served_openapi(
     app: FastAPI,
@@ -26,12 +28,21 @@ def install_served_openapi(
     def served() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
+            _add_request_schema(schema["components"]["schemas"])
             _narrow(schema["components"]["schemas"], input_shape, max_instances, max_image_bytes)
             _narrow_oip(schema["paths"], model_name, input_shape)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = served  # type: ignore[method-assign]
+
+
+def _add_request_schema(schemas: dict[str, Any]) -> None:
+    """``PredictRequest`` and the models it uses as components: ``/predict`` reads its body itself (after the
+    key is checked, ``server/routes/predict.py``) and refers to the component by hand."""
+    request = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(request.pop("$defs", {}))
+    schemas["PredictRequest"] = request
 
 
 def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances: int, max_image_bytes: int) -> None:

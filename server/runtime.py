@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,6 +28,7 @@ from .card import dataset_look
 from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
+from .keystore import EDM_HASH, KEY_ID, SecretFileError, server_secret
 from .metrics import MAIN, ServerMetrics
 from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
@@ -43,12 +45,15 @@ class StartupError(ValueError):
     """The served model or its defense could not be prepared; the message says why."""
 
 
-def build_defense(settings: ServerSettings, device: torch.device) -> Defense:
+def build_defense(settings: ServerSettings, device: torch.device, edm_hash_key: str | None = None) -> Defense:
     """The configured defense around a frozen victim, with the layer sensitivity stored in the
-    checkpoint (or computed on ``settings.data_root``): the project's one loading path."""
+    checkpoint (or computed on ``settings.data_root``): the project's one loading path. ``edm_hash_key``:
+    EDM's hash key where the engine options name none (the server's persisted one, ``server/keystore.py``)."""
     if settings.defense == "none" and settings.engine:
         logger.warning("engine options are ignored by defense 'none'")
-    options = settings.engine if settings.defense != "none" else {}
+    options = dict(settings.engine) if settings.defense != "none" else {}
+    if settings.defense == "edm" and edm_hash_key is not None:
+        options.setdefault("hash_key", edm_hash_key)
     defense, _ = load_defense(
         settings.checkpoint,
         settings.defense,
@@ -112,6 +117,8 @@ class Runtime:
             raise StartupError(
                 f"lost the Redis state at {redis_address(settings.state or '')} while starting: {type(err).__name__}"
             ) from None
+        except SecretFileError as err:
+            raise StartupError(str(err)) from None
         self.batcher: MicroBatcher | None = None
         self.state: State = "starting"
         self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
@@ -119,13 +126,21 @@ class Runtime:
         self._preparing: asyncio.Task[None] | None = None
 
     def _open_state(self, settings: ServerSettings) -> None:
-        """The budgets and the monitor's state: in the SQLite file ``budget_db``, or in the Redis at ``state``."""
-        if settings.query_budget is None and not settings.monitoring():
-            if settings.state:
-                logger.warning("state is set, but without query_budget or the monitor nothing is kept there")
-            return
-        client = connect_redis(settings.state) if settings.state else None
+        """The budgets, the monitor's state and the server's secrets (``server/keystore.py``): in the SQLite file
+        ``budget_db`` and files beside it, or in the Redis at ``state``."""
+        keys = settings.keys()
+        edm = settings.defense == "edm" and "hash_key" not in settings.engine
+        kept = settings.query_budget is not None or settings.monitoring()
+        if settings.state and not (kept or keys or edm):
+            logger.warning("state is set, but without keys, query_budget, the monitor or EDM nothing is kept there")
+        client = connect_redis(settings.state) if settings.state and (kept or keys or edm) else None
         self._redis = client
+        # key ids are HMACs under a kept secret; operator keys are only compared, under a secret of this process
+        self.keys = KeyRing(keys, server_secret(KEY_ID, client, settings.budget_db) if keys else b"")
+        self.admin_keys = KeyRing(settings.admin_keys_list(), secrets.token_bytes(32))
+        self.edm_hash_key = server_secret(EDM_HASH, client, settings.budget_db).hex() if edm else None
+        if not kept:
+            return
         if settings.query_budget is not None:
             budget = settings.query_budget
             self.ledger = RedisLedger(client, budget) if client else QueryLedger(settings.budget_db, budget)
@@ -161,7 +176,7 @@ class Runtime:
     async def _prepare(self) -> None:
         try:
             if self.defense is None:
-                self.defense = await asyncio.to_thread(build_defense, self.settings, self.device)
+                self.defense = await asyncio.to_thread(build_defense, self.settings, self.device, self.edm_hash_key)
             s = self.settings
             self.batcher = MicroBatcher(
                 self.defense,
@@ -174,6 +189,7 @@ class Runtime:
                 timeout=s.request_timeout_s,
                 max_latency=s.max_expected_latency_s,
                 retry_after=s.retry_after_s,
+                key_share=s.queue_share,
             )
             self.batcher.start()
             if s.warmup:

@@ -205,7 +205,7 @@ class ProtocolErrorResponse(BaseModel):
 
 
 class FlaggedKey(BaseModel):
-    key_id: str = Field(description="the key's id (12 hex digits of its sha256), as in the metrics")
+    key_id: str = Field(description="the key's id (12 hex digits of its HMAC under the server's secret), as in metrics")
     queries: int = Field(description="queries the key has sent while watched")
     flagged: int = Field(description="of those, flagged as out of domain by the gate's domain score")
     duplicates: int = Field(description="of those, near-duplicates of earlier queries (of any key)")

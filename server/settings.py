@@ -1,7 +1,8 @@
 """Server configuration: ``DD_*`` environment variables, overridden by ``deepdefense serve`` flags.
 
 API keys are read only from ``DD_API_KEYS`` (comma-separated) or the file named by
-``DD_API_KEYS_FILE`` (one key per line, ``#`` starts a comment), never from a flag, so that they do
+``DD_API_KEYS_FILE`` (one key per line; a line whose first visible character is ``#`` is a comment, a ``#``
+inside a key is part of the key), never from a flag, so that they do
 not show up in process listings or shell history; operator keys for ``/metrics`` and ``/docs``
 likewise from ``DD_ADMIN_KEYS`` or ``DD_ADMIN_KEYS_FILE``. Validation errors never echo an input
 (``hide_input_in_errors``), so a bad setting cannot print a key. Engine options go through unchanged as a dict:
@@ -10,6 +11,7 @@ likewise from ``DD_ADMIN_KEYS`` or ``DD_ADMIN_KEYS_FILE``. Validation errors nev
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +21,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from defense.loader import gate_available
 from defense.names import DefenseName
-from models.checkpoint import resolve_checkpoint
+from models.checkpoint import read_meta, resolve_checkpoint
 
+from .auth import KEY_RULE, weak_key
+from .limits import default_body_limit
 from .monitor import MIN_QUERIES, THRESHOLD, WINDOW
 from .state import redis_address
 
@@ -65,12 +69,31 @@ class ServerSettings(BaseSettings):
     )
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    allow_open: bool = Field(
+        False,
+        description="serve without API keys on an address other than loopback: anyone who reaches it may query, "
+        "unmetered and unwatched (without this, such a server refuses to start)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
     max_instances: int = Field(16, ge=1, description="instances per request")
-    max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size, enforced while reading")
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="request body size, enforced while reading; unset: derived from the model's input shape and "
+        "max_instances (server/limits.py, default_body_limit)",
+    )
     body_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this time, else 408")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must deliver a request's headers within this time of connecting (or of their "
+        "first byte, on a kept-alive connection), else it is closed",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections and requests in progress; beyond, requests are answered 503"
+    )
     keep_alive_s: int = Field(
         20,
         ge=1,
@@ -86,6 +109,13 @@ class ServerSettings(BaseSettings):
     )
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
     queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
+    queue_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the share of queue_size and of max_expected_latency_s that one API key's queued instances "
+        "may take (beyond: 503 key_share), so that one key cannot fill the queue for the others",
+    )
     max_expected_latency_s: float = Field(
         10.0,
         gt=0,
@@ -191,6 +221,14 @@ class ServerSettings(BaseSettings):
         for kind, found in (("API", keys), ("operator", admin)):
             if any(not set(k) <= _KEY_CHARS for k in found):  # the message never shows a key
                 raise ValueError(f"an {kind} key holds a character other than visible ASCII (no spaces or commas)")
+            if any(weak_key(k) for k in found):
+                raise ValueError(f"an {kind} key is too weak: keys need {KEY_RULE}")
+        if not keys and not self.allow_open and not loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is not a loopback address and no API keys are configured: anyone who reaches it "
+                "could query the model unmetered. Give keys (DD_API_KEYS_FILE, a file with one key per line, or "
+                "DD_API_KEYS), or say that an open server is intended (--allow-open, DD_ALLOW_OPEN=true)"
+            )
         return self
 
     def monitoring(self) -> bool:
@@ -201,6 +239,13 @@ class ServerSettings(BaseSettings):
         """Whether the misinformation gate is on: ``misinform``, or ``auto`` with a checkpoint that ships it."""
         return self.gate == "misinform" or (self.gate == "auto" and gate_available(self.checkpoint))
 
+    def body_limit(self) -> int:
+        """``max_body_bytes``, or the limit derived from the checkpoint's input shape and ``max_instances``."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        shape = read_meta(resolve_checkpoint(self.checkpoint)).input_shape
+        return default_body_limit(tuple(shape), self.max_instances)  # type: ignore[arg-type]
+
     def keys(self) -> list[str]:
         """The configured API keys, from the environment variable and the key file together."""
         return _read_keys(self.api_keys, self.api_keys_file)
@@ -210,11 +255,22 @@ class ServerSettings(BaseSettings):
         return _read_keys(self.admin_keys, self.admin_keys_file)
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def _read_keys(listed: SecretStr | None, file: Path | None) -> list[str]:
+    """Keys of the comma-separated list and of the file: one per line, blank lines and comment lines (whose
+    first visible character is ``#``) left out; a ``#`` inside a key is part of it."""
     keys = [k.strip() for k in listed.get_secret_value().split(",")] if listed else []
     if file is not None:
-        for line in file.read_text().splitlines():
-            keys.append(line.split("#", 1)[0].strip())
+        keys += [line.strip() for line in file.read_text().splitlines() if not line.strip().startswith("#")]
     return [k for k in keys if k]
 
 

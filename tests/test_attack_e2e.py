@@ -105,15 +105,17 @@ def test_jbda_doubles_its_set_each_round(server: str, data_root: Path, tmp_path:
 
 def test_a_run_refused_by_the_server_resumes_without_requerying(data_root: Path, tmp_path: Path) -> None:
     key = tmp_path / "key"
-    key.write_text("attacker-key\n")
+    key.write_text("attacker-key-0123456789\n")
     store = tmp_path / "resumed"
-    first = loopback_settings(tmp_path, api_keys="attacker-key", query_budget=40, budget_db=tmp_path / "a.sqlite")
+    first = loopback_settings(
+        tmp_path, api_keys="attacker-key-0123456789", query_budget=40, budget_db=tmp_path / "a.sqlite"
+    )
     with in_thread(create_app(first)) as url:
         rc, _ = attack(url, data_root, store, "--api-key-file", str(key), "--loss", "probabilities")
         assert rc == 1  # the third request of 16 would pass the budget of 40: 429
         assert served_queries(url) == 32
     assert sum(s["count"] for s in manifest(store)["shards"]) == 32
-    second = loopback_settings(tmp_path, api_keys="attacker-key", budget_db=tmp_path / "b.sqlite")
+    second = loopback_settings(tmp_path, api_keys="attacker-key-0123456789", budget_db=tmp_path / "b.sqlite")
     with in_thread(create_app(second)) as url:
         rc, result = attack(url, data_root, store, "--api-key-file", str(key), "--loss", "probabilities")
         assert served_queries(url) == 32

@@ -23,13 +23,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.images import pixels, png_bomb
-from support.servers import bearer, error_of, metric_value, serving, wait_until
+from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
 from defense import NoDefense
 from measure.launcher import in_thread
 from server.app import create_app
-from server.auth import key_id
 from server.batcher import MicroBatcher
 from server.metrics import ServerMetrics
 
@@ -40,7 +39,7 @@ ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 
 def remaining(app: FastAPI, key: str = ALICE) -> int:
     """The key's budget left, read from the server's ledger."""
-    return app.state.runtime.ledger.remaining(key_id(key))
+    return app.state.runtime.ledger.remaining(key_id_of(app, key))
 
 
 def predict(client: TestClient, n: int, key: str = ALICE, seed: int = 0) -> Any:
@@ -125,7 +124,9 @@ def test_refused_requests_spend_nothing(tmp_path: Path, defense: NoDefense) -> N
         assert predict(client, 1).status_code == 200
         assert remaining(app) == 0
         metrics = client.get("/metrics").text
-    assert metric_value(metrics, f'dd_key_queries_total{{key="{key_id(ALICE)}"}}') == 3  # only the answered ones
+    assert (
+        metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}}') == 3
+    )  # only the answered ones
 
 
 # -- 503 ---------------------------------------------------------------------------------------------------------
@@ -140,7 +141,9 @@ def test_a_full_queue_refunds_what_it_spent(tmp_path: Path, defense: NoDefense) 
         assert predict(client, 2).status_code == 200 and predict(client, 1).status_code == 200  # the whole budget
         assert predict(client, 1).status_code == 429
         metrics = client.get("/metrics").text
-    assert metric_value(metrics, f'dd_key_queries_total{{key="{key_id(ALICE)}"}}') == 3  # the refused 3 not admitted
+    assert (
+        metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}}') == 3
+    )  # the refused 3 not admitted
 
 
 def test_an_overloaded_server_refunds_what_it_spent(tmp_path: Path, gated: GatedDefense) -> None:

@@ -32,8 +32,11 @@ def undefended() -> NoDefense:
 def test_http_and_local_oracles_agree(tmp_path: Path, undefended: NoDefense) -> None:
     x = torch.rand((5, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     local = LocalOracle(undefended, local_info("lenet-mnist", read_meta(resolve_checkpoint("lenet-mnist")), undefended))
-    settings = loopback_settings(tmp_path, api_keys="k1", max_instances=2)
-    with in_thread(create_app(settings, undefended)) as url, HttpOracle(url, "k1", max_instances=2) as remote:
+    settings = loopback_settings(tmp_path, api_keys="client-oracle-key-k1", max_instances=2)
+    with (
+        in_thread(create_app(settings, undefended)) as url,
+        HttpOracle(url, "client-oracle-key-k1", max_instances=2) as remote,
+    ):
         assert remote.info() == local.info()
         got, want = remote.query(x), local.query(x)
         assert served_queries(url) == 5

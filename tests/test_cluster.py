@@ -23,14 +23,13 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, redis_key_id
 from support.servers import bearer
 from support.settings import make_settings
 
 from measure.cluster_faults import replica_pids
 from measure.launcher import LOOPBACK, free_port
 from server import cluster
-from server.auth import key_id
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
@@ -154,7 +153,7 @@ def test_two_replicas_spend_one_shared_budget(
             assert len(r.json()["predictions"]) == 1
         else:
             assert r.json()["error"]["code"] == "budget_exhausted"
-    assert redis_server.client().get(f"dd:budget:{key_id(KEY)}") == str(BUDGET)
+    assert redis_server.client().get(f"dd:budget:{redis_key_id(redis_server, KEY)}") == str(BUDGET)
 
     per_replica = scrape_every_replica(url, 2)
     assert "main" not in per_replica, per_replica  # replica ids of Serve, not the one-process label
@@ -208,7 +207,7 @@ def test_a_replica_killed_under_load_costs_nothing_and_answers_503(
         if r.status_code == 503:
             assert r.json()["error"]["code"] in ("replica_lost", "overloaded") and int(r.headers["Retry-After"]) >= 1
     assert sum(r.json()["error"]["code"] == "replica_lost" for r in answers if r.status_code == 503) > 0
-    spent = int(raw.get(f"dd:budget:{key_id(KEY)}") or 0)
+    spent = int(raw.get(f"dd:budget:{redis_key_id(redis_server, KEY)}") or 0)
     assert spent == KILL_INSTANCES * statuses[200], f"spent {spent} for {statuses[200]} answered requests"
     assert list(raw.scan_iter("dd:hold:*")) == [], "a hold outlived its request"
     assert victim not in replica_pids()
@@ -228,7 +227,7 @@ def test_replicas_with_a_budget_need_redis(tmp_path: Path, monkeypatch: pytest.M
 
 def test_the_settings_reach_a_replica_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dict sent to the replicas rebuilds the same settings where no DD_* variable is set, keys included."""
-    (tmp_path / "keys").write_text("second-key  # a comment\n")
+    (tmp_path / "keys").write_text("# a comment\nsecond-key#0123456789\n")
     monkeypatch.setenv("DD_API_KEYS", KEY)
     monkeypatch.setenv("DD_API_KEYS_FILE", str(tmp_path / "keys"))
     settings = make_settings(tmp_path, replicas=2, state="redis://127.0.0.1:1/0", query_budget=BUDGET, device="cuda:1")
@@ -238,7 +237,7 @@ def test_the_settings_reach_a_replica_whole(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("DD_API_KEYS_FILE")
     monkeypatch.setenv("DD_QUERY_BUDGET", "5")  # a replica host's environment changes nothing
     rebuilt = ServerSettings(**payload)
-    assert rebuilt.keys() == [KEY, "second-key"]
+    assert rebuilt.keys() == [KEY, "second-key#0123456789"]
     assert (rebuilt.query_budget, rebuilt.state, rebuilt.replicas) == (BUDGET, settings.state, 2)
     assert rebuilt.device == "cuda" and rebuilt.budget_db.is_absolute()
 

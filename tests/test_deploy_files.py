@@ -5,6 +5,7 @@ does not run here."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tomllib
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from server.metrics import ServerMetrics
+from server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cpu", REPO / "docker" / "Dockerfile.cuda"]
@@ -234,3 +236,22 @@ def test_dockerfile_extras_arg() -> None:
 
     assert expand("") == "."
     assert expand("cluster") == ".[cluster]"
+
+
+def test_the_deployments_are_not_open_and_take_keys_from_a_secret_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images bind every interface, so a container without keys must not start; the compose files give the
+    keys as a Docker secret (a file mounted at /run/secrets), never as an empty DD_API_KEYS, nor open the server."""
+    for spec, name in ((compose(), "server"), (cluster(), "ray-head")):
+        service = spec["services"][name]
+        env = service["environment"]
+        assert "DD_API_KEYS" not in env and "DD_ALLOW_OPEN" not in env, f"{name}: keys in the environment, or open"
+        (secret,) = service["secrets"]
+        assert env["DD_API_KEYS_FILE"] == f"/run/secrets/{secret}"
+        assert "file" in spec["secrets"][secret]
+    for dockerfile in DOCKERFILES:
+        text = "".join(line for line in dockerfile.read_text().splitlines() if not line.startswith("#"))
+        assert "DD_HOST=0.0.0.0" in text.replace(" ", "") and "DD_ALLOW_OPEN" not in text
+    for name in [n for n in os.environ if n.startswith("DD_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="no API keys are configured"):
+        ServerSettings(host="0.0.0.0")

@@ -253,13 +253,16 @@ def test_a_checkpoint_without_an_ensemble_says_how_to_make_one(tmp_path: Path) -
 
 @pytest.mark.usefixtures("no_server_env")
 def test_the_server_serves_edm(tmp_path: Path) -> None:
-    defense, _ = load_defense(VICTIM, "edm")
+    app = create_app(make_settings(tmp_path, defense="edm"))  # built from the settings
+    # with the server's random hash key, kept beside its budget database (server/keystore.py)
+    defense, _ = load_defense(VICTIM, "edm", hash_key=app.state.runtime.edm_hash_key)
     x = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(3))
     expected = defense.answer(x, explain=True)
-    with serving(create_app(make_settings(tmp_path, defense="edm"))) as client:  # built from the settings
+    with serving(app) as client:
         (model,) = client.get("/v1/models").json()["models"]
         settings = model["defense"]["settings"]
         assert model["defense"]["name"] == "edm" and settings["members"] == defense.public_settings()["members"]
+        assert settings["member_choice"].startswith("keyed "), "the member choice is public"
         assert settings["lambda_d"] > 0 and "synthetic outliers" in settings["d_out"]
         response = client.post("/predict", json={"instances": [{"pixels": q.tolist()} for q in x], "explain": True})
     assert response.status_code == 200, response.text

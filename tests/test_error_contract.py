@@ -21,14 +21,13 @@ from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.faults import marked
 from support.images import SHAPE, pixels
-from support.servers import bearer, error_of, serving, wait_until
+from support.servers import bearer, error_of, key_id_of, serving, wait_until
 from support.settings import make_settings
 
 import server.images
 from defense import Answer, NoDefense
 from defense.interpreters import create_interpreter
 from server.app import create_app
-from server.auth import key_id
 from server.isolation import answer_problem
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
@@ -114,7 +113,7 @@ def test_a_bug_in_decoding_is_a_generic_500_that_spends_nothing(
         monkeypatch.setattr(server.images, "to_tensor", raising_once(server.images.to_tensor, RuntimeError(SECRET)))
         r = predict(client)
         assert r.status_code == 500 and r.json() == {"error": INTERNAL}
-        assert app.state.runtime.ledger.remaining(key_id(KEY)) == 1
+        assert app.state.runtime.ledger.remaining(key_id_of(app, KEY)) == 1
         assert predict(client).status_code == 200  # the next request, with the budget of one
         assert client.get("/readyz").status_code == 200
 

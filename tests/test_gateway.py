@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from support.images import pixels
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, redis_key_id
 from support.servers import bearer, error_of, wait_until
 from support.settings import make_settings
 
 from defense import NoDefense
 from server.app import create_app
-from server.auth import key_id
 from server.budget import HOLD_HEADER, RedisLedger, new_hold
 from server.gateway import Forwarded, Gateway, Returned, call_app, gateway_app
 from server.state import connect_redis
@@ -69,7 +68,7 @@ def through_gateway(
     gateway = Gateway(
         to_replica, lost=(ReplicaDied,), overloaded=(QueueFull,), ledger=ledger, retry_after_s=RETRY_AFTER_S
     )
-    front = gateway_app(gateway, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    front = gateway_app(gateway, max_body_bytes=settings.body_limit(), body_timeout_s=settings.body_timeout_s)
 
     async def both(scope: Any, receive: Any, send: Any) -> None:  # the app's lifespan runs as in its replica
         await (app if scope["type"] == "lifespan" else front)(scope, receive, send)
@@ -100,7 +99,7 @@ def test_answers_pass_through_and_the_hold_is_the_gateways(
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["predictions"]) == 3
         assert answer.headers["content-type"] == "application/json"
-        assert ledger.remaining(key_id(KEY)) == BUDGET - 3
+        assert ledger.remaining(redis_key_id(redis_server, KEY)) == BUDGET - 3
         assert seen[-1] != forged and len(seen[-1]) == 32, "a client's hold header reached the app"
         assert holds(redis_server) == [], "an answered request left its hold behind"
         refused = ask(client, 8)  # 3 spent: 8 more are not covered
@@ -113,14 +112,14 @@ def test_a_replica_lost_with_the_request_is_503_and_costs_nothing(
 ) -> None:
     async def dies_after_spending(app: Any, request: Forwarded) -> Returned:
         hold = dict(request.headers)[HOLD_HEADER.encode()].decode()
-        assert ledger.spend(key_id(KEY), 4, hold) is not None  # what the replica's app does first
+        assert ledger.spend(redis_key_id(redis_server, KEY), 4, hold) is not None  # what the replica's app does first
         raise ReplicaDied
 
     with through_gateway(tmp_path, redis_server, defense, dies_after_spending) as (client, ledger):
         lost = ask(client, 4)
         assert lost.status_code == 503 and error_of(lost)["code"] == "replica_lost"
         assert lost.headers["Retry-After"] == str(RETRY_AFTER_S)
-        assert ledger.remaining(key_id(KEY)) == BUDGET, "the lost request's queries stayed spent"
+        assert ledger.remaining(redis_key_id(redis_server, KEY)) == BUDGET, "the lost request's queries stayed spent"
         assert holds(redis_server) == []
 
 
@@ -132,7 +131,7 @@ def test_servers_full_queue_is_503_overloaded(tmp_path: Path, redis_server: Redi
         busy = ask(client)
         assert busy.status_code == 503 and error_of(busy)["code"] == "overloaded"
         assert busy.headers["Retry-After"] == str(RETRY_AFTER_S)
-        assert ledger.remaining(key_id(KEY)) == BUDGET
+        assert ledger.remaining(redis_key_id(redis_server, KEY)) == BUDGET
 
 
 def test_body_limits_hold_before_forwarding(tmp_path: Path, redis_server: RedisServer, defense: NoDefense) -> None:
@@ -154,7 +153,7 @@ def test_body_limits_hold_before_forwarding(tmp_path: Path, redis_server: RedisS
 
 
 def test_a_hold_refunds_once_whoever_ends_it(redis_server: RedisServer) -> None:
-    ledger, key = RedisLedger(connect_redis(redis_server.url), BUDGET), key_id(KEY)
+    ledger, key = RedisLedger(connect_redis(redis_server.url), BUDGET), redis_key_id(redis_server, KEY)
     try:
         settled, released = new_hold(), new_hold()
         assert ledger.spend(key, 3, settled) == 7

@@ -10,18 +10,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 from support.numerics import CHANGED, PATH_ATOL
-from support.servers import bearer, error_of, metric_value, serving
+from support.servers import bearer, error_of, key_id_of, metric_value, serving
 from support.settings import make_settings
 
 from models.checkpoint import load_checkpoint
 from models.data import load_split
 from server.app import create_app
-from server.auth import key_id
 from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-ALICE, BOB, OPERATOR = "alice-key-0001", "bob-key-0002", "operator-key-03"
+ALICE, BOB, OPERATOR = "alice-key-0001-monitor", "bob-key-0002-monitor", "operator-key-03-monitor"
 SHAPE = (1, 28, 28)
 
 
@@ -98,7 +97,7 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         assert all(changed), "partly misinformed"
         return False
 
-    with serving(create_app(settings)) as client:
+    with serving(app := create_app(settings)) as client:
         assert honest(_ask(client, ALICE, digits)), "a fresh key's digits get the victim's answers"
         assert _ask(client, ALICE, noise).status_code == 200  # escalated at the 9th query (5 of 9 flagged)
         r = _ask(client, ALICE, digits)
@@ -112,17 +111,19 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         assert client.get("/v1/admin/flags", headers=bearer(ALICE)).status_code == 401, "an API key opened admin"
         flags = client.get("/v1/admin/flags", headers=admin).json()["keys"]
         # 5 of 9 flagged at the 9th query; the request's 10 queries were all screened before its flags came in
-        assert [(k["key_id"], k["escalated_after"], k["reason"]) for k in flags] == [(key_id(ALICE), 10, "domain")]
+        assert [(k["key_id"], k["escalated_after"], k["reason"]) for k in flags] == [
+            (key_id_of(app, ALICE), 10, "domain")
+        ]
         metrics = client.get("/metrics", headers=admin).text
         assert metric_value(metrics, "dd_flagged_keys") == 1
         anonymous = client.get("/metrics").text
-        assert "dd_flagged_keys" not in anonymous and key_id(ALICE) not in anonymous, "anonymous /metrics tells"
+        assert "dd_flagged_keys" not in anonymous and key_id_of(app, ALICE) not in anonymous, "anonymous /metrics tells"
         assert metric_value(metrics, 'dd_escalated_instances_total{action="misinform"}') == 4
-    with serving(create_app(settings)) as client:  # a restart on the same database
+    with serving(app := create_app(settings)) as client:  # a restart on the same database
         assert not honest(_ask(client, ALICE, digits)), "the escalation did not survive the restart"
         assert metric_value(client.get("/metrics", headers=bearer(OPERATOR)).text, "dd_flagged_keys") == 1
-        assert client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR)).status_code == 204
-        missing = client.delete(f"/v1/admin/flags/{key_id(ALICE)}", headers=bearer(OPERATOR))
+        assert client.delete(f"/v1/admin/flags/{key_id_of(app, ALICE)}", headers=bearer(OPERATOR)).status_code == 204
+        missing = client.delete(f"/v1/admin/flags/{key_id_of(app, ALICE)}", headers=bearer(OPERATOR))
         assert missing.status_code == 404 and error_of(missing)["code"] == "not_flagged"
         assert honest(_ask(client, ALICE, digits)), "a cleared key is still misinformed"
         assert metric_value(client.get("/metrics", headers=bearer(OPERATOR)).text, "dd_flagged_keys") == 0
@@ -130,11 +131,11 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
 
 def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     noise = torch.rand((5, *SHAPE), generator=torch.Generator().manual_seed(0))
-    with serving(create_app(_settings(tmp_path, monkeypatch, monitor_action="refuse"))) as client:
+    with serving(app := create_app(_settings(tmp_path, monkeypatch, monitor_action="refuse"))) as client:
         assert _ask(client, ALICE, noise).status_code == 200
         r = _ask(client, ALICE, noise[:1])
         assert r.status_code == 403 and error_of(r)["code"] == "key_flagged"
-        assert ALICE not in r.text and key_id(ALICE) not in r.text
+        assert ALICE not in r.text and key_id_of(app, ALICE) not in r.text
         assert _ask(client, BOB, noise[:1]).status_code == 200
         metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
         assert metric_value(metrics, 'dd_escalated_instances_total{action="refuse"}') == 1

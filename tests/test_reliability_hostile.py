@@ -50,7 +50,8 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory, defense: NoDefense) -> Iterator[TestClient]:
-    """The server's default limits (8 MiB body, 2 MiB image, 4 000 000 pixels), defense ``none``."""
+    """The server's default limits (a body limit derived from the model's input and 16 instances, 2 MiB image,
+    4 000 000 pixels), defense ``none``."""
     with serving(create_app(make_settings(tmp_path_factory.mktemp("hostile")), defense)) as c:
         yield c
 

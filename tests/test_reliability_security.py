@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 from support.faults import RAISE, FaultyDefense, marked
-from support.servers import bearer, error_of, serving
+from support.servers import bearer, error_of, key_id_of, serving
 from support.settings import make_settings
 
 import server.auth
@@ -46,7 +46,8 @@ def one(seed: int = 0, n: int = 1) -> dict[str, Any]:
 def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every configured key is compared, each with hmac.compare_digest on equal-length digests,
     whatever the token: which key matches, and how long the token is, change no comparison."""
-    ring = KeyRing([ALICE, BOB, "third-key-000000000000"])
+    secret = b"a server's key-id secret"
+    ring = KeyRing([ALICE, BOB, "third-key-000000000000"], secret)
     seen: list[tuple[int, int]] = []
     real = server.auth.hmac.compare_digest
 
@@ -56,8 +57,8 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(server.auth.hmac, "compare_digest", counting)
     for token, expected in [
-        (ALICE, key_id(ALICE)),
-        (BOB, key_id(BOB)),
+        (ALICE, key_id(ALICE, secret)),
+        (BOB, key_id(BOB, secret)),
         (ALICE[:-1], None),
         ("", None),
         ("x" * 100_000, None),
@@ -114,7 +115,7 @@ def test_keys_never_reach_logs_metrics_or_errors(
             ("answers", "\n".join(r.text + json.dumps(dict(r.headers)) for r in answers)),
         ]:
             assert key not in text, f"a key in the {where}"
-    assert key_id(ALICE) in metrics and key_id(BOB) in metrics
+    assert key_id_of(app, ALICE) in metrics and key_id_of(app, BOB) in metrics
     assert ALICE.encode() not in (tmp_path / "budget.sqlite").read_bytes()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from support.images import pixels
-from support.servers import bearer, serving
+from support.servers import bearer, key_id_of, serving
 from support.settings import make_settings
 
 from defense import NoDefense
@@ -31,7 +31,7 @@ def ask(client: TestClient, key: str | None, n: int = 1) -> int:
 
 def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE}, {BOB}")
-    with serving(create_app(make_settings(tmp_path), defense)) as client:
+    with serving(app := create_app(make_settings(tmp_path), defense)) as client:
         r = client.post("/predict", json={"instances": [{"pixels": pixels()}]})
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         assert r.json()["error"]["field"] == "Authorization"
@@ -47,17 +47,20 @@ def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         assert client.get("/v1/models", headers=bearer(ALICE)).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
         metrics = client.get("/metrics").text
-    assert f'dd_key_queries_total{{key="{key_id(ALICE)}"}} 1.0' in metrics
-    assert f'dd_key_queries_total{{key="{key_id(BOB)}"}} 2.0' in metrics
+    assert f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}} 1.0' in metrics
+    assert f'dd_key_queries_total{{key="{key_id_of(app, BOB)}"}} 2.0' in metrics
     assert ALICE not in metrics and BOB not in metrics
 
 
 def test_keys_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> None:
+    """One key a line; comments are whole lines (first visible character ``#``); a ``#`` inside a key is kept."""
+    carol = "carol#key#0123456789"
     keys = tmp_path / "keys.txt"
-    keys.write_text(f"# service keys\n{ALICE}\n\n{BOB}  # the second one\n")
+    keys.write_text(f"# service keys\n{ALICE}\n\n   # the second one\n{BOB}\n{carol}\n")
     monkeypatch.setenv("DD_API_KEYS_FILE", str(keys))
     with serving(create_app(make_settings(tmp_path), defense)) as client:
-        assert [ask(client, k) for k in (None, ALICE, BOB, "# service keys")] == [401, 200, 200, 401]
+        got = [ask(client, k) for k in (None, ALICE, BOB, carol, "carol", "# service keys", "# the second one")]
+        assert got == [401, 200, 200, 200, 401, 401, 401]
 
 
 def test_spent_budget_answers_429_and_survives_a_restart(
@@ -104,8 +107,10 @@ def test_check_and_spend_is_atomic(tmp_path: Path) -> None:
 
 
 def test_key_ring() -> None:
-    ring = KeyRing([ALICE, BOB])
-    assert ring.enabled and not KeyRing([]).enabled
-    assert ring.identify(ALICE) == key_id(ALICE) and ring.identify(BOB) == key_id(BOB)
+    secret = b"a server's key-id secret"
+    ring = KeyRing([ALICE, BOB], secret)
+    assert ring.enabled and not KeyRing([], secret).enabled
+    assert ring.identify(ALICE) == key_id(ALICE, secret) and ring.identify(BOB) == key_id(BOB, secret)
     assert ring.identify(ALICE[:-1]) is None and ring.identify("") is None
-    assert len(key_id(ALICE)) == 12 and ALICE not in key_id(ALICE)
+    assert len(key_id(ALICE, secret)) == 12 and ALICE not in key_id(ALICE, secret)
+    assert key_id(ALICE, b"another server's secret") != key_id(ALICE, secret)

@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.images import pixels
-from support.servers import bearer, error_of, serving, wait_until
+from support.servers import bearer, error_of, key_id_of, serving, wait_until
 from support.settings import make_settings
 
 from defense import NoDefense
@@ -26,7 +26,6 @@ from measure.launcher import in_thread
 from models.checkpoint import SHIPPED_DIR, read_meta
 from models.data import load_split
 from server.app import create_app
-from server.auth import key_id
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -351,20 +350,20 @@ def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, 
             refused(r, 401, "unauthorized", "Authorization")
         assert client.get("/v2/health/live").status_code == 200 and client.get("/v2/health/ready").status_code == 200
         assert client.get(f"/v2/models/{MODEL}", headers=bearer(KEY)).status_code == 200
-        assert ledger.remaining(key_id(KEY)) == 3
+        assert ledger.remaining(key_id_of(app, KEY)) == 3
         assert client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY)).status_code == 200
-        assert ledger.remaining(key_id(KEY)) == 1  # two instances, two queries
+        assert ledger.remaining(key_id_of(app, KEY)) == 1  # two instances, two queries
         r = client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY))
         refused(r, 429, "budget_exhausted", "Authorization")
         bad = infer_body([pixels(shape=(1, 28, 27))])
         assert client.post(INFER, json=bad, headers=bearer(KEY)).status_code == 422
-        assert ledger.remaining(key_id(KEY)) == 1  # refusals spend nothing
+        assert ledger.remaining(key_id_of(app, KEY)) == 1  # refusals spend nothing
         assert (
             client.post(INFER, json=infer_body([pixels()], outputs=["label"]), headers=bearer(KEY)).status_code == 200
         )
-        assert ledger.remaining(key_id(KEY)) == 0
+        assert ledger.remaining(key_id_of(app, KEY)) == 0
         metrics = client.get("/metrics").text
-    assert f'dd_key_queries_total{{key="{key_id(KEY)}"}} 3.0' in metrics
+    assert f'dd_key_queries_total{{key="{key_id_of(app, KEY)}"}} 3.0' in metrics
     assert 'dd_http_requests_total{method="POST",route="/v2/models/{model_name}/infer",status="200"} 2.0' in metrics
 
 
@@ -378,7 +377,7 @@ def test_an_error_while_building_the_answer_is_refunded(
         monkeypatch.setattr(route, "_output", lambda *args: 1 / 0)
         r = client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY))
         assert r.status_code == 500 and error_of(r)["code"] == "internal_error"
-        assert app.state.runtime.ledger.remaining(key_id(KEY)) == 2  # computed, but nothing was sent
+        assert app.state.runtime.ledger.remaining(key_id_of(app, KEY)) == 2  # computed, but nothing was sent
         monkeypatch.undo()
         assert client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY)).status_code == 200
 

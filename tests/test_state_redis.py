@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from support.images import pixels
-from support.redis_server import RedisServer, free_port, spend_in_process
+from support.redis_server import RedisServer, free_port, redis_key_id, spend_in_process
 from support.servers import bearer, error_of, serving
 from support.settings import make_settings
 
@@ -31,7 +31,9 @@ from server.state import connect_redis
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
 ALICE, BOB, OPERATOR = "alice-key-0123456789", "bob-key-9876543210", "operator-key-0000"
-KEY = key_id(ALICE)
+#: A secret for the ledger and monitor tests, which take any key id; the apps' ids come from Redis (:func:`redis_id`).
+SECRET = b"the key-id secret of these tests"
+KEY = key_id(ALICE, SECRET)
 POLICY = MonitorPolicy(window=10, min_queries=5, threshold=0.5)
 
 
@@ -84,7 +86,7 @@ def test_two_processes_spend_exactly_the_budget(redis_server: RedisServer) -> No
 
 def test_refunds_give_back_but_never_below_nothing_spent(redis_server: RedisServer) -> None:
     ledger = RedisLedger(connect_redis(redis_server.url), 10)
-    other = key_id(BOB)
+    other = key_id(BOB, SECRET)
     try:
         assert ledger.spend(KEY, 6) == 4 and ledger.spend(KEY, 5) is None, "the budget does not cover 5 more"
         ledger.refund(KEY, 3)
@@ -106,7 +108,7 @@ def test_refunds_give_back_but_never_below_nothing_spent(redis_server: RedisServ
 
 
 def test_the_monitor_state_is_shared_by_instances_and_survives_a_new_one(redis_server: RedisServer) -> None:
-    a, b = key_id("a"), key_id("b")
+    a, b = key_id("a", SECRET), key_id("b", SECRET)
     first, second = (ExtractionMonitor(RedisMonitorStore(connect_redis(redis_server.url)), POLICY) for _ in "12")
     assert not first.observe(a, [True, True, False])
     second.observe(b, [False] * 20)
@@ -117,7 +119,7 @@ def test_the_monitor_state_is_shared_by_instances_and_survives_a_new_one(redis_s
         assert monitor.count_flagged() == 1
 
     # observations from both instances at once are each counted: the read-change-write is atomic per key
-    c = key_id("c")
+    c = key_id("c", SECRET)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: (first, second)[i % 2].observe(c, [False]), range(100)))
     assert first.store.read(c).queries == 100, "concurrent observations were lost"
@@ -183,7 +185,11 @@ def test_apps_spend_one_budget_from_redis(
     assert not settings.budget_db.exists(), "the budgets went to SQLite"
     with redis_server.client() as raw:
         state = {name: raw.get(name) for name in raw.keys("*")}
-    assert state == {f"dd:budget:{KEY}": "3", f"dd:budget:{key_id(BOB)}": "3"}
+    assert len(bytes.fromhex(state.pop("dd:secret:key-id"))) == 32, "the key-id secret is not kept in Redis"
+    assert state == {
+        f"dd:budget:{redis_key_id(redis_server, ALICE)}": "3",
+        f"dd:budget:{redis_key_id(redis_server, BOB)}": "3",
+    }
     assert ALICE not in repr(state) and BOB not in repr(state)
 
 
@@ -193,7 +199,8 @@ def test_the_app_reads_and_clears_the_monitor_state_in_redis(
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
     monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR)
     elsewhere = ExtractionMonitor(RedisMonitorStore(connect_redis(redis_server.url)), POLICY)
-    assert elsewhere.observe(KEY, [True] * 5)  # escalated by another replica
+    alice = redis_key_id(redis_server, ALICE)
+    assert elsewhere.observe(alice, [True] * 5)  # escalated by another replica
     options = {"gate": "misinform", "monitor": "on", "monitor_action": "refuse", "monitor_window": 10}
     settings = make_settings(tmp_path, state=redis_server.url, monitor_min_queries=5, **options)
     try:
@@ -201,11 +208,12 @@ def test_the_app_reads_and_clears_the_monitor_state_in_redis(
             r = ask(client, ALICE)
             assert r.status_code == 403 and error_of(r)["code"] == "key_flagged"
             assert ask(client, BOB, 2).status_code == 200  # NoDefense flags nothing: observed, not escalated
-            assert elsewhere.store.read(key_id(BOB)).queries == 2, "the app's observation did not reach Redis"
+            bob = redis_key_id(redis_server, BOB)
+            assert elsewhere.store.read(bob).queries == 2, "the app's observation did not reach Redis"
             flags = client.get("/v1/admin/flags", headers=bearer(OPERATOR)).json()["keys"]
-            assert [k["key_id"] for k in flags] == [KEY]
-            assert client.delete(f"/v1/admin/flags/{KEY}", headers=bearer(OPERATOR)).status_code == 204
-            assert not elsewhere.escalated(KEY) and ask(client, ALICE).status_code == 200
+            assert [k["key_id"] for k in flags] == [alice]
+            assert client.delete(f"/v1/admin/flags/{alice}", headers=bearer(OPERATOR)).status_code == 204
+            assert not elsewhere.escalated(alice) and ask(client, ALICE).status_code == 200
     finally:
         elsewhere.close()
     assert not settings.budget_db.exists(), "the monitor's state went to SQLite"
@@ -215,7 +223,8 @@ def test_redis_lost_while_serving_answers_503_until_it_is_back(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defense: NoDefense
 ) -> None:
     monkeypatch.setenv("DD_API_KEYS", ALICE)
-    with serving(create_app(make_settings(tmp_path, state=redis_server.url, query_budget=100), defense)) as client:
+    app = create_app(make_settings(tmp_path, state=redis_server.url, query_budget=100), defense)
+    with serving(app) as client:
         assert ask(client, ALICE).status_code == 200
         redis_server.stop()
         for _ in range(2):
@@ -230,8 +239,10 @@ def test_redis_lost_while_serving_answers_503_until_it_is_back(
         r = ask(client, ALICE, 2)
         assert r.status_code == 200, r.text
         assert ask(client, ALICE).status_code == 200
-    with redis_server.client() as raw:
-        assert raw.get(f"dd:budget:{KEY}") == "3", "the requests after the restart were not metered"
+    with redis_server.client() as raw:  # the restarted Redis lost the secret: the app keeps the one it read
+        assert raw.get(f"dd:budget:{app.state.runtime.keys.identify(ALICE)}") == "3", (
+            "the requests after the restart were not metered"
+        )
 
 
 def test_an_unreachable_redis_stops_the_start_without_its_password(

@@ -21,7 +21,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
@@ -30,7 +29,7 @@ from common import __version__
 from defense import Answer
 
 from ..dependencies import CallerDep, RuntimeDep
-from ..errors import ABOVE_ONE, ApiError
+from ..errors import ABOVE_ONE, ApiError, body_validation_error
 from ..images import inverted
 from ..precision import rounded
 from ..requestid import request_id_of
@@ -51,7 +50,7 @@ from ..schemas import (
     TensorMetadata,
 )
 from ..shapes import reshape_hint
-from .predict import answer_instances
+from .predict import answer_instances, before_body
 
 router = APIRouter(tags=["open inference protocol (KServe v2)"])
 
@@ -219,9 +218,10 @@ async def infer(
 ) -> InferResponse:
     """Probabilities, labels and (when asked for) attribution maps of a batch of images, from the defense."""
     runtime.check_served(model_name)
+    runtime.ready_batcher()
+    await before_body(runtime, caller)  # the key's escalation and budget, before its body is read
     body = await request.body()
     infer_request, binary = await run_in_threadpool(_parse, body, inference_header_content_length)
-    runtime.ready_batcher()  # 503 while not ready, before the tensors are looked at (as /predict)
     wanted = _wanted_outputs(infer_request)
     invert = _invert(infer_request)
     x = await run_in_threadpool(
@@ -262,8 +262,7 @@ def _parse(body: bytes, header_length: int | None) -> tuple[InferRequest, bytes]
     try:
         return InferRequest.model_validate_json(head), binary
     except ValidationError as err:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
+        raise body_validation_error(err) from None
 
 
 def _unsupported(parameters: dict[str, Any] | None, field: str) -> None:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from defense import Answer
+from defense.gate import MisinformationGate
 
 from ..auth import Caller
-from ..batcher import DefenseFailed, QueueFull, RequestTimeout, Ticket
+from ..batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
 from ..budget import HOLD_HEADER, is_hold
 from ..dependencies import CallerDep, RuntimeDep
-from ..errors import ApiError
+from ..errors import ApiError, body_validation_error
 from ..images import instances_to_tensor
 from ..limits import require_json
 from ..precision import rounded
@@ -37,16 +42,25 @@ CLIENT_CLOSED = 499
 T = TypeVar("T")
 
 
+_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+}
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     response_model_exclude_none=True,
     dependencies=[Depends(require_json)],
     responses=_ERRORS,
+    openapi_extra={"requestBody": _REQUEST_BODY},
 )  # type: ignore[arg-type]
-async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
+async def predict(caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
     """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
     runtime.ready_batcher()  # 503 while not ready, before the instances are looked at
+    await before_body(runtime, caller)
+    body = await run_in_threadpool(_parse, await request.body())
     limit = runtime.settings.max_instances
     if len(body.instances) > limit:
         raise ApiError(
@@ -55,6 +69,7 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
             f"at most {limit} instances per request, got {len(body.instances)}",
             field="instances",
         )
+    await run_in_threadpool(_within_budget, runtime, caller, len(body.instances))  # before any image is decoded
     x = await run_in_threadpool(
         partial(instances_to_tensor, invert=body.invert), body.instances, runtime.input_shape, runtime.image_limits
     )
@@ -74,6 +89,44 @@ async def predict(body: PredictRequest, caller: CallerDep, runtime: RuntimeDep, 
     )
 
 
+def _parse(body: bytes) -> PredictRequest:
+    """The request body, validated off the event loop; the errors FastAPI would give for a declared body."""
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "ctx": {"error": err.msg}}]
+        ) from None
+    except (ValueError, RecursionError):  # not UTF-8, or nested deeper than the parser goes
+        raise HTTPException(400, "There was an error parsing the body") from None
+    try:
+        return PredictRequest.model_validate(data)
+    except ValidationError as err:
+        raise body_validation_error(err) from None
+
+
+async def before_body(runtime: Runtime, caller: Caller) -> None:
+    """What refuses a request before its body is read: a key escalated with ``monitor_action refuse`` (403)
+    and a spent budget (429, fewer than one query left); a body costs the server nothing before these."""
+    if runtime.monitor is not None:
+        await run_in_threadpool(_escalated, runtime, caller, 1)
+    if runtime.ledger is not None:
+        await run_in_threadpool(_within_budget, runtime, caller, None)
+
+
+def _within_budget(runtime: Runtime, caller: Caller, queries: int | None) -> None:
+    """429 when the caller's budget has fewer than ``queries`` left (None: before the body is read, when the
+    request's instances are not known yet: none left). Read only: :func:`_spend` spends."""
+    if runtime.ledger is None:
+        return
+    with state_reachable(runtime.settings.retry_after_s):
+        left = runtime.ledger.remaining(caller.key_id)
+    if left < (queries or 1):
+        raise _budget_exhausted(left, queries)
+
+
 async def answer_instances(
     runtime: Runtime,
     caller: Caller,
@@ -88,14 +141,16 @@ async def answer_instances(
 
     In order: the extraction monitor (403 ``key_flagged`` when the key is escalated and escalated keys are
     refused), the caller's budget (429), the monitor's screening of the queries (near-duplicates and
-    distances: it may escalate the key now, before anything is answered), the micro-batcher
-    (503 when full or overloaded; an escalated key's queries are answered there by the misinformation
-    path, in the same computation as any other), the answers (504 in time, 499 when the client goes away,
-    500 when the defense fails), the monitor's record of the domain flags, then ``respond``. The request is
-    charged once ``respond`` has returned; whatever else happens, the queries not paid for are refunded
-    (docs/server.md, "What a request costs"). Where the monitor or the budget cannot be reached (their state
-    in Redis), the request is answered 503 ``state_unavailable``: never an answer that was not metered. In
-    cluster mode the spend is kept under the gateway's hold until the request ends (``server/budget.py``, "Holds")."""
+    distances: it may escalate the key now, before anything is answered), the micro-batcher (503 when full,
+    overloaded or the key holds its share of the queue; an escalated key's queries are answered there by the
+    misinformation path, in the same computation as any other), the answers (504 in time, 499 when the
+    client goes away, 500 when the defense fails), the monitor again (a key escalated while the request was
+    queued gets the escalated answer or 403), the monitor's record of the domain flags, then ``respond``.
+    The request is charged once ``respond`` has returned; whatever else happens, the queries not paid for
+    are refunded (docs/server.md, "What a request costs"). Where the monitor or the budget cannot be reached
+    (their state in Redis), the request is answered 503 ``state_unavailable``: never an answer that was not
+    metered. In cluster mode the spend is kept under the gateway's hold until the request ends
+    (``server/budget.py``, "Holds")."""
     batcher = runtime.ready_batcher()
     hold = _hold(runtime, request)
     escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
@@ -105,7 +160,8 @@ async def answer_instances(
     ticket: Ticket | None = None
     try:
         escalated = await run_in_threadpool(_screened, runtime, caller, x) or escalated
-        ticket = batcher.enqueue(x, explain=explain, misinform=escalated)
+        key = caller.key_id if runtime.keys.enabled else ""
+        ticket = batcher.enqueue(x, explain=explain, misinform=escalated, key=key)
         runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
         try:
             answers = await _unless_disconnected(request, ticket.answers())
@@ -113,7 +169,7 @@ async def answer_instances(
             charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
             raise
         if runtime.monitor is not None:
-            await _monitored(runtime, caller, answers, escalated)
+            answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
         response = respond(answers)
         charged = len(x)
         return response
@@ -223,16 +279,35 @@ def _act(runtime: Runtime, queries: int) -> bool:
     return True
 
 
-async def _monitored(runtime: Runtime, caller: Caller, answers: list[Answer], escalated: bool) -> None:
-    """The monitor records the request's domain flags (an escalated key's answers all came from the
-    misinformation path: there is nothing left to record)."""
+async def _monitored(
+    runtime: Runtime,
+    batcher: MicroBatcher,
+    caller: Caller,
+    x: Tensor,
+    answers: list[Answer],
+    escalated: bool,
+    *,
+    explain: bool,
+) -> list[Answer]:
+    """The answers an escalated key gets, and the monitor's record of the others' domain flags. A key escalated
+    while the request was queued (by another of its requests) gets the escalated answer too — recomputed by
+    the misinformation path — or 403 under ``refuse``, uncharged."""
+    if not escalated and await run_in_threadpool(_escalated, runtime, caller, len(x)):
+        gate = runtime.defense
+        assert isinstance(gate, MisinformationGate)  # the settings require the gate for the monitor
+        everything = torch.ones(len(x), dtype=torch.bool)
+        answers = await batcher.on_model_thread(
+            lambda: gate.answer(x.to(batcher.device), explain=explain, misinform=everything)
+        )
+        escalated = True
     if escalated:
         runtime.metrics.escalated.labels("misinform").inc(len(answers))
-        return
+        return answers
     flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
     with state_reachable(runtime.settings.retry_after_s):  # unobserved answers are not sent
         await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
         runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
+    return answers
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
@@ -244,12 +319,14 @@ def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> 
         spent = runtime.ledger.spend(caller.key_id, queries, hold) is not None
         left = 0 if spent else runtime.ledger.remaining(caller.key_id)
     if not spent:
-        raise ApiError(
-            429,
-            "budget_exhausted",
-            f"the query budget of this key is spent ({left} left, {queries} asked)",
-            field="Authorization",
-        )
+        raise _budget_exhausted(left, queries)
+
+
+def _budget_exhausted(left: int, queries: int | None) -> ApiError:
+    asked = "" if queries is None else f", {queries} asked"
+    return ApiError(
+        429, "budget_exhausted", f"the query budget of this key is spent ({left} left{asked})", field="Authorization"
+    )
 
 
 def _prediction(answer: Answer, method: str, classes: list[str], explain: bool) -> Prediction:

@@ -91,3 +91,12 @@ def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Bar
         results.put(sum(ledger.spend(key_id, 1) is not None for _ in range(spends)))
     finally:
         ledger.close()
+
+
+def redis_key_id(server: RedisServer, key: str) -> str:
+    """``key``'s id under the key-id secret in ``server``'s Redis (made now if no app made it yet), as apps give it."""
+    from server.auth import key_id
+    from server.keystore import KEY_ID, redis_secret
+
+    with server.client() as raw:
+        return key_id(key, redis_secret(raw, KEY_ID))

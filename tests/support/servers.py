@@ -80,3 +80,10 @@ def served_queries(url: str) -> float:
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
     family = families.get("dd_key_queries")
     return sum(s.value for s in family.samples if s.name == "dd_key_queries_total") if family else 0.0
+
+
+def key_id_of(app: FastAPI, key: str) -> str:
+    """The id the server of ``app`` gives ``key`` (an HMAC under its key-id secret, ``server/auth.py``)."""
+    kid = app.state.runtime.keys.identify(key)
+    assert kid is not None, "not a key of this server"
+    return kid
