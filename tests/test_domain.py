@@ -182,6 +182,35 @@ def test_shipped_score_passes_real_digits_and_flags_their_outliers(
     assert bool(score.flags(out).all())
 
 
+def test_shipped_score_keeps_honest_variants_of_test_digits_in_domain(
+    data_root: Path, shipped: tuple[DomainScore, DomainMeta]
+) -> None:
+    """Thicker, thinner, noisy, shifted, faint, scanned test digits are answered honestly: the score shipped before
+    honest variants flagged 22-25% of the thicker, thinner and noisy ones."""
+    score, meta = shipped
+    assert meta.extra["honest_variants"] is True and "honest_mix" in meta.fit_on["honest_variants"]
+    x, _ = digits(data_root, "test", 300)
+    sets = by_family(x, torch.Generator().manual_seed(11))
+    sets |= {
+        name: PERTURBATIONS[name](x, torch.Generator().manual_seed(12)) for name in ("thicker", "thinner", "noisy")
+    }
+    rates = {name: float(score.flags(xv).float().mean()) for name, xv in sets.items()}
+    assert max(rates.values()) <= 0.05, rates
+
+
+def test_fitting_with_honest_variants_keeps_them_in_domain(data_root: Path, victim: torch.nn.Module) -> None:
+    x, y = digits(data_root, "train", 2000)
+    test, _ = digits(data_root, "test", 300)
+    variants = torch.cat(list(by_family(test, torch.Generator().manual_seed(11)).values()))
+    rates = {}
+    for honest in (True, False):
+        score, held_fpr = fit_domain_score(victim, "detector", x[:1500], y[:1500], x[1500:], y[1500:], fpr=0.01,
+                                           honest=honest, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert held_fpr <= 0.01 and bool(score.flags(noise(32)).all())
+        rates[honest] = float(score.flags(variants).float().mean())
+    assert rates[True] <= 0.05 and rates[False] >= 2 * rates[True], rates
+
+
 def test_fit_on_a_few_digits_flags_noise_at_the_asked_rate(data_root: Path, victim: torch.nn.Module) -> None:
     x, y = digits(data_root, "train", 2000)
     score, held_fpr = fit_domain_score(
@@ -307,5 +336,10 @@ def test_command_fits_selects_saves_and_reports(tmp_path: Path) -> None:
     assert set(methods["msp"]["false_flags"]) == set(PERTURBATIONS)
     text = report.read_text()
     assert "Selected by this rule" in text and "fashionmnist test" in text
+    assert "JBDA-like (held-out train + 0.1·sign ∇)" in methods["msp"]["detection"]
     _, meta = load_domain_score(tmp_path / "lenet-mnist.json", load_checkpoint("lenet-mnist")[0])
     assert meta.method == "msp" and meta.seed == 0
+    assert meta.extra["honest_variants"] is True and meta.extra["variant_fpr"] == 0.01
+    assert cli([*argv, "--no-honest-variants", "--no-eval"]) == 0
+    _, meta = load_domain_score(tmp_path / "lenet-mnist.json", load_checkpoint("lenet-mnist")[0])
+    assert meta.extra["honest_variants"] is False and meta.fit_on["honest_variants"].startswith("none")
