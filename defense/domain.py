@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from models.checkpoint import CheckpointError, read_meta, resolve_checkpoint, sha256_file, verified_weights
 
+from .honest_variants import by_family, honest_mix
 from .outliers import OUTLIERS, mild_affine, synthesise
 
 METHODS = ("msp", "energy", "mahalanobis", "detector")
@@ -194,14 +195,24 @@ def fit_detector(
 @dataclass
 class FitFeatures:
     """The victim's outputs on everything a scorer is fitted on: in-domain training images, one mild-affine
-    variant of each (``defense.outliers.mild_affine``), and synthetic outliers with their kind."""
+    variant of each (``defense.outliers.mild_affine``), honest variants the victim still reads
+    (``defense.honest_variants.honest_mix``; none when fitted without them), and synthetic outliers with their
+    kind."""
 
     feats: Tensor
     labels: Tensor
     feats_variants: Tensor
+    feats_honest: Tensor
     feats_out: Tensor
     kind_out: Tensor
     kinds: tuple[str, ...]
+
+
+def readable(model: nn.Module, x: Tensor, labels: Tensor, *, progress: bool = False, desc: str = "victim") -> Tensor:
+    """Victim features of the images of ``x`` that the victim labels right (``labels``): an honest variant the
+    victim cannot read is no honest user's digit to keep in domain, and a flag on it costs that user nothing."""
+    feats, logits = victim_outputs(model, x, progress=progress, desc=desc)
+    return feats[logits.argmax(1) == labels]
 
 
 def fitting_features(
@@ -211,15 +222,20 @@ def fitting_features(
     generator: torch.Generator,
     kinds: Sequence[str] = tuple(OUTLIERS),
     *,
+    honest: bool = True,
     progress: bool = False,
 ) -> FitFeatures:
-    """Victim features of ``x``, of a mild-affine variant of each image and of as many synthetic outliers
-    as images (an equal share per kind), all made from ``x`` with ``generator``."""
+    """Victim features of ``x``, of a mild-affine variant of each image, of an honest variant of each (with
+    ``honest``: ``honest_mix``, kept where the victim reads it) and of as many synthetic outliers as images (an
+    equal share per kind), all made from ``x`` with ``generator``."""
     feats, _ = victim_outputs(model, x, progress=progress, desc="features: in-domain")
     variants, _ = victim_outputs(model, mild_affine(x, generator), progress=progress, desc="features: variants")
     outliers, kind = synthesise(x, generator, kinds)
     feats_out, _ = victim_outputs(model, outliers, progress=progress, desc="features: outliers")
-    return FitFeatures(feats, labels, variants, feats_out, kind, tuple(kinds))
+    feats_honest = feats[:0]
+    if honest:
+        feats_honest = readable(model, honest_mix(x, generator), labels, progress=progress, desc="features: honest")
+    return FitFeatures(feats, labels, variants, feats_honest, feats_out, kind, tuple(kinds))
 
 
 def fit_scorer(
@@ -232,8 +248,8 @@ def fit_scorer(
     progress: bool = False,
 ) -> nn.Module:
     """The scorer of ``method`` fitted on ``data``: nothing to fit for ``msp`` and ``energy``; in-domain
-    features only for ``mahalanobis``; for ``detector``, in-domain features and their variants against the
-    outliers, without the kind ``leave_out`` (to measure how it does on a kind it never saw)."""
+    features only for ``mahalanobis``; for ``detector``, in-domain features, their mild-affine and honest variants
+    against the outliers, without the kind ``leave_out`` (to measure how it does on a kind it never saw)."""
     if method in ("msp", "energy"):
         return empty_scorer(method, data.feats.shape[1], num_classes)
     if method == "mahalanobis":
@@ -242,7 +258,7 @@ def fit_scorer(
         keep = torch.ones(len(data.kind_out), dtype=torch.bool)
         if leave_out is not None:
             keep = data.kind_out != data.kinds.index(leave_out)
-        feats_in = torch.cat([data.feats, data.feats_variants])
+        feats_in = torch.cat([data.feats, data.feats_variants, data.feats_honest])
         return fit_detector(feats_in, data.feats_out[keep], generator, progress=progress)
     raise ValueError(f"unknown domain-score method {method!r}; known: {', '.join(METHODS)}")
 
@@ -256,6 +272,16 @@ def choose_threshold(scores_in: Tensor, fpr: float) -> float:
         raise ValueError(f"fpr must be in [0, 1), got {fpr}")
     ordered = scores_in.double().sort().values
     return float(ordered[int(fpr * len(ordered))])
+
+
+def honest_threshold(
+    scores_in: Tensor, fpr: float, variant_scores: Mapping[str, Tensor] | None = None, variant_fpr: float = 0.01
+) -> float:
+    """The largest threshold that flags at most ``fpr`` of ``scores_in`` and at most ``variant_fpr`` of each
+    non-empty set of ``variant_scores`` (held-out honest variants, by family): the smallest of the per-set
+    thresholds."""
+    variants = [choose_threshold(s, variant_fpr) for s in (variant_scores or {}).values() if len(s)]
+    return min([choose_threshold(scores_in, fpr), *variants])
 
 
 # --- the score ---------------------------------------------------------------------------------------------
@@ -307,26 +333,48 @@ class DomainScore:
         return self.score(x) < self.threshold
 
 
+def held_out_variants(
+    model: nn.Module, x: Tensor, labels: Tensor, generator: torch.Generator, *, progress: bool = False
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Victim outputs (features, logits) of each honest-variant family of held-out images ``x``
+    (``defense.honest_variants.by_family``), kept where the victim reads the variant right: what a threshold is
+    checked on besides the clean images."""
+    out = {}
+    for name, xv in by_family(x, generator).items():
+        feats, logits = victim_outputs(model, xv, progress=progress, desc=f"held out: {name}")
+        keep = logits.argmax(1) == labels
+        out[name] = (feats[keep], logits[keep])
+    return out
+
+
 def fit_domain_score(
     model: nn.Module,
     method: str,
     train_x: Tensor,
     train_y: Tensor,
     held_x: Tensor,
+    held_y: Tensor,
     *,
     fpr: float = 0.005,
+    variant_fpr: float = 0.01,
+    honest: bool = True,
     generator: torch.Generator,
     kinds: Sequence[str] = tuple(OUTLIERS),
     progress: bool = False,
 ) -> tuple[DomainScore, float]:
-    """Fit ``method`` on ``train_x`` (and outliers made from it) and choose its threshold on ``held_x``, images
-    of the same domain the fit never saw. Returns the score and the false-positive rate it has on ``held_x``."""
-    data = fitting_features(model, train_x, train_y, generator, kinds, progress=progress)
+    """Fit ``method`` on ``train_x`` (its honest variants with ``honest``, and outliers made from it) and choose its
+    threshold on ``held_x``, images of the same domain the fit never saw: at most ``fpr`` of them flagged and,
+    with ``honest``, at most ``variant_fpr`` of each family of their honest variants (``honest_threshold``).
+    Returns the score and the false-positive rate it has on ``held_x``."""
+    data = fitting_features(model, train_x, train_y, generator, kinds, honest=honest, progress=progress)
     num_classes = int(train_y.max()) + 1
     scorer = fit_scorer(method, data, num_classes, generator, progress=progress)
     score = DomainScore(model, scorer, 0.0, method)
     held = score.score(held_x)
-    score.threshold = choose_threshold(held, fpr)
+    variants = held_out_variants(model, held_x, held_y, generator, progress=progress) if honest else {}
+    score.threshold = honest_threshold(
+        held, fpr, {k: score.score_outputs(f, lg).cpu() for k, (f, lg) in variants.items()}, variant_fpr
+    )
     return score, float((held < score.threshold).float().mean())
 
 

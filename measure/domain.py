@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
-from defense.domain import FitFeatures, choose_threshold, fit_scorer, victim_outputs
+from clients.jbda import jacobian_augmentation
+from defense.domain import FitFeatures, fit_scorer, honest_threshold, victim_outputs
 
 # --- AUROC ---------------------------------------------------------------------------------------------------
 
@@ -191,6 +192,15 @@ def draw_shapes(n: int, g: torch.Generator, size: int = 28, scale: int = 4) -> T
     return out
 
 
+def jbda_like(model: nn.Module, x: Tensor, step: float = 0.1) -> Tensor:
+    """One Jacobian-augmentation step from digits ``x`` (Papernot et al. 2017, as ``clients.jbda``), with the victim
+    as the substitute and its own labels: x + λ·sgn(∂F(x)_y/∂x), what a JBDA thief's first round sends."""
+    with torch.no_grad():
+        labels = model(x).argmax(1).cpu()
+    with torch.enable_grad():
+        return jacobian_augmentation(model, x, labels, step)
+
+
 # --- stage 1: candidates compared on training data only --------------------------------------------------------
 
 
@@ -205,6 +215,7 @@ class Candidate:
     detection: dict[str, float] = field(default_factory=dict)  # kind → share of held-out outliers flagged
     auroc: dict[str, float] = field(default_factory=dict)  # kind → AUROC against the held-out images
     honest_false_flags: float = 0.0  # share of handwriting-elastic held-out digits flagged
+    variant_false_flags: dict[str, float] = field(default_factory=dict)  # honest-variant family → share flagged
     unseen_kinds: bool = False  # detection measured with a copy fitted without each kind
 
     @property
@@ -225,6 +236,7 @@ class Candidate:
             "auroc": self.auroc,
             "mean_detection": self.mean_detection,
             "honest_false_flags": self.honest_false_flags,
+            "variant_false_flags": self.variant_false_flags,
             "utility": self.utility,
             "unseen_kinds": self.unseen_kinds,
         }
@@ -232,7 +244,9 @@ class Candidate:
 
 @dataclass
 class HeldOut:
-    """Victim outputs on the held-out training images, on outliers made from them, and on an honest variation."""
+    """Victim outputs on the held-out training images, on outliers made from them, on an honest variation (the
+    selection's check) and on the honest-variant families the threshold is held to (``variants``: family →
+    (features, logits), empty when the score is fitted without them)."""
 
     feats: Tensor
     logits: Tensor
@@ -241,6 +255,7 @@ class HeldOut:
     kind_out: Tensor
     feats_honest: Tensor
     logits_honest: Tensor
+    variants: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def compare_candidates(
@@ -250,20 +265,23 @@ def compare_candidates(
     num_classes: int,
     *,
     fpr: float,
+    variant_fpr: float = 0.01,
     seed: int,
     progress: bool = False,
 ) -> dict[str, Candidate]:
-    """Fit every method on ``data``, choose its threshold on the held-out images, and measure it on the
-    held-out outliers and honest variation. A method that sees outliers when fitted (``detector``) is
+    """Fit every method on ``data``, choose its threshold on the held-out images (at most ``fpr`` of them and
+    ``variant_fpr`` of each family of ``held.variants`` flagged), and measure it on the held-out outliers and
+    honest variation. A method that sees outliers when fitted (``detector``) is
     measured on each kind by a copy fitted without that kind; the returned scorer is fitted on all kinds."""
     out: dict[str, Candidate] = {}
     for method in methods:
         g = torch.Generator().manual_seed(seed)
         scorer = fit_scorer(method, data, num_classes, g, progress=progress)
         s_held = scorer(held.feats, held.logits)
-        threshold = choose_threshold(s_held, fpr)
+        threshold = honest_threshold(s_held, fpr, _variant_scores(scorer, held), variant_fpr)
         cand = Candidate(method, scorer, threshold, flagged(s_held, threshold))
         cand.honest_false_flags = flagged(scorer(held.feats_honest, held.logits_honest), threshold)
+        cand.variant_false_flags = {k: flagged(s, threshold) for k, s in _variant_scores(scorer, held).items()}
         cand.unseen_kinds = method == "detector"
         bar = tqdm(data.kinds, desc=f"select: {method}", unit="kind", disable=not progress, leave=False)
         for i, kind in enumerate(bar):
@@ -271,7 +289,7 @@ def compare_candidates(
             if cand.unseen_kinds:  # a copy that never saw this kind, thresholded the same way
                 copy = fit_scorer(method, data, num_classes, torch.Generator().manual_seed(seed), leave_out=kind)
                 s_in = copy(held.feats, held.logits)
-                t = choose_threshold(s_in, fpr)
+                t = honest_threshold(s_in, fpr, _variant_scores(copy, held), variant_fpr)
             else:
                 copy, s_in, t = scorer, s_held, threshold
             s_out = copy(held.feats_out[mask], held.logits_out[mask])
@@ -279,6 +297,10 @@ def compare_candidates(
             cand.auroc[kind] = auroc(s_in, s_out)
         out[method] = cand
     return out
+
+
+def _variant_scores(scorer: nn.Module, held: HeldOut) -> dict[str, Tensor]:
+    return {name: scorer(f, lg) for name, (f, lg) in held.variants.items()}
 
 
 def select_method(candidates: Mapping[str, Candidate]) -> str:

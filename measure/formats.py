@@ -261,3 +261,24 @@ def misinformed_answers(metrics: str) -> int:
     """``dd_misinformed_answers_total`` of a /metrics page, summed over its labels."""
     samples = [line for line in metrics.splitlines() if line.startswith("dd_misinformed_answers_total")]
     return round(sum(float(line.rsplit(" ", 1)[1]) for line in samples))
+
+
+def baseline_of(earlier: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """What of ``earlier`` (a record of this measurement with another domain score) goes beside ``record`` as its
+    "before": its command, gate and per-variant flags. Refused unless both measured the same images (checkpoint,
+    victim weights, digits, seed and variants) with different gates."""
+    same = ("checkpoint", "victim_sha256", "dataset", "n", "seed")
+    differ = [k for k in same if earlier.get(k) != record[k]]
+    names = [r["name"] for r in earlier.get("variants", [])]
+    if names != [r["name"] for r in record["variants"]]:
+        differ.append("variants")
+    if differ:
+        raise ValueError(f"the baseline measured other images than this run: {', '.join(differ)} differ")
+    if earlier["gate"]["sha256"] == record["gate"]["sha256"]:
+        raise ValueError("the baseline used the same domain score as this run: nothing to compare")
+    keep = ("name", "flag_rate", "flag_rate_ci95", "victim_accuracy", "right_through_gate")
+    return {
+        "command": earlier["command"],
+        "gate": earlier["gate"],
+        "variants": [{k: r[k] for k in keep} for r in earlier["variants"]],
+    }

@@ -8,6 +8,9 @@ from typing import Any
 
 #: A variant flagged more often than this is named in the reading as one the gate punishes.
 NOTABLE = 0.05
+#: The most accuracy (victim's minus through the gate, in points) an honest variant may cost (issue 28); clean
+#: digits: CLEAN_COST.
+COST_TARGET, CLEAN_COST = 2.0, 0.5
 
 
 def _pct(v: float) -> str:
@@ -31,17 +34,40 @@ def markdown(record: Mapping[str, Any]) -> str:
         f"default image limits; the shipped domain score (`{gate['method']}`, threshold {gate['threshold']:.6g}) "
         "then says which queries the gate answers from the misinformation model. *Right through the gate*: the "
         "victim's label where the query is not flagged (DeepDefense keeps the top-1), the misinformation model's "
-        "where it is. Nothing was fitted or tuned on these variants; Fashion-MNIST is not read.",
+        "where it is. *Cost*: the victim's accuracy minus the accuracy through the gate, in points. The domain score "
+        "was fitted with honest variants of the victim's *training* digits of the same families (stroke width, "
+        "affine changes, blur, noise, faint ink, scans: `defense/honest_variants.py`, its own code and parameters); "
+        "nothing was fitted or tuned on these test images or on this code; Fashion-MNIST is not read.",
         "",
-        "| variant | what is sent | n | flagged (95% CI) | victim accuracy | right through the gate |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
+    before = {r["name"]: r for r in record["baseline"]["variants"]} if record.get("baseline") else {}
+    if before:
+        b = record["baseline"]
+        out += [
+            f"*Before*: the same images (same digits, seed and variants) through the domain score shipped before "
+            f"(`{b['gate']['method']}`, threshold {b['gate']['threshold']:.6g}, sha256 `{b['gate']['sha256'][:16]}…`), "
+            "from the record of:",
+            "",
+            "```bash",
+            b["command"],
+            "```",
+            "",
+        ]
+    header = ["variant", "what is sent", "n", "flagged (95% CI)"]
+    header += ["flagged before"] if before else []
+    header += ["victim accuracy", "right through the gate"]
+    header += ["right through the gate before"] if before else []
+    header += ["cost (points)"]
+    out += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in record["variants"]:
         low, high = r["flag_rate_ci95"]
-        out.append(
-            f"| {r['name']} | {r['description']} | {r['n']} | **{_pct(r['flag_rate'])}** ({_pct(low)}–{_pct(high)}) "
-            f"| {_pct(r['victim_accuracy'])} | {_pct(r['right_through_gate'])} |"
-        )
+        was = before.get(r["name"])
+        cells = [r["name"], r["description"], str(r["n"]), f"**{_pct(r['flag_rate'])}** ({_pct(low)}–{_pct(high)})"]
+        cells += [_pct(was["flag_rate"]) if was else "—"] if before else []
+        cells += [_pct(r["victim_accuracy"]), _pct(r["right_through_gate"])]
+        cells += [_pct(was["right_through_gate"]) if was else "—"] if before else []
+        cells += [f"{_cost(r):.2f}"]
+        out.append("| " + " | ".join(cells) + " |")
     checks = record.get("http_check") or []
     if checks:
         out += [
@@ -57,6 +83,11 @@ def markdown(record: Mapping[str, Any]) -> str:
         ]
     out += ["", "## Reading", "", *_reading(record), ""]
     return "\n".join(out)
+
+
+def _cost(r: Mapping[str, Any]) -> float:
+    """Points of accuracy the gate costs a variant's honest senders: the victim's accuracy minus theirs."""
+    return 100 * (r["victim_accuracy"] - r["right_through_gate"])
 
 
 def _reading(record: Mapping[str, Any]) -> list[str]:
@@ -83,6 +114,24 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
             f"{r['name']} {_pct(r['flag_rate'])}" for r in sorted(punished, key=lambda r: -r["flag_rate"])
         )
         lines.append(f"* **Flagged more than {_pct(NOTABLE)} although honest:** {named}. The gate punishes these "
-                     "users: their answers come from the misinformation model, wrong on purpose and not marked. "
-                     "Not tuned here (the gate is unchanged); the model card says so in `answers`.")  # fmt: skip
+                     "users: their answers come from the misinformation model, wrong on purpose and not marked; the "
+                     "model card says so in `answers`.")  # fmt: skip
+    honest = [r for r in record["variants"] if r["name"] != "clean ink on paper, no invert"]
+    over = [r for r in honest if _cost(r) > (CLEAN_COST if r["name"].startswith("clean") else COST_TARGET)]
+    worst = max(honest, key=_cost)
+    lines.append(
+        f"* **Cost against the victim** (target: at most {COST_TARGET:g} points per honest variant, {CLEAN_COST:g} for "
+        f"clean digits): the largest is {worst['name']}, {_cost(worst):.2f} points; "
+        + ("every honest variant is within its target." if not over else "over the target: "
+           + "; ".join(f"{r['name']} {_cost(r):.2f}" for r in sorted(over, key=lambda r: -_cost(r))) + ".")
+    )  # fmt: skip
+    before = {r["name"]: r for r in record["baseline"]["variants"]} if record.get("baseline") else {}
+    if before:
+        changes = "; ".join(
+            f"{r['name']} {_pct(before[r['name']]['flag_rate'])} → {_pct(r['flag_rate'])}"
+            for r in sorted(honest, key=lambda r: -before[r["name"]]["flag_rate"])
+            if r["name"] in before and before[r["name"]]["flag_rate"] > NOTABLE
+        )
+        if changes:
+            lines.append(f"* **Before → after**, for the variants flagged more than {_pct(NOTABLE)} before: {changes}.")
     return lines

@@ -25,11 +25,13 @@ from defense.domain import (
     DomainScoreError,
     fit_domain_score,
     fit_mahalanobis,
+    honest_threshold,
     load_domain_score,
     save_domain_score,
     victim_outputs,
 )
 from defense.domain import choose_threshold as threshold_for
+from defense.honest_variants import FAMILIES, by_family, honest_mix
 from defense.outliers import OUTLIERS, mild_affine, synthesise
 from measure.domain import (
     PERTURBATIONS,
@@ -92,6 +94,14 @@ def test_threshold_flags_the_asked_share_of_a_known_distribution() -> None:
     assert threshold_for(torch.ones(100), 0.005) == 1.0  # ties: nothing below, nothing flagged
 
 
+def test_honest_threshold_holds_every_variant_family_to_its_rate() -> None:
+    clean = torch.arange(1000).float()  # alone: threshold 5 (0.5%)
+    lower = torch.arange(1000).float() - 50  # flags at most 1% of these: threshold -40
+    t = honest_threshold(clean, 0.005, {"lower": lower, "higher": clean + 100, "empty": torch.empty(0)}, 0.01)
+    assert t == -40.0 and float((lower < t).float().mean()) <= 0.01 and float((clean < t).float().mean()) == 0.0
+    assert honest_threshold(clean, 0.005) == threshold_for(clean, 0.005) == 5.0
+
+
 # --- outliers and the measuring sets ---------------------------------------------------------------------
 
 
@@ -121,6 +131,17 @@ def test_measuring_sets_are_seeded_images_in_range() -> None:
         out = fn(x, g())
         assert out.shape == x.shape and 0.0 <= float(out.min()) <= float(out.max()) <= 1.0
     assert float(render_symbols(5, g()).amax(dim=(1, 2, 3)).min()) > 0.5  # something was drawn in each
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mix"])
+def test_honest_variants_are_seeded_images_in_range_that_change_the_digit(family: str) -> None:
+    x = torch.zeros((6, *SHAPE))
+    x[:, :, 6:22, 12:16] = 1.0  # a stroke
+    make = (lambda g: honest_mix(x, g)) if family == "mix" else (lambda g: FAMILIES[family](x, g))
+    a, b = (make(torch.Generator().manual_seed(5)) for _ in range(2))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and not torch.equal(a, x)
+    assert set(by_family(x, torch.Generator().manual_seed(5))) == {*FAMILIES, "mix"}
 
 
 # --- the score --------------------------------------------------------------------------------------------
@@ -161,10 +182,39 @@ def test_shipped_score_passes_real_digits_and_flags_their_outliers(
     assert bool(score.flags(out).all())
 
 
+def test_shipped_score_keeps_honest_variants_of_test_digits_in_domain(
+    data_root: Path, shipped: tuple[DomainScore, DomainMeta]
+) -> None:
+    """Thicker, thinner, noisy, shifted, faint, scanned test digits are answered honestly: the score shipped before
+    honest variants flagged 22-25% of the thicker, thinner and noisy ones."""
+    score, meta = shipped
+    assert meta.extra["honest_variants"] is True and "honest_mix" in meta.fit_on["honest_variants"]
+    x, _ = digits(data_root, "test", 300)
+    sets = by_family(x, torch.Generator().manual_seed(11))
+    sets |= {
+        name: PERTURBATIONS[name](x, torch.Generator().manual_seed(12)) for name in ("thicker", "thinner", "noisy")
+    }
+    rates = {name: float(score.flags(xv).float().mean()) for name, xv in sets.items()}
+    assert max(rates.values()) <= 0.05, rates
+
+
+def test_fitting_with_honest_variants_keeps_them_in_domain(data_root: Path, victim: torch.nn.Module) -> None:
+    x, y = digits(data_root, "train", 2000)
+    test, _ = digits(data_root, "test", 300)
+    variants = torch.cat(list(by_family(test, torch.Generator().manual_seed(11)).values()))
+    rates = {}
+    for honest in (True, False):
+        score, held_fpr = fit_domain_score(victim, "detector", x[:1500], y[:1500], x[1500:], y[1500:], fpr=0.01,
+                                           honest=honest, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert held_fpr <= 0.01 and bool(score.flags(noise(32)).all())
+        rates[honest] = float(score.flags(variants).float().mean())
+    assert rates[True] <= 0.05 and rates[False] >= 2 * rates[True], rates
+
+
 def test_fit_on_a_few_digits_flags_noise_at_the_asked_rate(data_root: Path, victim: torch.nn.Module) -> None:
     x, y = digits(data_root, "train", 2000)
     score, held_fpr = fit_domain_score(
-        victim, "detector", x[:1500], y[:1500], x[1500:], fpr=0.01, generator=torch.Generator().manual_seed(0)
+        victim, "detector", x[:1500], y[:1500], x[1500:], y[1500:], fpr=0.01, generator=torch.Generator().manual_seed(0)
     )
     assert held_fpr <= 0.01
     assert float((score.score(x[1500:]) < score.threshold).float().mean()) == pytest.approx(held_fpr)
@@ -286,5 +336,10 @@ def test_command_fits_selects_saves_and_reports(tmp_path: Path) -> None:
     assert set(methods["msp"]["false_flags"]) == set(PERTURBATIONS)
     text = report.read_text()
     assert "Selected by this rule" in text and "fashionmnist test" in text
+    assert "JBDA-like (held-out train + 0.1·sign ∇)" in methods["msp"]["detection"]
     _, meta = load_domain_score(tmp_path / "lenet-mnist.json", load_checkpoint("lenet-mnist")[0])
     assert meta.method == "msp" and meta.seed == 0
+    assert meta.extra["honest_variants"] is True and meta.extra["variant_fpr"] == 0.01
+    assert cli([*argv, "--no-honest-variants", "--no-eval"]) == 0
+    _, meta = load_domain_score(tmp_path / "lenet-mnist.json", load_checkpoint("lenet-mnist")[0])
+    assert meta.extra["honest_variants"] is False and meta.fit_on["honest_variants"].startswith("none")

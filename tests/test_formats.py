@@ -13,6 +13,7 @@ from deepdefense.cli import main
 from measure.formats import (
     DEFAULT_LIMITS,
     VARIANTS,
+    baseline_of,
     misinformed_answers,
     sent_instances,
     wilson,
@@ -93,6 +94,42 @@ def test_the_report_names_the_variants_flagged_too_often() -> None:
     reading = text.split("## Reading", 1)[1]
     assert "although honest:** thinner, pixels 25.00%" in reading
     assert "clean ink on paper, invert 0.60%" not in reading.split("although honest")[1]
+
+
+def test_the_report_shows_the_cost_and_the_variants_over_target() -> None:
+    rec = record({"clean pixels": 0.004, "thicker, pixels": 0.01, "thinner, pixels": 0.25})
+    text = markdown(rec)
+    assert (
+        "| thinner, pixels | thinner, pixels as sent | 1000 | **25.00%** (22.42%–27.78%) | 99.00% | 74.00% | 25.00 |"
+        in text
+    )
+    reading = text.split("## Reading", 1)[1]
+    assert "the largest is thinner, pixels, 25.00 points; over the target: thinner, pixels 25.00." in reading
+    assert "flagged before" not in text
+
+
+def test_a_baseline_of_the_same_images_goes_beside_as_before() -> None:
+    now = record({"clean pixels": 0.004, "thinner, pixels": 0.01})
+    earlier = record({"clean pixels": 0.005, "thinner, pixels": 0.25})
+    earlier["gate"] = {"method": "detector", "threshold": -1.3, "sha256": "1" * 64}
+    earlier["command"] = "deepdefense formats --seed 0 (before)"
+    now["victim_sha256"] = earlier["victim_sha256"] = "a" * 64
+    now["baseline"] = baseline_of(earlier, now)
+    text = markdown(now)
+    assert (
+        "| thinner, pixels | thinner, pixels as sent | 1000 | **1.00%** (0.54%–1.83%) | 25.00% | 99.00% | 98.00% | 74.00% | 1.00 |"
+        in text
+    )
+    assert "deepdefense formats --seed 0 (before)" in text and "`1111111111111111…`" in text
+    assert "thinner, pixels 25.00% → 1.00%" in text.split("## Reading", 1)[1]
+    with pytest.raises(ValueError, match="same domain score"):
+        baseline_of(now, now)
+    other = dict(earlier, n=500)
+    with pytest.raises(ValueError, match="n differ"):
+        baseline_of(other, now)
+    fewer = dict(earlier, variants=earlier["variants"][:1])
+    with pytest.raises(ValueError, match="variants differ"):
+        baseline_of(fewer, now)
 
 
 @pytest.mark.usefixtures("no_server_env")

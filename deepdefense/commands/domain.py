@@ -14,8 +14,10 @@ from defense.domain import DEFAULT_METHOD, METHODS
 
 HELP = "fit and measure a checkpoint's domain score (flags out-of-domain queries); writes <checkpoint>.domain.*"
 DESCRIPTION = (
-    "Fits each candidate method on the victim's training split and synthetic outliers made from it, chooses "
-    "thresholds on a held-out part of that split, compares the candidates there (never on test data), saves "
+    "Fits each candidate method on the victim's training split, honest variants of it (stroke width, small affine "
+    "changes, blur, noise, faint ink, scans: defense/honest_variants.py) and synthetic outliers made from it, "
+    "chooses thresholds on a held-out part of that split and its honest variants, compares the candidates there "
+    "(never on test data), saves "
     "--method beside the checkpoint, then reports AUROC, false-positive and false-flag rates on the test split, "
     "a foreign data set, rendered symbols, drawn shapes and perturbed test digits (docs/results/domain-score.md)."
 )
@@ -38,6 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="in-domain false-positive rate of the threshold on held-out training images (0.4%%: a margin below the "
         "0.5%% target on unseen digits)",
     )
+    p.add_argument(
+        "--honest-variants",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the in-domain side on honest variants of the training digits too, and hold the threshold to "
+        "--variant-fpr on each family of them (default: on; --no-honest-variants: the score before issue 28)",
+    )
+    p.add_argument(
+        "--variant-fpr",
+        type=float,
+        default=0.01,
+        help="with --honest-variants: the most of each family of held-out honest variants (that the victim reads) "
+        "the threshold may flag",
+    )
     p.add_argument("--candidates", nargs="+", default=list(METHODS), choices=METHODS, help="methods compared")
     p.add_argument("--held-out", type=int, default=10_000, help="training images kept out of fitting (threshold)")
     p.add_argument("--ood-dataset", default="fashionmnist", help="foreign test images measured against (never fitted)")
@@ -58,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
         DomainMeta,
         DomainScore,
         fitting_features,
+        held_out_variants,
         load_domain_score,
         save_domain_score,
         victim_outputs,
     )
+    from defense.honest_variants import FAMILIES
     from defense.outliers import OUTLIERS, synthesise
     from measure.domain import HeldOut, compare_candidates, handwriting_elastic, select_method
     from models.checkpoint import load_checkpoint, resolve_checkpoint
@@ -80,16 +98,20 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"fitting on {len(fit_idx)} {meta.dataset} training images, {len(held_idx)} held out (seed {args.seed})")
     data = fitting_features(model, x[fit_idx], y[fit_idx], torch.Generator().manual_seed(args.seed + 1), kinds,
-                            progress=progress)  # fmt: skip
+                            honest=args.honest_variants, progress=progress)  # fmt: skip
     g_held = torch.Generator().manual_seed(args.seed + 2)
     held_x = x[held_idx]
     held_out_x, held_kind = synthesise(held_x, g_held, kinds)
     f_h, l_h = victim_outputs(model, held_x, progress=progress, desc="held out")
     f_o, l_o = victim_outputs(model, held_out_x, progress=progress, desc="held-out outliers")
     f_v, l_v = victim_outputs(model, handwriting_elastic(held_x, g_held), progress=progress, desc="held-out variation")
-    held = HeldOut(f_h, l_h, f_o, l_o, held_kind, f_v, l_v)
-    candidates = compare_candidates(args.candidates, data, held, meta.num_classes, fpr=args.fpr, seed=args.seed + 3,
-                                    progress=progress)  # fmt: skip
+    variants = {}
+    if args.honest_variants:
+        g_var = torch.Generator().manual_seed(args.seed + 5)
+        variants = held_out_variants(model, held_x, y[held_idx], g_var, progress=progress)
+    held = HeldOut(f_h, l_h, f_o, l_o, held_kind, f_v, l_v, variants)
+    candidates = compare_candidates(args.candidates, data, held, meta.num_classes, fpr=args.fpr,
+                                    variant_fpr=args.variant_fpr, seed=args.seed + 3, progress=progress)  # fmt: skip
     selected = select_method(candidates)
     method = selected if args.method == "auto" else args.method
     if method not in candidates:
@@ -100,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             f"  outliers caught {100 * cand.mean_detection:5.1f}%"
             f"  honest variation flagged {100 * cand.honest_false_flags:5.2f}%  utility {cand.utility:+.3f}"
         )
+        if cand.variant_false_flags:
+            print("      honest variants flagged: " + "  ".join(
+                f"{k} {100 * v:.2f}%" for k, v in cand.variant_false_flags.items()))  # fmt: skip
     print(f"selected by measurement: {selected}; saving: {method}")
 
     chosen = candidates[method]
@@ -107,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
     fit_on = {
         "in_domain": f"{meta.dataset} train: {len(fit_idx)} images (random split, seed {args.seed})",
         "variants": "one mild-affine variant per in-domain image (detector only)",
+        "honest_variants": (
+            f"one honest_mix variant per in-domain image, kept where the victim reads it: {len(data.feats_honest)} "
+            f"(defense/honest_variants.py: {', '.join(FAMILIES)}; detector only); threshold also held to "
+            f"{args.variant_fpr:g} of each family of the held-out images' variants"
+            if args.honest_variants
+            else "none (--no-honest-variants)"
+        ),
         "outliers": {k: int((data.kind_out == i).sum()) for i, k in enumerate(kinds)} if method == "detector" else {},
         "threshold_on": f"{meta.dataset} train: the other {len(held_idx)} images",
         "never": f"{meta.dataset} test, {args.ood_dataset} (any split)",
@@ -122,7 +154,13 @@ def run(args: argparse.Namespace) -> int:
         command=args.command_line,
         seed=args.seed,
         fit_on=fit_on,
-        extra={"selected_by_measurement": selected, "torch": torch.__version__},
+        extra={
+            "selected_by_measurement": selected,
+            "honest_variants": args.honest_variants,
+            "variant_fpr": args.variant_fpr if args.honest_variants else None,
+            "variants_flagged_held_out": chosen.variant_false_flags,
+            "torch": torch.__version__,
+        },
     )
     meta_path = save_domain_score(DomainScore(model, chosen.scorer, chosen.threshold, method), victim_path, dmeta,
                                   args.out)  # fmt: skip
@@ -137,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": victim_path.stem,
         "victim_sha256": meta.sha256,
         "fpr": args.fpr,
+        "variant_fpr": args.variant_fpr if args.honest_variants else None,
         "fit_on": fit_on,
         "selection": {
             "rule": "highest utility = mean share of held-out outliers flagged (detector: per kind, a copy fitted "
@@ -147,17 +186,21 @@ def run(args: argparse.Namespace) -> int:
         "shipped": {"method": method, "metadata": meta_path.name, "weights": dmeta.weights, "sha256": dmeta.sha256},
     }
     if not args.no_eval:
-        record["evaluation"] = _evaluate(args, model, meta, candidates, progress)
+        jbda_seeds = x[held_idx[: args.n_constructed]]
+        record["evaluation"] = _evaluate(args, model, meta, candidates, jbda_seeds, progress)
     record["seconds"] = round(time.time() - started, 1)
     _write(args, record)
     return 0
 
 
-def _evaluate(args: argparse.Namespace, model: Any, meta: Any, candidates: Any, progress: bool) -> dict[str, Any]:
-    """Stage 2, after the choice is made: test split, foreign test images, constructed sets, perturbed digits."""
+def _evaluate(
+    args: argparse.Namespace, model: Any, meta: Any, candidates: Any, jbda_seeds: Any, progress: bool
+) -> dict[str, Any]:
+    """Stage 2, after the choice is made: test split, foreign test images, constructed sets, JBDA-like steps from
+    held-out training digits, perturbed digits."""
     import torch
 
-    from measure.domain import PERTURBATIONS, draw_shapes, evaluate_candidates, render_symbols
+    from measure.domain import PERTURBATIONS, draw_shapes, evaluate_candidates, jbda_like, render_symbols
     from models.data import load_split
 
     test_x, test_y = load_split(meta.dataset, args.data_root, "test").tensors  # type: ignore[attr-defined]
@@ -167,6 +210,7 @@ def _evaluate(args: argparse.Namespace, model: Any, meta: Any, candidates: Any, 
         f"{args.ood_dataset} test": foreign,
         "symbols (PIL font)": render_symbols(args.n_constructed, g),
         "shapes (PIL draw)": draw_shapes(args.n_constructed, g),
+        "JBDA-like (held-out train + 0.1·sign ∇)": jbda_like(model, jbda_seeds),
     }
     perturbed = {name: fn(test_x, g) for name, fn in PERTURBATIONS.items()}
     result = evaluate_candidates(model, candidates, test_x, test_y, ood, perturbed, progress=progress)

@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=10_000, help="test digits per variant (default: all 10,000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random variants (noise, offsets)")
     p.add_argument("--http-check", type=int, default=256, help="digits per variant sent over HTTP (0: none)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="a record of an earlier run with another domain score (its JSON, e.g. from git show "
+        "<commit>:docs/results/format-variants.json) over the same digits, seed and variants: the report shows its "
+        "flags beside this run's as 'before'",
+    )
     p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/format-variants.md)")
     p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
     flags.add_device(p)
@@ -37,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from common.device import resolve_device
     from defense.domain import load_domain_score
     from defense.misinformation import load_misinformation
-    from measure.formats import VARIANTS, check_over_http, measure_variant, sample_test_digits
+    from measure.formats import VARIANTS, baseline_of, check_over_http, measure_variant, sample_test_digits
     from models.checkpoint import load_checkpoint
     from models.data import load_split
 
     started = time.time()
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, device=device)
     model.requires_grad_(False)
@@ -76,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         "http_check": checks,
         "seconds": round(time.time() - started, 1),
     }
+    if baseline is not None:
+        record["baseline"] = baseline_of(baseline, record)
     _write(args, record)
     return 0
 
