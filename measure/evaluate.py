@@ -66,6 +66,8 @@ from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMo
 
 #: The key id an arm's queries are sent under when the monitor watches them (``--monitored``).
 MONITORED_KEY = "a77ac4e40000"
+#: The monitor thresholds whose honest escalations the evaluation counts (server/monitor.py, THRESHOLD).
+THRESHOLD_CANDIDATES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.8)
 #: Queries per honest key in the monitor's replay (a user who sends a thousand digits).
 BENIGN_KEY_QUERIES = 1000
 
@@ -634,7 +636,7 @@ class Evaluation:
             keys += [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
         escalated = {
             f"{t:.1f}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
-            for t in (0.5, 0.6, 0.7, 0.8, 0.9)
+            for t in THRESHOLD_CANDIDATES
         }
         self._threshold_choice = {"keys": len(keys), "escalated": escalated}
         return self._threshold_choice

@@ -15,7 +15,7 @@ It sees what the queries are, not one bit each (``server/query_features.py``):
   distances: Jacobian-augmented queries (JBDA), grown from earlier ones, add a mass of tiny distances that
   natural digits do not have.
 
-The policy escalates a key once any of these says extraction: more than ``threshold`` (80%) of the last
+The policy escalates a key once any of these says extraction: more than ``threshold`` (20%) of the last
 ``window`` (100) queries flagged by the domain score, more than ``duplicates`` (20%) of them
 near-duplicates, at least ``tainted`` (3) near-duplicates of escalated keys' queries, or W below
 ``spread`` once ``spread_min`` distances are in (each after ``min_queries`` queries, the taint at once).
@@ -54,9 +54,10 @@ from .state import PREFIX, connect_sqlite, is_key_id, redis_key
 WINDOW = 100
 #: Queries a key must have sent before its window can escalate it.
 MIN_QUERIES = 50
-#: A window with more than this fraction flagged by the domain score is extraction: the lowest of 0.5, 0.6, …,
-#: 0.9 under which no honest key of 1,000 perturbed victim training digits is escalated.
-THRESHOLD = 0.8
+#: A window with more than this fraction flagged by the domain score is extraction. With the domain score fitted on
+#: honest variants, the lowest candidate under which no honest key of 1,000 perturbed victim training digits is
+#: escalated is 0.15 (0.1 escalates 4 of 60); 0.2 keeps a margin (the evaluation's "monitor threshold" table).
+THRESHOLD = 0.2
 #: A window with more than this fraction of near-duplicates is probing (twin tests send every image twice).
 DUPLICATES = 0.2
 #: PRADA: W of the nearest-earlier-query distances below this is extraction. Honest keys of the victim's

@@ -102,8 +102,6 @@ class Runtime:
             device=str(self.device),
             replica=replica,
         )
-        self.keys = KeyRing(settings.keys())
-        self.admin_keys = KeyRing(settings.admin_keys_list())
         if settings.monitoring() and not settings.gated():
             raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
         self.ledger: Ledger | None = None
