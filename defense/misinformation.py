@@ -148,6 +148,7 @@ def calibration_outliers(train_set: Dataset, seed: int, n: int = CALIBRATION_IMA
     images: out-of-domain inputs the defense may fit on (never an attacker's data set)."""
     from .outliers import OUTLIERS
 
+    n = min(n, len(train_set))  # type: ignore[arg-type]
     x = torch.stack([train_set[i][0] for i in range(len(train_set) - n, len(train_set))])  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     parts = torch.tensor_split(x, len(OUTLIERS))

@@ -77,11 +77,11 @@ _MAX_RETRY_AFTER = 60
 class _Item:
     x: Tensor  # (C, H, W)
     explain: bool
-    misinform: bool  # answered by the gate's misinformation path whatever its domain score (an escalated key's)
     future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
     key: str = ""  # the key id of the request, for the per-key share and the round-robin
+    misinform: bool = False  # answered by the gate's misinformation path whatever its domain score (an escalated key's)
 
 
 class Ticket:
@@ -247,7 +247,7 @@ class MicroBatcher:
         the same micro-batch computation as any other, so that it costs what any other costs."""
         self._admit(len(x), key)
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, misinform, loop.create_future(), key=key) for xi in x]
+        items = [_Item(xi, explain, loop.create_future(), misinform=misinform, key=key) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()

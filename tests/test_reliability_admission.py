@@ -42,7 +42,7 @@ def batcher() -> MicroBatcher:
 def queue(b: MicroBatcher, n: int, age: float = 0.0) -> None:
     loop = asyncio.new_event_loop()
     for _ in range(n):
-        b._queue.append(_Item(torch.zeros(1, 28, 28), True, False, loop.create_future(), time.perf_counter() - age))
+        b._queue.append(_Item(torch.zeros(1, 28, 28), True, loop.create_future(), time.perf_counter() - age))
     loop.close()
 
 

@@ -337,7 +337,8 @@ def test_the_commonest_mistakes_are_told_what_to_do(client: TestClient) -> None:
 
 
 def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, defense: NoDefense) -> None:
-    app = create_app(make_settings(tmp_path, api_keys=KEY, query_budget=3), defense)
+    operator = "operator-key-for-metrics"
+    app = create_app(make_settings(tmp_path, api_keys=KEY, admin_keys=operator, query_budget=3), defense)
     ledger = app.state.runtime.ledger
     with serving(app) as client:
         for r in (
@@ -362,7 +363,7 @@ def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, 
             client.post(INFER, json=infer_body([pixels()], outputs=["label"]), headers=bearer(KEY)).status_code == 200
         )
         assert ledger.remaining(key_id_of(app, KEY)) == 0
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=bearer(operator)).text  # per-key series: operators only
     assert f'dd_key_queries_total{{key="{key_id_of(app, KEY)}"}} 3.0' in metrics
     assert 'dd_http_requests_total{method="POST",route="/v2/models/{model_name}/infer",status="200"} 2.0' in metrics
 

@@ -148,7 +148,7 @@ def test_screening_is_shared_by_replicas_an_escalated_key_everywhere_and_its_que
     """Two replicas' monitors on one Redis: one secret, one near-duplicate index. A key that twin-tests
     through one replica is escalated on both; another key that sends its queries through the other replica is
     tainted by them (a thief who moves to a fresh key brings his queries along)."""
-    thief, fresh, honest = key_id("thief"), key_id("fresh"), key_id("honest")
+    thief, fresh, honest = (key_id(name, SECRET) for name in ("thief", "fresh", "honest"))
     one, two = (ExtractionMonitor(RedisMonitorStore(connect_redis(redis_server.url)), POLICY) for _ in "12")
     try:
         assert one._secret == two._secret, "replicas fingerprint with different secrets"
