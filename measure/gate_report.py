@@ -32,8 +32,18 @@ QUERY_SET_NAMES = {
     "random": "random {attacker} training images (the paper's attacker)",
     "jbda": "JBDA from {seeds} {victim} training images",
     "victim-train": "random {victim} training images (in domain: the ceiling the gate should not stop)",
+    "twins": "random {attacker} training images, each sent twice (the second with one pixel moved by 1/255)",
+    "adaptive": "the adaptive thief: JBDA from {seeds} {victim} training images, each query sent with its twin, "
+    "grown only from the answers that moved between twins",
 }
-TARGET = 30.0  # issue 14: the strongest attacker through the gated default, B = 10,000, Fashion-MNIST queries
+#: The targets (issue 28): the strongest attacker through the gated default with keys stays at or below this, with
+#: the paper's queries at B = 10,000 and with JBDA at B = 2,500.
+TARGET = 30.0
+TARGETS = (
+    ("random", 10_000, "the paper's queries"),
+    ("jbda", 2_500, "JBDA"),
+    ("adaptive", 2_500, "the adaptive thief"),
+)
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -110,8 +120,10 @@ def markdown(
         "Attackers: `explanations` — eq. (1), probabilities and maps; `probabilities` — Knockoff Nets' soft labels;",
         "`labels` — top-1 only; and two that know about the gate and drop the answers they suspect before training",
         "on labels (`clients/attack_losses.py`): `confident` keeps answers whose top probability is ≥ 0.99,",
-        "`doubtful` keeps those below (the misinformation model is confidently wrong). The share of answers a",
-        "filtering attacker kept is in brackets. *Strongest* is the best attacker of the row.",
+        "`doubtful` keeps those below (the misinformation model is confidently wrong); and on query sets of twins,",
+        "`twin` keeps the answers that moved between an image and its twin (`clients/adaptive.py`: answers drawn",
+        "from one fixed network would stand still). The share of answers a filtering attacker kept is in brackets.",
+        "*Strongest* is the best attacker of the row.",
         "",
         *_target(grid),
     ]
@@ -122,7 +134,7 @@ def markdown(
             f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): "
             f"{missing}.",
         ]
-    for query_set in [q for q in ("random", "jbda", "victim-train") if q in grid]:
+    for query_set in [q for q in QUERY_SET_NAMES if q in grid]:
         name = QUERY_SET_NAMES[query_set].format(
             attacker=c["attacker_dataset"], seeds=c.get("jbda_seeds"), victim=record.get("dataset")
         )
@@ -162,16 +174,18 @@ def _cell(cell: tuple[float | None, float, str] | None) -> str:
 
 
 def _target(grid: Mapping[str, Any]) -> list[str]:
-    cells = grid.get("random", {}).get(10_000, {}).get("deepdefense+gate")
-    best = strongest(cells) if cells else None
-    if best is None:
-        return ["Target (issue 14): the strongest attacker through the gated default, B = 10,000 — not measured here."]
-    verdict = "met" if best[1] <= TARGET else "not met"
-    return [
-        f"**Target** (issue 14): the strongest attacker through DeepDefense + gate at B = 10,000 with the paper's "
-        f"queries reaches ≤ {TARGET:g}%: **{best[1]:.2f}%** ({best[0]}) — {verdict}. The label line it is "
-        "measured against: 77.42% (labels attacker through DeepDefense, `docs/results/mnist.md`)."
-    ]
+    lines = []
+    for query_set, budget, name in TARGETS:
+        cells = grid.get(query_set, {}).get(budget, {}).get("deepdefense+gate")
+        best = strongest(cells) if cells else None
+        if best is None:
+            continue
+        verdict = "met" if best[1] <= TARGET else "**not met**"
+        lines.append(
+            f"* **Target** (issue 28): the strongest attacker through DeepDefense + gate with {name} at "
+            f"B = {budget:,} reaches ≤ {TARGET:g}%: **{best[1]:.2f}%** ({best[0]}) — {verdict}."
+        )
+    return lines or ["Targets (issue 28): not measured by this run."]
 
 
 def _benign(record: Mapping[str, Any]) -> list[str]:
@@ -233,42 +247,54 @@ def _monitor(record: Mapping[str, Any]) -> list[str]:
     if not rows:
         return []
     first = rows[0][1]
+    watched = record["config"].get("monitored")
+    how = (
+        "Each arm's queries were sent as one API key of the default server with keys: the monitor screened them "
+        "before they were answered and escalated the key when its queries looked like extraction (`server/monitor.py`:"
+        f" domain flags above {100 * first['threshold']:g}% of a {first['window']}-query window, near-duplicates "
+        "above 20%, PRADA's W below its line, or taint from an escalated key's queries); from then on every answer "
+        "came from the misinformation path."
+        if watched
+        else "Each transfer set replayed in query order, as one API key, through the monitor's policy "
+        f"(`server/monitor.py`: window {first['window']}, at least {first['min_queries']} queries, escalated when "
+        f"more than {100 * first['threshold']:g}% of the window is flagged)."
+    )
     lines = [
         "## The extraction monitor",
         "",
-        f"Each transfer set replayed in query order, as one API key, through the monitor's policy "
-        f"(`server/monitor.py`: window {first['window']}, at least {first['min_queries']} queries, escalated when "
-        f"more than {100 * first['threshold']:g}% of the window is flagged); honest traffic: the MNIST test digits "
-        f"cut into keys of {first.get('benign_key_queries', '—')} queries, clean and perturbed as in "
-        "`docs/results/domain-score.md`.",
+        how + f" Honest traffic: the MNIST test digits cut into keys of {first.get('benign_key_queries', '—')} "
+        "queries, clean and perturbed as in `docs/results/domain-score.md`, all through one monitor.",
         "",
-        "| arm | query set | flagged queries (%) | escalated after query | answers before escalation |",
-        "| --- | --- | --- | --- | --- |",
+        "| arm | query set | flagged queries (%) | escalated after query | why | PRADA's W |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in rows:
         base, query_set = _base(key)
-        at = m.get("escalated_at")
+        at, seen = m.get("escalated_at"), m.get("watched") or {}
         lines.append(
             f"| {ARM_NAMES.get(base, key)} | {query_set} | {_f(m['flagged_pct'])} | "
-            f"{'never' if at is None else f'{at:,}'} | {'all' if at is None else f'{at:,}'} |"
+            f"{'never' if at is None else f'{at:,}'} | {seen.get('reason') or '—'} | {_f(seen.get('spread'), 3)} |"
         )
     benign = first.get("benign")
     if benign:
         lines += [
             "",
-            "| honest traffic | keys | flagged queries (%) | keys escalated |",
-            "| --- | --- | --- | --- |",
+            "| honest traffic | keys | flagged queries (%) | near-duplicates (%) | lowest W | keys escalated |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for name, b in benign.items():
-            lines.append(f"| {name} | {b['keys']} | {_f(b['flagged_pct'])} | {b['escalated']} |")
+            lines.append(
+                f"| {name} | {b['keys']} | {_f(b['flagged_pct'])} | {_f(b.get('duplicates_pct'))} | "
+                f"{_f(b.get('min_spread'), 3)} | {b['escalated']} |"
+            )
     if first.get("threshold_choice"):
         total, choice = first["threshold_choice"]["keys"], first["threshold_choice"]["escalated"]
         lines += [
             "",
-            f"How the threshold was chosen, before any of the above: honest keys escalated among {total} keys of "
-            f"{first.get('benign_key_queries', '—')} perturbed *training* digits (the last 10,000 of the victim's "
-            "training split: clean, blurred, noisy, shifted, thicker, thinner) per candidate; the default is the "
-            "lowest with none.",
+            f"How the domain-flag threshold was chosen, before any of the above: honest keys escalated among {total} "
+            f"keys of {first.get('benign_key_queries', '—')} perturbed *training* digits (the last 10,000 of the "
+            "victim's training split: clean, blurred, noisy, shifted, thicker, thinner) per candidate, by the domain "
+            "flags alone; the lowest with none is 0.15, the default 0.2 keeps a margin.",
             "",
             "| threshold | " + " | ".join(choice) + " |",
             "| --- | " + " | ".join("---" for _ in choice) + " |",

@@ -5,6 +5,7 @@ from . import (
     attack,
     bench,
     client,
+    detectors,
     domain,
     edm,
     eval,
@@ -32,5 +33,6 @@ COMMANDS = {
     "bench": bench,
     "domain": domain,
     "formats": formats,
+    "detectors": detectors,
     "warmstart": warmstart,
 }

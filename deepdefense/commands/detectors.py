@@ -1,0 +1,80 @@
+"""``deepdefense detectors``: can a thief tell the gate's misinformed answers from honest ones? The twin
+test and a classifier on the answer's shape, before and after the gate's second round
+(docs/results/gate-detectors.md; measure/detectors.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from deepdefense import flags
+
+HELP = "balanced accuracy of a thief's twin-test and answer-shape detectors against the misinformation gate"
+DESCRIPTION = (
+    "Answers --n test images of the victim's data set and of --foreign through both paths of the gate the "
+    "server runs (the wrapped defense and the misinformer), each again with one pixel moved by 1/255, fits "
+    "each detector on half the images and scores it on the other half."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="lenet-mnist", help="a checkpoint that ships the gate")
+    p.add_argument("--defense", default="deepdefense", help="the defense behind the gate, as served")
+    p.add_argument("--interpreter", default="gradcam", help="the attribution method, as served")
+    flags.add_data_root(p)
+    p.add_argument("--foreign", default="fashionmnist", help="a data set of another domain (measured on, never fit)")
+    p.add_argument("--n", type=int, default=500, help="test images per pool")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
+    p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/gate-detectors.md)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_device(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from common.device import resolve_device
+    from common.provenance import provenance
+    from defense import NoDefense
+    from defense.gate import MisinformationGate
+    from defense.interpreters import create_interpreter
+    from defense.loader import load_defense, load_gate
+    from defense.misinformation import load_misinformation, temper
+    from measure.detectors import study
+    from measure.detectors_report import markdown
+    from models.data import load_split
+
+    device = resolve_device(args.device)
+    inner, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device, data_root=args.data_root)
+    gate = load_gate(inner, args.checkpoint, device=device)
+    assert isinstance(gate, MisinformationGate)
+    untempered, mmeta = load_misinformation(args.checkpoint, device=device)  # the previous gate's fixed answers
+    temper(untempered.eval().requires_grad_(False), 1 / float(mmeta.extra.get("logit_temperature", 1.0)))
+    before = NoDefense(untempered, create_interpreter(args.interpreter, untempered, tuple(mmeta.input_shape)))
+    pools = {
+        meta.dataset: load_split(meta.dataset, args.data_root, "test").tensors[0][: args.n],
+        args.foreign: load_split(args.foreign, args.data_root, "test").tensors[0][: args.n],
+    }
+    with torch.inference_mode(False):
+        result: dict[str, Any] = study(gate.inner, gate.misinformer, before, pools, seed=args.seed)
+    record = {
+        "command": args.command_line,
+        "checkpoint": args.checkpoint,
+        "defense": args.defense,
+        "interpreter": args.interpreter,
+        "seed": args.seed,
+        "measured": provenance(),
+        "logit_temperature": mmeta.extra.get("logit_temperature"),
+        "pools": result,
+    }
+    print(json.dumps(result, indent=1))
+    out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+    if args.report:
+        Path(args.report).write_text(markdown(record))
+        print(f"wrote {args.report}")
+    return 0

@@ -1,0 +1,175 @@
+"""Can a thief tell a misinformed answer from an honest one? The two detectors a thief who has read our
+code would build, measured against the gate the server runs (issue 28):
+
+* **Twin distance** — ask twice, the second time with one pixel moved by 1/255 (``clients/adaptive.py``),
+  and threshold the largest change of the probabilities (and of the map). DeepDefense misdirects every query
+  afresh, so honest answers move; answers drawn from one fixed network would not.
+* **Answer shape** — a logistic regression on what one answer shows: its sorted probabilities, their
+  entropy, and statistics of its map (mean, spread, peak, the share of the top tenth of its mass, its entropy).
+
+Paired design: every query of a pool is answered by both paths of the gate — the wrapped defense (honest)
+and the misinformer (misinformed) — so that what a detector learns is the path, not the pool (a query
+from another domain looks different whichever path answers it). Each detector is fitted on half of the
+queries (threshold and direction, or the regression) and scored on the other half: balanced accuracy, 0.5
+is chance. ``before``: the same detectors against the previous gate, whose misinformed answers were
+the misinformation model's own (untempered), fixed answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clients.adaptive import twin_of
+from defense.api import Answer, Defense
+
+#: Answers computed per call (the engine batches them).
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One pool answered by one path, and again for each query's twin."""
+
+    probabilities: Tensor  # (N, K)
+    maps: Tensor  # (N, H, W)
+    twin_probabilities: Tensor
+    twin_maps: Tensor
+
+
+def answer_pool(defense: Defense, x: Tensor) -> Paired:
+    """``defense``'s answers to ``x`` and to its twins."""
+
+    def run(q: Tensor) -> list[Answer]:
+        return [a for chunk in q.split(CHUNK) for a in defense.answer(chunk, explain=True)]
+
+    first, second = run(x), run(twin_of(x))
+    stack = lambda answers, f: torch.stack([getattr(a, f).detach().cpu() for a in answers])
+    return Paired(
+        stack(first, "probabilities"),
+        stack(first, "attribution"),
+        stack(second, "probabilities"),
+        stack(second, "attribution"),
+    )
+
+
+def twin_distances(p: Paired) -> Tensor:
+    """(N, 2): the largest change of the probabilities, and of the map, between each query and its twin."""
+    dp = (p.probabilities - p.twin_probabilities).abs().amax(1)
+    dm = (p.maps - p.twin_maps).flatten(1).abs().amax(1)
+    return torch.stack([dp, dm], 1)
+
+
+def answer_features(p: Paired) -> Tensor:
+    """(N, K + 6): sorted probabilities, their entropy, and the map's mean, std, peak, top-decile mass share and
+    entropy (the map's absolute values normalised to a distribution)."""
+    probs = p.probabilities.sort(1, descending=True).values
+    entropy = -(probs.clamp_min(1e-12).log() * probs).sum(1, keepdim=True)
+    m = p.maps.flatten(1).abs()
+    mass = m / m.sum(1, keepdim=True).clamp_min(1e-12)
+    top = mass.sort(1, descending=True).values[:, : max(1, m.shape[1] // 10)].sum(1, keepdim=True)
+    map_entropy = -(mass.clamp_min(1e-12).log() * mass).sum(1, keepdim=True)
+    stats = torch.cat([m.mean(1, keepdim=True), m.std(1, keepdim=True), m.amax(1, keepdim=True), top, map_entropy], 1)
+    return torch.cat([probs, entropy, stats], 1)
+
+
+def balanced_accuracy(predicted: Tensor, truth: Tensor) -> float:
+    """Mean of the true-positive and true-negative rates (0.5: chance, whatever the classes' sizes)."""
+    tpr = (predicted & truth).sum() / truth.sum().clamp_min(1)
+    tnr = (~predicted & ~truth).sum() / (~truth).sum().clamp_min(1)
+    return float((tpr + tnr) / 2)
+
+
+def fit_threshold(score: Tensor, truth: Tensor) -> tuple[float, bool]:
+    """The threshold and direction (True: above means positive) of ``score`` with the best balanced accuracy."""
+    best = (0.0, 0.0, True)
+    for t in score.unique():
+        for above in (True, False):
+            ba = balanced_accuracy(score > t if above else score <= t, truth)
+            if ba > best[0]:
+                best = (ba, float(t), above)
+    return best[1], best[2]
+
+
+def fit_logistic(features: Tensor, truth: Tensor, steps: int = 200) -> torch.nn.Module:
+    """A standardised logistic regression (L-BFGS, weighted so both classes count alike)."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    model = torch.nn.Sequential(_Standardise(mean, std), torch.nn.Linear(features.shape[1], 1))
+    weight = torch.where(truth, 0.5 / truth.float().mean(), 0.5 / (~truth).float().mean())
+    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps)
+    target = truth.float()
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        logits = model(features).squeeze(1)
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).mean()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return model.eval()
+
+
+class _Standardise(torch.nn.Module):
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def detect(honest: Paired, misinformed: Paired, seed: int) -> dict[str, float]:
+    """Both detectors' balanced accuracy on held-out halves of the queries (each query in one half only, its
+    honest and its misinformed answer together)."""
+    n = len(honest.probabilities)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, test = order[: n // 2], order[n // 2 :]
+    truth = lambda rows: torch.cat([torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)])
+    twins = lambda rows: torch.cat([twin_distances(honest)[rows], twin_distances(misinformed)[rows]])
+    shape = lambda rows: torch.cat([answer_features(honest)[rows], answer_features(misinformed)[rows]])
+    out: dict[str, float] = {}
+    for i, name in enumerate(("twin_probabilities", "twin_map")):
+        t, above = fit_threshold(twins(fit)[:, i], truth(fit))
+        score = twins(test)[:, i]
+        out[name] = round(balanced_accuracy(score > t if above else score <= t, truth(test)), 4)
+    with torch.no_grad():
+        model = fit_logistic(shape(fit), truth(fit))
+    with torch.no_grad():
+        out["answer_shape"] = round(balanced_accuracy(model(shape(test)).squeeze(1) > 0, truth(test)), 4)
+    return out
+
+
+def summary(p: Paired) -> dict[str, float]:
+    """What the answers of one path look like: top probability and entropy quartiles, twin movement medians."""
+    top = p.probabilities.amax(1)
+    entropy = -(p.probabilities.clamp_min(1e-12).log() * p.probabilities).sum(1)
+    d = twin_distances(p)
+    return {
+        "top_p25": round(float(top.quantile(0.25)), 4),
+        "top_median": round(float(top.median()), 4),
+        "entropy_median": round(float(entropy.median()), 4),
+        "twin_dp_median": round(float(d[:, 0].median()), 6),
+        "twin_dmap_median": round(float(d[:, 1].median()), 6),
+    }
+
+
+def study(
+    inner: Defense, misinformer: Defense, before: Defense, pools: dict[str, Tensor], seed: int = 0
+) -> dict[str, Any]:
+    """For each pool: both detectors against the gate (``misinformer``) and against ``before``, and the shape
+    of each path's answers."""
+    out: dict[str, Any] = {}
+    for name, x in pools.items():
+        honest, now, then = answer_pool(inner, x), answer_pool(misinformer, x), answer_pool(before, x)
+        out[name] = {
+            "n": len(x),
+            "after": detect(honest, now, seed),
+            "before": detect(honest, then, seed),
+            "answers": {"honest": summary(honest), "misinformed": summary(now), "misinformed_before": summary(then)},
+        }
+    return out
