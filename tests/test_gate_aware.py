@@ -1,0 +1,69 @@
+"""The gate-aware thief and the detectors that measure what he can tell (issue 28): the twin attacker's
+filter, the adaptive collection's twins, the misinformation model's logit calibration, and the detectors
+themselves on answers whose difference is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clients.adaptive import believed_honest, twin_of, with_twins
+from clients.attack_losses import MOVED, kept_answers
+from clients.transfer import TransferSet
+from defense.misinformation import logit_temperature, temper
+from measure.detectors import Paired, detect
+from models.lenet import LeNet
+
+SHAPE = (1, 28, 28)
+
+
+def test_twins_move_one_pixel_by_one_step_and_interleave() -> None:
+    x = torch.rand((5, *SHAPE), generator=torch.Generator().manual_seed(0))
+    t = twin_of(x)
+    diff = (t - x).abs()
+    assert torch.allclose(diff.flatten(1).amax(1), torch.full((5,), 1 / 255)) and (diff > 0).sum() == 5
+    both = with_twins(x)
+    assert torch.equal(both[0::2], x) and torch.equal(both[1::2], t)
+
+
+def test_the_twin_attacker_keeps_what_moved_and_never_a_twin() -> None:
+    p = torch.softmax(torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), -1)
+    p[1], p[3] = p[0], p[2] + torch.tensor([MOVED / 2] + [-MOVED / 18] * 9)  # pair 0 stood still, pair 1 barely
+    mask = kept_answers("twin", p)
+    assert mask.tolist() == [False, False, False, False, True, False, True, False]
+    data = TransferSet(torch.zeros(8, *SHAPE), p.argmax(1), p, None, torch.zeros(8, dtype=torch.long))
+    assert len(believed_honest(data)) == 2
+
+
+def test_the_misinformation_models_logits_are_tempered_to_the_victims_margins() -> None:
+    torch.manual_seed(0)
+    victim, misinformation = LeNet().eval(), LeNet().eval()
+    x = torch.rand((64, *SHAPE), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        last = [m for m in misinformation.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(6.0)
+        last.bias.mul_(6.0)
+        before = misinformation(x)
+    t = logit_temperature(victim, misinformation, x)
+    temper(misinformation, t)
+    with torch.no_grad():
+        after = misinformation(x)
+    torch.testing.assert_close(after, before / t, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        margins = [m(x).topk(2, 1).values.diff(dim=1).abs().median() for m in (victim, misinformation)]
+    assert t > 1 and float(margins[1]) == pytest.approx(float(margins[0]), rel=1e-4), "margins not matched"
+
+
+def _paired(n: int, moves: float, seed: int) -> Paired:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(3 * torch.randn(n, 10, generator=g), -1)
+    m = torch.rand(n, 28, 28, generator=g)
+    jitter = lambda t: t + moves * torch.rand(t.shape, generator=g)
+    return Paired(p, m, jitter(p), jitter(m))
+
+
+def test_the_detectors_tell_answers_that_stand_still_and_not_answers_alike() -> None:
+    honest = _paired(400, moves=0.05, seed=0)
+    assert detect(honest, _paired(400, moves=0.0, seed=1), seed=0)["twin_probabilities"] > 0.95, "a tell missed"
+    alike = detect(honest, _paired(400, moves=0.05, seed=2), seed=0)
+    assert all(0.35 < v < 0.65 for v in alike.values()), f"answers of one kind told apart: {alike}"
