@@ -110,6 +110,7 @@ class MisinfoConfig:
     device: str = "cpu"
     progress: bool = True
     command: str = ""
+    calibrate_with: str = "deepdefense"  # the engine whose answers the misinformation model's are matched to
 
 
 def fit_misinformation(
@@ -140,7 +141,7 @@ def fit_misinformation(
 
 
 #: Training images turned into synthetic outliers for the logit calibration (an equal share per kind).
-CALIBRATION_IMAGES = 2000
+CALIBRATION_IMAGES = 256
 
 
 def calibration_outliers(train_set: Dataset, seed: int, n: int = CALIBRATION_IMAGES) -> Tensor:
@@ -163,6 +164,36 @@ def logit_temperature(victim: torch.nn.Module, misinformation: torch.nn.Module, 
         margins = [m(outliers).topk(2, dim=1).values for m in (misinformation.eval(), victim.eval())]
     mis, vic = ((v[:, 0] - v[:, 1]).median() for v in margins)
     return max(float(mis / vic), 1.0)
+
+
+#: Multiples of the margin-matched temperature whose engine answers are compared (``answer_temperature``).
+ANSWER_CANDIDATES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def answer_temperature(
+    cfg: MisinfoConfig, misinformation: torch.nn.Module, x: Tensor, base: float
+) -> tuple[float, dict[str, float]]:
+    """The temperature (a multiple of ``base``) at which the misinformation model's answers through the served
+    engine (``cfg.calibrate_with``) look most like the victim's own answers through it on ``x``: the smallest
+    Kolmogorov–Smirnov distance between their top-1 probabilities. The gate answers flagged queries this way,
+    so these are the answers a thief compares."""
+    import copy
+
+    from scipy.stats import ks_2samp
+
+    from .loader import load_defense, misinformer
+
+    engine, meta = load_defense(cfg.victim, cfg.calibrate_with, "gradcam", data_root=cfg.data_root)
+    honest = torch.stack([a.probabilities.max() for c in x.split(64) for a in engine.answer(c, explain=True)])
+    distance: dict[str, float] = {}
+    for factor in ANSWER_CANDIDATES:
+        model = copy.deepcopy(misinformation).eval().requires_grad_(False)
+        temper(model, base * factor)
+        answers = misinformer(engine, model, tuple(meta.input_shape))
+        top = torch.stack([a.probabilities.max() for c in x.split(64) for a in answers.answer(c, explain=True)])
+        distance[f"{base * factor:.3f}"] = round(float(ks_2samp(honest.numpy(), top.numpy()).statistic), 4)
+    best = min(distance, key=distance.__getitem__)
+    return float(best), distance
 
 
 def temper(model: torch.nn.Module, temperature: float) -> None:
@@ -219,12 +250,17 @@ def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta
     # per-query engine would be saturated and stand still when a query moves (the thief's twin test)
     victim_model, _ = load_checkpoint(victim_path)
     outliers = calibration_outliers(train_set, cfg.seed)
-    temperature = logit_temperature(victim_model, model, outliers)
+    margin_t = logit_temperature(victim_model, model, outliers)
+    digits = torch.stack([train_set[i][0] for i in range(len(outliers))])  # type: ignore[arg-type]
+    temperature, fit = answer_temperature(cfg, model, torch.cat([outliers, digits]), margin_t)
     temper(model, temperature)
     meta.extra["logit_temperature"] = round(temperature, 4)
     meta.extra["calibration"] = (
-        f"last layer divided by the ratio of median top-two logit margins (misinformation model / victim) on "
-        f"{len(outliers)} synthetic outliers of the training split (defense/outliers.py, seed {cfg.seed})"
+        f"last layer divided by T, chosen among {ANSWER_CANDIDATES} × {margin_t:.3f} (the ratio of median top-two "
+        f"logit margins, misinformation model / victim, on the synthetic outliers) as the one whose answers through "
+        f"the {cfg.calibrate_with} engine have top-1 probabilities closest (Kolmogorov–Smirnov) to the victim's "
+        f"answers through the same engine, on {len(outliers)} synthetic outliers (defense/outliers.py) and as many "
+        f"training digits (seed {cfg.seed}); distance per candidate: {fit}"
     )
     test_set = load_split(victim.dataset, cfg.data_root, "test")
     meta.test_accuracy = round(evaluate(model, test_set, torch.device(cfg.device)), 2)

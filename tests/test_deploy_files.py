@@ -127,9 +127,10 @@ def test_grafana_provisioning_and_dashboard() -> None:
 
 def exported_names() -> set[str]:
     """Every sample name the server's registry can export."""
-    registry = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu").registry
+    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",), "histogram": ("_bucket", "_count", "_sum")}
-    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+    families = [*metrics.registry.collect(), *metrics.operator_registry.collect()]  # Prometheus scrapes as operator
+    return {family.name + suffix for family in families for suffix in suffixes[family.type]}
 
 
 def cluster() -> dict[str, Any]:
@@ -245,9 +246,9 @@ def test_the_deployments_are_not_open_and_take_keys_from_a_secret_file(monkeypat
         service = spec["services"][name]
         env = service["environment"]
         assert "DD_API_KEYS" not in env and "DD_ALLOW_OPEN" not in env, f"{name}: keys in the environment, or open"
-        (secret,) = service["secrets"]
+        secret = service["secrets"][0]
         assert env["DD_API_KEYS_FILE"] == f"/run/secrets/{secret}"
-        assert "file" in spec["secrets"][secret]
+        assert all("file" in spec["secrets"][s] for s in service["secrets"])
     for dockerfile in DOCKERFILES:
         text = "".join(line for line in dockerfile.read_text().splitlines() if not line.startswith("#"))
         assert "DD_HOST=0.0.0.0" in text.replace(" ", "") and "DD_ALLOW_OPEN" not in text
@@ -255,3 +256,14 @@ def test_the_deployments_are_not_open_and_take_keys_from_a_secret_file(monkeypat
         monkeypatch.delenv(name)
     with pytest.raises(ValueError, match="no API keys are configured"):
         ServerSettings(host="0.0.0.0")
+
+
+def test_prometheus_scrapes_with_the_operator_key_the_server_reads() -> None:
+    """The gate's and the monitor's series are shown to operator keys only: the scrape job sends the key the
+    server is given, from the same Docker secret."""
+    services = compose()["services"]
+    config = load_yaml(host_path(services["prometheus"], "/etc/prometheus/prometheus.yml"))
+    (job,) = config["scrape_configs"]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/dd_operator_key"
+    assert "dd_operator_key" in services["prometheus"]["secrets"] and "dd_operator_key" in services["server"]["secrets"]
+    assert services["server"]["environment"]["DD_ADMIN_KEYS_FILE"] == "/run/secrets/dd_operator_key"
