@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from clients.attack_losses import twin_moved
-from clients.jbda import jacobian_augmentation
+from clients.jbda import collect_rounds, jacobian_augmentation
 from clients.oracle import Oracle
-from clients.transfer import TransferSet, TransferStore, collect
+from clients.transfer import TransferSet, TransferStore
 
 #: The pixel a twin moves (row, column of the first channel).
 PIXEL = (14, 14)
@@ -59,21 +59,20 @@ def collect_adaptive(
 ) -> int:
     """JBDA rounds into ``store`` up to ``budget`` queries (twins included), grown from the answers believed
     honest; returns the queries sent. Each round's queries are stored before they are sent (resumable)."""
-    sent = 0
-    for rho in range(rounds):
-        before = sum(store.count(r) for r in range(rho))
-        if before >= budget:
-            break
 
-        def plan(rho: int = rho) -> Tensor:
-            if rho == 0:
-                return with_twins(seed_set)
-            kept = believed_honest(store.load())
-            if len(kept) == 0:  # nothing believed: the thief grows from everything he asked
-                kept = store.load().select(slice(0, None, 2))
-            return with_twins(jacobian_augmentation(train(kept), kept.images, kept.labels, step))
+    def grow(data: TransferSet) -> Tensor:
+        kept = believed_honest(data)
+        if len(kept) == 0:  # nothing believed: the thief grows from everything he asked
+            kept = data.select(slice(0, None, 2))
+        return with_twins(jacobian_augmentation(train(kept), kept.images, kept.labels, step))
 
-        queries = store.plan(f"round-{rho}", plan)
-        todo = queries[: budget - before]
-        sent += collect(oracle, store, todo, round_=rho, batch_size=batch_size, progress=progress)
-    return sent
+    return collect_rounds(
+        oracle,
+        store,
+        with_twins(seed_set),
+        grow,
+        budget=budget,
+        rounds=rounds,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -51,18 +51,34 @@ def collect_jbda(
     """Run the labelling rounds of JBDA into ``store`` up to ``budget`` queries; returns the queries sent.
     ``train`` fits a substitute on the transfer set so far (it is called only when a round's new
     points are not stored yet)."""
+
+    def grow(data: TransferSet) -> Tensor:
+        return jacobian_augmentation(train(data), data.images, data.labels, step)
+
+    return collect_rounds(
+        oracle, store, seed_set, grow, budget=budget, rounds=rounds, batch_size=batch_size, progress=progress
+    )
+
+
+def collect_rounds(
+    oracle: Oracle,
+    store: TransferStore,
+    first: Tensor,
+    grow: Callable[[TransferSet], Tensor],
+    *,
+    budget: int,
+    rounds: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> int:
+    """Rounds of queries into ``store`` up to ``budget``: round 0 sends ``first``, each later round
+    ``grow(everything stored so far)``; each round's queries are stored before they are sent, so a resumed
+    collection sends exactly what the interrupted one would have. Returns the queries sent."""
     sent = 0
     for rho in range(rounds):
         before = sum(store.count(r) for r in range(rho))
         if before >= budget:
             break
-
-        def plan(rho: int = rho) -> Tensor:
-            if rho == 0:
-                return seed_set
-            data = store.load()
-            return jacobian_augmentation(train(data), data.images, data.labels, step)
-
-        queries = store.plan(f"round-{rho}", plan)
+        queries = store.plan(f"round-{rho}", lambda rho=rho: first if rho == 0 else grow(store.load()))
         sent += collect(oracle, store, queries[: budget - before], round_=rho, batch_size=batch_size, progress=progress)
     return sent

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.adaptive import believed_honest, twin_of, with_twins
+from clients.adaptive import believed_honest, collect_adaptive, twin_of, with_twins
 from clients.attack_losses import MOVED, kept_answers
-from clients.transfer import TransferSet
+from clients.oracle import OracleReply
+from clients.transfer import TransferSet, TransferStore
 from defense.misinformation import logit_temperature, temper
 from measure.detectors import Paired, detect
 from models.lenet import LeNet
@@ -67,3 +68,40 @@ def test_the_detectors_tell_answers_that_stand_still_and_not_answers_alike() -> 
     assert detect(honest, _paired(400, moves=0.0, seed=1), seed=0)["twin_probabilities"] > 0.95, "a tell missed"
     alike = detect(honest, _paired(400, moves=0.05, seed=2), seed=0)
     assert all(0.35 < v < 0.65 for v in alike.values()), f"answers of one kind told apart: {alike}"
+
+
+class _HalfHonestOracle:
+    """Answers that move with a twin for images whose mean is below ½ (honest-like), and stand still otherwise."""
+
+    def query(self, x: torch.Tensor, *, explain: bool = True) -> OracleReply:
+        fixed = torch.softmax(torch.arange(10.0), 0).expand(len(x), 10)
+        shift = torch.zeros(len(x), 10)
+        shift[:, 9] = 10 * x.flatten(1)[:, 406]  # the twin's pixel (14, 14) moves the top class's logit
+        moving = torch.softmax(torch.arange(10.0) + shift, 1)
+        p = torch.where((x.flatten(1).mean(1) < 0.5)[:, None], moving, fixed)
+        return OracleReply(p.argmax(1), p, torch.zeros(len(x), 28, 28) if explain else None)
+
+
+def test_the_adaptive_thief_grows_only_from_answers_that_moved(tmp_path) -> None:
+    dark = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(0)) * 0.4
+    bright = 0.6 + torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(1)) * 0.4
+    store = TransferStore(tmp_path / "store", {"test": "adaptive"})
+    grown_from: list[int] = []
+
+    def train(data: TransferSet) -> torch.nn.Module:
+        grown_from.append(len(data))
+        return LeNet()
+
+    sent = collect_adaptive(
+        _HalfHonestOracle(),
+        store,
+        torch.cat([dark, bright]),
+        budget=32,
+        rounds=2,
+        step=0.1,
+        train=train,
+        progress=False,
+    )
+    data = store.load()
+    assert sent == 32 and len(data) == 32 and torch.equal(data.images[1], twin_of(dark[:1])[0])
+    assert grown_from == [4], "round 1 grew from the 4 answers that moved, not the 4 that stood still"
