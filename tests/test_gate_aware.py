@@ -103,5 +103,5 @@ def test_the_adaptive_thief_grows_only_from_answers_that_moved(tmp_path) -> None
         progress=False,
     )
     data = store.load()
-    assert sent == 32 and len(data) == 32 and torch.equal(data.images[1], twin_of(dark[:1])[0])
+    assert sent == len(data) == 16 + 8 and torch.equal(data.images[1], twin_of(dark[:1])[0]), "8 + twins, 4 + twins"
     assert grown_from == [4], "round 1 grew from the 4 answers that moved, not the 4 that stood still"
