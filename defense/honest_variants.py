@@ -8,7 +8,7 @@ random strength per image:
 
 * ``stroke`` — another pen: grey-level dilation or erosion with a random small structuring element, blended
   with the original by a random amount (strokes from about half to about twice as wide);
-* ``affine`` — another hand or framing: rotation ±12°, scale 0.85–1.15, shift ±4 pixels;
+* ``affine`` — another hand or framing: rotation ±15°, scale 0.8–1.2, shift ±4 pixels;
 * ``blur`` — out of focus or resampled: Gaussian blur, σ 0.4–1.6 pixels;
 * ``noise`` — a sensor: additive Gaussian noise, σ 0.03–0.3;
 * ``faint`` — faint ink: the strokes at 35–90% of their brightness, a random gamma 0.7–1.4;
@@ -57,7 +57,7 @@ def _per_image_blur(x: Tensor, sigma: Tensor) -> Tensor:
 
 def stroke(x: Tensor, g: torch.Generator) -> Tensor:
     """Thicker or thinner strokes: per image a dilation (3×3, 2×2, 1×2 or 2×1 maximum) or an erosion (2×2, 1×2
-    or 2×1 minimum), mixed with the original at a random weight 0.6–1."""
+    or 2×1 minimum), mixed with the original at a random weight 0.4–1."""
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), value=0.0)
 
@@ -71,15 +71,15 @@ def stroke(x: Tensor, g: torch.Generator) -> Tensor:
     b = x.shape[0]
     which = torch.randint(0, len(candidates), (b,), generator=g)
     chosen = stacked[which, torch.arange(b)]
-    weight = _u((b, 1, 1, 1), g, 0.6, 1.0)
+    weight = _u((b, 1, 1, 1), g, 0.4, 1.0)
     return weight * chosen + (1 - weight) * x
 
 
 def affine(x: Tensor, g: torch.Generator) -> Tensor:
-    """Rotation ±12°, scale 0.85–1.15 and a shift of ±4 pixels, bilinear, zero-filled."""
+    """Rotation ±15°, scale 0.8–1.2 and a shift of ±4 pixels, bilinear, zero-filled."""
     b, _, h, w = x.shape
-    angle = _u((b,), g, -12.0, 12.0) * math.pi / 180
-    scale = _u((b,), g, 0.85, 1.15)
+    angle = _u((b,), g, -15.0, 15.0) * math.pi / 180
+    scale = _u((b,), g, 0.8, 1.2)
     theta = torch.zeros((b, 2, 3), dtype=x.dtype)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos

@@ -47,8 +47,9 @@ HONEST_NOTES = {
 }
 GATE_NOTE = (
     "The misinformation gate is on: an input its domain score judges out of domain is answered from a "
-    "misinformation model, wrong on purpose and not marked as such. Honest inputs unlike the training images "
-    "(noisy, blurred, off-centre, very thick or thin strokes) are flagged more often than clean ones "
+    "misinformation model, wrong on purpose and not marked as such. Its domain score is fitted to keep honest "
+    "variants in domain (thicker or thinner strokes, small rotations and shifts, noise, blur, faint ink, scans), "
+    "yet they are flagged more often than clean digits, and photographs of a page most "
     "(docs/results/format-variants.md)."
 )
 

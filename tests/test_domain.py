@@ -179,7 +179,8 @@ def test_shipped_score_passes_real_digits_and_flags_their_outliers(
     x, _ = digits(data_root, "test", 400)
     assert float(score.flags(x).float().mean()) <= 0.02, "more than 2% of MNIST test digits flagged"
     out, _ = synthesise(x[:140], torch.Generator().manual_seed(0), ["gaussian_noise", "pixel_permutation"])
-    assert bool(score.flags(out).all())
+    # honest noisy digits are in domain now, so the odd permuted digit passes (docs/results/domain-score.md)
+    assert float(score.flags(out).float().mean()) >= 0.95
 
 
 def test_shipped_score_keeps_honest_variants_of_test_digits_in_domain(

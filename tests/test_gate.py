@@ -158,7 +158,7 @@ def test_the_served_gate_misinforms_noise_and_answers_digits_as_the_victim(
         metrics = client.get("/metrics", headers=bearer("operator-key-0123")).text
     with torch.no_grad():
         expected = victim(torch.cat([digits, noise])).softmax(-1)
-    # these 8 test digits are not flagged (the score's test FPR is 0.51%, docs/results/domain-score.md)
+    # these 8 test digits are not flagged (the score flags few test digits, docs/results/domain-score.md)
     for p, e in zip(predictions[:8], expected[:8], strict=True):
         torch.testing.assert_close(torch.tensor(p["probabilities"]), e, rtol=0, atol=PATH_ATOL)
     for p, e in zip(predictions[8:], expected[8:], strict=True):
