@@ -76,10 +76,11 @@ def metric_value(metrics_text: str, sample: str) -> float:
 
 
 def served_queries(url: str) -> float:
-    """Instances the server at ``url`` admitted, summed over keys (``dd_key_queries_total``)."""
+    """Instances the server at ``url`` answered (``dd_answers_total``, a series anyone who may read ``/metrics``
+    gets; the per-key counts are an operator's)."""
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
-    family = families.get("dd_key_queries")
-    return sum(s.value for s in family.samples if s.name == "dd_key_queries_total") if family else 0.0
+    family = families.get("dd_answers")
+    return sum(s.value for s in family.samples if s.name == "dd_answers_total") if family else 0.0
 
 
 def key_id_of(app: FastAPI, key: str) -> str:
