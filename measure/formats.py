@@ -247,13 +247,13 @@ def check_over_http(
     x = instances_to_tensor(instances, shape, DEFAULT_LIMITS, invert=invert)
     offline = int(score.flags(x).sum())
     with served(checkpoint, "none", "gradcam", gate="misinform") as (url, key), httpx.Client(timeout=120) as client:
-        before = misinformed_answers(client.get(f"{url}/metrics").text)
-        headers = {"Authorization": f"Bearer {key}"}
+        headers = {"Authorization": f"Bearer {key}"}  # an API key, and the operator key /metrics shows the gate to
+        before = misinformed_answers(client.get(f"{url}/metrics", headers=headers).text)
         for i in range(0, len(instances), per_request):
             chunk = [inst.model_dump(exclude_none=True) for inst in instances[i : i + per_request]]
             body = {"instances": chunk, "explain": False, "invert": invert}
             client.post(f"{url}/predict", json=body, headers=headers).raise_for_status()
-        after = misinformed_answers(client.get(f"{url}/metrics").text)
+        after = misinformed_answers(client.get(f"{url}/metrics", headers=headers).text)
     return {"name": variant.name, "n": len(instances), "flagged_offline": offline, "by_server": after - before}
 
 

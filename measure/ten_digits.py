@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -62,7 +63,8 @@ def render(digit: int, polarity: str, font: ImageFont.FreeTypeFont, size: int = 
 
 
 def ask(client: httpx.Client, url: str, png: bytes, invert: bool) -> dict[str, Any]:
-    """One ``/predict`` request; the label, its probability and whether the gate misinformed it."""
+    """One ``/predict`` request; the label, its probability and whether the gate misinformed it (``client``
+    sends the server's operator key, to which ``/metrics`` shows the gate's count)."""
     before = misinformed_answers(client.get(f"{url}/metrics").text)
     body = {"instances": [{"image_b64": base64.b64encode(png).decode()}], "explain": False, "invert": invert}
     r = client.post(f"{url}/predict", json=body)
@@ -73,9 +75,9 @@ def ask(client: httpx.Client, url: str, png: bytes, invert: bool) -> dict[str, A
     return {"label": label, "probability": round(prediction["probabilities"][label], 4), "misinformed": misinformed}
 
 
-def run_experiment(url: str, font: ImageFont.FreeTypeFont) -> list[dict[str, Any]]:
+def run_experiment(url: str, font: ImageFont.FreeTypeFont, operator: str) -> list[dict[str, Any]]:
     rows = []
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {operator}"}) as client:
         for polarity in POLARITIES:
             for invert in (False, True):
                 answers = [ask(client, url, render(d, polarity, font), invert) for d in range(10)]
@@ -125,9 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     font = ImageFont.truetype(str(font_file), FONT_SIZE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}  # the defaults, as README command 1
     env["DD_LOG_LEVEL"] = "warning"
+    env["DD_ADMIN_KEYS"] = operator = secrets.token_urlsafe(24)  # reads the gate's count in /metrics; not an API key
     with spawn_serve(env) as (url, _process, _shutdown):
         served = httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]
-        rows = run_experiment(url, font)
+        rows = run_experiment(url, font, operator)
     settings = served["defense"]["settings"]
     record = {
         "command": shlex.join(["python", "-m", "measure.ten_digits", *(argv if argv is not None else sys.argv[1:])]),

@@ -35,6 +35,7 @@ from server.metrics import ServerMetrics
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+OPERATOR = "operator-key-0123456789"  # the per-key series of /metrics are an operator's
 
 
 def remaining(app: FastAPI, key: str = ALICE) -> int:
@@ -102,6 +103,7 @@ def test_refused_requests_spend_nothing(tmp_path: Path, defense: NoDefense) -> N
     settings = make_settings(
         tmp_path,
         api_keys=ALICE,
+        admin_keys=OPERATOR,
         query_budget=3,
         max_instances=2,
         max_image_bytes=2000,
@@ -123,7 +125,7 @@ def test_refused_requests_spend_nothing(tmp_path: Path, defense: NoDefense) -> N
         assert remaining(app) == 1
         assert predict(client, 1).status_code == 200
         assert remaining(app) == 0
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
     assert (
         metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}}') == 3
     )  # only the answered ones
@@ -133,14 +135,17 @@ def test_refused_requests_spend_nothing(tmp_path: Path, defense: NoDefense) -> N
 
 
 def test_a_full_queue_refunds_what_it_spent(tmp_path: Path, defense: NoDefense) -> None:
-    app = create_app(make_settings(tmp_path, api_keys=ALICE, query_budget=3, queue_size=2, retry_after_s=2), defense)
+    app = create_app(
+        make_settings(tmp_path, api_keys=ALICE, admin_keys=OPERATOR, query_budget=3, queue_size=2, retry_after_s=2),
+        defense,
+    )
     with serving(app) as client:
         r = predict(client, 3)  # three instances never fit a queue of two
         assert r.status_code == 503 and error_of(r)["code"] == "queue_full" and r.headers["Retry-After"] == "2"
         assert remaining(app) == 3
         assert predict(client, 2).status_code == 200 and predict(client, 1).status_code == 200  # the whole budget
         assert predict(client, 1).status_code == 429
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
     assert (
         metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}}') == 3
     )  # the refused 3 not admitted

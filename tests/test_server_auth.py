@@ -31,6 +31,7 @@ def ask(client: TestClient, key: str | None, n: int = 1) -> int:
 
 def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE}, {BOB}")
+    monkeypatch.setenv("DD_ADMIN_KEYS", "operator-key-0123456789")
     with serving(app := create_app(make_settings(tmp_path), defense)) as client:
         r = client.post("/predict", json={"instances": [{"pixels": pixels()}]})
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
@@ -46,7 +47,8 @@ def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         assert ask(client, ALICE) == 200 and ask(client, BOB, 2) == 200
         assert client.get("/v1/models", headers=bearer(ALICE)).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
-        metrics = client.get("/metrics").text
+        assert "dd_key_queries_total" not in client.get("/metrics").text, "per-key counts shown to anyone"
+        metrics = client.get("/metrics", headers=bearer("operator-key-0123456789")).text
     assert f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}} 1.0' in metrics
     assert f'dd_key_queries_total{{key="{key_id_of(app, BOB)}"}} 2.0' in metrics
     assert ALICE not in metrics and BOB not in metrics

@@ -41,8 +41,9 @@ def test_the_two_polarities_are_each_others_negative(font: ImageFont.FreeTypeFon
 def test_invert_makes_ink_on_paper_the_digit_again(
     font: ImageFont.FreeTypeFont, tmp_path: Path, defense: NoDefense
 ) -> None:
-    with in_thread(create_app(loopback_settings(tmp_path), defense)) as url:
-        rows = {(r["polarity"], r["invert"]): r for r in run_experiment(url, font)}
+    operator = "operator-key-for-metrics"
+    with in_thread(create_app(loopback_settings(tmp_path, admin_keys=operator), defense)) as url:
+        rows = {(r["polarity"], r["invert"]): r for r in run_experiment(url, font, operator)}
     labels = {k: [a["label"] for a in r["answers"]] for k, r in rows.items()}
     assert labels["black on white", True] == labels["white on black", False]
     assert labels["black on white", False] == labels["white on black", True]
