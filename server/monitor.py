@@ -5,11 +5,13 @@ It sees what the queries are, not one bit each (``server/query_features.py``):
 * **Domain flags** — every answer of a gated server says whether the domain score flagged its query
   (``Answer.misinformed``). An honest user sends digits, of which the score flags well under 1%; a thief
   who steals with another domain's images (Fashion-MNIST, noise) has most of his flagged.
-* **Near-duplicates, across keys** (Blacklight) — before a request is answered, each query's secret-keyed
-  fingerprints are looked up in one index shared by every key (and every replica). A twin (the same image
-  with a pixel moved, sent to compare the answers), a canary sent again to see whether the key was
-  escalated, or a query grown from another key's are found there. A near-duplicate of an *escalated*
-  key's query taints the key that sends it: a thief who moves to a fresh key brings his queries along.
+* **Near-duplicates** (Blacklight) — before a request is answered, each query's secret-keyed fingerprints
+  are looked up in one index shared by every key (and every replica). A twin (the same image with a pixel
+  moved, sent to compare the answers) or a query grown from one of the key's earlier ones is a
+  near-duplicate; the very same bytes again (a retry) is not, since it gets the very same answer; nor is a
+  near-duplicate of another honest key's query (honest users send the same public images). A near-duplicate of
+  an *escalated* key's query taints the key that sends it: a thief who moves to a fresh key brings his queries
+  along.
 * **How a key's queries relate to each other** (PRADA) — each query's distance to the nearest of the
   key's earlier queries (kept in a bounded reservoir of coarse views), and the Shapiro–Wilk W of those
   distances: Jacobian-augmented queries (JBDA), grown from earlier ones, add a mass of tiny distances that
@@ -47,7 +49,7 @@ import numpy as np
 import redis
 from torch import Tensor
 
-from .query_features import coarse_views, fingerprints, spread_statistic, view_distances
+from .query_features import coarse_views, exact_prints, fingerprints, spread_statistic, view_distances
 from .state import PREFIX, connect_sqlite, is_key_id, redis_key
 
 #: Queries per key whose domain flags and near-duplicate marks the policy looks at.
@@ -70,8 +72,10 @@ TAINTED = 3
 #: Coarse views kept per key (a uniform sample of all its queries), and distances kept for W.
 RESERVOIR = 256
 
-# what a query's near-duplicate mark says: new, a near-duplicate of an earlier query, of an escalated key's query
-NEW, DUPLICATE, TAINT = "0", "1", "2"
+# what a query's near-duplicate mark says: new; a near-duplicate of one of the key's earlier queries (not the same
+# bytes); a near-duplicate of an escalated key's query; the very bytes of one of the key's earlier queries (a retry:
+# it gets the same answer, so it tells nothing new, and is neither suspicious nor a new point for PRADA)
+NEW, DUPLICATE, TAINT, REPEAT = "0", "1", "2", "r"
 
 
 @dataclass
@@ -138,6 +142,10 @@ class MonitorPolicy:
         kept = np.frombuffer(s.views, dtype=np.uint8).reshape(-1, size).copy()
         dist = np.frombuffer(s.distances, dtype=np.float32).copy()
         for view, mark in zip(views, marks, strict=True):
+            if mark == REPEAT:
+                s.queries += 1
+                s.marks = (s.marks + NEW)[-self.window :]
+                continue
             rng = np.random.default_rng(s.screened)  # the same stream of queries samples the same way anywhere
             if len(kept):
                 dist = _sample(dist, view_distances(view, kept).min(), s.screened - 1, self.reservoir, rng)
@@ -145,7 +153,7 @@ class MonitorPolicy:
             s.screened += 1
             s.queries += 1
             s.marks = (s.marks + mark)[-self.window :]
-            s.duplicates += mark != NEW
+            s.duplicates += mark in (DUPLICATE, TAINT)
             s.tainted += mark == TAINT
         s.views, s.distances = kept.tobytes(), dist.astype(np.float32).tobytes()
         if len(dist) >= self.spread_min:
@@ -247,17 +255,29 @@ class ExtractionMonitor:
 
     def screen(self, key_id: str, x: Tensor) -> bool:
         """Screen a request's queries (B, C, H, W) before they are answered: look their fingerprints up in the
-        index shared by every key, add them, and update ``key_id``'s state; True when the key is escalated."""
+        index shared by every key, add them, and update ``key_id``'s state; True when the key is escalated.
+
+        The index holds each fingerprint's first key (a near-duplicate of an escalated key's query taints), each
+        key's own fingerprints (a near-duplicate of the key's own earlier query is a duplicate) and each key's
+        exact queries (the same bytes again is a retry, not a duplicate). A near-duplicate of another, honest
+        key's query is nothing: honest users send the same public images."""
         views = coarse_views(x)
         prints = fingerprints(views, self._secret)
-        seen = self.store.seen_by([p for row in prints for p in row])
+        owned = [[f"{key_id}:{p}" for p in row] for row in prints]
+        exact = [f"{key_id}:={e}" for e in exact_prints(x, self._secret)]
+        seen = self.store.seen_by([p for row in prints + owned for p in row] + exact)
         escalated = self.store.escalated_ids() if seen else set()
         new: dict[str, str] = {}
         marks = []
-        for row in prints:  # in order, so that a twin inside the request finds its first half
+        for row, mine, same in zip(prints, owned, exact, strict=True):  # in order: a twin finds its first half
             owners = {seen.get(p) or new.get(p) for p in row} - {None}
-            marks.append(TAINT if owners & escalated else DUPLICATE if owners else NEW)
-            new.update({p: key_id for p in row if p not in seen and p not in new})
+            if same in seen or same in new:
+                marks.append(REPEAT)
+            elif owners & escalated:
+                marks.append(TAINT)
+            else:
+                marks.append(DUPLICATE if any(p in seen or p in new for p in mine) else NEW)
+            new.update({p: key_id for p in [*row, *mine, same] if p not in seen and p not in new})
         state = self.store.update(key_id, lambda s: self.policy.screen(s, views, marks))
         self.store.index(new)
         return state.escalated

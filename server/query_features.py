@@ -64,6 +64,12 @@ def fingerprints(views: np.ndarray, secret: bytes) -> list[list[str]]:
     return out
 
 
+def exact_prints(x: Tensor, secret: bytes) -> list[str]:
+    """One hex digest per query of its exact bytes (as float32), keyed with the secret: the same image again."""
+    rows = x.detach().float().cpu().contiguous().numpy()
+    return [hashlib.blake2b(r.tobytes(), digest_size=12, key=secret[:32], person=b"dd-exact").hexdigest() for r in rows]
+
+
 def _offsets(secret: bytes, n: int) -> np.ndarray:
     """(HASHES, n) grid offsets in [0, GRID_STEP): the grids are shifted by staggered, secret amounts."""
     seed = int.from_bytes(hashlib.blake2b(secret, digest_size=8, person=b"dd-grid").digest(), "little")

@@ -208,7 +208,9 @@ class FlaggedKey(BaseModel):
     key_id: str = Field(description="the key's id (12 hex digits of its HMAC under the server's secret), as in metrics")
     queries: int = Field(description="queries the key has sent while watched")
     flagged: int = Field(description="of those, flagged as out of domain by the gate's domain score")
-    duplicates: int = Field(description="of those, near-duplicates of earlier queries (of any key)")
+    duplicates: int = Field(
+        description="of those, near-duplicates of the key's own earlier queries or of an escalated key's"
+    )
     spread: float | None = Field(
         description="PRADA's W of the key's nearest-earlier-query distances (low: queries grown from earlier ones)"
     )

@@ -178,3 +178,17 @@ def test_screening_sees_twins_and_queries_grown_from_earlier_ones_but_not_digits
     moved = screen("3" * 12, torch.cat(grown)[150:160])
     assert moved.escalated and moved.reason == "taint"
     assert not monitor.escalated("0" * 12)
+
+
+def test_retries_and_public_images_sent_by_several_honest_keys_are_not_duplicates(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """An honest user who sends his 200 digits twice (a retry gets the same answer), and a second honest user who
+    sends the same public digits, are not escalated: only a key's near-duplicates of its *own* earlier queries
+    that are not the same bytes (twins) count, and another key's queries only when that key is escalated."""
+    digits = load_split("mnist", str(data_root), "test").tensors[0][:200]
+    monitor = ExtractionMonitor(tmp_path / "state.sqlite")
+    for key in ("a" * 12, "a" * 12, "b" * 12):
+        for i in range(0, len(digits), 16):
+            assert not monitor.screen(key, digits[i : i + 16]), key
+    assert monitor.store.read("a" * 12).duplicates == 0 and monitor.store.read("b" * 12).duplicates == 0
