@@ -1,0 +1,56 @@
+"""What a thief's first answers alone are worth: an attack model trained (as every attack model of the
+evaluation, ``clients/attack_model.py``'s recipe) on the first n answers of a stored transfer set, scored on the
+victim's test split. For JBDA through the gate with the monitor, the first answers are the natural seed digits,
+answered honestly before any rule can see the Jacobian steps that follow them (docs/results/below-label-line.md).
+
+    python -m measure.first_answers --store runs/transfer-sets/<jbda store> --n 150 214 --data-root ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from clients.transfer import TransferStore
+from models.data import get_spec, load_split
+from models.train import evaluate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="a transfer-set store (runs/transfer-sets/...)")
+    p.add_argument("--n", type=int, nargs="+", required=True, help="first answers to train on")
+    p.add_argument("--dataset", default="mnist", help="the victim's data set (normalisation and test split)")
+    p.add_argument("--data-root", default=None, help="data sets in torchvision's layout ($DD_DATA_ROOT)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the record here as JSON")
+    args = p.parse_args(argv)
+    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    data = TransferStore(args.store, manifest["fingerprint"]).load()
+    spec, test = get_spec(args.dataset), load_split(args.dataset, args.data_root, "test")
+    accuracy = {}
+    for n in args.n:
+        model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, args.seed)
+        recipe = TrainingRecipe()
+        train_attack_model(
+            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=recipe, seed=args.seed,
+            device=torch.device("cpu"), progress=False,
+        )  # fmt: skip
+        accuracy[n] = round(evaluate(model, test, torch.device("cpu")), 2)
+    command = shlex.join(["python", "-m", "measure.first_answers", *(argv if argv is not None else sys.argv[1:])])
+    record = {"command": command, "store": Path(args.store).name, "seed": args.seed, "accuracy_first_n": accuracy}
+    print(json.dumps(record, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
