@@ -635,7 +635,7 @@ class Evaluation:
             flags = self.domain_flags(x if perturb is None else perturb(x, g))
             keys += [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
         escalated = {
-            f"{t:.1f}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
+            f"{t:g}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
             for t in THRESHOLD_CANDIDATES
         }
         self._threshold_choice = {"keys": len(keys), "escalated": escalated}
