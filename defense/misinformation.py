@@ -111,6 +111,7 @@ class MisinfoConfig:
     progress: bool = True
     command: str = ""
     calibrate_with: str = "deepdefense"  # the engine whose answers the misinformation model's are matched to
+    calibration_images: int = 256  # synthetic outliers, and as many training digits, the temperature is chosen on
 
 
 def fit_misinformation(
@@ -140,11 +141,7 @@ def fit_misinformation(
     return model.eval()
 
 
-#: Training images turned into synthetic outliers for the logit calibration (an equal share per kind).
-CALIBRATION_IMAGES = 256
-
-
-def calibration_outliers(train_set: Dataset, seed: int, n: int = CALIBRATION_IMAGES) -> Tensor:
+def calibration_outliers(train_set: Dataset, seed: int, n: int) -> Tensor:
     """``n`` synthetic outliers (``defense/outliers.py``, every kind alike) made from the last ``n`` training
     images: out-of-domain inputs the defense may fit on (never an attacker's data set)."""
     from .outliers import OUTLIERS
@@ -249,7 +246,7 @@ def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta
     # why: trained to be wrong, its logits are several times the victim's; answers drawn from it through the
     # per-query engine would be saturated and stand still when a query moves (the thief's twin test)
     victim_model, _ = load_checkpoint(victim_path)
-    outliers = calibration_outliers(train_set, cfg.seed)
+    outliers = calibration_outliers(train_set, cfg.seed, cfg.calibration_images)
     margin_t = logit_temperature(victim_model, model, outliers)
     digits = torch.stack([train_set[i][0] for i in range(len(outliers))])  # type: ignore[arg-type]
     temperature, fit = answer_temperature(cfg, model, torch.cat([outliers, digits]), margin_t)
