@@ -184,7 +184,7 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
     assert rc == 0
     arms = results["arms"]
     assert set(arms) == {f"none{g}{q}" for g in ("", "+gate") for q in ("", "@jbda", "@victim-train")}
-    assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform"}
+    assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform", "misinformer": "none"}
     assert not arms["none"]["gated"] and arms["none"]["fingerprint"] != arms["none+gate"]["fingerprint"]
     assert {arms[k]["query_set"] for k in arms} == {"random", "jbda", "victim-train"}
     for key, arm in arms.items():
@@ -196,15 +196,12 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
         assert benign["n"] == 50 and benign["accuracy"] >= 90 and benign["victim_accuracy"] >= 90
     assert "benign" not in arms["none+gate@jbda"] and "monitor" not in arms["none"]
     random_, train = arms["none+gate"]["monitor"], arms["none+gate@victim-train"]["monitor"]
-    assert random_["flagged_pct"] > 80 and random_["escalated_at"] == random_["min_queries"]
+    # the domain score keeps honest variants in domain and flags a third of Fashion-MNIST: above the monitor's line
+    assert random_["flagged_pct"] > 100 * random_["threshold"] and random_["escalated_at"] is not None
     assert train["flagged_pct"] < 10 and train["escalated_at"] is None
-    assert random_["benign"]["clean"] == {
-        "keys": 10,
-        "flagged_pct": random_["benign"]["clean"]["flagged_pct"],
-        "escalated": 0,
-    }
+    assert random_["benign"]["clean"]["keys"] == 10 and random_["benign"]["clean"]["escalated"] == 0
     assert random_["benign"]["clean"]["flagged_pct"] <= 1.0
-    assert random_["threshold_choice"]["escalated"][f"{random_['threshold']:.1f}"] == 0
+    assert random_["threshold_choice"]["escalated"][f"{random_['threshold']:g}"] == 0
     report = (tmp_path / "report.md").read_text()
     for heading in (
         "# Below the label line",

@@ -105,3 +105,32 @@ def test_the_adaptive_thief_grows_only_from_answers_that_moved(tmp_path) -> None
     data = store.load()
     assert sent == len(data) == 16 + 8 and torch.equal(data.images[1], twin_of(dark[:1])[0]), "8 + twins, 4 + twins"
     assert grown_from == [4], "round 1 grew from the 4 answers that moved, not the 4 that stood still"
+
+
+def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
+    """``deepdefense eval --monitored``: the arm's queries are one key's; a key that asks everything twice is
+    escalated by the monitor's screening, and from then on every answer is the misinformation path's."""
+    from defense import NoDefense
+    from defense.gate import MisinformationGate
+    from defense.interpreters import create_interpreter
+    from measure.local_oracle import MonitoredOracle
+    from server.monitor import ExtractionMonitor, MonitorPolicy
+
+    torch.manual_seed(0)
+    victim, wrong = LeNet().eval().requires_grad_(False), LeNet().eval().requires_grad_(False)
+    inner = NoDefense(victim, create_interpreter("gradcam", victim, SHAPE))
+    never = lambda x: torch.zeros(len(x), dtype=torch.bool)  # the domain score flags nothing
+    gate = MisinformationGate(inner, never, NoDefense(wrong, create_interpreter("gradcam", wrong, SHAPE)))
+    policy = MonitorPolicy(window=10, min_queries=5)
+    monitor = ExtractionMonitor(tmp_path / "state.sqlite", policy)
+    oracle = MonitoredOracle(gate, None, monitor, "a77ac4e40000")  # type: ignore[arg-type]
+    x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(1))
+    first = oracle.query(x[:4])
+    torch.testing.assert_close(first.probabilities, torch.stack([a.probabilities for a in inner.answer(x[:4])]))
+    oracle.query(with_twins(x[4:]))  # 4 twins in 8: near-duplicates above 20% of the window
+    assert monitor.escalated("a77ac4e40000")
+    after = oracle.query(x[:4])
+    torch.testing.assert_close(
+        after.probabilities, torch.stack([a.probabilities for a in gate.misinformer.answer(x[:4])])
+    )
+    monitor.close()
