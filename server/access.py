@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from .dependencies import RuntimeDep
 from .errors import ApiError
 
-bearer = HTTPBearer(
+_bearer = HTTPBearer(
     auto_error=False,
     scheme_name="OperatorKey",
     description="operator key, when an operator route is configured 'admin'",
@@ -25,7 +25,7 @@ bearer = HTTPBearer(
 
 
 def require_operator(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """401 unless ``Authorization: Bearer <operator key>``; keys are compared in constant time."""
     if credentials is None or runtime.admin_keys.identify(credentials.credentials) is None:

@@ -36,6 +36,9 @@ ALICE, BOB = "alice-secret-key-0123456789", "bob-secret-key-9876543210"
 OPERATOR = "operator-secret-key-555555555"
 
 
+OPERATOR_KEY = "operator-secret-key-0123456789"
+
+
 def one(seed: int = 0, n: int = 1) -> dict[str, Any]:
     return {"instances": [{"pixels": marked(0.9, seed + i).tolist()} for i in range(n)], "explain": False}
 
@@ -72,6 +75,7 @@ def test_keys_never_reach_logs_metrics_or_errors(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
     monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
+    monkeypatch.setenv("DD_ADMIN_KEYS", OPERATOR_KEY)  # the per-key series are an operator's
     records: list[str] = []
 
     class Keep(logging.Handler):
@@ -100,7 +104,7 @@ def test_keys_never_reach_logs_metrics_or_errors(
                     c.post("/predict", json=one() | {"api_key": BOB}, headers=bearer(BOB)),
                     c.get(f"/nope/{ALICE}"),
                 ]
-                metrics = c.get("/metrics").text
+                metrics = c.get("/metrics", headers=bearer(OPERATOR_KEY)).text
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.removeHandler(keep)
