@@ -81,3 +81,18 @@ def test_table_5() -> None:
         accuracy(arms[k], 10_000, ("explanations",)) for k in ("none", "pp", "edm", "deepdefense", "dd-s", "dd-i")
     ]
     assert quoted(row, 6) == expected
+
+
+def test_the_second_round_gate() -> None:
+    fashion = results("below-label-line-monitored/results.json")["arms"]["deepdefense+gate"]
+    in_domain = results("gate-aware-in-domain/results.json")["arms"]
+    (f,) = quoted(r"Fashion-MNIST queries at B = 10,000: \*\*(\d+\.\d+)%\*\* \(the key escalated")
+    assert f == accuracy(fashion, 10_000)
+    (adaptive,) = quoted(r"Jacobian steps\) at B = 2,500: \*\*(\d+\.\d+)%\*\*")
+    assert adaptive == accuracy(in_domain["deepdefense+gate@adaptive"], 2_500)
+    jbda, seeds = quoted(r"JBDA from 150 seeds at B = 2,500: \*\*(\d+\.\d+)%\*\*.*?alone are worth (\d+\.\d+)%", 2)
+    assert jbda == accuracy(in_domain["deepdefense+gate@jbda"], 2_500)
+    assert seeds == results("gate-aware-in-domain/first-answers.json")["accuracy_first_n"]["150"]
+    (p50,) = quoted(r"gate and monitor add (\d+\.\d+)% to a defended query's p50")
+    gated, plain = (results(f"gate-cost/{n}.json")["latency_ms"]["p50"] for n in ("gated", "plain"))
+    assert p50 == round(100 * (gated / plain - 1), 1)
