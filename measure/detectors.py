@@ -128,19 +128,19 @@ def detect(honest: Paired, misinformed: Paired, seed: int) -> dict[str, float]:
     honest and its misinformed answer together)."""
     n = len(honest.probabilities)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    fit, test = order[: n // 2], order[n // 2 :]
-    truth = lambda rows: torch.cat([torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)])
-    twins = lambda rows: torch.cat([twin_distances(honest)[rows], twin_distances(misinformed)[rows]])
-    shape = lambda rows: torch.cat([answer_features(honest)[rows], answer_features(misinformed)[rows]])
+    halves = order[: n // 2], order[n // 2 :]  # fit, test
+    twins = torch.cat([twin_distances(honest), twin_distances(misinformed)])  # honest rows first
+    shape = torch.cat([answer_features(honest), answer_features(misinformed)])
+    truth = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    fit, test = (torch.cat([rows, rows + n]) for rows in halves)  # a query's two answers stay in one half
     out: dict[str, float] = {}
     for i, name in enumerate(("twin_probabilities", "twin_map")):
-        t, above = fit_threshold(twins(fit)[:, i], truth(fit))
-        score = twins(test)[:, i]
-        out[name] = round(balanced_accuracy(score > t if above else score <= t, truth(test)), 4)
+        t, above = fit_threshold(twins[fit, i], truth[fit])
+        score = twins[test, i]
+        out[name] = round(balanced_accuracy(score > t if above else score <= t, truth[test]), 4)
+    model = fit_logistic(shape[fit], truth[fit])  # L-BFGS turns gradients on for its closure
     with torch.no_grad():
-        model = fit_logistic(shape(fit), truth(fit))
-    with torch.no_grad():
-        out["answer_shape"] = round(balanced_accuracy(model(shape(test)).squeeze(1) > 0, truth(test)), 4)
+        out["answer_shape"] = round(balanced_accuracy(model(shape[test]).squeeze(1) > 0, truth[test]), 4)
     return out
 
 

@@ -139,9 +139,9 @@ async def answer_instances(
     """``respond(answers)`` for the validated (B, C, H, W) batch ``x``, answered by the defense: the path
     every route that answers queries shares (``/predict``, the Open Inference Protocol's ``infer``).
 
-    In order: the extraction monitor (403 ``key_flagged`` when the key is escalated and escalated keys are
-    refused), the caller's budget (429), the monitor's screening of the queries (near-duplicates and
-    distances: it may escalate the key now, before anything is answered), the micro-batcher (503 when full,
+    In order, after the route's ``before_body`` (an escalated key refused, a spent budget): the caller's budget
+    (429), the monitor's screening of the queries (near-duplicates and distances: it may escalate the key now,
+    before anything is answered; 403 ``key_flagged``, refunded, under ``refuse``), the micro-batcher (503 when full,
     overloaded or the key holds its share of the queue; an escalated key's queries are answered there by the
     misinformation path, in the same computation as any other), the answers (504 in time, 499 when the
     client goes away, 500 when the defense fails), the monitor again (a key escalated while the request was
@@ -153,13 +153,13 @@ async def answer_instances(
     (``server/budget.py``, "Holds")."""
     batcher = runtime.ready_batcher()
     hold = _hold(runtime, request)
-    escalated = await run_in_threadpool(_escalated, runtime, caller, len(x))
-    # Everything above refuses a request before it costs anything; see "What a request costs" in docs/server.md.
+    # The routes refused an escalated key under ``refuse`` before reading the body (``before_body``); nothing here
+    # refuses before it costs anything; see "What a request costs" in docs/server.md.
     await run_in_threadpool(_spend, runtime, caller, len(x), hold)
     charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
     ticket: Ticket | None = None
     try:
-        escalated = await run_in_threadpool(_screened, runtime, caller, x) or escalated
+        escalated = await run_in_threadpool(_screened, runtime, caller, x)  # True for a key escalated earlier too
         key = caller.key_id if runtime.keys.enabled else ""
         ticket = batcher.enqueue(x, explain=explain, misinform=escalated, key=key)
         runtime.metrics.key_queries.labels(caller.key_id).inc(len(x))
