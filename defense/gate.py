@@ -1,24 +1,27 @@
-"""The misinformation gate: out-of-domain queries are answered from a misinformation model.
+"""The misinformation gate: out-of-domain queries are answered with the classes a misinformation model ranks.
 
 Adaptive Misinformation (Kariyappa & Qureshi, CVPR 2020) in front of any defense. A domain score
 (``defense/domain.py``, fit on the victim's training split and synthetic outliers only) flags the
-queries an honest user would not send; they are answered from a misinformation model trained to put
+queries an honest user would not send; their classes are ranked by a misinformation model trained to put
 little mass on the true class (``defense/misinformation.py``). Queries the score does not flag get the
 wrapped defense's answer unchanged. AM blends the two models with α = sigmoid(ν·(τ − score)); both of
 ours are confident, so a blend with α near ½ answers with whichever is surer
 (docs/results/misinformation.md) and leaks the true label: a flagged query gets α = 1.
 
-What a flagged answer must not give away, to a thief who knows the gate is there:
+What a flagged answer must not give away, to a thief who knows the gate is there
+(docs/results/gate-detectors.md):
 
-* **Its shape.** A flagged query is answered by the *same defense* run on the misinformation model
-  (``misinformer``: for DeepDefense, the per-query engine with the same settings, step count and
-  query-keyed seeding, on a misinformation model whose logits were scaled at training to spread like the
-  victim's), so its probabilities and map move with the query exactly as honest answers do: asking
-  twice with one pixel moved does not tell (``docs/results/below-label-line.md``, "Telling
-  misinformed answers apart").
-* **Its cost.** Both paths are the same computation on a network of the same architecture, so a flagged
-  answer costs what any other costs (``docs/results/gate-latency.md``).
+* **Its shape.** Every query, flagged or not, is answered by the wrapped defense; a flagged answer keeps
+  that answer's probability *values* and its map and only gives the values to other classes: the largest
+  to the misinformation model's first class, the next to its second, and so on (:func:`rerank`). Its
+  confidence, entropy and map are an honest answer's, and they move with the query as honest answers do
+  (DeepDefense misdirects every query afresh), so asking twice with one pixel moved does not tell.
+* **Its cost.** Every query runs the same computation: the wrapped defense, and one forward pass of the
+  misinformation model (for all rows, flagged or not).
 * **Its schema.** ``Answer.misinformed`` is for the server's metrics and monitor only; it is never sent.
+
+What it keeps: the map is the wrapped defense's, made for the class the victim would answer; a thief who
+could read a class from a map alone would see that it disagrees with the label (docs/design.md).
 """
 
 from __future__ import annotations
@@ -28,37 +31,41 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .api import Answer, Defense
+
+
+def rerank(probabilities: Tensor, ranking: Tensor) -> Tensor:
+    """``probabilities``' values (…, K), largest first, given to the classes in ``ranking``'s order (…, K):
+    the same sorted values — the same confidence and entropy — on other classes."""
+    values = probabilities.sort(dim=-1, descending=True).values
+    return torch.empty_like(probabilities).scatter_(-1, ranking.to(probabilities.device), values)
 
 
 class MisinformationGate(Defense):
     """``inner``'s answers, except for the queries ``flags`` marks as out of domain (``DomainScore.flags``:
     True where the score is below its threshold) and those the caller asks to misinform (an escalated
-    key's): those are ``misinformer``'s, the same defense on the misinformation model."""
+    key's): those get ``inner``'s answer with its classes ranked by ``misinformation``."""
 
-    def __init__(self, inner: Defense, flags: Callable[[Tensor], Tensor], misinformer: Defense) -> None:
+    def __init__(self, inner: Defense, flags: Callable[[Tensor], Tensor], misinformation: nn.Module) -> None:
         super().__init__(inner.model, inner.interpreter)
-        self.inner, self.flags, self.misinformer = inner, flags, misinformer
+        self.inner, self.flags, self.misinformation = inner, flags, misinformation
         self.name = inner.name  # the gate is a setting of the defense, not another defense
 
     def public_settings(self) -> dict[str, Any]:
-        return {**self.inner.public_settings(), "gate": "misinform", "misinformer": self.misinformer.name}
+        return {**self.inner.public_settings(), "gate": "misinform"}
 
     def answer(self, x: Tensor, *, explain: bool = True, misinform: Tensor | None = None) -> list[Answer]:
         """Answers for ``x``; ``misinform`` (B,) bool marks queries answered from the misinformation path
         whatever the domain score says (the extraction monitor's escalated keys)."""
         with torch.no_grad():
             flagged = self.flags(x).reshape(-1).cpu()
+            ranking = self.misinformation(x).argsort(dim=1, descending=True).cpu()  # every row: one cost
         if misinform is not None:
             flagged = flagged | misinform.reshape(-1).cpu().bool()
-        rows, kept = flagged.nonzero().flatten().tolist(), (~flagged).nonzero().flatten().tolist()
-        answers: list[Answer | None] = [None] * len(x)
-        if kept:
-            for i, a in zip(kept, self.inner.answer(x[kept], explain=explain), strict=True):
-                answers[i] = a
-        if rows:
-            for i, a in zip(rows, self.misinformer.answer(x[rows], explain=explain), strict=True):
-                answers[i] = replace(a, misinformed=True)
-        return answers  # type: ignore[return-value]  # every row is answered above
+        answers = self.inner.answer(x, explain=explain)
+        for i in flagged.nonzero().flatten().tolist():
+            p = rerank(answers[i].probabilities, ranking[i])
+            answers[i] = replace(answers[i], label=int(ranking[i, 0]), probabilities=p, misinformed=True)
+        return answers

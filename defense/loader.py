@@ -3,7 +3,6 @@ attach the stored layer sensitivity. One code path for the server, the harness a
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -55,29 +54,11 @@ def gate_available(checkpoint: str) -> bool:
 
 def load_gate(inner: Defense, checkpoint: str, *, device: str | torch.device = "cpu") -> Defense:
     """``inner`` behind the misinformation gate of ``checkpoint``: the domain score and the misinformation
-    model shipped beside it (each refused unless its hashes name these victim weights). Flagged queries are
-    answered by ``inner``'s defense run on the misinformation model (:func:`misinformer`)."""
+    model shipped beside it (each refused unless its hashes name these victim weights)."""
     from .domain import load_domain_score
     from .gate import MisinformationGate
     from .misinformation import load_misinformation
 
     score, _ = load_domain_score(checkpoint, inner.model, device)
-    misinformation, meta = load_misinformation(checkpoint, device=device)
-    misinformation.eval().requires_grad_(False)
-    return MisinformationGate(inner, score.flags, misinformer(inner, misinformation, tuple(meta.input_shape)))
-
-
-def misinformer(inner: Defense, misinformation: torch.nn.Module, input_shape: tuple[int, ...]) -> Defense:
-    """The defense that answers flagged queries: ``inner``'s own kind on the misinformation model, so that a
-    misinformed answer varies with its query as ``inner``'s answers do and costs what they cost. For the
-    DeepDefense engine: the same mode, layers, settings and step count, from the victim's plain start (a
-    warm start is learnt for the victim's weights); for any other defense, the misinformation model's own
-    answers (``none``: Adaptive Misinformation as published)."""
-    from .api import NoDefense
-    from .engine import DeepDefense
-
-    interpreter = create_interpreter(inner.interpreter.name, misinformation, input_shape)
-    if isinstance(inner, DeepDefense):
-        config = replace(inner.config, warm_start=False, steps=inner.steps)
-        return DeepDefense(misinformation, interpreter, sensitivity=inner.sensitivity, mode=inner.mode, config=config)
-    return NoDefense(misinformation, interpreter)
+    misinformation, _ = load_misinformation(checkpoint, device=device)
+    return MisinformationGate(inner, score.flags, misinformation.eval().requires_grad_(False))

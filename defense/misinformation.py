@@ -3,9 +3,9 @@ Stealing Attacks with Adaptive Misinformation", CVPR 2020), and the blend that s
 
 The misinformation model f̂ has the victim's architecture and normalisation and is trained on the
 victim's own training data, but to be *wrong*: it puts little probability on the true class while
-staying a confident, ordinary-looking classifier. Answers drawn from it for out-of-domain queries
-(the attacker's) look plausible yet teach a clone the wrong classes; because it is a real network,
-its attribution maps come from the same interpreter as the victim's, so label and map agree.
+staying a confident, ordinary-looking classifier. The gate (``defense/gate.py``) takes only its
+ranking of the classes for out-of-domain queries (the attacker's): the answer's values and map stay the
+served defense's, on classes that look plausible yet teach a clone the wrong labels.
 
 Its checkpoint is an ordinary one (``models.checkpoint``: safetensors + metadata JSON with sha256,
 loadable with ``load_checkpoint``); ``extra`` says what it is (``kind: "misinformation"``) and which
@@ -110,8 +110,6 @@ class MisinfoConfig:
     device: str = "cpu"
     progress: bool = True
     command: str = ""
-    calibrate_with: str = "deepdefense"  # the engine whose answers the misinformation model's are matched to
-    calibration_images: int = 256  # synthetic outliers, and as many training digits, the temperature is chosen on
 
 
 def fit_misinformation(
@@ -139,68 +137,6 @@ def fit_misinformation(
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval()
-
-
-def calibration_outliers(train_set: Dataset, seed: int, n: int) -> Tensor:
-    """``n`` synthetic outliers (``defense/outliers.py``, every kind alike) made from the last ``n`` training
-    images: out-of-domain inputs the defense may fit on (never an attacker's data set)."""
-    from .outliers import OUTLIERS
-
-    n = min(n, len(train_set))  # type: ignore[arg-type]
-    x = torch.stack([train_set[i][0] for i in range(len(train_set) - n, len(train_set))])  # type: ignore[arg-type]
-    g = torch.Generator().manual_seed(seed)
-    parts = torch.tensor_split(x, len(OUTLIERS))
-    return torch.cat([make(part, g) for make, part in zip(OUTLIERS.values(), parts, strict=True)])
-
-
-def logit_temperature(victim: torch.nn.Module, misinformation: torch.nn.Module, outliers: Tensor) -> float:
-    """T = median top-two logit margin of the misinformation model / the victim's, on ``outliers``: dividing
-    the misinformation model's logits by T makes its answers to out-of-domain queries as confident as the
-    victim's own answers to them."""
-    with torch.no_grad():
-        margins = [m(outliers).topk(2, dim=1).values for m in (misinformation.eval(), victim.eval())]
-    mis, vic = ((v[:, 0] - v[:, 1]).median() for v in margins)
-    return max(float(mis / vic), 1.0)
-
-
-#: Multiples of the margin-matched temperature whose engine answers are compared (``answer_temperature``).
-ANSWER_CANDIDATES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-
-
-def answer_temperature(
-    cfg: MisinfoConfig, misinformation: torch.nn.Module, x: Tensor, base: float
-) -> tuple[float, dict[str, float]]:
-    """The temperature (a multiple of ``base``) at which the misinformation model's answers through the served
-    engine (``cfg.calibrate_with``) look most like the victim's own answers through it on ``x``: the smallest
-    Kolmogorov–Smirnov distance between their top-1 probabilities. The gate answers flagged queries this way,
-    so these are the answers a thief compares."""
-    import copy
-
-    from scipy.stats import ks_2samp
-
-    from .loader import load_defense, misinformer
-
-    engine, meta = load_defense(cfg.victim, cfg.calibrate_with, "gradcam", data_root=cfg.data_root)
-    honest = torch.stack([a.probabilities.max() for c in x.split(64) for a in engine.answer(c, explain=True)])
-    distance: dict[str, float] = {}
-    for factor in ANSWER_CANDIDATES:
-        model = copy.deepcopy(misinformation).eval().requires_grad_(False)
-        temper(model, base * factor)
-        answers = misinformer(engine, model, tuple(meta.input_shape))
-        top = torch.stack([a.probabilities.max() for c in x.split(64) for a in answers.answer(c, explain=True)])
-        distance[f"{base * factor:.3f}"] = round(float(ks_2samp(honest.numpy(), top.numpy()).statistic), 4)
-    best = min(distance, key=distance.__getitem__)
-    return float(best), distance
-
-
-def temper(model: torch.nn.Module, temperature: float) -> None:
-    """Divide ``model``'s logits by ``temperature``, in its last Linear layer (so it stays a plain network of
-    its architecture, which the per-query engine can clone)."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.div_(temperature)
-        if last.bias is not None:
-            last.bias.div_(temperature)
 
 
 def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta]:
@@ -243,22 +179,6 @@ def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta
     train_set = load_split(victim.dataset, cfg.data_root, "train")
     shift = cfg.max_shift if victim.input_shape[-1] <= 32 else 0
     model = fit_misinformation(model, train_set, cfg, generator, shift)
-    # why: trained to be wrong, its logits are several times the victim's; answers drawn from it through the
-    # per-query engine would be saturated and stand still when a query moves (the thief's twin test)
-    victim_model, _ = load_checkpoint(victim_path)
-    outliers = calibration_outliers(train_set, cfg.seed, cfg.calibration_images)
-    margin_t = logit_temperature(victim_model, model, outliers)
-    digits = torch.stack([train_set[i][0] for i in range(len(outliers))])  # type: ignore[arg-type]
-    temperature, fit = answer_temperature(cfg, model, torch.cat([outliers, digits]), margin_t)
-    temper(model, temperature)
-    meta.extra["logit_temperature"] = round(temperature, 4)
-    meta.extra["calibration"] = (
-        f"last layer divided by T, chosen among {ANSWER_CANDIDATES} × {margin_t:.3f} (the ratio of median top-two "
-        f"logit margins, misinformation model / victim, on the synthetic outliers) as the one whose answers through "
-        f"the {cfg.calibrate_with} engine have top-1 probabilities closest (Kolmogorov–Smirnov) to the victim's "
-        f"answers through the same engine, on {len(outliers)} synthetic outliers (defense/outliers.py) and as many "
-        f"training digits (seed {cfg.seed}); distance per candidate: {fit}"
-    )
     test_set = load_split(victim.dataset, cfg.data_root, "test")
     meta.test_accuracy = round(evaluate(model, test_set, torch.device(cfg.device)), 2)
     return model.cpu(), meta

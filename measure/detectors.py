@@ -8,15 +8,16 @@ code would build, measured against the gate the server runs (issue 28):
   entropy, and statistics of its map (mean, spread, peak, the share of the top tenth of its mass, its entropy).
 
 Paired design: every query of a pool is answered by both paths of the gate — the wrapped defense (honest)
-and the misinformer (misinformed) — so that what a detector learns is the path, not the pool (a query
-from another domain looks different whichever path answers it). Each detector is fitted on half of the
-queries (threshold and direction, or the regression) and scored on the other half: balanced accuracy, 0.5
-is chance. ``before``: the same detectors against the previous gate, whose misinformed answers were
-the misinformation model's own (untempered), fixed answers.
+and the misinformation path (misinformed: the gate made to misinform every query) — so that what a detector
+learns is the path, not the pool (a query from another domain looks different whichever path answers it).
+Each detector is fitted on half of the queries (threshold and direction, or the regression) and scored on the
+other half: balanced accuracy, 0.5 is chance. ``before``: the same detectors against the first gate, whose
+misinformed answers were the misinformation model's own fixed answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from clients.adaptive import twin_of
 from defense.api import Answer, Defense
+from defense.gate import MisinformationGate
 
 #: Answers computed per call (the engine batches them).
 CHUNK = 64
@@ -40,11 +42,14 @@ class Paired:
     twin_maps: Tensor
 
 
-def answer_pool(defense: Defense, x: Tensor) -> Paired:
-    """``defense``'s answers to ``x`` and to its twins."""
+Answering = Callable[[Tensor], list[Answer]]
+
+
+def answer_pool(answer: Answering, x: Tensor) -> Paired:
+    """``answer``'s answers to ``x`` and to its twins."""
 
     def run(q: Tensor) -> list[Answer]:
-        return [a for chunk in q.split(CHUNK) for a in defense.answer(chunk, explain=True)]
+        return [a for chunk in q.split(CHUNK) for a in answer(chunk)]
 
     first, second = run(x), run(twin_of(x))
     stack = lambda answers, f: torch.stack([getattr(a, f).detach().cpu() for a in answers])
@@ -94,18 +99,25 @@ def fit_threshold(score: Tensor, truth: Tensor) -> tuple[float, bool]:
     return best[1], best[2]
 
 
+#: L2 penalty on the regression's weights: without it, classes a few features separate drive L-BFGS to weights
+#: of 1e26 and a fit that is chance on the held-out half.
+RIDGE = 1e-3
+
+
 def fit_logistic(features: Tensor, truth: Tensor, steps: int = 200) -> torch.nn.Module:
-    """A standardised logistic regression (L-BFGS, weighted so both classes count alike)."""
+    """A standardised logistic regression (L-BFGS with a line search and a small ridge, weighted so both classes
+    count alike)."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     model = torch.nn.Sequential(_Standardise(mean, std), torch.nn.Linear(features.shape[1], 1))
     weight = torch.where(truth, 0.5 / truth.float().mean(), 0.5 / (~truth).float().mean())
-    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps)
+    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
     target = truth.float()
 
     def closure() -> Tensor:
         optimiser.zero_grad()
         logits = model(features).squeeze(1)
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).mean()
+        loss = loss + RIDGE * model[1].weight.square().sum()
         loss.backward()
         return loss
 
@@ -158,18 +170,30 @@ def summary(p: Paired) -> dict[str, float]:
     }
 
 
-def study(
-    inner: Defense, misinformer: Defense, before: Defense, pools: dict[str, Tensor], seed: int = 0
-) -> dict[str, Any]:
-    """For each pool: both detectors against the gate (``misinformer``) and against ``before``, and the shape
-    of each path's answers."""
+def untempered(model: torch.nn.Module, temperature: float) -> torch.nn.Module:
+    """``model`` with its last Linear layer multiplied by ``temperature``: the misinformation model as the first
+    gate served it, before its logits were divided by the temperature recorded in its metadata."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(temperature)
+        if last.bias is not None:
+            last.bias.mul_(temperature)
+    return model
+
+
+def study(gate: MisinformationGate, before: Defense, pools: dict[str, Tensor], seed: int = 0) -> dict[str, Any]:
+    """For each pool: both detectors against ``gate``'s misinformation path and against ``before``, and the
+    shape of each path's answers."""
+    honest = lambda q: gate.inner.answer(q, explain=True)
+    misinformed = lambda q: gate.answer(q, explain=True, misinform=torch.ones(len(q), dtype=torch.bool))
+    then = lambda q: before.answer(q, explain=True)
     out: dict[str, Any] = {}
     for name, x in pools.items():
-        honest, now, then = answer_pool(inner, x), answer_pool(misinformer, x), answer_pool(before, x)
+        h, now, first = answer_pool(honest, x), answer_pool(misinformed, x), answer_pool(then, x)
         out[name] = {
             "n": len(x),
-            "after": detect(honest, now, seed),
-            "before": detect(honest, then, seed),
-            "answers": {"honest": summary(honest), "misinformed": summary(now), "misinformed_before": summary(then)},
+            "after": detect(h, now, seed),
+            "before": detect(h, first, seed),
+            "answers": {"honest": summary(h), "misinformed": summary(now), "misinformed_before": summary(first)},
         }
     return out

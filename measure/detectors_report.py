@@ -18,24 +18,33 @@ def markdown(record: dict[str, Any]) -> str:
         f"* command: `{record['command']}`",
         f"* checkpoint `{record['checkpoint']}` through `{record['defense']}` + gate, interpreter "
         f"{record['interpreter']}, seed {record['seed']}; measured at commit {m['commit']} on {m['date']}",
-        f"* misinformation model's logits divided by T = {record['logit_temperature']} (fitted on synthetic "
-        "outliers of the training split, `defense/misinformation.py`)",
         "",
         "Every image of a pool is answered by both paths of the gate (honest: the wrapped defense; misinformed: "
-        "the misinformer), and again with one pixel moved by 1/255. Each detector is fitted on half of the images "
-        "and scored on the other half: **balanced accuracy, 0.5 is chance**; target ≤ "
-        f"{TARGET:.2f}. *Before*: the previous gate, whose misinformed answers were the misinformation model's "
+        "the gate made to misinform it — the wrapped defense's answer with its classes ranked by the misinformation "
+        "model, `defense/gate.py`), and again with one pixel moved by 1/255. Each detector is fitted on half of the "
+        "images and scored on the other half: **balanced accuracy, 0.5 is chance**; target ≤ "
+        f"{TARGET:.2f}. *Before*: the first gate, whose misinformed answers were the misinformation model's "
         "own fixed answers (measure/detectors.py).",
-        "",
-        "| pool | detector | before | after | target met |",
-        "| --- | --- | --- | --- | --- |",
     ]
+    first = record.get("first_try")
+    if first:
+        out += [
+            "",
+            "*First try*: this round's first misinformation path, the per-query engine run on the misinformation "
+            f"model with its logits divided by T = {first['logit_temperature']} (from `{first['command']}`, "
+            f"commit {first['measured']['commit']}; record `{record['first_try_record']}`).",
+        ]
+    columns = ["pool", "detector", "before", *(["first try"] if first else []), "after", "target met"]
+    out += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     names = {"twin_probabilities": "twin test (probabilities)", "twin_map": "twin test (map)"}
     names["answer_shape"] = "answer shape (logistic regression)"
     for pool, r in record["pools"].items():
         for key, name in names.items():
             after = r["after"][key]
-            out.append(f"| {pool} | {name} | {r['before'][key]:.3f} | **{after:.3f}** | {_yes(after <= TARGET)} |")
+            tried = f" {first['pools'][pool]['after'][key]:.3f} |" if first else ""
+            out.append(
+                f"| {pool} | {name} | {r['before'][key]:.3f} |{tried} **{after:.3f}** | {_yes(after <= TARGET)} |"
+            )
     out += [
         "",
         "What the answers look like (medians; twin Δ: the largest change between an image and its twin):",

@@ -753,7 +753,7 @@ def open_oracle(
         return
     from defense.loader import load_defense, load_gate
 
-    if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # the gate's misinformer needs the engine
+    if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # a gated arm loads its own engine
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
         if key not in shared:
             engine, _ = load_defense(

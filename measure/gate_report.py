@@ -18,6 +18,7 @@ from typing import Any
 
 from clients.attack_losses import ATTACK_LOSSES
 from measure.report import _relative
+from server.monitor import THRESHOLD
 
 #: Row order and names of the arms.
 ARM_NAMES = {
@@ -294,7 +295,7 @@ def _monitor(record: Mapping[str, Any]) -> list[str]:
             f"How the domain-flag threshold was chosen, before any of the above: honest keys escalated among {total} "
             f"keys of {first.get('benign_key_queries', '—')} perturbed *training* digits (the last 10,000 of the "
             "victim's training split: clean, blurred, noisy, shifted, thicker, thinner) per candidate, by the domain "
-            "flags alone; the lowest with none is 0.15, the default 0.2 keeps a margin.",
+            f"flags alone; the lowest with none is 0.15; the default is {THRESHOLD} (server/monitor.py says why).",
             "",
             "| threshold | " + " | ".join(choice) + " |",
             "| --- | " + " | ".join("---" for _ in choice) + " |",

@@ -58,8 +58,10 @@ WINDOW = 100
 MIN_QUERIES = 50
 #: A window with more than this fraction flagged by the domain score is extraction. With the domain score fitted on
 #: honest variants, the lowest candidate under which no honest key of 1,000 perturbed victim training digits is
-#: escalated is 0.15 (0.1 escalates 4 of 60); 0.2 keeps a margin (the evaluation's "monitor threshold" table).
-THRESHOLD = 0.2
+#: escalated is 0.15 (0.1 escalates 4 of 60; the evaluation's "monitor threshold" table). 0.2 escalated one of 60
+#: honest keys of perturbed *test* digits (thicker strokes from one group of writers: 21 of a window of 100 flagged),
+#: so the margin is wider: 0.25 (honest flags cluster by writer; Fashion-MNIST keys are flagged a third of the time).
+THRESHOLD = 0.25
 #: A window with more than this fraction of near-duplicates is probing (twin tests send every image twice).
 DUPLICATES = 0.2
 #: PRADA: W of the nearest-earlier-query distances below this is extraction. Honest keys of the victim's

@@ -184,7 +184,7 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
     assert rc == 0
     arms = results["arms"]
     assert set(arms) == {f"none{g}{q}" for g in ("", "+gate") for q in ("", "@jbda", "@victim-train")}
-    assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform", "misinformer": "none"}
+    assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform"}
     assert not arms["none"]["gated"] and arms["none"]["fingerprint"] != arms["none+gate"]["fingerprint"]
     assert {arms[k]["query_set"] for k in arms} == {"random", "jbda", "victim-train"}
     for key, arm in arms.items():

@@ -1,17 +1,15 @@
 """The gate-aware thief and the detectors that measure what he can tell (issue 28): the twin attacker's
-filter, the adaptive collection's twins, the misinformation model's logit calibration, and the detectors
+filter, the adaptive collection's twins, and the detectors
 themselves on answers whose difference is known."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from clients.adaptive import believed_honest, collect_adaptive, twin_of, with_twins
 from clients.attack_losses import MOVED, kept_answers
 from clients.oracle import OracleReply
 from clients.transfer import TransferSet, TransferStore
-from defense.misinformation import logit_temperature, temper
 from measure.detectors import Paired, detect
 from models.lenet import LeNet
 
@@ -36,25 +34,6 @@ def test_the_twin_attacker_keeps_what_moved_and_never_a_twin() -> None:
     assert len(believed_honest(data)) == 2
 
 
-def test_the_misinformation_models_logits_are_tempered_to_the_victims_margins() -> None:
-    torch.manual_seed(0)
-    victim, misinformation = LeNet().eval(), LeNet().eval()
-    x = torch.rand((64, *SHAPE), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        last = [m for m in misinformation.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(6.0)
-        last.bias.mul_(6.0)
-        before = misinformation(x)
-    t = logit_temperature(victim, misinformation, x)
-    temper(misinformation, t)
-    with torch.no_grad():
-        after = misinformation(x)
-    torch.testing.assert_close(after, before / t, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        margins = [m(x).topk(2, 1).values.diff(dim=1).abs().median() for m in (victim, misinformation)]
-    assert t > 1 and float(margins[1]) == pytest.approx(float(margins[0]), rel=1e-4), "margins not matched"
-
-
 def _paired(n: int, moves: float, seed: int) -> Paired:
     g = torch.Generator().manual_seed(seed)
     p = torch.softmax(3 * torch.randn(n, 10, generator=g), -1)
@@ -68,6 +47,17 @@ def test_the_detectors_tell_answers_that_stand_still_and_not_answers_alike() -> 
     assert detect(honest, _paired(400, moves=0.0, seed=1), seed=0)["twin_probabilities"] > 0.95, "a tell missed"
     alike = detect(honest, _paired(400, moves=0.05, seed=2), seed=0)
     assert all(0.35 < v < 0.65 for v in alike.values()), f"answers of one kind told apart: {alike}"
+
+
+def test_the_answer_shape_detector_sees_saturated_answers() -> None:
+    """Fixed, saturated answers (one-hot probabilities, the first gate's) against confident honest ones: an
+    unregularised fit of features that separate almost perfectly diverges (weights of 1e26) and scores chance
+    on the held-out half; the detector must not call that indistinguishable."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(10 * torch.randn(400, 10, generator=g), -1)
+    m = torch.rand(400, 28, 28, generator=g)
+    one_hot = torch.nn.functional.one_hot(p.argmax(1), 10).float()
+    assert detect(Paired(p, m, p, m), Paired(one_hot, m, one_hot, m), seed=0)["answer_shape"] > 0.7
 
 
 class _HalfHonestOracle:
@@ -120,7 +110,7 @@ def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
     victim, wrong = LeNet().eval().requires_grad_(False), LeNet().eval().requires_grad_(False)
     inner = NoDefense(victim, create_interpreter("gradcam", victim, SHAPE))
     never = lambda x: torch.zeros(len(x), dtype=torch.bool)  # the domain score flags nothing
-    gate = MisinformationGate(inner, never, NoDefense(wrong, create_interpreter("gradcam", wrong, SHAPE)))
+    gate = MisinformationGate(inner, never, wrong)
     policy = MonitorPolicy(window=10, min_queries=5)
     monitor = ExtractionMonitor(tmp_path / "state.sqlite", policy)
     oracle = MonitoredOracle(gate, None, monitor, "a77ac4e40000")  # type: ignore[arg-type]
@@ -130,7 +120,9 @@ def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
     oracle.query(with_twins(x[4:]))  # 4 twins in 8: near-duplicates above 20% of the window
     assert monitor.escalated("a77ac4e40000")
     after = oracle.query(x[:4])
+    everything = torch.ones(4, dtype=torch.bool)
     torch.testing.assert_close(
-        after.probabilities, torch.stack([a.probabilities for a in gate.misinformer.answer(x[:4])])
+        after.probabilities, torch.stack([a.probabilities for a in gate.answer(x[:4], misinform=everything)])
     )
+    assert after.labels.tolist() == wrong(x[:4]).argmax(1).tolist()
     monitor.close()

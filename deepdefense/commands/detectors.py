@@ -14,7 +14,7 @@ from deepdefense import flags
 HELP = "balanced accuracy of a thief's twin-test and answer-shape detectors against the misinformation gate"
 DESCRIPTION = (
     "Answers --n test images of the victim's data set and of --foreign through both paths of the gate the "
-    "server runs (the wrapped defense and the misinformer), each again with one pixel moved by 1/255, fits "
+    "server runs (the wrapped defense, and the same made to misinform), each again with one pixel moved by 1/255, fits "
     "each detector on half the images and scores it on the other half."
 )
 
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreign", default="fashionmnist", help="a data set of another domain (measured on, never fit)")
     p.add_argument("--n", type=int, default=500, help="test images per pool")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
+    p.add_argument("--first-try", default=None, help="the record of an earlier run to show beside this one (its JSON)")
     p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/gate-detectors.md)")
     p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
     flags.add_device(p)
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from defense.gate import MisinformationGate
     from defense.interpreters import create_interpreter
     from defense.loader import load_defense, load_gate
-    from defense.misinformation import load_misinformation, temper
-    from measure.detectors import study
+    from defense.misinformation import load_misinformation
+    from measure.detectors import study, untempered
     from measure.detectors_report import markdown
     from models.data import load_split
 
@@ -50,15 +51,15 @@ def run(args: argparse.Namespace) -> int:
     inner, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device, data_root=args.data_root)
     gate = load_gate(inner, args.checkpoint, device=device)
     assert isinstance(gate, MisinformationGate)
-    untempered, mmeta = load_misinformation(args.checkpoint, device=device)  # the previous gate's fixed answers
-    temper(untempered.eval().requires_grad_(False), 1 / float(mmeta.extra.get("logit_temperature", 1.0)))
-    before = NoDefense(untempered, create_interpreter(args.interpreter, untempered, tuple(mmeta.input_shape)))
+    first, mmeta = load_misinformation(args.checkpoint, device=device)  # the first gate's fixed answers
+    first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
+    before = NoDefense(first, create_interpreter(args.interpreter, first, tuple(mmeta.input_shape)))
     pools = {
         meta.dataset: load_split(meta.dataset, args.data_root, "test").tensors[0][: args.n],
         args.foreign: load_split(args.foreign, args.data_root, "test").tensors[0][: args.n],
     }
     with torch.inference_mode(False):
-        result: dict[str, Any] = study(gate.inner, gate.misinformer, before, pools, seed=args.seed)
+        result: dict[str, Any] = study(gate, before, pools, seed=args.seed)
     record = {
         "command": args.command_line,
         "checkpoint": args.checkpoint,
@@ -66,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
         "interpreter": args.interpreter,
         "seed": args.seed,
         "measured": provenance(),
-        "logit_temperature": mmeta.extra.get("logit_temperature"),
         "pools": result,
     }
+    if args.first_try:
+        record["first_try"] = json.loads(Path(args.first_try).read_text())
+        record["first_try_record"] = args.first_try
     print(json.dumps(result, indent=1))
     out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
     if out:

@@ -29,12 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight of the answer-spread term (confident answers over all classes); 0: AM's loss alone",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    p.add_argument(
-        "--calibration-images",
-        type=int,
-        default=256,
-        help="synthetic outliers, and as many training digits, on which the logit temperature is chosen",
-    )
     flags.add_device(p)
     p.add_argument(
         "--report", default=None, help="also write the figures as Markdown here (docs/results/misinformation.md)"
@@ -58,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         max_shift=args.max_shift,
         balance=args.balance,
         seed=args.seed,
-        calibration_images=args.calibration_images,
         device=str(resolve_device(args.device)),
         progress=not args.quiet,
         command=args.command_line,
