@@ -181,19 +181,51 @@ def untempered(model: torch.nn.Module, temperature: float) -> torch.nn.Module:
     return model
 
 
+def map_reading(own: Paired, foreign: Paired, seed: int, steps: int = 300) -> dict[str, float]:
+    """What a misinformed answer's map (the defense's own, made for the victim's class) gives away. A linear
+    classifier from map to label, fitted on half of the honest answers to the victim's own domain (what a
+    thief's honest answers teach him), read on the other half, and on the honest maps of ``foreign`` queries
+    against the victim's labels for them (what he would learn from a flagged query's map)."""
+    n = len(own.maps)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, test = order[: n // 2], order[n // 2 :]
+    labels, foreign_labels = own.probabilities.argmax(1), foreign.probabilities.argmax(1)
+    torch.manual_seed(seed)
+    reader = torch.nn.Linear(own.maps[0].numel(), own.probabilities.shape[1])
+    optimiser = torch.optim.Adam(reader.parameters(), lr=1e-2, weight_decay=1e-4)
+    x = own.maps[fit].flatten(1)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(reader(x), labels[fit]).backward()
+        optimiser.step()
+    with torch.no_grad():
+        right = lambda maps, y: round(float((reader(maps.flatten(1)).argmax(1) == y).float().mean()), 4)
+        return {
+            "own_heldout": right(own.maps[test], labels[test]),
+            "foreign": right(foreign.maps, foreign_labels),
+            "foreign_commonest": round(float(foreign_labels.bincount().max() / len(foreign_labels)), 4),
+        }
+
+
 def study(gate: MisinformationGate, before: Defense, pools: dict[str, Tensor], seed: int = 0) -> dict[str, Any]:
     """For each pool: both detectors against ``gate``'s misinformation path and against ``before``, and the
-    shape of each path's answers."""
+    shape of each path's answers; and what the maps tell of the victim's class (:func:`map_reading`: the first
+    pool is the victim's own domain, the others foreign)."""
     honest = lambda q: gate.inner.answer(q, explain=True)
     misinformed = lambda q: gate.answer(q, explain=True, misinform=torch.ones(len(q), dtype=torch.bool))
     then = lambda q: before.answer(q, explain=True)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"pools": {}, "map_reading": {}}
+    own: Paired | None = None
     for name, x in pools.items():
         h, now, first = answer_pool(honest, x), answer_pool(misinformed, x), answer_pool(then, x)
-        out[name] = {
+        out["pools"][name] = {
             "n": len(x),
             "after": detect(h, now, seed),
             "before": detect(h, first, seed),
             "answers": {"honest": summary(h), "misinformed": summary(now), "misinformed_before": summary(first)},
         }
+        if own is None:
+            own, own_name = h, name
+        else:
+            out["map_reading"][name] = {"own": own_name, **map_reading(own, h, seed)}
     return out

@@ -58,6 +58,16 @@ def markdown(record: dict[str, Any]) -> str:
                 f"| {pool} | {path.replace('_', ' ')} | {s['top_p25']:.4f} | {s['top_median']:.4f} | "
                 f"{s['entropy_median']:.4f} | {s['twin_dp_median']:.6f} | {s['twin_dmap_median']:.6f} |"
             )
+    for pool, r in record.get("map_reading", {}).items():
+        out += [
+            "",
+            f"What a misinformed answer's map gives away. Its map is the defense's own, made for the class the victim "
+            f"would answer. A linear map-to-label classifier fitted on half of the honest answers to {r['own']} "
+            f"images (what a thief's honest answers teach him) reads the victim's label from the other half's maps "
+            f"{100 * r['own_heldout']:.1f}% of the time, and from the maps of {pool} images "
+            f"{100 * r['foreign']:.1f}% of the time (always answering the victim's commonest class on them: "
+            f"{100 * r['foreign_commonest']:.1f}%).",
+        ]
     return "\n".join(out) + "\n"
 
 

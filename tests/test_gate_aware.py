@@ -10,7 +10,7 @@ from clients.adaptive import believed_honest, collect_adaptive, twin_of, with_tw
 from clients.attack_losses import MOVED, kept_answers
 from clients.oracle import OracleReply
 from clients.transfer import TransferSet, TransferStore
-from measure.detectors import Paired, detect
+from measure.detectors import Paired, detect, map_reading
 from models.lenet import LeNet
 
 SHAPE = (1, 28, 28)
@@ -58,6 +58,18 @@ def test_the_answer_shape_detector_sees_saturated_answers() -> None:
     m = torch.rand(400, 28, 28, generator=g)
     one_hot = torch.nn.functional.one_hot(p.argmax(1), 10).float()
     assert detect(Paired(p, m, p, m), Paired(one_hot, m, one_hot, m), seed=0)["answer_shape"] > 0.7
+
+
+def test_map_reading_reads_a_class_the_maps_carry_and_not_one_they_do_not() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=g)
+    p = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    maps = 0.1 * torch.rand(400, 28, 28, generator=g)
+    maps[torch.arange(400), 0, labels] = 1.0  # the class is written into the map's first row
+    own = Paired(p, maps, p, maps)
+    foreign = Paired(p, 0.1 * torch.rand(400, 28, 28, generator=g), p, maps)
+    read = map_reading(own, foreign, seed=0)
+    assert read["own_heldout"] > 0.9 and read["foreign"] < 0.3, read
 
 
 class _HalfHonestOracle:

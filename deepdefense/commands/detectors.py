@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         "interpreter": args.interpreter,
         "seed": args.seed,
         "measured": provenance(),
-        "pools": result,
+        **result,
     }
     if args.first_try:
         record["first_try"] = json.loads(Path(args.first_try).read_text())
