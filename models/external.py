@@ -229,8 +229,11 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError) as err:
-        raise DescriptionError(f"{path.name}: not a state dict readable by torch.load or safetensors ({_first(err)}); "
-                               "a TorchScript module needs format = \"torchscript\"") from None  # fmt: skip
+        if "TorchScript" in str(err):
+            raise DescriptionError(f'{path.name} is a TorchScript module: give format = "torchscript"') from None
+        raise DescriptionError(
+            f"{path.name}: not a state dict readable by torch.load or safetensors ({_first(err)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise DescriptionError(f"{path.name}: holds {keys}, not a state dict of tensors (save model.state_dict())")

@@ -202,10 +202,11 @@ def _stale(step: Step, victim: Path, redo: set[str], made: set[str]) -> str | No
     """Why the step must be made (None: its artifact is there, loads, and was made for these weights)."""
     if step.name in redo:
         return "asked to redo it (--redo)"
+    own = CHECKS[step.name](victim)
     remade = [s for s in step.after if s in made]
-    if remade:
-        return f"{', '.join(remade)} made again, which it is made from"
-    return CHECKS[step.name](victim)
+    if own is None and remade:
+        return f"made from {', '.join(remade)}, made in this run"
+    return own
 
 
 def _loads(load: Callable[[], Any], errors: tuple[type[Exception], ...]) -> str | None:
