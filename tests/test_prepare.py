@@ -172,6 +172,14 @@ def test_the_report_says_whether_the_gate_is_on_and_meets_the_targets(victim: Pa
     assert gate["targets_met"]
     markdown = (victim.parent / "victim.prepare" / "report.md").read_text()
     assert "turns it on (`--gate auto`)" in markdown and "| misinfo | made (" in markdown
+    record = victim.parent / "victim.prepare" / "domain.json"
+    flagging = json.loads(record.read_text())
+    flagging["evaluation"]["methods"]["msp"]["fpr_in_domain"] = 0.012  # a score that flags 1.2% of honest images
+    record.write_text(json.dumps(flagging))
+    gate = prepare(victim)["gate"]
+    assert gate["server_turns_it_on"] and not gate["targets_met"]
+    assert [c["passed"] for c in gate["checks"]] == [False, True]
+    assert "| 0.012 | 0.005 | **no** |" in (victim.parent / "victim.prepare" / "report.md").read_text()
 
 
 def test_without_the_misinformation_model_the_gate_cannot_be_on(victim: Path, calls: list[str]) -> None:
