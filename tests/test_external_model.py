@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.servers import serving
+from support.settings import make_settings
 from torch import nn
 
 from deepdefense.cli import main
 from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
 from models.external import DescriptionError, import_model, is_current, load_network, read_description
 from models.lenet import LeNet
+from server.app import create_app
 
 MNIST = {
     "arch": "lenet",
@@ -165,3 +168,26 @@ def test_prepare_from_a_bad_description_fails_with_its_message(tmp_path: Path, c
     assert code == 2
     assert "deepdefense prepare: error: model.json: missing field(s) classes" in capsys.readouterr().err
     assert not (tmp_path / "mine.json").exists()
+
+
+def test_the_converted_checkpoint_is_served_with_its_card(tmp_path: Path, data_root: Path, no_server_env: None) -> None:
+    """``deepdefense serve --checkpoint <converted>``: a model trained on 0..255 values answers the server's [0, 1]
+    pixels as the shipped model does, and its card shows the description's override and the folded normalisation."""
+    desc = read_description(
+        describe(
+            tmp_path,
+            value_range=[0, 255],
+            normalisation={"mean": [0.1307 * 255], "std": [0.3081 * 255]},
+            card={"subject": "one digit written on a tablet"},
+        )
+    )
+    path = import_model(desc, tmp_path / "tablet", data_root=data_root, command="test")
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    shipped, _ = load_checkpoint("lenet-mnist")
+    with serving(create_app(make_settings(tmp_path, checkpoint=str(path)))) as client:
+        (model,) = client.get("/v1/models").json()["models"]
+        answer = client.post("/predict", json={"instances": [{"pixels": xi.tolist()} for xi in x]})
+    assert model["card"]["expects"]["subject"] == "one digit written on a tablet"
+    assert model["card"]["expects"]["normalisation"]["mean"] == pytest.approx([0.1307])
+    labels = [p["label"] for p in answer.json()["predictions"]]
+    assert labels == shipped(x).argmax(1).tolist()
