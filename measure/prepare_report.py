@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from defense.domain import domain_paths, read_domain_meta
 from defense.loader import gate_available, load_defense, load_gate
 from defense.misinformation import misinformation_path
 from defense.sensitivity import select_layers
-from defense.warm_start import warm_start_paths
+from defense.warm_start import WarmStartMeta, warm_start_paths
 from models.checkpoint import CheckpointError, read_meta
 
 
@@ -34,9 +35,9 @@ def _sensitivity(victim: Path, out: Path) -> dict[str, Any]:
 
 
 def _warmstart(victim: Path, out: Path) -> dict[str, Any]:
-    raw = json.loads(warm_start_paths(victim)[0].read_text())
+    meta = asdict(WarmStartMeta(**json.loads(warm_start_paths(victim)[0].read_text())))  # serve_steps' default too
     keys = ("interpreter", "layers", "images", "dataset", "rank", "steps", "serve_steps", "seed", "sha256")
-    return {k: raw.get(k) for k in keys}
+    return {k: meta[k] for k in keys}
 
 
 def _domain(victim: Path, out: Path) -> dict[str, Any]:

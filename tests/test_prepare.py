@@ -189,3 +189,18 @@ def test_without_the_misinformation_model_the_gate_cannot_be_on(victim: Path, ca
     gate = gate_verdict(victim, steps, victim.parent, 0.005)
     assert not gate["server_turns_it_on"] and not gate["targets_met"]
     assert "no domain score or no misinformation model" in gate["why_not"]
+
+
+def test_the_shipped_companions_are_kept_as_they_are(tmp_path: Path, calls: list[str]) -> None:
+    """lenet-mnist with everything it ships (its sensitivity stored before it recorded its weights, a warm start
+    from before serve_steps was recorded): nothing is made, and the report reads what each artifact says."""
+    for path in SHIPPED_DIR.glob("lenet-mnist*"):
+        shutil.copy(path, tmp_path / path.name)
+    argv = ["prepare", "--checkpoint", str(tmp_path / "lenet-mnist.json"), "--data-root", str(tmp_path)]
+    assert main([*argv, "--edm", "--ood-dataset", "fashionmnist", "--quiet"]) == 0
+    assert calls == []
+    report = json.loads((tmp_path / "lenet-mnist.prepare" / "report.json").read_text())
+    figures = {s["step"]: s["figures"] for s in report["steps"]}
+    assert figures["warmstart"]["serve_steps"] == 10
+    assert figures["edm"]["served_accuracy"] == 98.63 and figures["misinfo"]["misinfo_top1_accuracy"] == 0.02
+    assert report["gate"]["server_turns_it_on"]
