@@ -87,6 +87,7 @@ def _misinfo(args: argparse.Namespace) -> Path:
     _, victim = load_checkpoint(args.checkpoint)
     shipped = read_meta(SHIPPED_DIR / "lenet-mnist-misinfo.json")
     shipped.extra["victim_sha256"] = victim.sha256
+    shipped.mean, shipped.std = victim.mean, victim.std  # as the real step: the victim's normalisation
     torch.manual_seed(args.seed)
     return save_checkpoint(build_model(shipped), shipped, misinformation_path(args.checkpoint))
 
@@ -204,3 +205,32 @@ def test_the_shipped_companions_are_kept_as_they_are(tmp_path: Path, calls: list
     assert figures["warmstart"]["serve_steps"] == 10
     assert figures["edm"]["served_accuracy"] == 98.63 and figures["misinfo"]["misinfo_top1_accuracy"] == 0.02
     assert report["gate"]["server_turns_it_on"]
+
+
+def test_a_model_from_elsewhere_is_converted_once_and_again_when_its_description_changes(
+    tmp_path: Path, calls: list[str], data_root: Path
+) -> None:
+    shutil.copy(SHIPPED_DIR / "lenet-mnist.safetensors", tmp_path / "weights.safetensors")
+    description = {
+        "arch": "lenet", "weights": "weights.safetensors", "dataset": "mnist", "input_shape": [1, 28, 28],
+        "value_range": [0, 1], "normalisation": {"mean": [0.1307], "std": [0.3081]},
+        "classes": [str(d) for d in range(10)],
+    }  # fmt: skip
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    argv = ["prepare", "--from", str(tmp_path / "model.json"), "--checkpoint", str(tmp_path / "mine")]
+    argv += ["--data-root", str(data_root), "--ood-dataset", "fashionmnist", "--quiet"]
+    assert main(argv) == 0
+    assert calls == ORDER[:4]
+    report = json.loads((tmp_path / "mine.prepare" / "report.json").read_text())
+    assert report["victim"]["converted_in_this_run"] and report["victim"]["test_accuracy"] == 99.51
+    assert main(argv) == 0
+    assert calls == ORDER[:4]  # converted and prepared: all kept
+    description["normalisation"] = {"mean": [0.5], "std": [0.5]}  # the same weights, read otherwise
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    assert main(argv) == 0
+    assert calls == ORDER[:4] * 2
+    report = json.loads((tmp_path / "mine.prepare" / "report.json").read_text())
+    why = {s["step"]: s["why"] for s in report["steps"]}
+    assert why["domain"] == "made from import, made in this run"  # its weights' sha256 alone would have kept it
+    assert why["misinfo"] == "misinformation model mine-misinfo does not share mine's classes and input"
+    assert read_meta(tmp_path / "mine.json").mean == [0.5]

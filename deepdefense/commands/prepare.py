@@ -102,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
     from measure.prepare_report import markdown
 
     started = time.time()
-    victim = _victim(args)
+    victim, converted = _victim(args)
     steps = [s for s in STEPS if s.name != "edm" or args.edm]
     out = Path(args.out) if args.out else victim.parent / f"{victim.stem}.prepare"
     out.mkdir(parents=True, exist_ok=True)
     ood = args.ood_dataset or _foreign_dataset(victim, args.data_root)
-    made: set[str] = set()
+    made = {"import"} if converted else set()  # a model converted again may read its input otherwise: all is stale
     records = []
     for i, step in enumerate(steps, 1):
         stale = _stale(step, victim, set(args.redo), made)
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             {"step": step.name, "status": "made", "why": stale, "seconds": seconds, "command": _cmd(step, argv)}
         )
     report = _report(args, victim, out, records, time.time() - started)
+    report["victim"]["converted_in_this_run"] = converted
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     print(markdown(report))
@@ -134,24 +135,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _victim(args: argparse.Namespace) -> Path:
-    """The victim's metadata path, converting ``--from`` first when it is given and not already converted."""
+def _victim(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The victim's metadata path, converting ``--from`` first when it is given and not already converted (then
+    True: every step is made again, since a changed description may change what the model reads)."""
     from models.checkpoint import read_meta, resolve_checkpoint
     from models.external import import_model, is_current, read_description
 
     if args.source is None:
-        return resolve_checkpoint(args.checkpoint)
+        return resolve_checkpoint(args.checkpoint), False
     desc = read_description(args.source)
     stem = Path(args.checkpoint)
     stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
     meta_path = stem.parent / f"{stem.name}.json"
     if is_current(meta_path, desc):
         print(f"[0] import: {meta_path} is converted from {desc.path.name} and {desc.weights.name}, kept", flush=True)
-        return meta_path
+        return meta_path, False
     print(f"[0] import: converting {desc.weights.name} ({desc.arch}, {desc.format}) into {meta_path}", flush=True)
     path = import_model(desc, stem, data_root=args.data_root, command=args.command_line)
     print(f"[0] import: test accuracy on {desc.dataset} test {read_meta(path).test_accuracy:.2f}%", flush=True)
-    return path
+    return path, True
 
 
 def _foreign_dataset(victim: Path, data_root: Any) -> str:
@@ -203,7 +205,7 @@ def _stale(step: Step, victim: Path, redo: set[str], made: set[str]) -> str | No
     if step.name in redo:
         return "asked to redo it (--redo)"
     own = CHECKS[step.name](victim)
-    remade = [s for s in step.after if s in made]
+    remade = [s for s in ("import", *step.after) if s in made]
     if own is None and remade:
         return f"made from {', '.join(remade)}, made in this run"
     return own
