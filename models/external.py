@@ -137,7 +137,7 @@ def read_description(path: str | os.PathLike[str]) -> Description:
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         raise fail("classes must be a list of non-empty names, in label order")
     if spec.classes is not None and len(classes) != len(spec.classes):
-        raise fail(f"classes names {len(classes)} classes, {spec.name} has {len(spec.classes)} labels")
+        raise fail(f"classes has {len(classes)} names, {spec.name} has {len(spec.classes)} labels")
     card = raw.get("card", {})
     if not isinstance(card, dict):
         raise fail("card must be a table of model card fields")
@@ -174,9 +174,9 @@ def _numbers(value: Any, kind: type, name: str, fail: Any) -> list[Any]:
 
 
 def load_network(desc: Description) -> nn.Module:
-    """The registered architecture holding the description's weights, in eval mode; refuses weights that do not fit
-    it (missing, unexpected or differently shaped tensors), an input it cannot take, a class count it does not
-    give, and a TorchScript module that computes something else than the architecture with its weights."""
+    """The registered architecture (with one output per class) holding the description's weights, in eval mode;
+    refuses weights that do not fit it (missing, unexpected or differently shaped tensors), an input it cannot take,
+    and a TorchScript module that computes something else than the architecture with its weights."""
     if not desc.weights.is_file():
         raise DescriptionError(f"{desc.path.name}: weights file {desc.weights} not found")
     net = create_model(desc.arch, num_classes=len(desc.classes), in_channels=desc.input_shape[0])
@@ -205,11 +205,6 @@ def load_network(desc: Description) -> nn.Module:
                 f"{desc.path.name}: architecture {desc.arch!r} does not take input_shape {list(desc.input_shape)} "
                 f"({_first(err)})"
             ) from None
-        if tuple(logits.shape) != (4, len(desc.classes)):
-            raise DescriptionError(
-                f"{desc.path.name}: the model gives {tuple(logits.shape)[1:]} outputs per image, classes names "
-                f"{len(desc.classes)}"
-            )
         if scripted is not None:
             gap = float((scripted(model_input) - logits).abs().max())
             scale = max(float(logits.abs().max()), 1.0)

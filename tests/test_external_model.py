@@ -90,7 +90,7 @@ def test_the_value_range_is_folded_into_the_normalisation(tmp_path: Path) -> Non
         ({"normalisation": {"mean": [0.1, 0.1], "std": [0.3, 0.3]}}, "one mean and one std per channel (1)"),
         ({"normalisation": {"mean": [0.1]}}, "normalisation must hold exactly mean and std"),
         ({"normalisation": {"mean": [0.1], "std": [0]}}, "std must be positive"),
-        ({"classes": ["a", "b"]}, "classes names 2 classes, mnist has 10 labels"),
+        ({"classes": ["a", "b"]}, "classes has 2 names, mnist has 10 labels"),
         ({"card": {"colour": "grey"}}, "card: unknown model card fields ['colour']"),
         ({"format": "onnx"}, "format 'onnx' is not one of state_dict, torchscript"),
     ],
