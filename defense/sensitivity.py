@@ -103,7 +103,14 @@ def store_sensitivity(checkpoint: str, data_root: str | None, n: int = 1000, see
 
     model, meta = load_checkpoint(checkpoint)
     scores = training_sensitivity(model, meta, data_root, n, seed)
-    meta.extra["sensitivity"] = {"n": n, "seed": seed, "split": "train", "scores": scores}
+    # the weights it was computed for: `deepdefense prepare` redoes it (and what depends on it) for other weights
+    meta.extra["sensitivity"] = {
+        "n": n,
+        "seed": seed,
+        "split": "train",
+        "scores": scores,
+        "weights_sha256": meta.sha256,
+    }
     path = resolve_checkpoint(checkpoint)
     path.write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return scores

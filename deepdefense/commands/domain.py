@@ -67,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make(args)
+    return 0
+
+
+def make(args: argparse.Namespace) -> Path:
+    """Fit, select, save and (unless --no-eval) measure the domain score the flags describe; returns the saved
+    score's metadata path."""
     import torch
 
     from common.device import resolve_device
@@ -190,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         record["evaluation"] = _evaluate(args, model, meta, candidates, jbda_seeds, progress)
     record["seconds"] = round(time.time() - started, 1)
     _write(args, record)
-    return 0
+    return meta_path
 
 
 def _evaluate(

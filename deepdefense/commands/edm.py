@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from deepdefense import flags
 from defense.baselines.edm import DEFAULT_LAMBDA_D, DEFAULT_MEMBERS
@@ -48,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make(args)
+    return 0
+
+
+def make(args: argparse.Namespace) -> Path:
+    """Train, measure and write the ensemble the flags describe; returns its metadata path."""
     from common.device import resolve_device
     from defense.baselines.edm import EDMConfig, save_ensemble, train_ensemble
     from measure.edm import measure_foreign, measure_held_out, measure_test
@@ -96,4 +103,4 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"command": args.command_line, "measured": measured, "training": meta.training}, fh, indent=2)
-    return 0
+    return path

@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make(args)
+    return 0
+
+
+def make(args: argparse.Namespace) -> Path:
+    """Train, measure and write the misinformation model the flags describe; returns its metadata path."""
     from common.device import resolve_device
     from defense.misinformation import MisinfoConfig, misinformation_path, train_misinformation
     from measure.misinformation import measure_misinformation, report
@@ -70,4 +76,4 @@ def run(args: argparse.Namespace) -> int:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(report(figures, meta))
         print(f"wrote {args.report}")
-    return 0
+    return path

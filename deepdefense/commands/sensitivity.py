@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from deepdefense import flags
 
@@ -17,10 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make(args)
+    return 0
+
+
+def make(args: argparse.Namespace) -> Path:
+    """Compute S_ℓ, store it in the checkpoint's metadata and print it; returns that metadata's path."""
     from defense.sensitivity import store_sensitivity
+    from models.checkpoint import resolve_checkpoint
 
     scores = store_sensitivity(args.checkpoint, args.data_root, n=args.n, seed=args.seed)
     total = sum(scores.values())
     for layer, score in sorted(scores.items(), key=lambda kv: -kv[1]):
         print(f"{layer:32s} S = {score:12.4f}  ({100 * score / total:5.1f}%)")
-    return 0
+    return resolve_checkpoint(args.checkpoint)

@@ -4,6 +4,7 @@ on its training images, and write it beside the checkpoint."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from deepdefense import flags
 from defense.warm_start import WARM_STEPS
@@ -38,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make(args)
+    return 0
+
+
+def make(args: argparse.Namespace) -> Path:
+    """Learn and write the warm start the flags describe; returns its metadata path."""
     import torch
 
     from common.device import resolve_device
@@ -75,4 +82,4 @@ def run(args: argparse.Namespace) -> int:
     )
     path = save_warm_start(warm, args.checkpoint, args.out)
     print(f"wrote {path} ({len(pick)} training images, layers {', '.join(engine.layers)})")
-    return 0
+    return path
