@@ -55,7 +55,7 @@ STEPS = (
     Step("sensitivity", sensitivity, (), "layer sensitivity S_ℓ (eq. 9) in the checkpoint's metadata"),
     Step("warmstart", warmstart, ("sensitivity",), "the engine's warm start, learnt on the selected layers"),
     Step("domain", domain, (), "the gate's domain score"),
-    Step("misinfo", misinfo, ("sensitivity", "warmstart"), "the gate's misinformation model, matched to the engine"),
+    Step("misinfo", misinfo, (), "the gate's misinformation model (it ranks the classes of flagged answers)"),
     Step("edm", edm, (), "the EDM baseline's ensemble (--edm)"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
