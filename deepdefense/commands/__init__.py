@@ -13,6 +13,7 @@ from . import (
     formats,
     load,
     misinfo,
+    ownership,
     sensitivity,
     serve,
     train,
@@ -35,4 +36,5 @@ COMMANDS = {
     "formats": formats,
     "detectors": detectors,
     "warmstart": warmstart,
+    "ownership": ownership,
 }
