@@ -47,8 +47,9 @@ from defense.gate import MisinformationGate
 from .query_features import coarse_views, fingerprints
 from .state import PREFIX, connect_sqlite, redis_key
 
-#: The share of each key's queries watermarked: the smallest of those measured (0.25%, 0.5%, 1%) that proves
-#: every copy made from 2,500 queries (p < 1e-6; docs/results/ownership.md, "Choosing the fraction").
+#: The share of each key's queries watermarked, chosen among 0.25%, 0.5% and 1% by measurement: the smallest at
+#: which the copies made from 2,500 queries are proven (docs/results/ownership.md, "Targets"); at most 1%, the
+#: accuracy it costs honest users.
 FRACTION = 0.01
 #: Watermarked queries kept per key (the oldest dropped): 100 keys' worth is about 6 MB per thousand records.
 RECORDS = 2000

@@ -1,0 +1,16 @@
+#!/bin/sh
+# The watermark's evaluation (docs/results/ownership.md), from the repository root, with the evaluation's transfer
+# sets under runs/transfer-sets (deepdefense eval --gated deepdefense --monitored --query-sets jbda victim-train
+# --jbda-seeds 150 --budgets 2500: docs/results/below-label-line-in-domain.md). Seed 0 throughout (the default).
+# Run as it was: parallel processes on a shared 2-core machine, each writing its own file; then the report.
+set -e
+export OMP_NUM_THREADS=1
+own() { python -m measure.ownership --data-root "${DD_DATA_ROOT:-../shared/data}" "$@"; }
+own --out docs/results/ownership/a.json --steps cost sweep copies --query-sets victim-train &
+own --out docs/results/ownership/b.json --steps copies --query-sets jbda &
+wait
+own --out docs/results/ownership/b.json --steps independent detectors --independent 1 5 &
+own --out docs/results/ownership/c.json --steps sweep --sweep-sets jbda --sweep-losses probabilities --fractions 0.005 &
+own --out docs/results/ownership/d.json --steps independent --independent 6 10 &
+wait
+python -m measure.ownership --report docs/results/ownership/*.json > docs/results/ownership.md
