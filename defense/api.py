@@ -37,12 +37,6 @@ class Defense(ABC):
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
         """Answers for a batch ``x`` of shape (B, C, H, W) with values in [0, 1]."""
 
-    def answer_as(self, x: Tensor, labels: Tensor, *, explain: bool = True) -> list[Answer]:
-        """Answers for ``x`` whose maps explain ``labels`` (B,) instead of each query's own label, which stays
-        the answer's, with its probabilities (the watermark's answers, ``server/watermark.py``, relabel them).
-        A defense that cannot explain another class (PP, EDM) answers as :meth:`answer` does."""
-        return self.answer(x, explain=explain)
-
     def public_settings(self) -> dict[str, Any]:
         """Settings that may be shown to users (``GET /v1/models``)."""
         return {}
@@ -57,18 +51,11 @@ class NoDefense(Defense):
     name = "none"
 
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
-        return self._answer(x, None, explain)
-
-    def answer_as(self, x: Tensor, labels: Tensor, *, explain: bool = True) -> list[Answer]:
-        return self._answer(x, labels, explain)
-
-    def _answer(self, x: Tensor, labels: Tensor | None, explain: bool) -> list[Answer]:
         with torch.no_grad():
             logits = self.model(x)
         attributions: Tensor | list[None] = [None] * len(x)
         if explain:
-            explained = logits.argmax(1) if labels is None else labels.to(x.device)
-            e = self.interpreter.explain({}, x, explained)  # the model's own weights, no weight gradients
+            e = self.interpreter.explain({}, x, logits.argmax(1))  # the model's own weights, no weight gradients
             logits, attributions = e.logits.detach(), e.attribution.detach()
         probs = logits.softmax(-1)
         return [

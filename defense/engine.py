@@ -294,18 +294,16 @@ class DeepDefense(Defense):
         return [n for n in (*self.bottom_names, *self.top_names) if n not in low_rank]
 
     # -- the victim's side -----------------------------------------------------------------------
-    def reference(self, x: Tensor, label: Tensor | None = None) -> Reference:
-        """Label, top-k, attribution order and weight gradients of the victim for queries x (B, C, H, W); the
-        maps explain ``label`` (B,) when given (:meth:`answer_as`), else each query's predicted class.
+    def reference(self, x: Tensor) -> Reference:
+        """Label, top-k, attribution order and weight gradients of the victim for queries x (B, C, H, W).
 
         Probabilities and maps come from the victim itself, exactly as the undefended path computes
         them (``NoDefense``); the per-query weight gradients from the per-query view with the victim's
         weights (for low-rank layers: the shared weight, whose gradient is factored anyway).
         """
         victim = self.victim_params()
-        if label is None:
-            with torch.no_grad():
-                label = self.model(x).argmax(1)
+        with torch.no_grad():
+            label = self.model(x).argmax(1)
         own = self.interpreter.explain({}, x, label)
         copies = {n: victim[n].detach().expand(len(x), *victim[n].shape) for n in self.param_names}
         e = self.explainer.explain(copies, x, label, factored=self.factored)
@@ -484,40 +482,26 @@ class DeepDefense(Defense):
         """
         return self.answer_modes(x, (self.mode,), explain=explain)[self.mode]
 
-    def answer_as(self, x: Tensor, labels: Tensor, *, explain: bool = True) -> list[Answer]:
-        """:meth:`answer`, with each query's map that of ``labels`` (B,): the misdirection model is optimised
-        for that class's map (its warm start too), under the same constraints on the victim's top-k."""
-        return self.answer_modes(x, (self.mode,), explain=explain, labels=labels)[self.mode]
-
-    def answer_modes(
-        self, x: Tensor, modes: tuple[Mode, ...], *, explain: bool = True, labels: Tensor | None = None
-    ) -> dict[str, list[Answer]]:
+    def answer_modes(self, x: Tensor, modes: tuple[Mode, ...], *, explain: bool = True) -> dict[str, list[Answer]]:
         """The answers of several modes from one optimisation per query: DD-S and DD-I answer from the
-        same misdirection model as DeepDefense, each showing one of its outputs (Table 5). ``labels``: the
-        classes the maps explain (:meth:`answer_as`)."""
+        same misdirection model as DeepDefense, each showing one of its outputs (Table 5)."""
         answers: dict[str, list[Answer]] = {m: [] for m in modes}
-        size = self.config.batch_size
-        for chunk, chunk_labels in zip(x.split(size), _split(labels, size, len(x)), strict=True):
+        for chunk in x.split(self.config.batch_size):
             try:
-                parts = [self._answer_batch(chunk, explain, modes, chunk_labels)]
+                parts = [self._answer_batch(chunk, explain, modes)]
             except Exception:
                 if len(chunk) == 1:
                     raise
                 logger.exception("a batch of %d failed; answering its queries one by one", len(chunk))
-                parts = [
-                    self._answer_batch(xi.unsqueeze(0), explain, modes, None if chunk_labels is None else li[None])
-                    for xi, li in zip(chunk, _split(chunk_labels, 1, len(chunk)), strict=True)
-                ]
+                parts = [self._answer_batch(xi.unsqueeze(0), explain, modes) for xi in chunk]
             for part in parts:
                 for m in modes:
                     answers[m] += part[m]
         return answers
 
-    def _answer_batch(
-        self, x: Tensor, explain: bool, modes: tuple[Mode, ...], labels: Tensor | None = None
-    ) -> dict[str, list[Answer]]:
+    def _answer_batch(self, x: Tensor, explain: bool, modes: tuple[Mode, ...]) -> dict[str, list[Answer]]:
         started = time.perf_counter()
-        ref = self.reference(x, None if labels is None else labels.to(x.device))
+        ref = self.reference(x)
         try:
             best: dict[str, Tensor] | None = self.misdirect(x, ref)
         except Exception:
@@ -553,11 +537,6 @@ class DeepDefense(Defense):
             fallback=not found,
             stats=stats,
         )
-
-
-def _split(labels: Tensor | None, size: int, n: int) -> list[Tensor | None] | tuple[Tensor, ...]:
-    """``labels`` in chunks of ``size`` (as ``Tensor.split``); without labels, None per chunk of the ``n`` queries."""
-    return [None] * -(-n // size) if labels is None else labels.split(size)
 
 
 def _per_row(mask: Tensor, like: Tensor) -> Tensor:

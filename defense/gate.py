@@ -49,29 +49,16 @@ class MisinformationGate(Defense):
     def answer(self, x: Tensor, *, explain: bool = True, misinform: Tensor | None = None) -> list[Answer]:
         """Answers for ``x``; ``misinform`` (B,) bool marks queries answered from the misinformation path
         whatever the domain score says (the extraction monitor's escalated keys)."""
-        return self._answer(x, None, explain, misinform)
-
-    def answer_as(
-        self, x: Tensor, labels: Tensor, *, explain: bool = True, misinform: Tensor | None = None
-    ) -> list[Answer]:
-        """:meth:`answer` with the maps of ``labels``, each query from the path it takes there."""
-        return self._answer(x, labels, explain, misinform)
-
-    def _answer(self, x: Tensor, labels: Tensor | None, explain: bool, misinform: Tensor | None) -> list[Answer]:
         with torch.no_grad():
             flagged = self.flags(x).reshape(-1).cpu()
         if misinform is not None:
             flagged = flagged | misinform.reshape(-1).cpu().bool()
         rows, kept = flagged.nonzero().flatten().tolist(), (~flagged).nonzero().flatten().tolist()
         answers: list[Answer | None] = [None] * len(x)
-        for path, which in ((self.inner, kept), (self.misinformer, rows)):
-            if not which:
-                continue
-            got = (
-                path.answer(x[which], explain=explain)
-                if labels is None
-                else path.answer_as(x[which], labels[which], explain=explain)
-            )
-            for i, a in zip(which, got, strict=True):
-                answers[i] = replace(a, misinformed=path is self.misinformer)
+        if kept:
+            for i, a in zip(kept, self.inner.answer(x[kept], explain=explain), strict=True):
+                answers[i] = a
+        if rows:
+            for i, a in zip(rows, self.misinformer.answer(x[rows], explain=explain), strict=True):
+                answers[i] = replace(a, misinformed=True)
         return answers  # type: ignore[return-value]  # every row is answered above

@@ -4,13 +4,10 @@ that never saw it (``docs/results/ownership.md``).
 * **Answers.** The thieves' queries and the honest answers of the default server with keys (DeepDefense behind
   the misinformation gate, the monitor watching the key) are the transfer sets ``deepdefense eval --gated
   deepdefense --monitored --query-sets victim-train jbda`` collected (``runs/transfer-sets``). Each set is
-  replayed as one key through the watermark exactly as the ``/predict`` route applies it, in the same
-  requests of 16: ``Watermark.marks`` on the honest labels, ``answer_marked`` on the gate (the marked queries
-  answered again by the path that answered them — an escalated key's by the misinformation path — with the map
-  of the watermark class), ``Watermark.record``. A query whose answer's label is not the victim's, or that
-  the domain score flags, was answered by the misinformation path. For MNIST training images this is what a
-  watermarked server answers; JBDA's later queries were grown from the unwatermarked answers (a fraction of
-  their labels differ).
+  replayed as one key through the watermark exactly as the ``/predict`` route applies it
+  (``Watermark.apply``), in the same requests of 16. For MNIST training images this is what a watermarked
+  server answers; JBDA's later queries were grown from the unwatermarked answers (a fraction of their labels
+  differ).
 * **Copies.** Each thief of the evaluation (``labels``, ``probabilities``, ``explanations``) trains the
   victim's architecture on the watermarked set with the evaluation's recipe; each copy is then fine-tuned on
   clean labelled images (victim training images the thief never sent) and pruned (global L1, unstructured).
@@ -50,13 +47,16 @@ from measure.detectors import answer_pool, detect, summary
 from models.checkpoint import load_checkpoint
 from models.data import get_spec, load_split
 from models.train import evaluate
-from server.watermark import FRACTION, SqliteWatermarkStore, Watermark, answer_marked, ownership_test
+from server.watermark import FRACTION, SqliteWatermarkStore, Watermark, ownership_test, relabel
 
 #: The stored transfer sets of the default server with keys (``deepdefense eval --monitored``), per query set.
 SETS = {
     "victim-train": "lenet-mnist-deepdefense-random-mnist-3ab9ed630c90",
     "jbda": "lenet-mnist-deepdefense-jbda-mnist-0232f4647144",
 }
+#: The map the first runs' watermarked answers carried (their results files say no other): recomputed by the engine
+#: for the watermark class, later dropped (``server/watermark.py``).
+TRIED = "recomputed for the watermark class (`answer_as`, tried, not served)"
 #: Requests of this many queries, as the evaluation sent them.
 REQUEST = 16
 
@@ -76,37 +76,15 @@ def load_set(store_root: Path, query_set: str) -> TransferSet:
     return TransferStore(root, fingerprint).load()
 
 
-def watermarked_set(
-    data: TransferSet, gate: MisinformationGate, victim: torch.nn.Module, watermark: Watermark, key: str
-) -> TransferSet:
+def watermarked_set(data: TransferSet, watermark: Watermark, key: str) -> TransferSet:
     """``data``'s answers as the watermarked server gives them to one key (see the module's docstring)."""
-    labels, probs, maps = data.labels.clone(), data.probabilities.clone(), data.attributions
-    maps = maps.clone() if maps is not None else None
+    labels, probs = data.labels.clone(), data.probabilities.clone()
     for start in range(0, len(data), REQUEST):
         rows = slice(start, start + REQUEST)
-        x = data.images[rows]
-        with torch.no_grad():
-            misinformed = gate.flags(x).reshape(-1).cpu() | (victim(x).argmax(1) != data.labels[rows])
-        answers = [
-            Answer(int(label), p, None if maps is None else m, misinformed=bool(f))
-            for label, p, m, f in zip(
-                data.labels[rows],
-                data.probabilities[rows],
-                maps[rows] if maps is not None else [None] * len(x),
-                misinformed,
-                strict=True,
-            )
-        ]
-        marks = watermark.marks(key, x, [a.label for a in answers])
-        if all(m is None for m in marks.marks):
-            continue
-        marked = answer_marked(gate, x, answers, marks.marks, explain=maps is not None)
-        watermark.record(key, x, answers, marks)
-        for i, a in enumerate(marked):
+        answers = [Answer(int(c), p, None) for c, p in zip(data.labels[rows], data.probabilities[rows], strict=True)]
+        for i, a in enumerate(watermark.apply(key, data.images[rows], answers)):
             labels[start + i], probs[start + i] = a.label, a.probabilities
-            if maps is not None and a.attribution is not None:
-                maps[start + i] = a.attribution
-    return TransferSet(data.images, labels, probs, maps, data.rounds)
+    return TransferSet(data.images, labels, probs, data.attributions, data.rounds)
 
 
 def predictions(model: torch.nn.Module, x: Tensor) -> list[int]:
@@ -125,7 +103,7 @@ class Study:
             "commands", [self.results.pop("command")] if "command" in self.results else []
         )
         commands.append(args.command_line)  # each run that wrote to this file, in order
-        self.results.update({"seed": args.seed, "measured": provenance()})
+        self.results.update({"seed": args.seed, "measured": provenance(), "map": "the honest answer's"})
         self.victim, self.meta = load_checkpoint("lenet-mnist")
         self.victim.requires_grad_(False)
         engine, _ = load_defense("lenet-mnist", "deepdefense", "gradcam", device="cpu", data_root=args.data_root)
@@ -200,7 +178,7 @@ class Study:
         db = self._fresh_db(f"watermark-{query_set}-{fraction}")
         watermark = Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
         data = load_set(Path(self.args.store_root), query_set).prefix(self.args.budget)
-        return watermark, key, watermarked_set(data, self.gate, self.victim, watermark, key)
+        return watermark, key, watermarked_set(data, watermark, key)
 
     def copies(self, query_set: str, fraction: float, losses: list[str]) -> None:
         watermark, key, data = self.watermark(query_set, fraction)
@@ -299,15 +277,14 @@ class Study:
 
 
 class Shifted(Defense):
-    """Every answer watermarked as the route does it (``answer_marked``), with the class ``(label + 3) mod 10``."""
+    """Every answer watermarked as the route does it (``relabel``), with the class ``(label + 3) mod 10``."""
 
     def __init__(self, inner: Defense) -> None:
         super().__init__(inner.model, inner.interpreter)
         self.inner, self.name = inner, inner.name
 
     def answer(self, x: Tensor, *, explain: bool = True) -> list[Answer]:
-        honest = self.inner.answer(x, explain=explain)
-        return answer_marked(self.inner, x, honest, [(a.label + 3) % 10 for a in honest], explain=explain)
+        return [relabel(a, (a.label + 3) % 10) for a in self.inner.answer(x, explain=explain)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,7 +390,7 @@ def report(parts: list[dict[str, Any]]) -> str:
     copies = {k: v for part in parts for k, v in part.get("copies", {}).items()}
     cost = {k: v for part in parts for k, v in part.get("honest_cost", {}).items()}
     independent = {k: v for part in parts for k, v in part.get("independent", {}).items()}
-    detectors = next((p["detectors"]["mnist-test"] for p in parts if "detectors" in p), None)
+    detectors = [(p.get("map", TRIED), p["detectors"]["mnist-test"]) for p in parts if "detectors" in p]
     lines = [
         "# Ownership: the watermark in the answers, and what it proves",
         "",
@@ -487,21 +464,22 @@ def report(parts: list[dict[str, Any]]) -> str:
             lines.append(f"| {name} | " + " | ".join(_verdict(v[q]) for q in sets) + " |")
         smallest = min(v[q]["p_value"] for v in independent.values() for q in sets)
         lines += ["", f"Smallest p-value among them: {_p(smallest)}."]
-    if detectors is not None:
+    if detectors:
         lines += [
             "",
             "## Telling a watermarked answer from an honest one",
             "",
-            f"`measure/detectors.py`'s detectors on {detectors['n']} MNIST test digits, each answered honestly and",
-            "watermarked (class (label + 3) mod 10) by the DeepDefense engine, each with its twin (one pixel moved",
-            "by 1/255); fitted on half the digits, balanced accuracy on the other half (0.5: chance).",
+            f"`measure/detectors.py`'s detectors on {detectors[0][1]['n']} MNIST test digits, each answered honestly",
+            "and watermarked (class (label + 3) mod 10) through the DeepDefense engine, each with its twin (one pixel",
+            "moved by 1/255); fitted on half the digits, balanced accuracy on the other half (0.5: chance).",
             "",
-            "| detector | balanced accuracy |",
-            "| --- | --- |",
-            f"| twin distance, probabilities | {detectors['twin_probabilities']:.3f} |",
-            f"| twin distance, map | {detectors['twin_map']:.3f} |",
-            f"| answer shape (sorted probabilities, map statistics) | {detectors['answer_shape']:.3f} |",
+            "| the watermarked answer's map | twin distance, probabilities | twin distance, map | answer shape |",
+            "| --- | --- | --- | --- |",
         ]
+        for variant, d in detectors:
+            lines.append(
+                f"| {variant} | {d['twin_probabilities']:.3f} | {d['twin_map']:.3f} | {d['answer_shape']:.3f} |"
+            )
     lines += [
         "",
         "## Not measured",

@@ -2,11 +2,15 @@
 
 Per API key, a keyed hash of each query picks a small fraction of them (``fraction``, default
 :data:`FRACTION`) whose answer carries a *watermark class* chosen by the same hash, never the answer's
-own label. Such an answer is the defense's own for that query, computed with its map explaining the
-watermark class (``Defense.answer_as``), then relabelled: the top-1 class's probability and the
-watermark class's are swapped, so its sorted probabilities — the answer's shape — are the honest ones,
-and it moves with the query as every honest answer does. A thief's copy learns these labels; a model
-trained without our answers agrees with them only by chance (``ownership_test``).
+own label. Such an answer is the defense's own answer to that query, relabelled: the top-1 class's
+probability and the watermark class's are swapped, so its sorted probabilities — the answer's shape —
+are the honest ones, its map is the honest one, and it moves with the query as every honest answer does
+(the twin test and the answer-shape classifier of ``measure/detectors.py`` see an honest answer). The map
+is not recomputed for the watermark class: DeepDefense's maps are made to disagree with the victim's, so no
+one can check a map against a label, and recomputing it (``answer_as``, tried) returned, for confident
+digits whose victim's map of another class is (nearly) zero, that map of the victim itself unchanged — which
+the server never sends (``docs/results/ownership.md``). A thief's copy learns these labels; a model trained
+without our answers agrees with them only by chance (``ownership_test``).
 
 * **The decision** is a function of the query's coarse view (``server/query_features.py``) quantised on
   the near-duplicate grids under the watermark's own secret, not of its bytes: the first grid's
@@ -41,8 +45,7 @@ import torch
 from scipy.stats import binom
 from torch import Tensor
 
-from defense.api import Answer, Defense
-from defense.gate import MisinformationGate
+from defense.api import Answer
 
 from .query_features import coarse_views, fingerprints
 from .state import PREFIX, connect_sqlite, redis_key
@@ -230,34 +233,12 @@ def decide(secret: bytes, key_id: str, print_: str, label: int, classes: int, fr
     return other + (other >= label)
 
 
-def relabel(answer: Answer, mark: int, attribution: Tensor | None) -> Answer:
+def relabel(answer: Answer, mark: int) -> Answer:
     """``answer`` carrying ``mark``: the probabilities of its label and of ``mark`` swapped (sorted, they are the
-    same), the label ``mark``, and ``attribution``, the map the defense explained for ``mark``
-    (``Defense.answer_as``)."""
+    same), the label ``mark``; its map stays the defense's own for the query."""
     p = answer.probabilities.clone()
     p[[answer.label, mark]] = p[[mark, answer.label]]
-    return replace(answer, label=mark, probabilities=p, attribution=attribution)
-
-
-def answer_marked(
-    defense: Defense, x: Tensor, answers: list[Answer], marks: list[int | None], *, explain: bool
-) -> list[Answer]:
-    """``answers`` with each watermarked query (``marks``) :func:`relabel`-ed: its probabilities the honest answer's,
-    its map from the query answered again by the path that answered it (a gate's misinformation path too), the map
-    explaining the watermark class. On the model thread."""
-    rows = [i for i, m in enumerate(marks) if m is not None]
-    if not rows:
-        return answers
-    labels = torch.tensor([marks[i] for i in rows])
-    if isinstance(defense, MisinformationGate):
-        misinform = torch.tensor([answers[i].misinformed for i in rows])
-        again = defense.answer_as(x[rows], labels, explain=explain, misinform=misinform)
-    else:
-        again = defense.answer_as(x[rows], labels, explain=explain)
-    out = list(answers)
-    for i, a, m in zip(rows, again, labels.tolist(), strict=True):
-        out[i] = relabel(answers[i], m, a.attribution)
-    return out
+    return replace(answer, label=mark, probabilities=p)
 
 
 @dataclass(frozen=True)
@@ -307,6 +288,13 @@ class Watermark:
             if m is not None and marks.fresh[i]
         ]
         self.store.add(key_id, kept)
+
+    def apply(self, key_id: str, x: Tensor, answers: list[Answer]) -> list[Answer]:
+        """``answers`` to ``key_id``'s queries ``x`` as they are sent: the watermarked ones :func:`relabel`-ed, and
+        kept first (a watermark that was not kept proves nothing)."""
+        marks = self.marks(key_id, x, [a.label for a in answers])
+        self.record(key_id, x, answers, marks)
+        return [a if m is None else relabel(a, m) for a, m in zip(answers, marks.marks, strict=True)]
 
     def records(self, key_id: str) -> list[Record]:
         return self.store.records(key_id)

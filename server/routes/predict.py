@@ -30,7 +30,6 @@ from ..precision import rounded
 from ..runtime import Runtime
 from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from ..state import STATE_ERRORS, state_reachable
-from ..watermark import answer_marked
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -172,7 +171,7 @@ async def answer_instances(
         if runtime.monitor is not None:
             answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
         if runtime.watermark is not None:
-            answers = await _watermarked(runtime, batcher, caller, x, answers, explain=explain)
+            answers = await run_in_threadpool(_watermarked, runtime, caller, x, answers)
         response = respond(answers)
         charged = len(x)
         return response
@@ -313,25 +312,12 @@ async def _monitored(
     return answers
 
 
-async def _watermarked(
-    runtime: Runtime, batcher: MicroBatcher, caller: Caller, x: Tensor, answers: list[Answer], *, explain: bool
-) -> list[Answer]:
-    """``answers`` with the watermark's (``server/watermark.py``): each watermarked query answered again by the path
-    that answered it, its map explaining the watermark class, then relabelled; kept in the store before any is sent
-    (503 ``state_unavailable`` when the store cannot be reached: a watermark not kept proves nothing)."""
-    watermark = runtime.watermark
-    assert watermark is not None
+def _watermarked(runtime: Runtime, caller: Caller, x: Tensor, answers: list[Answer]) -> list[Answer]:
+    """``answers`` with the watermark's (``server/watermark.py``), kept in the store before any is sent (503
+    ``state_unavailable`` when the store cannot be reached: a watermark not kept proves nothing)."""
+    assert runtime.watermark is not None
     with state_reachable(runtime.settings.retry_after_s):
-        marks = await run_in_threadpool(watermark.marks, caller.key_id, x, [a.label for a in answers])
-    if all(m is None for m in marks.marks):
-        return answers
-    defense = runtime.ready_defense()
-    marked = await batcher.on_model_thread(
-        lambda: answer_marked(defense, x.to(batcher.device), answers, marks.marks, explain=explain)
-    )
-    with state_reachable(runtime.settings.retry_after_s):
-        await run_in_threadpool(watermark.record, caller.key_id, x, answers, marks)
-    return marked
+        return runtime.watermark.apply(caller.key_id, x, answers)
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
