@@ -184,7 +184,7 @@ class Study:
         watermark, key, data = self.watermark(query_set, fraction)
         marked = len(watermark.records(key))
         for loss in losses:
-            name = f"{query_set}/{fraction}/{loss}"
+            name = f"{query_set}/{fraction}/{loss}/{len(data)}"
             if self.done("copies", name):
                 continue
             started = time.perf_counter()
@@ -376,7 +376,7 @@ def _targets(
     if len(sweep) > 1:
         cells = []
         for f in sweep:
-            rows = [r for r in copies.values() if r["fraction"] == f]
+            rows = [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500]
             proven = sum(r["copy"]["p_value"] < 1e-6 for r in rows)
             cells.append(f"{f:.2%}: {proven} of {len(rows)} copies proven (p < 1e-6)")
         out.append(
@@ -387,7 +387,11 @@ def _targets(
 
 def report(parts: list[dict[str, Any]]) -> str:
     """The Markdown report of one or more result files (``docs/results/ownership.md``)."""
-    copies = {k: v for part in parts for k, v in part.get("copies", {}).items()}
+    copies = {  # by what the row is: a later file's row replaces an earlier one's
+        "/".join(str(v[f]) for f in ("query_set", "fraction", "loss", "budget")): v
+        for part in parts
+        for v in part.get("copies", {}).values()
+    }
     cost = {k: v for part in parts for k, v in part.get("honest_cost", {}).items()}
     independent = {k: v for part in parts for k, v in part.get("independent", {}).items()}
     detectors = [(p.get("map", TRIED), p["detectors"]["mnist-test"]) for p in parts if "detectors" in p]
@@ -416,17 +420,17 @@ def report(parts: list[dict[str, Any]]) -> str:
             f"| {float(f):.2%} | {c['accuracy']:.2f} | {c['watermarked_accuracy']:.2f} | {c['cost']:.2f} | "
             f"{c['watermarked_share']:.2f} |"
         )
-    at = [r for r in copies.values() if r["fraction"] == FRACTION]
+    at = [r for r in copies.values() if r["fraction"] == FRACTION and r["budget"] == 2500]
     lines[11:11] = _targets(at, independent, cost.get(str(FRACTION)), copies)
-    lines += ["", "## Copies made through the API (B = 2,500)", ""]
+    lines += ["", "## Copies made through the API", ""]
     extra = sorted({k for row in copies.values() for k in row if k.startswith(("finetuned_", "pruned_"))})
-    head = ["query set", "fraction", "thief", "copy"] + [
+    head = ["query set", "B", "fraction", "thief", "copy"] + [
         k.replace("finetuned_", "fine-tuned, ").replace("pruned_", "pruned ") + (" epochs" if "fine" in k else "")
         for k in extra
     ]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for row in sorted(copies.values(), key=lambda r: (r["query_set"], -r["fraction"], r["loss"])):
-        cells = [row["query_set"], f"{row['fraction']:.2%}", row["loss"], _verdict(row["copy"])]
+    for row in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"])):
+        cells = [row["query_set"], f"{row['budget']:,}", f"{row['fraction']:.2%}", row["loss"], _verdict(row["copy"])]
         cells += [_verdict(row[k]) if k in row else "—" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     weak = [
@@ -480,13 +484,23 @@ def report(parts: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {variant} | {d['twin_probabilities']:.3f} | {d['twin_map']:.3f} | {d['answer_shape']:.3f} |"
             )
+    larger = [q for q in SETS if any(r["query_set"] == q and r["budget"] > 2500 for r in copies.values())]
+    missing = [q for q in SETS if q not in larger]
+    lines += ["", "## How the larger sets were made, and what was not measured", ""]
+    if larger:
+        lines += [
+            f"* B = 10,000 ({', '.join(larger)}): the evaluation harness extended the stored set from 2,500 to 10,000",
+            "  queries through the same default server with keys (`deepdefense eval --defenses --gated deepdefense",
+            "  --monitored --query-sets victim-train --budgets 10000 …`, stopped once the set was collected); its",
+            "  monitor window started afresh at query 2,501 (the key was never escalated in the first 2,500).",
+        ]
+    if missing:
+        lines += [
+            f"* B = 10,000 for {', '.join(missing)}: not measured; the stored sets hold 2,500 queries, and collecting",
+            "  7,500 more per set (with JBDA's rounds) did not fit this session's share of two CPU cores shared by",
+            "  four engineers. With a set of 10,000 stored, `--budget 10000` runs the same study.",
+        ]
     lines += [
-        "",
-        "## Not measured",
-        "",
-        "* B = 10,000: the stored transfer sets hold 2,500 queries each, and collecting 7,500 more per set through",
-        "  the engine did not fit this session's share of two CPU cores shared by four engineers. With sets of",
-        "  10,000 stored (`deepdefense eval … --budgets 10000`), `--budget 10000` runs the same study.",
         "* JBDA through a watermarked server: JBDA grows each round's queries from a substitute trained on the",
         "  answers; here the queries are those grown from unwatermarked answers and only the answers are",
         "  watermarked (1% of the labels differ from what the thief's substitute saw), an approximation.",

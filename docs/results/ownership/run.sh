@@ -18,5 +18,14 @@ own --out docs/results/ownership/c.json --steps sweep --sweep-sets jbda --sweep-
 own --out docs/results/ownership/d.json --steps independent --independent 6 10 &
 wait
 own --out docs/results/ownership/e.json --steps copies detectors --query-sets victim-train jbda --losses explanations
+# B = 10,000 (victim-train): the harness extends the stored set (stopped by hand once it held 10,000 queries,
+# before it trained anything of its own), then the same study on it
+deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
+    --query-sets victim-train --jbda-seeds 150 --losses labels --budgets 10000 --benign-n 0 --avg-drop --cs --top-k \
+    --store-root runs/transfer-sets --out /tmp/collect --quiet
+own --out docs/results/ownership/f.json --steps copies --query-sets victim-train --budget 10000 --losses labels probabilities &
+own --out docs/results/ownership/g.json --steps copies --query-sets victim-train --budget 10000 --losses explanations &
+wait
 python -m measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
-    docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json > docs/results/ownership.md
+    docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
+    docs/results/ownership/f.json docs/results/ownership/g.json > docs/results/ownership.md
