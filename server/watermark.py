@@ -9,8 +9,9 @@ are the honest ones, its map is the honest one, and it moves with the query as e
 is not recomputed for the watermark class: DeepDefense's maps are made to disagree with the victim's, so no
 one can check a map against a label, and recomputing it for the watermark class (tried) made the answers
 detectable (``docs/results/ownership.md``) and, for one of three confident test digits, whose victim's map of
-another class is (nearly) zero, returned that map of the victim itself unchanged — which the server never sends. A thief's copy learns these labels; a model trained
-without our answers agrees with them only by chance (``ownership_test``).
+another class is (nearly) zero, returned that map of the victim itself unchanged — which the server never
+sends. A thief's copy learns these labels; a model trained without our answers agrees with them only by chance
+(``ownership_test``).
 
 * **The decision** is a function of the query's coarse view (``server/query_features.py``) quantised on
   the near-duplicate grids under the watermark's own secret, not of its bytes: the first grid's
