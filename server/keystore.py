@@ -1,6 +1,7 @@
 """The server's own secrets, made at random once and kept with the per-key state, so that a restart and every
-replica use the same: the key-id secret (``server/auth.py``: key ids are HMACs under it) and the EDM hash key
-(which member answers a query, ``defense/baselines/edm.py``).
+replica use the same: the key-id secret (``server/auth.py``: key ids are HMACs under it), the EDM hash key
+(which member answers a query, ``defense/baselines/edm.py``) and the watermark's (which queries it marks,
+``server/watermark.py``).
 
 With the Redis state they are Redis keys ``dd:secret:<name>`` (set once with ``SET NX``, so replicas that start
 together agree); otherwise files beside ``budget_db`` (``<budget_db>.<name>.secret``, mode 0600, made with an
@@ -20,9 +21,10 @@ import redis
 
 from .state import PREFIX
 
-#: The secret of key ids, and the EDM hash key.
+#: The secret of key ids, the EDM hash key, and the watermark's (``server/watermark.py``).
 KEY_ID = "key-id"
 EDM_HASH = "edm-hash"
+WATERMARK = "watermark"
 _BYTES = 32
 
 

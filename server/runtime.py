@@ -28,11 +28,12 @@ from .card import dataset_look
 from .errors import ApiError
 from .images import ImageLimits
 from .isolation import answer_problem
-from .keystore import EDM_HASH, KEY_ID, SecretFileError, server_secret
+from .keystore import EDM_HASH, KEY_ID, WATERMARK, SecretFileError, server_secret
 from .metrics import MAIN, ServerMetrics
 from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
 from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address, state_reachable
+from .watermark import RedisWatermarkStore, SqliteWatermarkStore, Watermark
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -75,6 +76,18 @@ def model_version(weights_sha256: str) -> str:
     return hashlib.sha256(VERSION_SALT + weights_sha256.encode()).hexdigest()[:12]
 
 
+def open_watermark(settings: ServerSettings, client: redis.Redis | None, classes: int) -> Watermark:
+    """The watermark of ``settings``: its secret and records in the Redis ``client`` when there is one, else beside
+    and in ``budget_db`` (``deepdefense ownership verify`` opens it the same way)."""
+    store = (
+        RedisWatermarkStore(client, settings.watermark_records)
+        if client is not None
+        else SqliteWatermarkStore(settings.budget_db, settings.watermark_records)
+    )
+    secret = server_secret(WATERMARK, client, settings.budget_db)
+    return Watermark(store, secret, classes, settings.watermark_fraction)
+
+
 class Runtime:
     """The served model, its defense, the batcher, keys, budgets and metrics of one app."""
 
@@ -106,6 +119,7 @@ class Runtime:
             raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
         self.ledger: Ledger | None = None
         self.monitor: ExtractionMonitor | None = None
+        self.watermark: Watermark | None = None
         self._redis: redis.Redis | None = None  # the Redis state's client, when there is one
         try:
             self._open_state(settings)
@@ -128,7 +142,7 @@ class Runtime:
         ``budget_db`` and files beside it, or in the Redis at ``state``."""
         keys = settings.keys()
         edm = settings.defense == "edm" and "hash_key" not in settings.engine
-        kept = settings.query_budget is not None or settings.monitoring()
+        kept = settings.query_budget is not None or settings.monitoring() or settings.watermarking()
         if settings.state and not (kept or keys or edm):
             logger.warning("state is set, but without keys, query_budget, the monitor or EDM nothing is kept there")
         client = connect_redis(settings.state) if settings.state and (kept or keys or edm) else None
@@ -146,6 +160,8 @@ class Runtime:
             policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
             self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
+        if settings.watermarking():
+            self.watermark = open_watermark(settings, client, len(self.meta.classes))
 
     async def start(self) -> None:
         """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
@@ -170,6 +186,8 @@ class Runtime:
             self.ledger.close()
         if self.monitor is not None:
             self.monitor.close()
+        if self.watermark is not None:
+            self.watermark.close()
 
     async def _prepare(self) -> None:
         try:

@@ -27,6 +27,7 @@ from .auth import KEY_RULE, weak_key
 from .limits import default_body_limit
 from .monitor import MIN_QUERIES, THRESHOLD, WINDOW
 from .state import redis_address
+from .watermark import FRACTION, RECORDS
 
 #: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
 Access = Literal["open", "admin", "off"]
@@ -67,6 +68,17 @@ class ServerSettings(BaseSettings):
     monitor_threshold: float = Field(
         THRESHOLD, ge=0, lt=1, description="a window with more than this fraction flagged is escalated"
     )
+
+    watermark: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="on: per API key, a keyed-hash-chosen fraction of the answers carry another label, kept (with the "
+        "query) in budget_db or state, so that `deepdefense ownership verify` can prove a copy; the fraction is the "
+        "accuracy honest users lose (needs API keys); auto: on whenever API keys are configured",
+    )
+    watermark_fraction: float = Field(
+        FRACTION, gt=0, le=0.1, description="the share of each key's queries whose answers carry the watermark"
+    )
+    watermark_records: int = Field(RECORDS, ge=1, description="watermarked queries kept per key (oldest dropped)")
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     allow_open: bool = Field(
@@ -206,12 +218,18 @@ class ServerSettings(BaseSettings):
             raise ValueError("query_budget needs API keys (DD_API_KEYS or DD_API_KEYS_FILE)")
         if self.monitor == "on" and not keys:
             raise ValueError("monitor 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it watches each key")
+        if self.watermark == "on" and not keys:
+            raise ValueError(
+                "watermark 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it marks each key's answers"
+            )
         if self.monitor == "on" and self.gate == "none":
             raise ValueError("monitor 'on' needs the gate (misinform or auto): it reads the gate's domain flags")
-        if (self.replicas or 1) > 1 and not self.state and (self.query_budget is not None or self.monitoring()):
+        kept = self.query_budget is not None or self.monitoring() or self.watermarking()
+        if (self.replicas or 1) > 1 and not self.state and kept:
             raise ValueError(
-                "replicas > 1 with a query budget or the monitor need state (a redis:// URL, DD_STATE or --state): "
-                "the SQLite budget_db is a file of one machine, so replicas would not share budgets and windows"
+                "replicas > 1 with a query budget, the monitor or the watermark need state (a redis:// URL, "
+                "DD_STATE or --state): the SQLite budget_db is a file of one machine, so replicas would not share "
+                "budgets, windows and watermark records"
             )
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
@@ -234,6 +252,10 @@ class ServerSettings(BaseSettings):
     def monitoring(self) -> bool:
         """Whether the extraction monitor runs: ``on``, or ``auto`` with API keys and the gate."""
         return self.monitor == "on" or (self.monitor == "auto" and bool(self.keys()) and self.gated())
+
+    def watermarking(self) -> bool:
+        """Whether answers are watermarked: ``on``, or ``auto`` with API keys."""
+        return self.watermark == "on" or (self.watermark == "auto" and bool(self.keys()))
 
     def gated(self) -> bool:
         """Whether the misinformation gate is on: ``misinform``, or ``auto`` with a checkpoint that ships it."""

@@ -13,6 +13,7 @@ from . import (
     formats,
     load,
     misinfo,
+    ownership,
     prepare,
     sensitivity,
     serve,
@@ -37,4 +38,5 @@ COMMANDS = {
     "detectors": detectors,
     "warmstart": warmstart,
     "prepare": prepare,
+    "ownership": ownership,
 }

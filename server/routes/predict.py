@@ -170,6 +170,8 @@ async def answer_instances(
             raise
         if runtime.monitor is not None:
             answers = await _monitored(runtime, batcher, caller, x, answers, escalated, explain=explain)
+        if runtime.watermark is not None:
+            answers = await run_in_threadpool(_watermarked, runtime, caller, x, answers)
         response = respond(answers)
         charged = len(x)
         return response
@@ -308,6 +310,14 @@ async def _monitored(
         await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
         runtime.metrics.flagged_keys.set(await run_in_threadpool(runtime.monitor.count_flagged))  # type: ignore[union-attr]
     return answers
+
+
+def _watermarked(runtime: Runtime, caller: Caller, x: Tensor, answers: list[Answer]) -> list[Answer]:
+    """``answers`` with the watermark's (``server/watermark.py``), kept in the store before any is sent (503
+    ``state_unavailable`` when the store cannot be reached: a watermark not kept proves nothing)."""
+    assert runtime.watermark is not None
+    with state_reachable(runtime.settings.retry_after_s):
+        return runtime.watermark.apply(caller.key_id, x, answers)
 
 
 def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:

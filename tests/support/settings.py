@@ -1,5 +1,5 @@
-"""Server settings for the tests: explicit defaults (defense ``none`` without the misinformation gate, a budget
-database in the test's temporary folder, a 1 ms batch wait) with per-test overrides."""
+"""Server settings for the tests: explicit defaults (defense ``none`` without the misinformation gate or the
+watermark, a budget database in the test's temporary folder, a 1 ms batch wait) with per-test overrides."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
         "gate": "none",
         "budget_db": tmp_path / "budget.sqlite",
         "max_batch_wait_ms": 1,
+        "watermark": "off",  # on by default with keys; the tests that compare answers with the victim's keep it off
     }
     return ServerSettings(**(options | overrides))
 

@@ -1,0 +1,99 @@
+"""``deepdefense ownership verify``: does a suspect model repeat a key's watermark (``server/watermark.py``)?
+
+It reads the key's watermarked queries from the store the server keeps them in (the same settings and
+``DD_*`` variables: ``budget_db`` or ``state``), sends them to the suspect — an API that speaks our
+``/predict`` with ``pixels``, or a checkpoint file run here — counts the watermark classes that come back,
+and weighs that count against what a model trained without our answers would give (a binomial test,
+``server.watermark.ownership_test``). The last line printed is JSON with ``p_value`` and ``verdict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deepdefense import flags
+
+HELP = "prove a suspect model was copied: send a key's watermarked queries, count the watermark labels returned"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="verify: test a suspect")
+    v = sub.add_parser("verify", help=HELP, formatter_class=flags.HelpFormatter)
+    key = v.add_mutually_exclusive_group(required=True)
+    key.add_argument("--key-id", help="the key's id (12 hex digits, as in /metrics and /v1/admin/flags)")
+    key.add_argument(
+        "--api-key-file", help="a file holding the key itself (its id is computed with the server's secret)"
+    )
+    suspect = v.add_mutually_exclusive_group(required=True)
+    suspect.add_argument("--suspect-url", help="the suspect's API, speaking our POST /predict with pixels")
+    suspect.add_argument("--suspect-checkpoint", help="the suspect model: a checkpoint's metadata JSON, run here")
+    v.add_argument("--suspect-key-file", default=None, help="a file with the API key the suspect's API asks for")
+    v.add_argument("--checkpoint", default=None, help="the victim (default: the server's, DD_CHECKPOINT)")
+    v.add_argument("--budget-db", default=None, help="the server's SQLite state (default: DD_BUDGET_DB)")
+    v.add_argument("--state", default=None, help="the server's Redis state (default: DD_STATE)")
+    v.add_argument("--batch-size", type=int, default=16, help="queries per request to the suspect (default: 16)")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds per request to the suspect (default: 60)")
+    flags.add_out(v, "the verdict")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clients.oracle import HttpOracle, OracleError, read_api_key
+    from models.checkpoint import load_checkpoint
+    from server.auth import key_id
+    from server.keystore import KEY_ID, server_secret
+    from server.runtime import open_watermark
+    from server.settings import ServerSettings
+    from server.state import connect_redis
+    from server.watermark import FLOOR, ownership_test
+
+    given = {k: getattr(args, k) for k in ("checkpoint", "budget_db", "state") if getattr(args, k) is not None}
+    settings = ServerSettings(**given)
+    client = connect_redis(settings.state) if settings.state else None
+    if args.api_key_file:
+        key = read_api_key(args.api_key_file)
+        if not key:
+            raise ValueError(f"{args.api_key_file} holds no API key")
+        kid = key_id(key, server_secret(KEY_ID, client, settings.budget_db))
+    else:
+        kid = args.key_id
+    victim, meta = load_checkpoint(settings.checkpoint)
+    watermark = open_watermark(settings, client, meta.num_classes)
+    try:
+        records = watermark.records(kid)
+    finally:
+        watermark.close()
+    if not records:
+        raise ValueError(f"no watermarked queries are kept for key {kid} in this server's state")
+    x = torch.stack([r.query() for r in records])
+    with torch.no_grad():
+        victim_probabilities = torch.cat([victim(b).softmax(-1) for b in x.split(args.batch_size)])
+    try:
+        if args.suspect_url:
+            with HttpOracle(args.suspect_url, read_api_key(args.suspect_key_file), timeout=args.timeout) as oracle:
+                answers = [int(a) for b in x.split(args.batch_size) for a in oracle.query(b, explain=False).labels]
+        else:
+            suspect, _ = load_checkpoint(args.suspect_checkpoint)
+            with torch.no_grad():
+                answers = [int(a) for b in x.split(args.batch_size) for a in suspect(b).argmax(1)]
+    except OracleError as err:
+        print(f"deepdefense ownership: the suspect's API: {err}", file=sys.stderr)
+        return 1
+    verdict = ownership_test(records, answers, victim_probabilities, meta.num_classes)
+    print(f"key {kid}: {verdict.queries} watermarked queries sent, {verdict.agreed} answered with their watermark")
+    print(
+        f"an independent model is expected to agree on {verdict.expected:.2f} (binomial, rate {verdict.chance:.4f} = "
+        f"the largest of the floor {FLOOR}, the victim's mean probability of the watermark classes "
+        f"{verdict.victim_rate:.4f} and the suspect's rate of answering one other wrong class "
+        f"{verdict.suspect_rate:.4f})"
+    )
+    print(f"p-value {verdict.p_value:.3g}: {verdict.verdict}")
+    result = {"command": args.command_line, "key_id": kid, **verdict.as_dict()}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    print(json.dumps(result))  # the last line
+    return 0

@@ -1,0 +1,208 @@
+"""Watermarked answers (server/watermark.py) and ``deepdefense ownership verify``: the keyed selection (per key,
+the fraction, near-duplicates), the answer (the watermark label, the honest sorted probabilities, the map of
+that label), the records across a restart (SQLite) and across two apps on one real Redis, the verdict for a
+copy and for an independent model, and the watermark's secret kept out of logs and outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from support.redis_server import RedisServer
+from support.servers import bearer, key_id_of, serving
+from support.settings import make_settings
+
+from deepdefense.cli import main
+from defense import NoDefense
+from measure.launcher import in_thread
+from models.checkpoint import load_checkpoint
+from models.data import load_split
+from server.app import create_app
+from server.keystore import WATERMARK, server_secret
+from server.watermark import Record, SqliteWatermarkStore, Watermark, ownership_test
+
+pytestmark = pytest.mark.usefixtures("no_server_env")
+
+ALICE, BOB = "alice-key-0001-watermark", "bob-key-0002-watermark"
+SECRET = b"the watermark secret of the tests"
+A, B = "a1a1a1a1a1a1", "b2b2b2b2b2b2"
+
+
+@pytest.fixture(scope="module")
+def digits(data_root: Path) -> torch.Tensor:
+    return load_split("mnist", str(data_root), "test").tensors[0][:2000]
+
+
+def _twins(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image with one pixel (a random one) set to white: a twin a thief compares answers with."""
+    flat = x.clone().reshape(len(x), -1)
+    where = torch.randint(0, flat.shape[1], (len(x),), generator=torch.Generator().manual_seed(seed))
+    flat[torch.arange(len(x)), where] = 1.0
+    return flat.reshape(x.shape)
+
+
+def test_the_selection_is_keyed_honours_the_fraction_and_follows_near_duplicates(
+    tmp_path: Path, digits: torch.Tensor
+) -> None:
+    labels = [3] * len(digits)
+    first = Watermark(tmp_path / "a.sqlite", SECRET, 10, fraction=0.05).marks(A, digits, labels)
+    marks = first.marks
+    again = Watermark(tmp_path / "b.sqlite", SECRET, 10, fraction=0.05).marks(A, digits, labels).marks
+    assert again == marks, "the same key's queries were decided differently by another server with the secret"
+    other = Watermark(tmp_path / "c.sqlite", SECRET, 10, fraction=0.05).marks(B, digits, labels).marks
+    chosen = {i for i, m in enumerate(marks) if m is not None}
+    assert chosen != {i for i, m in enumerate(other) if m is not None}, "two keys share one selection"
+    # the fraction: 2,000 draws at 5% give 100 ± 10; 4 standard deviations either way
+    assert 60 <= len(chosen) <= 140, f"{len(chosen)} of 2000 watermarked at a fraction of 5%"
+    assert all(m != 3 and 0 <= m < 10 for m in marks if m is not None), "a watermark carries the answer's own label"
+    assert len({m for m in marks if m is not None}) == 9, "the watermark classes are not spread over the others"
+    # near-duplicates of watermarked queries get their watermark, in a later request and in the same one
+    watermark = Watermark(tmp_path / "a.sqlite", SECRET, 10, fraction=0.05)
+    answers = [NoDefenseAnswer(3)] * len(digits)
+    watermark.record(A, digits, answers, first)  # type: ignore[arg-type]
+    assert len(watermark.records(A)) == sum(first.fresh) >= len(chosen) - 5, (
+        "some digits share a coarse cell: kept once"
+    )
+    twins = watermark.marks(A, _twins(digits, 1), labels)
+    assert not any(twins.fresh[i] for i in chosen), "a near-duplicate of a kept query would be kept again"
+    honest = [i for i in range(len(digits)) if i not in chosen]
+    assert sum(twins.fresh[i] for i in honest) <= 0.05 * len(honest), "honest queries' twins decided afresh"
+    twins = twins.marks
+    assert [twins[i] for i in sorted(chosen)] == [marks[i] for i in sorted(chosen)], "a twin lost its watermark"
+    rows = sorted(chosen)[:20]
+    both = torch.cat([digits[rows], _twins(digits[rows], 2)])
+    fresh = Watermark(tmp_path / "d.sqlite", SECRET, 10, fraction=0.05).marks(A, both, [3] * len(both))
+    assert fresh.marks[20:] == fresh.marks[:20] == [marks[i] for i in rows], "a twin in the same request lost its mark"
+    assert fresh.fresh == [True] * 20 + [False] * 20
+
+
+class NoDefenseAnswer:
+    """The one field of an answer that :meth:`Watermark.record` reads."""
+
+    def __init__(self, label: int) -> None:
+        self.label = label
+
+
+def test_a_watermarked_answer_carries_its_class_with_the_honest_shape(
+    tmp_path: Path, defense: NoDefense, digits: torch.Tensor
+) -> None:
+    x = digits[:64]
+    honest = [replace(a, misinformed=i % 2 == 0) for i, a in enumerate(defense.answer(x))]  # either path of a gate
+    watermark = Watermark(tmp_path / "w.sqlite", SECRET, 10, fraction=0.2)
+    sent = watermark.apply(A, x, honest)
+    marks = {r.mark: r for r in watermark.records(A)}
+    assert 5 <= len(watermark.records(A)) <= 25, "a fifth of 64 queries, give or take"
+    for i, (h, a) in enumerate(zip(honest, sent, strict=True)):
+        if a is h:
+            continue
+        assert a.label != h.label and int(a.probabilities.argmax()) == a.label, "the label is not the watermark class"
+        assert torch.equal(a.probabilities.sort().values, h.probabilities.sort().values), "the answer's shape changed"
+        assert float(a.probabilities[h.label]) == float(h.probabilities[a.label]), "the two classes were not swapped"
+        assert a.attribution is h.attribution and a.misinformed == h.misinformed, "more than the label changed"
+        assert a.label in marks and any(torch.equal(r.query(), x[i]) for r in watermark.records(A)), "not kept"
+    assert sum(a is not h for a, h in zip(sent, honest, strict=True)) == len(watermark.records(A))
+
+
+def _predict(client, key: str, x: torch.Tensor) -> list[int]:
+    r = client.post("/predict", json={"instances": [{"pixels": q.tolist()} for q in x]}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return [p["label"] for p in r.json()["predictions"]]
+
+
+def test_records_survive_a_restart_and_answers_stay_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
+    settings = make_settings(tmp_path, watermark="auto", watermark_fraction=0.1)
+    victim, _ = load_checkpoint("lenet-mnist")
+    x = digits[:48]
+    with torch.no_grad():
+        truth = victim(x).argmax(1).tolist()
+    caplog.set_level(logging.DEBUG)
+    with serving(app := create_app(settings)) as client:
+        got = [label for b in x.split(16) for label in _predict(client, ALICE, b)]
+        alice = key_id_of(app, ALICE)
+        records = app.state.runtime.watermark.records(alice)
+        changed = [i for i in range(len(x)) if got[i] != truth[i]]
+        assert 1 <= len(changed) == len(records), "the answers that differ from the victim's are not the records"
+        assert [got[i] for i in changed] == [r.mark for r in records]
+        assert [truth[i] for i in changed] == [r.label for r in records]
+        assert all(torch.equal(r.query(), x[i]) for r, i in zip(records, changed, strict=True)), "a query not kept"
+        bob = _predict(client, BOB, x[:16])
+    with serving(app := create_app(settings)) as client:  # a restart on the same database
+        assert len(app.state.runtime.watermark.records(alice)) == len(records), "the records did not survive"
+        assert [label for b in x.split(16) for label in _predict(client, ALICE, b)] == got, "answers changed"
+        assert _predict(client, BOB, x[:16]) == bob
+    secret = server_secret(WATERMARK, None, settings.budget_db)
+    assert secret.hex() not in caplog.text and repr(secret) not in caplog.text, "the watermark's secret was logged"
+
+
+def test_two_apps_on_one_redis_share_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: torch.Tensor, redis_server: RedisServer
+) -> None:
+    monkeypatch.setenv("DD_API_KEYS", ALICE)
+    settings = make_settings(tmp_path, watermark="on", watermark_fraction=0.1, state=redis_server.url)
+    x = digits[:32]
+    with serving(first := create_app(settings)) as one, serving(second := create_app(settings)) as two:
+        got = [label for b in x.split(16) for label in _predict(one, ALICE, b)]
+        alice = key_id_of(first, ALICE)
+        assert key_id_of(second, ALICE) == alice
+        kept = second.state.runtime.watermark.records(alice)
+        assert kept and [r.mark for r in kept] == [
+            got[i] for i in range(len(x)) if any(torch.equal(r.query(), x[i]) for r in kept)
+        ]
+        assert [label for b in x.split(16) for label in _predict(two, ALICE, b)] == got, "the replicas disagree"
+        assert len(first.state.runtime.watermark.records(alice)) == len(kept), "a repeated query was kept twice"
+
+
+def test_the_store_keeps_at_most_its_bound_oldest_dropped(tmp_path: Path) -> None:
+    store = SqliteWatermarkStore(tmp_path / "s.sqlite", records=3)
+    made = [Record(b"\0" * 4, (1,), m, 0, (f"p{m}",), float(m)) for m in range(1, 6)]
+    store.add(A, made[:2])
+    store.add(A, made[2:])
+    assert [r.mark for r in store.records(A)] == [3, 4, 5]
+    assert store.marks_of(A, ["p1", "p2", "p4"]) == {"p4": 4}, "a dropped record's fingerprints still mark"
+    assert store.records(B) == [] and store.marks_of(B, ["p4"]) == {}
+
+
+def test_the_ownership_test_accuses_a_copy_and_not_an_independent_model() -> None:
+    records = [Record(b"", (0,), (i % 9) + 1, 0, (), 0.0) for i in range(25)]
+    victim = torch.full((25, 10), 0.0).index_fill(1, torch.tensor([0]), 1.0)  # sure of the label
+    copy = ownership_test(records, [r.mark for r in records[:8]] + [0] * 17, victim, 10)
+    assert copy.agreed == 8 and copy.p_value < 1e-6 and copy.verdict == "copied"
+    independent = ownership_test(records, [0] * 24 + [records[24].mark], victim, 10)
+    assert independent.p_value > 0.01 and independent.verdict == "not shown"
+    careless = ownership_test(records, [(r.mark % 9) + 1 for r in records], victim, 10)  # wrong everywhere else
+    assert careless.suspect_rate == pytest.approx(25 / (25 * 8)) and careless.p_value > 0.01
+
+
+def test_verify_proves_a_copy_served_over_http_and_clears_the_victim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: torch.Tensor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DD_API_KEYS", ALICE)
+    settings = make_settings(tmp_path, watermark="on", watermark_fraction=0.1)
+    key_file = tmp_path / "alice.key"
+    key_file.write_text(ALICE + "\n")
+    with serving(app := create_app(settings)) as client:
+        for b in digits[:320].split(16):
+            _predict(client, ALICE, b)
+        alice = key_id_of(app, ALICE)
+    monkeypatch.setenv("DD_BUDGET_DB", str(settings.budget_db))
+    # a "copy": the watermarked server itself, asked with the key whose watermark it carries
+    with in_thread(create_app(settings)) as url:
+        args = ["ownership", "verify", "--api-key-file", str(key_file), "--suspect-url", url]
+        assert main([*args, "--suspect-key-file", str(key_file)]) == 0
+    copied = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert copied["key_id"] == alice and copied["verdict"] == "copied" and copied["p_value"] < 1e-6
+    assert copied["agreed"] == copied["queries"] >= 20
+    # the victim never saw the watermark: the independent model of this test
+    assert main(["ownership", "verify", "--key-id", alice, "--suspect-checkpoint", "lenet-mnist"]) == 0
+    out = capsys.readouterr().out
+    cleared = json.loads(out.strip().splitlines()[-1])
+    assert cleared["verdict"] == "not shown" and cleared["p_value"] > 0.01 and cleared["agreed"] == 0
+    secret = server_secret(WATERMARK, None, settings.budget_db)
+    assert secret.hex() not in out + json.dumps(copied), "the watermark's secret was printed"
