@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the result as JSON")
     parser.add_argument("--report", type=Path, required=True, help="the result as Markdown")
     args = parser.parse_args(argv)
-    result = {**run_multi_model(args.n, args.data_root), "machine": args.machine, "measured": provenance()}
+    measured = provenance()  # the code that runs: the checkout as it is now
+    result = {**run_multi_model(args.n, args.data_root), "machine": args.machine, "measured": measured}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     command = "python -m measure.multi_model " + " ".join(argv if argv is not None else sys.argv[1:])
     args.report.write_text(markdown(result, command))
