@@ -99,8 +99,8 @@ def served(
     ready_timeout_s: float = 600.0,
 ) -> Iterator[tuple[str, str]]:
     """A server for ``checkpoint`` (or several, one model each) behind ``defense`` (and the misinformation gate,
-    with ``gate="misinform"``) in this process; yields (base URL, API key). The key is also the server's operator key, so the measurement
-    that holds it reads the gate's and the monitor's series in ``/metrics``.
+    with ``gate="misinform"``) in this process; yields (base URL, API key). The key is also the server's operator
+    key, so the measurement that holds it reads the gate's and the monitor's series in ``/metrics``.
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
     folder), so the caller's ``DD_*`` environment cannot change them."""
     from server.app import create_app

@@ -200,6 +200,11 @@ return queries
 """
 
 
+def budget_key(model: str, key_id: str, prefix: str = PREFIX) -> str:
+    """The Redis key of what ``key_id`` has spent on ``model``: ``dd:budget:<model>:<key id>``."""
+    return redis_key(prefix, f"budget:{model}", key_id)
+
+
 class RedisLedger:
     """:class:`Ledger` in Redis: the queries spent by a key id on ``model`` under ``dd:budget:<model>:<key id>``.
 
@@ -249,7 +254,7 @@ class RedisLedger:
         self._client.close()
 
     def _key(self, key_id: str) -> str:
-        return redis_key(self._prefix, f"budget:{self.model}", key_id)
+        return budget_key(self.model, key_id, self._prefix)
 
     def _hold_keys(self, hold: str | None) -> list[str]:
         if hold is None:

@@ -153,7 +153,7 @@ def test_two_replicas_spend_one_shared_budget(
             assert len(r.json()["predictions"]) == 1
         else:
             assert r.json()["error"]["code"] == "budget_exhausted"
-    assert redis_server.client().get(f"dd:budget:{redis_key_id(redis_server, KEY)}") == str(BUDGET)
+    assert redis_server.client().get(f"dd:budget:lenet-mnist:{redis_key_id(redis_server, KEY)}") == str(BUDGET)
 
     per_replica = scrape_every_replica(url, 2)
     assert "main" not in per_replica, per_replica  # replica ids of Serve, not the one-process label
@@ -207,7 +207,7 @@ def test_a_replica_killed_under_load_costs_nothing_and_answers_503(
         if r.status_code == 503:
             assert r.json()["error"]["code"] in ("replica_lost", "overloaded") and int(r.headers["Retry-After"]) >= 1
     assert sum(r.json()["error"]["code"] == "replica_lost" for r in answers if r.status_code == 503) > 0
-    spent = int(raw.get(f"dd:budget:{redis_key_id(redis_server, KEY)}") or 0)
+    spent = int(raw.get(f"dd:budget:lenet-mnist:{redis_key_id(redis_server, KEY)}") or 0)
     assert spent == KILL_INSTANCES * statuses[200], f"spent {spent} for {statuses[200]} answered requests"
     assert list(raw.scan_iter("dd:hold:*")) == [], "a hold outlived its request"
     assert victim not in replica_pids()
