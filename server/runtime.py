@@ -142,8 +142,8 @@ class Runtime:
     @property
     def failure(self) -> str | None:
         """Why preparing failed, naming the models that failed (for the operator; never sent to clients)."""
-        failed = [f"{m.model_name} with defense {m.defense_name!r}: {m.failure}" for m in self.models.values()]
-        return "; ".join(f for m, f in zip(self.models.values(), failed, strict=True) if m.failure) or None
+        failed = [m for m in self.models.values() if m.failure]
+        return "; ".join(f"{m.model_name} with defense {m.defense_name!r}: {m.failure}" for m in failed) or None
 
     def model_failed(self) -> None:
         if self.on_failure is not None:

@@ -5,8 +5,9 @@ API keys are read only from ``DD_API_KEYS`` (comma-separated) or the file named 
 inside a key is part of the key), never from a flag, so that they do
 not show up in process listings or shell history; operator keys for ``/metrics`` and ``/docs``
 likewise from ``DD_ADMIN_KEYS`` or ``DD_ADMIN_KEYS_FILE``. Validation errors never echo an input
-(``hide_input_in_errors``), so a bad setting cannot print a key. Engine options go through unchanged as a dict:
-``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (values are read as JSON when they parse).
+(``hide_input_in_errors``), so a bad setting cannot print a key. Several checkpoints (one model each):
+``--checkpoint`` repeated, or ``DD_CHECKPOINT=lenet-mnist,lenet-fashionmnist``. Engine options go through
+unchanged as a dict: ``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (values are read as JSON when they parse).
 """
 
 from __future__ import annotations
