@@ -17,6 +17,8 @@ from support.redis_server import RedisServer
 from support.servers import bearer, error_of, key_id_of, metric_value, serving
 from support.settings import make_settings
 
+from clients.oracle import PROTOCOLS, HttpOracle, OracleError
+from measure.launcher import in_thread
 from models.checkpoint import load_checkpoint
 from server.app import create_app
 from server.budget import QueryLedger, RedisLedger, budget_key
@@ -229,6 +231,29 @@ def test_an_escalated_key_is_misinformed_by_the_gated_model_and_refused_by_the_o
     assert metric_value(metrics, escalated.format(FASHION, "refuse")) == 2
     assert metric_value(metrics, escalated.format(MNIST, "misinform")) == 1
     assert metric_value(metrics, escalated.format(MNIST, "refuse")) == 0
+
+
+# -- the client --------------------------------------------------------------------------------------------------
+
+
+def test_the_http_oracle_asks_a_named_model_through_either_route(tmp_path: Path) -> None:
+    x = torch.tensor([pixels(i) for i in range(3)])
+    with in_thread(create_app(make_settings(tmp_path, checkpoint=BOTH))) as url:
+        replies = {}
+        for protocol in PROTOCOLS:
+            with HttpOracle(url, model=FASHION, protocol=protocol, max_instances=2) as oracle:
+                assert oracle.info().name == FASHION and oracle.info().dataset == "fashionmnist"
+                replies[protocol] = oracle.query(x, explain=True)
+        with HttpOracle(url) as default:
+            mnist = default.query(x, explain=False)
+        with HttpOracle(url, model="lenet-cifar") as unknown, pytest.raises(OracleError, match="lenet-mnist"):
+            unknown.info()
+    predicted, inferred = replies["predict"], replies["v2"]
+    assert torch.equal(predicted.labels, inferred.labels)
+    assert torch.allclose(predicted.probabilities, inferred.probabilities, atol=1e-6)
+    assert predicted.attributions is not None and inferred.attributions is not None
+    assert predicted.attributions.shape == inferred.attributions.shape == (3, 28, 28)
+    assert not torch.allclose(predicted.probabilities, mnist.probabilities), "the default model answered"
 
 
 # -- settings ----------------------------------------------------------------------------------------------------
