@@ -54,10 +54,9 @@ def create_app(
     """A FastAPI app serving the checkpoints of ``settings.checkpoint``, the first through ``defense`` when given,
     each other through the defense the settings name (built in the background at start-up; ``/readyz`` tells
     when every model is ready). A checkpoint that fails verification raises ``models.checkpoint.CheckpointError``
-    here. ``replica``
-    names this app in ``/metrics`` (``dd_server_info{replica}``): a Ray Serve replica id under
+    here. ``replica`` names this app in ``/metrics`` (``dd_server_info{replica}``): a Ray Serve replica id under
     ``server/cluster.py``, ``"main"`` for the one-process server. ``wait_until_ready``: the lifespan's
-    start-up returns only once the model is ready, and raises :class:`StartupError` when preparing
+    start-up returns only once every model is ready, and raises :class:`StartupError` when preparing
     failed (a Ray Serve replica, which gets requests as soon as its start-up returns)."""
     settings = settings or ServerSettings()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own decompression-bomb guard

@@ -124,21 +124,21 @@ async def before_body(runtime: Runtime, caller: Caller, model: ModelRuntime | No
 
 
 def _within_any_budget(models: list[ModelRuntime], caller: Caller) -> None:
-    """429 when the caller has no query left on any of ``models``."""
+    """429 when the caller has no query left on any of ``models`` (before the body is read, when the request's
+    instances are not known yet)."""
     with state_reachable(models[0].settings.retry_after_s):
         left = max(m.ledger.remaining(caller.key_id) for m in models)  # type: ignore[union-attr]
     if left < 1:
         raise _budget_exhausted(left, None)
 
 
-def _within_budget(runtime: ModelRuntime, caller: Caller, queries: int | None) -> None:
-    """429 when the caller's budget has fewer than ``queries`` left (None: before the body is read, when the
-    request's instances are not known yet: none left). Read only: :func:`_spend` spends."""
+def _within_budget(runtime: ModelRuntime, caller: Caller, queries: int) -> None:
+    """429 when the caller's budget of the model has fewer than ``queries`` left. Read only: :func:`_spend` spends."""
     if runtime.ledger is None:
         return
     with state_reachable(runtime.settings.retry_after_s):
         left = runtime.ledger.remaining(caller.key_id)
-    if left < (queries or 1):
+    if left < queries:
         raise _budget_exhausted(left, queries)
 
 
