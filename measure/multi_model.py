@@ -115,10 +115,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
     answers = 3 * n * len(result["models"])
     lines += [
         "",
-        "Each model answers at its own accuracy in the shared server, through both routes: the same labels as the "
-        "server of the model alone. lenet-mnist's agreement with its undefended checkpoint is below 100% in every "
-        "column alike: its misinformation gate answers the few test digits its domain score flags from the "
-        "misinformation model, alone as together.",
+        "Each model answers at its own accuracy in the shared server, through both routes: the same accuracy and "
+        "the same agreement with its undefended checkpoint as the server of the model alone (this run counts "
+        "them; it does not compare the answers image by image). lenet-mnist's agreement is below 100% in every "
+        "column alike; the run does not record which answers differ or why (of lenet-mnist's defense, the "
+        "misinformation gate is the part that may change a label: it answers the queries its domain score flags "
+        "from the misinformation model).",
         "",
         f"A subset of the test sets: the first {n:,} test images of each model ({answers:,} defended answers with "
         f"maps across the three servers and two routes, {result['minutes']:.0f} minutes on this machine); the whole "
