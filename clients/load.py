@@ -292,7 +292,7 @@ def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, float]:
 
 
 async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    """A few counters from /metrics, when it is open to this client."""
+    """A few counters from /metrics, when it is open to this client, summed over the served models."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -313,8 +313,9 @@ async def _server_metrics(client: httpx.AsyncClient) -> dict[str, float]:
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
             if s.name in wanted:
-                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "defense")
-                found[f"{s.name}{{{label}}}" if label else s.name] = s.value
+                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("defense", "model"))
+                name = f"{s.name}{{{label}}}" if label else s.name
+                found[name] = found.get(name, 0.0) + s.value
     return found
 
 

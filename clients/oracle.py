@@ -1,6 +1,7 @@
 """The oracle a client queries: a batch of images in, probabilities, labels and attribution maps out.
 
-:class:`HttpOracle` talks to a running ``deepdefense serve`` (``POST /predict``, ``GET /v1/models``).
+:class:`HttpOracle` talks to a running ``deepdefense serve`` (``POST /predict`` or the Open Inference
+Protocol's ``POST /v2/models/{name}/infer``, ``GET /v1/models``), to one of the models it serves.
 Attacks, the benign client and the evaluation harness only see the :class:`Oracle` protocol, so the
 harness can also answer in-process (``measure.local_oracle.LocalOracle``).
 """
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 API_KEY_ENV = "DD_CLIENT_API_KEY"
+#: The routes an :class:`HttpOracle` can query through.
+PROTOCOLS = ("predict", "v2")
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,16 @@ class HttpOracle:
     504 and connection errors, and an :class:`OracleError` naming the server's reason on any other
     error status (or the connection error once the retries are spent). Every wait is stretched by up
     to :data:`RETRY_JITTER` at random (seeded by ``jitter_seed``), so that clients refused together do
-    not come back together."""
+    not come back together. ``model``: the served model to ask, by name (None: the server's default, the first
+    it lists); ``protocol``: ``predict`` (``POST /predict``) or ``v2`` (the Open Inference Protocol's ``infer``)."""
 
     def __init__(
         self,
         url: str,
         api_key: str | None = None,
         *,
+        model: str | None = None,
+        protocol: str = "predict",
         timeout: float = 60.0,
         max_instances: int = 16,
         retries: int = 5,
@@ -112,6 +118,9 @@ class HttpOracle:
         self.max_instances = max_instances
         self.retries = retries
         self.backoff = backoff
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        self.model, self.protocol = model, protocol
         self._info: ModelInfo | None = None
 
     def __enter__(self) -> HttpOracle:
@@ -125,7 +134,12 @@ class HttpOracle:
 
     def info(self) -> ModelInfo:
         if self._info is None:
-            m = self._request("GET", "/v1/models").json()["models"][0]
+            served = self._request("GET", "/v1/models").json()["models"]
+            named = [m for m in served if self.model in (None, m["name"])]
+            if not named:
+                names = ", ".join(m["name"] for m in served)
+                raise OracleError(404, "model_not_found", f"the server serves {names}, not {self.model!r}")
+            m = named[0]
             self._info = ModelInfo(
                 name=m["name"],
                 arch=m["arch"],
@@ -144,13 +158,35 @@ class HttpOracle:
         maps: list[Tensor] = []
         for start in range(0, len(x), self.max_instances):
             chunk = x[start : start + self.max_instances].detach().cpu().float()
-            body = {"instances": [{"pixels": xi.tolist()} for xi in chunk], "explain": explain}
+            if self.protocol == "v2":
+                chunk_labels, chunk_probabilities, chunk_maps = self._infer(chunk, explain)
+                labels += chunk_labels
+                probabilities += chunk_probabilities
+                maps += chunk_maps
+                continue
+            body: dict[str, Any] = {"instances": [{"pixels": xi.tolist()} for xi in chunk], "explain": explain}
+            if self.model is not None:
+                body["model"] = self.model
             for p in self._request("POST", "/predict", json=body).json()["predictions"]:
                 labels.append(int(p["label"]))
                 probabilities.append(torch.tensor(p["probabilities"]))
                 if explain:
                     maps.append(torch.tensor(p["attribution"]["values"]))
         return stack_reply(labels, probabilities, maps if explain else None)
+
+    def _infer(self, chunk: Tensor, explain: bool) -> tuple[list[int], list[Tensor], list[Tensor]]:
+        """One Open Inference Protocol ``infer`` request for ``chunk`` (B, C, H, W)."""
+        wanted = ["label", "probabilities"] + (["attribution"] if explain else [])
+        body = {
+            "inputs": [
+                {"name": "image", "shape": list(chunk.shape), "datatype": "FP32", "data": chunk.flatten().tolist()}
+            ],
+            "outputs": [{"name": name} for name in wanted],
+        }
+        outputs = self._request("POST", f"/v2/models/{self.info().name}/infer", json=body).json()["outputs"]
+        got = {o["name"]: torch.tensor(o["data"]).reshape(o["shape"]) for o in outputs}
+        maps = list(got["attribution"]) if explain else []
+        return [int(v) for v in got["label"]], list(got["probabilities"]), maps
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 0

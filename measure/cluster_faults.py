@@ -25,6 +25,7 @@ import redis
 
 from clients.load import LoadConfig, run_load
 from server.auth import key_id
+from server.budget import budget_key
 from server.keystore import KEY_ID, redis_secret
 
 REPLICA_TITLE = "ServeReplica:deepdefense:DeepDefense"
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(run_load(config)).as_dict()
     thread.join(timeout=args.restart_deadline + args.kill_after)
     state = redis.Redis.from_url(args.redis, decode_responses=True)
-    spent = state.get(f"dd:budget:{key_id(key, redis_secret(state, KEY_ID))}")
+    default = httpx.get(f"{args.url}/readyz", timeout=30).json()["model"]  # the model the load client asked
+    spent = state.get(budget_key(default, key_id(key, redis_secret(state, KEY_ID))))
     answered = report["statuses"].get("200", 0)
     others = {k: v for k, v in report["statuses"].items() if k not in ("200", "503")}
     transport = {k: v for k, v in report["errors"].items() if k.startswith("transport")}

@@ -88,7 +88,7 @@ def in_thread(app: FastAPI, *, like_serve: bool = False, ready_timeout_s: float 
 
 @contextmanager
 def served(
-    checkpoint: str,
+    checkpoint: str | list[str],
     defense: str,
     interpreter: str,
     *,
@@ -98,9 +98,9 @@ def served(
     gate: str = "none",
     ready_timeout_s: float = 600.0,
 ) -> Iterator[tuple[str, str]]:
-    """A server for ``checkpoint`` behind ``defense`` (and the misinformation gate, with ``gate="misinform"``)
-    in this process; yields (base URL, API key). The key is also the server's operator key, so the measurement
-    that holds it reads the gate's and the monitor's series in ``/metrics``.
+    """A server for ``checkpoint`` (or several, one model each) behind ``defense`` (and the misinformation gate,
+    with ``gate="misinform"``) in this process; yields (base URL, API key). The key is also the server's operator
+    key, so the measurement that holds it reads the gate's and the monitor's series in ``/metrics``.
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
     folder), so the caller's ``DD_*`` environment cannot change them."""
     from server.app import create_app

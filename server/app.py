@@ -38,9 +38,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.wait_until_ready:  # a Ray Serve replica: no request before the model is ready
             await runtime.prepared()
             if runtime.state == "failed":
-                raise StartupError(
-                    f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: {runtime.failure}"
-                )
+                raise StartupError(f"could not prepare {runtime.failure}")
         yield
     finally:
         await runtime.stop()
@@ -53,12 +51,12 @@ def create_app(
     replica: str = MAIN,
     wait_until_ready: bool = False,
 ) -> FastAPI:
-    """A FastAPI app serving ``settings.checkpoint`` through ``defense``, or through the defense the
-    settings name (built in the background at start-up; ``/readyz`` tells when it is done). A
-    checkpoint that fails verification raises ``models.checkpoint.CheckpointError`` here. ``replica``
-    names this app in ``/metrics`` (``dd_server_info{replica}``): a Ray Serve replica id under
+    """A FastAPI app serving the checkpoints of ``settings.checkpoint``, the first through ``defense`` when given,
+    each other through the defense the settings name (built in the background at start-up; ``/readyz`` tells
+    when every model is ready). A checkpoint that fails verification raises ``models.checkpoint.CheckpointError``
+    here. ``replica`` names this app in ``/metrics`` (``dd_server_info{replica}``): a Ray Serve replica id under
     ``server/cluster.py``, ``"main"`` for the one-process server. ``wait_until_ready``: the lifespan's
-    start-up returns only once the model is ready, and raises :class:`StartupError` when preparing
+    start-up returns only once every model is ready, and raises :class:`StartupError` when preparing
     failed (a Ray Serve replica, which gets requests as soon as its start-up returns)."""
     settings = settings or ServerSettings()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own decompression-bomb guard
@@ -93,8 +91,7 @@ def create_app(
         app.include_router(playground.build_router())
     install_served_openapi(
         app,
-        model_name=runtime.model_name,
-        input_shape=runtime.input_shape,
+        shapes={name: model.input_shape for name, model in runtime.models.items()},
         max_instances=settings.max_instances,
         max_image_bytes=settings.max_image_bytes,
     )
@@ -141,6 +138,4 @@ def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
     runtime.on_failure = stop
     server.run()
     if runtime.state == "failed":
-        raise StartupError(
-            f"could not prepare {runtime.model_name} with defense {runtime.defense_name!r}: {runtime.failure}"
-        )
+        raise StartupError(f"could not prepare {runtime.failure}")

@@ -40,7 +40,7 @@ from torch import Tensor
 from defense import Answer, Defense
 
 from .isolation import Failure, answer_isolated
-from .metrics import ServerMetrics
+from .metrics import ModelMetrics
 
 logger = logging.getLogger("deepdefense.server")
 T = TypeVar("T")
@@ -120,7 +120,7 @@ class MicroBatcher:
     def __init__(
         self,
         defense: Defense,
-        metrics: ServerMetrics,
+        metrics: ModelMetrics,
         *,
         device: torch.device,
         num_classes: int,

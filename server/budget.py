@@ -1,6 +1,13 @@
 """Per-key query budgets, kept outside the process so that a restart does not reset them: in SQLite
 (:class:`QueryLedger`, the default) or in Redis (:class:`RedisLedger`, shared by replicas).
 
+A key has a budget per model (each served model has its own ledger): what a key learns of one model does not
+cost it queries of another. Budget files and Redis states written before budgets were per model kept one spend
+per key; when a model's ledger opens, every key's old spend is copied into that model's budget, unless the
+model already has one for the key (so it happens once per model and key): after the upgrade a key has spent on
+every model at least what it had spent before (charged too much, never too little). The old spend stays where it
+was, untouched.
+
 Both check and spend in one atomic step, so concurrent requests (threads, or server processes
 sharing the file or the Redis) cannot overspend: SQLite with one conditional ``UPDATE`` inside an
 immediate transaction, Redis with one Lua script (Redis runs a script alone, start to end).
@@ -22,7 +29,7 @@ from typing import Protocol
 
 import redis
 
-from .state import PREFIX, connect_sqlite, redis_key
+from .state import PREFIX, connect_sqlite, is_key_id, redis_key
 
 #: The header by which cluster mode's gateway names the hold of a request it sends to a replica (a fresh
 #: :func:`new_hold` per request; the gateway replaces any a client sends, and one-process servers ignore it).
@@ -30,11 +37,16 @@ HOLD_HEADER = "x-dd-hold"
 #: A hold id: 32 hex digits.
 _HOLD_ID = re.compile(r"[0-9a-f]{32}")
 
-_SCHEMA = "CREATE TABLE IF NOT EXISTS spent (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL)"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS model_spent (model TEXT NOT NULL, key_id TEXT NOT NULL, queries INTEGER NOT NULL, "
+    "PRIMARY KEY (model, key_id))"
+)
+#: The table of budget files written before budgets were per model: one spend per key.
+_LEGACY_TABLE = "spent"
 
 
 class Ledger(Protocol):
-    """Queries spent per key id against one budget shared by every key."""
+    """Queries spent per key id on one model, against one budget shared by every key."""
 
     budget: int
 
@@ -58,12 +70,24 @@ class Ledger(Protocol):
 
 
 class QueryLedger:
-    """Queries spent per key id against one budget shared by every key."""
+    """Queries spent per key id on ``model`` against one budget shared by every key."""
 
-    def __init__(self, path: Path, budget: int) -> None:
-        self.budget = budget
+    def __init__(self, path: Path, budget: int, model: str) -> None:
+        self.budget, self.model = budget, model
         self._lock = threading.Lock()
         self._db = connect_sqlite(path, _SCHEMA)
+        self._carry_over_legacy()
+
+    def _carry_over_legacy(self) -> None:
+        """The spend of a budget file written before budgets were per model, copied into this model's budgets
+        where it has none for the key (the module's docstring)."""
+        legacy = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,))
+        if legacy.fetchone() is not None:
+            self._db.execute(
+                f"INSERT OR IGNORE INTO model_spent (model, key_id, queries) "
+                f"SELECT ?, key_id, queries FROM {_LEGACY_TABLE}",
+                (self.model,),
+            )
 
     def spend(self, key_id: str, queries: int, hold: str | None = None) -> int | None:
         """Spend ``queries`` of ``key_id``'s budget and return what is left, or None (nothing spent)
@@ -72,12 +96,16 @@ class QueryLedger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT OR IGNORE INTO spent (key_id, queries) VALUES (?, 0)", (key_id,))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO model_spent (model, key_id, queries) VALUES (?, ?, 0)", (self.model, key_id)
+                )
                 updated = self._db.execute(
-                    "UPDATE spent SET queries = queries + ? WHERE key_id = ? AND queries + ? <= ?",
-                    (queries, key_id, queries, self.budget),
+                    "UPDATE model_spent SET queries = queries + ? WHERE model = ? AND key_id = ? AND queries + ? <= ?",
+                    (queries, self.model, key_id, queries, self.budget),
                 ).rowcount
-                (spent,) = self._db.execute("SELECT queries FROM spent WHERE key_id = ?", (key_id,)).fetchone()
+                (spent,) = self._db.execute(
+                    "SELECT queries FROM model_spent WHERE model = ? AND key_id = ?", (self.model, key_id)
+                ).fetchone()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -88,14 +116,19 @@ class QueryLedger:
         """Give back queries that were spent but are not charged (docs/server.md, "What a request costs")."""
         _no_hold(hold)
         with self._lock:
-            self._db.execute("UPDATE spent SET queries = MAX(queries - ?, 0) WHERE key_id = ?", (queries, key_id))
+            self._db.execute(
+                "UPDATE model_spent SET queries = MAX(queries - ?, 0) WHERE model = ? AND key_id = ?",
+                (queries, self.model, key_id),
+            )
 
     def settle(self, hold: str) -> None:
         _no_hold(hold)
 
     def remaining(self, key_id: str) -> int:
         with self._lock:
-            row = self._db.execute("SELECT queries FROM spent WHERE key_id = ?", (key_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT queries FROM model_spent WHERE model = ? AND key_id = ?", (self.model, key_id)
+            ).fetchone()
         return self.budget - (row[0] if row else 0)
 
     def close(self) -> None:
@@ -167,17 +200,37 @@ return queries
 """
 
 
-class RedisLedger:
-    """:class:`Ledger` in Redis: the queries spent by a key id under ``dd:budget:<key id>``."""
+def budget_key(model: str, key_id: str, prefix: str = PREFIX) -> str:
+    """The Redis key of what ``key_id`` has spent on ``model``: ``dd:budget:<model>:<key id>``."""
+    return redis_key(prefix, f"budget:{model}", key_id)
 
-    def __init__(self, client: redis.Redis, budget: int, prefix: str = PREFIX, hold_ttl_s: int = 3600) -> None:
+
+class RedisLedger:
+    """:class:`Ledger` in Redis: the queries spent by a key id on ``model`` under ``dd:budget:<model>:<key id>``.
+
+    Releasing a hold (the gateway's part, :meth:`release`) does not depend on the model: the hold names the budget
+    key it spent from."""
+
+    def __init__(
+        self, client: redis.Redis, budget: int, model: str, prefix: str = PREFIX, hold_ttl_s: int = 3600
+    ) -> None:
         """``hold_ttl_s``: how long a hold outlives its spend when neither its replica nor the gateway ends it
         (both died): it then expires, and its queries stay charged."""
-        self.budget = budget
+        self.budget, self.model = budget, model
         self._client, self._prefix, self._hold_ttl_s = client, prefix, hold_ttl_s
         self._spend = client.register_script(_SPEND)  # EVALSHA, loaded again when Redis has forgotten it
         self._refund = client.register_script(_REFUND)
         self._release = client.register_script(_RELEASE)
+        self._carry_over_legacy()
+
+    def _carry_over_legacy(self) -> None:
+        """The spends kept before budgets were per model (``dd:budget:<key id>``), copied into this model's budgets
+        where it has none for the key (the module's docstring)."""
+        legacy = f"{self._prefix}budget:"
+        for name in self._client.scan_iter(match=legacy + "?" * 12, count=1000):
+            spent = self._client.get(name)
+            if is_key_id(name.removeprefix(legacy)) and spent is not None:
+                self._client.set(self._key(name.removeprefix(legacy)), spent, nx=True)
 
     def spend(self, key_id: str, queries: int, hold: str | None = None) -> int | None:
         keys = [self._key(key_id), *self._hold_keys(hold)]
@@ -201,7 +254,7 @@ class RedisLedger:
         self._client.close()
 
     def _key(self, key_id: str) -> str:
-        return redis_key(self._prefix, "budget", key_id)
+        return budget_key(self.model, key_id, self._prefix)
 
     def _hold_keys(self, hold: str | None) -> list[str]:
         if hold is None:

@@ -44,7 +44,7 @@ from .app import DRAIN_MARGIN_S, create_app
 from .budget import RedisLedger
 from .gateway import Forwarded, Gateway, Returned, call_app, gateway_app
 from .runtime import StartupError
-from .settings import ServerSettings
+from .settings import ServerSettings, model_name
 from .state import connect_redis
 
 if TYPE_CHECKING:
@@ -86,10 +86,7 @@ def settings_payload(settings: ServerSettings) -> dict[str, Any]:
     data["admin_keys"] = ",".join(settings.admin_keys_list()) or None
     data["api_keys_file"] = data["admin_keys_file"] = None
     data["budget_db"] = str(Path(settings.budget_db).resolve())
-    local = Path(settings.checkpoint)
-    local = local if local.suffix == ".json" else local.with_suffix(".json")
-    if local.is_file():  # a metadata JSON of this working directory (a shipped name stays a name)
-        data["checkpoint"] = str(local.resolve())
+    data["checkpoint"] = [_checkpoint_for_replicas(c) for c in settings.checkpoint]
     if settings.data_root is not None and Path(settings.data_root).is_dir():
         data["data_root"] = str(Path(settings.data_root).resolve())
     if settings.device.startswith("cuda"):
@@ -100,6 +97,13 @@ def settings_payload(settings: ServerSettings) -> dict[str, Any]:
         if isinstance(value, Path):
             data[name] = str(value)
     return data
+
+
+def _checkpoint_for_replicas(checkpoint: str) -> str:
+    """A metadata JSON of this working directory as an absolute path; a shipped name stays a name."""
+    local = Path(checkpoint)
+    local = local if local.suffix == ".json" else local.with_suffix(".json")
+    return str(local.resolve()) if local.is_file() else checkpoint
 
 
 def replica_id() -> str:
@@ -163,10 +167,10 @@ def deployment(settings: ServerSettings) -> Any:
             return await call_app(self.app, request)
 
         def check_health(self) -> None:
-            """Serve's periodic health check: a replica whose model is not ready is replaced."""
+            """Serve's periodic health check: a replica whose models are not all ready is replaced."""
             runtime = self.app.state.runtime
             if runtime.state != "ready":
-                raise RuntimeError(f"the model of this replica is {runtime.state}: {runtime.failure}")
+                raise RuntimeError(f"the models of this replica are {runtime.state}: {runtime.failure}")
 
         async def __del__(self) -> None:
             """Serve stops the replica: the app's shutdown (its runtime drains and stops)."""
@@ -208,7 +212,9 @@ def gateway_deployment(settings: ServerSettings) -> Any:
 
         ledger = None
         if gateway_settings.state is not None and gateway_settings.query_budget is not None:
-            ledger = RedisLedger(connect_redis(gateway_settings.state), gateway_settings.query_budget)
+            # it only releases holds, which name the budget they spent from: any model's ledger does
+            default = model_name(gateway_settings.checkpoint[0])
+            ledger = RedisLedger(connect_redis(gateway_settings.state), gateway_settings.query_budget, default)
         gateway = Gateway(
             replica,
             lost=(RayActorError,),
@@ -271,7 +277,7 @@ def start_replicas(settings: ServerSettings) -> str:
         serve.run(application(settings), name=APP_NAME, route_prefix="/")
     except Exception as err:  # Serve's RuntimeError/RayServeException after the replicas failed to start
         raise StartupError(
-            f"the Serve replicas of {settings.checkpoint} did not start: {err} (why: the replica logs, "
+            f"the Serve replicas of {', '.join(settings.checkpoint)} did not start: {err} (why: the replica logs, "
             "logs/serve/replica_*.log in the Ray session folder, /tmp/ray/session_latest by default)"
         ) from None
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -319,7 +325,7 @@ def serve_replicas(settings: ServerSettings) -> None:
         logger.info(
             "ready: %d replica(s) of %s through %s on %s, at %s",
             settings.replicas or 1,
-            settings.checkpoint,
+            ", ".join(settings.checkpoint),
             settings.defense,
             where,
             url,

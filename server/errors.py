@@ -138,7 +138,7 @@ def _teaching(request: Request, error: Mapping[str, Any]) -> str | None:
     """A message that says what to do, for the commonest mistakes with image values; None for the others."""
     kind, loc = error.get("type"), error.get("loc", ())
     if kind == PIXELS_SHAPE:
-        return reshape_hint(list(error["ctx"]["shape"]), request.app.state.runtime.input_shape, batch=False)
+        return reshape_hint(list(error["ctx"]["shape"]), request.app.state.runtime.default.input_shape, batch=False)
     if kind == "less_than_equal" and ("pixels" in loc or "data" in loc):
         return ABOVE_ONE
     return None

@@ -27,23 +27,27 @@ access_log = logging.getLogger("deepdefense.access")
 
 
 class ServerMetrics:
-    """Every metric the server exports; names follow Prometheus conventions (units, ``_total``).
+    """Every metric the server exports; names follow Prometheus conventions (units, ``_total``). The series of
+    what a model does (its queue, batches, answers, failures, the gate's and the monitor's work on its queries)
+    carry a ``model`` label; :meth:`model` gives one model's view of them. The HTTP series and the count of
+    escalated keys (a key is escalated across every model, ``server/monitor.py``) are the server's.
 
     Two registries: ``registry`` holds the service's series, which anyone who may read ``/metrics`` gets;
     ``operator_registry`` holds what would tell a thief about the gate and the monitor (misinformed answers,
     escalated keys, per-key counts by key id), which only an operator key reads."""
 
-    def __init__(self, *, model: str, defense: str, interpreter: str, device: str, replica: str = MAIN) -> None:
+    def __init__(self, *, replica: str = MAIN) -> None:
         self.registry = CollectorRegistry()
         self.operator_registry = CollectorRegistry()
         r, op = self.registry, self.operator_registry
-        self.defense = defense
-        Info(
+        self.replica = replica
+        self.info = Info(
             "dd_server",
-            "What this server serves; defense='none' means undefended; replica: the Ray Serve replica answering "
-            "this scrape, 'main' for the one-process server.",
+            "What this server serves, one series per model; defense='none' means undefended; replica: the Ray "
+            "Serve replica answering this scrape, 'main' for the one-process server.",
+            ["model"],
             registry=r,
-        ).info({"model": model, "defense": defense, "interpreter": interpreter, "device": device, "replica": replica})
+        )
         self.requests = Counter(
             "dd_http_requests_total",
             "HTTP requests by route template, method and status.",
@@ -58,40 +62,46 @@ class ServerMetrics:
             registry=r,
         )
         self.in_flight = Gauge("dd_http_requests_in_flight", "HTTP requests being handled now.", registry=r)
-        self.queue_instances = Gauge("dd_queue_instances", "Instances waiting for a micro-batch.", registry=r)
+        self.queue_instances = Gauge(
+            "dd_queue_instances", "Instances waiting for a micro-batch.", ["model"], registry=r
+        )
         self.queue_wait = Histogram(
             "dd_queue_wait_seconds",
             "Time an instance waits before its micro-batch runs.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference = Histogram(
             "dd_inference_seconds",
             "Wall time of one defense.answer call (a micro-batch).",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.optimisation = Histogram(
             "dd_defense_optimisation_seconds",
             "Per-query optimisation time reported by the defense.",
-            ["defense"],
+            ["model", "defense"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_instances = Histogram(
-            "dd_batch_instances", "Instances per micro-batch.", buckets=_BATCH_BUCKETS, registry=r
+            "dd_batch_instances", "Instances per micro-batch.", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
-        self.answers = Counter("dd_answers_total", "Answered instances by defense.", ["defense"], registry=r)
+        self.answers = Counter(
+            "dd_answers_total", "Answered instances by model and defense.", ["model", "defense"], registry=r
+        )
         self.fallbacks = Counter(
             "dd_defense_fallbacks_total",
             "Answers that fell back to the defense's documented safe answer.",
-            ["defense"],
+            ["model", "defense"],
             registry=r,
         )
         self.misinformed = Counter(
             "dd_misinformed_answers_total",
             "Answers the misinformation gate gave (queries its domain score flagged as out of domain).",
-            ["defense"],
+            ["model", "defense"],
             registry=op,
         )
         self.flagged_keys = Gauge(
@@ -101,42 +111,87 @@ class ServerMetrics:
         )
         self.escalated = Counter(
             "dd_escalated_instances_total",
-            "Instances of escalated keys, by what they got: misinform (every answer from the misinformation "
-            "model) or refuse (403 key_flagged).",
-            ["action"],
+            "Instances of escalated keys, by model and what they got: misinform (every answer from the "
+            "misinformation model) or refuse (403 key_flagged).",
+            ["model", "action"],
             registry=op,
         )
         self.key_queries = Counter(
-            "dd_key_queries_total", "Queries (instances) admitted per API key hash.", ["key"], registry=op
+            "dd_key_queries_total",
+            "Queries (instances) admitted per model and API key hash.",
+            ["model", "key"],
+            registry=op,
         )
         self.failures = Counter(
             "dd_defense_failures_total",
             "Instances the defense could not answer (it raised, or its answer was not a finite, "
             "well-formed distribution); their requests got 500 defense_failed.",
-            ["defense", "reason"],
+            ["model", "defense", "reason"],
             registry=r,
         )
         self.isolation_retries = Counter(
             "dd_batch_isolation_retries_total",
             "Micro-batches whose defense call failed and were retried one instance at a time.",
+            ["model"],
             registry=r,
         )
         self.dropped = Counter(
             "dd_dropped_instances_total",
             "Queued instances dropped uncomputed because their request gave up (timeout or client disconnect).",
+            ["model"],
             registry=r,
         )
         self.rejected = Counter(
-            "dd_rejected_requests_total", "Requests refused with 503 by admission control.", ["reason"], registry=r
+            "dd_rejected_requests_total",
+            "Requests refused with 503 by admission control.",
+            ["model", "reason"],
+            registry=r,
         )
         self.instance_cost = Gauge(
             "dd_instance_cost_seconds",
             "Moving average of model-thread seconds per instance (admission control).",
+            ["model"],
             registry=r,
         )
-        self.answers.labels(defense)
-        self.fallbacks.labels(defense)
-        self.misinformed.labels(defense)
+
+    def model(self, model: str, *, defense: str, interpreter: str, device: str) -> ModelMetrics:
+        """The series of ``model`` (served through ``defense`` with ``interpreter`` on ``device``), every one of
+        them exported from now on, at zero until something happens."""
+        self.info.labels(model).info(
+            {"defense": defense, "interpreter": interpreter, "device": device, "replica": self.replica}
+        )
+        return ModelMetrics(self, model, defense)
+
+
+class _Labelled:
+    """A metric family with its first label (the model) fixed: ``.labels(*rest)``."""
+
+    def __init__(self, family: Counter, model: str) -> None:
+        self._family, self._model = family, model
+
+    def labels(self, *rest: str) -> Counter:
+        return self._family.labels(self._model, *rest)
+
+
+class ModelMetrics:
+    """One model's series of :class:`ServerMetrics` (the ``model`` label fixed), as its micro-batcher and its
+    requests record them; ``flagged_keys`` and the registries are the server's."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, defense: str) -> None:
+        self.registry, self.operator_registry = metrics.registry, metrics.operator_registry
+        self.flagged_keys = metrics.flagged_keys
+        self.defense = defense
+        for name in ("queue_instances", "queue_wait", "inference", "batch_instances", "isolation_retries", "dropped"):
+            setattr(self, name, getattr(metrics, name).labels(model))
+        self.instance_cost = metrics.instance_cost.labels(model)
+        self.answers = metrics.answers.labels(model, defense)
+        self.fallbacks = metrics.fallbacks.labels(model, defense)
+        self.misinformed = metrics.misinformed.labels(model, defense)
+        self.optimisation = metrics.optimisation.labels(model, defense)
+        self.rejected = _Labelled(metrics.rejected, model)
+        self.escalated = _Labelled(metrics.escalated, model)
+        self.key_queries = _Labelled(metrics.key_queries, model)
+        self.failures = _Labelled(metrics.failures, model)
         for reason in FAILURE_REASONS:
             self.failures.labels(defense, reason)
         for reason in REJECT_REASONS:
@@ -148,14 +203,14 @@ class ServerMetrics:
         self.failures.labels(self.defense, reason).inc()
 
     def observe_answer(self, answer: Answer) -> None:
-        self.answers.labels(self.defense).inc()
+        self.answers.inc()
         if answer.fallback:
-            self.fallbacks.labels(self.defense).inc()
+            self.fallbacks.inc()
         if answer.misinformed:
-            self.misinformed.labels(self.defense).inc()
+            self.misinformed.inc()
         seconds = answer.stats.get("optimisation_seconds")
         if seconds is not None:
-            self.optimisation.labels(self.defense).observe(seconds)
+            self.optimisation.observe(seconds)
 
 
 class RequestMetricsMiddleware:

@@ -17,6 +17,9 @@ It sees what the queries are, not one bit each (``server/query_features.py``):
   distances: Jacobian-augmented queries (JBDA), grown from earlier ones, add a mass of tiny distances that
   natural digits do not have.
 
+A server of several models (``server/runtime.py``) keeps one window and one escalation per key across them,
+fed by the queries of the models that have the gate; a model without the gate refuses an escalated key.
+
 The policy escalates a key once any of these says extraction: more than ``threshold`` (20%) of the last
 ``window`` (100) queries flagged by the domain score, more than ``duplicates`` (20%) of them
 near-duplicates, at least ``tainted`` (3) near-duplicates of escalated keys' queries, or W below

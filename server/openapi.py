@@ -1,6 +1,6 @@
 """The OpenAPI schema as this server applies it: the generic request schema of ``schemas.py``
-narrowed to the served model's input shape and the configured limits, so that clients, the
-documentation and schema-driven fuzzers see the arrays and sizes that are accepted."""
+narrowed to the served models' names, their input shape (when they share one) and the configured limits, so
+that clients, the documentation and schema-driven fuzzers see the arrays and sizes that are accepted."""
 
 from __future__ import annotations
 
@@ -15,22 +15,24 @@ from .schemas import PredictRequest
 def install_served_openapi(
     app: FastAPI,
     *,
-    model_name: str,
-    input_shape: tuple[int, int, int],
+    shapes: dict[str, tuple[int, int, int]],
     max_instances: int,
     max_image_bytes: int,
 ) -> None:
-    """Replace ``app.openapi`` by a cached schema with the exact C×H×W pixel arrays, exactly one of
-    ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and example
-    requests the served model accepts (``/predict`` and the Open Inference Protocol's ``infer``)."""
+    """Replace ``app.openapi`` by a cached schema with the served models' names (``shapes``: each one's input
+    shape, the default first), the exact C×H×W pixel arrays when every model takes the same shape, exactly one
+    of ``pixels`` and ``image_b64`` per instance, the instance and image size limits, and example requests the
+    default model accepts (``/predict`` and the Open Inference Protocol's ``infer``)."""
     generate = app.openapi
+    names, default = list(shapes), next(iter(shapes.values()))
+    shared = default if len(set(shapes.values())) == 1 else None
 
     def served() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             _add_request_schema(schema["components"]["schemas"])
-            _narrow(schema["components"]["schemas"], input_shape, max_instances, max_image_bytes)
-            _narrow_oip(schema["paths"], model_name, input_shape)
+            _narrow(schema["components"]["schemas"], names, default, shared, max_instances, max_image_bytes)
+            _narrow_oip(schema["paths"], names, default)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -45,11 +47,19 @@ def _add_request_schema(schemas: dict[str, Any]) -> None:
     schemas["PredictRequest"] = request
 
 
-def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances: int, max_image_bytes: int) -> None:
+def _narrow(
+    schemas: dict[str, Any],
+    names: list[str],
+    default: tuple[int, int, int],
+    shared: tuple[int, int, int] | None,
+    max_instances: int,
+    max_image_bytes: int,
+) -> None:
+    """``shared``: the input shape of every model, None when they differ (the arrays' sizes then stay open)."""
     instance = schemas["Instance"]
     pixels = next(s for s in instance["properties"]["pixels"]["anyOf"] if s.get("type") == "array")
     level = pixels
-    for size in shape:
+    for size in shared or ():
         level.update(minItems=size, maxItems=size)
         level = level["items"]
     image = next(s for s in instance["properties"]["image_b64"]["anyOf"] if s.get("type") == "string")
@@ -61,18 +71,20 @@ def _narrow(schemas: dict[str, Any], shape: tuple[int, int, int], max_instances:
     ]
     request = schemas["PredictRequest"]
     request["properties"]["instances"]["maxItems"] = max_instances
-    c, h, w = shape
+    model = next(s for s in request["properties"]["model"]["anyOf"] if s.get("type") == "string")
+    model["enum"] = names
+    c, h, w = default
     request["examples"] = [{"instances": [{"pixels": [[[0.5] * w] * h] * c}], "explain": True, "invert": False}]
 
 
-def _narrow_oip(paths: dict[str, Any], model_name: str, shape: tuple[int, int, int]) -> None:
-    """The Open Inference Protocol's routes: the served model's name as the one value of their path
-    parameter (others are 404), and an example infer request for one image of its size."""
+def _narrow_oip(paths: dict[str, Any], names: list[str], shape: tuple[int, int, int]) -> None:
+    """The Open Inference Protocol's routes: the served models' names as the values of their path
+    parameter (others are 404), and an example infer request for one image of the default model's size."""
     for path, operations in paths.items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "path" and parameter["name"] == "model_name":
-                    parameter["schema"] = {**parameter["schema"], "enum": [model_name]}
+                    parameter["schema"] = {**parameter["schema"], "enum": names}
             if path.endswith("/infer") and "requestBody" in operation:
                 # a copy: FastAPI puts the route's own openapi_extra dict into the schema, shared by every app
                 operation["requestBody"] = copy.deepcopy(operation["requestBody"])

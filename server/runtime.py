@@ -46,8 +46,10 @@ class StartupError(ValueError):
     """The served model or its defense could not be prepared; the message says why."""
 
 
-def build_defense(settings: ServerSettings, device: torch.device, edm_hash_key: str | None = None) -> Defense:
-    """The configured defense around a frozen victim, with the layer sensitivity stored in the
+def build_defense(
+    settings: ServerSettings, checkpoint: str, device: torch.device, edm_hash_key: str | None = None
+) -> Defense:
+    """The configured defense around ``checkpoint``'s frozen victim, with the layer sensitivity stored in the
     checkpoint (or computed on ``settings.data_root``): the project's one loading path. ``edm_hash_key``:
     EDM's hash key where the engine options name none (the server's persisted one, ``server/keystore.py``)."""
     if settings.defense == "none" and settings.engine:
@@ -56,15 +58,15 @@ def build_defense(settings: ServerSettings, device: torch.device, edm_hash_key: 
     if settings.defense == "edm" and edm_hash_key is not None:
         options.setdefault("hash_key", edm_hash_key)
     defense, _ = load_defense(
-        settings.checkpoint,
+        checkpoint,
         settings.defense,
         settings.interpreter,
         device=device,
         data_root=settings.data_root,
         **options,
     )
-    if settings.gated():
-        defense = load_gate(defense, settings.checkpoint, device=device)
+    if settings.gated(checkpoint):
+        defense = load_gate(defense, checkpoint, device=device)
     return defense
 
 
@@ -89,12 +91,133 @@ def open_watermark(settings: ServerSettings, client: redis.Redis | None, classes
 
 
 class Runtime:
-    """The served model, its defense, the batcher, keys, budgets and metrics of one app."""
+    """Everything one app serves with: the models (:class:`ModelRuntime`, by name, the first the default), and
+    what they share: the settings, the API and operator keys, the extraction monitor, the Redis state and the
+    metrics."""
 
     def __init__(self, settings: ServerSettings, defense: Defense | None = None, *, replica: str = MAIN) -> None:
+        """``defense``: the first model's, ready built (tests, benchmarks); the others' are built from the settings."""
         self.settings = settings
-        meta_path = resolve_checkpoint(settings.checkpoint)
-        self.model_name = meta_path.stem
+        self.metrics = ServerMetrics(replica=replica)
+        self.monitor: ExtractionMonitor | None = None
+        self.watermark: Watermark | None = None  # the default model's answers' (``server/watermark.py``)
+        self._redis: redis.Redis | None = None  # the Redis state's client, when there is one
+        self.on_failure: Callable[[], None] | None = None  # `serve` stops the server when preparing fails
+        try:
+            self._open_state(settings)
+            self.models: dict[str, ModelRuntime] = {}
+            for i, checkpoint in enumerate(settings.checkpoint):
+                model = ModelRuntime(self, checkpoint, defense if i == 0 else None)
+                self.models[model.model_name] = model
+        except StateUnreachable as err:  # the server does not start answering without its state
+            raise StartupError(str(err)) from None
+        except STATE_ERRORS as err:  # reached, then lost before start-up was done
+            raise StartupError(
+                f"lost the Redis state at {redis_address(settings.state or '')} while starting: {type(err).__name__}"
+            ) from None
+        except SecretFileError as err:
+            raise StartupError(str(err)) from None
+        self.default = next(iter(self.models.values()))
+
+    def _open_state(self, settings: ServerSettings) -> None:
+        """The monitor's state and the server's secrets (``server/keystore.py``): in the SQLite file ``budget_db``
+        and files beside it, or in the Redis at ``state``; the models open their budgets there too."""
+        keys = settings.keys()
+        edm = settings.defense == "edm" and "hash_key" not in settings.engine
+        kept = settings.query_budget is not None or settings.monitoring() or settings.watermarking()
+        if settings.state and not (kept or keys or edm):
+            logger.warning("state is set, but without keys, query_budget, the monitor or EDM nothing is kept there")
+        client = connect_redis(settings.state) if settings.state and (kept or keys or edm) else None
+        self._redis = client
+        # key ids are HMACs under a kept secret; operator keys are only compared, under a secret of this process
+        self.keys = KeyRing(keys, server_secret(KEY_ID, client, settings.budget_db) if keys else b"")
+        self.admin_keys = KeyRing(settings.admin_keys_list(), secrets.token_bytes(32))
+        self.edm_hash_key = server_secret(EDM_HASH, client, settings.budget_db).hex() if edm else None
+        if settings.monitoring():
+            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
+            self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
+            self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
+        if settings.watermarking():  # records are kept per key, so one model's: the default's
+            classes = len(read_meta(resolve_checkpoint(settings.checkpoint[0])).classes)
+            self.watermark = open_watermark(settings, client, classes)
+
+    def open_ledger(self, model: str) -> Ledger | None:
+        """``model``'s budgets (``server/budget.py``), where the monitor's state is; None without a budget."""
+        budget = self.settings.query_budget
+        if budget is None:
+            return None
+        if self._redis is not None:
+            return RedisLedger(self._redis, budget, model)
+        return QueryLedger(self.settings.budget_db, budget, model)
+
+    @property
+    def state(self) -> State:
+        """``failed`` when a model failed to prepare, ``ready`` when every model is, else ``starting``."""
+        states = {m.state for m in self.models.values()}
+        return "failed" if "failed" in states else "ready" if states == {"ready"} else "starting"
+
+    @property
+    def failure(self) -> str | None:
+        """Why preparing failed, naming the models that failed (for the operator; never sent to clients)."""
+        failed = [m for m in self.models.values() if m.failure]
+        return "; ".join(f"{m.model_name} with defense {m.defense_name!r}: {m.failure}" for m in failed) or None
+
+    def model_failed(self) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def start(self) -> None:
+        """Begin preparing every model in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
+        for model in self.models.values():
+            await model.start()
+
+    async def prepared(self) -> None:
+        """Wait until every model's preparing is over (``state`` is then ``ready`` or ``failed``); a Ray Serve
+        replica waits for this before Serve sends it requests (``create_app(..., wait_until_ready=True)``)."""
+        for model in self.models.values():
+            await model.prepared()
+
+    async def stop(self) -> None:
+        for model in self.models.values():
+            await model.stop()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.watermark is not None:
+            self.watermark.close()
+
+    def model(self, name: str | None, field: str) -> ModelRuntime:
+        """The served model named ``name`` (None: the default, the first); 404 ``model_not_found`` naming the
+        served ones for any other name (``field``: where the request named it)."""
+        if name is None:
+            return self.default
+        model = self.models.get(name)
+        if model is None:
+            served = ", ".join(repr(n) for n in self.models)
+            raise ApiError(404, "model_not_found", f"no such model; this server serves {served}", field=field)
+        return model
+
+    def check_ready(self) -> None:
+        """503 while a model is still starting (or failed to start)."""
+        for model in self.models.values():
+            model.ready_batcher()
+
+    def check_state(self) -> None:
+        """Readiness of the shared state: 503 ``state_unavailable`` while the Redis state cannot be reached
+        (requests that spend or observe would get the same); nothing to check for SQLite or no state."""
+        if self._redis is not None:
+            with state_reachable(self.settings.retry_after_s):
+                self._redis.ping()
+
+
+class ModelRuntime:
+    """One served model: its checkpoint, defense (with its gate), micro-batcher, budgets and series, and the
+    server's keys, settings and monitor it answers with."""
+
+    def __init__(self, server: Runtime, checkpoint: str, defense: Defense | None = None) -> None:
+        settings = self.settings = server.settings
+        self._server = server
+        meta_path = resolve_checkpoint(checkpoint)
+        self.checkpoint, self.model_name = checkpoint, meta_path.stem
         self.meta = read_meta(meta_path)
         if defense is None:  # sha256, architecture and shapes, before anything listens (CheckpointError)
             load_checkpoint(meta_path)
@@ -108,71 +231,29 @@ class Runtime:
             self.device = next(defense.model.parameters()).device
             self.defense_name, self.interpreter_name = defense.name, defense.interpreter.name
         self.image_limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.metrics = ServerMetrics(
-            model=self.model_name,
-            defense=self.defense_name,
-            interpreter=self.interpreter_name,
-            device=str(self.device),
-            replica=replica,
+        self.metrics = server.metrics.model(
+            self.model_name, defense=self.defense_name, interpreter=self.interpreter_name, device=str(self.device)
         )
-        if settings.monitoring() and not settings.gated():
-            raise StartupError(f"monitor 'on' needs the misinformation gate, which {self.model_name} does not ship")
-        self.ledger: Ledger | None = None
-        self.monitor: ExtractionMonitor | None = None
-        self.watermark: Watermark | None = None
-        self._redis: redis.Redis | None = None  # the Redis state's client, when there is one
-        try:
-            self._open_state(settings)
-        except StateUnreachable as err:  # the server does not start answering without its state
-            raise StartupError(str(err)) from None
-        except STATE_ERRORS as err:  # reached, then lost before start-up was done
-            raise StartupError(
-                f"lost the Redis state at {redis_address(settings.state or '')} while starting: {type(err).__name__}"
-            ) from None
-        except SecretFileError as err:
-            raise StartupError(str(err)) from None
+        self.keys = server.keys
+        self.gated = settings.gated(checkpoint)
+        self.monitor = server.monitor  # a key is watched across models; an ungated model refuses escalated keys
+        # the watermark marks the default model's answers only: its records are kept per key, not per model
+        self.watermark = server.watermark if checkpoint == settings.checkpoint[0] else None
+        self.edm_hash_key = server.edm_hash_key
+        self.ledger = server.open_ledger(self.model_name)
         self.batcher: MicroBatcher | None = None
         self.state: State = "starting"
         self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
-        self.on_failure: Callable[[], None] | None = None  # `serve` stops the server when preparing fails
         self._preparing: asyncio.Task[None] | None = None
 
-    def _open_state(self, settings: ServerSettings) -> None:
-        """The budgets, the monitor's state and the server's secrets (``server/keystore.py``): in the SQLite file
-        ``budget_db`` and files beside it, or in the Redis at ``state``."""
-        keys = settings.keys()
-        edm = settings.defense == "edm" and "hash_key" not in settings.engine
-        kept = settings.query_budget is not None or settings.monitoring() or settings.watermarking()
-        if settings.state and not (kept or keys or edm):
-            logger.warning("state is set, but without keys, query_budget, the monitor or EDM nothing is kept there")
-        client = connect_redis(settings.state) if settings.state and (kept or keys or edm) else None
-        self._redis = client
-        # key ids are HMACs under a kept secret; operator keys are only compared, under a secret of this process
-        self.keys = KeyRing(keys, server_secret(KEY_ID, client, settings.budget_db) if keys else b"")
-        self.admin_keys = KeyRing(settings.admin_keys_list(), secrets.token_bytes(32))
-        self.edm_hash_key = server_secret(EDM_HASH, client, settings.budget_db).hex() if edm else None
-        if not kept:
-            return
-        if settings.query_budget is not None:
-            budget = settings.query_budget
-            self.ledger = RedisLedger(client, budget) if client else QueryLedger(settings.budget_db, budget)
-        if settings.monitoring():
-            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
-            self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
-            self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
-        if settings.watermarking():
-            self.watermark = open_watermark(settings, client, len(self.meta.classes))
-
     async def start(self) -> None:
-        """Begin preparing in the background; ``/healthz`` answers meanwhile, ``/readyz`` once done."""
+        """Begin preparing in the background."""
         if self.defense_name == "none":
-            gated = " except for the misinformation gate" if self.settings.gated() else ""
+            gated = " except for the misinformation gate" if self.gated else ""
             logger.warning("serving %s UNDEFENDED (defense 'none')%s, as asked", self.model_name, gated)
-        self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name="dd-prepare")
+        self._preparing = asyncio.get_running_loop().create_task(self._prepare(), name=f"dd-prepare-{self.model_name}")
 
     async def prepared(self) -> None:
-        """Wait until preparing is over (``state`` is then ``ready`` or ``failed``); a Ray Serve replica
-        waits for this before Serve sends it requests (``create_app(..., wait_until_ready=True)``)."""
         if self._preparing is not None:
             await asyncio.shield(self._preparing)
 
@@ -184,15 +265,13 @@ class Runtime:
             await self.batcher.stop()
         if self.ledger is not None:
             self.ledger.close()
-        if self.monitor is not None:
-            self.monitor.close()
-        if self.watermark is not None:
-            self.watermark.close()
 
     async def _prepare(self) -> None:
         try:
             if self.defense is None:
-                self.defense = await asyncio.to_thread(build_defense, self.settings, self.device, self.edm_hash_key)
+                self.defense = await asyncio.to_thread(
+                    build_defense, self.settings, self.checkpoint, self.device, self.edm_hash_key
+                )
             s = self.settings
             self.batcher = MicroBatcher(
                 self.defense,
@@ -214,8 +293,7 @@ class Runtime:
             logger.exception("preparing %s with defense %r failed", self.model_name, self.defense_name)
             self.failure = f"{type(err).__name__}: {err}"
             self.state = "failed"
-            if self.on_failure is not None:
-                self.on_failure()
+            self._server.model_failed()
             return
         self.state = "ready"
         gate = "on" if isinstance(self.defense, MisinformationGate) else "off"
@@ -243,26 +321,17 @@ class Runtime:
         their sha256 (checkpoint metadata, verified when the weights were loaded)."""
         return model_version(self.meta.sha256)
 
-    def check_served(self, model_name: str) -> None:
-        """404 ``model_not_found`` unless ``model_name`` is the served model's (a route's ``{model_name}``)."""
-        if model_name != self.model_name:
-            raise ApiError(
-                404, "model_not_found", f"no such model; this server serves {self.model_name!r}", field="model_name"
-            )
-
     def ready_batcher(self) -> MicroBatcher:
-        """The batcher, or a 503 while the server is still starting (or failed to start)."""
+        """The batcher, or a 503 while the model is still starting (or failed to start)."""
         if self.state != "ready" or self.batcher is None:
-            message = "the model is still loading" if self.state == "starting" else "the model failed to load"
-            raise ApiError(503, "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)})
+            why = "is still loading" if self.state == "starting" else "failed to load"
+            raise ApiError(
+                503,
+                "not_ready",
+                f"the model {self.model_name} {why}",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         return self.batcher
-
-    def check_state(self) -> None:
-        """Readiness of the shared state: 503 ``state_unavailable`` while the Redis state cannot be reached
-        (requests that spend or observe would get the same); nothing to check for SQLite or no state."""
-        if self._redis is not None:
-            with state_reachable(self.settings.retry_after_s):
-                self._redis.ping()
 
     def ready_defense(self) -> Defense:
         self.ready_batcher()

@@ -80,6 +80,9 @@ class PredictRequest(BaseModel):
     )
 
     instances: list[Instance] = Field(min_length=1, description="queries, up to the server's maximum")
+    model: StrictStr | None = Field(
+        None, description="the served model to ask, by name (GET /v1/models lists them); absent: the first"
+    )
     explain: StrictBool = Field(True, description="also return an attribution map per instance")
     invert: StrictBool = Field(False, description=INVERT_DESCRIPTION)
 
@@ -110,8 +113,9 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
-    model: str
-    defense: str
+    model: str = Field(description="the default model (the first served)")
+    defense: str = Field(description="the default model's defense")
+    models: list[str] = Field(description="every served model, by name, the default first")
 
 
 class DefenseInfo(BaseModel):

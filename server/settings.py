@@ -5,8 +5,9 @@ API keys are read only from ``DD_API_KEYS`` (comma-separated) or the file named 
 inside a key is part of the key), never from a flag, so that they do
 not show up in process listings or shell history; operator keys for ``/metrics`` and ``/docs``
 likewise from ``DD_ADMIN_KEYS`` or ``DD_ADMIN_KEYS_FILE``. Validation errors never echo an input
-(``hide_input_in_errors``), so a bad setting cannot print a key. Engine options go through unchanged as a dict:
-``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (values are read as JSON when they parse).
+(``hide_input_in_errors``), so a bad setting cannot print a key. Several checkpoints (one model each):
+``--checkpoint`` repeated, or ``DD_CHECKPOINT=lenet-mnist,lenet-fashionmnist``. Engine options go through
+unchanged as a dict: ``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (values are read as JSON when they parse).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from defense.loader import gate_available
 from defense.names import DefenseName
@@ -42,7 +43,11 @@ class ServerSettings(BaseSettings):
         env_prefix="DD_", env_nested_delimiter="__", env_ignore_empty=True, extra="forbid", hide_input_in_errors=True
     )
 
-    checkpoint: str = Field("lenet-mnist", description="shipped checkpoint name or path to its metadata JSON")
+    checkpoint: Annotated[list[str], NoDecode] = Field(
+        ["lenet-mnist"],
+        description="shipped checkpoint name or path to its metadata JSON; repeat the flag (or separate them by "
+        "commas in DD_CHECKPOINT) to serve several models, each under its checkpoint's name, the first the default",
+    )
     defense: DefenseName = Field("deepdefense", description="`none` serves the undefended victim, by name only")
     interpreter: str = Field("gradcam", description="attribution method: gradcam, gradinput, relevancecam")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
@@ -192,10 +197,26 @@ class ServerSettings(BaseSettings):
         "client (off: GET / is 404)",
     )
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _split_checkpoints(cls, value: Any) -> Any:
+        """``DD_CHECKPOINT=lenet-mnist,lenet-fashionmnist`` (and one name given as a string) as a list."""
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint_exists(cls, value: str) -> str:
-        resolve_checkpoint(value)
+    def _checkpoints_exist(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one checkpoint")
+        seen: dict[str, str] = {}
+        for checkpoint in value:
+            name = model_name(checkpoint)
+            if name in seen:
+                raise ValueError(
+                    f"two checkpoints are named {name!r} ({seen[name]} and {checkpoint}): each model is served under "
+                    "its checkpoint's name, so give each model a checkpoint of its own name"
+                )
+            seen[name] = checkpoint
         return value
 
     @field_validator("engine", mode="after")
@@ -222,8 +243,11 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 "watermark 'on' needs API keys (DD_API_KEYS or DD_API_KEYS_FILE): it marks each key's answers"
             )
-        if self.monitor == "on" and self.gate == "none":
-            raise ValueError("monitor 'on' needs the gate (misinform or auto): it reads the gate's domain flags")
+        if self.monitor == "on" and not any(self.gated(c) for c in self.checkpoint):
+            raise ValueError(
+                "monitor 'on' needs the gate (misinform, or auto with a checkpoint that ships it): it reads the gate's "
+                "domain flags"
+            )
         kept = self.query_budget is not None or self.monitoring() or self.watermarking()
         if (self.replicas or 1) > 1 and not self.state and kept:
             raise ValueError(
@@ -250,23 +274,25 @@ class ServerSettings(BaseSettings):
         return self
 
     def monitoring(self) -> bool:
-        """Whether the extraction monitor runs: ``on``, or ``auto`` with API keys and the gate."""
-        return self.monitor == "on" or (self.monitor == "auto" and bool(self.keys()) and self.gated())
+        """Whether the extraction monitor runs: ``on``, or ``auto`` with API keys and a gated model."""
+        gated = any(self.gated(c) for c in self.checkpoint)
+        return self.monitor == "on" or (self.monitor == "auto" and bool(self.keys()) and gated)
 
     def watermarking(self) -> bool:
-        """Whether answers are watermarked: ``on``, or ``auto`` with API keys."""
+        """Whether the default model's answers are watermarked: ``on``, or ``auto`` with API keys."""
         return self.watermark == "on" or (self.watermark == "auto" and bool(self.keys()))
 
-    def gated(self) -> bool:
-        """Whether the misinformation gate is on: ``misinform``, or ``auto`` with a checkpoint that ships it."""
-        return self.gate == "misinform" or (self.gate == "auto" and gate_available(self.checkpoint))
+    def gated(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint``'s model has the misinformation gate: ``misinform``, or ``auto`` and it ships it."""
+        return self.gate == "misinform" or (self.gate == "auto" and gate_available(checkpoint))
 
     def body_limit(self) -> int:
-        """``max_body_bytes``, or the limit derived from the checkpoint's input shape and ``max_instances``."""
+        """``max_body_bytes``, or the limit derived from the largest input shape of the checkpoints and
+        ``max_instances``."""
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        shape = read_meta(resolve_checkpoint(self.checkpoint)).input_shape
-        return default_body_limit(tuple(shape), self.max_instances)  # type: ignore[arg-type]
+        shapes = [read_meta(resolve_checkpoint(c)).input_shape for c in self.checkpoint]
+        return max(default_body_limit(tuple(shape), self.max_instances) for shape in shapes)  # type: ignore[arg-type]
 
     def keys(self) -> list[str]:
         """The configured API keys, from the environment variable and the key file together."""
@@ -275,6 +301,11 @@ class ServerSettings(BaseSettings):
     def admin_keys_list(self) -> list[str]:
         """The operator keys that open ``/metrics`` and ``/docs`` when their access is ``admin``."""
         return _read_keys(self.admin_keys, self.admin_keys_file)
+
+
+def model_name(checkpoint: str) -> str:
+    """The name a checkpoint's model is served under: its metadata file's name without ``.json``."""
+    return resolve_checkpoint(checkpoint).stem
 
 
 def loopback(host: str) -> bool:

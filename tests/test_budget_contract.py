@@ -40,7 +40,7 @@ OPERATOR = "operator-key-0123456789"  # the per-key series of /metrics are an op
 
 def remaining(app: FastAPI, key: str = ALICE) -> int:
     """The key's budget left, read from the server's ledger."""
-    return app.state.runtime.ledger.remaining(key_id_of(app, key))
+    return app.state.runtime.default.ledger.remaining(key_id_of(app, key))
 
 
 def predict(client: TestClient, n: int, key: str = ALICE, seed: int = 0) -> Any:
@@ -249,7 +249,7 @@ def test_a_timed_out_request_pays_for_what_reached_the_model(tmp_path: Path, gat
 
 def test_a_client_that_goes_away_pays_for_what_reached_the_model(tmp_path: Path, gated: GatedDefense) -> None:
     app = create_app(make_settings(tmp_path, api_keys=ALICE, query_budget=4, max_batch_size=1), gated)
-    runtime = app.state.runtime
+    runtime = app.state.runtime.default
     with in_thread(app) as url, released(gated):
         gated.gate.clear()
         gated.entered.clear()
@@ -279,7 +279,7 @@ def test_giving_up_counts_exactly_the_instances_handed_to_the_model_thread(gated
     and counts what the worker took; the count does not change afterwards."""
 
     async def scenario() -> tuple[int, int, int]:
-        metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+        metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
         batcher = MicroBatcher(
             gated,
             metrics,
@@ -305,7 +305,11 @@ def test_giving_up_counts_exactly_the_instances_handed_to_the_model_thread(gated
             while batcher._running or batcher.queued:
                 assert asyncio.get_running_loop().time() < deadline, "the batch never finished"
                 await asyncio.sleep(0.005)
-            return computed, ticket.give_up(), int(metrics.registry.get_sample_value("dd_dropped_instances_total"))
+            return (
+                computed,
+                ticket.give_up(),
+                int(metrics.registry.get_sample_value("dd_dropped_instances_total", {"model": "m"})),
+            )
         finally:
             gated.gate.set()
             await batcher.stop()

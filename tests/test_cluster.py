@@ -128,6 +128,7 @@ def test_two_replicas_spend_one_shared_budget(
     monkeypatch.setenv("DD_API_KEYS", KEY)  # read here, sent to the replicas inside the settings
     settings = make_settings(
         tmp_path,
+        checkpoint=["lenet-mnist", "lenet-fashionmnist"],  # the burst asks the default, lenet-mnist
         replicas=2,
         state=redis_server.url,
         query_budget=BUDGET,
@@ -153,14 +154,19 @@ def test_two_replicas_spend_one_shared_budget(
             assert len(r.json()["predictions"]) == 1
         else:
             assert r.json()["error"]["code"] == "budget_exhausted"
-    assert redis_server.client().get(f"dd:budget:{redis_key_id(redis_server, KEY)}") == str(BUDGET)
-
+    assert redis_server.client().get(f"dd:budget:lenet-mnist:{redis_key_id(redis_server, KEY)}") == str(BUDGET)
     per_replica = scrape_every_replica(url, 2)
     assert "main" not in per_replica, per_replica  # replica ids of Serve, not the one-process label
     assert all(sum(counts.values()) > 0 for counts in per_replica.values()), per_replica
     by_replicas = sum((c for c in per_replica.values()), Counter())
     assert (by_replicas["200"], by_replicas["429"]) == (BUDGET, REQUESTS - BUDGET), by_replicas
     assert by_replicas["503"] <= refused  # the gateways' own refusals never reached a replica
+    fashion = httpx.post(
+        f"{url}/predict", json=BLANK | {"model": "lenet-fashionmnist"}, headers=bearer(KEY), timeout=60
+    )
+    assert fashion.status_code == 200 and fashion.json()["model"] == "lenet-fashionmnist", "a budget per model"
+    assert redis_server.client().get(f"dd:budget:lenet-fashionmnist:{redis_key_id(redis_server, KEY)}") == "1"
+    assert httpx.get(f"{url}/readyz", timeout=30).json()["models"] == ["lenet-mnist", "lenet-fashionmnist"]
 
 
 def test_a_replica_killed_under_load_costs_nothing_and_answers_503(
@@ -207,7 +213,7 @@ def test_a_replica_killed_under_load_costs_nothing_and_answers_503(
         if r.status_code == 503:
             assert r.json()["error"]["code"] in ("replica_lost", "overloaded") and int(r.headers["Retry-After"]) >= 1
     assert sum(r.json()["error"]["code"] == "replica_lost" for r in answers if r.status_code == 503) > 0
-    spent = int(raw.get(f"dd:budget:{redis_key_id(redis_server, KEY)}") or 0)
+    spent = int(raw.get(f"dd:budget:lenet-mnist:{redis_key_id(redis_server, KEY)}") or 0)
     assert spent == KILL_INSTANCES * statuses[200], f"spent {spent} for {statuses[200]} answered requests"
     assert list(raw.scan_iter("dd:hold:*")) == [], "a hold outlived its request"
     assert victim not in replica_pids()

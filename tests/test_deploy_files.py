@@ -127,7 +127,8 @@ def test_grafana_provisioning_and_dashboard() -> None:
 
 def exported_names() -> set[str]:
     """Every sample name the server's registry can export."""
-    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+    metrics = ServerMetrics()
+    metrics.model("m", defense="d", interpreter="i", device="cpu")
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",), "histogram": ("_bucket", "_count", "_sum")}
     families = [*metrics.registry.collect(), *metrics.operator_registry.collect()]  # Prometheus scrapes as operator
     return {family.name + suffix for family in families for suffix in suffixes[family.type]}

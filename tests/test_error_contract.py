@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.faults import marked
 from support.images import SHAPE, pixels
-from support.servers import bearer, error_of, key_id_of, serving, wait_until
+from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
 import server.images
@@ -113,7 +113,7 @@ def test_a_bug_in_decoding_is_a_generic_500_that_spends_nothing(
         monkeypatch.setattr(server.images, "to_tensor", raising_once(server.images.to_tensor, RuntimeError(SECRET)))
         r = predict(client)
         assert r.status_code == 500 and r.json() == {"error": INTERNAL}
-        assert app.state.runtime.ledger.remaining(key_id_of(app, KEY)) == 1
+        assert app.state.runtime.default.ledger.remaining(key_id_of(app, KEY)) == 1
         assert predict(client).status_code == 200  # the next request, with the budget of one
         assert client.get("/readyz").status_code == 200
 
@@ -128,7 +128,9 @@ def test_while_starting_every_model_route_answers_503_not_ready(tmp_path: Path, 
         try:
             assert gated.entered.wait(10)
             assert app.state.runtime.state == "starting", "nothing but the gate holds the warm-up"
-            starting = {"error": {"code": "not_ready", "message": "the model is still loading", "field": None}}
+            starting = {
+                "error": {"code": "not_ready", "message": "the model lenet-mnist is still loading", "field": None}
+            }
             for r in (client.get("/readyz"), client.get("/v1/models", headers=bearer(KEY)), predict(client)):
                 assert r.status_code == 503 and r.headers["Retry-After"] == "3" and r.json() == starting
             assert client.get("/v1/models").status_code == 401  # the key is checked first, starting or not
@@ -152,7 +154,7 @@ def test_a_server_that_failed_to_start_answers_503_not_ready(tmp_path: Path, vic
     app = create_app(make_settings(tmp_path), _Broken(victim, create_interpreter("gradcam", victim, SHAPE)))
     with TestClient(app) as client:
         wait_until(lambda: app.state.runtime.state == "failed")
-        failed = {"error": {"code": "not_ready", "message": "the model failed to load", "field": None}}
+        failed = {"error": {"code": "not_ready", "message": "the model lenet-mnist failed to load", "field": None}}
         for r in (client.get("/readyz"), client.get("/v1/models"), predict(client, key=None)):
             assert r.status_code == 503 and r.headers["Retry-After"] == "1" and r.json() == failed
         assert client.get("/healthz").status_code == 200
@@ -346,7 +348,8 @@ def test_a_bad_answer_over_http_is_a_refunded_500_that_sends_nothing_of_it(
         assert ask(0.5).status_code == 429  # the one query was spent on the good answer
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
-    assert f'dd_defense_failures_total{{defense="crafted-fake",reason="invalid_answer"}} {len(BAD)}.0' in metrics
+    failed = 'dd_defense_failures_total{defense="crafted-fake",model="lenet-mnist",reason="invalid_answer"}'
+    assert metric_value(metrics, failed) == len(BAD)
 
 
 # -- a bug outside the defense -----------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def test_the_worker_survives_a_bug_while_settling_a_batch(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
     app = create_app(make_settings(tmp_path, api_keys=KEY, query_budget=2, request_timeout_s=5), defense)
-    metrics = app.state.runtime.metrics
+    metrics = app.state.runtime.default.metrics
     with serving(app) as client:
         monkeypatch.setattr(metrics, "observe_answer", raising_once(metrics.observe_answer, RuntimeError(SECRET)))
         r = predict(client)  # its answer was computed, but the worker failed to hand it over
@@ -370,7 +373,7 @@ def test_the_worker_survives_a_bug_while_taking_a_batch(
 ) -> None:
     app = create_app(make_settings(tmp_path, request_timeout_s=5), defense)
     with serving(app) as client:
-        batcher = app.state.runtime.batcher
+        batcher = app.state.runtime.default.batcher
         monkeypatch.setattr(batcher, "_take", raising_once(batcher._take, RuntimeError("queue bookkeeping bug")))
         # the failed take changed nothing: the instance stays queued and the next round takes it
         assert predict(client, key=None).status_code == 200

@@ -101,7 +101,7 @@ def test_every_answer_is_the_documented_safe_answer(
     x = queries()
     instances = [{"pixels": xi.tolist()} for xi in x]
     with serving(create_app(settings)) as client:  # the engine is built by the server, as `serve` builds it
-        engine = client.app.state.runtime.defense  # type: ignore[attr-defined]
+        engine = client.app.state.runtime.default.defense  # type: ignore[attr-defined]
         assert isinstance(engine, DeepDefense) and engine.mode == mode
         assert {k: getattr(engine.config, k) for k in impossible} == impossible
         explained = client.post("/predict", json={"instances": instances, "explain": True})

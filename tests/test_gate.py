@@ -181,8 +181,9 @@ def test_the_gate_is_on_by_default_where_the_checkpoint_ships_it(tmp_path: Path)
     """``gate auto`` (the default): on for ``lenet-mnist`` (domain score and misinformation model shipped), off
     for ``lenet-fashionmnist`` (neither), which is served as before instead of failing to start."""
     assert ServerSettings.model_fields["gate"].default == "auto"
-    assert make_settings(tmp_path, gate="auto").gated() and not make_settings(tmp_path, gate="none").gated()
-    assert not make_settings(tmp_path, gate="auto", checkpoint="lenet-fashionmnist").gated()
+    assert make_settings(tmp_path, gate="auto").gated("lenet-mnist")
+    assert not make_settings(tmp_path, gate="none").gated("lenet-mnist")
+    assert not make_settings(tmp_path, gate="auto").gated("lenet-fashionmnist")
     app = create_app(make_settings(tmp_path, gate="auto"))
     with serving(app) as client:
         assert client.get("/v1/models").json()["models"][0]["defense"]["settings"]["gate"] == "misinform"

@@ -59,7 +59,7 @@ def through_gateway(
         tmp_path, replicas=2, state=redis_server.url, query_budget=BUDGET, api_keys=KEY, max_body_bytes=1_000_000
     )
     app = create_app(settings, defense)
-    ledger = RedisLedger(connect_redis(redis_server.url), BUDGET)
+    ledger = RedisLedger(connect_redis(redis_server.url), BUDGET, "lenet-mnist")
 
     async def to_replica(request: Forwarded) -> Returned:
         forward = replica if replica is not None and request.path == "/predict" else call_app
@@ -153,7 +153,7 @@ def test_body_limits_hold_before_forwarding(tmp_path: Path, redis_server: RedisS
 
 
 def test_a_hold_refunds_once_whoever_ends_it(redis_server: RedisServer) -> None:
-    ledger, key = RedisLedger(connect_redis(redis_server.url), BUDGET), redis_key_id(redis_server, KEY)
+    ledger, key = RedisLedger(connect_redis(redis_server.url), BUDGET, "lenet-mnist"), redis_key_id(redis_server, KEY)
     try:
         settled, released = new_hold(), new_hold()
         assert ledger.spend(key, 3, settled) == 7

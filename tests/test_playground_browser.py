@@ -48,6 +48,7 @@ def test_a_drawn_digit_gets_a_label_bars_and_a_map(browser, url: str) -> None:
     wait_for_model(browser)
     served = browser.find_element(By.ID, "served")
     assert served.get_attribute("data-defense") == "none" and served.get_attribute("data-interpreter") == "gradcam"
+    assert not browser.find_element(By.ID, "model-row").is_displayed(), "one model: nothing to pick"
     assert painted_pixels(browser, "map") == 0, "no map before an answer"
     draw(browser, SEVEN)
     assert bright_pixels(browser) > 1000, "the stroke was drawn on the pad"
@@ -114,3 +115,34 @@ def test_a_picked_image_with_invert_ticked_is_read_as_its_negative(browser, url:
         labels[polarity] = predict_and_wait(browser)
         assert 1000 < bright_pixels(browser) < 280 * 280 // 3, "shown as the model sees it: a light digit on dark"
     assert labels["black on white"] == labels["white on black"]
+
+
+def test_the_user_picks_the_model_and_the_answer_is_that_models(browser, tmp_path: Path) -> None:
+    """A server of two models: the picker lists both, the default first; picking lenet-fashionmnist shows its
+    classes, and a drawing is answered by it (a class name of Fashion-MNIST), then by lenet-mnist again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    from models.checkpoint import read_meta, resolve_checkpoint
+
+    fashion = read_meta(resolve_checkpoint("lenet-fashionmnist")).classes
+    settings = loopback_settings(tmp_path, checkpoint=["lenet-mnist", "lenet-fashionmnist"])
+    with in_thread(create_app(settings)) as base:
+        browser.get(base + "/")
+        wait_for_model(browser)
+        assert browser.find_element(By.ID, "model-row").is_displayed()
+        picker = Select(browser.find_element(By.ID, "model"))
+        assert [o.get_attribute("value") for o in picker.options] == ["lenet-mnist", "lenet-fashionmnist"]
+        served = browser.find_element(By.ID, "served")
+        assert served.get_attribute("data-model") == "lenet-mnist"
+        picker.select_by_value("lenet-fashionmnist")
+        assert served.get_attribute("data-model") == "lenet-fashionmnist" and "fashionmnist" in served.text
+        names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .name")]
+        assert names == fashion, "the bars are the picked model's classes"
+        draw(browser, SEVEN)
+        label = browser.find_element(By.ID, "label")
+        assert predict_and_wait(browser) in fashion and label.get_attribute("data-model") == "lenet-fashionmnist"
+        picker.select_by_value("lenet-mnist")
+        assert label.text == "–", "the other model's answer is cleared"
+        assert predict_and_wait(browser) in [str(d) for d in range(10)]
+        assert label.get_attribute("data-model") == "lenet-mnist"

@@ -96,3 +96,16 @@ def test_the_second_round_gate() -> None:
     (p50,) = quoted(r"gate and monitor add (\d+\.\d+)% to a defended query's p50")
     gated, plain = (results(f"gate-cost/{n}.json")["latency_ms"]["p50"] for n in ("gated", "plain"))
     assert p50 == round(100 * (gated / plain - 1), 1)
+
+
+def test_several_models_in_one_server() -> None:
+    mnist, fashion, mnist_alone, fashion_alone = quoted(
+        r"through `/v2`: \*\*(\d+\.\d+)%\*\* and \*\*(\d+\.\d+)%\*\* by both routes, as each model served alone "
+        r"\((\d+\.\d+)%, (\d+\.\d+)%\)",
+        4,
+    )
+    rows = {r["model"]: r for r in results("multi-model.json")["models"]}
+    for name, together, alone in (("lenet-mnist", mnist, mnist_alone), ("lenet-fashionmnist", fashion, fashion_alone)):
+        row = rows[name]
+        assert together == row["together_predict"]["accuracy"] == row["together_v2"]["accuracy"], name
+        assert alone == row["alone_predict"]["accuracy"], name

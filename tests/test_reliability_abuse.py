@@ -120,7 +120,7 @@ def test_a_spent_key_is_refused_without_decoding_its_images(
             assert r.status_code == 429 and error_of(r)["code"] == "budget_exhausted", r.text
             assert left in error_of(r)["message"]
         assert decoded == [], "images were decoded for a request its budget could not pay"
-        assert app.state.runtime.ledger.remaining(key_id_of(app, BOB)) == 4
+        assert app.state.runtime.default.ledger.remaining(key_id_of(app, BOB)) == 4
         r = c.post("/predict", json=images(1), headers=bearer(BOB))  # paid for: decoded (and refused, too large)
         assert decoded == ["instances[0].image_b64"] and r.status_code in (413, 422)
 
@@ -229,7 +229,7 @@ def test_admission_and_micro_batches_are_fair_across_keys() -> None:
     """Alice's 32 queued instances are her share of a queue of 64: her next request is refused (503 key_share)
     while Bob's is admitted, judged by what the round-robin puts ahead of it (not by Alice's backlog), and his
     instance is in the next micro-batch."""
-    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
     b = MicroBatcher(
         None,  # type: ignore[arg-type]  # never started: its admission state is set by hand
         metrics,
@@ -299,11 +299,11 @@ def test_edm_gets_a_random_kept_hash_key(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert stat.S_IMODE(secret_path(settings.budget_db, EDM_HASH).stat().st_mode) == 0o600
     assert Runtime(settings).edm_hash_key == key, "a restart changed the member choice"
     assert Runtime(make_settings(tmp_path / "elsewhere", defense="edm", gate="none")).edm_hash_key != key
-    server.runtime.build_defense(settings, torch.device("cpu"), key)
+    server.runtime.build_defense(settings, "lenet-mnist", torch.device("cpu"), key)
     assert seen[-1]["hash_key"] == key
     chosen = make_settings(tmp_path, defense="edm", gate="none", engine={"hash_key": "the operator's own"})
     assert Runtime(chosen).edm_hash_key is None
-    server.runtime.build_defense(chosen, torch.device("cpu"), None)
+    server.runtime.build_defense(chosen, "lenet-mnist", torch.device("cpu"), None)
     assert seen[-1]["hash_key"] == "the operator's own"
 
 
@@ -321,7 +321,7 @@ def test_a_request_queued_before_its_key_was_escalated_is_answered_as_escalated(
     digit = load_split("mnist", str(data_root), "test").tensors[0][:1]  # in domain: answered honestly
     body = {"instances": [{"pixels": digit[0].tolist()}], "explain": False}
     with serving(app) as client:
-        runtime = app.state.runtime
+        runtime = app.state.runtime.default
         honest = client.post("/predict", json=body, headers=bearer(ALICE)).json()["predictions"]
         gate = runtime.defense
         answer = gate.answer

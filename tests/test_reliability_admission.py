@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("no_server_env")
 
 def batcher() -> MicroBatcher:
     """A batcher that is never started: its admission state is set by hand."""
-    metrics = ServerMetrics(model="m", defense="d", interpreter="i", device="cpu")
+    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
     return MicroBatcher(
         None,
         metrics,
@@ -76,8 +76,12 @@ def test_admission_refuses_late_requests_with_a_retry_after_from_the_backlog() -
     assert refusal(b, 8) is None  # 4 s expected
     queue(b, 60)
     assert refusal(b, 5) == ("queue_full", 1)
-    assert b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"reason": "overloaded"}) == 1
-    assert b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"reason": "queue_full"}) == 1
+    assert (
+        b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"model": "m", "reason": "overloaded"}) == 1
+    )
+    assert (
+        b.metrics.registry.get_sample_value("dd_rejected_requests_total", {"model": "m", "reason": "queue_full"}) == 1
+    )
 
 
 def test_an_old_queue_refuses_whatever_the_estimate() -> None:
@@ -100,4 +104,4 @@ def test_the_cost_rises_at_once_and_falls_slowly() -> None:
 def test_the_warm_up_seeds_the_cost(tmp_path: Path, victim: torch.nn.Module) -> None:
     app = create_app(make_settings(tmp_path), SlowDefense(victim, 0.05))
     with serving(app):
-        assert app.state.runtime.batcher.cost >= 0.05
+        assert app.state.runtime.default.batcher.cost >= 0.05

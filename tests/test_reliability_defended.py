@@ -34,7 +34,9 @@ SHORT = {"steps": 2}  # a short optimisation: this is about the serving path, no
 @pytest.fixture(scope="module")
 def defended() -> DeepDefense:
     """DeepDefense as the server builds it; an engine that cannot be built (or ignores ``steps``) fails the tests."""
-    defense = build_defense(ServerSettings(defense="deepdefense", gate="none", engine=SHORT), torch.device("cpu"))
+    defense = build_defense(
+        ServerSettings(defense="deepdefense", gate="none", engine=SHORT), "lenet-mnist", torch.device("cpu")
+    )
     assert isinstance(defense, DeepDefense) and defense.config.steps == SHORT["steps"], f"built {defense!r}"
     return defense
 

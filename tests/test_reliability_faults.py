@@ -35,7 +35,7 @@ def faulty(victim: torch.nn.Module) -> FaultyDefense:
 
 async def submit_together(defense: FaultyDefense, queries: list[torch.Tensor], **options: Any) -> list[Any]:
     """Submit one-instance requests at the same moment, so that they share one micro-batch."""
-    metrics = ServerMetrics(model="lenet-mnist", defense=defense.name, interpreter="gradcam", device="cpu")
+    metrics = ServerMetrics().model("lenet-mnist", defense=defense.name, interpreter="gradcam", device="cpu")
     batcher = MicroBatcher(
         defense,
         metrics,
@@ -69,9 +69,14 @@ def test_a_raising_query_fails_alone_and_the_batch_is_answered(faulty: FaultyDef
         assert isinstance(results[i], Answer)
         assert results[i].label == int(victim(queries[i].unsqueeze(0)).argmax())
     text = metrics.registry
-    assert text.get_sample_value("dd_defense_failures_total", {"defense": "faulty-fake", "reason": "exception"}) == 1
-    assert text.get_sample_value("dd_batch_isolation_retries_total") == 1
-    assert text.get_sample_value("dd_answers_total", {"defense": "faulty-fake"}) == 3
+    assert (
+        text.get_sample_value(
+            "dd_defense_failures_total", {"model": "lenet-mnist", "defense": "faulty-fake", "reason": "exception"}
+        )
+        == 1
+    )
+    assert text.get_sample_value("dd_batch_isolation_retries_total", {"model": "lenet-mnist"}) == 1
+    assert text.get_sample_value("dd_answers_total", {"model": "lenet-mnist", "defense": "faulty-fake"}) == 3
 
 
 def test_non_finite_answers_fail_alone_and_fallbacks_are_counted(faulty: FaultyDefense) -> None:
@@ -83,9 +88,14 @@ def test_non_finite_answers_fail_alone_and_fallbacks_are_counted(faulty: FaultyD
     assert {r.reason for r in results[1:3]} == {"invalid_answer"}
     assert isinstance(results[3], Answer) and results[3].fallback
     r = metrics.registry
-    assert r.get_sample_value("dd_defense_failures_total", {"defense": "faulty-fake", "reason": "invalid_answer"}) == 2
-    assert r.get_sample_value("dd_defense_fallbacks_total", {"defense": "faulty-fake"}) == 1
-    assert r.get_sample_value("dd_answers_total", {"defense": "faulty-fake"}) == 2
+    assert (
+        r.get_sample_value(
+            "dd_defense_failures_total", {"model": "lenet-mnist", "defense": "faulty-fake", "reason": "invalid_answer"}
+        )
+        == 2
+    )
+    assert r.get_sample_value("dd_defense_fallbacks_total", {"model": "lenet-mnist", "defense": "faulty-fake"}) == 1
+    assert r.get_sample_value("dd_answers_total", {"model": "lenet-mnist", "defense": "faulty-fake"}) == 2
 
 
 class _ShortDefense(NoDefense):
@@ -104,7 +114,7 @@ def test_a_wrong_number_of_answers_is_retried_one_by_one(victim: torch.nn.Module
     *results, metrics = asyncio.run(submit_together(short, queries))  # type: ignore[arg-type]
     assert all(isinstance(r, Answer) for r in results)
     assert [r.label for r in results] == [int(victim(q.unsqueeze(0)).argmax()) for q in queries]
-    assert metrics.registry.get_sample_value("dd_batch_isolation_retries_total") == 1
+    assert metrics.registry.get_sample_value("dd_batch_isolation_retries_total", {"model": "lenet-mnist"}) == 1
 
 
 def test_over_http_the_failed_request_gets_a_generic_500_is_refunded_and_the_server_goes_on(

@@ -62,7 +62,7 @@ def test_a_client_that_disconnects_frees_its_queued_work(tmp_path: Path, gated: 
     app = create_app(make_settings(tmp_path, request_timeout_s=60), gated)
 
     def batcher_of() -> Any:
-        return app.state.runtime.batcher
+        return app.state.runtime.default.batcher
 
     with in_thread(app) as url, ThreadPoolExecutor(1) as pool:
         gated.gate.clear()

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from support.images import SHAPE, pixels, png_bomb
 from support.numerics import PATH_ATOL, top1_margin
-from support.servers import error_of, serving
+from support.servers import error_of, metric_value, serving
 from support.settings import make_settings
 
 from defense import NoDefense
@@ -62,7 +62,8 @@ def noise(width: int, height: int) -> Image.Image:
 
 def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "model": "lenet-mnist", "defense": "none"}
+    ready = {"status": "ready", "model": "lenet-mnist", "defense": "none", "models": ["lenet-mnist"]}
+    assert client.get("/readyz").json() == ready
     (model,) = client.get("/v1/models").json()["models"]
     assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/test_model_card.py
     assert len(model.pop("version")) == 12  # the weights' version: tests/test_server_oip.py
@@ -238,7 +239,7 @@ def test_image_answers_are_the_victims_on_the_decoded_pixels(client: TestClient,
 
 def test_not_ready_answers_503(tmp_path: Path, defense: NoDefense) -> None:
     app = create_app(make_settings(tmp_path, warmup=False), defense)
-    runtime = app.state.runtime
+    runtime = app.state.runtime.default
     with TestClient(app) as client:
         runtime.state = "starting"  # as while the model loads and layer sensitivity is computed
         for r in (client.get("/readyz"), client.post("/predict", json={"instances": [{"pixels": pixels()}]})):
@@ -562,7 +563,7 @@ def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("DD_ENGINE", '{"steps": 10, "lr": 0.02}')
     assert main(["serve", "--defense", "none", "--set", "steps=3", "--queue-size", "5", "--no-warmup"]) == 0
     (s,) = seen
-    assert (s.defense, s.port, s.queue_size, s.checkpoint, s.warmup) == ("none", 9000, 5, "lenet-mnist", False)
+    assert (s.defense, s.port, s.queue_size, s.checkpoint, s.warmup) == ("none", 9000, 5, ["lenet-mnist"], False)
     assert s.engine == {"steps": 3, "lr": 0.02}  # --set overrides the keys it names, DD_ENGINE keeps the others
     serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     assert not [a for a in serve_parser._actions if "key" in " ".join(a.option_strings)]
@@ -580,7 +581,8 @@ def test_serve_flags_are_the_settings_with_their_defaults() -> None:
             assert name not in helps
         elif name != "engine":  # the dict of defense options is --set KEY=VALUE
             default = field.get_default(call_default_factory=True)
-            assert f"default: {'none' if default is None else default};" in helps[name], name
+            shown = "none" if default is None else ",".join(default) if isinstance(default, list) else default
+            assert f"default: {shown};" in helps[name], name
             assert f"env DD_{name.upper()}" in helps[name] and (field.description or "") in helps[name], name
 
 
@@ -606,9 +608,9 @@ def test_fallbacks_and_optimisation_time_are_counted(tmp_path: Path, victim: tor
         r = client.post("/predict", json={"instances": [{"pixels": pixels(0)}, {"pixels": pixels(1)}]})
         assert r.status_code == 200 and r.json()["defense"] == "fake-dd"
         metrics = client.get("/metrics").text
-    assert 'dd_defense_fallbacks_total{defense="fake-dd"} 2.0' in metrics
-    assert 'dd_defense_optimisation_seconds_count{defense="fake-dd"} 2.0' in metrics
-    assert 'dd_answers_total{defense="fake-dd"} 2.0' in metrics
+    assert metric_value(metrics, 'dd_defense_fallbacks_total{defense="fake-dd",model="lenet-mnist"}') == 2
+    assert metric_value(metrics, 'dd_defense_optimisation_seconds_count{defense="fake-dd",model="lenet-mnist"}') == 2
+    assert metric_value(metrics, 'dd_answers_total{defense="fake-dd",model="lenet-mnist"}') == 2
 
 
 def test_a_defense_that_cannot_be_built_never_becomes_ready(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from support.images import pixels
-from support.servers import bearer, key_id_of, serving
+from support.servers import bearer, key_id_of, metric_value, serving
 from support.settings import make_settings
 
 from defense import NoDefense
@@ -49,8 +49,8 @@ def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
         assert "dd_key_queries_total" not in client.get("/metrics").text, "per-key counts shown to anyone"
         metrics = client.get("/metrics", headers=bearer("operator-key-0123456789")).text
-    assert f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}"}} 1.0' in metrics
-    assert f'dd_key_queries_total{{key="{key_id_of(app, BOB)}"}} 2.0' in metrics
+    assert metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, ALICE)}",model="lenet-mnist"}}') == 1
+    assert metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, BOB)}",model="lenet-mnist"}}') == 2
     assert ALICE not in metrics and BOB not in metrics
 
 
@@ -87,7 +87,7 @@ def test_spent_budget_answers_429_and_survives_a_restart(
 def test_check_and_spend_is_atomic(tmp_path: Path) -> None:
     """Threads spending through two connections (as two server processes would) never overspend."""
     path = tmp_path / "budget.sqlite"
-    ledgers = [QueryLedger(path, budget=100), QueryLedger(path, budget=100)]
+    ledgers = [QueryLedger(path, budget=100, model="m"), QueryLedger(path, budget=100, model="m")]
     granted: list[int] = []
 
     def spend(ledger: QueryLedger) -> None:

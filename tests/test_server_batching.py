@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.images import pixels
-from support.servers import serving, wait_until
+from support.servers import metric_value, serving, wait_until
 from support.settings import make_settings
 
 from server.app import create_app
@@ -37,9 +37,9 @@ def test_concurrent_requests_share_micro_batches(tmp_path: Path, gated: GatedDef
     with serving(app) as client, ThreadPoolExecutor(8) as pool:
         first = block_worker(client, gated, pool)
         queued = [pool.submit(post, client, 1) for _ in range(5)]
-        wait_until(lambda: app.state.runtime.batcher.queued == 5)
+        wait_until(lambda: app.state.runtime.default.batcher.queued == 5)
         queued.append(pool.submit(post, client, 2, False))
-        wait_until(lambda: app.state.runtime.batcher.queued == 7)
+        wait_until(lambda: app.state.runtime.default.batcher.queued == 7)
         gated.gate.set()
         responses = [f.result() for f in [first, *queued]]
         metrics = client.get("/metrics").text
@@ -47,8 +47,8 @@ def test_concurrent_requests_share_micro_batches(tmp_path: Path, gated: GatedDef
     assert "attribution" not in responses[-1].json()["predictions"][0]
     # warm-up, the blocking request, then ≤ 4 same-flag instances per batch: 4 + 1 explained, 2 not
     assert gated.batches[1:] == [(1, True), (4, True), (1, True), (2, False)]
-    assert "dd_batch_instances_count 4.0" in metrics
-    assert "dd_queue_wait_seconds_count 8.0" in metrics
+    assert metric_value(metrics, 'dd_batch_instances_count{model="lenet-mnist"}') == 4
+    assert metric_value(metrics, 'dd_queue_wait_seconds_count{model="lenet-mnist"}') == 8
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path, gated: GatedDefense) -> None:
@@ -56,7 +56,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, gated: GatedDef
     with serving(app) as client, ThreadPoolExecutor(4) as pool:
         first = block_worker(client, gated, pool)
         waiting = [pool.submit(post, client, 1), pool.submit(post, client, 2)]
-        wait_until(lambda: app.state.runtime.batcher.queued == 3)
+        wait_until(lambda: app.state.runtime.default.batcher.queued == 3)
         full = post(client, 1)
         gated.gate.set()
         assert [f.result().status_code for f in [first, *waiting]] == [200, 200, 200]
@@ -73,7 +73,7 @@ def test_slow_answer_times_out_with_504(tmp_path: Path, gated: GatedDefense) -> 
         late = post(client, 1)  # queued behind the blocked one: dropped unanswered after 0.2 s
         slow = first.result(timeout=10)
         gated.gate.set()
-        wait_until(lambda: app.state.runtime.batcher.queued == 0)
+        wait_until(lambda: app.state.runtime.default.batcher.queued == 0)
     for r in (slow, late):
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert len(gated.batches) == 2  # the warm-up and the blocked request; the late one never ran

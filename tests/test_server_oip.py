@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
 from support.images import pixels
-from support.servers import bearer, error_of, key_id_of, serving, wait_until
+from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
 from defense import NoDefense
@@ -143,7 +143,11 @@ def test_while_starting_readiness_and_infer_answer_503(tmp_path: Path, gated: Ga
     with TestClient(app) as client:
         try:
             assert gated.entered.wait(10)
-            starting = {"error": "the model is still loading (not_ready)", "code": "not_ready", "field": None}
+            starting = {
+                "error": "the model lenet-mnist is still loading (not_ready)",
+                "code": "not_ready",
+                "field": None,
+            }
             for r in (
                 client.get("/v2/health/ready"),
                 client.get(f"/v2/models/{MODEL}/ready"),
@@ -339,7 +343,7 @@ def test_the_commonest_mistakes_are_told_what_to_do(client: TestClient) -> None:
 def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, defense: NoDefense) -> None:
     operator = "operator-key-for-metrics"
     app = create_app(make_settings(tmp_path, api_keys=KEY, admin_keys=operator, query_budget=3), defense)
-    ledger = app.state.runtime.ledger
+    ledger = app.state.runtime.default.ledger
     with serving(app) as client:
         for r in (
             client.post(INFER, json=infer_body([pixels()])),
@@ -364,7 +368,7 @@ def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, 
         )
         assert ledger.remaining(key_id_of(app, KEY)) == 0
         metrics = client.get("/metrics", headers=bearer(operator)).text  # per-key series: operators only
-    assert f'dd_key_queries_total{{key="{key_id_of(app, KEY)}"}} 3.0' in metrics
+    assert metric_value(metrics, f'dd_key_queries_total{{key="{key_id_of(app, KEY)}",model="lenet-mnist"}}') == 3
     assert 'dd_http_requests_total{method="POST",route="/v2/models/{model_name}/infer",status="200"} 2.0' in metrics
 
 
@@ -378,7 +382,7 @@ def test_an_error_while_building_the_answer_is_refunded(
         monkeypatch.setattr(route, "_output", lambda *args: 1 / 0)
         r = client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY))
         assert r.status_code == 500 and error_of(r)["code"] == "internal_error"
-        assert app.state.runtime.ledger.remaining(key_id_of(app, KEY)) == 2  # computed, but nothing was sent
+        assert app.state.runtime.default.ledger.remaining(key_id_of(app, KEY)) == 2  # computed, but nothing was sent
         monkeypatch.undo()
         assert client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY)).status_code == 200
 

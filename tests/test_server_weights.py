@@ -27,7 +27,9 @@ FAST_ENGINE = {"steps": 2}  # a short optimisation: this test is about isolation
 
 def served_defense() -> DeepDefense:
     """The server's own loading path; any error building the engine is this test's failure."""
-    defense = build_defense(ServerSettings(defense="deepdefense", gate="none", engine=FAST_ENGINE), torch.device("cpu"))
+    defense = build_defense(
+        ServerSettings(defense="deepdefense", gate="none", engine=FAST_ENGINE), "lenet-mnist", torch.device("cpu")
+    )
     assert isinstance(defense, DeepDefense) and defense.name == "deepdefense", f"built {defense!r}, not DeepDefense"
     assert defense.config.steps == FAST_ENGINE["steps"]
     return defense

@@ -45,7 +45,7 @@ def ask(client: TestClient, key: str, n: int = 1):
 
 
 def test_concurrent_spends_from_two_ledgers_stop_exactly_at_the_budget(redis_server: RedisServer) -> None:
-    ledgers = [RedisLedger(connect_redis(redis_server.url), 100) for _ in range(2)]  # two "processes"
+    ledgers = [RedisLedger(connect_redis(redis_server.url), 100, "lenet-mnist") for _ in range(2)]  # two "processes"
     start = threading.Barrier(16)
 
     def spend(i: int) -> int | None:
@@ -65,7 +65,7 @@ def test_concurrent_spends_from_two_ledgers_stop_exactly_at_the_budget(redis_ser
         for ledger in ledgers:
             ledger.close()
     with redis_server.client() as raw:
-        assert raw.keys("*") == [f"dd:budget:{KEY}"] and raw.get(f"dd:budget:{KEY}") == "100"
+        assert raw.keys("*") == [f"dd:budget:lenet-mnist:{KEY}"] and raw.get(f"dd:budget:lenet-mnist:{KEY}") == "100"
 
 
 def test_two_processes_spend_exactly_the_budget(redis_server: RedisServer) -> None:
@@ -81,11 +81,11 @@ def test_two_processes_spend_exactly_the_budget(redis_server: RedisServer) -> No
         assert worker.exitcode == 0
     assert sum(granted) == 100, f"the processes were granted {granted} spends against a budget of 100"
     with redis_server.client() as raw:
-        assert raw.get(f"dd:budget:{KEY}") == "100"
+        assert raw.get(f"dd:budget:lenet-mnist:{KEY}") == "100"
 
 
 def test_refunds_give_back_but_never_below_nothing_spent(redis_server: RedisServer) -> None:
-    ledger = RedisLedger(connect_redis(redis_server.url), 10)
+    ledger = RedisLedger(connect_redis(redis_server.url), 10, "lenet-mnist")
     other = key_id(BOB, SECRET)
     try:
         assert ledger.spend(KEY, 6) == 4 and ledger.spend(KEY, 5) is None, "the budget does not cover 5 more"
@@ -101,7 +101,7 @@ def test_refunds_give_back_but_never_below_nothing_spent(redis_server: RedisServ
     finally:
         ledger.close()
     with redis_server.client() as raw:
-        assert raw.keys("*") == [f"dd:budget:{KEY}"], "a refund or a refused spend created a key"
+        assert raw.keys("*") == [f"dd:budget:lenet-mnist:{KEY}"], "a refund or a refused spend created a key"
 
 
 # -- the monitor -------------------------------------------------------------------------------------------
@@ -187,8 +187,8 @@ def test_apps_spend_one_budget_from_redis(
         state = {name: raw.get(name) for name in raw.keys("*")}
     assert len(bytes.fromhex(state.pop("dd:secret:key-id"))) == 32, "the key-id secret is not kept in Redis"
     assert state == {
-        f"dd:budget:{redis_key_id(redis_server, ALICE)}": "3",
-        f"dd:budget:{redis_key_id(redis_server, BOB)}": "3",
+        f"dd:budget:lenet-mnist:{redis_key_id(redis_server, ALICE)}": "3",
+        f"dd:budget:lenet-mnist:{redis_key_id(redis_server, BOB)}": "3",
     }
     assert ALICE not in repr(state) and BOB not in repr(state)
 
@@ -240,7 +240,7 @@ def test_redis_lost_while_serving_answers_503_until_it_is_back(
         assert r.status_code == 200, r.text
         assert ask(client, ALICE).status_code == 200
     with redis_server.client() as raw:  # the restarted Redis lost the secret: the app keeps the one it read
-        assert raw.get(f"dd:budget:{app.state.runtime.keys.identify(ALICE)}") == "3", (
+        assert raw.get(f"dd:budget:lenet-mnist:{app.state.runtime.keys.identify(ALICE)}") == "3", (
             "the requests after the restart were not metered"
         )
 

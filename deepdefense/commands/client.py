@@ -12,6 +12,13 @@ HELP = "a benign user: test images, agreement with the truth and the undefended 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_server_url(p)
+    p.add_argument("--model", default=None, help="the served model to ask, by name (default: the server's first)")
+    p.add_argument(
+        "--protocol",
+        choices=("predict", "v2"),  # clients.oracle.PROTOCOLS (imported only when the command runs)
+        default="predict",
+        help="predict: POST /predict; v2: the Open Inference Protocol's POST /v2/models/{name}/infer",
+    )
     p.add_argument(
         "--checkpoint",
         default=None,
@@ -35,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from models.data import load_split
 
     try:
-        with HttpOracle(args.url, read_api_key(args.api_key_file), timeout=args.timeout) as oracle:
+        with HttpOracle(
+            args.url, read_api_key(args.api_key_file), model=args.model, protocol=args.protocol, timeout=args.timeout
+        ) as oracle:
             info = oracle.info()
             model, meta = load_checkpoint(args.checkpoint or info.name)
             model.requires_grad_(False)
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "command": args.command_line,
         "url": args.url,
         "model": info.name,
+        "protocol": args.protocol,
         "defense": info.defense,
         "dataset": args.dataset or info.dataset,
         **report.as_dict(),

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         kid = key_id(key, server_secret(KEY_ID, client, settings.budget_db))
     else:
         kid = args.key_id
-    victim, meta = load_checkpoint(settings.checkpoint)
+    victim, meta = load_checkpoint(settings.checkpoint[0])  # the watermarked model: the default
     watermark = open_watermark(settings, client, meta.num_classes)
     try:
         records = watermark.records(kid)

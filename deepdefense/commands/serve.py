@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             flags.add_engine_options(p, " (merged over DD_ENGINE)")
             continue
         default = field.get_default(call_default_factory=True)
-        shown = "none" if default is None else default
+        shown = "none" if default is None else ",".join(default) if isinstance(default, list) else default
         help_text = f"{field.description or name.replace('_', ' ')} (default: {shown}; env DD_{name.upper()})"
         p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help_text, **_kind(field.annotation))
 
@@ -44,6 +44,8 @@ def _kind(annotation: Any) -> dict[str, Any]:
         return {"choices": list(typing.get_args(annotation))}
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is list:  # repeatable: --checkpoint a --checkpoint b
+        return {"action": "append", "type": str}
     if annotation in (int, float):
         return {"type": annotation}
     if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):

@@ -1,5 +1,6 @@
-// The playground: draw a digit or drop an image, send it to POST /predict as any client would, and show the
-// label, the probabilities and the attribution map. No build step, nothing fetched but this server's own API.
+// The playground: pick a served model, draw a digit or drop an image, send it to POST /predict as any client would,
+// and show the label, the probabilities and the attribution map. No build step, nothing fetched but this server's
+// own API.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,7 +9,8 @@ const map = $("map");
 const ink = pad.getContext("2d");
 const STROKE = 20; // pixels of 280: about 2 of MNIST's 28
 
-let classes = null; // from /v1/models
+let models = []; // from /v1/models, the default first
+let classes = null; // the picked model's
 let source = { kind: "drawing", file: null, image: null }; // what Predict sends
 let drawing = null; // the pointer being drawn with
 let lastMap = null;
@@ -83,16 +85,44 @@ async function loadModels() {
     return;
   }
   clearError();
-  const model = (await response.json()).models[0];
+  models = (await response.json()).models;
+  const picker = $("model");
+  const picked = picker.value; // kept when the list is read again (a new API key)
+  picker.replaceChildren(
+    ...models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.name;
+      option.textContent = `${m.name} (${m.dataset})`;
+      return option;
+    }),
+  );
+  if (models.some((m) => m.name === picked)) picker.value = picked;
+  $("model-row").hidden = models.length < 2;
+  showModel();
+}
+
+// The picked model: its description, classes and card; an answer of another model is cleared.
+function showModel() {
+  const model = models.find((m) => m.name === $("model").value) || models[0];
   classes = model.classes;
   const gate = model.defense.settings.gate ? ` with the misinformation gate (${model.defense.settings.gate})` : "";
   $("served").textContent =
     `Model ${model.name} (${model.dataset}) · defense ${model.defense.name}${gate} · interpreter ${model.interpreter}`;
+  $("served").dataset.model = model.name;
   $("served").dataset.defense = model.defense.name;
   $("served").dataset.interpreter = model.interpreter;
+  $("card").hidden = true;
   if (model.card) showCard(model.card);
+  $("label").textContent = "–";
+  delete $("label").dataset.label;
+  delete $("label").dataset.model;
+  map.getContext("2d").clearRect(0, 0, map.width, map.height);
+  lastMap = null;
+  $("method").textContent = "";
   drawBars(null);
 }
+
+$("model").addEventListener("change", showModel);
 
 function showCard(card) {
   $("card-summary").textContent = card.summary;
@@ -278,6 +308,7 @@ async function predict() {
   try {
     const image = source.kind === "file" ? await fileBase64(source.file) : pad.toDataURL("image/png").split(",", 2)[1];
     const body = { instances: [{ image_b64: image }], explain: true, invert: source.kind === "file" && $("invert").checked };
+    if (models.length) body.model = $("model").value; // the model the answer's classes are read with
     let response;
     try {
       response = await fetch("/predict", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
@@ -289,11 +320,12 @@ async function predict() {
       showError(await readError(response));
       return;
     }
-    const answer = (await response.json()).predictions[0];
+    const reply = await response.json();
+    const answer = reply.predictions[0];
     if (!classes) await loadModels();
-    const name = classes ? classes[answer.label] : String(answer.label);
-    $("label").textContent = name;
+    $("label").textContent = answer.class_name; // the answering model's name of the class
     $("label").dataset.label = String(answer.label);
+    $("label").dataset.model = reply.model;
     drawBars(answer.probabilities);
     lastMap = answer.attribution || null;
     drawMap(lastMap);

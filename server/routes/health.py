@@ -20,9 +20,11 @@ async def healthz() -> HealthResponse:
     "/readyz",
     response_model=ReadyResponse,
     responses={503: {"model": ErrorResponse}},
-    summary="model loaded, layer sensitivity computed, warm-up query answered, the Redis state (if any) reachable",
+    summary="every model loaded, layer sensitivity computed, warm-up query answered; the Redis state (if any) "
+    "reachable",
 )
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
-    runtime.ready_batcher()
+    runtime.check_ready()
     await run_in_threadpool(runtime.check_state)
-    return ReadyResponse(model=runtime.model_name, defense=runtime.defense_name)
+    default = runtime.default
+    return ReadyResponse(model=default.model_name, defense=default.defense_name, models=list(runtime.models))

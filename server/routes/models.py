@@ -1,4 +1,4 @@
-"""What is served: the model, its interpreter, the defense with its public settings, and the model card."""
+"""What is served: the models, each with its interpreter, the defense with its public settings, and the model card."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from defense.gate import MisinformationGate
 
 from ..card import model_card
 from ..dependencies import CallerDep, RuntimeDep
-from ..runtime import Runtime
+from ..runtime import ModelRuntime
 from ..schemas import DefenseInfo, ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["models"])
@@ -20,7 +20,8 @@ router = APIRouter(tags=["models"])
     responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
-    return ModelsResponse(models=[_info(runtime)])
+    """Every served model, the default (the first) first."""
+    return ModelsResponse(models=[_info(model) for model in runtime.models.values()])
 
 
 @router.get(
@@ -29,23 +30,22 @@ async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
     responses={status: {"model": ErrorResponse} for status in (401, 404, 503)},
 )
 async def get_model(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelInfo:
-    """The served model, as ``/v1/models`` lists it; 404 for any other name."""
-    runtime.check_served(model_name)
-    return _info(runtime)
+    """A served model, as ``/v1/models`` lists it; 404 for any other name."""
+    return _info(runtime.model(model_name, field="model_name"))
 
 
-def _info(runtime: Runtime) -> ModelInfo:
-    defense = runtime.ready_defense()
-    meta = runtime.meta
+def _info(model: ModelRuntime) -> ModelInfo:
+    defense = model.ready_defense()
+    meta = model.meta
     gated = isinstance(defense, MisinformationGate)
     return ModelInfo(
-        name=runtime.model_name,
-        version=runtime.model_version,
+        name=model.model_name,
+        version=model.model_version,
         arch=meta.arch,
         dataset=meta.dataset,
         classes=meta.classes,
         input_shape=meta.input_shape,
-        interpreter=runtime.interpreter_name,
-        defense=DefenseInfo(name=runtime.defense_name, settings=defense.public_settings()),
-        card=model_card(meta, runtime.look, runtime.image_limits, defense=runtime.defense_name, gated=gated),
+        interpreter=model.interpreter_name,
+        defense=DefenseInfo(name=model.defense_name, settings=defense.public_settings()),
+        card=model_card(meta, model.look, model.image_limits, defense=model.defense_name, gated=gated),
     )

@@ -33,7 +33,7 @@ from ..errors import ABOVE_ONE, ApiError, body_validation_error
 from ..images import inverted
 from ..precision import rounded
 from ..requestid import request_id_of
-from ..runtime import Runtime
+from ..runtime import ModelRuntime, Runtime
 from ..schemas import (
     ConfigTensor,
     InferInputTensor,
@@ -132,36 +132,42 @@ async def server_live() -> ServerLive:
     "/v2/health/ready",
     response_model=ServerReady,
     responses={503: {"model": ProtocolErrorResponse}},
-    summary="model loaded, layer sensitivity computed, warm-up query answered, the Redis state (if any) reachable",
+    summary="every model loaded, layer sensitivity computed, warm-up query answered; the Redis state (if any) "
+    "reachable",
 )
 async def server_ready(runtime: RuntimeDep) -> ServerReady:
-    runtime.ready_batcher()
+    runtime.check_ready()
     await run_in_threadpool(runtime.check_state)
     return ServerReady()
 
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=_MODEL_ERRORS)
 async def model_metadata(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelMetadata:
-    runtime.check_served(model_name)
-    runtime.ready_batcher()
-    inputs, outputs = _tensors(runtime)
+    model = _ready_model(runtime, model_name)
+    inputs, outputs = _tensors(model)
     return ModelMetadata(
-        name=runtime.model_name,
-        versions=[runtime.model_version],
+        name=model.model_name,
+        versions=[model.model_version],
         platform=PLATFORM,
         inputs=inputs,
         outputs=outputs,
-        classes=runtime.meta.classes,
+        classes=model.meta.classes,
     )
+
+
+def _ready_model(runtime: Runtime, model_name: str) -> ModelRuntime:
+    """The model the path names (404 ``model_not_found`` naming the served ones), once it is ready (503)."""
+    model = runtime.model(model_name, field="model_name")
+    model.ready_batcher()
+    return model
 
 
 @router.get("/v2/models/{model_name}/config", response_model=ModelConfig, responses=_MODEL_ERRORS)
 async def model_config(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelConfig:
     """Triton's model configuration (``tritonclient``'s ``get_model_config``): the tensors without the batch
     dimension, and the most instances a request may carry."""
-    runtime.check_served(model_name)
-    runtime.ready_batcher()
-    inputs, outputs = _tensors(runtime)
+    model = _ready_model(runtime, model_name)
+    inputs, outputs = _tensors(model)
 
     def config(tensors: list[TensorMetadata]) -> list[ConfigTensor]:
         return [
@@ -169,7 +175,7 @@ async def model_config(model_name: str, runtime: RuntimeDep, caller: CallerDep) 
         ]
 
     return ModelConfig(
-        name=runtime.model_name,
+        name=model.model_name,
         platform=PLATFORM,
         max_batch_size=runtime.settings.max_instances,
         input=config(inputs),
@@ -177,11 +183,11 @@ async def model_config(model_name: str, runtime: RuntimeDep, caller: CallerDep) 
     )
 
 
-def _tensors(runtime: Runtime) -> tuple[list[TensorMetadata], list[TensorMetadata]]:
+def _tensors(model: ModelRuntime) -> tuple[list[TensorMetadata], list[TensorMetadata]]:
     """The model's input and outputs, the batch dimension first (-1)."""
-    c, h, w = runtime.input_shape
+    c, h, w = model.input_shape
     outputs = [
-        TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, runtime.meta.num_classes]),
+        TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, model.meta.num_classes]),
         TensorMetadata(name="label", datatype="INT64", shape=[-1]),
         TensorMetadata(name="class_name", datatype="BYTES", shape=[-1]),
         TensorMetadata(name="attribution", datatype="FP32", shape=[-1, h, w]),
@@ -191,9 +197,7 @@ def _tensors(runtime: Runtime) -> tuple[list[TensorMetadata], list[TensorMetadat
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=_MODEL_ERRORS)
 async def model_ready(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelReady:
-    runtime.check_served(model_name)
-    runtime.ready_batcher()
-    return ModelReady(name=runtime.model_name)
+    return ModelReady(name=_ready_model(runtime, model_name).model_name)
 
 
 # -- inference ---------------------------------------------------------------------------------------------------
@@ -216,31 +220,31 @@ async def infer(
         int | None, Header(ge=0, description="binary data: the length of the JSON, the binary data follow it")
     ] = None,
 ) -> InferResponse:
-    """Probabilities, labels and (when asked for) attribution maps of a batch of images, from the defense."""
-    runtime.check_served(model_name)
-    runtime.ready_batcher()
-    await before_body(runtime, caller)  # the key's escalation and budget, before its body is read
+    """Probabilities, labels and (when asked for) attribution maps of a batch of images, from the defense of the
+    model the path names."""
+    model = _ready_model(runtime, model_name)
+    await before_body(runtime, caller, model)  # the key's escalation and budget, before its body is read
     body = await request.body()
     infer_request, binary = await run_in_threadpool(_parse, body, inference_header_content_length)
     wanted = _wanted_outputs(infer_request)
     invert = _invert(infer_request)
     x = await run_in_threadpool(
-        _to_batch, _image_input(infer_request), binary, runtime.input_shape, runtime.settings.max_instances
+        _to_batch, _image_input(infer_request), binary, model.input_shape, runtime.settings.max_instances
     )
     if invert:
         x = inverted(x)
-    method, classes = runtime.interpreter_name, runtime.meta.classes
+    method, classes = model.interpreter_name, model.meta.classes
     return await answer_instances(
-        runtime,
+        model,
         caller,
         x,
         explain="attribution" in wanted,
         request=request,
         respond=lambda answers: InferResponse(
-            model_name=runtime.model_name,
-            model_version=runtime.model_version,
+            model_name=model.model_name,
+            model_version=model.model_version,
             id=infer_request.id if infer_request.id is not None else request_id_of(request),
-            parameters={"defense": runtime.defense_name},
+            parameters={"defense": model.defense_name},
             outputs=[_output(name, answers, method, classes) for name in wanted],
         ),
     )

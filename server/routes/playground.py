@@ -1,6 +1,7 @@
 """The playground (``GET /``): a page to draw a digit or drop an image and see the label, the probabilities and
 the attribution map, served from files in ``server/playground/`` (package data; nothing is fetched from
-elsewhere). The page calls ``/v1/models`` and ``/predict`` as any client does, with the API key a user types in;
+elsewhere). The page calls ``/v1/models`` (a picker lists the served models when there are several) and ``/predict``
+(with the picked model's name) as any client does, with the API key a user types in;
 it holds no secret itself and is open. ``--playground off`` (``DD_PLAYGROUND=off``) leaves these routes out:
 ``GET /`` is then 404 ``not_found`` like any unknown route."""
 

@@ -27,7 +27,7 @@ from ..errors import ApiError, body_validation_error
 from ..images import instances_to_tensor
 from ..limits import require_json
 from ..precision import rounded
-from ..runtime import Runtime
+from ..runtime import ModelRuntime, Runtime
 from ..schemas import Attribution, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from ..state import STATE_ERRORS, state_reachable
 
@@ -57,10 +57,14 @@ _REQUEST_BODY = {
     openapi_extra={"requestBody": _REQUEST_BODY},
 )  # type: ignore[arg-type]
 async def predict(caller: CallerDep, runtime: RuntimeDep, request: Request) -> PredictResponse:
-    """Labels, probabilities and (with ``explain``) attribution maps, all from the defense."""
-    runtime.ready_batcher()  # 503 while not ready, before the instances are looked at
+    """Labels, probabilities and (with ``explain``) attribution maps, all from the defense of the model the body
+    names (the default, the first served, when it names none)."""
+    if all(m.state != "ready" for m in runtime.models.values()):
+        runtime.default.ready_batcher()  # 503 while nothing is ready, before the body is read
     await before_body(runtime, caller)
     body = await run_in_threadpool(_parse, await request.body())
+    model = runtime.model(body.model, field="model")
+    model.ready_batcher()  # 503 while the model is not ready, before the instances are looked at
     limit = runtime.settings.max_instances
     if len(body.instances) > limit:
         raise ApiError(
@@ -69,21 +73,21 @@ async def predict(caller: CallerDep, runtime: RuntimeDep, request: Request) -> P
             f"at most {limit} instances per request, got {len(body.instances)}",
             field="instances",
         )
-    await run_in_threadpool(_within_budget, runtime, caller, len(body.instances))  # before any image is decoded
+    await run_in_threadpool(_within_budget, model, caller, len(body.instances))  # before any image is decoded
     x = await run_in_threadpool(
-        partial(instances_to_tensor, invert=body.invert), body.instances, runtime.input_shape, runtime.image_limits
+        partial(instances_to_tensor, invert=body.invert), body.instances, model.input_shape, model.image_limits
     )
-    method, classes = runtime.interpreter_name, runtime.meta.classes
+    method, classes = model.interpreter_name, model.meta.classes
     return await answer_instances(
-        runtime,
+        model,
         caller,
         x,
         explain=body.explain,
         request=request,
         respond=lambda answers: PredictResponse(
-            model=runtime.model_name,
-            model_version=runtime.model_version,
-            defense=runtime.defense_name,
+            model=model.model_name,
+            model_version=model.model_version,
+            defense=model.defense_name,
             predictions=[_prediction(a, method, classes, body.explain) for a in answers],
         ),
     )
@@ -107,28 +111,39 @@ def _parse(body: bytes) -> PredictRequest:
         raise body_validation_error(err) from None
 
 
-async def before_body(runtime: Runtime, caller: Caller) -> None:
-    """What refuses a request before its body is read: a key escalated with ``monitor_action refuse`` (403)
-    and a spent budget (429, fewer than one query left); a body costs the server nothing before these."""
-    if runtime.monitor is not None:
-        await run_in_threadpool(_escalated, runtime, caller, 1)
-    if runtime.ledger is not None:
-        await run_in_threadpool(_within_budget, runtime, caller, None)
+async def before_body(runtime: Runtime, caller: Caller, model: ModelRuntime | None = None) -> None:
+    """What refuses a request before its body is read: an escalated key (403) and a spent budget (429, fewer than
+    one query left); a body costs the server nothing before these. ``model``: the model the request's path names;
+    None for ``/predict``, whose body names it: then only a key escalated with ``monitor_action refuse`` (counted
+    under the default model) and a key with no query left on any model are refused here, the rest once the body
+    has named the model."""
+    if runtime.monitor is not None and (model is not None or runtime.settings.monitor_action == "refuse"):
+        await run_in_threadpool(_escalated, model or runtime.default, caller, 1)
+    if runtime.settings.query_budget is not None:
+        await run_in_threadpool(_within_any_budget, [model] if model else list(runtime.models.values()), caller)
 
 
-def _within_budget(runtime: Runtime, caller: Caller, queries: int | None) -> None:
-    """429 when the caller's budget has fewer than ``queries`` left (None: before the body is read, when the
-    request's instances are not known yet: none left). Read only: :func:`_spend` spends."""
+def _within_any_budget(models: list[ModelRuntime], caller: Caller) -> None:
+    """429 when the caller has no query left on any of ``models`` (before the body is read, when the request's
+    instances are not known yet)."""
+    with state_reachable(models[0].settings.retry_after_s):
+        left = max(m.ledger.remaining(caller.key_id) for m in models)  # type: ignore[union-attr]
+    if left < 1:
+        raise _budget_exhausted(left, None)
+
+
+def _within_budget(runtime: ModelRuntime, caller: Caller, queries: int) -> None:
+    """429 when the caller's budget of the model has fewer than ``queries`` left. Read only: :func:`_spend` spends."""
     if runtime.ledger is None:
         return
     with state_reachable(runtime.settings.retry_after_s):
         left = runtime.ledger.remaining(caller.key_id)
-    if left < (queries or 1):
+    if left < queries:
         raise _budget_exhausted(left, queries)
 
 
 async def answer_instances(
-    runtime: Runtime,
+    runtime: ModelRuntime,
     caller: Caller,
     x: Tensor,
     *,
@@ -224,7 +239,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _refund(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
+async def _refund(runtime: ModelRuntime, caller: Caller, queries: int, hold: str | None) -> None:
     """Give back queries that were spent but are not charged (see "What a request costs")."""
     if runtime.ledger is None:
         return
@@ -234,7 +249,7 @@ async def _refund(runtime: Runtime, caller: Caller, queries: int, hold: str | No
         logger.warning("could not refund %d queries (%s): they stay spent", queries, type(err).__name__)
 
 
-async def _settle(runtime: Runtime, hold: str) -> None:
+async def _settle(runtime: ModelRuntime, hold: str) -> None:
     """End the request's hold: what it holds stays charged (an unreachable state lets it expire, the same)."""
     try:
         await run_in_threadpool(runtime.ledger.settle, hold)  # type: ignore[union-attr]
@@ -242,7 +257,7 @@ async def _settle(runtime: Runtime, hold: str) -> None:
         logger.warning("could not settle a hold (%s): it expires charged", type(err).__name__)
 
 
-def _hold(runtime: Runtime, request: Request) -> str | None:
+def _hold(runtime: ModelRuntime, request: Request) -> str | None:
     """The hold the cluster's gateway named for this request; None outside cluster mode, without a budget or
     without the Redis state (holds live there). Only the gateway reaches a replica's app, and it replaces
     any hold header a client sends."""
@@ -252,7 +267,7 @@ def _hold(runtime: Runtime, request: Request) -> str | None:
     return hold if hold is not None and is_hold(hold) else None
 
 
-def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
+def _escalated(runtime: ModelRuntime, caller: Caller, queries: int) -> bool:
     """Whether the extraction monitor has escalated the caller's key (403 when escalated keys are refused)."""
     if runtime.monitor is None:
         return False
@@ -261,28 +276,31 @@ def _escalated(runtime: Runtime, caller: Caller, queries: int) -> bool:
     return escalated and _act(runtime, queries)
 
 
-def _screened(runtime: Runtime, caller: Caller, x: Tensor) -> bool:
+def _screened(runtime: ModelRuntime, caller: Caller, x: Tensor) -> bool:
     """The extraction monitor screens the request's queries before they are answered (an escalated key's
     too: its queries go into the near-duplicate index, where another key that reuses them is found); True
     when the key is escalated now (403 ``key_flagged`` instead when escalated keys are refused)."""
     if runtime.monitor is None:
         return False
+    if not runtime.gated:  # the monitor watches the gated models' queries; here it only refuses an escalated key
+        return _escalated(runtime, caller, len(x))
     with state_reachable(runtime.settings.retry_after_s):
         escalated = runtime.monitor.screen(caller.key_id, x)
         runtime.metrics.flagged_keys.set(runtime.monitor.count_flagged())
     return escalated and _act(runtime, len(x))
 
 
-def _act(runtime: Runtime, queries: int) -> bool:
-    """An escalated key's request: counted, and refused (403) or answered by the misinformation path (True)."""
-    if runtime.settings.monitor_action == "refuse":
+def _act(runtime: ModelRuntime, queries: int) -> bool:
+    """An escalated key's request: counted, and refused (403: under ``monitor_action refuse``, or by a model
+    without the gate, which has no misinformation to give) or answered by the misinformation path (True)."""
+    if runtime.settings.monitor_action == "refuse" or not runtime.gated:
         runtime.metrics.escalated.labels("refuse").inc(queries)
         raise ApiError(403, "key_flagged", "this API key is suspended; contact the operator", field="Authorization")
     return True
 
 
 async def _monitored(
-    runtime: Runtime,
+    runtime: ModelRuntime,
     batcher: MicroBatcher,
     caller: Caller,
     x: Tensor,
@@ -305,6 +323,8 @@ async def _monitored(
     if escalated:
         runtime.metrics.escalated.labels("misinform").inc(len(answers))
         return answers
+    if not runtime.gated:  # no domain flags to record
+        return answers
     flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
     with state_reachable(runtime.settings.retry_after_s):  # unobserved answers are not sent
         await run_in_threadpool(runtime.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
@@ -312,7 +332,7 @@ async def _monitored(
     return answers
 
 
-def _watermarked(runtime: Runtime, caller: Caller, x: Tensor, answers: list[Answer]) -> list[Answer]:
+def _watermarked(runtime: ModelRuntime, caller: Caller, x: Tensor, answers: list[Answer]) -> list[Answer]:
     """``answers`` with the watermark's (``server/watermark.py``), kept in the store before any is sent (503
     ``state_unavailable`` when the store cannot be reached: a watermark not kept proves nothing)."""
     assert runtime.watermark is not None
@@ -320,7 +340,7 @@ def _watermarked(runtime: Runtime, caller: Caller, x: Tensor, answers: list[Answ
         return runtime.watermark.apply(caller.key_id, x, answers)
 
 
-def _spend(runtime: Runtime, caller: Caller, queries: int, hold: str | None) -> None:
+def _spend(runtime: ModelRuntime, caller: Caller, queries: int, hold: str | None) -> None:
     """Spend the caller's queries from its budget (429, nothing spent, when it does not cover them; 503
     ``state_unavailable`` when the budget cannot be reached)."""
     if runtime.ledger is None:

@@ -85,7 +85,7 @@ def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Bar
     from server.budget import RedisLedger
     from server.state import connect_redis
 
-    ledger = RedisLedger(connect_redis(url), budget)
+    ledger = RedisLedger(connect_redis(url), budget, "lenet-mnist")
     try:
         start.wait(timeout=60)
         results.put(sum(ledger.spend(key_id, 1) is not None for _ in range(spends)))

@@ -5,6 +5,7 @@ Servers on a real loopback port come from ``measure.launcher`` (``in_thread``, `
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,9 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+#: ``name="value"`` pairs of a sample's labels.
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 @contextmanager
@@ -68,11 +72,20 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def metric_value(metrics_text: str, sample: str) -> float:
-    """The value of one sample of a /metrics page, e.g. ``dd_answers_total{defense="none"}``."""
-    for line in metrics_text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{sample} is not exported")
+    """The value of the samples of a /metrics page that ``sample`` names, e.g. ``dd_answers_total{defense="none"}``:
+    the series of that name whose labels include the ones given (a per-model series matches without its
+    ``model`` label), summed; an AssertionError when there are none."""
+    name, _, labels = sample.partition("{")
+    wanted = dict(_LABEL.findall(labels))
+    values = [
+        s.value
+        for family in text_string_to_metric_families(metrics_text)
+        for s in family.samples
+        if s.name == name and wanted.items() <= s.labels.items()
+    ]
+    if not values:
+        raise AssertionError(f"{sample} is not exported")
+    return sum(values)
 
 
 def served_queries(url: str) -> float:
