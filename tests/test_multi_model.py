@@ -275,3 +275,15 @@ def test_two_checkpoints_of_one_name_are_refused(tmp_path: Path) -> None:
         ServerSettings(checkpoint=[MNIST, "models/checkpoints/lenet-mnist.json"])
     with pytest.raises(ValueError, match="at least one checkpoint"):
         ServerSettings(checkpoint=" , ")
+
+
+def test_the_watermark_marks_the_default_models_answers_only(tmp_path: Path) -> None:
+    """Watermark records are kept per key, and ``ownership verify`` checks them against one model: the default."""
+    from server.runtime import Runtime
+
+    runtime = Runtime(make_settings(tmp_path, checkpoint=BOTH, api_keys=ALICE, watermark="on"))
+    try:
+        assert runtime.watermark is not None and runtime.models[MNIST].watermark is runtime.watermark
+        assert runtime.models[FASHION].watermark is None
+    finally:
+        runtime.watermark.close()
