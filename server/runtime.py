@@ -109,6 +109,10 @@ class Runtime:
             for i, checkpoint in enumerate(settings.checkpoint):
                 model = ModelRuntime(self, checkpoint, defense if i == 0 else None)
                 self.models[model.model_name] = model
+            self.default = next(iter(self.models.values()))
+            if settings.watermarking():  # records are kept per key, so they are one model's: the default's
+                self.watermark = open_watermark(settings, self._redis, len(self.default.meta.classes))
+                self.default.watermark = self.watermark
         except StateUnreachable as err:  # the server does not start answering without its state
             raise StartupError(str(err)) from None
         except STATE_ERRORS as err:  # reached, then lost before start-up was done
@@ -117,7 +121,6 @@ class Runtime:
             ) from None
         except SecretFileError as err:
             raise StartupError(str(err)) from None
-        self.default = next(iter(self.models.values()))
 
     def _open_state(self, settings: ServerSettings) -> None:
         """The monitor's state and the server's secrets (``server/keystore.py``): in the SQLite file ``budget_db``
@@ -137,9 +140,6 @@ class Runtime:
             policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
             self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
-        if settings.watermarking():  # records are kept per key, so one model's: the default's
-            classes = len(read_meta(resolve_checkpoint(settings.checkpoint[0])).classes)
-            self.watermark = open_watermark(settings, client, classes)
 
     def open_ledger(self, model: str) -> Ledger | None:
         """``model``'s budgets (``server/budget.py``), where the monitor's state is; None without a budget."""
@@ -237,8 +237,7 @@ class ModelRuntime:
         self.keys = server.keys
         self.gated = settings.gated(checkpoint)
         self.monitor = server.monitor  # a key is watched across models; an ungated model refuses escalated keys
-        # the watermark marks the default model's answers only: its records are kept per key, not per model
-        self.watermark = server.watermark if checkpoint == settings.checkpoint[0] else None
+        self.watermark: Watermark | None = None  # the default model's is set by the server (Runtime.__init__)
         self.edm_hash_key = server.edm_hash_key
         self.ledger = server.open_ledger(self.model_name)
         self.batcher: MicroBatcher | None = None
