@@ -79,7 +79,7 @@ def test_flagged_queries_get_the_misinformation_ranking_on_the_honest_answers_va
         a, honest = gated[i], plain[i]
         assert a.misinformed and a.label == int(ranking[i, 0]) == int(a.probabilities.argmax())
         torch.testing.assert_close(a.probabilities.sort().values, honest.probabilities.sort().values)
-        assert torch.equal(a.probabilities.argsort(descending=True), ranking[i]), "not the misinformation ranking"
+        assert (a.probabilities[ranking[i]].diff() <= 0).all(), "not the misinformation ranking"  # exact: ties too
         torch.testing.assert_close(a.attribution, honest.attribution, rtol=0, atol=PATH_ATOL)
     assert gated[1].label != plain[1].label or gated[4].label != plain[4].label, "the misinformation label is honest"
 
