@@ -191,8 +191,15 @@ def test_silent_and_trickling_sockets_are_closed(tmp_path: Path, defense: NoDefe
 
 def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torch.nn.Module) -> None:
     """Alice keeps sixteen 16-instance requests in flight against a queue of 32; Bob's single requests are
-    still answered (not 503), and soon: round-robin puts his instance in the next micro-batch."""
-    settings = make_settings(tmp_path, api_keys=f"{ALICE},{BOB}", queue_size=32, max_batch_size=16)
+    still answered (not 503), and soon: round-robin puts his instance in the next micro-batch.
+
+    The expected-latency admission is set out of the way (it has its own tests): Alice's sixteen client threads
+    share the server's process and GIL here, so one micro-batch can take a second of wall time on a loaded
+    2-core CI machine, and the per-instance cost it leaves would refuse Bob as ``overloaded`` — a 503 about
+    this process's contention, not about one key starving another."""
+    settings = make_settings(
+        tmp_path, api_keys=f"{ALICE},{BOB}", queue_size=32, max_batch_size=16, max_expected_latency_s=1e6
+    )
     stop = threading.Event()
     alice: list[int] = []
 
@@ -209,6 +216,7 @@ def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torc
             pool.submit(saturate, url)
         time.sleep(1.0)
         bob: list[tuple[int, float]] = []
+        refusals: list[str] = []
         try:
             with httpx.Client(base_url=url, timeout=60) as c:
                 for i in range(20):
@@ -217,11 +225,13 @@ def test_one_saturating_key_does_not_starve_another(tmp_path: Path, victim: torc
                         "/predict", json={"instances": [{"pixels": pixels(i)}], "explain": False}, headers=bearer(BOB)
                     )
                     bob.append((r.status_code, time.perf_counter() - started))
+                    if r.status_code != 200:
+                        refusals.append(f"{r.status_code} {r.text}")
         finally:
             stop.set()
     assert 503 in alice, "Alice never saturated the queue: the check would be empty"
     answered = [seconds for status, seconds in bob if status == 200]
-    assert len(answered) >= 0.9 * len(bob), [status for status, _ in bob]
+    assert len(answered) >= 0.9 * len(bob), refusals
     assert percentiles(answered)["p50"] < 3.0
 
 
