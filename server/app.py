@@ -14,6 +14,7 @@ from common import __version__
 from defense import Defense
 
 from .access import OPERATOR, docs_router, mount_docs_assets
+from .data_plane import DataPlane
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .metrics import MAIN, RequestMetricsMiddleware
@@ -37,7 +38,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         if app.state.wait_until_ready:  # a Ray Serve replica: no request before the model is ready
             await runtime.prepared()
-            if runtime.state == "failed":
+            if runtime.phase == "failed":
                 raise StartupError(f"could not prepare {runtime.failure}")
         yield
     finally:
@@ -73,6 +74,7 @@ def create_app(
         openapi_url="/openapi.json" if docs_open else None,
     )
     app.state.runtime = runtime
+    app.state.data_plane = DataPlane(runtime)  # what the routes call (server/data_plane.py)
     app.state.wait_until_ready = wait_until_ready
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.body_limit(), body_timeout=settings.body_timeout_s)
@@ -137,5 +139,5 @@ def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
 
     runtime.on_failure = stop
     server.run()
-    if runtime.state == "failed":
+    if runtime.phase == "failed":
         raise StartupError(f"could not prepare {runtime.failure}")

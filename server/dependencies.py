@@ -1,4 +1,4 @@
-"""FastAPI dependencies shared by the routers: the app's runtime and the caller's identity."""
+"""FastAPI dependencies shared by the routers: the app's runtime, its data plane and the caller's identity."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .auth import ANONYMOUS, Caller
+from .data_plane import DataPlane
 from .errors import ApiError
 from .runtime import Runtime
 
@@ -19,6 +20,13 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_data_plane(request: Request) -> DataPlane:
+    return request.app.state.data_plane
+
+
+DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
 
 
 def authenticate(

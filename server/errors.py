@@ -81,7 +81,8 @@ class ErrorJSONResponse(JSONResponse):
 
 
 class ApiError(Exception):
-    """An error answered as JSON with ``status``; raise it anywhere in a request."""
+    """An error answered as JSON with ``status``; raise it anywhere in a request. The data plane's refusals
+    (below, from :class:`TooManyInstances` on) are its subclasses, each naming its status and code."""
 
     def __init__(
         self,
@@ -100,6 +101,90 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+class TooManyInstances(ApiError):
+    """413: a request carries more instances than ``max_instances``."""
+
+    def __init__(self, limit: int, count: int, field: str) -> None:
+        super().__init__(413, "too_many_instances", f"at most {limit} instances per request, got {count}", field=field)
+
+
+class BudgetExhausted(ApiError):
+    """429: the key's query budget does not cover the request (``queries``: None before the body is read)."""
+
+    def __init__(self, left: int, queries: int | None) -> None:
+        asked = "" if queries is None else f", {queries} asked"
+        message = f"the query budget of this key is spent ({left} left{asked})"
+        super().__init__(429, "budget_exhausted", message, field="Authorization")
+
+
+class KeyFlagged(ApiError):
+    """403: the extraction monitor escalated the key, and its requests are refused."""
+
+    def __init__(self) -> None:
+        super().__init__(403, "key_flagged", "this API key is suspended; contact the operator", field="Authorization")
+
+
+class NotFlagged(ApiError):
+    """404: the operator cleared a key that is not escalated."""
+
+    def __init__(self) -> None:
+        super().__init__(404, "not_flagged", "no escalated key has this id", field="key_id")
+
+
+class ModelNotFound(ApiError):
+    """404: the request names a model this server does not serve."""
+
+    def __init__(self, served: list[str], field: str) -> None:
+        names = ", ".join(repr(n) for n in served)
+        super().__init__(404, "model_not_found", f"no such model; this server serves {names}", field=field)
+
+
+class ModelNotReady(ApiError):
+    """503: the model is still loading, or failed to load."""
+
+    def __init__(self, model: str, why: str, retry_after: int) -> None:
+        headers = {"Retry-After": str(retry_after)}
+        super().__init__(503, "not_ready", f"the model {model} {why}", headers=headers)
+
+
+class StateUnavailable(ApiError):
+    """503: the budgets' and the monitor's state (Redis) cannot be reached; nothing unmetered is answered."""
+
+    def __init__(self, retry_after: int) -> None:
+        message = "the server cannot reach its budget and monitor state; retry later"
+        super().__init__(503, "state_unavailable", message, headers={"Retry-After": str(retry_after)})
+
+
+class Busy(ApiError):
+    """503: the micro-batcher cannot take the request now (``reason``: its code, e.g. ``queue_full``)."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        headers = {"Retry-After": str(retry_after)}
+        super().__init__(503, reason, "the server is busy; retry later", headers=headers)
+
+
+class AnswerTimeout(ApiError):
+    """504: the request was not answered within ``request_timeout_s``."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(504, "timeout", f"not answered within {timeout_s:g} s")
+
+
+class ClientClosedRequest(ApiError):
+    """499 (logged and counted, never received): the client went away before its answer was ready."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_closed_request", "the client closed the connection")
+
+
+class AnswerFailed(ApiError):
+    """500: the defense could not answer a query of the request (fail closed: nothing of it is sent)."""
+
+    def __init__(self) -> None:
+        message = "the defense could not answer this query; nothing of it is sent and the request is not charged"
+        super().__init__(500, "defense_failed", message)
+
+
 def error_response(
     status: int, code: str, message: str, *, field: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -115,9 +200,10 @@ def field_path(loc: Sequence[int | str]) -> str:
     return path or "body"
 
 
-def body_validation_error(err: ValidationError) -> RequestValidationError:
-    """pydantic's errors of a body validated by hand, located under ``body`` as FastAPI locates its own."""
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)])
+def body_validation_error(err: ValidationError, *within: int | str) -> RequestValidationError:
+    """pydantic's errors of a body validated by hand, located under ``body`` as FastAPI locates its own
+    (``within``: where in the body the validated value lies, for a part of it validated on its own)."""
+    return RequestValidationError([{**e, "loc": ("body", *within, *e["loc"])} for e in err.errors(include_url=False)])
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

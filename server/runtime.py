@@ -25,7 +25,7 @@ from .auth import KeyRing
 from .batcher import MicroBatcher
 from .budget import Ledger, QueryLedger, RedisLedger
 from .card import dataset_look
-from .errors import ApiError
+from .errors import ModelNotFound, ModelNotReady
 from .images import ImageLimits
 from .isolation import answer_problem
 from .keystore import EDM_HASH, KEY_ID, WATERMARK, SecretFileError, server_secret
@@ -37,7 +37,8 @@ from .watermark import RedisWatermarkStore, SqliteWatermarkStore, Watermark
 
 logger = logging.getLogger("deepdefense.server")
 
-State = Literal["starting", "ready", "failed"]
+#: Where a model (and the app) is in its life: preparing, serving, or stopped by a failure to prepare.
+Phase = Literal["starting", "ready", "failed"]
 #: What :func:`model_version` hashes before the weights' sha256.
 VERSION_SALT = b"deepdefense model version\0"
 
@@ -151,10 +152,10 @@ class Runtime:
         return QueryLedger(self.settings.budget_db, budget, model)
 
     @property
-    def state(self) -> State:
+    def phase(self) -> Phase:
         """``failed`` when a model failed to prepare, ``ready`` when every model is, else ``starting``."""
-        states = {m.state for m in self.models.values()}
-        return "failed" if "failed" in states else "ready" if states == {"ready"} else "starting"
+        phases = {m.phase for m in self.models.values()}
+        return "failed" if "failed" in phases else "ready" if phases == {"ready"} else "starting"
 
     @property
     def failure(self) -> str | None:
@@ -172,7 +173,7 @@ class Runtime:
             await model.start()
 
     async def prepared(self) -> None:
-        """Wait until every model's preparing is over (``state`` is then ``ready`` or ``failed``); a Ray Serve
+        """Wait until every model's preparing is over (``phase`` is then ``ready`` or ``failed``); a Ray Serve
         replica waits for this before Serve sends it requests (``create_app(..., wait_until_ready=True)``)."""
         for model in self.models.values():
             await model.prepared()
@@ -192,8 +193,7 @@ class Runtime:
             return self.default
         model = self.models.get(name)
         if model is None:
-            served = ", ".join(repr(n) for n in self.models)
-            raise ApiError(404, "model_not_found", f"no such model; this server serves {served}", field=field)
+            raise ModelNotFound(list(self.models), field)
         return model
 
     def check_ready(self) -> None:
@@ -241,7 +241,7 @@ class ModelRuntime:
         self.edm_hash_key = server.edm_hash_key
         self.ledger = server.open_ledger(self.model_name)
         self.batcher: MicroBatcher | None = None
-        self.state: State = "starting"
+        self.phase: Phase = "starting"
         self.failure: str | None = None  # why preparing failed, for the operator (never sent to clients)
         self._preparing: asyncio.Task[None] | None = None
 
@@ -291,10 +291,10 @@ class ModelRuntime:
         except Exception as err:
             logger.exception("preparing %s with defense %r failed", self.model_name, self.defense_name)
             self.failure = f"{type(err).__name__}: {err}"
-            self.state = "failed"
+            self.phase = "failed"
             self._server.model_failed()
             return
-        self.state = "ready"
+        self.phase = "ready"
         gate = "on" if isinstance(self.defense, MisinformationGate) else "off"
         logger.info(
             "ready: %s through %s (%s) on %s, misinformation gate %s",
@@ -322,17 +322,12 @@ class ModelRuntime:
 
     def ready_batcher(self) -> MicroBatcher:
         """The batcher, or a 503 while the model is still starting (or failed to start)."""
-        if self.state != "ready" or self.batcher is None:
-            why = "is still loading" if self.state == "starting" else "failed to load"
-            raise ApiError(
-                503,
-                "not_ready",
-                f"the model {self.model_name} {why}",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
+        if self.phase != "ready" or self.batcher is None:
+            why = "is still loading" if self.phase == "starting" else "failed to load"
+            raise ModelNotReady(self.model_name, why, self.settings.retry_after_s)
         return self.batcher
 
     def ready_defense(self) -> Defense:
         self.ready_batcher()
-        assert self.defense is not None  # set before the state becomes ready
+        assert self.defense is not None  # set before the phase becomes ready
         return self.defense

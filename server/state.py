@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .errors import ApiError
+from .errors import StateUnavailable
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -105,12 +105,7 @@ def state_reachable(retry_after: int) -> Iterator[None]:
         yield
     except STATE_ERRORS as err:
         logger.warning("the Redis state is unreachable (%s): answering 503 state_unavailable", type(err).__name__)
-        raise ApiError(
-            503,
-            "state_unavailable",
-            "the server cannot reach its budget and monitor state; retry later",
-            headers={"Retry-After": str(retry_after)},
-        ) from None
+        raise StateUnavailable(retry_after) from None
 
 
 def _without_secrets(message: str, url: str) -> str:

@@ -127,7 +127,7 @@ def test_while_starting_every_model_route_answers_503_not_ready(tmp_path: Path, 
     with TestClient(app) as client:
         try:
             assert gated.entered.wait(10)
-            assert app.state.runtime.state == "starting", "nothing but the gate holds the warm-up"
+            assert app.state.runtime.phase == "starting", "nothing but the gate holds the warm-up"
             starting = {
                 "error": {"code": "not_ready", "message": "the model lenet-mnist is still loading", "field": None}
             }
@@ -153,7 +153,7 @@ class _Broken(NoDefense):
 def test_a_server_that_failed_to_start_answers_503_not_ready(tmp_path: Path, victim: torch.nn.Module) -> None:
     app = create_app(make_settings(tmp_path), _Broken(victim, create_interpreter("gradcam", victim, SHAPE)))
     with TestClient(app) as client:
-        wait_until(lambda: app.state.runtime.state == "failed")
+        wait_until(lambda: app.state.runtime.phase == "failed")
         failed = {"error": {"code": "not_ready", "message": "the model lenet-mnist failed to load", "field": None}}
         for r in (client.get("/readyz"), client.get("/v1/models"), predict(client, key=None)):
             assert r.status_code == 503 and r.headers["Retry-After"] == "1" and r.json() == failed

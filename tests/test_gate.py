@@ -173,8 +173,8 @@ def test_the_served_gate_misinforms_noise_and_answers_digits_as_the_victim(
 def test_a_checkpoint_without_a_domain_score_cannot_be_gated(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path, checkpoint="lenet-fashionmnist", gate="misinform"))
     with TestClient(app):
-        wait_until(lambda: app.state.runtime.state != "starting", timeout=60)
-        assert app.state.runtime.state == "failed" and "no domain score" in (app.state.runtime.failure or "")
+        wait_until(lambda: app.state.runtime.phase != "starting", timeout=60)
+        assert app.state.runtime.phase == "failed" and "no domain score" in (app.state.runtime.failure or "")
 
 
 def test_the_gate_is_on_by_default_where_the_checkpoint_ships_it(tmp_path: Path) -> None:

@@ -130,13 +130,13 @@ def test_the_schema_lists_the_served_models(client: TestClient) -> None:
 def test_ready_only_when_every_model_is(client: TestClient) -> None:
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
     assert client.get("/readyz").json() == {"status": "ready", "model": MNIST, "defense": "none", "models": BOTH}
-    runtime.models[FASHION].state = "starting"  # as while its defense is built
+    runtime.models[FASHION].phase = "starting"  # as while its defense is built
     for r in (client.get("/readyz"), client.get("/v2/health/ready")):
         assert r.status_code == 503 and "lenet-fashionmnist is still loading" in r.text
     assert predict(client, FASHION).status_code == 503 and infer(client, FASHION).status_code == 503
     assert predict(client, MNIST).status_code == 200, "a ready model answers while another loads"
     assert client.get("/v2/models/lenet-mnist/ready").status_code == 200
-    runtime.models[FASHION].state = "ready"
+    runtime.models[FASHION].phase = "ready"
     assert client.get("/readyz").status_code == 200
 
 

@@ -163,8 +163,8 @@ def test_a_defense_whose_warm_up_answer_is_unusable_never_becomes_ready(
 
     with TestClient(app) as client:
         runtime = app.state.runtime
-        wait_until(lambda: runtime.state != "starting", timeout=60)
-        assert runtime.state == "failed" and "not finite" in (runtime.failure or "")
+        wait_until(lambda: runtime.phase != "starting", timeout=60)
+        assert runtime.phase == "failed" and "not finite" in (runtime.failure or "")
         r = client.post("/predict", json={"instances": [{"pixels": marked(0.9).tolist()}]})
         assert r.status_code == 503 and error_of(r)["code"] == "not_ready"
 

@@ -289,7 +289,7 @@ def test_no_route_error_or_header_reveals_the_model(
             answers.append(c.post("/predict", json=body, headers=key))
         answers.append(c.post("/predict", content=b"{", headers=key | {"Content-Type": "application/json"}))
         answers.append(c.post("/predict", content=b"{}", headers=key | {"Content-Type": "text/plain"}))
-        app.state.runtime.default.state = "starting"
+        app.state.runtime.default.phase = "starting"
         answers.append(c.post("/predict", json=one(), headers=key))
     statuses = [r.status_code for r in answers]
     assert statuses == [200, 200, 200, 200, 200, 404, 200, 401, 405, 200, 413, 422, 422, 500, 400, 415, 503]

@@ -241,7 +241,7 @@ def test_not_ready_answers_503(tmp_path: Path, defense: NoDefense) -> None:
     app = create_app(make_settings(tmp_path, warmup=False), defense)
     runtime = app.state.runtime.default
     with TestClient(app) as client:
-        runtime.state = "starting"  # as while the model loads and layer sensitivity is computed
+        runtime.phase = "starting"  # as while the model loads and layer sensitivity is computed
         for r in (client.get("/readyz"), client.post("/predict", json={"instances": [{"pixels": pixels()}]})):
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
             assert error_of(r)["code"] == "not_ready"
@@ -616,7 +616,7 @@ def test_fallbacks_and_optimisation_time_are_counted(tmp_path: Path, victim: tor
 def test_a_defense_that_cannot_be_built_never_becomes_ready(tmp_path: Path) -> None:
     with TestClient(create_app(make_settings(tmp_path, interpreter="no-such-interpreter"))) as client:
         deadline = time.monotonic() + 30
-        while client.app.state.runtime.state == "starting":
+        while client.app.state.runtime.phase == "starting":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         r = client.get("/readyz")

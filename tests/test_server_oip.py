@@ -246,6 +246,19 @@ def refused(response: Any, status: int, code: str, field: str | None) -> None:
     assert (error["code"], error["field"]) == (code, field)
 
 
+@pytest.mark.parametrize("value", [1.5, -0.5])
+def test_json_and_binary_data_are_held_to_one_pixel_rule(client: TestClient, value: float) -> None:
+    """The image input's values meet the rule of ``pixels`` whether they come as JSON or as binary data: the same
+    refusal, message included, naming the same element."""
+    x = np.full((1, 1, 28, 28), 0.5)
+    x[0, 0, 3, 4] = value
+    as_json = client.post(INFER, json=infer_body(x.tolist()))
+    body, headers = binary_body(x)
+    as_binary = client.post(INFER, content=body, headers=headers)
+    refused(as_json, 422, "out_of_range", "inputs[0].data[88]")
+    assert as_binary.json() == as_json.json()
+
+
 def test_bad_inputs_are_refused(client: TestClient) -> None:
     one = pixels()
     refused(client.post(INFER, json=infer_body([pixels(shape=(1, 27, 28))])), 422, "invalid_shape", "inputs[0].shape")
@@ -375,11 +388,11 @@ def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, 
 def test_an_error_while_building_the_answer_is_refunded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
-    import server.routes.oip as route
+    import server.oip_codec as codec
 
     app = create_app(make_settings(tmp_path, api_keys=KEY, query_budget=2), defense)
     with serving(app, raise_server_exceptions=False) as client:
-        monkeypatch.setattr(route, "_output", lambda *args: 1 / 0)
+        monkeypatch.setattr(codec, "encode_output", lambda *args: 1 / 0)
         r = client.post(INFER, json=infer_body([pixels(0), pixels(1)]), headers=bearer(KEY))
         assert r.status_code == 500 and error_of(r)["code"] == "internal_error"
         assert app.state.runtime.default.ledger.remaining(key_id_of(app, KEY)) == 2  # computed, but nothing was sent

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
-from ..dependencies import RuntimeDep
+from ..dependencies import DataPlaneDep
 from ..schemas import ErrorResponse, HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
@@ -23,8 +22,6 @@ async def healthz() -> HealthResponse:
     summary="every model loaded, layer sensitivity computed, warm-up query answered; the Redis state (if any) "
     "reachable",
 )
-async def readyz(runtime: RuntimeDep) -> ReadyResponse:
-    runtime.check_ready()
-    await run_in_threadpool(runtime.check_state)
-    default = runtime.default
-    return ReadyResponse(model=default.model_name, defense=default.defense_name, models=list(runtime.models))
+async def readyz(data_plane: DataPlaneDep) -> ReadyResponse:
+    default, *_ = models = await data_plane.ready()
+    return ReadyResponse(model=default.model_name, defense=default.defense_name, models=[m.model_name for m in models])

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from defense.gate import MisinformationGate
 
 from ..card import model_card
-from ..dependencies import CallerDep, RuntimeDep
+from ..dependencies import CallerDep, DataPlaneDep
 from ..runtime import ModelRuntime
 from ..schemas import DefenseInfo, ErrorResponse, ModelInfo, ModelsResponse
 
@@ -19,9 +19,9 @@ router = APIRouter(tags=["models"])
     response_model=ModelsResponse,
     responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
-async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
+async def list_models(data_plane: DataPlaneDep, caller: CallerDep) -> ModelsResponse:
     """Every served model, the default (the first) first."""
-    return ModelsResponse(models=[_info(model) for model in runtime.models.values()])
+    return ModelsResponse(models=[_info(model) for model in data_plane.models()])
 
 
 @router.get(
@@ -29,9 +29,9 @@ async def list_models(runtime: RuntimeDep, caller: CallerDep) -> ModelsResponse:
     response_model=ModelInfo,
     responses={status: {"model": ErrorResponse} for status in (401, 404, 503)},
 )
-async def get_model(model_name: str, runtime: RuntimeDep, caller: CallerDep) -> ModelInfo:
+async def get_model(model_name: str, data_plane: DataPlaneDep, caller: CallerDep) -> ModelInfo:
     """A served model, as ``/v1/models`` lists it; 404 for any other name."""
-    return _info(runtime.model(model_name, field="model_name"))
+    return _info(data_plane.model(model_name, field="model_name"))
 
 
 def _info(model: ModelRuntime) -> ModelInfo:
