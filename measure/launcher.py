@@ -21,14 +21,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
+
+from common.readiness import wait_ready
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,22 +39,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> None:
-    """Return once ``url``/readyz answers 200; RuntimeError if ``alive()`` turns False or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not alive():
-            raise RuntimeError(f"the server at {url} stopped before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server at {url} was not ready after {timeout_s:g} s")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(poll_s)
 
 
 # -- in this process ------------------------------------------------------------------------------------
@@ -78,7 +63,7 @@ def in_thread(app: FastAPI, *, like_serve: bool = False, ready_timeout_s: float 
     thread.start()
     url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
     try:
-        wait_ready(url, thread.is_alive, ready_timeout_s)
+        wait_ready(url, ready_timeout_s, alive=thread.is_alive, poll_s=0.05)
         yield url
     finally:
         server.should_exit = True
@@ -152,7 +137,7 @@ def spawned(
     shutdown: dict[str, Any] = {}
     try:
         try:
-            wait_ready(url, lambda: process.poll() is None, ready_timeout_s, poll_s=0.2)
+            wait_ready(url, ready_timeout_s, alive=lambda: process.poll() is None)
         except RuntimeError:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with code {process.returncode} before it was ready") from None

@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import SecretStr
+
+from common.readiness import NotReady, wait_ready
 
 from .app import DRAIN_MARGIN_S, create_app
 from .budget import RedisLedger
@@ -129,18 +129,12 @@ def deployment(settings: ServerSettings) -> Any:
 
     ``max_ongoing_requests`` (``settings.max_ongoing_requests``, default 8) is how many requests Serve's
     router lets one replica hold at a time; the others wait in the router until a replica has room, and
-    go to the less busy of two replicas it samples. A request here costs hundreds of milliseconds (a
-    defended query: ~0.9 s alone on one core, ~0.18 s per query in a micro-batch of 64), so the value
-    is set for two things: enough requests per replica for its micro-batcher to form batches (a replica
-    holding 1 or 2 requests barely batches), and few enough that Serve keeps spreading requests over the
-    replicas instead of stacking a deep queue behind one. The one-process server's figures
-    (docs/performance.md, one core) show the trade: 8 concurrent clients got 2.9 queries/s at p50
-    2.8 s, 32 clients 4.4 queries/s at p50 6.9 s, so 8 keeps two thirds of the throughput at 40% of the
-    latency, and with more replicas the requests beyond 8 are better sent to another replica than
-    queued deeper. 8 requests of at most ``max_instances`` (16) instances also stay within one replica's
-    ``queue_size`` (256), so its admission control (503 with Retry-After) still applies to what it
-    holds. A reasoned default, not measured under Serve: raise it for throughput when requests are
-    single instances and the replicas are saturated, lower it when latency matters more.
+    go to the less busy of two replicas it samples. The value is set for two things: enough requests per
+    replica for its micro-batcher to form batches, and few enough that Serve keeps spreading requests over
+    the replicas instead of stacking a deep queue behind one; 8 requests of at most ``max_instances``
+    instances also stay within one replica's ``queue_size``, so its admission control (503 with
+    Retry-After) still applies to what it holds. A reasoned default, not measured under Serve; the
+    figures it rests on are in docs/scaling.md, "``max_ongoing_requests``: 8".
 
     ``max_queued_requests`` (``settings.max_queued_requests``): how many requests may wait in each gateway's
     router for a replica; beyond it the gateway answers 503 ``overloaded`` with Retry-After at once.
@@ -169,8 +163,8 @@ def deployment(settings: ServerSettings) -> Any:
         def check_health(self) -> None:
             """Serve's periodic health check: a replica whose models are not all ready is replaced."""
             runtime = self.app.state.runtime
-            if runtime.state != "ready":
-                raise RuntimeError(f"the models of this replica are {runtime.state}: {runtime.failure}")
+            if runtime.phase != "ready":
+                raise RuntimeError(f"the models of this replica are {runtime.phase}: {runtime.failure}")
 
         async def __del__(self) -> None:
             """Serve stops the replica: the app's shutdown (its runtime drains and stops)."""
@@ -282,22 +276,11 @@ def start_replicas(settings: ServerSettings) -> str:
         ) from None
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     url = f"http://{host}:{settings.port}"
-    wait_http_ready(url, HTTP_READY_TIMEOUT_S)
+    try:
+        wait_ready(url, HTTP_READY_TIMEOUT_S, what="Serve's proxy")
+    except NotReady as err:
+        raise StartupError(str(err)) from None
     return url
-
-
-def wait_http_ready(url: str, timeout_s: float) -> None:
-    """Return once ``url``/readyz answers 200; :class:`StartupError` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise StartupError(f"Serve's proxy at {url} did not answer /readyz with 200 within {timeout_s:g} s")
-        time.sleep(0.2)
 
 
 def stop_replicas() -> None:
