@@ -171,7 +171,7 @@ def _tells(seconds: list[float], flags: list[bool], seed: int) -> dict[str, Any]
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """One line per defense, for this report and the gate's (``measure/gate_report.py``)."""
+    """One line per defense, for this report and the gate's (``measure/report.py``)."""
     lines = []
     for defense, a in result["arms"].items():
         g, p = a["gated_tells"], a["plain_tells"]

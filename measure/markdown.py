@@ -12,8 +12,8 @@ from typing import Any
 
 
 def row(cells: Iterable[Any]) -> str:
-    """One table row: ``| a | b |``."""
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    """One table row: ``| a | b |`` (an empty cell: ``| |``)."""
+    return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
 
 
 def table(header: str | Sequence[Any], rows: Iterable[Iterable[Any]] = ()) -> list[str]:
