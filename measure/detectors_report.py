@@ -8,6 +8,14 @@ from measure.markdown import document, generated_by, row, table, yes
 
 #: The issue's target: no detector tells misinformed from honest answers better than this.
 TARGET = 0.60
+#: The answer-shape table's medians and their decimals.
+ANSWER_CELLS = (
+    ("top_p25", 4),
+    ("top_median", 4),
+    ("entropy_median", 4),
+    ("twin_dp_median", 6),
+    ("twin_dmap_median", 6),
+)
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -48,14 +56,15 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "What the answers look like (medians; twin Δ: the largest change between an image and its twin):",
         "",
-        *table(["pool", "path", "top-1 p, 25th pct", "top-1 p, median", "entropy", "twin Δp", "twin Δmap"]),
+        *table(
+            "pool | path | top-1 p, 25th pct | top-1 p, median | entropy | twin Δp | twin Δmap",
+            (
+                [pool, path.replace("_", " "), *(f"{s[k]:.{d}f}" for k, d in ANSWER_CELLS)]
+                for pool, r in record["pools"].items()
+                for path, s in r["answers"].items()
+            ),
+        ),
     ]
-    for pool, r in record["pools"].items():
-        for path, s in r["answers"].items():
-            out.append(
-                f"| {pool} | {path.replace('_', ' ')} | {s['top_p25']:.4f} | {s['top_median']:.4f} | "
-                f"{s['entropy_median']:.4f} | {s['twin_dp_median']:.6f} | {s['twin_dmap_median']:.6f} |"
-            )
     for pool, r in record.get("map_reading", {}).items():
         out += [
             "",
