@@ -497,7 +497,7 @@ def _honest_users(record: Mapping[str, Any], gated: bool) -> list[str]:
     if not rows:
         return []
     if gated:
-        lines = [
+        head = [
             "## Honest users",
             "",
             "The first n MNIST test digits sent through each arm (in-process, the server's `Defense.answer`), scored",
@@ -505,25 +505,28 @@ def _honest_users(record: Mapping[str, Any], gated: bool) -> list[str]:
             f"{record['config']['runtime_n']} test digits",
             "(in-process; gated arms skip the wrapped defense's work for flagged queries here, the server does not).",
             "",
-            "arm | n | accuracy (%) | victim (%) | agrees with victim (%) | ms/query",
         ]
+        header = "arm | n | accuracy (%) | victim (%) | agrees with victim (%) | ms/query"
     else:
-        lines = [
+        head = [
             "",
             "## What honest users get (benign cost)",
             "",
             f"The first n {_title(record.get('dataset', ''))} test images sent to each arm as an honest user would "
             "send them; accuracy of the answered labels, and their agreement with the undefended victim's top-1.",
             "",
-            "arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query",
         ]
-    cells = [
-        [_gate_name(key, arm) if gated else key, f"{arm['benign']['n']:,}"]
-        + [num(arm["benign"].get(k)) for k in ("accuracy", "victim_accuracy", "agreement")]
-        + [num(arm.get("runtime", {}).get("ms_per_query"), 1)]
+        header = "arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query"
+    cells = (
+        [
+            _gate_name(key, arm) if gated else key,
+            f"{arm['benign']['n']:,}",
+            *(num(arm["benign"].get(k)) for k in ("accuracy", "victim_accuracy", "agreement")),
+            num(arm.get("runtime", {}).get("ms_per_query"), 1),
+        ]
         for key, arm in rows
-    ]
-    return [*lines[:-1], *table(lines[-1], cells), *([""] if gated else [])]
+    )
+    return [*head, *table(header, cells), *([""] if gated else [])]
 
 
 def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: Path) -> list[str]:
