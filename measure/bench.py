@@ -46,6 +46,7 @@ from clients.latency import percentiles
 from clients.load import rss_mb
 from defense.api import Defense
 from defense.loader import load_defense
+from measure.markdown import document, table
 
 MODELS = ("lenet-mnist", "resnet18")
 #: The setup of the arm with the previous defaults (``BenchConfig.previous``).
@@ -377,15 +378,23 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "| setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s "
-        "| peak memory (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *table(
+            "setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s | "
+            "peak memory (MiB)",
+            (
+                (
+                    r["setup"],
+                    r["queries_per_call"] or r["clients"],
+                    r["queries"],
+                    r["ms_per_query_p50"],
+                    r["ms_per_query_p95"],
+                    r["queries_per_second"],
+                    r["peak_memory_mb"],
+                )
+                for r in result["rows"]
+            ),
+        ),
+        "",
+        *table(["ratio of queries per second", "value"], result["ratios"].items()),
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['setup']} | {r['queries_per_call'] or r['clients']} | {r['queries']} | {r['ms_per_query_p50']} | "
-            f"{r['ms_per_query_p95']} | {r['queries_per_second']} | {r['peak_memory_mb']} |"
-        )
-    lines += ["", "| ratio of queries per second | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
-    return "\n".join(lines) + "\n"
+    return document(lines)

@@ -3,17 +3,10 @@ nothing here measures anything."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.2f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+from measure.markdown import document, made_by, pct, table
 
 
 def _variant_rule(record: Mapping[str, Any]) -> str:
@@ -21,7 +14,7 @@ def _variant_rule(record: Mapping[str, Any]) -> str:
     if rate is None:
         return ""
     return (
-        f" and at most {_pct(rate)} of each family of their honest variants (those the victim reads right; the "
+        f" and at most {pct(rate)} of each family of their honest variants (those the victim reads right; the "
         "smallest of the per-set thresholds)"
     )
 
@@ -33,7 +26,7 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
     out = [
         "## 1. Selection — training data and synthetic outliers only",
         "",
-        f"Threshold per method: the largest that flags at most {_pct(record['fpr'])} of the held-out training "
+        f"Threshold per method: the largest that flags at most {pct(record['fpr'])} of the held-out training "
         "images"
         + _variant_rule(record)
         + ". Then, on held-out training images only: the share of synthetic outliers of each kind it flags "
@@ -50,16 +43,16 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
         rows.append(
             [
                 f"`{name}`{mark}",
-                _pct(c["fpr_held_out"]),
-                *(_pct(c["detection"][k]) for k in kinds),
-                _pct(c["mean_detection"]),
-                _pct(c["honest_false_flags"]),
+                pct(c["fpr_held_out"]),
+                *(pct(c["detection"][k]) for k in kinds),
+                pct(c["mean_detection"]),
+                pct(c["honest_false_flags"]),
                 f"{c['utility']:+.3f}",
             ]
         )
-    out += _table(header, rows)
+    out += table(header, rows)
     out += ["", "AUROC against each held-out outlier kind (held-out training images positive):", ""]
-    out += _table(
+    out += table(
         ["method", *kinds],
         [[f"`{n}`", *(f"{c['auroc'][k]:.4f}" for k in kinds)] for n, c in cands.items()],
     )
@@ -72,9 +65,9 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
             "`honest_mix`, families composed):",
             "",
         ]
-        out += _table(
+        out += table(
             ["method", *families],
-            [[f"`{n}`", *(_pct(c["variant_false_flags"][k]) for k in families)] for n, c in cands.items()],
+            [[f"`{n}`", *(pct(c["variant_false_flags"][k]) for k in families)] for n, c in cands.items()],
         )
     out += ["", f"**Selected by this rule: `{sel['selected']}`.** Shipped: `{record['shipped']['method']}`.", ""]
     return out
@@ -104,12 +97,12 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
         "### AUROC (in-domain test images positive) and the test false-positive rate at the threshold",
         "",
     ]
-    out += _table(
+    out += table(
         ["method", *(f"AUROC {k}" for k in ood), "test FPR"],
-        [[name(m), *(f"{r['auroc'][k]:.4f}" for k in ood), _pct(r["fpr_in_domain"])] for m, r in methods.items()],
+        [[name(m), *(f"{r['auroc'][k]:.4f}" for k in ood), pct(r["fpr_in_domain"])] for m, r in methods.items()],
     )
     out += ["", "### Share of each out-of-domain set flagged at the threshold", ""]
-    out += _table(["method", *ood], [[name(m), *(_pct(r["detection"][k]) for k in ood)] for m, r in methods.items()])
+    out += table(["method", *ood], [[name(m), *(pct(r["detection"][k]) for k in ood)] for m, r in methods.items()])
     acc = ev["victim_accuracy"]
     out += [
         "",
@@ -120,10 +113,10 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
         "shows the digits stay readable.",
         "",
     ]
-    out += _table(
+    out += table(
         ["method", "clean", *perts],
-        [[name(m), _pct(r["fpr_in_domain"]), *(_pct(r["false_flags"][k]) for k in perts)] for m, r in methods.items()]
-        + [["*victim accuracy*", _pct(acc["in_domain"]), *(_pct(acc[k]) for k in perts)]],
+        [[name(m), pct(r["fpr_in_domain"]), *(pct(r["false_flags"][k]) for k in perts)] for m, r in methods.items()]
+        + [["*victim accuracy*", pct(acc["in_domain"]), *(pct(acc[k]) for k in perts)]],
     )
     return [*out, ""]
 
@@ -138,14 +131,14 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
     runner = next((m for m in ranked if m != selected), None)
     line = (
         f"* **Why `{selected}`.** On held-out training images and unseen synthetic outlier kinds it catches "
-        f"{_pct(sel['mean_detection'])} of outliers while flagging {_pct(sel['honest_false_flags'])} of honest "
+        f"{pct(sel['mean_detection'])} of outliers while flagging {pct(sel['honest_false_flags'])} of honest "
         f"elastic variations (utility {sel['utility']:+.3f})"
     )
     if runner:
         r = cands[runner]
         line += (
-            f"; the runner-up `{runner}` catches {_pct(r['mean_detection'])} and flags "
-            f"{_pct(r['honest_false_flags'])} (utility {r['utility']:+.3f})"
+            f"; the runner-up `{runner}` catches {pct(r['mean_detection'])} and flags "
+            f"{pct(r['honest_false_flags'])} (utility {r['utility']:+.3f})"
         )
     out.append(line + ".")
     if shipped != selected:
@@ -153,21 +146,21 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
     for m, c in cands.items():
         worst = min(c["detection"], key=c["detection"].get)
         out.append(
-            f"* `{m}`: weakest on `{worst}` ({_pct(c['detection'][worst])} caught, AUROC {c['auroc'][worst]:.4f})."
+            f"* `{m}`: weakest on `{worst}` ({pct(c['detection'][worst])} caught, AUROC {c['auroc'][worst]:.4f})."
         )
     ev = record.get("evaluation")
     if ev:
         r = ev["methods"][shipped]
         where = "above" if r["fpr_in_domain"] > record["fpr"] else "within"
         out.append(
-            f"* **In-domain false positives on the test split: {_pct(r['fpr_in_domain'])}**, {where} the "
-            f"{_pct(record['fpr'])} chosen for on held-out training images. The victim was trained on the whole "
+            f"* **In-domain false positives on the test split: {pct(r['fpr_in_domain'])}**, {where} the "
+            f"{pct(record['fpr'])} chosen for on held-out training images. The victim was trained on the whole "
             "training split, so those held-out images are images it has seen; test digits are new to it."
         )
         for k, v in r["auroc"].items():
             best = max(ev["methods"], key=lambda m, k=k: ev["methods"][m]["auroc"][k])
             note = "" if best == shipped else f" (best: `{best}`, {ev['methods'][best]['auroc'][k]:.4f})"
-            out.append(f"* {k}: AUROC {v:.4f}, {_pct(r['detection'][k])} flagged{note}.")
+            out.append(f"* {k}: AUROC {v:.4f}, {pct(r['detection'][k])} flagged{note}.")
         worst = max(r["false_flags"], key=r["false_flags"].get)
         if record.get("variant_fpr") is None:
             why = (
@@ -180,33 +173,28 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
                 "made by other code with other parameters from training digits, never these test images."
             )
         out.append(
-            f"* **Honest-but-perturbed digits: up to {_pct(r['false_flags'][worst])} flagged (`{worst}`)**, where "
-            f"the selection's honest check (elastic variation) flagged {_pct(cands[shipped]['honest_false_flags'])}: "
+            f"* **Honest-but-perturbed digits: up to {pct(r['false_flags'][worst])} flagged (`{worst}`)**, where "
+            f"the selection's honest check (elastic variation) flagged {pct(cands[shipped]['honest_false_flags'])}: "
             + why
         )
         worst_case = {m: max(e["false_flags"].values()) for m, e in ev["methods"].items()}
         gentlest = min(worst_case, key=worst_case.get)
         out.append(
             "* Worst false-flag rate over the perturbations, per method: "
-            + ", ".join(f"`{m}` {_pct(v)}" for m, v in worst_case.items())
+            + ", ".join(f"`{m}` {pct(v)}" for m, v in worst_case.items())
             + f" (lowest: `{gentlest}`)."
         )
     return [*out, ""]
 
 
-def markdown(record: Mapping[str, Any], notes: str = "") -> str:
-    """The whole report; ``notes`` (Markdown) go at the end."""
+def markdown(record: Mapping[str, Any]) -> str:
+    """The whole report."""
     fit = record["fit_on"]
     shipped = record["shipped"]
     head = [
         f"# Domain score for `{record['checkpoint']}`",
         "",
-        "Made by (seed " + str(record["seed"]) + f", {record['seconds']} s on this machine):",
-        "",
-        "```bash",
-        record["command"],
-        "```",
-        "",
+        *made_by(f"seed {record['seed']}, {record['seconds']} s on this machine", record["command"]),
         f"Victim weights sha256 `{record['victim_sha256']}`. Shipped: `{shipped['metadata']}` + "
         f"`{shipped['weights']}` (method `{shipped['method']}`, sha256 `{shipped['sha256'][:16]}…`), loaded with "
         "`defense.domain.load_domain_score`.",
@@ -226,4 +214,4 @@ def markdown(record: Mapping[str, Any], notes: str = "") -> str:
         "",
     ]
     sections = [*selection_section(record), *evaluation_section(record), *reading_section(record)]
-    return "\n".join([*head, *sections, notes]).rstrip() + "\n"
+    return document([*head, *sections])

@@ -34,7 +34,7 @@ import platform
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -128,7 +128,7 @@ TWIN_SETS = ("twins", "adaptive")
 @dataclass(frozen=True)
 class Arm:
     """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``,
-    ``deepdefense+gate``, ``none+gate@jbda``…)."""
+    ``deepdefense+gate``, ``none+gate@jbda``…); ``role``: what the report makes of it (``ROLES``)."""
 
     key: str
     defense: str
@@ -138,10 +138,36 @@ class Arm:
     url: str | None = None  # a running server (None: in-process or started by the harness)
     gated: bool = False  # behind the misinformation gate (in-process and started servers)
     query_set: str = "random"
+    role: str = "main"
+
+    def fields(self) -> dict[str, Any]:
+        """What the record keeps of the arm beside its key: the report reads these, never the key."""
+        return {"role": self.role, "gated": self.gated, "query_set": self.query_set}
+
+
+#: An arm's role: a main arm (Table 5, Figure 2, the gate's tables), a CS variant (Table 3), a top-k one (Table 4).
+ROLES = ("main", "cs", "top-k")
 
 
 def arm_key(defense: str, gated: bool = False, query_set: str = "random") -> str:
     return defense + ("+gate" if gated else "") + ("" if query_set == "random" else f"@{query_set}")
+
+
+def key_role(key: str) -> tuple[str, bool, str]:
+    """(role, gated, query set) that a key names: how an arm named by ``--url KEY=URL`` is placed, and how a record
+    written before arms kept their fields is read (:func:`role_of`)."""
+    name, _, query_set = key.partition("@")
+    top_k = name.startswith(("deepdefense-top", "pp-top"))
+    return (
+        "top-k" if top_k else "cs" if name.startswith("deepdefense-cs") else "main",
+        name.endswith("+gate"),
+        query_set or "random",
+    )
+
+
+def role_of(key: str, arm: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """(role, gated, query set) of a record's arm (or ``not_collected`` entry): its fields, else its key's."""
+    return (arm["role"], arm["gated"], arm["query_set"]) if "role" in arm else key_role(key)
 
 
 def plan_arms(config: EvalConfig) -> list[Arm]:
@@ -167,19 +193,18 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
         for gated, defenses in ((False, config.defenses), (True, config.gated))
         for d in defenses
     ]
+    budget, losses = config.ablation_budget or config.largest_budget, config.ablation_losses
     if "deepdefense" in config.defenses and "random" in config.query_sets:
-        budget = config.ablation_budget or config.largest_budget
         arms += [
-            Arm(f"deepdefense-cs{cs:g}", "deepdefense", {**engine, "cs": float(cs)}, budget, config.ablation_losses)
-            for cs in config.cs
+            Arm(f"deepdefense-cs{c:g}", "deepdefense", {**engine, "cs": float(c)}, budget, losses, role="cs")
+            for c in config.cs
         ]
         arms += [
-            Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, config.ablation_losses)
+            Arm(f"deepdefense-top{k}", "deepdefense", {**engine, "top_k": int(k)}, budget, losses, role="top-k")
             for k in config.top_k
         ]
     if "pp" in config.defenses and "random" in config.query_sets:  # Table 4 compares PP at the same k
-        budget = config.ablation_budget or config.largest_budget
-        arms += [Arm(f"pp-top{k}", "pp", {"top_k": int(k)}, budget, config.ablation_losses) for k in config.top_k]
+        arms += [Arm(f"pp-top{k}", "pp", {"top_k": int(k)}, budget, losses, role="top-k") for k in config.top_k]
     return arms
 
 
@@ -202,6 +227,7 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
                 config.largest_budget if main else config.ablation_budget or config.largest_budget,
                 config.losses if main else config.ablation_losses,
                 url=url,
+                role=key_role(key)[0],
             )
         )
     if len({a.key for a in arms}) != len(arms):
@@ -696,7 +722,7 @@ class Evaluation:
         result = {
             "key": arm.key,
             "defense": info.defense,
-            "gated": arm.gated,
+            **arm.fields(),
             "options": arm.options,
             "settings": info.defense_settings,
             "url": arm.url,
@@ -764,7 +790,7 @@ def open_oracle(
                 data_root=config.data_root,
                 **arm.options,
             )
-            main = arm.key == arm.defense  # the Table 5 arms share; a CS or top-k arm has its own options
+            main = arm.role == "main" and arm.query_set == "random"  # Table 5's arms share; CS and top-k have options
             shared[key] = SharedModes(
                 engine, tuple(m for m in ENGINE_MODES if m in config.defenses) if main else (arm.defense,)
             )
@@ -831,7 +857,7 @@ def run_evaluation(
             if data is None and not run.any_cached(arm, info, collected_["fingerprint"]):
                 # --only-cached: an arm whose queries were never sent here and that has no cached model is not run
                 missing = f"transfer set {collected_['store']} is not stored and no attack model of it is cached"
-                entry = {"why": missing, "defense": info.defense, "settings": info.defense_settings}
+                entry = {"why": missing, "defense": info.defense, **arm.fields(), "settings": info.defense_settings}
                 record["not_collected"] = {**record.get("not_collected", {}), arm.key: entry}
             else:
                 collected[arm.key] = collected_

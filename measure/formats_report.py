@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from measure.markdown import code, document, made_by, pct, row, table
+
 #: A variant flagged more often than this is named in the reading as one the gate punishes.
 NOTABLE = 0.05
 #: The most accuracy (victim's minus through the gate, in points) an honest variant may cost (issue 28); clean
@@ -13,21 +15,12 @@ NOTABLE = 0.05
 COST_TARGET, CLEAN_COST = 2.0, 0.5
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.2f}%"
-
-
 def markdown(record: Mapping[str, Any]) -> str:
     gate = record["gate"]
     out = [
         f"# Honest digits in other formats, and the misinformation gate of `{record['checkpoint']}`",
         "",
-        f"Made by (seed {record['seed']}, {record['seconds']} s on this machine):",
-        "",
-        "```bash",
-        record["command"],
-        "```",
-        "",
+        *made_by(f"seed {record['seed']}, {record['seconds']} s on this machine", record["command"]),
         f"Digits: {record['n']} of the {record['dataset']} **test** split (drawn by seed {record['seed']}; never "
         "seen by the victim, its domain score or the score's threshold). Each variant is what an honest user would "
         "send, decoded by `server.images.instances_to_tensor` — the function `/predict` calls — with the server's "
@@ -48,9 +41,7 @@ def markdown(record: Mapping[str, Any]) -> str:
             f"(`{b['gate']['method']}`, threshold {b['gate']['threshold']:.6g}, sha256 `{b['gate']['sha256'][:16]}…`), "
             "from the record of:",
             "",
-            "```bash",
-            b["command"],
-            "```",
+            *code(b["command"]),
             "",
         ]
     header = ["variant", "what is sent", "n", "flagged (95% CI)"]
@@ -58,16 +49,16 @@ def markdown(record: Mapping[str, Any]) -> str:
     header += ["victim accuracy", "right through the gate"]
     header += ["right through the gate before"] if before else []
     header += ["cost (points)"]
-    out += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += table(header)
     for r in record["variants"]:
         low, high = r["flag_rate_ci95"]
         was = before.get(r["name"])
-        cells = [r["name"], r["description"], str(r["n"]), f"**{_pct(r['flag_rate'])}** ({_pct(low)}–{_pct(high)})"]
-        cells += [_pct(was["flag_rate"]) if was else "—"] if before else []
-        cells += [_pct(r["victim_accuracy"]), _pct(r["right_through_gate"])]
-        cells += [_pct(was["right_through_gate"]) if was else "—"] if before else []
+        cells = [r["name"], r["description"], str(r["n"]), f"**{pct(r['flag_rate'])}** ({pct(low)}–{pct(high)})"]
+        cells += [pct(was["flag_rate"]) if was else "—"] if before else []
+        cells += [pct(r["victim_accuracy"]), pct(r["right_through_gate"])]
+        cells += [pct(was["right_through_gate"]) if was else "—"] if before else []
         cells += [f"{_cost(r):.2f}"]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append(row(cells))
     checks = record.get("http_check") or []
     if checks:
         out += [
@@ -77,12 +68,12 @@ def markdown(record: Mapping[str, Any]) -> str:
             "the variant's invert option) to a server on loopback (`--defense none --gate misinform`), answered from "
             "the misinformation model as often as counted offline (`dd_misinformed_answers_total`):",
             "",
-            "| variant | n | flagged offline | misinformed by the server |",
-            "| --- | --- | --- | --- |",
-            *(f"| {c['name']} | {c['n']} | {c['flagged_offline']} | {c['by_server']} |" for c in checks),
+            *table(
+                ["variant", "n", "flagged offline", "misinformed by the server"],
+                ([c["name"], c["n"], c["flagged_offline"], c["by_server"]] for c in checks),
+            ),
         ]
-    out += ["", "## Reading", "", *_reading(record), ""]
-    return "\n".join(out)
+    return document([*out, "", "## Reading", "", *_reading(record)])
 
 
 def _cost(r: Mapping[str, Any]) -> float:
@@ -95,25 +86,23 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
     base = rows.get("clean pixels")
     lines = []
     if base is not None:
-        lines.append(f"* Clean test digits as pixels: {_pct(base['flag_rate'])} flagged (the gate's benign target is "
+        lines.append(f"* Clean test digits as pixels: {pct(base['flag_rate'])} flagged (the gate's benign target is "
                      "below 0.5%).")  # fmt: skip
     for name in ("clean white-on-black PNG", "clean ink on paper, invert", "ink on paper, JPEG, invert"):
         if name in rows:
-            lines.append(f"* {name}: {_pct(rows[name]['flag_rate'])} flagged, "
-                         f"{_pct(rows[name]['right_through_gate'])} right through the gate.")  # fmt: skip
+            lines.append(f"* {name}: {pct(rows[name]['flag_rate'])} flagged, "
+                         f"{pct(rows[name]['right_through_gate'])} right through the gate.")  # fmt: skip
     if "clean ink on paper, no invert" in rows:
         r = rows["clean ink on paper, no invert"]
-        lines.append(f"* The same black-on-white digits **without** the invert option: {_pct(r['flag_rate'])} flagged, "
-                     f"the victim reads {_pct(r['victim_accuracy'])} of them, {_pct(r['right_through_gate'])} right "
+        lines.append(f"* The same black-on-white digits **without** the invert option: {pct(r['flag_rate'])} flagged, "
+                     f"the victim reads {pct(r['victim_accuracy'])} of them, {pct(r['right_through_gate'])} right "
                      "through the gate: the option is what makes ink on paper readable.")  # fmt: skip
     punished = [
         r for r in record["variants"] if r["flag_rate"] > NOTABLE and r["name"] != "clean ink on paper, no invert"
     ]
     if punished:
-        named = "; ".join(
-            f"{r['name']} {_pct(r['flag_rate'])}" for r in sorted(punished, key=lambda r: -r["flag_rate"])
-        )
-        lines.append(f"* **Flagged more than {_pct(NOTABLE)} although honest:** {named}. The gate punishes these "
+        named = "; ".join(f"{r['name']} {pct(r['flag_rate'])}" for r in sorted(punished, key=lambda r: -r["flag_rate"]))
+        lines.append(f"* **Flagged more than {pct(NOTABLE)} although honest:** {named}. The gate punishes these "
                      "users: their answers come from the misinformation model, wrong on purpose and not marked; the "
                      "model card says so in `answers`.")  # fmt: skip
     honest = [r for r in record["variants"] if r["name"] != "clean ink on paper, no invert"]
@@ -128,10 +117,10 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
     before = {r["name"]: r for r in record["baseline"]["variants"]} if record.get("baseline") else {}
     if before:
         changes = "; ".join(
-            f"{r['name']} {_pct(before[r['name']]['flag_rate'])} → {_pct(r['flag_rate'])}"
+            f"{r['name']} {pct(before[r['name']]['flag_rate'])} → {pct(r['flag_rate'])}"
             for r in sorted(honest, key=lambda r: -before[r["name"]]["flag_rate"])
             if r["name"] in before and before[r["name"]]["flag_rate"] > NOTABLE
         )
         if changes:
-            lines.append(f"* **Before → after**, for the variants flagged more than {_pct(NOTABLE)} before: {changes}.")
+            lines.append(f"* **Before → after**, for the variants flagged more than {pct(NOTABLE)} before: {changes}.")
     return lines

@@ -32,6 +32,7 @@ from torch import Tensor
 from clients.oracle import HttpOracle
 from defense.domain import load_domain_score
 from measure.launcher import served
+from measure.markdown import document, row, table
 from models.checkpoint import load_checkpoint
 from models.data import load_split
 
@@ -170,7 +171,7 @@ def _tells(seconds: list[float], flags: list[bool], seed: int) -> dict[str, Any]
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """One line per defense, for this report and the gate's (``measure/gate_report.py``)."""
+    """One line per defense, for this report and the gate's (``measure/report.py``)."""
     lines = []
     for defense, a in result["arms"].items():
         g, p = a["gated_tells"], a["plain_tells"]
@@ -197,32 +198,35 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"The domain score flags {result['flagged']['honest']} of the honest and {result['flagged']['other']} of the "
         "attacker's images.",
         "",
-        "| defense | plain p50 / p95 (ms) | gated p50 / p95 (ms) | ratio of medians (95% CI) | target ≤ 1.05 |",
-        "| --- | --- | --- | --- | --- |",
+        *table("defense | plain p50 / p95 (ms) | gated p50 / p95 (ms) | ratio of medians (95% CI) | target ≤ 1.05"),
     ]
     for defense, a in result["arms"].items():
         lo, hi = a["ratio_ci95"]
         verdict = "met" if a["ratio"] <= TARGET_RATIO else "not met"
         if defense == "none":  # the target is for a defended query; here the gate's cost is set against a bare forward
             verdict = "— (undefended)"
-        lines.append(
-            f"| {defense} | {a['plain_ms']['p50']} / {a['plain_ms']['p95']} | {a['gated_ms']['p50']} / "
-            f"{a['gated_ms']['p95']} | {a['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {verdict} |"
-        )
+        plain, gated = (f"{a[k]['p50']} / {a[k]['p95']}" for k in ("plain_ms", "gated_ms"))
+        lines.append(row([defense, plain, gated, f"{a['ratio']:.3f} ({lo:.3f}–{hi:.3f})", verdict]))
     lines += [
         "",
         "Can a client tell a misinformed answer by its latency? Flagged against unflagged queries (KS statistic; "
         "balanced accuracy of the best latency threshold, chosen on half of the queries and scored on the other "
         "half: 0.5 tells nothing). The plain server is the control: the same queries with no gate.",
         "",
-        "| defense | server | flagged p50 (ms) | unflagged p50 (ms) | KS | threshold balanced accuracy |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *table(
+            "defense | server | flagged p50 (ms) | unflagged p50 (ms) | KS | threshold balanced accuracy",
+            (
+                (
+                    defense,
+                    server,
+                    t["flagged_p50_ms"],
+                    t["unflagged_p50_ms"],
+                    t["ks"],
+                    f"{t['threshold_balanced_accuracy']:.3f}",
+                )
+                for defense, a in result["arms"].items()
+                for server, t in (("gated", a["gated_tells"]), ("plain", a["plain_tells"]))
+            ),
+        ),
     ]
-    for defense, a in result["arms"].items():
-        for server in ("gated", "plain"):
-            t = a[f"{server}_tells"]
-            lines.append(
-                f"| {defense} | {server} | {t['flagged_p50_ms']} | {t['unflagged_p50_ms']} | {t['ks']} | "
-                f"{t['threshold_balanced_accuracy']:.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+    return document(lines)

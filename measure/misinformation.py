@@ -21,6 +21,7 @@ from defense.interpreters import create_interpreter
 from defense.misinformation import blend, misinformation_weight, mix
 from measure.agreement import probabilities
 from measure.fidelity import spearman
+from measure.markdown import row, table
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 #: AM's adaptive blend on in-domain queries, score = the victim's max probability: (τ, ν) pairs.
@@ -136,11 +137,11 @@ def report(figures: dict[str, Any], meta: Any) -> str:
     cam = figures["gradcam"]
     labels_v, labels_m = figures["answered_labels"]["victim"], figures["answered_labels"]["misinfo"]
     top_v, top_m = labels_v["most_frequent_share"], labels_m["most_frequent_share"]
-    rows = "\n".join(f"| {key.replace('_', ' ')} | {shape_v[key]} | {shape_m[key]} |" for key in shape_v)
-    blends = " | ".join(figures["blend_top1_accuracy"])
-    blend_values = " | ".join(f"{v:.2f}%" for v in figures["blend_top1_accuracy"].values())
+    rows = "\n".join(row([key.replace("_", " "), shape_v[key], shape_m[key]]) for key in shape_v)
+    by_alpha = figures["blend_top1_accuracy"]
+    blends = "\n".join(table(["α", *by_alpha], [["accuracy", *(f"{v:.2f}%" for v in by_alpha.values())]]))
     gate_rows = "\n".join(
-        f"| {g['tau']} | {g['nu']:g} | {g['mean_alpha']} | {g['top1_accuracy']:.2f}% |"
+        row([g["tau"], f"{g['nu']:g}", g["mean_alpha"], f"{g['top1_accuracy']:.2f}%"])
         for g in figures["adaptive_blend_in_domain"]
     )
     extra = meta.extra
@@ -174,9 +175,7 @@ How its answers look (a near-uniform answer would have max probability 0.1 and e
 
 Top-1 accuracy of the blend (1 − α)·p_victim + α·p_misinfo against the true labels:
 
-| α | {blends} |
-| --- | {" | ".join("---" for _ in figures["blend_top1_accuracy"])} |
-| accuracy | {blend_values} |
+{blends}
 
 Its most frequent top-1 per true class (label: answered label, share of that class's test images):
 {", ".join(f"{c} → {lab} ({pct:.0f}%)" for c, (lab, pct) in figures["most_frequent_wrong_label"].items())}.

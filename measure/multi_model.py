@@ -29,6 +29,7 @@ from common.provenance import provenance
 from defense.api import NoDefense
 from defense.interpreters import create_interpreter
 from measure.launcher import served
+from measure.markdown import document, table
 from models.checkpoint import load_checkpoint
 from models.data import default_data_root, load_split
 
@@ -81,6 +82,10 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     m = result["measured"]
+
+    def cell(run: dict[str, Any]) -> str:
+        return f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
+
     lines = [
         "# Several models in one server",
         "",
@@ -98,19 +103,21 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "images through `/predict`. Accuracy in percent of the n images; agreement: answers whose label is the "
         "undefended checkpoint's.",
         "",
-        "| model | n | together, /predict | together, /v2 | alone, /predict | undefended, same images | "
-        "checkpoint, whole test set |",
-        "|---|---|---|---|---|---|---|",
+        *table(
+            "model | n | together, /predict | together, /v2 | alone, /predict | undefended, same images | "
+            "checkpoint, whole test set",
+            (
+                (
+                    r["model"],
+                    r["n"],
+                    *(cell(r[k]) for k in ("together_predict", "together_v2", "alone_predict")),
+                    f"{r['undefended_accuracy']:.2f}",
+                    f"{r['checkpoint_test_accuracy']:.2f}",
+                )
+                for r in result["models"]
+            ),
+        ),
     ]
-    for r in result["models"]:
-
-        def cell(run: dict[str, Any]) -> str:
-            return f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
-
-        lines.append(
-            f"| {r['model']} | {r['n']} | {cell(r['together_predict'])} | {cell(r['together_v2'])} | "
-            f"{cell(r['alone_predict'])} | {r['undefended_accuracy']:.2f} | {r['checkpoint_test_accuracy']:.2f} |"
-        )
     n = result["models"][0]["n"]
     answers = 3 * n * len(result["models"])
     lines += [
@@ -125,9 +132,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"A subset of the test sets: the first {n:,} test images of each model ({answers:,} defended answers with "
         f"maps across the three servers and two routes, {result['minutes']:.0f} minutes on this machine); the whole "
         "test sets would take ten times as long.",
-        "",
     ]
-    return "\n".join(lines)
+    return document(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

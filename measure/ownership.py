@@ -44,6 +44,7 @@ from defense.api import Answer, Defense
 from defense.gate import MisinformationGate
 from defense.loader import load_defense, load_gate
 from measure.detectors import answer_pool, detect, summary
+from measure.markdown import document, table
 from models.checkpoint import load_checkpoint
 from models.data import get_spec, load_split
 from models.train import evaluate
@@ -412,14 +413,17 @@ def report(parts: list[dict[str, Any]]) -> str:
         "Ten keys of 1,000 MNIST test digits each, labels as the default server gives them (the victim's, the",
         "misinformation model's for the digits the domain score flags), with and without the watermark.",
         "",
-        "| fraction | accuracy without | with the watermark | cost (points) | answers watermarked (%) |",
-        "| --- | --- | --- | --- | --- |",
+        *table(
+            "fraction | accuracy without | with the watermark | cost (points) | answers watermarked (%)",
+            (
+                [
+                    f"{float(f):.2%}",
+                    *(f"{c[k]:.2f}" for k in ("accuracy", "watermarked_accuracy", "cost", "watermarked_share")),
+                ]
+                for f, c in sorted(cost.items(), key=lambda kv: float(kv[0]))
+            ),
+        ),
     ]
-    for f, c in sorted(cost.items(), key=lambda kv: float(kv[0])):
-        lines.append(
-            f"| {float(f):.2%} | {c['accuracy']:.2f} | {c['watermarked_accuracy']:.2f} | {c['cost']:.2f} | "
-            f"{c['watermarked_share']:.2f} |"
-        )
     at = [r for r in copies.values() if r["fraction"] == FRACTION and r["budget"] == 2500]
     lines[11:11] = _targets(at, independent, cost.get(str(FRACTION)), copies)
     lines += ["", "## Copies made through the API", ""]
@@ -428,11 +432,20 @@ def report(parts: list[dict[str, Any]]) -> str:
         k.replace("finetuned_", "fine-tuned, ").replace("pruned_", "pruned ") + (" epochs" if "fine" in k else "")
         for k in extra
     ]
-    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for row in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"])):
-        cells = [row["query_set"], f"{row['budget']:,}", f"{row['fraction']:.2%}", row["loss"], _verdict(row["copy"])]
-        cells += [_verdict(row[k]) if k in row else "—" for k in extra]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += table(
+        head,
+        (
+            [
+                r["query_set"],
+                f"{r['budget']:,}",
+                f"{r['fraction']:.2%}",
+                r["loss"],
+                _verdict(r["copy"]),
+                *(_verdict(r[k]) if k in r else "—" for k in extra),
+            ]
+            for r in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"]))
+        ),
+    )
     weak = [
         (r, k)
         for r in copies.values()
@@ -461,11 +474,14 @@ def report(parts: list[dict[str, Any]]) -> str:
             "Trained with the thieves' recipe on the victim-train thief's 2,500 MNIST training images with their",
             "true labels (never through the API), seeds 1–10; each tested against every thief's key.",
             "",
-            "| model | " + " | ".join(f"{q} key" for q in sets) + " |",
-            "| --- | " + " | ".join("---" for _ in sets) + " |",
+            *table(
+                ["model", *(f"{q} key" for q in sets)],
+                (
+                    [name, *(_verdict(v[q]) for q in sets)]
+                    for name, v in sorted(independent.items(), key=lambda kv: int(kv[0].split("-")[1]))
+                ),
+            ),
         ]
-        for name, v in sorted(independent.items(), key=lambda kv: int(kv[0].split("-")[1])):
-            lines.append(f"| {name} | " + " | ".join(_verdict(v[q]) for q in sets) + " |")
         smallest = min(v[q]["p_value"] for v in independent.values() for q in sets)
         lines += ["", f"Smallest p-value among them: {_p(smallest)}."]
     if detectors:
@@ -477,13 +493,14 @@ def report(parts: list[dict[str, Any]]) -> str:
             "and watermarked (class (label + 3) mod 10) through the DeepDefense engine, each with its twin (one pixel",
             "moved by 1/255); fitted on half the digits, balanced accuracy on the other half (0.5: chance).",
             "",
-            "| the watermarked answer's map | twin distance, probabilities | twin distance, map | answer shape |",
-            "| --- | --- | --- | --- |",
+            *table(
+                "the watermarked answer's map | twin distance, probabilities | twin distance, map | answer shape",
+                (
+                    [v, *(f"{d[k]:.3f}" for k in ("twin_probabilities", "twin_map", "answer_shape"))]
+                    for v, d in detectors
+                ),
+            ),
         ]
-        for variant, d in detectors:
-            lines.append(
-                f"| {variant} | {d['twin_probabilities']:.3f} | {d['twin_map']:.3f} | {d['answer_shape']:.3f} |"
-            )
     larger = [q for q in SETS if any(r["query_set"] == q and r["budget"] > 2500 for r in copies.values())]
     missing = [q for q in SETS if q not in larger]
     lines += ["", "## How the larger sets were made, and what was not measured", ""]
@@ -505,7 +522,7 @@ def report(parts: list[dict[str, Any]]) -> str:
         "  answers; here the queries are those grown from unwatermarked answers and only the answers are",
         "  watermarked (1% of the labels differ from what the thief's substitute saw), an approximation.",
     ]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from defense.loader import gate_available, load_defense, load_gate
 from defense.misinformation import misinformation_path
 from defense.sensitivity import select_layers
 from defense.warm_start import WarmStartMeta, warm_start_paths
+from measure.markdown import document, pct, row, table, yes
 from models.checkpoint import CheckpointError, read_meta
 
 
@@ -151,12 +152,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"* {report['seconds']:.0f} s in all; measured at commit {report['measured']['commit']}, "
         f"{report['measured']['date']}",
         "",
-        "| step | status | seconds | figures |",
-        "| --- | --- | --- | --- |",
+        *table(
+            "step | status | seconds | figures",
+            (
+                [
+                    s["step"],
+                    s["status"] if s["status"] == "kept" else f"made ({s['why']})",
+                    f"{s['seconds']:.0f}",
+                    _SUMMARY[s["step"]](s["figures"]),
+                ]
+                for s in report["steps"]
+            ),
+        ),
     ]
-    for s in report["steps"]:
-        status = s["status"] if s["status"] == "kept" else f"made ({s['why']})"
-        lines.append(f"| {s['step']} | {status} | {s['seconds']:.0f} | {_SUMMARY[s['step']](s['figures'])} |")
     gate = report["gate"]
     lines += ["", "## Misinformation gate", ""]
     if gate["server_turns_it_on"]:
@@ -165,16 +173,11 @@ def markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"The server cannot turn it on: {gate['why_not']}.")
-    lines += ["", "| target | value | at most | met |", "| --- | --- | --- | --- |"]
+    lines += ["", *table("target | value | at most | met")]
     for c in gate["checks"]:
-        met = "not measured" if c["passed"] is None else ("yes" if c["passed"] else "**no**")
-        value = "—" if c["value"] is None else f"{c['value']:g}"
-        lines.append(f"| {c['what']} | {value} | {c['at_most']:g} | {met} |")
-    return "\n".join(lines) + "\n"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+        met = "not measured" if c["passed"] is None else yes(c["passed"])
+        lines.append(row([c["what"], "—" if c["value"] is None else f"{c['value']:g}", f"{c['at_most']:g}", met]))
+    return document(lines)
 
 
 _SUMMARY = {
@@ -187,9 +190,9 @@ _SUMMARY = {
         f"{f['images']} {f['dataset']} images, layers {', '.join(f['layers'])}, serve steps {f['serve_steps']}"
     ),
     "domain": lambda f: (
-        f"{f['method']}, held-out FPR {_pct(f['fpr_held_out'])}"
+        f"{f['method']}, held-out FPR {pct(f['fpr_held_out'])}"
         + (
-            f"; test FPR {_pct(f['test']['fpr_in_domain'])}, AUROC "
+            f"; test FPR {pct(f['test']['fpr_in_domain'])}, AUROC "
             + ", ".join(f"{k} {v:.4f}" for k, v in f["test"]["auroc"].items())
             if "test" in f
             else ""

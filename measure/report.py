@@ -1,8 +1,17 @@
-"""The evaluation's outputs: JSON, CSV and PNG files in the results folder, and a Markdown report
-with the paper's numbers beside ours (DeepDefense, Lee/Han/Lee IJCAI-22: Tables 2–5, Figures 2–3).
+"""The evaluation's outputs: JSON, CSV and PNG files in the results folder, and one Markdown report per record
+whose sections follow what the record holds.
 
-Nothing here measures anything: every number comes from the record ``measure.evaluate`` produced,
-and the paper's numbers are quoted from its tables (``PAPER``).
+* The paper's report: our numbers beside the paper's (DeepDefense, Lee/Han/Lee IJCAI-22: Tables 2–5, Figures 2–3).
+* The gate's (``docs/results/below-label-line.md``), for a run with gated arms or query sets other than the paper's:
+  attack accuracy per query set, budget, arm and attacker (the strongest attacker per arm beside), what honest
+  users get from each arm, the extraction monitor replayed on every query set, and — read from the files beside
+  the report when they exist — the domain score's AUROCs (``domain-score.json``, ``deepdefense domain``) and the
+  gate's latency (``gate-latency.json``, ``deepdefense bench --gate-latency``). Rows of ungated arms this run did
+  not collect can come from another run's ``results.json`` (``--baseline-results``), marked with their source.
+
+Nothing here measures anything: every number comes from the record ``measure.evaluate`` produced, and the paper's
+numbers are quoted from its tables (``PAPER``). An arm's role (main, Table 3, Table 4, gated, query set) is read
+from its fields by ``measure.evaluate.role_of``, never from its key.
 """
 
 from __future__ import annotations
@@ -15,8 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from clients.attack_losses import ATTACK_LOSSES
 from defense.names import ENGINE_MODES
 from measure import plots
+from measure.evaluate import role_of
+from measure.markdown import document, generated_by, num, row, signed, table
+from server.monitor import THRESHOLD
 
 #: The paper's numbers for MNIST (LeNet, Grad-CAM): Table 5 (B = 10,000) and Table 2 (Average Drop).
 PAPER: dict[str, Any] = {
@@ -29,6 +42,8 @@ PAPER: dict[str, Any] = {
     "table3_flowers_l17": {"90": (8, 9.19, 1.47), "70": (6, 8.98, 1.38), "50": (3, 11.40, 0.73), "pp": (62.13, 0.21)},
     "table4_flowers": {"dd": {1: 9.19, 3: 41.91}, "pp": {1: 62.13, 5: 51.84}},
 }
+#: The fidelity table's measures and their decimals.
+FIDELITY_CELLS = (("accuracy", 2), ("r_test", 2), ("r_test_tv", 3), ("r_unif", 2), ("r_unif_tv", 3))
 #: How the report names the data sets it mentions.
 DATASET_TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
 MAIN = ("none", "pp", "edm", *ENGINE_MODES)  # the order of the report's tables
@@ -48,6 +63,32 @@ CSV_FIELDS = (
     "epochs",
     "train_s",
     "device",
+)
+
+#: Row order and names of the arms.
+ARM_NAMES = {
+    "none": "undefended",
+    "pp": "Prediction Poisoning",
+    "edm": "Ensemble of Diverse Models",
+    "deepdefense": "DeepDefense",
+    "none+gate": "Adaptive Misinformation (`--defense none --gate misinform`)",
+    "deepdefense+gate": "**DeepDefense + gate** (`--gate misinform`)",
+}
+QUERY_SET_NAMES = {
+    "random": "random {attacker} training images (the paper's attacker)",
+    "jbda": "JBDA from {seeds} {victim} training images",
+    "victim-train": "random {victim} training images (in domain: the ceiling the gate should not stop)",
+    "twins": "random {attacker} training images, each sent twice (the second with one pixel moved by 1/255)",
+    "adaptive": "the adaptive thief: JBDA from {seeds} {victim} training images, each query sent with its twin, "
+    "grown only from the answers that moved between twins",
+}
+#: The targets (issue 28): the strongest attacker through the gated default with keys stays at or below this, with
+#: the paper's queries at B = 10,000 and with JBDA at B = 2,500.
+TARGET = 30.0
+TARGETS = (
+    ("random", 10_000, "the paper's queries"),
+    ("jbda", 2_500, "JBDA"),
+    ("adaptive", 2_500, "the adaptive thief"),
 )
 
 
@@ -75,8 +116,13 @@ def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _accuracy(record: Mapping[str, Any], arm: str, loss: str, budget: int) -> float | None:
-    for run in record["arms"].get(arm, {}).get("runs", []):
+def main_arms(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The paper's arms, by defense: main, ungated, on the paper's query set (Table 5, Figure 2)."""
+    return {a["defense"]: a for k, a in record["arms"].items() if role_of(k, a) == ("main", False, "random")}
+
+
+def _accuracy(record: Mapping[str, Any], defense: str, loss: str, budget: int) -> float | None:
+    for run in main_arms(record).get(defense, {}).get("runs", []):
         if run["loss"] == loss and run["budget"] == budget:
             return run["accuracy"]
     return None
@@ -84,17 +130,17 @@ def _accuracy(record: Mapping[str, Any], arm: str, loss: str, budget: int) -> fl
 
 def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     """Table 5 (and the other attackers' rows), Table 3, Table 4, the fidelity measures and Table 2."""
-    arms = record["arms"]
+    arms, main = record["arms"], main_arms(record)
     budget = max(record["config"]["budgets"])
     losses = record["config"]["losses"]
-    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in arms} for loss in losses}
+    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in main} for loss in losses}
     paper = (paper_for(record) or {}).get("table5", {})
     table5 = [
-        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in MAIN if d in arms
+        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in MAIN if d in main
     ]
-    for row in table5:
-        both = row["ours"] is not None and row["paper"] is not None
-        row["difference"] = round(row["ours"] - row["paper"], 2) if both else None
+    for r in table5:
+        both = r["ours"] is not None and r["paper"] is not None
+        r["difference"] = round(r["ours"] - r["paper"], 2) if both else None
     fidelity = [
         {
             "defense": d,
@@ -104,16 +150,17 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             **{k: run.get(k) for k in ("r_test", "r_test_tv", "r_unif", "r_unif_tv")},
         }
         for d in MAIN
-        if d in arms
-        for run in arms[d]["runs"]
+        if d in main
+        for run in main[d]["runs"]
         if run["budget"] == budget
     ]
     table3, table4 = [], []
     for key, arm in arms.items():
-        if not (key.startswith("deepdefense-") or key.startswith("pp-top")):
+        role = role_of(key, arm)[0]
+        if role == "main":
             continue
         s, rt = arm["settings"], arm["runtime"]
-        row = {
+        variant = {
             "arm": key,
             "defense": arm["defense"],
             "cs": s.get("cs"),
@@ -125,16 +172,16 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             "fallbacks": rt.get("fallbacks"),
             "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]},
         }
-        (table3 if key.startswith("deepdefense-cs") else table4).append(row)
+        (table3 if role == "cs" else table4).append(variant)
     for key, entry in (record.get("not_collected") or {}).items():  # a CS arm not run beside its twin's figures
         twin = _same_layers_as(record, key)
         if twin:
             s = entry["settings"]
-            row = next(r for r in table3 if r["arm"] == twin)
-            table3.append({**row, "arm": key, "cs": s.get("cs"), "same_as": twin})
+            same = next(r for r in table3 if r["arm"] == twin)
+            table3.append({**same, "arm": key, "cs": s.get("cs"), "same_as": twin})
     ablation = record["config"].get("ablation_budget") or budget
     ablation_losses = record["config"].get("ablation_losses") or ["explanations"]
-    if "pp" in arms:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
+    if "pp" in main:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
         pp = {
             "arm": "pp",
             "defense": "pp",
@@ -142,12 +189,12 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
             "top_k": None,
             "layers": None,
             "budget": ablation,
-            "ms_per_query": arms["pp"]["runtime"]["ms_per_query"],
+            "ms_per_query": main["pp"]["runtime"]["ms_per_query"],
             "mean_l_orth": None,
             "fallbacks": None,
             "accuracy": {  # the attackers the DeepDefense variants faced (--ablation-losses), not every one
                 run["loss"]: run["accuracy"]
-                for run in arms["pp"]["runs"]
+                for run in main["pp"]["runs"]
                 if run["budget"] == ablation and run["loss"] in ablation_losses
             },
         }
@@ -195,7 +242,8 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     t = tables(record)
     paths["tables"] = _write_json(out / "tables.json", t)
     paths["average_drop"] = _write_json(out / "average_drop.json", t["average_drop"])
-    main_rows = [r for r in rows if r["arm"] in MAIN]
+    main = main_arms(record)
+    main_rows = [r for r in rows if main.get(r["defense"]) is record["arms"][r["arm"]]]
     if main_rows:
         paths["fig2"] = plots.figure2(
             main_rows,
@@ -234,33 +282,45 @@ def _title(dataset: str) -> str:
 
 def _cell(value: float | None) -> str:
     """An accuracy cell: *not run* when no attack model of it is stored."""
-    return "*not run*" if value is None else _f(value)
+    return "*not run*" if value is None else num(value)
 
 
-def _f(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def gated_run(record: Mapping[str, Any]) -> bool:
+    """Whether the record is the gate's: gated arms, or query sets other than the paper's."""
+    c = record["config"]
+    roles = [role_of(k, a) for k, a in record["arms"].items()]
+    return bool(c.get("gated")) or set(c.get("query_sets", ["random"])) != {"random"} or any(g for _, g, _ in roles)
 
 
-def _signed(value: float | None) -> str:
-    return "—" if value is None else f"{value:+.2f}"
+def markdown(
+    record: Mapping[str, Any], out: str | Path, doc: str | Path, baseline: Mapping[str, Any] | None = None
+) -> str:
+    """The record's report: the gate's when it is a gated run (:func:`gated_run`), else the paper's; ``baseline``
+    (another run's record) fills the gate's ungated rows this run did not collect."""
+    rel = _relative(Path(out), Path(doc).parent)
+    if gated_run(record):
+        return document(_gate_report(record, Path(out), Path(doc).parent, rel, baseline))
+    return document(_paper_report(record, Path(rel)))
 
 
-def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str:
-    """The report: our numbers beside the paper's, the differences, the command that made them."""
+def _paper_report(record: Mapping[str, Any], rel: Path) -> list[str]:
+    """Our numbers beside the paper's, the differences, the command that made them."""
     t = tables(record)
     c, env = record["config"], record["environment"]
     recipe = c.get("recipe", c)  # records written before the recipe had its own type hold its fields flat
-    rel = Path(_relative(Path(out), Path(doc).parent))
-    budget = t["budget"]
-    present = [d for d in MAIN if d in record["arms"]]
+    budget, budgets = t["budget"], sorted(c["budgets"])
+    present = [d for d in MAIN if d in main_arms(record)]
     paper = paper_for(record)
     columns = [d for d in MAIN if d in present or (paper and d in paper["table5"])]
+    differences = {r["defense"]: r["difference"] for r in t["table5"]}
     lines = [
         f"# {c['checkpoint']} ({c['interpreter']}): model stealing against each defense",
         "",
-        "Generated by `deepdefense eval` — do not edit by hand; rerun the command (finished collections and",
-        "trainings are cached in the results folder and the transfer-set stores) to regenerate.",
-        "",
+        *generated_by(
+            "deepdefense eval",
+            "rerun the command (finished collections and\ntrainings are cached in the results folder and the "
+            "transfer-set stores) to regenerate.",
+        ),
         f"* command: `{record.get('command', '')}`",
         (
             f"* seed {c['seed']}; attacker's queries: random images of the {c['attacker_dataset']} training split; "
@@ -268,11 +328,8 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
             f"batch {recipe['batch_size']}, {recipe['schedule']} schedule, {recipe['epochs']} epochs, "
             f"λ {recipe['lam']:g} (eq. 1)"
         ),
-        (
-            f"* test set: {'all' if c['test_n'] is None else 'first ' + str(c['test_n'])} "
-            f"{record.get('dataset', '')} test "
-            f"images; |U| = {c['n_unif']:,} uniform inputs for R_unif"
-        ),
+        f"* test set: {'all' if c['test_n'] is None else 'first ' + str(c['test_n'])} {record.get('dataset', '')} "
+        f"test images; |U| = {c['n_unif']:,} uniform inputs for R_unif",
         (
             f"* this invocation: {env['host']} ({env['machine']}, torch {env['torch']}, {env['threads']} threads), "
             f"attack models on {env['device']}{', ' + env['cuda'] if env.get('cuda') else ''}, "
@@ -280,71 +337,41 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         ),
         *_provenance(record),
         *_not_collected(record),
-        (
-            f"* results folder: [`{rel}/`]({rel}/) (`results.json`, `accuracy.csv`, `tables.json`, "
-            "`average_drop.json`, `fig2.png`, `fig3.png`)"
-        ),
+        f"* results folder: [`{rel}/`]({rel}/) (`results.json`, `accuracy.csv`, `tables.json`, "
+        "`average_drop.json`, `fig2.png`, `fig3.png`)",
         "",
         f"## Table 5: attack-model test accuracy (%) at B = {budget:,}, attacker of eq. (1)",
         "",
-        "| | " + " | ".join(NAMES[d] for d in columns) + " |",
-        "| --- | " + " | ".join("---" for _ in columns) + " |",
-        *(
-            [
-                "| paper | " + " | ".join(_f(paper["table5"].get(d)) for d in columns) + " |",
-            ]
-            if paper
-            else []
-        ),
-        "| ours | " + " | ".join(_cell(t["by_loss"].get("explanations", {}).get(d)) for d in columns) + " |",
-        *(
-            [
-                "| ours − paper | "
-                + " | ".join(
-                    _signed(next((r["difference"] for r in t["table5"] if r["defense"] == d), None)) for d in columns
-                )
-                + " |"
-            ]
-            if paper
-            else []
-        ),
+        *table(["", *(NAMES[d] for d in columns)]),
+        *([row(["paper", *(num(paper["table5"].get(d)) for d in columns)])] if paper else []),
+        row(["ours", *(_cell(t["by_loss"].get("explanations", {}).get(d)) for d in columns)]),
+        *([row(["ours − paper", *(signed(differences.get(d)) for d in columns)])] if paper else []),
         "",
-        (
-            f"Victim accuracy on the same test images: {_f(record.get('victim_accuracy'))}% "
-            + (f"(paper, Table 1: {paper['victim_accuracy']}%)." if paper else "(the paper has no such victim).")
-        ),
-        *(
-            []
-            if paper
-            else [
-                "",
-                f"The paper attacks no {_title(record.get('dataset', ''))} victim: there are no paper numbers to set "
-                "beside these. The roles of the data sets are swapped against the MNIST report: the victim learnt "
-                f"{_title(record.get('dataset', ''))}, the attacker queries random {_title(c['attacker_dataset'])} "
-                "training images.",
-            ]
-        ),
-        *(
-            [
-                "",
-                "EDM has no Table 5 entry in the paper (it appears only in its Figure 2, whose numbers the text "
-                "we have does not give).",
-            ]
-            if paper and "edm" in present
-            else []
-        ),
-        "",
-        f"## Every attacker against each defense (B = {budget:,})",
-        "",
-        "| attacker (loss) | " + " | ".join(NAMES[d] for d in present) + " |",
-        "| --- | " + " | ".join("---" for _ in present) + " |",
+        f"Victim accuracy on the same test images: {num(record.get('victim_accuracy'))}% "
+        + (f"(paper, Table 1: {paper['victim_accuracy']}%)." if paper else "(the paper has no such victim)."),
     ]
-    for loss in c["losses"]:
-        lines.append(
-            f"| {plots.TITLES.get(loss, loss)} (`{loss}`) | "
-            + " | ".join(_cell(t["by_loss"][loss].get(d)) for d in present)
-            + " |"
-        )
+    if not paper:
+        lines += [
+            "",
+            f"The paper attacks no {_title(record.get('dataset', ''))} victim: there are no paper numbers to set "
+            "beside these. The roles of the data sets are swapped against the MNIST report: the victim learnt "
+            f"{_title(record.get('dataset', ''))}, the attacker queries random {_title(c['attacker_dataset'])} "
+            "training images.",
+        ]
+    elif "edm" in present:
+        lines += [
+            "",
+            "EDM has no Table 5 entry in the paper (it appears only in its Figure 2, whose numbers the text "
+            "we have does not give).",
+        ]
+    lines += ["", f"## Every attacker against each defense (B = {budget:,})", ""]
+    lines += table(
+        ["attacker (loss)", *(NAMES[d] for d in present)],
+        (
+            [f"{plots.TITLES.get(loss, loss)} (`{loss}`)", *(_cell(t["by_loss"][loss].get(d)) for d in present)]
+            for loss in c["losses"]
+        ),
+    )
     lines += [
         "",
         "## Figure 2: test accuracy against the query budget",
@@ -357,18 +384,16 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
             else "No stars: the paper has no numbers for this victim."
         ),
         "",
-        "| defense | attacker | " + " | ".join(f"B = {b:,}" for b in sorted(c["budgets"])) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in c["budgets"]) + " |",
-    ]
-    for d in present:
-        for loss in c["losses"]:
-            lines.append(
-                f"| {NAMES[d]} | `{loss}` | "
-                + " | ".join(_cell(_accuracy(record, d, loss, b)) for b in sorted(c["budgets"]))
-                + " |"
-            )
-    lines += ["", *_not_run_legend(record, present, sorted(c["budgets"]))]
-    lines += [
+        *table(
+            ["defense", "attacker", *(f"B = {b:,}" for b in budgets)],
+            (
+                [NAMES[d], f"`{loss}`", *(_cell(_accuracy(record, d, loss, b)) for b in budgets)]
+                for d in present
+                for loss in c["losses"]
+            ),
+        ),
+        "",
+        *_not_run_legend(record, present, budgets),
         "",
         f"## Fidelity of the stolen models to the victim (B = {budget:,})",
         "",
@@ -377,20 +402,19 @@ def markdown(record: Mapping[str, Any], out: str | Path, doc: str | Path) -> str
         "the agreement); TV: mean total",
         "variation ½‖f(x) − f̂(x)‖₁ of the probabilities.",
         "",
-        "| defense | attacker | accuracy | R_test | R_test^TV | R_unif | R_unif^TV |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *table(
+            "defense | attacker | accuracy | R_test | R_test^TV | R_unif | R_unif^TV",
+            (
+                [NAMES[r["defense"]], f"`{r['loss']}`", *(num(r[k], n) for k, n in FIDELITY_CELLS)]
+                for r in t["fidelity"]
+            ),
+        ),
+        *_unif_note(record),
+        *_honest_users(record, gated=False),
+        *_average_drop_section(record, t, rel),
+        *_runtime_sections(t, record["config"]),
     ]
-    for r in t["fidelity"]:
-        lines.append(
-            f"| {NAMES[r['defense']]} | `{r['loss']}` | {_f(r['accuracy'])} | {_f(r['r_test'])} | "
-            f"{_f(r['r_test_tv'], 3)} | {_f(r['r_unif'])} | {_f(r['r_unif_tv'], 3)} |"
-        )
-    lines += _unif_note(record)
-    lines += _benign_section(record)
-    lines += _average_drop_section(record, t, rel)
-    lines += _runtime_sections(t, record["config"])
-    lines += _differences(t, record) if paper else _setup_notes(record)
-    return "\n".join(lines) + "\n"
+    return lines + (_differences(t, record) if paper else _setup_notes(record))
 
 
 def _not_run_legend(record: Mapping[str, Any], present: list[str], budgets: list[int]) -> list[str]:
@@ -431,10 +455,9 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
 
 def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
-    missing = record.get("not_collected") or {}
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
     lines = []
-    for key in missing:
+    for key in record.get("not_collected") or {}:
         twin = _same_layers_as(record, key)
         also = f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
         lines.append(f"* not run: `{key}` ({why}{also})")
@@ -445,12 +468,11 @@ def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
     """The reported CS arm whose engine optimises the same layers as the not-run CS arm ``key`` (CS only
     chooses the layers, eq. 9: same layers, same engine, same answers), or None."""
     entry = (record.get("not_collected") or {}).get(key)
-    if not key.startswith("deepdefense-cs") or not isinstance(entry, Mapping):
+    if not isinstance(entry, Mapping) or role_of(key, entry)[0] != "cs":
         return None
-    settings = entry.get("settings") or {}
-    strip = {k: v for k, v in settings.items() if k != "cs"}
+    strip = {k: v for k, v in (entry.get("settings") or {}).items() if k != "cs"}
     for other, arm in record["arms"].items():
-        if other.startswith("deepdefense-cs") and {k: v for k, v in arm["settings"].items() if k != "cs"} == strip:
+        if role_of(other, arm)[0] == "cs" and {k: v for k, v in arm["settings"].items() if k != "cs"} == strip:
             return other
     return None
 
@@ -468,29 +490,43 @@ def _unif_note(record: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _benign_section(record: Mapping[str, Any]) -> list[str]:
-    """What an honest user pays for each defense (``--benign-n``): the first n victim test images sent as
-    queries, the answered labels scored against the truth and against the victim's own top-1."""
-    rows = [(key, arm["benign"]) for key, arm in record["arms"].items() if arm.get("benign", {}).get("n")]
+def _honest_users(record: Mapping[str, Any], gated: bool) -> list[str]:
+    """What an honest user pays for each arm (``--benign-n``): the first n victim test images sent as queries, the
+    answered labels scored against the truth and against the victim's own top-1 (the benign cost)."""
+    rows = [(key, arm) for key, arm in record["arms"].items() if arm.get("benign", {}).get("n")]
     if not rows:
         return []
-    lines = [
-        "",
-        "## What honest users get (benign cost)",
-        "",
-        f"The first n {_title(record.get('dataset', ''))} test images sent to each arm as an honest user would send "
-        "them; accuracy of the answered labels, and their agreement with the undefended victim's top-1.",
-        "",
-        "| arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for key, b in rows:
-        ms = record["arms"][key].get("runtime", {}).get("ms_per_query")
-        lines.append(
-            f"| {key} | {b['n']:,} | {_f(b.get('accuracy'))} | {_f(b.get('victim_accuracy'))} | "
-            f"{_f(b.get('agreement'))} | {_f(ms, 1)} |"
-        )
-    return lines
+    if gated:
+        head = [
+            "## Honest users",
+            "",
+            "The first n MNIST test digits sent through each arm (in-process, the server's `Defense.answer`), scored",
+            "against the true labels and the victim's own labels; ms/query: the arm's answer time on "
+            f"{record['config']['runtime_n']} test digits",
+            "(in-process; gated arms skip the wrapped defense's work for flagged queries here, the server does not).",
+            "",
+        ]
+        header = "arm | n | accuracy (%) | victim (%) | agrees with victim (%) | ms/query"
+    else:
+        head = [
+            "",
+            "## What honest users get (benign cost)",
+            "",
+            f"The first n {_title(record.get('dataset', ''))} test images sent to each arm as an honest user would "
+            "send them; accuracy of the answered labels, and their agreement with the undefended victim's top-1.",
+            "",
+        ]
+        header = "arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query"
+    cells = (
+        [
+            _gate_name(key, arm) if gated else key,
+            f"{arm['benign']['n']:,}",
+            *(num(arm["benign"].get(k)) for k in ("accuracy", "victim_accuracy", "agreement")),
+            num(arm.get("runtime", {}).get("ms_per_query"), 1),
+        ]
+        for key, arm in rows
+    )
+    return [*head, *table(header, cells), *([""] if gated else [])]
 
 
 def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: Path) -> list[str]:
@@ -503,18 +539,17 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
         "to 0 in [0, 1] pixel space; both maps are scored by the victim for its own top-1 class",
         "(`measure/average_drop.py`).",
         "",
-        "| | n | victim I | misdirection Ĩ | paired t-test p |",
-        "| --- | --- | --- | --- | --- |",
+        *table(" | n | victim I | misdirection Ĩ | paired t-test p"),
     ]
     if paper_for(record):
-        lines.append(f"| paper (MNIST, Grad-CAM) | — | {pv[0]:.4f} ± {pv[1]:.4f} | {pd[0]:.4f} ± {pd[1]:.4f} | {pp} |")
-    if not t["average_drop"]:
-        lines.append("| ours | — | not run | not run | — |")
-    for key, d in t["average_drop"].items():
         lines.append(
-            f"| ours ({key}) | {d['n']} | {d['victim']['mean']:.4f} ± {d['victim']['std']:.4f} | "
-            f"{d['defended']['mean']:.4f} ± {d['defended']['std']:.4f} | {_f(d['ttest']['p_value'], 4)} |"
+            row(["paper (MNIST, Grad-CAM)", "—", f"{pv[0]:.4f} ± {pv[1]:.4f}", f"{pd[0]:.4f} ± {pd[1]:.4f}", pp])
         )
+    if not t["average_drop"]:
+        lines.append(row(["ours", "—", "not run", "not run", "—"]))
+    for key, d in t["average_drop"].items():
+        spread = [f"{d[k]['mean']:.4f} ± {d[k]['std']:.4f}" for k in ("victim", "defended")]
+        lines.append(row([f"ours ({key})", d["n"], *spread, num(d["ttest"]["p_value"], 4)]))
     if any("figure" in a.get("average_drop", {}) for a in record["arms"].values()):
         lines += ["", "## Figure 3: victim vs misdirection maps", "", f"![Figure 3]({rel}/fig3.png)"]
     return lines
@@ -528,14 +563,22 @@ def _runtime_sections(t: Mapping[str, Any], config: Mapping[str, Any]) -> list[s
         "Wall-clock over the first test images, in requests of the query batch (in-process: `Defense.answer`;",
         "otherwise HTTP round trips).",
         "",
-        "| arm | n | batch | ms/query | mean L_orth | fallbacks | measured on |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *table(
+            "arm | n | batch | ms/query | mean L_orth | fallbacks | measured on",
+            (
+                [
+                    r["arm"],
+                    r["n"],
+                    r["query_batch"],
+                    num(r["ms_per_query"], 1),
+                    num(r.get("mean_l_orth"), 3),
+                    r.get("fallbacks", "—"),
+                    r.get("machine", "—"),
+                ]
+                for r in t["runtime"]
+            ),
+        ),
     ]
-    for r in t["runtime"]:
-        lines.append(
-            f"| {r['arm']} | {r['n']} | {r['query_batch']} | {_f(r['ms_per_query'], 1)} | "
-            f"{_f(r.get('mean_l_orth'), 3)} | {r.get('fallbacks', '—')} | {r.get('machine', '—')} |"
-        )
     paper3 = PAPER["table3_flowers_l17"]
     lines += [
         "",
@@ -577,24 +620,30 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
     if not rows:
         return []
     losses = list(dict.fromkeys(loss for r in rows for loss in r["accuracy"]))
-    lines = [
-        f"| defense | {label} | layers | B | ms/query | mean L_orth | fallbacks | "
-        + " | ".join(f"f_A `{loss}` (%)" for loss in losses)
-        + " |",
-        "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in losses) + " |",
-    ]
+    lines = table(
+        ["defense", label, "layers", "B", "ms/query", "mean L_orth", "fallbacks"]
+        + [f"f_A `{loss}` (%)" for loss in losses]
+    )
     order = {"deepdefense": 0, "pp": 1}
     for r in sorted(rows, key=lambda r: (order.get(r["defense"], 2), r[field] if r[field] is not None else math.inf)):
         layers = ", ".join(str(x).split(".")[-1] for x in r["layers"]) if r["layers"] else "—"
         value = "—" if r[field] is None else f"{r[field]:g}"
         if r.get("same_as"):  # not run: the same layers as another CS, so the same engine and answers
             value += f" (= {r['same_as'].removeprefix('deepdefense-')}: same layers, not run)"
+        fallbacks = r["fallbacks"] if r["fallbacks"] is not None else "—"
         lines.append(
-            f"| {NAMES.get(r['defense'], r['defense'])} | {value} | {layers} | {r['budget']:,} | "
-            f"{_f(r['ms_per_query'], 1)} | "
-            f"{_f(r['mean_l_orth'], 3)} | {r['fallbacks'] if r['fallbacks'] is not None else '—'} | "
-            + " | ".join(_cell(r["accuracy"].get(loss)) for loss in losses)
-            + " |"
+            row(
+                [
+                    NAMES.get(r["defense"], r["defense"]),
+                    value,
+                    layers,
+                    f"{r['budget']:,}",
+                    num(r["ms_per_query"], 1),
+                    num(r["mean_l_orth"], 3),
+                    fallbacks,
+                    *(_cell(r["accuracy"].get(loss)) for loss in losses),
+                ]
+            )
         )
     return lines
 
@@ -698,7 +747,7 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
     if None not in (dd, dd_top1):
         lines.append(
             f"* Through DD the top-1 attacker reaches {dd_top1:.2f}% "
-            f"({'the labels are Undefended’s' if same else f'undefended {_f(top10)}%'}): DD keeps the "
+            f"({'the labels are Undefended’s' if same else f'undefended {num(top10)}%'}): DD keeps the "
             f"top-1 class by design, so the labels alone are out of its reach as they are out of PP's. The "
             f"eq. (1) attacker gets {dd:.2f}%, {dd - dd_top1:+.2f} points against ignoring everything but the "
             "label: the misdirected probabilities and maps are worth "
@@ -718,6 +767,280 @@ def _evidence(t: Mapping[str, Any]) -> list[str]:
             "benign table."
         )
     return ["", *lines] if lines else []
+
+
+def _gate_name(key: str, arm: Mapping[str, Any]) -> str:
+    """How the gate's report names an arm (``ARM_NAMES``; the key of an arm it has no name for)."""
+    role, gated, _ = role_of(key, arm)
+    return ARM_NAMES.get(arm["defense"] + "+gate" * gated, key) if role == "main" else key
+
+
+def accuracy_grid(record: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{query set: {budget: {arm: {loss: (accuracy, kept share, source)}}}} from the record's main arms (and, for
+    arms it lacks, the baseline record's random-query-set arms)."""
+    grid: dict[str, Any] = {}
+    budgets = set(record["config"]["budgets"])
+    sources = [("", record)] + ([("baseline", baseline)] if baseline else [])
+    for source, rec in sources:
+        for key, arm in rec["arms"].items():
+            role, gated, query_set = role_of(key, arm)
+            base = arm["defense"] + "+gate" * gated
+            if role != "main" or base not in ARM_NAMES:
+                continue
+            for run in arm.get("runs", []):
+                if source and run["budget"] not in budgets:  # the baseline fills this run's table, no more
+                    continue
+                cells = grid.setdefault(query_set, {}).setdefault(run["budget"], {}).setdefault(base, {})
+                if run["loss"] in cells:  # this run's own cell wins over the baseline's
+                    continue
+                kept = run.get("kept", run["budget"])
+                cells[run["loss"]] = (run.get("accuracy"), 100.0 * kept / run["budget"], source)
+    return grid
+
+
+def strongest(cells: Mapping[str, tuple[float | None, float, str]]) -> tuple[str, float] | None:
+    measured = [(acc, loss) for loss, (acc, _, _) in cells.items() if acc is not None]
+    if not measured:
+        return None
+    acc, loss = max(measured)
+    return loss, acc
+
+
+def _gate_report(
+    record: Mapping[str, Any], out: Path, here: Path, rel: str, baseline: Mapping[str, Any] | None
+) -> list[str]:
+    c, env = record["config"], record["environment"]
+    grid = accuracy_grid(record, baseline)
+    losses = [
+        loss
+        for loss in ATTACK_LOSSES
+        if any(loss in a for qs in grid.values() for b in qs.values() for a in b.values())
+    ]
+    lines = [
+        "# Below the label line: the misinformation gate and the extraction monitor",
+        "",
+        *generated_by(
+            "deepdefense eval",
+            "rerun the command (collections and trainings are\ncached in the results folder and the transfer-set "
+            "stores) to regenerate.",
+        ),
+        f"* command: `{record.get('command', '')}`",
+        f"* victim `{c['checkpoint']}` ({record.get('victim_accuracy')}% test accuracy), "
+        f"interpreter {c['interpreter']}, seed {c['seed']}; attack model {record.get('arch')} trained as in "
+        "`docs/results/attack-tuning.md`",
+        f"* machine: {env.get('host')} {env.get('machine')}, {env.get('threads')} torch threads; results: `{rel}`",
+    ]
+    if baseline:
+        lines.append(
+            f"* rows marked † come from `{baseline.get('command', 'another run')}` (the same attacker, recipe, "
+            "seed and query set; this run did not collect them again)"
+        )
+    lines += [
+        "",
+        "Attackers: `explanations` — eq. (1), probabilities and maps; `probabilities` — Knockoff Nets' soft labels;",
+        "`labels` — top-1 only; and two that know about the gate and drop the answers they suspect before training",
+        "on labels (`clients/attack_losses.py`): `confident` keeps answers whose top probability is ≥ 0.99,",
+        "`doubtful` keeps those below (the misinformation model is confidently wrong); and on query sets of twins,",
+        "`twin` keeps the answers that moved between an image and its twin (`clients/adaptive.py`: answers drawn",
+        "from one fixed network would stand still). The share of answers a filtering attacker kept is in brackets.",
+        "*Strongest* is the best attacker of the row.",
+        "",
+        *_target(grid),
+    ]
+    if record.get("not_collected"):
+        missing = ", ".join(f"`{k}`" for k in record["not_collected"])
+        lines += [
+            "",
+            f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): "
+            f"{missing}.",
+        ]
+    for query_set in [q for q in QUERY_SET_NAMES if q in grid]:
+        name = QUERY_SET_NAMES[query_set].format(
+            attacker=c["attacker_dataset"], seeds=c.get("jbda_seeds"), victim=record.get("dataset")
+        )
+        lines += ["", f"## Queries: {name}", ""]
+        for budget in sorted(grid[query_set], reverse=True):
+            arms = grid[query_set][budget]
+            lines += [f"**B = {budget:,}** — MNIST test accuracy of the attack model (%)", ""]
+            lines += table(["arm", *losses, "strongest"])
+            for arm in [a for a in ARM_NAMES if a in arms]:
+                cells, best = arms[arm], strongest(arms[arm])
+                mark = " †" if any(src for _, _, src in cells.values()) else ""
+                best_cell = f"{num(best[1])} ({best[0]})" if best else "—"
+                lines.append(
+                    row([f"{ARM_NAMES[arm]}{mark}", *(_kept_cell(cells.get(loss)) for loss in losses), best_cell])
+                )
+            lines.append("")
+    return [
+        *lines,
+        *_honest_users(record, gated=True),
+        *_client_benign(out),
+        *_monitor(record),
+        *_domain(here / "domain-score.json"),
+        *_latency(here / "gate-latency.json"),
+    ]
+
+
+def _kept_cell(cell: tuple[float | None, float, str] | None) -> str:
+    if cell is None:
+        return "not run"
+    acc, kept, _ = cell
+    text = num(acc) if acc is not None else "kept none"
+    return text if kept >= 99.995 else f"{text} ({kept:.0f}%)"
+
+
+def _target(grid: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for query_set, budget, name in TARGETS:
+        cells = grid.get(query_set, {}).get(budget, {}).get("deepdefense+gate")
+        best = strongest(cells) if cells else None
+        if best is None:
+            continue
+        verdict = "met" if best[1] <= TARGET else "**not met**"
+        lines.append(
+            f"* **Target** (issue 28): the strongest attacker through DeepDefense + gate with {name} at "
+            f"B = {budget:,} reaches ≤ {TARGET:g}%: **{best[1]:.2f}%** ({best[0]}) — {verdict}."
+        )
+    return lines or ["Targets (issue 28): not measured by this run."]
+
+
+def _client_benign(folder: Path) -> list[str]:
+    """Honest users over HTTP (``deepdefense client``, ``benign-*.json`` in the results folder, made by its
+    ``benign.sh``), with the server's count of misinformed answers (``benign-*-metrics.txt``)."""
+    files = sorted(folder.glob("benign-*.json"))
+    if not files:
+        return []
+    lines = [
+        "Over HTTP, through servers started with the default settings but the defense "
+        f"(`{_relative(folder / 'benign.sh', folder.parent)}`; `deepdefense client`, the first n MNIST test digits):",
+        "",
+        *table(
+            "server | n | accuracy (%) | agrees with the victim (%) | misinformed answers | p50 latency (ms) | command"
+        ),
+    ]
+    for path in files:
+        d = json.loads(path.read_text())
+        metrics = path.with_name(path.stem + "-metrics.txt")
+        misinformed = "—"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                if line.startswith("dd_misinformed_answers_total"):
+                    misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
+        accuracy, agreement = num(d["accuracy"]), num(d["agreement_undefended"])
+        lines.append(
+            row(
+                [
+                    f"`{d['defense']}` + gate",
+                    f"{d['n']:,}",
+                    accuracy,
+                    agreement,
+                    misinformed,
+                    num(d["latency_ms"]["p50"], 0),
+                    f"`{d['command']}`",
+                ]
+            )
+        )
+    return [*lines, ""]
+
+
+def _monitor(record: Mapping[str, Any]) -> list[str]:
+    rows = [(k, a) for k, a in record["arms"].items() if a.get("monitor")]
+    if not rows:
+        return []
+    first = rows[0][1]["monitor"]
+    watched = record["config"].get("monitored")
+    how = (
+        "Each arm's queries were sent as one API key of the default server with keys: the monitor screened them "
+        "before they were answered and escalated the key when its queries looked like extraction (`server/monitor.py`:"
+        f" domain flags above {100 * first['threshold']:g}% of a {first['window']}-query window, near-duplicates "
+        "above 20%, PRADA's W below its line, or taint from an escalated key's queries); from then on every answer "
+        "came from the misinformation path."
+        if watched
+        else "Each transfer set replayed in query order, as one API key, through the monitor's policy "
+        f"(`server/monitor.py`: window {first['window']}, at least {first['min_queries']} queries, escalated when "
+        f"more than {100 * first['threshold']:g}% of the window is flagged)."
+    )
+    lines = [
+        "## The extraction monitor",
+        "",
+        how + f" Honest traffic: the MNIST test digits cut into keys of {first.get('benign_key_queries', '—')} "
+        "queries, clean and perturbed as in `docs/results/domain-score.md`, all through one monitor.",
+        "",
+        *table("arm | query set | flagged queries (%) | escalated after query | why | PRADA's W"),
+    ]
+    for key, arm in rows:
+        m, at = arm["monitor"], arm["monitor"].get("escalated_at")
+        seen = m.get("watched") or {}
+        escalated = "never" if at is None else f"{at:,}"
+        name, query_set = _gate_name(key, arm), role_of(key, arm)[2]
+        lines.append(
+            row(
+                [
+                    name,
+                    query_set,
+                    num(m["flagged_pct"]),
+                    escalated,
+                    seen.get("reason") or "—",
+                    num(seen.get("spread"), 3),
+                ]
+            )
+        )
+    benign = first.get("benign")
+    if benign:
+        lines += [
+            "",
+            *table("honest traffic | keys | flagged queries (%) | near-duplicates (%) | lowest W | keys escalated"),
+        ]
+        for name, b in benign.items():
+            cells = [num(b["flagged_pct"]), num(b.get("duplicates_pct")), num(b.get("min_spread"), 3)]
+            lines.append(row([name, b["keys"], *cells, b["escalated"]]))
+    if first.get("threshold_choice"):
+        total, choice = first["threshold_choice"]["keys"], first["threshold_choice"]["escalated"]
+        lines += [
+            "",
+            f"How the domain-flag threshold was chosen, before any of the above: honest keys escalated among {total} "
+            f"keys of {first.get('benign_key_queries', '—')} perturbed *training* digits (the last 10,000 of the "
+            "victim's training split: clean, blurred, noisy, shifted, thicker, thinner) per candidate, by the domain "
+            f"flags alone; the lowest with none is 0.15; the default is {THRESHOLD} (server/monitor.py says why).",
+            "",
+            *table(["threshold", *choice], [["honest keys escalated", *choice.values()]]),
+        ]
+    return [*lines, ""]
+
+
+def _domain(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    shipped = d["shipped"]["method"]
+    m = d["evaluation"]["methods"][shipped]
+    lines = [
+        "## The domain score",
+        "",
+        f"From `{d['command']}` (seed {d['seed']}; `docs/results/domain-score.md`): method `{shipped}`, fit on MNIST "
+        "training images and synthetic outliers only, threshold chosen on held-out MNIST training images.",
+        "",
+        *table(
+            "against | AUROC | flagged at the threshold",
+            ([name, f"{auc:.4f}", f"{100 * m['detection'][name]:.1f}%"] for name, auc in m["auroc"].items()),
+        ),
+    ]
+    flags = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["false_flags"].items())
+    lines += [
+        "",
+        f"In-domain false positives (MNIST test): {100 * m['fpr_in_domain']:.2f}%; honest perturbed digits: {flags}.",
+        "",
+    ]
+    return lines
+
+
+def _latency(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    lines = ["## Latency", "", f"From `{d.get('command', '')}` (`docs/results/gate-latency.md`).", ""]
+    lines += [f"* {line}" for line in d.get("summary_lines", [])]
+    return [*lines, ""]
 
 
 def _relative(target: Path, start: Path) -> str:

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .formats import misinformed_answers
 from .launcher import spawn_serve
+from .markdown import document, made_by, row, table
 
 SIZE = 200
 #: The font's size in pixels: a digit's glyph is then about 110 of the 200 pixels tall (MNIST's digits fill
@@ -90,32 +91,31 @@ def markdown(record: dict[str, Any]) -> str:
     out = [
         "# Ten digits rendered with a system font, sent as people send them",
         "",
-        f"Made by (`{record['font']['file']}`, {record['seconds']} s on this machine; deterministic: no randomness):",
-        "",
-        "```bash",
-        record["command"],
-        "```",
-        "",
+        *made_by(
+            f"`{record['font']['file']}`, {record['seconds']} s on this machine; deterministic: no randomness",
+            record["command"],
+        ),
         f"The digits 0–9 in {record['font']['family']} at {record['font']['size']} px, centred by their bounding box "
         f"on {SIZE}×{SIZE} 8-bit grayscale PNGs, white on black and black on white, each sent alone as `image_b64` to "
         f'`deepdefense serve` with its defaults ({record["server"]}), without and with `"invert": true`. '
         "*misinformed*: the gate answered from the misinformation model (the server's "
         "`dd_misinformed_answers_total` before and after the request).",
         "",
-        "| polarity | invert | right of 10 | labels for 0 1 2 3 4 5 6 7 8 9 | misinformed |",
-        "| --- | --- | --- | --- | --- |",
+        *table("polarity | invert | right of 10 | labels for 0 1 2 3 4 5 6 7 8 9 | misinformed"),
     ]
-    for row in record["rows"]:
-        labels = " ".join(str(a["label"]) for a in row["answers"])
-        misinformed = [str(d) for d, a in enumerate(row["answers"]) if a["misinformed"]]
-        out.append(f"| {row['polarity']} | {str(row['invert']).lower()} | **{row['correct']}** | {labels} | "
-                   f"{', '.join(misinformed) or 'none'} |")  # fmt: skip
-    out += ["", "Probability of each answered label (digits 0–9):", "",
-            "| polarity | invert | probabilities |", "| --- | --- | --- |"]  # fmt: skip
-    for row in record["rows"]:
-        probs = " ".join(f"{a['probability']:.2f}" for a in row["answers"])
-        out.append(f"| {row['polarity']} | {str(row['invert']).lower()} | {probs} |")
-    return "\n".join(out) + "\n"
+    for r in record["rows"]:
+        labels = " ".join(str(a["label"]) for a in r["answers"])
+        misinformed = ", ".join(str(d) for d, a in enumerate(r["answers"]) if a["misinformed"]) or "none"
+        out.append(row([r["polarity"], str(r["invert"]).lower(), f"**{r['correct']}**", labels, misinformed]))
+    out += ["", "Probability of each answered label (digits 0–9):", ""]
+    out += table(
+        "polarity | invert | probabilities",
+        (
+            [r["polarity"], str(r["invert"]).lower(), " ".join(f"{a['probability']:.2f}" for a in r["answers"])]
+            for r in record["rows"]
+        ),
+    )
+    return document(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))
-    for row in rows:
-        print(f"{row['polarity']:15s} invert {row['invert']!s:5s} right {row['correct']}/10")
+    for r in rows:
+        print(f"{r['polarity']:15s} invert {r['invert']!s:5s} right {r['correct']}/10")
     return 0
 
 

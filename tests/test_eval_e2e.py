@@ -187,6 +187,7 @@ def test_gated_arms_query_sets_and_the_gate_report(data_root: Path, tmp_path: Pa
     assert arms["none+gate"]["gated"] and arms["none+gate"]["settings"] == {"gate": "misinform"}
     assert not arms["none"]["gated"] and arms["none"]["fingerprint"] != arms["none+gate"]["fingerprint"]
     assert {arms[k]["query_set"] for k in arms} == {"random", "jbda", "victim-train"}
+    assert all(a["role"] == "main" and a["gated"] == k.startswith("none+gate") for k, a in arms.items())
     for key, arm in arms.items():
         assert arm["budget"] == 60 and {r["loss"] for r in arm["runs"]} == {"labels", "confident"}
         for run in arm["runs"]:

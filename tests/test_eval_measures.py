@@ -15,7 +15,7 @@ from clients.attack_losses import explain_batch, map_distance
 from clients.attack_model import build_attack_model
 from defense.interpreters import create_interpreter
 from measure import agreement, average_drop
-from measure.evaluate import EvalConfig, plan_arms
+from measure.evaluate import EvalConfig, key_role, plan_arms
 
 
 def test_top_p_mask_keeps_round_p_percent_with_ties_broken_by_index() -> None:
@@ -168,5 +168,9 @@ def test_plan_arms() -> None:
     assert arms["deepdefense-top3"].losses == ("explanations",)
     # Table 4 runs PP at the same k as DeepDefense, without the engine's options
     assert arms["pp-top3"].options == {"top_k": 3} and arms["pp-top3"].budget == 200
+    # each arm carries its role: what the report makes of it, never decoded from the key (key_role: old records)
+    assert {k: a.role for k, a in arms.items()} == {k: key_role(k)[0] for k in arms}
+    assert [a.role for a in arms.values()].count("main") == 4 and arms["deepdefense-cs50"].role == "cs"
+    assert arms["pp-top3"].fields() == {"role": "top-k", "gated": False, "query_set": "random"}
     assert [a.key for a in plan_arms(EvalConfig(defenses=("none", "pp")))] == ["none", "pp", "pp-top1", "pp-top3"]
     assert [a.key for a in plan_arms(EvalConfig(defenses=("none", "pp"), top_k=()))] == ["none", "pp"]

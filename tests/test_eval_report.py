@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from measure.evaluate import key_role
+from measure.markdown import num, pct, row, signed, table
 from measure.report import markdown, tables
 
 
@@ -152,3 +154,41 @@ def test_pp_beside_the_cs_arms_only_for_the_attackers_they_faced() -> None:
     r["config"]["ablation_losses"] = ["explanations", "labels"]
     pp = next(row for row in tables(r)["table3"] if row["defense"] == "pp")
     assert pp["accuracy"] == {"explanations": 80.0, "labels": 77.0}
+
+
+def test_an_arm_s_role_is_read_from_its_fields_and_old_keys_decode_the_same() -> None:
+    old = record("mnist", "fashionmnist")
+    new = record("mnist", "fashionmnist")
+    for key, arm in new["arms"].items():  # what measure.evaluate writes now: the role beside the key
+        arm |= dict(zip(("role", "gated", "query_set"), key_role(key), strict=True))
+    assert markdown(new, "results", "report.md") == markdown(old, "results", "report.md")
+    # the fields decide, not the key: a top-k arm under any name is in Table 4, a main arm under any name in Table 5
+    new["arms"]["k3"] = new["arms"].pop("deepdefense-top3")
+    new["arms"]["undefended"] = new["arms"].pop("none")
+    t = tables(new)
+    assert ("k3", 65.0) in [(r["arm"], r["accuracy"]["explanations"]) for r in t["table4"]]
+    assert {r["defense"]: r["ours"] for r in t["table5"]}["none"] == 90.0
+
+
+def test_sections_follow_what_the_record_holds() -> None:
+    r = record("mnist", "fashionmnist")
+    assert markdown(r, "results", "report.md").startswith("# lenet-mnist (gradcam): model stealing")
+    r["config"] |= {"runtime_n": 4}
+    r["arms"]["deepdefense+gate"] = {**_arm("deepdefense", 20.0), "role": "main", "gated": True, "query_set": "random"}
+    report = markdown(r, "results", "report.md")
+    assert (
+        report.startswith("# Below the label line")
+        and "| **DeepDefense + gate** (`--gate misinform`) | 20.00 |" in report
+    )
+
+
+def test_markdown_tables() -> None:
+    assert table("a | b", [[1, None]]) == ["| a | b |", "| --- | --- |", "| 1 | None |"]
+    assert row(["", "x"]) == "| | x |"
+    assert [num(None), num(float("nan")), num(1.234, 1), pct(0.01234), signed(-1.0)] == [
+        "—",
+        "—",
+        "1.2",
+        "1.23%",
+        "-1.00",
+    ]

@@ -11,11 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.settings import loopback_settings
-
-from defense import NoDefense
-from measure.launcher import in_thread
-from measure.playground_browser import (
+from support.playground_browser import (
     SEVEN,
     bright_pixels,
     chromium,
@@ -24,6 +20,10 @@ from measure.playground_browser import (
     predict_and_wait,
     wait_for_model,
 )
+from support.settings import loopback_settings
+
+from defense import NoDefense
+from measure.launcher import in_thread
 from server.app import create_app
 
 KEY = "playground-key-0123"

@@ -214,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, writing the result files after every arm; print a summary as JSON."""
     from clients.oracle import OracleError, read_api_key
-    from measure import gate_report, report
+    from measure import report
 
     command = args.command_line
     config = config_from_args(args)
@@ -225,17 +225,12 @@ def run(args: argparse.Namespace) -> int:
 
     baseline = json.loads(Path(args.baseline_results).read_text()) if args.baseline_results else None
 
-    def markdown(record: dict[str, Any]) -> str:
-        if config.gated or set(config.query_sets) != {"random"}:
-            return gate_report.markdown(record, out, args.report, baseline)
-        return report.markdown(record, out, args.report)
-
     def write(record: dict[str, Any]) -> None:
         record["command"] = command
         report.write_outputs(record, out)
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.report).write_text(markdown(record))
+            Path(args.report).write_text(report.markdown(record, out, args.report, baseline))
 
     try:
         record = run_evaluation(

@@ -1,7 +1,7 @@
 """Driving the playground page (``GET /``) in a real browser: headless Chromium from Debian's ``chromium`` and
 ``chromium-driver`` packages through Selenium (the ``dev`` extra), never a browser downloaded at run time.
-Used by ``tests/test_playground_browser.py`` and by ``python -m measure.playground_browser`` (the screenshot of
-``docs/playground.png``: a server with the defaults on loopback, a 7 drawn with the mouse, its answer).
+Used by ``tests/test_playground_browser.py`` and by ``python tests/support/playground_browser.py`` (the screenshot
+of ``docs/playground.png``: a server with the defaults on loopback, a 7 drawn with the mouse, its answer).
 
 Every wait has a deadline (Selenium's ``WebDriverWait``); nothing sleeps for a fixed time."""
 
@@ -155,9 +155,9 @@ def screenshot(url: str, out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m measure.playground_browser --out docs/playground.png``: ``deepdefense serve`` with its defaults
-    (``lenet-mnist``, DeepDefense, Grad-CAM, the gate) on loopback, and the screenshot of its playground."""
-    from .launcher import spawn_serve
+    """``python tests/support/playground_browser.py --out docs/playground.png``: ``deepdefense serve`` with its
+    defaults (``lenet-mnist``, DeepDefense, Grad-CAM, the gate) on loopback, and the screenshot of its playground."""
+    from measure.launcher import spawn_serve
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", default="docs/playground.png")
