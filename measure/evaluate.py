@@ -219,6 +219,7 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
             defense = oracle.info().defense
         key = named.group(1) if named else defense
         main = key == defense
+        role, gated, _ = key_role(key)  # the server is what it is: its key says how to report it
         arms.append(
             Arm(
                 key,
@@ -227,7 +228,8 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
                 config.largest_budget if main else config.ablation_budget or config.largest_budget,
                 config.losses if main else config.ablation_losses,
                 url=url,
-                role=key_role(key)[0],
+                role=role,
+                gated=gated,
             )
         )
     if len({a.key for a in arms}) != len(arms):
@@ -735,7 +737,7 @@ class Evaluation:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
             result["benign"] = self.benign(oracle, info)
-        if arm.gated and data is not None:  # the monitor and the transfer set's queries
+        if arm.gated and arm.url is None and data is not None:  # the monitor and the transfer set's queries
             result["monitor"] = self.monitor(data, arm)
         return result
 
