@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import SecretStr
 
+from models.checkpoint import local_checkpoint
+
 from .app import DRAIN_MARGIN_S, create_app
 from .budget import RedisLedger
 from .gateway import Forwarded, Gateway, Returned, call_app, gateway_app
@@ -101,9 +103,8 @@ def settings_payload(settings: ServerSettings) -> dict[str, Any]:
 
 def _checkpoint_for_replicas(checkpoint: str) -> str:
     """A metadata JSON of this working directory as an absolute path; a shipped name stays a name."""
-    local = Path(checkpoint)
-    local = local if local.suffix == ".json" else local.with_suffix(".json")
-    return str(local.resolve()) if local.is_file() else checkpoint
+    local = local_checkpoint(checkpoint)
+    return str(local.resolve()) if local is not None else checkpoint
 
 
 def replica_id() -> str:
