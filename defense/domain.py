@@ -12,12 +12,12 @@ Misinformation, Kariyappa & Qureshi, CVPR 2020). This module holds the score its
 * ``detector`` — a small MLP head on the (frozen) penultimate features, trained with outlier exposure
   against synthetic outliers (``defense.outliers``).
 
-Higher scores are more in-domain; a query is flagged when its score is below ``threshold``, chosen
-on held-out in-domain images for a false-positive rate; fitting, thresholds and the choice of method are
-offline (``defense/fitting/domain.py``). ``save_domain_score`` writes ``<checkpoint>.domain.safetensors`` +
-``<checkpoint>.domain.json`` beside the checkpoint; ``load_domain_score`` checks the sha256 of the
-score's weights and that the victim it is given is the very checkpoint the score was fitted for.
-Which method ships, and why, is measured by ``deepdefense domain`` (docs/results/domain-score.md).
+Higher scores are more in-domain; a query is flagged when its score is below ``threshold``, chosen on held-out
+in-domain images for a false-positive rate; fitting, thresholds and the choice of method are offline
+(``defense/fitting/domain.py``, ``domain_choice.py``). ``save_domain_score`` writes
+``<checkpoint>.domain.safetensors`` + ``<checkpoint>.domain.json`` beside the checkpoint; ``load_domain_score``
+checks the sha256 of the score's weights and that the victim it is given is the very checkpoint the score was
+fitted for. Which method ships, and why, is measured by ``deepdefense domain`` (docs/results/domain-score.md).
 """
 
 from __future__ import annotations

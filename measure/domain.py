@@ -3,13 +3,13 @@ behind ``deepdefense domain``.
 
 Two stages, kept apart so that the choice never sees the evaluation's data:
 
-1. **Selection** (``defense/fitting/domain.py``: ``compare_candidates``, ``select_method``) uses only the
+1. **Selection** (``defense/fitting/domain_choice.py``: ``compare_candidates``, ``select_method``) uses only the
    victim's training split.
 2. **Evaluation** (``evaluate_candidates``, here) on data no score saw and the selection did not use: the
    victim's test split (in-domain), foreign test images (Fashion-MNIST), rendered letters and symbols
    and drawn geometric shapes (``render_symbols``, ``draw_shapes``: kinds unlike any fitting outlier),
    and honest-but-perturbed test digits (``PERTURBATIONS``); AUROC as the selection's
-   (``defense.fitting.domain.auroc``).
+   (``defense.fitting.domain_choice.auroc``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from clients.jbda import jacobian_augmentation
 from defense.domain import victim_outputs
-from defense.fitting.domain import Candidate, auroc, flagged
+from defense.fitting.domain_choice import Candidate, auroc, flagged
 from models.checkpoint import CheckpointMeta
 from models.data import load_split
 

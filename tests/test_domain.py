@@ -26,19 +26,16 @@ from defense.domain import (
     save_domain_score,
     victim_outputs,
 )
+from defense.fitting.domain import choose_threshold as threshold_for
 from defense.fitting.domain import (
-    DEFAULT_METHOD,
-    Candidate,
-    auroc,
     fit_domain_score,
     fit_mahalanobis,
     fitting_features,
     handwriting_elastic,
     held_out_features,
     honest_threshold,
-    select_method,
 )
-from defense.fitting.domain import choose_threshold as threshold_for
+from defense.fitting.domain_choice import DEFAULT_METHOD, Candidate, auroc, select_method
 from defense.honest_variants import FAMILIES, by_family, honest_mix
 from defense.outliers import OUTLIERS, mild_affine, synthesise
 from measure.domain import PERTURBATIONS, draw_shapes, render_symbols

@@ -11,7 +11,7 @@ from typing import Any
 
 from deepdefense import flags
 from defense.domain import METHODS
-from defense.fitting.domain import DEFAULT_METHOD
+from defense.fitting.domain_choice import DEFAULT_METHOD
 
 HELP = "fit and measure a checkpoint's domain score (flags out-of-domain queries); writes <checkpoint>.domain.*"
 DESCRIPTION = (
@@ -76,7 +76,7 @@ def make(args: argparse.Namespace) -> Path:
     """Fit, select, save and (unless --no-eval) measure the domain score the flags describe; returns the saved
     score's metadata path."""
     from common.device import resolve_device
-    from defense.fitting.domain import DomainFitConfig, fit_select_save
+    from defense.fitting.domain_choice import DomainFitConfig, fit_select_save
     from measure.domain import evaluate_domain
 
     started = time.time()
