@@ -1,20 +1,15 @@
-"""Measuring a domain score (``defense.domain``): AUROC, the images it is measured on, and the candidate
-comparison behind ``deepdefense domain``.
+"""Measuring a domain score (``defense.domain``) after the choice: the images it is measured on and the evaluation
+behind ``deepdefense domain``.
 
 Two stages, kept apart so that the choice never sees the evaluation's data:
 
-1. **Selection** (``compare_candidates``, ``select_method``) uses only the victim's training split: a
-   held-out part of it (threshold and false-positive rate), synthetic outliers made from that part
-   (detection; a fitted detector is measured on each kind with a copy fitted without that kind), and
-   a handwriting-like elastic variation of it (``handwriting_elastic``: honest digits the threshold
-   never saw, to count false flags).
-2. **Evaluation** (``evaluate_candidates``) on data no score saw and the selection did not use: the
+1. **Selection** (``defense/fitting/domain_choice.py``: ``compare_candidates``, ``select_method``) uses only the
+   victim's training split.
+2. **Evaluation** (``evaluate_candidates``, here) on data no score saw and the selection did not use: the
    victim's test split (in-domain), foreign test images (Fashion-MNIST), rendered letters and symbols
    and drawn geometric shapes (``render_symbols``, ``draw_shapes``: kinds unlike any fitting outlier),
-   and honest-but-perturbed test digits (``PERTURBATIONS``).
-
-AUROC (``auroc``) treats in-domain images as positives: the chance that an in-domain image scores
-higher than an out-of-domain one, ties counting one half (Mann–Whitney U).
+   and honest-but-perturbed test digits (``PERTURBATIONS``); AUROC as the selection's
+   (``defense.fitting.domain_choice.auroc``).
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,52 +24,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
-from tqdm import tqdm
 
 from clients.jbda import jacobian_augmentation
-from defense.domain import FitFeatures, fit_scorer, honest_threshold, victim_outputs
+from defense.domain import victim_outputs
+from defense.fitting.domain_choice import Candidate, auroc, flagged
+from models.checkpoint import CheckpointMeta
+from models.data import load_split
 
-# --- AUROC ---------------------------------------------------------------------------------------------------
-
-
-def average_ranks(values: Tensor) -> Tensor:
-    """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-    _, inverse, counts = torch.unique(values.double(), return_inverse=True, return_counts=True)
-    before = torch.cumsum(counts, 0) - counts  # how many values are smaller than each distinct value
-    return (before + (counts + 1) / 2.0).double()[inverse]
-
-
-def auroc(pos: Tensor, neg: Tensor) -> float:
-    """P(a positive scores above a negative) + ½ P(tie), from the Mann–Whitney U of the pooled ranks."""
-    n_pos, n_neg = len(pos), len(neg)
-    if not n_pos or not n_neg:
-        raise ValueError("AUROC needs at least one positive and one negative score")
-    ranks = average_ranks(torch.cat([pos.flatten(), neg.flatten()]))
-    u = float(ranks[:n_pos].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
-
-
-def flagged(scores: Tensor, threshold: float) -> float:
-    """The share of ``scores`` below ``threshold`` (what the score flags)."""
-    return float((scores < threshold).double().mean())
-
-
-# --- honest variation and perturbations ------------------------------------------------------------------------
-
-
-def _grid(b: int, h: int, w: int) -> Tensor:
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    return torch.stack((xs, ys), dim=-1).expand(b, h, w, 2)
-
-
-def handwriting_elastic(x: Tensor, g: torch.Generator, alpha: float = 1.0, cells: int = 4) -> Tensor:
-    """A smooth elastic deformation of about ``alpha`` pixels (Simard et al. 2003's handwriting variation):
-    honest digits unlike any image the victim or a score was fitted on (the victim stays 98.9% accurate on
-    held-out training digits). Used by the selection only."""
-    b, _, h, w = x.shape
-    coarse = torch.randn((b, 2, cells, cells), generator=g)
-    field_ = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
-    return F.grid_sample(x, _grid(b, h, w) + alpha * 2.0 / (w - 1) * field_, align_corners=True).clamp(0.0, 1.0)
+# --- perturbations ---------------------------------------------------------------------------------------------
 
 
 def blurred(x: Tensor, g: torch.Generator) -> Tensor:
@@ -201,114 +157,6 @@ def jbda_like(model: nn.Module, x: Tensor, step: float = 0.1) -> Tensor:
         return jacobian_augmentation(model, x, labels, step)
 
 
-# --- stage 1: candidates compared on training data only --------------------------------------------------------
-
-
-@dataclass
-class Candidate:
-    """One method, fitted, with its threshold and what the selection measured of it."""
-
-    method: str
-    scorer: nn.Module
-    threshold: float
-    fpr_held_out: float
-    detection: dict[str, float] = field(default_factory=dict)  # kind → share of held-out outliers flagged
-    auroc: dict[str, float] = field(default_factory=dict)  # kind → AUROC against the held-out images
-    honest_false_flags: float = 0.0  # share of handwriting-elastic held-out digits flagged
-    variant_false_flags: dict[str, float] = field(default_factory=dict)  # honest-variant family → share flagged
-    unseen_kinds: bool = False  # detection measured with a copy fitted without each kind
-
-    @property
-    def mean_detection(self) -> float:
-        return sum(self.detection.values()) / len(self.detection)
-
-    @property
-    def utility(self) -> float:
-        """The selection's criterion: outliers caught minus honest digits flagged, each counted once."""
-        return self.mean_detection - self.honest_false_flags
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "threshold": self.threshold,
-            "fpr_held_out": self.fpr_held_out,
-            "detection": self.detection,
-            "auroc": self.auroc,
-            "mean_detection": self.mean_detection,
-            "honest_false_flags": self.honest_false_flags,
-            "variant_false_flags": self.variant_false_flags,
-            "utility": self.utility,
-            "unseen_kinds": self.unseen_kinds,
-        }
-
-
-@dataclass
-class HeldOut:
-    """Victim outputs on the held-out training images, on outliers made from them, on an honest variation (the
-    selection's check) and on the honest-variant families the threshold is held to (``variants``: family →
-    (features, logits), empty when the score is fitted without them)."""
-
-    feats: Tensor
-    logits: Tensor
-    feats_out: Tensor
-    logits_out: Tensor
-    kind_out: Tensor
-    feats_honest: Tensor
-    logits_honest: Tensor
-    variants: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-
-
-def compare_candidates(
-    methods: tuple[str, ...] | list[str],
-    data: FitFeatures,
-    held: HeldOut,
-    num_classes: int,
-    *,
-    fpr: float,
-    variant_fpr: float = 0.01,
-    seed: int,
-    progress: bool = False,
-) -> dict[str, Candidate]:
-    """Fit every method on ``data``, choose its threshold on the held-out images (at most ``fpr`` of them and
-    ``variant_fpr`` of each family of ``held.variants`` flagged), and measure it on the held-out outliers and
-    honest variation. A method that sees outliers when fitted (``detector``) is
-    measured on each kind by a copy fitted without that kind; the returned scorer is fitted on all kinds."""
-    out: dict[str, Candidate] = {}
-    for method in methods:
-        g = torch.Generator().manual_seed(seed)
-        scorer = fit_scorer(method, data, num_classes, g, progress=progress)
-        s_held = scorer(held.feats, held.logits)
-        threshold = honest_threshold(s_held, fpr, _variant_scores(scorer, held), variant_fpr)
-        cand = Candidate(method, scorer, threshold, flagged(s_held, threshold))
-        cand.honest_false_flags = flagged(scorer(held.feats_honest, held.logits_honest), threshold)
-        cand.variant_false_flags = {k: flagged(s, threshold) for k, s in _variant_scores(scorer, held).items()}
-        cand.unseen_kinds = method == "detector"
-        bar = tqdm(data.kinds, desc=f"select: {method}", unit="kind", disable=not progress, leave=False)
-        for i, kind in enumerate(bar):
-            mask = held.kind_out == i
-            if cand.unseen_kinds:  # a copy that never saw this kind, thresholded the same way
-                copy = fit_scorer(method, data, num_classes, torch.Generator().manual_seed(seed), leave_out=kind)
-                s_in = copy(held.feats, held.logits)
-                t = honest_threshold(s_in, fpr, _variant_scores(copy, held), variant_fpr)
-            else:
-                copy, s_in, t = scorer, s_held, threshold
-            s_out = copy(held.feats_out[mask], held.logits_out[mask])
-            cand.detection[kind] = flagged(s_out, t)
-            cand.auroc[kind] = auroc(s_in, s_out)
-        out[method] = cand
-    return out
-
-
-def _variant_scores(scorer: nn.Module, held: HeldOut) -> dict[str, Tensor]:
-    return {name: scorer(f, lg) for name, (f, lg) in held.variants.items()}
-
-
-def select_method(candidates: Mapping[str, Candidate]) -> str:
-    """The candidate with the highest utility (mean detection of held-out outlier kinds minus the share of
-    honest variations flagged); ties go to the earlier, simpler one."""
-    return max(candidates, key=lambda m: (round(candidates[m].utility, 6), -list(candidates).index(m)))
-
-
 # --- stage 2: evaluation on data nothing was fitted or selected on ---------------------------------------------
 
 
@@ -346,3 +194,31 @@ def evaluate_candidates(
             "false_flags": {k: flagged(scores[f"perturbed:{k}"], t) for k in perturbed},
         }
     return result
+
+
+def evaluate_domain(
+    model: nn.Module,
+    victim: CheckpointMeta,
+    candidates: Mapping[str, Candidate],
+    jbda_seeds: Tensor,
+    *,
+    data_root: Any,
+    ood_dataset: str,
+    n_constructed: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``deepdefense domain``'s stage 2, after the choice is made: ``evaluate_candidates`` on the victim's test split,
+    foreign test images (``ood_dataset``), ``n_constructed`` rendered symbols and drawn shapes, JBDA-like steps from
+    ``jbda_seeds`` (held-out training digits) and perturbed test digits."""
+    test_x, test_y = load_split(victim.dataset, data_root, "test").tensors  # type: ignore[attr-defined]
+    foreign = load_split(ood_dataset, data_root, "test").tensors[0]  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(seed + 4)
+    ood = {
+        f"{ood_dataset} test": foreign,
+        "symbols (PIL font)": render_symbols(n_constructed, g),
+        "shapes (PIL draw)": draw_shapes(n_constructed, g),
+        "JBDA-like (held-out train + 0.1·sign ∇)": jbda_like(model, jbda_seeds),
+    }
+    perturbed = {name: fn(test_x, g) for name, fn in PERTURBATIONS.items()}
+    return evaluate_candidates(model, candidates, test_x, test_y, ood, perturbed, progress=progress)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defense.baselines.edm import HeldOut, coherence, member_index, pairwise_cosine
+from defense.baselines.edm import coherence, member_index, pairwise_cosine
+from defense.fitting.edm import HeldOut
 from measure.agreement import probabilities
 
 

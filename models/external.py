@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointMeta, read_meta, save_checkpoint, sha256_file
+from .artifacts import sha256_file
+from .checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from .data import get_spec, load_split, look_of
 from .normalized import Normalized
 from .registry import create_model, list_models

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from common.readiness import NotReady, wait_ready
+from models.checkpoint import local_checkpoint
 
 from .app import DRAIN_MARGIN_S, create_app
 from .budget import RedisLedger
@@ -101,9 +102,8 @@ def settings_payload(settings: ServerSettings) -> dict[str, Any]:
 
 def _checkpoint_for_replicas(checkpoint: str) -> str:
     """A metadata JSON of this working directory as an absolute path; a shipped name stays a name."""
-    local = Path(checkpoint)
-    local = local if local.suffix == ".json" else local.with_suffix(".json")
-    return str(local.resolve()) if local.is_file() else checkpoint
+    local = local_checkpoint(checkpoint)
+    return str(local.resolve()) if local is not None else checkpoint
 
 
 def replica_id() -> str:

@@ -18,31 +18,29 @@ from support.idx import write_idx
 
 from deepdefense.cli import main as cli
 from defense.domain import (
-    DEFAULT_METHOD,
     METHODS,
     DomainMeta,
     DomainScore,
     DomainScoreError,
-    fit_domain_score,
-    fit_mahalanobis,
-    honest_threshold,
     load_domain_score,
     save_domain_score,
     victim_outputs,
 )
-from defense.domain import choose_threshold as threshold_for
+from defense.fitting.domain import choose_threshold as threshold_for
+from defense.fitting.domain import (
+    fit_domain_score,
+    fit_mahalanobis,
+    fitting_features,
+    handwriting_elastic,
+    held_out_features,
+    honest_threshold,
+)
+from defense.fitting.domain_choice import DEFAULT_METHOD, Candidate, auroc, select_method
 from defense.honest_variants import FAMILIES, by_family, honest_mix
 from defense.outliers import OUTLIERS, mild_affine, synthesise
-from measure.domain import (
-    PERTURBATIONS,
-    Candidate,
-    auroc,
-    draw_shapes,
-    handwriting_elastic,
-    render_symbols,
-    select_method,
-)
-from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta, sha256_file
+from measure.domain import PERTURBATIONS, draw_shapes, render_symbols
+from models.artifacts import sha256_file
+from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
 from models.data import load_split
 
 SHAPE = (1, 28, 28)
@@ -199,26 +197,35 @@ def test_shipped_score_keeps_honest_variants_of_test_digits_in_domain(
     assert max(rates.values()) <= 0.05, rates
 
 
+def fitted(victim: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, honest: bool) -> DomainScore:
+    """A detector fitted on the first 1500 of ``x`` and thresholded on the rest at 1% (and 1% of their variants)."""
+    g = torch.Generator().manual_seed(0)
+    data = fitting_features(victim, x[:1500], y[:1500], g, honest=honest)
+    held = held_out_features(victim, x[1500:], y[1500:], g, g, honest=honest)
+    scorer, threshold = fit_domain_score("detector", data, held, 10, g, fpr=0.01)
+    return DomainScore(victim, scorer, threshold, "detector")
+
+
+def flagged_share(score: DomainScore, x: torch.Tensor) -> float:
+    return float(score.flags(x).float().mean())
+
+
 def test_fitting_with_honest_variants_keeps_them_in_domain(data_root: Path, victim: torch.nn.Module) -> None:
     x, y = digits(data_root, "train", 2000)
     test, _ = digits(data_root, "test", 300)
     variants = torch.cat(list(by_family(test, torch.Generator().manual_seed(11)).values()))
     rates = {}
     for honest in (True, False):
-        score, held_fpr = fit_domain_score(victim, "detector", x[:1500], y[:1500], x[1500:], y[1500:], fpr=0.01,
-                                           honest=honest, generator=torch.Generator().manual_seed(0))  # fmt: skip
-        assert held_fpr <= 0.01 and bool(score.flags(noise(32)).all())
+        score = fitted(victim, x, y, honest=honest)
+        assert flagged_share(score, x[1500:]) <= 0.01 and bool(score.flags(noise(32)).all())
         rates[honest] = float(score.flags(variants).float().mean())
     assert rates[True] <= 0.05 and rates[False] >= 2 * rates[True], rates
 
 
 def test_fit_on_a_few_digits_flags_noise_at_the_asked_rate(data_root: Path, victim: torch.nn.Module) -> None:
     x, y = digits(data_root, "train", 2000)
-    score, held_fpr = fit_domain_score(
-        victim, "detector", x[:1500], y[:1500], x[1500:], y[1500:], fpr=0.01, generator=torch.Generator().manual_seed(0)
-    )
-    assert held_fpr <= 0.01
-    assert float((score.score(x[1500:]) < score.threshold).float().mean()) == pytest.approx(held_fpr)
+    score = fitted(victim, x, y, honest=True)
+    assert flagged_share(score, x[1500:]) <= 0.01
     assert bool(score.flags(noise(32)).all())
 
 

@@ -25,14 +25,14 @@ from defense.baselines.edm import (
     EDMError,
     EnsembleOfDiverseModels,
     coherence,
-    div_loss,
     load_ensemble,
     member_index,
 )
-from defense.domain import state_sha256
+from defense.fitting.edm import div_loss
 from defense.interpreters import create_interpreter
 from defense.loader import load_defense
 from measure.edm import served_similarity
+from models.artifacts import state_sha256
 from models.checkpoint import SHIPPED_DIR, build_model, read_meta
 from models.data import load_split
 from server.app import create_app

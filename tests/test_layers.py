@@ -57,3 +57,64 @@ def test_the_check_sees_a_wrong_import(tmp_path: Path, monkeypatch: pytest.Monke
     )
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     assert imports_of("server") == {"server/bad.py": {"deepdefense", "clients"}}
+
+
+def module_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Every module of ours → the modules of ours it imports (lazy and relative imports included; ``from p import
+    m`` counts module ``p.m`` when there is one, else ``p``)."""
+    files = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in OURS
+        for path in sorted((root / package).rglob("*.py"))
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
+        graph[module] = set()
+        for target in targets:
+            while target and target not in files:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: every set of two or more modules that reach each other (a strongly connected component)."""
+    reach = {m: set() for m in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in reach[start]:
+                reach[start].add(m)
+                todo.extend(graph.get(m, ()))
+    found = {tuple(sorted(m for m in reach[a] if a in reach[m])) for a in graph if a in reach[a]}
+    return sorted(list(c) for c in found)
+
+
+def test_no_module_imports_itself_back() -> None:
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
+    (tmp_path / "defense" / "fitting").mkdir(parents=True)
+    (tmp_path / "defense" / "__init__.py").write_text("")
+    (tmp_path / "defense" / "engine.py").write_text("def f():\n    from .fitting import warm\n")
+    (tmp_path / "defense" / "fitting" / "warm.py").write_text("from ..engine import f\n")
+    assert cycles(module_graph(tmp_path)) == [["defense.engine", "defense.fitting.warm"]]
+
+
+def test_serving_never_imports_fitting() -> None:
+    """What is learnt offline (``defense/fitting/``) may use what serves; nothing that serves imports it."""
+    serving = {m: used for m, used in module_graph().items() if m.startswith("defense") and ".fitting" not in m}
+    wrong = {m: sorted(u for u in used if u.startswith("defense.fitting")) for m, used in serving.items()}
+    assert not {m: u for m, u in wrong.items() if u}

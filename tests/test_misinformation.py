@@ -13,15 +13,9 @@ import torch
 from support.idx import write_idx
 
 from deepdefense.cli import main as cli
+from defense.fitting.misinformation import answer_spread_penalty, misinformation_loss
 from defense.interpreters import create_interpreter
-from defense.misinformation import (
-    answer_spread_penalty,
-    blend,
-    load_misinformation,
-    misinformation_loss,
-    misinformation_weight,
-    mix,
-)
+from defense.misinformation import blend, load_misinformation, misinformation_weight, mix
 from models import CheckpointError, load_checkpoint
 from models.checkpoint import SHIPPED_DIR, read_meta
 from models.data import load_split
@@ -155,7 +149,7 @@ def test_a_misinformation_model_of_other_victim_weights_is_refused(tmp_path: Pat
     meta = json.loads(misinfo.read_text())
     meta["extra"]["victim_sha256"] = "0" * 64  # made for weights the victim no longer has
     misinfo.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="belongs to victim weights 000000000000"):
+    with pytest.raises(CheckpointError, match="trained for victim weights 000000000000"):
         load_misinformation(victim)
     meta["extra"]["kind"] = "victim"
     misinfo.write_text(json.dumps(meta))

@@ -142,7 +142,7 @@ def test_a_changed_victim_makes_every_step_again(victim: Path, calls: list[str])
     assert calls == ORDER + ORDER
     reasons = {s["step"]: s["why"] for s in report["steps"]}
     assert reasons["sensitivity"] == "computed for other weights"
-    assert "other weights" in reasons["warmstart"] and "refusing" in reasons["edm"]
+    assert "learnt for victim weights" in reasons["warmstart"] and "refusing" in reasons["edm"]
 
 
 def test_redo_makes_the_step_and_what_depends_on_it(victim: Path, calls: list[str]) -> None:

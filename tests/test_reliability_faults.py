@@ -18,7 +18,8 @@ from support.settings import make_settings
 
 from defense import Answer, NoDefense
 from defense.interpreters import create_interpreter
-from models.checkpoint import SHIPPED_DIR, sha256_file
+from models.artifacts import sha256_file
+from models.checkpoint import SHIPPED_DIR
 from server.app import create_app
 from server.batcher import DefenseFailed, MicroBatcher
 from server.metrics import ServerMetrics

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from defense.engine import COLD_STEPS, DeepDefense
+from defense.fitting.warm_start import learn_warm_start
 from defense.interpreters import create_interpreter
 from defense.loader import load_defense
 from defense.low_rank import LowRankWeight
@@ -23,7 +24,6 @@ from defense.warm_start import (
     WarmStart,
     WarmStartError,
     WarmStartMeta,
-    learn_warm_start,
     load_warm_start,
     save_warm_start,
     warm_start_paths,
@@ -134,7 +134,7 @@ def test_saved_warm_starts_are_verified_and_bound_to_their_victim(
     assert meta["victim"]["sha256"] and meta["sha256"]
 
     other = load_checkpoint("lenet-fashionmnist")[0]
-    with pytest.raises(WarmStartError, match="other weights"):
+    with pytest.raises(WarmStartError, match="model given is not checkpoint lenet-mnist's weights"):
         load_warm_start(local, other)
     tensors = saved.with_suffix(".safetensors")
     data = bytearray(tensors.read_bytes())

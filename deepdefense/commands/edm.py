@@ -1,4 +1,4 @@
-"""``deepdefense edm``: train a victim's Ensemble of Diverse Models (defense/baselines/edm.py) on its training
+"""``deepdefense edm``: train a victim's Ensemble of Diverse Models (defense/fitting/edm.py) on its training
 split against synthetic outliers, measure it, and write it beside the victim as ``<victim>.edm``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from deepdefense import flags
-from defense.baselines.edm import DEFAULT_LAMBDA_D, DEFAULT_MEMBERS
+from defense.fitting.edm import DEFAULT_LAMBDA_D, DEFAULT_MEMBERS
 from defense.outliers import OUTLIERS
 
 HELP = "train a victim's Ensemble of Diverse Models (EDM baseline) and write it beside the victim (<victim>.edm.*)"
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the ensemble the flags describe; returns its metadata path."""
     from common.device import resolve_device
-    from defense.baselines.edm import EDMConfig, save_ensemble, train_ensemble
+    from defense.baselines.edm import save_ensemble
+    from defense.fitting.edm import EDMConfig, train_ensemble
     from measure.edm import measure_foreign, measure_held_out, measure_test
     from models.checkpoint import load_checkpoint
     from models.data import load_split

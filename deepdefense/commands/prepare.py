@@ -138,14 +138,14 @@ def run(args: argparse.Namespace) -> int:
 def _victim(args: argparse.Namespace) -> tuple[Path, bool]:
     """The victim's metadata path, converting ``--from`` first when it is given and not already converted (then
     True: every step is made again, since a changed description may change what the model reads)."""
+    from models.artifacts import stem as pair_stem
     from models.checkpoint import read_meta, resolve_checkpoint
     from models.external import import_model, is_current, read_description
 
     if args.source is None:
         return resolve_checkpoint(args.checkpoint), False
     desc = read_description(args.source)
-    stem = Path(args.checkpoint)
-    stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
+    stem = pair_stem(args.checkpoint)
     meta_path = stem.parent / f"{stem.name}.json"
     if is_current(meta_path, desc):
         print(f"[0] import: {meta_path} is converted from {desc.path.name} and {desc.weights.name}, kept", flush=True)

@@ -1,4 +1,4 @@
-"""``deepdefense warmstart``: learn a checkpoint's warm start for the DeepDefense engine (defense/warm_start.py)
+"""``deepdefense warmstart``: learn a checkpoint's warm start for the DeepDefense engine (defense/fitting/warm_start.py)
 on its training images, and write it beside the checkpoint."""
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def make(args: argparse.Namespace) -> Path:
 
     from common.device import resolve_device
     from defense.engine import COLD_STEPS, DeepDefense
+    from defense.fitting.warm_start import learn_warm_start
     from defense.loader import load_defense
-    from defense.warm_start import WarmStart, WarmStartMeta, learn_warm_start, save_warm_start
+    from defense.warm_start import WarmStart, WarmStartMeta, save_warm_start
     from models.data import load_split
 
     options = {"warm_start": False, **flags.engine_options(args.engine)}
