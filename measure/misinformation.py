@@ -153,7 +153,7 @@ Seed {meta.seed}, {extra["epochs"]} epochs on {extra["train_split"]} only (Fashi
 the evaluation, is never seen), torch {extra["torch"]}, {extra["threads"]} thread(s). Same architecture and
 normalisation as the victim (`{meta.arch}`), trained from a seeded random start to minimise
 mean −log(1 − p_true) (Kariyappa & Qureshi, CVPR 2020) + λ·(mean H(p) + KL(mean p ‖ uniform)), λ =
-{extra["balance"]:g} (`defense/misinformation.py`, `answer_spread_penalty`: confident answers spread over all
+{extra["balance"]:g} (`defense/fitting/misinformation.py`, `answer_spread_penalty`: confident answers spread over all
 classes; λ = 0 is AM's loss alone). Weights sha256 `{meta.sha256[:12]}…`, made for victim
 weights `{extra["victim_sha256"][:12]}…`. Figures on the full {meta.dataset} test set ({figures["n"]} images);
 they are also in `models/checkpoints/{extra["victim"]}-misinfo.json` under `extra.measured`.
