@@ -4,10 +4,15 @@ engine options (``--set KEY=VALUE``), output file, quiet."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from common.options import key_values
 from common.provenance import provenance
 from models.data import DATA_ROOT_ENV, default_data_root
 
@@ -69,16 +74,7 @@ def add_engine_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, wha
 
 def engine_options(pairs: Sequence[str]) -> dict[str, Any]:
     """``["steps=30", "lr=0.05", "conv_impl=unfold"]`` → ``{"steps": 30, "lr": 0.05, "conv_impl": "unfold"}``."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    return key_values(pairs, "--set")
 
 
 def add_out(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the result") -> None:
@@ -105,28 +101,69 @@ def print_report(result: dict[str, Any], out: str | None) -> int:
     return 0
 
 
-def add_recipe(p: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: Any) -> None:
-    """The attack-model training recipe (``clients.attack_model.TrainingRecipe``), one flag per field."""
-    from clients.attack_model import OPTIMIZERS, SCHEDULES
+def add_fields(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    names: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> None:
+    """One flag per field of the dataclass ``cls`` (``names`` of them, or all but ``exclude``), in the order of the
+    fields: ``--field-name`` (or the field's ``flag``), its type, choices (a ``Literal``), how many values (a tuple:
+    one or more, ``nargs="*"``: none too), its default, and its help from the field's description
+    (:func:`common.options.described`). A field holding a dataclass gives the flags of that dataclass' fields."""
+    hints = typing.get_type_hints(cls)
+    chosen = set(names) if names is not None else {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    for f in dataclasses.fields(cls):
+        if f.name not in chosen:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            add_fields(p, hints[f.name])
+            continue
+        meta = dict(f.metadata)
+        help_text = meta.pop("help").replace("%", "%%")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        kind = flag_kind(hints[f.name])
+        if kind.get("action") is argparse.BooleanOptionalAction and default is False:
+            kind = {"action": "store_true"}
+        name = meta.pop("flag", f"--{f.name.replace('_', '-')}")
+        kind |= meta
+        p.add_argument(name, dest=f.name, default=list(default) if isinstance(default, tuple) else default,
+                       help=help_text, **kind)  # fmt: skip
 
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs of the attack model")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
-    p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam, help="weight of the map term of eq. (1)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="the attack model's optimizer")
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=defaults.schedule,
-        help="cosine: the learning rate decays to 0 over all steps",
-    )
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 weight decay")
+
+def from_fields(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The ``cls`` the flags of :func:`add_fields` describe (lists as tuples); ``given`` fields are taken as they
+    are instead of from ``args``."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = from_fields(hints[f.name], args)
+        else:
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
-def recipe(args: argparse.Namespace) -> Any:
-    """The ``TrainingRecipe`` the flags of :func:`add_recipe` describe."""
-    from dataclasses import fields
-
-    from clients.attack_model import TrainingRecipe
-
-    return TrainingRecipe(**{f.name: getattr(args, f.name) for f in fields(TrainingRecipe)})
+def flag_kind(annotation: Any) -> dict[str, Any]:
+    """argparse ``type``/``choices``/``action``/``nargs`` for a field's annotation (Optional unwrapped): a
+    ``Literal`` gives its values as choices, a bool a ``--x/--no-x`` switch, a list a repeatable flag, a tuple
+    one flag taking one or more values."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list:  # repeatable: --checkpoint a --checkpoint b
+        return {"action": "append", "type": str}
+    if origin is tuple:
+        return {"nargs": "+", **flag_kind(typing.get_args(annotation)[0])}
+    if annotation in (int, float):
+        return {"type": annotation}
+    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
+        return {"type": Path}
+    return {"type": str}
