@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import tempfile
 import time
@@ -51,7 +50,7 @@ from clients.jbda import collect_jbda
 from clients.oracle import HttpOracle, ModelInfo, Oracle
 from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
 from common.options import described
-from common.provenance import provenance
+from common.provenance import machine, provenance
 from defense import ENGINE_MODES, Defense, NoDefense
 from defense.domain import DomainScore, load_domain_score
 from defense.gate import MisinformationGate
@@ -501,7 +500,7 @@ class Evaluation:
                 "lambda": c.recipe.lam if loss == "explanations" else None,
                 **c.training(),
                 "made_by": self.command,
-                "machine": machine(str(self.device)),
+                "machine": str(machine(self.device)),
             }
 
         if self.config.only_cached and not self.is_cached(key):
@@ -512,7 +511,7 @@ class Evaluation:
         """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
         untimed warm-up query (cached); in-process also the engine's mean L_orth, steps and fallbacks."""
         c = self.config
-        where = machine(c.defense_device or c.device)
+        where = str(machine(c.defense_device or c.device))
         key = digest({"runtime": store_fp, "n": c.runtime_n, "batch": c.query_batch, "machine": where})
 
         def make() -> dict[str, Any]:
@@ -902,23 +901,16 @@ def _window_summary(s: KeyWindow) -> dict[str, Any]:
     }
 
 
-def machine(device: str) -> str:
-    """Where a measurement ran: host, processor, cores and threads, and the accelerator when used."""
-    name = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name += f", {torch.cuda.get_device_name(torch.device(device))}"
-    return name
-
-
 def environment(config: EvalConfig) -> dict[str, Any]:
+    m = machine(config.device)
     return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
+        "torch": m.torch,
+        "python": m.python,
+        "host": m.host,
+        "machine": m.arch,
+        "threads": m.threads,
         "device": config.device,
         "defense_device": config.defense_device or config.device,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None,
+        "cuda": m.accelerator,
         **provenance(),
     }

@@ -145,3 +145,21 @@ def test_flags_of_a_dataclass_follow_its_field_types() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     assert "keeps p% of it (default: 0.5)" in parser.format_help()
+
+
+def test_one_description_of_the_machine() -> None:
+    """Records and caches key on the short form (``deepdefense eval``'s cached runtimes: it must not change);
+    the long form adds the processor and the versions (``deepdefense bench``)."""
+    import os
+    import platform
+
+    import torch
+
+    from common.provenance import machine
+
+    m = machine("cpu")
+    assert (
+        str(m) == f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+    assert m.accelerator is None and str(m) in m.describe() and f"torch {torch.__version__}" in m.describe()
+    assert f"CPU {m.cpu}" in m.describe() and m.cpu
