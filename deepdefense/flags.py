@@ -1,11 +1,13 @@
 """Flags shared by several subcommands, defined once: data root, device, server URL and API key file,
-engine options (``--set KEY=VALUE``), output file, quiet."""
+engine options (``--set KEY=VALUE``), where the output goes (:func:`add_out`), quiet; and the flags of a
+dataclass's fields (:func:`add_fields`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -77,8 +79,60 @@ def engine_options(pairs: Sequence[str]) -> dict[str, Any]:
     return key_values(pairs, "--set")
 
 
-def add_out(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the result") -> None:
-    p.add_argument("--out", default=None, help=f"also write {what} to this JSON file")
+def add_out(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the record", report: str = "") -> None:
+    """The output convention of every command: ``--out FILE`` is where the command's record goes (the JSON it
+    measured, with the command that made it); a command that also renders the record as Markdown (``report``:
+    an example place) takes ``--report FILE`` too, and each of the two defaults to beside the other (``.json``,
+    ``.md``). What a command makes for the server (a checkpoint, an artifact beside one) is ``--save``
+    (:func:`add_save`); ``eval`` and ``prepare``, which write many files, take a folder (:func:`add_out_folder`)."""
+    beside = " (default: beside --report, as .json)" if report else ""
+    p.add_argument("--out", default=None, metavar="FILE", help=f"write {what} to this JSON file{beside}")
+    if report:
+        p.add_argument(
+            "--report",
+            default=None,
+            metavar="FILE",
+            help=f"write the Markdown report here, e.g. {report} (default: beside --out, as .md)",
+        )
+
+
+def out_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """Where the record and the report of :func:`add_out` go: each given, or beside the other."""
+    out, report = (Path(v) if v else None for v in (args.out, getattr(args, "report", None)))
+    if "report" not in vars(args):
+        return out, None
+    return out or (report.with_suffix(".json") if report else None), report or (out.with_suffix(".md") if out else None)
+
+
+def write_json(path: Path | str, record: dict[str, Any]) -> None:
+    """Write a record (its folder made if missing) and say so on stderr."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def add_out_folder(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, default: str = "") -> None:
+    """``--out FOLDER`` of the commands that write many files: their record (``results.json``, ``report.json``)
+    and what comes with it."""
+    p.add_argument(
+        "--out",
+        required=not default,
+        default=None,
+        metavar="FOLDER",
+        help=what + (f" (default: {default})" if default else ""),
+    )
+
+
+def add_save(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, default: str = "", e_g: str = "") -> None:
+    """``--save STEM``: where a command writes what it makes for the server (its ``.json`` and ``.safetensors``)."""
+    where = f" (default: {default})" if default else f", e.g. {e_g}" if e_g else ""
+    p.add_argument(
+        "--save",
+        required=not default,
+        default=None,
+        metavar="STEM",
+        help=f"write {what} here: a path without suffix{where}",
+    )
 
 
 def add_quiet(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -96,8 +150,7 @@ def print_report(result: dict[str, Any], out: str | None) -> int:
     result = {**result, "measured": provenance()}
     print(json.dumps(result, indent=2))
     if out:
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(out, result)
     return 0
 
 

@@ -41,7 +41,7 @@ def _train(root: Path, out: Path, seed: int = 3) -> dict:
         "mnist",
         "--data-root",
         str(root),
-        "--out",
+        "--save",
         str(out),
         "--epochs",
         "1",
@@ -109,7 +109,7 @@ def test_missing_data_names_the_path(tmp_path: Path) -> None:
 
 def test_cli_reports_missing_data_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli(
-        ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")]
+        ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--save", str(tmp_path / "x")]
     )
     assert rc == 2
     assert str(tmp_path / "MNIST") in capsys.readouterr().err

@@ -163,3 +163,29 @@ def test_one_description_of_the_machine() -> None:
     )
     assert m.accelerator is None and str(m) in m.describe() and f"torch {torch.__version__}" in m.describe()
     assert f"CPU {m.cpu}" in m.describe() and m.cpu
+
+
+def test_one_output_convention() -> None:
+    """``--out`` is where a command's record goes: a JSON file, or for eval and prepare (many files) a folder;
+    ``--report`` the Markdown beside it; what a command makes for the server is ``--save``; no ``--json``."""
+    folders = {"eval", "prepare"}
+    for name, parser in [*commands().items(), ("ownership verify", _subcommand(commands()["ownership"], "verify"))]:
+        options = {o: a for a in parser._actions for o in a.option_strings}
+        assert "--json" not in options, name
+        if "--out" in options:
+            assert options["--out"].metavar == ("FOLDER" if name in folders else "FILE"), name
+        if "--save" in options:
+            assert options["--save"].metavar == "STEM", name
+    for argv, paths in (
+        (["--report", "r/x.md"], (Path("r/x.json"), Path("r/x.md"))),
+        (["--out", "o/y.json"], (Path("o/y.json"), Path("o/y.md"))),
+        (["--out", "o/y.json", "--report", "r/x.md"], (Path("o/y.json"), Path("r/x.md"))),
+        ([], (None, None)),
+    ):
+        assert flags.out_paths(build_parser().parse_args(["formats", *argv])) == paths
+    assert flags.out_paths(build_parser().parse_args(["fidelity", "--out", "f.json"])) == (Path("f.json"), None)
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]

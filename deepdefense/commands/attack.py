@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-n", type=int, default=None, help="test on the first n victim test images (default: all)")
     p.add_argument("--store", default=None, help="transfer-set folder (default: runs/transfer-sets/<derived name>)")
     flags.add_device(p)
-    flags.add_out(p, "the result record")
+    flags.add_out(p)
     flags.add_quiet(p)
 
 

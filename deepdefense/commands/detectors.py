@@ -28,8 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=500, help="test images per pool")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
     p.add_argument("--first-try", default=None, help="the record of an earlier run to show beside this one (its JSON)")
-    p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/gate-detectors.md)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_out(p, report="docs/results/gate-detectors.md")
     flags.add_device(p)
 
 
@@ -73,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
         record["first_try"] = json.loads(Path(args.first_try).read_text())
         record["first_try_record"] = args.first_try
     print(json.dumps(result, indent=1))
-    out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
+    out, report = flags.out_paths(args)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
-    if args.report:
-        Path(args.report).write_text(markdown(record))
-        print(f"wrote {args.report}")
+        flags.write_json(out, record)
+    if report:
+        report.write_text(markdown(record))
+        print(f"wrote {report}")
     return 0

@@ -56,9 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_device(run_group, "attack models: ")
     run_group.add_argument("--defense-device", default=None, help="in-process and started defenses (default: --device)")
     flags.add_fields(run_group, EvalConfig, RUNNING)
-    run_group.add_argument(
-        "--out", required=True, help="results folder (JSON, CSV, PNG; finished trainings are cached here)"
-    )
+    flags.add_out_folder(run_group, "results folder (JSON, CSV, PNG; finished trainings are cached here)")
     run_group.add_argument(
         "--report",
         default=None,

@@ -33,8 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "<commit>:docs/results/format-variants.json) over the same digits, seed and variants: the report shows its "
         "flags beside this run's as 'before'",
     )
-    p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/format-variants.md)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_out(p, report="docs/results/format-variants.md")
     flags.add_device(p)
 
 
@@ -93,11 +92,9 @@ def run(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from measure.formats_report import markdown
 
-    json_out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {json_out}")
-    if args.report:
-        Path(args.report).write_text(markdown(record))
-        print(f"wrote {args.report}")
+    out, report = flags.out_paths(args)
+    if out:
+        flags.write_json(out, record)
+    if report:
+        report.write_text(markdown(record))
+        print(f"wrote {report}")

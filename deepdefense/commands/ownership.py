@@ -93,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"p-value {verdict.p_value:.3g}: {verdict.verdict}")
     result = {"command": args.command_line, "key_id": kid, **verdict.as_dict()}
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        flags.write_json(args.out, result)
     print(json.dumps(result))  # the last line
     return 0

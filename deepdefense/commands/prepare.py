@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redo", nargs="+", default=[], choices=STEP_NAMES, help="make these steps (and what depends on them) again"
     )
-    p.add_argument("--out", default=None, help="report folder (default: <checkpoint>.prepare beside the checkpoint)")
+    flags.add_out_folder(p, "report folder", "<checkpoint>.prepare beside the checkpoint")
     flags.add_device(p)
     flags.add_quiet(p)
 
