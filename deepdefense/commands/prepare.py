@@ -179,7 +179,7 @@ def _argv(name: str, args: argparse.Namespace, victim: Path, out: Path, ood: str
     if name == "warmstart" and args.serve_steps is not None:
         argv += ["--serve-steps", str(args.serve_steps)]
     if name == "domain":
-        argv += ["--ood-dataset", ood, "--json", str(out / "domain.json"), "--report", str(out / "domain.md")]
+        argv += ["--ood-dataset", ood, "--out", str(out / "domain.json"), "--report", str(out / "domain.md")]
     if name == "misinfo":
         argv += ["--report", str(out / "misinformation.md")]
     if name == "edm":
