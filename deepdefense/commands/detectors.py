@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from deepdefense import flags
 
@@ -33,32 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from common.device import resolve_device
     from common.provenance import provenance
-    from defense import NoDefense
-    from defense.gate import MisinformationGate
-    from defense.interpreters import create_interpreter
-    from defense.loader import load_defense, load_gate
-    from defense.misinformation import load_misinformation
-    from measure.detectors import study, untempered
+    from measure.detectors import run_detectors
     from measure.detectors_report import markdown
-    from models.data import load_split
 
     device = resolve_device(args.device)
-    inner, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device, data_root=args.data_root)
-    gate = load_gate(inner, args.checkpoint, device=device)
-    assert isinstance(gate, MisinformationGate)
-    first, mmeta = load_misinformation(args.checkpoint, device=device)  # the first gate's fixed answers
-    first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
-    before = NoDefense(first, create_interpreter(args.interpreter, first, tuple(mmeta.input_shape)))
-    pools = {
-        meta.dataset: load_split(meta.dataset, args.data_root, "test").tensors[0][: args.n],
-        args.foreign: load_split(args.foreign, args.data_root, "test").tensors[0][: args.n],
-    }
-    with torch.inference_mode(False):
-        result: dict[str, Any] = study(gate, before, pools, seed=args.seed)
+    result = run_detectors(
+        args.checkpoint, args.defense, args.interpreter, args.foreign, args.n, args.seed, device, args.data_root
+    )
     record = {
         "command": args.command_line,
         "checkpoint": args.checkpoint,
