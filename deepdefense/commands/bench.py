@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from common.options import key_values
 from deepdefense import flags
 
 HELP = (
@@ -80,7 +81,7 @@ def _previous(pairs: list[str] | None) -> dict[str, Any] | None:
     """``--previous`` as engine options; the default arm (warm_start=false) when not given, None for ``none``."""
     if pairs is None:
         return {"warm_start": False}
-    return None if pairs == ["none"] else flags.engine_options(pairs)
+    return None if pairs == ["none"] else key_values(pairs, "--previous")
 
 
 def _gate_latency(args: argparse.Namespace) -> int:
