@@ -189,3 +189,15 @@ def test_one_output_convention() -> None:
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
+
+
+def test_key_value_options_read_values_as_json_when_they_parse() -> None:
+    """One reader for ``--set``/``--previous`` and ``DD_ENGINE__*`` (``server/settings.py``)."""
+    from common.options import key_values
+
+    options = key_values(["steps=30", " lr =0.05", "warm_start=false", "conv_impl=unfold", "note=a=b", "empty="])
+    assert options == {"steps": 30, "lr": 0.05, "warm_start": False, "conv_impl": "unfold", "note": "a=b", "empty": ""}
+    for bad in ("steps", "=3"):
+        with pytest.raises(ValueError, match="--previous expects KEY=VALUE"):
+            key_values([bad], "--previous")
+    assert flags.engine_options(["top_k=[1, 3]"]) == {"top_k": [1, 3]}
