@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,13 @@ def test_shipped_checkpoint_accuracy(name: str, minimum: float, data_root: Path)
     accuracy = evaluate(model, load_split(meta.dataset, data_root, "test"), torch.device("cpu"))
     assert accuracy >= minimum
     assert accuracy == pytest.approx(meta.test_accuracy, abs=0.01)
+
+
+def test_the_foreign_data_set_is_the_first_other_one_of_the_same_shape_present(tiny_mnist: Path) -> None:
+    from models.data import foreign_dataset
+
+    with pytest.raises(ValueError, match="give --ood-dataset"):
+        foreign_dataset("mnist", tiny_mnist)
+    shutil.copytree(tiny_mnist / "MNIST", tiny_mnist / "FashionMNIST")
+    assert foreign_dataset("mnist", tiny_mnist) == "fashionmnist"
+    assert foreign_dataset("fashionmnist", tiny_mnist) == "mnist"

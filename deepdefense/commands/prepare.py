@@ -100,13 +100,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from measure.prepare_report import markdown
+    from models.checkpoint import read_meta
+    from models.data import foreign_dataset
 
     started = time.time()
     victim, converted = _victim(args)
     steps = [s for s in STEPS if s.name != "edm" or args.edm]
     out = Path(args.out) if args.out else victim.parent / f"{victim.stem}.prepare"
     out.mkdir(parents=True, exist_ok=True)
-    ood = args.ood_dataset or _foreign_dataset(victim, args.data_root)
+    ood = args.ood_dataset or foreign_dataset(read_meta(victim).dataset, args.data_root)
     made = {"import"} if converted else set()  # a model converted again may read its input otherwise: all is stale
     records = []
     for i, step in enumerate(steps, 1):
@@ -154,21 +156,6 @@ def _victim(args: argparse.Namespace) -> tuple[Path, bool]:
     path = import_model(desc, stem, data_root=args.data_root, command=args.command_line)
     print(f"[0] import: test accuracy on {desc.dataset} test {read_meta(path).test_accuracy:.2f}%", flush=True)
     return path, True
-
-
-def _foreign_dataset(victim: Path, data_root: Any) -> str:
-    from models.checkpoint import read_meta
-    from models.data import SPECS, DatasetNotFoundError, get_spec, load_split
-
-    own = get_spec(read_meta(victim).dataset)
-    for spec in SPECS.values():
-        if spec.name != own.name and spec.input_shape == own.input_shape:
-            try:
-                load_split(spec.name, data_root, "test")
-            except DatasetNotFoundError:
-                continue
-            return spec.name
-    raise ValueError(f"no other data set of {own.name}'s input shape under the data root: give --ood-dataset")
 
 
 def _argv(name: str, args: argparse.Namespace, victim: Path, out: Path, ood: str) -> list[str]:
