@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from clients.attack_losses import AttackLoss, attack_loss, kept_answers
 from clients.transfer import TransferSet
+from common.options import described
 from defense.interpreters import create_interpreter
 from models.normalized import Normalized
 from models.registry import create_model
@@ -33,13 +34,14 @@ SCHEDULES: tuple[Schedule, ...] = ("cosine", "constant")
 class TrainingRecipe:
     """How an attack model is trained: one type for ``deepdefense attack`` and the evaluation harness."""
 
-    epochs: int = 60
-    batch_size: int = 64  # training batch
-    lr: float = 1e-3
-    lam: float = 1e-2  # λ of eq. (1); chosen on lenet-mnist, undefended, B = 10,000 (docs/results/attack-tuning.md)
-    optimizer: Optimizer = "adam"
-    schedule: Schedule = "cosine"  # cosine decay of the learning rate to 0 over all steps
-    weight_decay: float = 0.0
+    epochs: int = described(60, help="training epochs of the attack model")
+    batch_size: int = described(64, help="training batch size")
+    lr: float = described(1e-3, help="learning rate")
+    # λ of eq. (1); chosen on lenet-mnist, undefended, B = 10,000 (docs/results/attack-tuning.md)
+    lam: float = described(1e-2, help="weight of the map term of eq. (1)", flag="--lambda")
+    optimizer: Optimizer = described("adam", help="the attack model's optimizer")
+    schedule: Schedule = described("cosine", help="cosine: the learning rate decays to 0 over all steps")
+    weight_decay: float = described(0.0, help="L2 weight decay")
 
 
 def build_attack_model(

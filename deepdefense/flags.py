@@ -1,13 +1,20 @@
 """Flags shared by several subcommands, defined once: data root, device, server URL and API key file,
-engine options (``--set KEY=VALUE``), output file, quiet."""
+engine options (``--set KEY=VALUE``), where the output goes (:func:`add_out`), quiet; and the flags of a
+dataclass's fields (:func:`add_fields`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from collections.abc import Sequence
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from common.options import key_values
 from common.provenance import provenance
 from models.data import DATA_ROOT_ENV, default_data_root
 
@@ -69,20 +76,63 @@ def add_engine_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, wha
 
 def engine_options(pairs: Sequence[str]) -> dict[str, Any]:
     """``["steps=30", "lr=0.05", "conv_impl=unfold"]`` → ``{"steps": 30, "lr": 0.05, "conv_impl": "unfold"}``."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    return key_values(pairs, "--set")
 
 
-def add_out(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the result") -> None:
-    p.add_argument("--out", default=None, help=f"also write {what} to this JSON file")
+def add_out(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the record", report: str = "") -> None:
+    """The output convention of every command: ``--out FILE`` is where the command's record goes (the JSON it
+    measured, with the command that made it); a command that also renders the record as Markdown (``report``:
+    an example place) takes ``--report FILE`` too, and each of the two defaults to beside the other (``.json``,
+    ``.md``). What a command makes for the server (a checkpoint, an artifact beside one) is ``--save``
+    (:func:`add_save`); ``eval`` and ``prepare``, which write many files, take a folder (:func:`add_out_folder`)."""
+    beside = " (default: beside --report, as .json)" if report else ""
+    p.add_argument("--out", default=None, metavar="FILE", help=f"write {what} to this JSON file{beside}")
+    if report:
+        p.add_argument(
+            "--report",
+            default=None,
+            metavar="FILE",
+            help=f"write the Markdown report here, e.g. {report} (default: beside --out, as .md)",
+        )
+
+
+def out_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """Where the record and the report of :func:`add_out` go: each given, or beside the other."""
+    out, report = (Path(v) if v else None for v in (args.out, getattr(args, "report", None)))
+    if "report" not in vars(args):
+        return out, None
+    return out or (report.with_suffix(".json") if report else None), report or (out.with_suffix(".md") if out else None)
+
+
+def write_json(path: Path | str, record: dict[str, Any]) -> None:
+    """Write a record (its folder made if missing) and say so on stderr."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def add_out_folder(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, default: str = "") -> None:
+    """``--out FOLDER`` of the commands that write many files: their record (``results.json``, ``report.json``)
+    and what comes with it."""
+    p.add_argument(
+        "--out",
+        required=not default,
+        default=None,
+        metavar="FOLDER",
+        help=what + (f" (default: {default})" if default else ""),
+    )
+
+
+def add_save(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, default: str = "", e_g: str = "") -> None:
+    """``--save STEM``: where a command writes what it makes for the server (its ``.json`` and ``.safetensors``)."""
+    where = f" (default: {default})" if default else f", e.g. {e_g}" if e_g else ""
+    p.add_argument(
+        "--save",
+        required=not default,
+        default=None,
+        metavar="STEM",
+        help=f"write {what} here: a path without suffix{where}",
+    )
 
 
 def add_quiet(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -100,33 +150,73 @@ def print_report(result: dict[str, Any], out: str | None) -> int:
     result = {**result, "measured": provenance()}
     print(json.dumps(result, indent=2))
     if out:
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(out, result)
     return 0
 
 
-def add_recipe(p: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: Any) -> None:
-    """The attack-model training recipe (``clients.attack_model.TrainingRecipe``), one flag per field."""
-    from clients.attack_model import OPTIMIZERS, SCHEDULES
+def add_fields(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    names: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> None:
+    """One flag per field of the dataclass ``cls`` (``names`` of them, or all but ``exclude``), in the order of the
+    fields: ``--field-name`` (or the field's ``flag``), its type, choices (a ``Literal``), how many values (a tuple:
+    one or more, ``nargs="*"``: none too), its default, and its help from the field's description
+    (:func:`common.options.described`). A field holding a dataclass gives the flags of that dataclass' fields."""
+    hints = typing.get_type_hints(cls)
+    chosen = set(names) if names is not None else {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    for f in dataclasses.fields(cls):
+        if f.name not in chosen:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            add_fields(p, hints[f.name])
+            continue
+        meta = dict(f.metadata)
+        help_text = meta.pop("help").replace("%", "%%")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        kind = flag_kind(hints[f.name])
+        if kind.get("action") is argparse.BooleanOptionalAction and default is False:
+            kind = {"action": "store_true"}
+        name = meta.pop("flag", f"--{f.name.replace('_', '-')}")
+        kind |= meta
+        p.add_argument(name, dest=f.name, default=list(default) if isinstance(default, tuple) else default,
+                       help=help_text, **kind)  # fmt: skip
 
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs of the attack model")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
-    p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam, help="weight of the map term of eq. (1)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="the attack model's optimizer")
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=defaults.schedule,
-        help="cosine: the learning rate decays to 0 over all steps",
-    )
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 weight decay")
+
+def from_fields(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The ``cls`` the flags of :func:`add_fields` describe (lists as tuples); ``given`` fields are taken as they
+    are instead of from ``args``."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = from_fields(hints[f.name], args)
+        else:
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
-def recipe(args: argparse.Namespace) -> Any:
-    """The ``TrainingRecipe`` the flags of :func:`add_recipe` describe."""
-    from dataclasses import fields
-
-    from clients.attack_model import TrainingRecipe
-
-    return TrainingRecipe(**{f.name: getattr(args, f.name) for f in fields(TrainingRecipe)})
+def flag_kind(annotation: Any) -> dict[str, Any]:
+    """argparse ``type``/``choices``/``action``/``nargs`` for a field's annotation (Optional unwrapped): a
+    ``Literal`` gives its values as choices, a bool a ``--x/--no-x`` switch, a list a repeatable flag, a tuple
+    one flag taking one or more values."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list:  # repeatable: --checkpoint a --checkpoint b
+        return {"action": "append", "type": str}
+    if origin is tuple:
+        return {"nargs": "+", **flag_kind(typing.get_args(annotation)[0])}
+    if annotation in (int, float):
+        return {"type": annotation}
+    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
+        return {"type": Path}
+    return {"type": str}

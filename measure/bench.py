@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from clients.latency import percentiles
 from clients.load import rss_mb
+from common.provenance import machine
 from defense.api import Defense
 from defense.loader import load_defense
 from measure.markdown import document, table
@@ -265,7 +266,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     return {
         "model": config.model,
         "interpreter": config.interpreter,
-        "device": describe(device),
+        "device": machine(device).describe(),
         "engine_options": config.options,
         "rows": [asdict(r) for r in rows],
         "ratios": ratios(rows),
@@ -355,20 +356,6 @@ def ratios(rows: list[Row]) -> dict[str, float]:
             new / old.queries_per_second, 2
         )
     return out
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def markdown(result: dict[str, Any], command: str) -> str:

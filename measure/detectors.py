@@ -25,8 +25,12 @@ import torch
 from torch import Tensor
 
 from clients.adaptive import twin_of
-from defense.api import Answer, Defense
+from defense.api import Answer, Defense, NoDefense
 from defense.gate import MisinformationGate
+from defense.interpreters import create_interpreter
+from defense.loader import load_defense, load_gate
+from defense.misinformation import load_misinformation
+from models.data import load_split
 
 #: Answers computed per call (the engine batches them).
 CHUNK = 64
@@ -229,3 +233,30 @@ def study(gate: MisinformationGate, before: Defense, pools: dict[str, Tensor], s
         else:
             out["map_reading"][name] = {"own": own_name, **map_reading(own, h, seed)}
     return out
+
+
+def run_detectors(
+    checkpoint: str,
+    defense: str,
+    interpreter: str,
+    foreign: str,
+    n: int,
+    seed: int,
+    device: torch.device,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """The study of ``deepdefense detectors``: the gate the server runs for ``checkpoint`` (``defense`` behind it),
+    and its first round's fixed answers (the misinformation model untempered), on the first ``n`` test images of
+    the victim's data set and of ``foreign``."""
+    inner, meta = load_defense(checkpoint, defense, interpreter, device=device, data_root=data_root)
+    gate = load_gate(inner, checkpoint, device=device)
+    assert isinstance(gate, MisinformationGate)
+    first, mmeta = load_misinformation(checkpoint, device=device)  # the first gate's fixed answers
+    first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
+    before = NoDefense(first, create_interpreter(interpreter, first, tuple(mmeta.input_shape)))
+    pools = {
+        meta.dataset: load_split(meta.dataset, data_root, "test").tensors[0][:n],
+        foreign: load_split(foreign, data_root, "test").tensors[0][:n],
+    }
+    with torch.inference_mode(False):
+        return study(gate, before, pools, seed=seed)

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import tempfile
 import time
@@ -38,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm import tqdm
@@ -50,17 +49,19 @@ from clients.attack_model import TrainingRecipe, build_attack_model, train_attac
 from clients.jbda import collect_jbda
 from clients.oracle import HttpOracle, ModelInfo, Oracle
 from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
-from common.provenance import provenance
+from common.options import described
+from common.provenance import machine, provenance
 from defense import ENGINE_MODES, Defense, NoDefense
 from defense.domain import DomainScore, load_domain_score
 from defense.gate import MisinformationGate
 from defense.interpreters import create_interpreter
+from defense.names import DefenseName
 from measure import agreement, average_drop
 from measure.domain import PERTURBATIONS
 from measure.local_oracle import LocalOracle, MonitoredOracle, local_info
 from measure.shared_modes import ModeOf, SharedModes, engine_key
 from models.checkpoint import load_checkpoint
-from models.data import DatasetSpec, get_spec, load_split
+from models.data import SPECS, DatasetSpec, get_spec, load_split
 from models.train import evaluate
 from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
@@ -72,43 +73,93 @@ THRESHOLD_CANDIDATES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.8)
 BENIGN_KEY_QUERIES = 1000
 
 
+#: Where an arm's queries come from (module docstring, step 1).
+QuerySet = Literal["random", "jbda", "victim-train", "twins", "adaptive"]
+QUERY_SETS: tuple[QuerySet, ...] = get_args(QuerySet)
+#: Query sets where every query is followed by its twin (``clients/adaptive.py``): the ``twin`` attacker's.
+TWIN_SETS = ("twins", "adaptive")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything that shapes an evaluation run (defaults: the paper's MNIST experiments)."""
+    """Everything that shapes an evaluation run (defaults: the paper's MNIST experiments). Each field's description
+    is the help of its ``deepdefense eval`` flag (``deepdefense/commands/eval.py`` makes the flags from the fields)."""
 
-    checkpoint: str = "lenet-mnist"
-    interpreter: str = "gradcam"
-    defenses: tuple[str, ...] = ("none", "pp", *ENGINE_MODES)
-    gated: tuple[str, ...] = ()  # defenses also evaluated behind the misinformation gate (arms '<defense>+gate')
-    monitored: bool = False  # gated arms answer as the default server with API keys: the monitor watches each arm's key
-    query_sets: tuple[str, ...] = ("random",)  # QUERY_SETS: where the attacker's queries come from
-    losses: tuple[AttackLoss, ...] = PAPER_LOSSES
-    budgets: tuple[int, ...] = (2500, 5000, 7500, 10_000)
-    cs: tuple[float, ...] = (50.0, 70.0, 90.0)  # Table 3 (DeepDefense arms, when 'deepdefense' is evaluated)
-    top_k: tuple[int, ...] = (1, 3)  # Table 4
-    ablation_budget: int | None = None  # B of the Table 3/4 arms (None: the largest budget)
-    ablation_losses: tuple[AttackLoss, ...] = ("explanations",)
-    avg_drop: tuple[str, ...] = ("deepdefense",)  # arms whose maps are compared with the victim's (Table 2)
-    attacker_dataset: str = AttackConfig.dataset  # P_A of the random query set: its training split
-    jbda_seeds: int = 100  # |S_0| of the jbda query set, drawn from the victim's training split
-    jbda_step: float = AttackConfig.jbda_step  # λ
-    jbda_epochs: int = 10  # epochs of each round's substitute (Papernot et al. train theirs for 10)
+    checkpoint: str = described("lenet-mnist", help="the victim: shipped name or path to its metadata JSON")
+    interpreter: str = described("gradcam", help="attribution method of the defended answers")
+    defenses: tuple[DefenseName, ...] = described(
+        ("none", "pp", *ENGINE_MODES), help="the defenses to attack, one arm each", nargs="*"
+    )
+    gated: tuple[DefenseName, ...] = described(
+        (),
+        help="defenses also evaluated behind the misinformation gate (arms '<defense>+gate'; 'none': Adaptive "
+        "Misinformation)",
+        nargs="*",
+    )
+    monitored: bool = described(
+        False,
+        help="gated arms answer as the default server with API keys: each arm's queries are one key's, which the "
+        "extraction monitor screens and may escalate (its state and summary under <out>/monitor/)",
+    )
+    query_sets: tuple[QuerySet, ...] = described(
+        ("random",),
+        help="random: the attacker's data set (--attacker-dataset); jbda: Jacobian augmentation from --jbda-seeds "
+        "victim training images; victim-train: the victim's training images (the in-domain ceiling); twins: random "
+        "with every image followed by its twin (one pixel moved by 1/255); adaptive: JBDA grown only from the "
+        "answers that moved between their twins (clients/adaptive.py)",
+    )
+    losses: tuple[AttackLoss, ...] = described(PAPER_LOSSES, help="the attackers' losses")
+    budgets: tuple[int, ...] = described((2500, 5000, 7500, 10_000), help="query budgets B")
+    cs: tuple[float, ...] = described(
+        (50.0, 70.0, 90.0), help="Table 3: DeepDefense arms at these cumulative sensitivities (none: skip)", nargs="*"
+    )
+    top_k: tuple[int, ...] = described(
+        (1, 3), help="Table 4: DeepDefense arms keeping these top-k (none: skip)", nargs="*"
+    )
+    ablation_budget: int | None = described(None, help="B of the Table 3/4 arms (default: the largest)")
+    ablation_losses: tuple[AttackLoss, ...] = described(
+        ("explanations",), help="the attackers' losses of the Table 3/4 arms"
+    )
+    avg_drop: tuple[str, ...] = described(
+        ("deepdefense",),
+        help="arms whose maps are compared with the victim's (Table 2; none: skip)",
+        nargs="*",
+        metavar="ARM",
+    )
+    attacker_dataset: str = described(
+        AttackConfig.dataset,
+        help="the data set the attacker queries with",  # P_A of the random query set: its training split
+        choices=sorted(SPECS),
+    )
+    jbda_seeds: int = described(100, help="|S_0| of the jbda query set, drawn from the victim's training split")
+    jbda_step: float = described(AttackConfig.jbda_step, help="step λ of the jbda query set's augmentation")
+    jbda_epochs: int = described(
+        10, help="epochs of each jbda round's substitute (Papernot et al. train theirs for 10)"
+    )
     data_root: str | None = None
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)  # how every attack model is trained
-    query_batch: int = AttackConfig.query_batch
-    seed: int = 0
-    test_n: int | None = None  # first n victim test images for accuracy and R_test (None: all)
-    n_unif: int = 10_000  # |U| of R_unif (the talk's value)
-    n_maps: int = 1000  # test images of Table 2
-    p: float = 15.0  # Average Drop keeps the top p% of each map
-    n_figure: int = 6  # rows of Figure 3
-    runtime_n: int = 100  # test queries timed per arm
-    benign_n: int = 0  # victim test images an honest user sends each random-query-set arm (0: none)
+    query_batch: int = described(AttackConfig.query_batch, help="images per request / answer call")
+    seed: int = described(0, help="seed of the queries and the attack models")
+    test_n: int | None = described(None, help="first n victim test images (default: all)")
+    n_unif: int = described(10_000, help="uniform inputs for R_unif")  # |U|: the talk's value
+    n_maps: int = described(1000, help="test images for Average Drop (Table 2)")
+    p: float = described(15.0, help="Average Drop keeps the top p% of each map")
+    n_figure: int = described(6, help="rows of Figure 3")
+    runtime_n: int = described(100, help="test queries timed per arm")
+    benign_n: int = described(
+        0,
+        help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)",
+    )
     engine_options: dict[str, Any] = field(default_factory=dict)  # --set, for the engine modes
     device: str = "cpu"  # attack models, the victim's reference outputs
     defense_device: str | None = None  # in-process defenses and served ones (None: ``device``)
-    store_root: str = "runs/transfer-sets"
-    only_cached: bool = False  # report the cached attack models: no training, no attacker query (missing: not run)
+    store_root: str = described("runs/transfer-sets", help="transfer sets (shared with 'deepdefense attack')")
+    only_cached: bool = described(
+        False,
+        help="train no attack model and send no attacker query: report the cached ones from <out>/runs (the others "
+        "show as not run), with or without the transfer sets; honest-user and Table 2 answers are measured once when "
+        "not cached",
+    )
 
     @property
     def largest_budget(self) -> int:
@@ -117,12 +168,6 @@ class EvalConfig:
     def training(self) -> dict[str, Any]:
         """The attack-model recipe (part of every cache key)."""
         return {**asdict(self.recipe), "seed": self.seed, "attacker_dataset": self.attacker_dataset}
-
-
-#: Where an arm's queries come from (module docstring, step 1).
-QUERY_SETS = ("random", "jbda", "victim-train", "twins", "adaptive")
-#: Query sets where every query is followed by its twin (``clients/adaptive.py``): the ``twin`` attacker's.
-TWIN_SETS = ("twins", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -483,7 +528,7 @@ class Evaluation:
                 "lambda": c.recipe.lam if loss == "explanations" else None,
                 **c.training(),
                 "made_by": self.command,
-                "machine": machine(str(self.device)),
+                "machine": str(machine(self.device)),
             }
 
         if self.config.only_cached and not self.is_cached(key):
@@ -494,7 +539,7 @@ class Evaluation:
         """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
         untimed warm-up query (cached); in-process also the engine's mean L_orth, steps and fallbacks."""
         c = self.config
-        where = machine(c.defense_device or c.device)
+        where = str(machine(c.defense_device or c.device))
         key = digest({"runtime": store_fp, "n": c.runtime_n, "batch": c.query_batch, "machine": where})
 
         def make() -> dict[str, Any]:
@@ -884,23 +929,16 @@ def _window_summary(s: KeyWindow) -> dict[str, Any]:
     }
 
 
-def machine(device: str) -> str:
-    """Where a measurement ran: host, processor, cores and threads, and the accelerator when used."""
-    name = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name += f", {torch.cuda.get_device_name(torch.device(device))}"
-    return name
-
-
 def environment(config: EvalConfig) -> dict[str, Any]:
+    m = machine(config.device)
     return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
+        "torch": m.torch,
+        "python": m.python,
+        "host": m.host,
+        "machine": m.arch,
+        "threads": m.threads,
         "device": config.device,
         "defense_device": config.defense_device or config.device,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and "cuda" in config.device else None,
+        "cuda": m.accelerator,
         **provenance(),
     }

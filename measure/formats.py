@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -281,4 +282,59 @@ def baseline_of(earlier: dict[str, Any], record: dict[str, Any]) -> dict[str, An
         "command": earlier["command"],
         "gate": earlier["gate"],
         "variants": [{k: r[k] for k in keep} for r in earlier["variants"]],
+    }
+
+
+#: The variants also sent over HTTP by ``deepdefense formats --http-check``.
+HTTP_CHECKED = ("clean ink on paper, invert", "thinner, ink on paper, invert")
+
+
+def run_formats(
+    checkpoint: str,
+    n: int,
+    seed: int,
+    http_check: int,
+    device: torch.device,
+    data_root: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The record of ``deepdefense formats``: ``n`` test digits of ``checkpoint``'s data set in every variant,
+    through the server's input path, counted by the shipped domain score; ``http_check`` of them in the variants
+    of :data:`HTTP_CHECKED` through a real server on loopback too."""
+    from defense.domain import load_domain_score
+    from defense.misinformation import load_misinformation
+    from models.checkpoint import load_checkpoint
+    from models.data import load_split
+
+    started = time.time()
+    model, meta = load_checkpoint(checkpoint, device=device)
+    model.requires_grad_(False)
+    score, score_meta = load_domain_score(checkpoint, model, device)
+    misinformation, _ = load_misinformation(checkpoint, device=device)
+    misinformation.eval().requires_grad_(False)
+    images, labels = load_split(meta.dataset, data_root, "test").tensors  # type: ignore[attr-defined]
+    digits, labels = sample_test_digits(images, labels, n, seed)
+    results = []
+    for i, variant in enumerate(VARIANTS):  # each variant its own generator: the figures do not depend on the order
+        g = torch.Generator().manual_seed(seed + i)
+        r = measure_variant(variant, digits, labels, score, misinformation, g)
+        results.append(r)
+        progress(f"  {variant.name:38s} flagged {100 * r['flag_rate']:6.2f}%  victim {100 * r['victim_accuracy']:6.2f}%"
+                 f"  right through the gate {100 * r['right_through_gate']:6.2f}%")  # fmt: skip
+    checks: list[dict[str, Any]] = []
+    if http_check:
+        for variant in [v for v in VARIANTS if v.name in HTTP_CHECKED]:
+            g = torch.Generator().manual_seed(seed + 1000 + len(checks))
+            checks.append(check_over_http(variant, digits[:http_check], score, checkpoint, g))
+            progress(f"  over HTTP: {checks[-1]}")
+    return {
+        "seed": seed,
+        "checkpoint": checkpoint,
+        "victim_sha256": meta.sha256,
+        "dataset": meta.dataset,
+        "n": len(digits),
+        "gate": {"method": score_meta.method, "threshold": score_meta.threshold, "sha256": score_meta.sha256},
+        "variants": results,
+        "http_check": checks,
+        "seconds": round(time.time() - started, 1),
     }

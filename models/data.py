@@ -309,3 +309,17 @@ def _missing_message(spec: DatasetSpec, root: Path) -> str:
         f"{spec.name}: data set files not found under {root / spec.folder}. Place them there in "
         f"torchvision's layout, or pass --download to fetch them (needs internet access)."
     )
+
+
+def foreign_dataset(name: str, data_root: str | os.PathLike[str] | None) -> str:
+    """The first other data set of ``name``'s input shape present under the data root: the foreign images a
+    victim's out-of-domain figures are measured on (``deepdefense prepare``'s default ``--ood-dataset``)."""
+    own = get_spec(name)
+    for spec in SPECS.values():
+        if spec.name != own.name and spec.input_shape == own.input_shape:
+            try:
+                load_split(spec.name, data_root, "test")
+            except DatasetNotFoundError:
+                continue
+            return spec.name
+    raise ValueError(f"no other data set of {own.name}'s input shape under the data root: give --ood-dataset")

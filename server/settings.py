@@ -13,13 +13,13 @@ unchanged as a dict: ``DD_ENGINE='{"steps": 10}'`` or ``DD_ENGINE__STEPS=10`` (v
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.options import json_or_text
 from defense.loader import gate_available
 from defense.names import DefenseName
 from models.checkpoint import read_meta, resolve_checkpoint
@@ -223,7 +223,7 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _decode_engine_values(cls, value: dict[str, Any]) -> dict[str, Any]:
         """``DD_ENGINE__STEPS=10`` arrives as the string "10": read such values as JSON when they parse."""
-        return {key: _json_or_str(v) for key, v in value.items()}
+        return {key: json_or_text(v) for key, v in value.items()}
 
     @field_validator("state")
     @classmethod
@@ -325,12 +325,3 @@ def _read_keys(listed: SecretStr | None, file: Path | None) -> list[str]:
     if file is not None:
         keys += [line.strip() for line in file.read_text().splitlines() if not line.strip().startswith("#")]
     return [k for k in keys if k]
-
-
-def _json_or_str(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def _train(root: Path, out: Path, seed: int = 3) -> dict:
         "mnist",
         "--data-root",
         str(root),
-        "--out",
+        "--save",
         str(out),
         "--epochs",
         "1",
@@ -109,7 +110,7 @@ def test_missing_data_names_the_path(tmp_path: Path) -> None:
 
 def test_cli_reports_missing_data_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli(
-        ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")]
+        ["train", "--arch", "lenet", "--dataset", "mnist", "--data-root", str(tmp_path), "--save", str(tmp_path / "x")]
     )
     assert rc == 2
     assert str(tmp_path / "MNIST") in capsys.readouterr().err
@@ -135,3 +136,13 @@ def test_shipped_checkpoint_accuracy(name: str, minimum: float, data_root: Path)
     accuracy = evaluate(model, load_split(meta.dataset, data_root, "test"), torch.device("cpu"))
     assert accuracy >= minimum
     assert accuracy == pytest.approx(meta.test_accuracy, abs=0.01)
+
+
+def test_the_foreign_data_set_is_the_first_other_one_of_the_same_shape_present(tiny_mnist: Path) -> None:
+    from models.data import foreign_dataset
+
+    with pytest.raises(ValueError, match="give --ood-dataset"):
+        foreign_dataset("mnist", tiny_mnist)
+    shutil.copytree(tiny_mnist / "MNIST", tiny_mnist / "FashionMNIST")
+    assert foreign_dataset("mnist", tiny_mnist) == "fashionmnist"
+    assert foreign_dataset("fashionmnist", tiny_mnist) == "mnist"

@@ -8,12 +8,15 @@ import asyncio
 import json
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from support.settings import make_settings
 
 from clients.load import LoadConfig, run_load
+from common.options import described
 from deepdefense import flags
 from deepdefense.cli import build_parser
 from defense import NoDefense
@@ -76,3 +79,125 @@ def test_results_files_say_which_commit_measured_them_and_when(tmp_path: Path) -
         ).stdout.strip()
     )
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", measured["date"])
+
+
+def test_eval_flags_are_made_from_its_config() -> None:
+    """Every field of ``EvalConfig`` (and of its training recipe) is a flag of ``deepdefense eval`` whose help is
+    the field's description, and a command line parses into the config it spells."""
+    from dataclasses import fields
+
+    from clients.attack_model import TrainingRecipe
+    from deepdefense.commands.eval import config_from_args
+    from measure.evaluate import EvalConfig
+
+    parser = commands()["eval"]
+    actions = {a.dest: a for a in parser._actions}
+    shared = {
+        "data_root": "data_root",
+        "engine_options": "engine",
+        "device": "device",
+        "defense_device": "defense_device",
+    }
+    for f in [*fields(EvalConfig), *fields(TrainingRecipe)]:
+        if f.name == "recipe":
+            continue
+        action = actions[shared.get(f.name, f.name)]
+        if f.name not in shared:
+            assert action.help == f.metadata["help"].replace("%", "%%"), f.name
+    argv = ["eval", "--out", "o", "--defenses", "none", "pp", "--gated", "--cs", "--budgets", "10", "20"]
+    argv += ["--losses", "labels", "--lambda", "0.5", "--optimizer", "sgd", "--jbda-epochs", "3", "--test-n", "7"]
+    argv += ["--set", "steps=5", "--only-cached", "--device", "cpu", "--data-root", "d"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config == EvalConfig(
+        defenses=("none", "pp"),
+        gated=(),
+        cs=(),
+        budgets=(10, 20),
+        losses=("labels",),
+        recipe=TrainingRecipe(lam=0.5, optimizer="sgd"),
+        jbda_epochs=3,
+        test_n=7,
+        engine_options={"steps": 5},
+        only_cached=True,
+        device="cpu",
+        data_root="d",
+    )
+    with pytest.raises(SystemExit):  # choices come from the field's Literal type
+        build_parser().parse_args(["eval", "--out", "o", "--query-sets", "nowhere"])
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: Literal["a", "b"] = described("a", help="the mode")
+    sizes: tuple[int, ...] = described((1, 2), help="sizes", nargs="*")
+    limit: int | None = described(None, help="a limit (default: none)")
+    on: bool = described(False, help="switch it on")
+    rate: float = described(0.5, help="keeps p% of it", flag="--keep")
+
+
+def test_flags_of_a_dataclass_follow_its_field_types() -> None:
+    parser = argparse.ArgumentParser(formatter_class=flags.HelpFormatter)
+    flags.add_fields(parser, Config)
+    assert flags.from_fields(Config, parser.parse_args([])) == Config()
+    args = parser.parse_args(["--mode", "b", "--sizes", "--limit", "3", "--on", "--keep", "0.25"])
+    assert flags.from_fields(Config, args) == Config("b", (), 3, True, 0.25)
+    assert flags.from_fields(Config, args, limit=9).limit == 9
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    assert "keeps p% of it (default: 0.5)" in parser.format_help()
+
+
+def test_one_description_of_the_machine() -> None:
+    """Records and caches key on the short form (``deepdefense eval``'s cached runtimes: it must not change);
+    the long form adds the processor and the versions (``deepdefense bench``)."""
+    import os
+    import platform
+
+    import torch
+
+    from common.provenance import machine
+
+    m = machine("cpu")
+    assert (
+        str(m) == f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+    assert m.accelerator is None and str(m) in m.describe() and f"torch {torch.__version__}" in m.describe()
+    assert f"CPU {m.cpu}" in m.describe() and m.cpu
+
+
+def test_one_output_convention() -> None:
+    """``--out`` is where a command's record goes: a JSON file, or for eval and prepare (many files) a folder;
+    ``--report`` the Markdown beside it; what a command makes for the server is ``--save``; no ``--json``."""
+    folders = {"eval", "prepare"}
+    for name, parser in [*commands().items(), ("ownership verify", _subcommand(commands()["ownership"], "verify"))]:
+        options = {o: a for a in parser._actions for o in a.option_strings}
+        assert "--json" not in options, name
+        if "--out" in options:
+            assert options["--out"].metavar == ("FOLDER" if name in folders else "FILE"), name
+        if "--save" in options:
+            assert options["--save"].metavar == "STEM", name
+    for argv, paths in (
+        (["--report", "r/x.md"], (Path("r/x.json"), Path("r/x.md"))),
+        (["--out", "o/y.json"], (Path("o/y.json"), Path("o/y.md"))),
+        (["--out", "o/y.json", "--report", "r/x.md"], (Path("o/y.json"), Path("r/x.md"))),
+        ([], (None, None)),
+    ):
+        assert flags.out_paths(build_parser().parse_args(["formats", *argv])) == paths
+    assert flags.out_paths(build_parser().parse_args(["fidelity", "--out", "f.json"])) == (Path("f.json"), None)
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_key_value_options_read_values_as_json_when_they_parse() -> None:
+    """One reader for ``--set``/``--previous`` and ``DD_ENGINE__*`` (``server/settings.py``)."""
+    from common.options import key_values
+
+    options = key_values(["steps=30", " lr =0.05", "warm_start=false", "conv_impl=unfold", "note=a=b", "empty="])
+    assert options == {"steps": 30, "lr": 0.05, "warm_start": False, "conv_impl": "unfold", "note": "a=b", "empty": ""}
+    for bad in ("steps", "=3"):
+        with pytest.raises(ValueError, match="--previous expects KEY=VALUE"):
+            key_values([bad], "--previous")
+    assert flags.engine_options(["top_k=[1, 3]"]) == {"top_k": [1, 3]}

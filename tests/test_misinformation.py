@@ -203,7 +203,7 @@ def test_cli_trains_measures_and_writes_a_repeatable_checkpoint(tmp_path: Path) 
     for run in ("a", "b"):
         out = tmp_path / run / f"{MISINFO}"
         argv = ["misinfo", "--checkpoint", str(victim), "--data-root", str(root), "--epochs", "1"]
-        argv += ["--batch-size", "32", "--seed", "0", "--device", "cpu", "--quiet", "--out", str(out)]
+        argv += ["--batch-size", "32", "--seed", "0", "--device", "cpu", "--quiet", "--save", str(out)]
         argv += ["--report", str(tmp_path / run / "report.md")]
         assert cli(argv) == 0
         metas.append(json.loads(out.with_suffix(".json").read_text()))

@@ -79,7 +79,7 @@ def _domain(args: argparse.Namespace) -> Path:
     path = save_domain_score(DomainScore(model, MaxSoftmax(), 0.5, "msp"), args.checkpoint, dmeta)
     test = {"fpr_in_domain": 0.003, "auroc": {"fashionmnist test": 0.9}, "detection": {}, "false_flags": {}}
     record = {"victim_sha256": meta.sha256, "evaluation": {"methods": {"msp": test}}}
-    Path(args.json_out).write_text(json.dumps(record))
+    Path(args.out).write_text(json.dumps(record))
     return path
 
 

@@ -7,6 +7,7 @@ import sys
 
 from clients.attack import STRATEGIES, AttackConfig
 from clients.attack_losses import ATTACK_LOSSES
+from clients.attack_model import TrainingRecipe
 from deepdefense import flags
 from models.data import SPECS
 from models.registry import list_models
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     flags.add_data_root(p)
     p.add_argument("--arch", default=None, choices=list_models(), help="attack model (default: the victim's)")
-    flags.add_recipe(p, d.recipe)
+    flags.add_fields(p, TrainingRecipe)
     p.add_argument("--query-batch", type=int, default=d.query_batch, help="images per request")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order and the attack model's training")
     p.add_argument("--seed-size", type=int, default=d.seed_size, help="JBDA: size of the seed set S_0")
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-n", type=int, default=None, help="test on the first n victim test images (default: all)")
     p.add_argument("--store", default=None, help="transfer-set folder (default: runs/transfer-sets/<derived name>)")
     flags.add_device(p)
-    flags.add_out(p, "the result record")
+    flags.add_out(p)
     flags.add_quiet(p)
 
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         data_root=str(args.data_root) if args.data_root else None,
         arch=args.arch,
-        recipe=flags.recipe(args),
+        recipe=flags.from_fields(TrainingRecipe, args),
         query_batch=args.query_batch,
         seed=args.seed,
         seed_size=args.seed_size,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from common.options import key_values
 from deepdefense import flags
 
 HELP = (
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="instead: the misinformation gate's latency, plain vs gated servers of deepdefense and none "
         "(docs/results/gate-latency.md); --queries requests of each kind per server",
     )
-    p.add_argument("--out", default=None, help="write the JSON here and the Markdown table beside it (.md)")
+    flags.add_out(p, report="docs/results/bench-lenet-mnist-cpu.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +81,7 @@ def _previous(pairs: list[str] | None) -> dict[str, Any] | None:
     """``--previous`` as engine options; the default arm (warm_start=false) when not given, None for ``none``."""
     if pairs is None:
         return {"warm_start": False}
-    return None if pairs == ["none"] else flags.engine_options(pairs)
+    return None if pairs == ["none"] else key_values(pairs, "--previous")
 
 
 def _gate_latency(args: argparse.Namespace) -> int:
@@ -105,10 +105,11 @@ def _progress(message: str) -> None:
 
 
 def _report(args: argparse.Namespace, measured: dict[str, Any], markdown: Callable[[dict[str, Any], str], str]) -> int:
-    """Print the Markdown table, write it beside ``--out`` (.md), and print (and write) the JSON."""
+    """Print the Markdown table (and write it: ``--report``), and print (and write: ``--out``) the JSON."""
     result = {"command": args.command_line, **measured}
     table = markdown(result, args.command_line)
     print(table, file=sys.stderr)
-    if args.out:
-        Path(args.out).with_suffix(".md").write_text(table)
-    return flags.print_report(result, args.out)
+    out, report = flags.out_paths(args)
+    if report:
+        report.write_text(table)
+    return flags.print_report(result, out)

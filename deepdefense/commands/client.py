@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of test images (the first n)")
     p.add_argument("--batch-size", type=int, default=1, help="images per request")
     p.add_argument("--no-explain", dest="explain", action="store_false", help="ask for predictions only")
-    flags.add_out(p, "the report")
+    flags.add_out(p)
     flags.add_quiet(p)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from deepdefense import flags
 
@@ -28,38 +27,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=500, help="test images per pool")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
     p.add_argument("--first-try", default=None, help="the record of an earlier run to show beside this one (its JSON)")
-    p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/gate-detectors.md)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_out(p, report="docs/results/gate-detectors.md")
     flags.add_device(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from common.device import resolve_device
     from common.provenance import provenance
-    from defense import NoDefense
-    from defense.gate import MisinformationGate
-    from defense.interpreters import create_interpreter
-    from defense.loader import load_defense, load_gate
-    from defense.misinformation import load_misinformation
-    from measure.detectors import study, untempered
+    from measure.detectors import run_detectors
     from measure.detectors_report import markdown
-    from models.data import load_split
 
     device = resolve_device(args.device)
-    inner, meta = load_defense(args.checkpoint, args.defense, args.interpreter, device=device, data_root=args.data_root)
-    gate = load_gate(inner, args.checkpoint, device=device)
-    assert isinstance(gate, MisinformationGate)
-    first, mmeta = load_misinformation(args.checkpoint, device=device)  # the first gate's fixed answers
-    first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
-    before = NoDefense(first, create_interpreter(args.interpreter, first, tuple(mmeta.input_shape)))
-    pools = {
-        meta.dataset: load_split(meta.dataset, args.data_root, "test").tensors[0][: args.n],
-        args.foreign: load_split(args.foreign, args.data_root, "test").tensors[0][: args.n],
-    }
-    with torch.inference_mode(False):
-        result: dict[str, Any] = study(gate, before, pools, seed=args.seed)
+    result = run_detectors(
+        args.checkpoint, args.defense, args.interpreter, args.foreign, args.n, args.seed, device, args.data_root
+    )
     record = {
         "command": args.command_line,
         "checkpoint": args.checkpoint,
@@ -73,11 +54,10 @@ def run(args: argparse.Namespace) -> int:
         record["first_try"] = json.loads(Path(args.first_try).read_text())
         record["first_try_record"] = args.first_try
     print(json.dumps(result, indent=1))
-    out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
+    out, report = flags.out_paths(args)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
-    if args.report:
-        Path(args.report).write_text(markdown(record))
-        print(f"wrote {args.report}")
+        flags.write_json(out, record)
+    if report:
+        report.write_text(markdown(record))
+        print(f"wrote {report}")
     return 0

@@ -4,7 +4,6 @@ only, write the score beside the checkpoint, then measure every candidate on dat
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -59,9 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=int, default=10_000, help="training images kept out of fitting (threshold)")
     p.add_argument("--ood-dataset", default="fashionmnist", help="foreign test images measured against (never fitted)")
     p.add_argument("--n-constructed", type=int, default=2000, help="rendered symbols and drawn shapes, each")
-    p.add_argument("--out", default=None, help="output path without suffix (default: <checkpoint>.domain beside it)")
-    p.add_argument("--report", default=None, help="write the Markdown report here, e.g. docs/results/domain-score.md")
-    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_save(p, "the domain score", "<checkpoint>.domain beside it")
+    flags.add_out(p, report="docs/results/domain-score.md")
     p.add_argument("--no-eval", action="store_true", help="fit, select and save only (no test data read)")
     flags.add_device(p)
     flags.add_quiet(p)
@@ -91,7 +89,7 @@ def make(args: argparse.Namespace) -> Path:
         candidates=tuple(args.candidates),
         held_out=args.held_out,
         never=args.ood_dataset,
-        out=args.out,
+        save=args.save,
         device=resolve_device(args.device),
         progress=not args.quiet,
         command=args.command_line,
@@ -135,12 +133,10 @@ def make(args: argparse.Namespace) -> Path:
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from measure.domain_report import markdown
 
-    json_out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {json_out}")
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(markdown(record))
-        print(f"wrote {args.report}")
+    out, report = flags.out_paths(args)
+    if out:
+        flags.write_json(out, record)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(markdown(record))
+        print(f"wrote {report}")

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also measure the finished ensemble on this data set's test split (measured only, never trained on)",
     )
-    p.add_argument("--out", default=None, help="output path without suffix (default: <victim>.edm beside the victim)")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the measured figures to this JSON file")
+    flags.add_save(p, "the ensemble", "<victim>.edm beside the victim")
+    flags.add_out(p, "the measured figures")
     flags.add_device(p)
     flags.add_quiet(p)
 
@@ -92,7 +92,7 @@ def make(args: argparse.Namespace) -> Path:
         measured["foreign_test"] = measure_foreign(victim, members, foreign, args.ood_dataset)
         measured["foreign_test"]["note"] = "measured after N and λ_D were chosen; never trained or tuned on"
     meta.measured = measured
-    path = save_ensemble(members, meta, args.checkpoint, args.out)
+    path = save_ensemble(members, meta, args.checkpoint, args.save)
     print(json.dumps(measured, indent=2))
     test = measured["test"]
     print(
@@ -101,7 +101,6 @@ def make(args: argparse.Namespace) -> Path:
         f"{test['served_agreement_with_victim']:.2f}%, held-out outlier coherence "
         f"{measured['held_out']['outliers']['coherence_mean']:.3f} (sha256 {meta.sha256[:12]}…)"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"command": args.command_line, "measured": measured, "training": meta.training}, fh, indent=2)
+    if args.out:
+        flags.write_json(args.out, {"command": args.command_line, "measured": measured, "training": meta.training})
     return path

@@ -9,11 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients.attack_losses import ATTACK_LOSSES
 from deepdefense import flags
-from defense import DEFENSES
-from measure.evaluate import QUERY_SETS, EvalConfig, run_evaluation
-from models.data import SPECS
+from measure.evaluate import EvalConfig, run_evaluation
 
 HELP = (
     "the paper's experiments end to end: attack accuracy per defense, loss and budget (Fig. 2, Tables 3-5), "
@@ -25,8 +22,15 @@ DESCRIPTION = (
 )
 
 
+#: Flags by group; a field of ``EvalConfig`` in none of them is a flag of "what to run". ``data_root``,
+#: ``engine_options``, ``device`` and ``defense_device`` read as the other commands' flags of the same name.
+TRAINING = ("recipe", "seed")
+SCALE = ("test_n", "n_unif", "n_maps", "p", "n_figure", "runtime_n", "benign_n", "query_batch")
+RUNNING = ("store_root",)
+SHARED = ("data_root", "engine_options", "device", "defense_device")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = EvalConfig()
     where = p.add_argument_group("where the answers come from (default: in-process, the server's Defense.answer)")
     where.add_argument(
         "--serve",
@@ -43,111 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     flags.add_api_key_file(where)
     what = p.add_argument_group("what to run")
-    what.add_argument(
-        "--checkpoint", default=defaults.checkpoint, help="the victim: shipped name or path to its metadata JSON"
-    )
-    what.add_argument("--interpreter", default=defaults.interpreter, help="attribution method of the defended answers")
-    what.add_argument(
-        "--defenses",
-        nargs="*",
-        default=list(defaults.defenses),
-        choices=DEFENSES,
-        help="the defenses to attack, one arm each",
-    )
-    what.add_argument(
-        "--gated",
-        nargs="*",
-        default=list(defaults.gated),
-        choices=DEFENSES,
-        help="defenses also evaluated behind the misinformation gate (arms '<defense>+gate'; 'none': Adaptive "
-        "Misinformation)",
-    )
-    what.add_argument(
-        "--monitored",
-        action="store_true",
-        help="gated arms answer as the default server with API keys: each arm's queries are one key's, which the "
-        "extraction monitor screens and may escalate (its state and summary under <out>/monitor/)",
-    )
-    what.add_argument(
-        "--query-sets",
-        nargs="+",
-        default=list(defaults.query_sets),
-        choices=QUERY_SETS,
-        help="random: the attacker's data set (--attacker-dataset); jbda: Jacobian augmentation from --jbda-seeds "
-        "victim training images; victim-train: the victim's training images (the in-domain ceiling); twins: random "
-        "with every image followed by its twin (one pixel moved by 1/255); adaptive: JBDA grown only from the "
-        "answers that moved between their twins (clients/adaptive.py)",
-    )
-    what.add_argument("--jbda-seeds", type=int, default=defaults.jbda_seeds, help="|S_0| of the jbda query set")
-    what.add_argument(
-        "--losses", nargs="+", default=list(defaults.losses), choices=ATTACK_LOSSES, help="the attackers' losses"
-    )
-    what.add_argument("--budgets", nargs="+", type=int, default=list(defaults.budgets), help="query budgets B")
-    what.add_argument(
-        "--cs",
-        nargs="*",
-        type=float,
-        default=list(defaults.cs),
-        help="Table 3: DeepDefense arms at these cumulative sensitivities (none: skip)",
-    )
-    what.add_argument(
-        "--top-k",
-        nargs="*",
-        type=int,
-        default=list(defaults.top_k),
-        help="Table 4: DeepDefense arms keeping these top-k (none: skip)",
-    )
-    what.add_argument(
-        "--ablation-budget", type=int, default=None, help="B of the Table 3/4 arms (default: the largest)"
-    )
-    what.add_argument(
-        "--ablation-losses",
-        nargs="+",
-        default=list(defaults.ablation_losses),
-        choices=ATTACK_LOSSES,
-        help="the attackers' losses of the Table 3/4 arms",
-    )
-    what.add_argument(
-        "--avg-drop",
-        nargs="*",
-        default=list(defaults.avg_drop),
-        metavar="ARM",
-        help="arms whose maps are compared with the victim's (Table 2; none: skip)",
-    )
+    flags.add_fields(what, EvalConfig, exclude=(*TRAINING, *SCALE, *RUNNING, "only_cached", *SHARED))
     flags.add_engine_options(what, " for the DeepDefense arms")
-    what.add_argument(
-        "--attacker-dataset",
-        default=defaults.attacker_dataset,
-        choices=sorted(SPECS),
-        help="the data set the attacker queries with",
-    )
     flags.add_data_root(what)
-    train = p.add_argument_group("the attack models")
-    flags.add_recipe(train, defaults.recipe)
-    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of the queries and the attack models")
-    scale = p.add_argument_group("scale")
-    scale.add_argument("--test-n", type=int, default=None, help="first n victim test images (default: all)")
-    scale.add_argument("--n-unif", type=int, default=defaults.n_unif, help="uniform inputs for R_unif")
-    scale.add_argument("--n-maps", type=int, default=defaults.n_maps, help="test images for Average Drop (Table 2)")
-    scale.add_argument("--p", type=float, default=defaults.p, help="Average Drop keeps the top p%% of each map")
-    scale.add_argument("--n-figure", type=int, default=defaults.n_figure, help="rows of Figure 3")
-    scale.add_argument("--runtime-n", type=int, default=defaults.runtime_n, help="test queries timed per arm")
-    scale.add_argument(
-        "--benign-n",
-        type=int,
-        default=defaults.benign_n,
-        help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)",
-    )
-    scale.add_argument("--query-batch", type=int, default=defaults.query_batch, help="images per request / answer call")
+    flags.add_fields(p.add_argument_group("the attack models"), EvalConfig, TRAINING)
+    flags.add_fields(p.add_argument_group("scale"), EvalConfig, SCALE)
     run_group = p.add_argument_group("running")
     flags.add_device(run_group, "attack models: ")
     run_group.add_argument("--defense-device", default=None, help="in-process and started defenses (default: --device)")
-    run_group.add_argument(
-        "--store-root", default=defaults.store_root, help="transfer sets (shared with 'deepdefense attack')"
-    )
-    run_group.add_argument(
-        "--out", required=True, help="results folder (JSON, CSV, PNG; finished trainings are cached here)"
-    )
+    flags.add_fields(run_group, EvalConfig, RUNNING)
+    flags.add_out_folder(run_group, "results folder (JSON, CSV, PNG; finished trainings are cached here)")
     run_group.add_argument(
         "--report",
         default=None,
@@ -161,53 +70,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the gate's report: another run's results.json whose ungated arms fill the rows this run lacks",
     )
     flags.add_quiet(run_group)
-    run_group.add_argument(
-        "--only-cached",
-        action="store_true",
-        help=(
-            "train no attack model and send no attacker query: report the cached ones from <out>/runs (the "
-            "others show as not run), with or without the transfer sets; honest-user and Table 2 answers are "
-            "measured once when not cached"
-        ),
-    )
+    flags.add_fields(run_group, EvalConfig, ("only_cached",))
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     from common.device import resolve_device
 
-    device = str(resolve_device(args.device))
-    return EvalConfig(
-        checkpoint=args.checkpoint,
-        interpreter=args.interpreter,
-        defenses=tuple(args.defenses),
-        gated=tuple(args.gated),
-        monitored=args.monitored,
-        query_sets=tuple(args.query_sets),
-        jbda_seeds=args.jbda_seeds,
-        losses=tuple(args.losses),
-        budgets=tuple(args.budgets),
-        cs=tuple(args.cs),
-        top_k=tuple(args.top_k),
-        ablation_budget=args.ablation_budget,
-        ablation_losses=tuple(args.ablation_losses),
-        avg_drop=tuple(args.avg_drop),
-        attacker_dataset=args.attacker_dataset,
+    return flags.from_fields(
+        EvalConfig,
+        args,
         data_root=str(args.data_root) if args.data_root else None,
-        recipe=flags.recipe(args),
-        query_batch=args.query_batch,
-        seed=args.seed,
-        test_n=args.test_n,
-        n_unif=args.n_unif,
-        n_maps=args.n_maps,
-        p=args.p,
-        n_figure=args.n_figure,
-        runtime_n=args.runtime_n,
-        benign_n=args.benign_n,
         engine_options=flags.engine_options(args.engine),
-        device=device,
+        device=str(resolve_device(args.device)),
         defense_device=str(resolve_device(args.defense_device)) if args.defense_device else None,
-        store_root=args.store_root,
-        only_cached=args.only_cached,
     )
 
 

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="queries per defense.answer call (a micro-batch)")
     flags.add_engine_options(p)
     flags.add_device(p)
-    p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
+    flags.add_out(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,4 +49,4 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         **measure_fidelity(defense, images, batch_size=args.batch_size).as_dict(),
     }
-    return flags.print_report(result, args.json_out)
+    return flags.print_report(result, args.out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,57 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "<commit>:docs/results/format-variants.json) over the same digits, seed and variants: the report shows its "
         "flags beside this run's as 'before'",
     )
-    p.add_argument("--report", default=None, help="write the Markdown report here (docs/results/format-variants.md)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the record here (default: --report as .json)")
+    flags.add_out(p, report="docs/results/format-variants.md")
     flags.add_device(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from common.device import resolve_device
-    from defense.domain import load_domain_score
-    from defense.misinformation import load_misinformation
-    from measure.formats import VARIANTS, baseline_of, check_over_http, measure_variant, sample_test_digits
-    from models.checkpoint import load_checkpoint
-    from models.data import load_split
+    from measure.formats import baseline_of, run_formats
 
-    started = time.time()
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     device = resolve_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device=device)
-    model.requires_grad_(False)
-    score, score_meta = load_domain_score(args.checkpoint, model, device)
-    misinformation, _ = load_misinformation(args.checkpoint, device=device)
-    misinformation.eval().requires_grad_(False)
-    images, labels = load_split(meta.dataset, args.data_root, "test").tensors  # type: ignore[attr-defined]
-    digits, labels = sample_test_digits(images, labels, args.n, args.seed)
-    results = []
-    for i, variant in enumerate(VARIANTS):  # each variant its own generator: the figures do not depend on the order
-        g = torch.Generator().manual_seed(args.seed + i)
-        r = measure_variant(variant, digits, labels, score, misinformation, g)
-        results.append(r)
-        print(f"  {variant.name:38s} flagged {100 * r['flag_rate']:6.2f}%  victim {100 * r['victim_accuracy']:6.2f}%"
-              f"  right through the gate {100 * r['right_through_gate']:6.2f}%")  # fmt: skip
-    checks: list[dict[str, Any]] = []
-    if args.http_check:
-        chosen = [v for v in VARIANTS if v.name in ("clean ink on paper, invert", "thinner, ink on paper, invert")]
-        for variant in chosen:
-            g = torch.Generator().manual_seed(args.seed + 1000 + len(checks))
-            checks.append(check_over_http(variant, digits[: args.http_check], score, args.checkpoint, g))
-            print(f"  over HTTP: {checks[-1]}")
-    record = {
-        "command": args.command_line,
-        "seed": args.seed,
-        "checkpoint": args.checkpoint,
-        "victim_sha256": meta.sha256,
-        "dataset": meta.dataset,
-        "n": len(digits),
-        "gate": {"method": score_meta.method, "threshold": score_meta.threshold, "sha256": score_meta.sha256},
-        "variants": results,
-        "http_check": checks,
-        "seconds": round(time.time() - started, 1),
-    }
+    measured = run_formats(args.checkpoint, args.n, args.seed, args.http_check, device, args.data_root)
+    record = {"command": args.command_line, **measured}
     if baseline is not None:
         record["baseline"] = baseline_of(baseline, record)
     _write(args, record)
@@ -93,11 +53,9 @@ def run(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from measure.formats_report import markdown
 
-    json_out = args.json_out or (str(Path(args.report).with_suffix(".json")) if args.report else None)
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {json_out}")
-    if args.report:
-        Path(args.report).write_text(markdown(record))
-        print(f"wrote {args.report}")
+    out, report = flags.out_paths(args)
+    if out:
+        flags.write_json(out, record)
+    if report:
+        report.write_text(markdown(record))
+        print(f"wrote {report}")

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds between progress lines on stderr (requests, served, errors so far); 0: none",
     )
-    flags.add_out(p, "the report")
+    flags.add_out(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,9 +15,7 @@ HELP = "train a victim's misinformation model (Adaptive Misinformation) and writ
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="lenet-mnist", help="the victim: shipped name or path to its metadata JSON")
     flags.add_data_root(p, " (the victim's training split is used; its test split for the figures)")
-    p.add_argument(
-        "--out", default=None, help="output path without suffix (default: <victim>-misinfo beside the victim)"
-    )
+    flags.add_save(p, "the misinformation model", "<victim>-misinfo beside the victim")
     p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -67,7 +65,7 @@ def make(args: argparse.Namespace) -> Path:
     victim, victim_meta = load_checkpoint(args.checkpoint)
     figures = measure_misinformation(victim, model, load_split(victim_meta.dataset, args.data_root, "test"))
     meta.extra["measured"] = figures
-    path = save_checkpoint(model, meta, args.out or misinformation_path(args.checkpoint))
+    path = save_checkpoint(model, meta, args.save or misinformation_path(args.checkpoint))
     print(json.dumps(figures, indent=2))
     print(
         f"wrote {path} (top-1 accuracy {meta.test_accuracy:.2f}%, mean p_true {figures['misinfo_mean_p_true']}, "

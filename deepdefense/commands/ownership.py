@@ -39,50 +39,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from clients.oracle import HttpOracle, OracleError, read_api_key
-    from models.checkpoint import load_checkpoint
-    from server.auth import key_id
-    from server.keystore import KEY_ID, server_secret
-    from server.runtime import open_watermark
+    from clients.oracle import OracleError, read_api_key
+    from measure.ownership_verify import Suspect, verify_ownership
     from server.settings import ServerSettings
-    from server.state import connect_redis
-    from server.watermark import FLOOR, ownership_test
+    from server.watermark import FLOOR
 
     given = {k: getattr(args, k) for k in ("checkpoint", "budget_db", "state") if getattr(args, k) is not None}
-    settings = ServerSettings(**given)
-    client = connect_redis(settings.state) if settings.state else None
-    if args.api_key_file:
-        key = read_api_key(args.api_key_file)
-        if not key:
-            raise ValueError(f"{args.api_key_file} holds no API key")
-        kid = key_id(key, server_secret(KEY_ID, client, settings.budget_db))
-    else:
-        kid = args.key_id
-    victim, meta = load_checkpoint(settings.checkpoint[0])  # the watermarked model: the default
-    watermark = open_watermark(settings, client, meta.num_classes)
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    if args.api_key_file and not key:
+        raise ValueError(f"{args.api_key_file} holds no API key")
+    suspect = Suspect(args.suspect_url, args.suspect_key_file, args.suspect_checkpoint, args.timeout)
     try:
-        records = watermark.records(kid)
-    finally:
-        watermark.close()
-    if not records:
-        raise ValueError(f"no watermarked queries are kept for key {kid} in this server's state")
-    x = torch.stack([r.query() for r in records])
-    with torch.no_grad():
-        victim_probabilities = torch.cat([victim(b).softmax(-1) for b in x.split(args.batch_size)])
-    try:
-        if args.suspect_url:
-            with HttpOracle(args.suspect_url, read_api_key(args.suspect_key_file), timeout=args.timeout) as oracle:
-                answers = [int(a) for b in x.split(args.batch_size) for a in oracle.query(b, explain=False).labels]
-        else:
-            suspect, _ = load_checkpoint(args.suspect_checkpoint)
-            with torch.no_grad():
-                answers = [int(a) for b in x.split(args.batch_size) for a in suspect(b).argmax(1)]
+        kid, verdict = verify_ownership(ServerSettings(**given), suspect, key, args.key_id, args.batch_size)
     except OracleError as err:
         print(f"deepdefense ownership: the suspect's API: {err}", file=sys.stderr)
         return 1
-    verdict = ownership_test(records, answers, victim_probabilities, meta.num_classes)
     print(f"key {kid}: {verdict.queries} watermarked queries sent, {verdict.agreed} answered with their watermark")
     print(
         f"an independent model is expected to agree on {verdict.expected:.2f} (binomial, rate {verdict.chance:.4f} = "
@@ -93,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"p-value {verdict.p_value:.3g}: {verdict.verdict}")
     result = {"command": args.command_line, "key_id": kid, **verdict.as_dict()}
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        flags.write_json(args.out, result)
     print(json.dumps(result))  # the last line
     return 0

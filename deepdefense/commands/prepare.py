@@ -93,20 +93,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redo", nargs="+", default=[], choices=STEP_NAMES, help="make these steps (and what depends on them) again"
     )
-    p.add_argument("--out", default=None, help="report folder (default: <checkpoint>.prepare beside the checkpoint)")
+    flags.add_out_folder(p, "report folder", "<checkpoint>.prepare beside the checkpoint")
     flags.add_device(p)
     flags.add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from measure.prepare_report import markdown
+    from models.checkpoint import read_meta
+    from models.data import foreign_dataset
 
     started = time.time()
     victim, converted = _victim(args)
     steps = [s for s in STEPS if s.name != "edm" or args.edm]
     out = Path(args.out) if args.out else victim.parent / f"{victim.stem}.prepare"
     out.mkdir(parents=True, exist_ok=True)
-    ood = args.ood_dataset or _foreign_dataset(victim, args.data_root)
+    ood = args.ood_dataset or foreign_dataset(read_meta(victim).dataset, args.data_root)
     made = {"import"} if converted else set()  # a model converted again may read its input otherwise: all is stale
     records = []
     for i, step in enumerate(steps, 1):
@@ -156,21 +158,6 @@ def _victim(args: argparse.Namespace) -> tuple[Path, bool]:
     return path, True
 
 
-def _foreign_dataset(victim: Path, data_root: Any) -> str:
-    from models.checkpoint import read_meta
-    from models.data import SPECS, DatasetNotFoundError, get_spec, load_split
-
-    own = get_spec(read_meta(victim).dataset)
-    for spec in SPECS.values():
-        if spec.name != own.name and spec.input_shape == own.input_shape:
-            try:
-                load_split(spec.name, data_root, "test")
-            except DatasetNotFoundError:
-                continue
-            return spec.name
-    raise ValueError(f"no other data set of {own.name}'s input shape under the data root: give --ood-dataset")
-
-
 def _argv(name: str, args: argparse.Namespace, victim: Path, out: Path, ood: str) -> list[str]:
     """The step's own command line: what ``deepdefense <name>`` would be given to make the same artifact."""
     argv = ["--checkpoint", str(victim), "--data-root", str(args.data_root), "--seed", str(args.seed)]
@@ -179,7 +166,7 @@ def _argv(name: str, args: argparse.Namespace, victim: Path, out: Path, ood: str
     if name == "warmstart" and args.serve_steps is not None:
         argv += ["--serve-steps", str(args.serve_steps)]
     if name == "domain":
-        argv += ["--ood-dataset", ood, "--json", str(out / "domain.json"), "--report", str(out / "domain.md")]
+        argv += ["--ood-dataset", ood, "--out", str(out / "domain.json"), "--report", str(out / "domain.md")]
     if name == "misinfo":
         argv += ["--report", str(out / "misinformation.md")]
     if name == "edm":

@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import types
-import typing
-from pathlib import Path
-from typing import Any
 
 from deepdefense import flags
 from server.settings import ServerSettings
@@ -33,24 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default = field.get_default(call_default_factory=True)
         shown = "none" if default is None else ",".join(default) if isinstance(default, list) else default
         help_text = f"{field.description or name.replace('_', ' ')} (default: {shown}; env DD_{name.upper()})"
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help_text, **_kind(field.annotation))
-
-
-def _kind(annotation: Any) -> dict[str, Any]:
-    """argparse ``type``/``choices``/``action`` for a settings field's annotation (Optional unwrapped)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": list(typing.get_args(annotation))}
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(annotation) is list:  # repeatable: --checkpoint a --checkpoint b
-        return {"action": "append", "type": str}
-    if annotation in (int, float):
-        return {"type": annotation}
-    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
-        return {"type": Path}
-    return {"type": str}
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help_text, **flags.flag_kind(field.annotation))
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", required=True, choices=list_models(), help="the victim's architecture")
     p.add_argument("--dataset", required=True, choices=sorted(SPECS), help="the data set to train on")
     flags.add_data_root(p)
-    p.add_argument("--out", required=True, help="output path without suffix, e.g. models/checkpoints/lenet-mnist")
+    flags.add_save(p, "the checkpoint", e_g="models/checkpoints/lenet-mnist")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         dataset=args.dataset,
         data_root=args.data_root,
-        out=args.out,
+        out=args.save,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the engine's default steps from this warm start: the fewest that keep the strength of the cold "
         "solver, measured with deepdefense fidelity (docs/performance.md)",
     )
-    p.add_argument("--out", default=None, help="output path without suffix (default: <checkpoint>.warm beside it)")
+    flags.add_save(p, "the warm start", "<checkpoint>.warm beside it")
     flags.add_engine_options(p, " of the cold solver it averages")
     flags.add_device(p)
     flags.add_quiet(p)
@@ -81,6 +81,6 @@ def make(args: argparse.Namespace) -> Path:
         dense,
         factors,
     )
-    path = save_warm_start(warm, args.checkpoint, args.out)
+    path = save_warm_start(warm, args.checkpoint, args.save)
     print(f"wrote {path} ({len(pick)} training images, layers {', '.join(engine.layers)})")
     return path

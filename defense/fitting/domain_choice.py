@@ -157,7 +157,7 @@ class DomainFitConfig:
     candidates: tuple[str, ...] = METHODS
     held_out: int = 10_000  # training images kept out of fitting (thresholds and selection)
     never: str = "fashionmnist"  # the foreign data set the evaluation reads (recorded as never fitted on)
-    out: str | os.PathLike[str] | None = None  # default: <checkpoint>.domain beside it
+    save: str | os.PathLike[str] | None = None  # default: <checkpoint>.domain beside it
     device: str | torch.device = "cpu"
     progress: bool = False
     command: str = ""
@@ -261,7 +261,7 @@ def fit_select_save(cfg: DomainFitConfig) -> DomainFit:
         },
     )
     score = DomainScore(model, chosen.scorer, chosen.threshold, method)
-    meta_path = save_domain_score(score, victim_path, meta, cfg.out)
+    meta_path = save_domain_score(score, victim_path, meta, cfg.save)
     loaded, _ = load_domain_score(meta_path, model, cfg.device)  # what ships is what is measured
     f_h, l_h = held.feats, held.logits
     if not torch.allclose(loaded.score_outputs(f_h, l_h).cpu(), chosen.scorer(f_h, l_h), rtol=1e-5, atol=1e-5):

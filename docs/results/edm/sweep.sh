@@ -11,5 +11,5 @@ for pair in ${1:-5:0 5:0.5 5:1 5:2}; do
   [ -f "$out/n$n-lambda$lambda.json" ] && continue
   deepdefense edm --checkpoint lenet-mnist --data-root "${DD_DATA_ROOT:-../shared/data}" --members "$n" \
     --lambda-d "$lambda" --epochs 1 --train-images 25600 --seed 0 --quiet --device cpu \
-    --out "/tmp/edm-sweep/n$n-lambda$lambda" --json "$out/n$n-lambda$lambda.json"
+    --save "/tmp/edm-sweep/n$n-lambda$lambda" --out "$out/n$n-lambda$lambda.json"
 done

@@ -6,18 +6,18 @@ set -euo pipefail
 DATA_ROOT=${1:?usage: docs/results/warm-start/sweep.sh <data root>}
 OUT=docs/results/warm-start
 deepdefense fidelity --data-root "$DATA_ROOT" --n 512 --batch-size 64 --set warm_start=false \
-  --json "$OUT/previous-defaults.json" >/dev/null
+  --out "$OUT/previous-defaults.json" >/dev/null
 for STEPS in 6 8 10 12 15; do
   deepdefense fidelity --data-root "$DATA_ROOT" --n 512 --batch-size 64 --set steps=$STEPS \
-    --json "$OUT/warm-steps$STEPS.json" >/dev/null
+    --out "$OUT/warm-steps$STEPS.json" >/dev/null
 done
 # The second shipped victim, on its own test images (Fashion-MNIST): previous defaults, steps from its warm
 # start, and its default (serve_steps 30 in lenet-fashionmnist.warm.json, chosen from this sweep).
 for STEPS in 10 20 30; do
   deepdefense fidelity --checkpoint lenet-fashionmnist --data-root "$DATA_ROOT" --n 512 --batch-size 64 \
-    --set steps=$STEPS --json "$OUT/fashionmnist-warm-steps$STEPS.json" >/dev/null
+    --set steps=$STEPS --out "$OUT/fashionmnist-warm-steps$STEPS.json" >/dev/null
 done
 deepdefense fidelity --checkpoint lenet-fashionmnist --data-root "$DATA_ROOT" --n 512 --batch-size 64 \
-  --set warm_start=false --json "$OUT/fashionmnist-previous-defaults.json" >/dev/null
+  --set warm_start=false --out "$OUT/fashionmnist-previous-defaults.json" >/dev/null
 deepdefense fidelity --checkpoint lenet-fashionmnist --data-root "$DATA_ROOT" --n 512 --batch-size 64 \
-  --json "$OUT/fashionmnist-warm-default.json" >/dev/null
+  --out "$OUT/fashionmnist-warm-default.json" >/dev/null

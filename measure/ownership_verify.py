@@ -1,0 +1,65 @@
+"""``deepdefense ownership verify``: send a key's watermarked queries, as the server keeps them, to a suspect (an
+API speaking our ``/predict`` with pixels, or a checkpoint run here) and weigh the watermark labels that come back
+(``server.watermark.ownership_test``). It reads the server's state and speaks HTTP as a client, so it sits here,
+above both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clients.oracle import HttpOracle, read_api_key
+from models.checkpoint import load_checkpoint
+from server.auth import key_id
+from server.keystore import KEY_ID, server_secret
+from server.runtime import open_watermark
+from server.settings import ServerSettings
+from server.state import connect_redis
+from server.watermark import Verdict, ownership_test
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A suspect model: its API (``url``, with the key in ``key_file`` it asks for) or a checkpoint run here."""
+
+    url: str | None = None
+    key_file: str | None = None
+    checkpoint: str | None = None
+    timeout: float = 60.0
+
+    def labels(self, x: torch.Tensor, batch_size: int) -> list[int]:
+        """Its top-1 answers to ``x`` in requests (or batches) of ``batch_size``; an unreachable or refusing API
+        raises ``clients.oracle.OracleError``."""
+        if self.url:
+            with HttpOracle(self.url, read_api_key(self.key_file), timeout=self.timeout) as oracle:
+                return [int(a) for b in x.split(batch_size) for a in oracle.query(b, explain=False).labels]
+        assert self.checkpoint, "a suspect is an API or a checkpoint"
+        model, _ = load_checkpoint(self.checkpoint)
+        with torch.no_grad():
+            return [int(a) for b in x.split(batch_size) for a in model(b).argmax(1)]
+
+
+def verify_ownership(
+    settings: ServerSettings, suspect: Suspect, key: str | None = None, kid: str | None = None, batch_size: int = 16
+) -> tuple[str, Verdict]:
+    """The key's id (given, or computed from the ``key`` itself with the server's secret) and the verdict on the
+    suspect, from the watermarked queries the server's state keeps for that key (the default model's)."""
+    client = connect_redis(settings.state) if settings.state else None
+    if kid is None:
+        if not key:
+            raise ValueError("no API key given")
+        kid = key_id(key, server_secret(KEY_ID, client, settings.budget_db))
+    victim, meta = load_checkpoint(settings.checkpoint[0])  # the watermarked model: the default
+    watermark = open_watermark(settings, client, meta.num_classes)
+    try:
+        records = watermark.records(kid)
+    finally:
+        watermark.close()
+    if not records:
+        raise ValueError(f"no watermarked queries are kept for key {kid} in this server's state")
+    x = torch.stack([r.query() for r in records])
+    with torch.no_grad():
+        victim_probabilities = torch.cat([victim(b).softmax(-1) for b in x.split(batch_size)])
+    answers = suspect.labels(x, batch_size)
+    return kid, ownership_test(records, answers, victim_probabilities, meta.num_classes)
