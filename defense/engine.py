@@ -10,7 +10,7 @@ pass through a per-query view of the model (:mod:`defense.per_query`); the losse
 per-query equations of :mod:`defense.losses` under ``vmap``; the solver's decisions (undo a step,
 halve a step size, keep the best iterate, stop early) are per-query masks. Queries do not interact,
 so a query gets the same answer alone (``batch_size=1``, the one-query engine) as in any batch, up
-to floating-point reassociation (tests/test_engine_batched.py).
+to floating-point reassociation (tests/defense/test_engine_batched.py).
 
 Fail closed: an iterate after the first step is feasible when its probabilities keep the
 victim's top-k order exactly (constraint (3), strict) and its map keeps the victim's attribution

@@ -6,7 +6,7 @@ batch of queries, asks it once for all three modes (``DeepDefense.answer_modes``
 ``DeepDefense.answer``); the answers of the modes not asked for yet are kept, keyed by the query's
 bytes, for every arm that asks (DeepDefense alone and behind the misinformation gate ask for the
 same mode). Each arm still sees exactly what a server of its mode would answer
-(tests/test_engine_batched.py), at a third of the cost.
+(tests/defense/test_engine_batched.py), at a third of the cost.
 """
 
 from __future__ import annotations

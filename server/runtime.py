@@ -74,7 +74,7 @@ def build_defense(
 def model_version(weights_sha256: str) -> str:
     """12 hex digits of the sha256 of ``VERSION_SALT`` + the weights' sha256: it changes whenever the weights do,
     but is not the weights file's digest, which no answer carries (a file's sha256 can be looked up in public
-    indexes of model files; tests/test_reliability_security.py). Whoever holds a candidate file can still
+    indexes of model files; tests/server/test_reliability_security.py). Whoever holds a candidate file can still
     compute its version and compare."""
     return hashlib.sha256(VERSION_SALT + weights_sha256.encode()).hexdigest()[:12]
 

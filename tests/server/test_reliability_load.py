@@ -10,7 +10,7 @@ typical value.
 
 The CI form runs 5 s against a fast fake defense. The two-minute form runs against the real
 defended server (``deepdefense serve`` with its defaults, DeepDefense + Grad-CAM) and is behind a
-flag: ``DD_SOAK=1 python -m pytest -q tests/test_reliability_load.py`` (``DD_SOAK_SECONDS``
+flag: ``DD_SOAK=1 python -m pytest -q tests/server/test_reliability_load.py`` (``DD_SOAK_SECONDS``
 changes its length, ``DD_SOAK_REPORT=path.json`` keeps its report).
 """
 
@@ -35,7 +35,7 @@ from server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-FAKE_SERVER = Path(__file__).resolve().parent / "support" / "faults.py"
+FAKE_SERVER = Path(__file__).resolve().parents[1] / "support" / "faults.py"
 # read at import: the no_server_env fixture (every test here) clears every DD_* variable before each test
 SOAK = bool(os.environ.get("DD_SOAK"))
 SOAK_SECONDS = float(os.environ.get("DD_SOAK_SECONDS", "120"))

@@ -65,8 +65,8 @@ def test_probes_models_metrics_and_docs(client: TestClient) -> None:
     ready = {"status": "ready", "model": "lenet-mnist", "defense": "none", "models": ["lenet-mnist"]}
     assert client.get("/readyz").json() == ready
     (model,) = client.get("/v1/models").json()["models"]
-    assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/test_model_card.py
-    assert len(model.pop("version")) == 12  # the weights' version: tests/test_server_oip.py
+    assert model.pop("card")["expects"]["background"] == "dark"  # the card itself: tests/server/test_model_card.py
+    assert len(model.pop("version")) == 12  # the weights' version: tests/server/test_server_oip.py
     assert model == {
         "name": "lenet-mnist",
         "arch": "lenet",
@@ -589,7 +589,7 @@ def test_serve_flags_are_the_settings_with_their_defaults() -> None:
 class _FailClosed(NoDefense):
     """Every answer is the documented safe answer (the victim's, put through ``safe_answer``), marked as a fallback,
     after a reported optimisation time. Only the counting is tested here; the real engine's fallbacks over HTTP are
-    tests/test_fail_closed.py's."""
+    tests/server/test_fail_closed.py's."""
 
     name = "fake-dd"
 

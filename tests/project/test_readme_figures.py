@@ -10,7 +10,7 @@ from typing import Any
 
 from models.checkpoint import SHIPPED_DIR, read_meta
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results"
 README = (REPO / "README.md").read_text()
 

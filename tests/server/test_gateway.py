@@ -2,7 +2,7 @@
 without Ray: the gateway forwards to a real app through :func:`call_app` in the same process, budgets in a
 real ``redis-server``. A replica that dies is a call that spends under the request's hold, as the app
 does, and then raises what Ray raises for a dead actor (here a stand-in class; the Ray run is in
-tests/test_cluster.py). Shows: answers pass through unchanged, a client's hold header never reaches the
+tests/server/test_cluster.py). Shows: answers pass through unchanged, a client's hold header never reaches the
 app, a lost replica is 503 ``replica_lost`` JSON with Retry-After and its spend refunded exactly once,
 Serve's full queue is 503 ``overloaded``, and the body limits hold before anything is forwarded."""
 

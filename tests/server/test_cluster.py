@@ -34,7 +34,7 @@ from server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KEY = "cluster-test-key"
 BUDGET = 100
 REQUESTS = 200

@@ -26,7 +26,7 @@ from server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-FAKE_SERVER = Path(__file__).resolve().parent / "support" / "faults.py"
+FAKE_SERVER = Path(__file__).resolve().parents[1] / "support" / "faults.py"
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from server.schemas import Instance, ModelCard
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIMITS = ImageLimits(max_bytes=20_000, max_pixels=250_000)
 
 

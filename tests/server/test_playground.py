@@ -25,7 +25,7 @@ from server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KEY = "playground-key-0123"
 #: An address on another host without a scheme: src="//host/…", href='//…', url(//…), fetch("//…").
 PROTOCOL_RELATIVE = re.compile(r"""(?:(?:src|href)\s*=\s*["']|url\(\s*["']?|fetch\(\s*["'`])//""")

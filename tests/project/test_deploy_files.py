@@ -19,7 +19,7 @@ import yaml
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cpu", REPO / "docker" / "Dockerfile.cuda"]
 #: docker compose -f docker/compose.cluster.yml: its relative paths are relative to docker/
 CLUSTER = REPO / "docker" / "compose.cluster.yml"
