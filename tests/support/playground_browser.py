@@ -1,7 +1,7 @@
 """Driving the playground page (``GET /``) in a real browser: headless Chromium from Debian's ``chromium`` and
 ``chromium-driver`` packages through Selenium (the ``dev`` extra), never a browser downloaded at run time.
-Used by ``tests/server/test_playground_browser.py`` and by ``python tests/support/playground_browser.py`` (the screenshot
-of ``docs/playground.png``: a server with the defaults on loopback, a 7 drawn with the mouse, its answer).
+Used by ``tests/server/test_playground_browser.py`` and by ``python tests/support/playground_browser.py`` (the
+screenshot of ``docs/playground.png``: a server with the defaults on loopback, a 7 drawn with the mouse, its answer).
 
 Every wait has a deadline (Selenium's ``WebDriverWait``); nothing sleeps for a fixed time."""
 
