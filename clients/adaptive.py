@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from clients.attack_losses import twin_moved
-from clients.jbda import collect_rounds, jacobian_augmentation
-from clients.oracle import Oracle
-from clients.transfer import TransferSet, TransferStore
+from deepdefense.clients.attack_losses import twin_moved
+from deepdefense.clients.jbda import collect_rounds, jacobian_augmentation
+from deepdefense.clients.oracle import Oracle
+from deepdefense.clients.transfer import TransferSet, TransferStore
 
 #: The pixel a twin moves (row, column of the first channel).
 PIXEL = (14, 14)

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.attack_losses import AttackLoss
-from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
-from clients.jbda import collect_jbda
-from clients.oracle import ModelInfo, Oracle
-from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
-from models.data import get_spec, load_split
-from models.train import evaluate
+from deepdefense.clients.attack_losses import AttackLoss
+from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from deepdefense.clients.jbda import collect_jbda
+from deepdefense.clients.oracle import ModelInfo, Oracle
+from deepdefense.clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from deepdefense.models.data import get_spec, load_split
+from deepdefense.models.train import evaluate
 
 Strategy = Literal["random", "jbda"]
 STRATEGIES: tuple[Strategy, ...] = ("random", "jbda")

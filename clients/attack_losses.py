@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defense.interpreters import Interpreter
+from deepdefense.defense.interpreters import Interpreter
 
 AttackLoss = Literal["explanations", "probabilities", "labels", "confident", "doubtful", "twin"]
 #: The paper's attackers (eq. 1, Knockoff Nets) and the label-only one.

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from clients.attack_losses import AttackLoss, attack_loss, kept_answers
-from clients.transfer import TransferSet
-from common.options import described
-from defense.interpreters import create_interpreter
-from models.normalized import Normalized
-from models.registry import create_model
+from deepdefense.clients.attack_losses import AttackLoss, attack_loss, kept_answers
+from deepdefense.clients.transfer import TransferSet
+from deepdefense.common.options import described
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.models.normalized import Normalized
+from deepdefense.models.registry import create_model
 
 Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["cosine", "constant"]

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from clients.latency import percentiles
-from clients.oracle import Oracle
-from defense.api import NoDefense
+from deepdefense.clients.latency import percentiles
+from deepdefense.clients.oracle import Oracle
+from deepdefense.defense.api import NoDefense
 
 
 @dataclass

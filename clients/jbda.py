@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from clients.oracle import Oracle
-from clients.transfer import TransferSet, TransferStore, collect
+from deepdefense.clients.oracle import Oracle
+from deepdefense.clients.transfer import TransferSet, TransferStore, collect
 
 
 def jacobian_augmentation(model: nn.Module, x: Tensor, labels: Tensor, step: float, chunk: int = 256) -> Tensor:

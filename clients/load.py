@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from clients.latency import percentiles
+from deepdefense.clients.latency import percentiles
 
 #: Hard bounds, whatever the caller asks for: this is a test tool, not a traffic generator.
 MAX_CLIENTS = 256

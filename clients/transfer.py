@@ -35,7 +35,7 @@ from safetensors.torch import load, save, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from clients.oracle import Oracle, OracleReply
+from deepdefense.clients.oracle import Oracle, OracleReply
 
 _MANIFEST = "manifest.json"
 _SHARD = "shard-{:06d}.safetensors"

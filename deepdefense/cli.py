@@ -11,8 +11,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from common import __version__
 from deepdefense.commands import COMMANDS
+from deepdefense.common import __version__
 from deepdefense.flags import HelpFormatter
 
 

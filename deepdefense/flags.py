@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.options import key_values
-from common.provenance import provenance
-from models.data import DATA_ROOT_ENV, default_data_root
+from deepdefense.common.options import key_values
+from deepdefense.common.provenance import provenance
+from deepdefense.models.data import DATA_ROOT_ENV, default_data_root
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.artifacts import (
+from deepdefense.models.artifacts import (
     beside,
     check_victim,
     read_pair_meta,
@@ -42,7 +42,7 @@ from models.artifacts import (
     victim_record,
     write_pair,
 )
-from models.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+from deepdefense.models.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
 METHODS = ("msp", "energy", "mahalanobis", "detector")
 SUFFIX = ".domain"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import CheckpointMeta, load_checkpoint
+from deepdefense.models.checkpoint import CheckpointMeta, load_checkpoint
 
 from . import ENGINE_MODES, create_defense
 from .api import Defense

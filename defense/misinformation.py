@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.artifacts import beside, check_victim, stem
-from models.checkpoint import (
+from deepdefense.models.artifacts import beside, check_victim, stem
+from deepdefense.models.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
     read_meta,
     resolve_checkpoint,
 )
-from models.normalized import Normalized
+from deepdefense.models.normalized import Normalized
 
 KIND = "misinformation"
 SUFFIX = "-misinfo"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 if TYPE_CHECKING:
-    from models.checkpoint import CheckpointMeta
+    from deepdefense.models.checkpoint import CheckpointMeta
 
 CANDIDATE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -89,7 +89,7 @@ def checkpoint_sensitivity(
 
 def training_sensitivity(model: nn.Module, meta: CheckpointMeta, data_root: str, n: int, seed: int) -> dict[str, float]:
     """S_ℓ on ``n`` images drawn (seeded) from the checkpoint's training split."""
-    from models.data import load_split
+    from deepdefense.models.data import load_split
 
     return layer_sensitivity(model, sample_images(load_split(meta.dataset, data_root, "train"), n, seed))
 
@@ -99,7 +99,7 @@ def store_sensitivity(checkpoint: str, data_root: str | None, n: int = 1000, see
     import json
     from dataclasses import asdict
 
-    from models.checkpoint import load_checkpoint, resolve_checkpoint
+    from deepdefense.models.checkpoint import load_checkpoint, resolve_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     scores = training_sensitivity(model, meta, data_root, n, seed)

@@ -25,8 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from models.artifacts import beside, check_victim, read_pair_meta, verified_weights, victim_record, write_pair
-from models.checkpoint import read_meta, resolve_checkpoint
+from deepdefense.models.artifacts import (
+    beside,
+    check_victim,
+    read_pair_meta,
+    verified_weights,
+    victim_record,
+    write_pair,
+)
+from deepdefense.models.checkpoint import read_meta, resolve_checkpoint
 
 #: ``<checkpoint>.warm.json`` / ``.safetensors``.
 SUFFIX = ".warm"

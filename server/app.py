@@ -10,8 +10,8 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from common import __version__
-from defense import Defense
+from deepdefense.common import __version__
+from deepdefense.defense import Defense
 
 from .access import OPERATOR, docs_router, mount_docs_assets
 from .data_plane import DataPlane

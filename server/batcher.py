@@ -37,7 +37,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from defense import Answer, Defense
+from deepdefense.defense import Answer, Defense
 
 from .isolation import Failure, answer_isolated
 from .metrics import ModelMetrics

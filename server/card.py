@@ -8,8 +8,8 @@ overridden field by field by the checkpoint's metadata (``extra["card"]``); noth
 
 from __future__ import annotations
 
-from models.checkpoint import CheckpointError, CheckpointMeta
-from models.data import DatasetLook, look_of
+from deepdefense.models.checkpoint import CheckpointError, CheckpointMeta
+from deepdefense.models.data import DatasetLook, look_of
 
 from .images import MODES, RESAMPLE, ImageLimits
 from .schemas import ExpectedInput, InvertOption, ModelCard, Preprocessing

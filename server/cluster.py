@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from common.readiness import NotReady, wait_ready
-from models.checkpoint import local_checkpoint
+from deepdefense.common.readiness import NotReady, wait_ready
+from deepdefense.models.checkpoint import local_checkpoint
 
 from .app import DRAIN_MARGIN_S, create_app
 from .budget import RedisLedger
@@ -245,7 +245,7 @@ def application(settings: ServerSettings) -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """The Serve application for Ray's own ``serve run`` / ``serve deploy`` (``docker/serve-config.yaml``,
-    ``import_path: server.cluster:app_builder``): ``args`` are settings by name (``replicas``, ``state``,
+    ``import_path: deepdefense.server.cluster:app_builder``): ``args`` are settings by name (``replicas``, ``state``,
     ``checkpoint``, ``defense``, …), over the ``DD_*`` environment of the process that builds the
     application (API keys from ``DD_API_KEYS`` / ``DD_API_KEYS_FILE`` there); ``replicas`` defaults to 1.
     The config file's ``http_options`` choose the address; ``host``/``port`` here are not used, except that

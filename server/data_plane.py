@@ -25,8 +25,8 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from defense import Answer
-from defense.gate import MisinformationGate
+from deepdefense.defense import Answer
+from deepdefense.defense.gate import MisinformationGate
 
 from .auth import Caller
 from .batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket

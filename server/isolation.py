@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from defense import Answer, Defense
-from defense.gate import MisinformationGate
+from deepdefense.defense import Answer, Defense
+from deepdefense.defense.gate import MisinformationGate
 
 logger = logging.getLogger("deepdefense.server")
 

@@ -11,7 +11,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from defense import Answer
+from deepdefense.defense import Answer
 
 from .errors import ERROR_CODE
 from .requestid import REQUEST_ID

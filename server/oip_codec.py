@@ -17,7 +17,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor
 
-from defense import Answer
+from deepdefense.defense import Answer
 
 from .errors import ApiError, body_validation_error
 from .precision import rounded

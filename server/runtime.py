@@ -15,11 +15,11 @@ from typing import Literal
 import redis
 import torch
 
-from common.device import resolve_device
-from defense import Defense
-from defense.gate import MisinformationGate
-from defense.loader import load_defense, load_gate
-from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from deepdefense.common.device import resolve_device
+from deepdefense.defense import Defense
+from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.loader import load_defense, load_gate
+from deepdefense.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
 from .auth import KeyRing
 from .batcher import MicroBatcher

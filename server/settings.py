@@ -19,10 +19,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from common.options import json_or_text
-from defense.loader import gate_available
-from defense.names import DefenseName
-from models.checkpoint import read_meta, resolve_checkpoint
+from deepdefense.common.options import json_or_text
+from deepdefense.defense.loader import gate_available
+from deepdefense.defense.names import DefenseName
+from deepdefense.models.checkpoint import read_meta, resolve_checkpoint
 
 from .auth import KEY_RULE, weak_key
 from .limits import default_body_limit

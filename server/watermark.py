@@ -46,7 +46,7 @@ import torch
 from scipy.stats import binom
 from torch import Tensor
 
-from defense.api import Answer
+from deepdefense.defense.api import Answer
 
 from .query_features import coarse_views, fingerprints
 from .state import PREFIX, connect_sqlite, redis_key

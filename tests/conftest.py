@@ -17,8 +17,8 @@ from support.faults import load_victim
 from support.images import SHAPE
 from support.redis_server import RedisServer
 
-from defense import NoDefense, create_defense
-from defense.interpreters import create_interpreter
+from deepdefense.defense import NoDefense, create_defense
+from deepdefense.defense.interpreters import create_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 

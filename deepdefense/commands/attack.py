@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clients.attack import STRATEGIES, AttackConfig
-from clients.attack_losses import ATTACK_LOSSES
-from clients.attack_model import TrainingRecipe
 from deepdefense import flags
-from models.data import SPECS
-from models.registry import list_models
+from deepdefense.clients.attack import STRATEGIES, AttackConfig
+from deepdefense.clients.attack_losses import ATTACK_LOSSES
+from deepdefense.clients.attack_model import TrainingRecipe
+from deepdefense.models.data import SPECS
+from deepdefense.models.registry import list_models
 
 HELP = "steal the served model: query it, store the transfer set, train and test an attack model"
 DESCRIPTION = (
@@ -57,9 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.attack import run_attack
-    from clients.oracle import HttpOracle, OracleError, read_api_key
-    from common.device import resolve_device
+    from deepdefense.clients.attack import run_attack
+    from deepdefense.clients.oracle import HttpOracle, OracleError, read_api_key
+    from deepdefense.common.device import resolve_device
 
     config = AttackConfig(
         budget=args.budget,

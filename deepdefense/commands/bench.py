@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from common.options import key_values
 from deepdefense import flags
+from deepdefense.common.options import key_values
 
 HELP = (
     "benchmark: undefended path, one-query engine, batched engine, and the server under 1/8/32 concurrent "
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.gate_latency:
         return _gate_latency(args)
-    from measure.bench import BenchConfig, markdown, run_bench
+    from deepdefense.measure.bench import BenchConfig, markdown, run_bench
 
     config = BenchConfig(
         model=args.model,
@@ -85,7 +85,7 @@ def _previous(pairs: list[str] | None) -> dict[str, Any] | None:
 
 
 def _gate_latency(args: argparse.Namespace) -> int:
-    from measure.gate_latency import GateLatencyConfig, markdown, run_gate_latency
+    from deepdefense.measure.gate_latency import GateLatencyConfig, markdown, run_gate_latency
 
     if args.model != "lenet-mnist":
         raise SystemExit("--gate-latency: only lenet-mnist ships a domain score and a misinformation model")

@@ -34,12 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.benign import run_benign
-    from clients.oracle import HttpOracle, OracleError, read_api_key
-    from defense.api import NoDefense
-    from defense.interpreters import create_interpreter
-    from models.checkpoint import load_checkpoint
-    from models.data import load_split
+    from deepdefense.clients.benign import run_benign
+    from deepdefense.clients.oracle import HttpOracle, OracleError, read_api_key
+    from deepdefense.defense.api import NoDefense
+    from deepdefense.defense.interpreters import create_interpreter
+    from deepdefense.models.checkpoint import load_checkpoint
+    from deepdefense.models.data import load_split
 
     try:
         with HttpOracle(

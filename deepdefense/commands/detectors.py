@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.device import resolve_device
-    from common.provenance import provenance
-    from measure.detectors import run_detectors
-    from measure.detectors_report import markdown
+    from deepdefense.common.device import resolve_device
+    from deepdefense.common.provenance import provenance
+    from deepdefense.measure.detectors import run_detectors
+    from deepdefense.measure.detectors_report import markdown
 
     device = resolve_device(args.device)
     result = run_detectors(

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from deepdefense import flags
-from defense.domain import METHODS
-from defense.fitting.domain_choice import DEFAULT_METHOD
+from deepdefense.defense.domain import METHODS
+from deepdefense.defense.fitting.domain_choice import DEFAULT_METHOD
 
 HELP = "fit and measure a checkpoint's domain score (flags out-of-domain queries); writes <checkpoint>.domain.*"
 DESCRIPTION = (
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
 def make(args: argparse.Namespace) -> Path:
     """Fit, select, save and (unless --no-eval) measure the domain score the flags describe; returns the saved
     score's metadata path."""
-    from common.device import resolve_device
-    from defense.fitting.domain_choice import DomainFitConfig, fit_select_save
-    from measure.domain import evaluate_domain
+    from deepdefense.common.device import resolve_device
+    from deepdefense.defense.fitting.domain_choice import DomainFitConfig, fit_select_save
+    from deepdefense.measure.domain import evaluate_domain
 
     started = time.time()
     cfg = DomainFitConfig(
@@ -131,7 +131,7 @@ def make(args: argparse.Namespace) -> Path:
 
 
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    from measure.domain_report import markdown
+    from deepdefense.measure.domain_report import markdown
 
     out, report = flags.out_paths(args)
     if out:

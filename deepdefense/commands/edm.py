@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from deepdefense import flags
-from defense.fitting.edm import DEFAULT_LAMBDA_D, DEFAULT_MEMBERS
-from defense.outliers import OUTLIERS
+from deepdefense.defense.fitting.edm import DEFAULT_LAMBDA_D, DEFAULT_MEMBERS
+from deepdefense.defense.outliers import OUTLIERS
 
 HELP = "train a victim's Ensemble of Diverse Models (EDM baseline) and write it beside the victim (<victim>.edm.*)"
 DESCRIPTION = (
@@ -55,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the ensemble the flags describe; returns its metadata path."""
-    from common.device import resolve_device
-    from defense.baselines.edm import save_ensemble
-    from defense.fitting.edm import EDMConfig, train_ensemble
-    from measure.edm import measure_foreign, measure_held_out, measure_test
-    from models.checkpoint import load_checkpoint
-    from models.data import load_split
+    from deepdefense.common.device import resolve_device
+    from deepdefense.defense.baselines.edm import save_ensemble
+    from deepdefense.defense.fitting.edm import EDMConfig, train_ensemble
+    from deepdefense.measure.edm import measure_foreign, measure_held_out, measure_test
+    from deepdefense.models.checkpoint import load_checkpoint
+    from deepdefense.models.data import load_split
 
     cfg = EDMConfig(
         victim=args.checkpoint,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deepdefense import flags
-from measure.evaluate import EvalConfig, run_evaluation
+from deepdefense.measure.evaluate import EvalConfig, run_evaluation
 
 HELP = (
     "the paper's experiments end to end: attack accuracy per defense, loss and budget (Fig. 2, Tables 3-5), "
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from common.device import resolve_device
+    from deepdefense.common.device import resolve_device
 
     return flags.from_fields(
         EvalConfig,
@@ -88,8 +88,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, writing the result files after every arm; print a summary as JSON."""
-    from clients.oracle import OracleError, read_api_key
-    from measure import report
+    from deepdefense.clients.oracle import OracleError, read_api_key
+    from deepdefense.measure import report
 
     command = args.command_line
     config = config_from_args(args)

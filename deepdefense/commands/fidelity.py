@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deepdefense import flags
-from defense import DEFENSES
+from deepdefense.defense import DEFENSES
 
 HELP = "measure what a defense costs benign users on real test images"
 
@@ -24,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.device import resolve_device
-    from defense.loader import load_defense
-    from measure.fidelity import measure_fidelity
-    from models.data import load_split
+    from deepdefense.common.device import resolve_device
+    from deepdefense.defense.loader import load_defense
+    from deepdefense.measure.fidelity import measure_fidelity
+    from deepdefense.models.data import load_split
 
     device = resolve_device(args.device)
     options = flags.engine_options(args.engine)

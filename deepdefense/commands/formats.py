@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.device import resolve_device
-    from measure.formats import baseline_of, run_formats
+    from deepdefense.common.device import resolve_device
+    from deepdefense.measure.formats import baseline_of, run_formats
 
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     device = resolve_device(args.device)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    from measure.formats_report import markdown
+    from deepdefense.measure.formats_report import markdown
 
     out, report = flags.out_paths(args)
     if out:

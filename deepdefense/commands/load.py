@@ -8,8 +8,8 @@ import asyncio
 import os
 import sys
 
-from clients.load import MAX_CLIENTS, MAX_DURATION_S, MAX_REQUESTS, LoadConfig
 from deepdefense import flags
+from deepdefense.clients.load import MAX_CLIENTS, MAX_DURATION_S, MAX_REQUESTS, LoadConfig
 
 HELP = (
     "load and soak test a server on loopback: concurrent clients for a bounded time; statuses, error classes, "
@@ -54,9 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.load import run_load
-    from clients.oracle import read_api_key
-    from measure.launcher import spawn_serve
+    from deepdefense.clients.load import run_load
+    from deepdefense.clients.oracle import read_api_key
+    from deepdefense.measure.launcher import spawn_serve
 
     def config(url: str, pid: int | None) -> LoadConfig:
         return LoadConfig(

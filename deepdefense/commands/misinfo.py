@@ -41,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the misinformation model the flags describe; returns its metadata path."""
-    from common.device import resolve_device
-    from defense.fitting.misinformation import MisinfoConfig, train_misinformation
-    from defense.misinformation import misinformation_path
-    from measure.misinformation import measure_misinformation, report
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.data import load_split
+    from deepdefense.common.device import resolve_device
+    from deepdefense.defense.fitting.misinformation import MisinfoConfig, train_misinformation
+    from deepdefense.defense.misinformation import misinformation_path
+    from deepdefense.measure.misinformation import measure_misinformation, report
+    from deepdefense.models.checkpoint import load_checkpoint, save_checkpoint
+    from deepdefense.models.data import load_split
 
     cfg = MisinfoConfig(
         victim=args.checkpoint,

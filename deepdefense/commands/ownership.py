@@ -39,10 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.oracle import OracleError, read_api_key
-    from measure.ownership_verify import Suspect, verify_ownership
-    from server.settings import ServerSettings
-    from server.watermark import FLOOR
+    from deepdefense.clients.oracle import OracleError, read_api_key
+    from deepdefense.measure.ownership_verify import Suspect, verify_ownership
+    from deepdefense.server.settings import ServerSettings
+    from deepdefense.server.watermark import FLOOR
 
     given = {k: getattr(args, k) for k in ("checkpoint", "budget_db", "state") if getattr(args, k) is not None}
     key = read_api_key(args.api_key_file) if args.api_key_file else None

@@ -99,9 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from measure.prepare_report import markdown
-    from models.checkpoint import read_meta
-    from models.data import foreign_dataset
+    from deepdefense.measure.prepare_report import markdown
+    from deepdefense.models.checkpoint import read_meta
+    from deepdefense.models.data import foreign_dataset
 
     started = time.time()
     victim, converted = _victim(args)
@@ -140,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
 def _victim(args: argparse.Namespace) -> tuple[Path, bool]:
     """The victim's metadata path, converting ``--from`` first when it is given and not already converted (then
     True: every step is made again, since a changed description may change what the model reads)."""
-    from models.artifacts import stem as pair_stem
-    from models.checkpoint import read_meta, resolve_checkpoint
-    from models.external import import_model, is_current, read_description
+    from deepdefense.models.artifacts import stem as pair_stem
+    from deepdefense.models.checkpoint import read_meta, resolve_checkpoint
+    from deepdefense.models.external import import_model, is_current, read_description
 
     if args.source is None:
         return resolve_checkpoint(args.checkpoint), False
@@ -207,13 +207,13 @@ def _loads(load: Callable[[], Any], errors: tuple[type[Exception], ...]) -> str 
 
 
 def _victim_model(victim: Path) -> Any:
-    from models.checkpoint import load_checkpoint
+    from deepdefense.models.checkpoint import load_checkpoint
 
     return load_checkpoint(victim)[0]
 
 
 def _check_sensitivity(victim: Path) -> str | None:
-    from models.checkpoint import read_meta
+    from deepdefense.models.checkpoint import read_meta
 
     meta = read_meta(victim)
     stored = meta.extra.get("sensitivity")
@@ -225,7 +225,7 @@ def _check_sensitivity(victim: Path) -> str | None:
 
 
 def _check_warmstart(victim: Path) -> str | None:
-    from defense.warm_start import WarmStartError, load_warm_start, warm_start_paths
+    from deepdefense.defense.warm_start import WarmStartError, load_warm_start, warm_start_paths
 
     if not warm_start_paths(victim)[0].is_file():
         return "no warm start beside the checkpoint"
@@ -233,7 +233,7 @@ def _check_warmstart(victim: Path) -> str | None:
 
 
 def _check_domain(victim: Path) -> str | None:
-    from defense.domain import DomainScoreError, domain_paths, load_domain_score
+    from deepdefense.defense.domain import DomainScoreError, domain_paths, load_domain_score
 
     if not domain_paths(victim)[0].is_file():
         return "no domain score beside the checkpoint"
@@ -241,8 +241,8 @@ def _check_domain(victim: Path) -> str | None:
 
 
 def _check_misinfo(victim: Path) -> str | None:
-    from defense.misinformation import load_misinformation, misinformation_path
-    from models.checkpoint import CheckpointError
+    from deepdefense.defense.misinformation import load_misinformation, misinformation_path
+    from deepdefense.models.checkpoint import CheckpointError
 
     if not misinformation_path(victim).with_suffix(".json").is_file():
         return "no misinformation model beside the checkpoint"
@@ -250,7 +250,7 @@ def _check_misinfo(victim: Path) -> str | None:
 
 
 def _check_edm(victim: Path) -> str | None:
-    from defense.baselines.edm import EDMError, ensemble_paths, load_ensemble
+    from deepdefense.defense.baselines.edm import EDMError, ensemble_paths, load_ensemble
 
     if not ensemble_paths(victim)[0].is_file():
         return "no ensemble beside the checkpoint"
@@ -267,9 +267,9 @@ CHECKS: dict[str, Callable[[Path], str | None]] = {
 
 
 def _report(args: argparse.Namespace, victim: Path, out: Path, records: list[dict], seconds: float) -> dict[str, Any]:
-    from common.provenance import provenance
-    from measure.prepare_report import figures, gate_verdict
-    from models.checkpoint import read_meta
+    from deepdefense.common.provenance import provenance
+    from deepdefense.measure.prepare_report import figures, gate_verdict
+    from deepdefense.models.checkpoint import read_meta
 
     meta = read_meta(victim)
     steps = [{**r, "figures": figures(r["step"], victim, out)} for r in records]

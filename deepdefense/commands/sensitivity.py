@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Compute S_ℓ, store it in the checkpoint's metadata and print it; returns that metadata's path."""
-    from defense.sensitivity import store_sensitivity
-    from models.checkpoint import resolve_checkpoint
+    from deepdefense.defense.sensitivity import store_sensitivity
+    from deepdefense.models.checkpoint import resolve_checkpoint
 
     scores = store_sensitivity(args.checkpoint, args.data_root, n=args.n, seed=args.seed)
     total = sum(scores.values())

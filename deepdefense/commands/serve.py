@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from deepdefense import flags
-from server.settings import ServerSettings
+from deepdefense.server.settings import ServerSettings
 
 HELP = "serve a victim model through a defense over HTTP (FastAPI under uvicorn; --replicas: on Ray Serve)"
 DESCRIPTION = (
@@ -46,11 +46,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.replicas is not None:  # Ray Serve replicas (docs/scaling.md); Ray is imported only here
-        from server.cluster import serve_replicas
+        from deepdefense.server.cluster import serve_replicas
 
         serve_replicas(settings)
         return 0
-    from server.app import serve
+    from deepdefense.server.app import serve
 
     serve(settings)
     return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from deepdefense import flags
-from models.data import SPECS
-from models.registry import list_models
+from deepdefense.models.data import SPECS
+from deepdefense.models.registry import list_models
 
 HELP = "train a victim model and write a checkpoint (safetensors + metadata JSON)"
 
@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.device import resolve_device
     from deepdefense.commands import sensitivity
-    from models.train import TrainConfig, train
+    from deepdefense.common.device import resolve_device
+    from deepdefense.models.train import TrainConfig, train
 
     cfg = TrainConfig(
         arch=args.arch,

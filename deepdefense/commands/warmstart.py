@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from deepdefense import flags
-from defense.warm_start import WARM_STEPS
+from deepdefense.defense.warm_start import WARM_STEPS
 
 HELP = "learn the engine's per-class warm start on a checkpoint's training images; writes <checkpoint>.warm.*"
 DESCRIPTION = (
@@ -47,12 +47,12 @@ def make(args: argparse.Namespace) -> Path:
     """Learn and write the warm start the flags describe; returns its metadata path."""
     import torch
 
-    from common.device import resolve_device
-    from defense.engine import COLD_STEPS, DeepDefense
-    from defense.fitting.warm_start import learn_warm_start
-    from defense.loader import load_defense
-    from defense.warm_start import WarmStart, WarmStartMeta, save_warm_start
-    from models.data import load_split
+    from deepdefense.common.device import resolve_device
+    from deepdefense.defense.engine import COLD_STEPS, DeepDefense
+    from deepdefense.defense.fitting.warm_start import learn_warm_start
+    from deepdefense.defense.loader import load_defense
+    from deepdefense.defense.warm_start import WarmStart, WarmStartMeta, save_warm_start
+    from deepdefense.models.data import load_split
 
     options = {"warm_start": False, **flags.engine_options(args.engine)}
     device = resolve_device(args.device)

@@ -36,9 +36,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from models.artifacts import beside, check_victim, read_pair_meta, verified_weights, victim_record, write_pair
-from models.checkpoint import CheckpointError, build_model, read_meta, resolve_checkpoint
-from models.normalized import Normalized
+from deepdefense.models.artifacts import (
+    beside,
+    check_victim,
+    read_pair_meta,
+    verified_weights,
+    victim_record,
+    write_pair,
+)
+from deepdefense.models.checkpoint import CheckpointError, build_model, read_meta, resolve_checkpoint
+from deepdefense.models.normalized import Normalized
 
 from ..api import Answer, Defense, NoDefense
 from ..interpreters import Interpreter, create_interpreter

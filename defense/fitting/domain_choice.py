@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint
-from models.data import load_split
+from deepdefense.models.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint
+from deepdefense.models.data import load_split
 
 from ..domain import METHODS, DomainMeta, DomainScore, load_domain_score, save_domain_score
 from ..honest_variants import FAMILIES

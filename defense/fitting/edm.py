@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
-from models.checkpoint import build_model, load_checkpoint, resolve_checkpoint
-from models.data import load_split
-from models.normalized import Normalized
-from models.train import random_shift, seed_everything
+from deepdefense.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from deepdefense.models.data import load_split
+from deepdefense.models.normalized import Normalized
+from deepdefense.models.train import random_shift, seed_everything
 
 from ..baselines.edm import EDMMeta, pairwise_cosine
 from ..outliers import OUTLIERS, synthesise

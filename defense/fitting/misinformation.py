@@ -13,10 +13,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointMeta, build_model, load_checkpoint, resolve_checkpoint
-from models.data import load_split
-from models.normalized import Normalized
-from models.train import evaluate, random_shift, seed_everything
+from deepdefense.models.checkpoint import CheckpointMeta, build_model, load_checkpoint, resolve_checkpoint
+from deepdefense.models.data import load_split
+from deepdefense.models.normalized import Normalized
+from deepdefense.models.train import evaluate, random_shift, seed_everything
 
 from ..misinformation import KIND
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from models.wide_resnet import _Block as WideBlock
+from deepdefense.models.wide_resnet import _Block as WideBlock
 
 from ..per_query import conv2d, linear
 from .base import CAM

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from models.registry import create_model
+from deepdefense.models.registry import create_model
 
 SETS = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST}
 

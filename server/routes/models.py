@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from defense.gate import MisinformationGate
+from deepdefense.defense.gate import MisinformationGate
 
 from ..card import model_card
 from ..dependencies import CallerDep, DataPlaneDep

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
-from common import __version__
+from deepdefense.common import __version__
 
 from .. import oip_codec as codec
 from ..dependencies import CallerDep, DataPlaneDep

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from defense import Answer
+from deepdefense.defense import Answer
 
 from ..dependencies import CallerDep, DataPlaneDep
 from ..errors import body_validation_error

@@ -15,13 +15,13 @@ from typing import Literal
 import pytest
 from support.settings import make_settings
 
-from clients.load import LoadConfig, run_load
-from common.options import described
 from deepdefense import flags
 from deepdefense.cli import build_parser
-from defense import NoDefense
-from measure.launcher import in_thread
-from server.app import create_app
+from deepdefense.clients.load import LoadConfig, run_load
+from deepdefense.common.options import described
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -86,9 +86,9 @@ def test_eval_flags_are_made_from_its_config() -> None:
     the field's description, and a command line parses into the config it spells."""
     from dataclasses import fields
 
-    from clients.attack_model import TrainingRecipe
+    from deepdefense.clients.attack_model import TrainingRecipe
     from deepdefense.commands.eval import config_from_args
-    from measure.evaluate import EvalConfig
+    from deepdefense.measure.evaluate import EvalConfig
 
     parser = commands()["eval"]
     actions = {a.dest: a for a in parser._actions}
@@ -155,7 +155,7 @@ def test_one_description_of_the_machine() -> None:
 
     import torch
 
-    from common.provenance import machine
+    from deepdefense.common.provenance import machine
 
     m = machine("cpu")
     assert (
@@ -193,7 +193,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
 
 def test_key_value_options_read_values_as_json_when_they_parse() -> None:
     """One reader for ``--set``/``--previous`` and ``DD_ENGINE__*`` (``server/settings.py``)."""
-    from common.options import key_values
+    from deepdefense.common.options import key_values
 
     options = key_values(["steps=30", " lr =0.05", "warm_start=false", "conv_impl=unfold", "note=a=b", "empty="])
     assert options == {"steps": 30, "lr": 0.05, "warm_start": False, "conv_impl": "unfold", "note": "a=b", "empty": ""}

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 
 from deepdefense.cli import main
 from deepdefense.commands import domain, edm, misinfo, sensitivity, warmstart
-from defense.baselines.edm import load_ensemble, save_ensemble
-from defense.domain import DomainMeta, DomainScore, MaxSoftmax, save_domain_score
-from defense.misinformation import misinformation_path
-from defense.warm_start import WarmStart, WarmStartMeta, save_warm_start, warm_start_paths
-from measure.prepare_report import gate_verdict
-from models.checkpoint import SHIPPED_DIR, build_model, load_checkpoint, read_meta, save_checkpoint
+from deepdefense.defense.baselines.edm import load_ensemble, save_ensemble
+from deepdefense.defense.domain import DomainMeta, DomainScore, MaxSoftmax, save_domain_score
+from deepdefense.defense.misinformation import misinformation_path
+from deepdefense.defense.warm_start import WarmStart, WarmStartMeta, save_warm_start, warm_start_paths
+from deepdefense.measure.prepare_report import gate_verdict
+from deepdefense.models.checkpoint import SHIPPED_DIR, build_model, load_checkpoint, read_meta, save_checkpoint
 
 ORDER = ["sensitivity", "warmstart", "domain", "misinfo", "edm"]
 

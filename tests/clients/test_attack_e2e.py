@@ -14,16 +14,16 @@ import torch
 from support.servers import served_queries
 from support.settings import loopback_settings
 
-from clients.attack import AttackConfig, run_attack, sample_queries
-from clients.attack_model import TrainingRecipe
-from clients.oracle import OracleReply
-from clients.transfer import TransferStore
 from deepdefense.cli import main
-from defense.loader import load_defense
-from measure.launcher import in_thread
-from measure.local_oracle import LocalOracle, local_info
-from models.data import load_split
-from server.app import create_app
+from deepdefense.clients.attack import AttackConfig, run_attack, sample_queries
+from deepdefense.clients.attack_model import TrainingRecipe
+from deepdefense.clients.oracle import OracleReply
+from deepdefense.clients.transfer import TransferStore
+from deepdefense.defense.loader import load_defense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.measure.local_oracle import LocalOracle, local_info
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
 
 SMALL = ["--budget", "64", "--epochs", "1", "--test-n", "500", "--device", "cpu", "--quiet"]
 

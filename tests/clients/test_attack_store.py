@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from clients.jbda import jacobian_augmentation
-from clients.oracle import OracleReply
-from clients.transfer import TransferStore, TransferStoreError, collect
-from models.lenet import LeNet
+from deepdefense.clients.jbda import jacobian_augmentation
+from deepdefense.clients.oracle import OracleReply
+from deepdefense.clients.transfer import TransferStore, TransferStoreError, collect
+from deepdefense.models.lenet import LeNet
 
 FP = {"strategy": "random", "dataset": "fashionmnist", "seed": 0}
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from support.settings import loopback_settings
 
-from clients.benign import latency_summary
 from deepdefense.cli import main
-from defense.baselines.pp import PredictionPoisoning
-from defense.interpreters import create_interpreter
-from measure.launcher import in_thread
-from models.checkpoint import load_checkpoint
-from server.app import create_app
+from deepdefense.clients.benign import latency_summary
+from deepdefense.defense.baselines.pp import PredictionPoisoning
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.server.app import create_app
 
 
 def run_client(url: str, data_root: Path, out: Path) -> dict:

@@ -13,13 +13,13 @@ from support.numerics import PATH_ATOL, top1_margin
 from support.servers import served_queries
 from support.settings import loopback_settings
 
-from clients.oracle import HttpOracle, OracleError, read_api_key
-from defense import NoDefense, create_defense
-from defense.interpreters import create_interpreter
-from measure.launcher import in_thread
-from measure.local_oracle import LocalOracle, local_info
-from models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
-from server.app import create_app
+from deepdefense.clients.oracle import HttpOracle, OracleError, read_api_key
+from deepdefense.defense import NoDefense, create_defense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.measure.launcher import in_thread
+from deepdefense.measure.local_oracle import LocalOracle, local_info
+from deepdefense.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from deepdefense.server.app import create_app
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_http_and_local_oracles_agree(tmp_path: Path, undefended: NoDefense) -> 
 
 def test_http_oracle_retries_503_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr("clients.oracle.time.sleep", waits.append)
+    monkeypatch.setattr("deepdefense.clients.oracle.time.sleep", waits.append)
     calls: list[httpx.Request] = []
     body = {
         "model": "m",
@@ -90,7 +90,7 @@ def test_http_oracle_retries_503_then_succeeds(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_http_oracle_gives_up_and_reports_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("clients.oracle.time.sleep", lambda s: None)
+    monkeypatch.setattr("deepdefense.clients.oracle.time.sleep", lambda s: None)
     busy = httpx.MockTransport(lambda r: httpx.Response(503, json={"error": {"code": "not_ready", "message": "x"}}))
     with HttpOracle("http://oracle", retries=2, transport=busy) as oracle, pytest.raises(OracleError) as err:
         oracle.query(torch.zeros(1, 1, 1, 1))

@@ -17,7 +17,7 @@ import torch
 from support.idx import write_idx
 
 from deepdefense.cli import main as cli
-from defense.domain import (
+from deepdefense.defense.domain import (
     METHODS,
     DomainMeta,
     DomainScore,
@@ -26,8 +26,8 @@ from defense.domain import (
     save_domain_score,
     victim_outputs,
 )
-from defense.fitting.domain import choose_threshold as threshold_for
-from defense.fitting.domain import (
+from deepdefense.defense.fitting.domain import choose_threshold as threshold_for
+from deepdefense.defense.fitting.domain import (
     fit_domain_score,
     fit_mahalanobis,
     fitting_features,
@@ -35,13 +35,13 @@ from defense.fitting.domain import (
     held_out_features,
     honest_threshold,
 )
-from defense.fitting.domain_choice import DEFAULT_METHOD, Candidate, auroc, select_method
-from defense.honest_variants import FAMILIES, by_family, honest_mix
-from defense.outliers import OUTLIERS, mild_affine, synthesise
-from measure.domain import PERTURBATIONS, draw_shapes, render_symbols
-from models.artifacts import sha256_file
-from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
-from models.data import load_split
+from deepdefense.defense.fitting.domain_choice import DEFAULT_METHOD, Candidate, auroc, select_method
+from deepdefense.defense.honest_variants import FAMILIES, by_family, honest_mix
+from deepdefense.defense.outliers import OUTLIERS, mild_affine, synthesise
+from deepdefense.measure.domain import PERTURBATIONS, draw_shapes, render_symbols
+from deepdefense.models.artifacts import sha256_file
+from deepdefense.models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
+from deepdefense.models.data import load_split
 
 SHAPE = (1, 28, 28)
 

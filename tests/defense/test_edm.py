@@ -20,22 +20,22 @@ from support.servers import serving
 from support.settings import make_settings
 
 from deepdefense.cli import main as cli
-from defense import NoDefense, create_defense
-from defense.baselines.edm import (
+from deepdefense.defense import NoDefense, create_defense
+from deepdefense.defense.baselines.edm import (
     EDMError,
     EnsembleOfDiverseModels,
     coherence,
     load_ensemble,
     member_index,
 )
-from defense.fitting.edm import div_loss
-from defense.interpreters import create_interpreter
-from defense.loader import load_defense
-from measure.edm import served_similarity
-from models.artifacts import state_sha256
-from models.checkpoint import SHIPPED_DIR, build_model, read_meta
-from models.data import load_split
-from server.app import create_app
+from deepdefense.defense.fitting.edm import div_loss
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.loader import load_defense
+from deepdefense.measure.edm import served_similarity
+from deepdefense.models.artifacts import state_sha256
+from deepdefense.models.checkpoint import SHIPPED_DIR, build_model, read_meta
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
 
 VICTIM = "lenet-mnist"
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from support.numerics import CHANGED
 
-from defense.api import NoDefense
-from defense.engine import DeepDefense, safe_answer
-from defense.loader import load_defense
-from measure.fidelity import measure_fidelity
-from models.data import load_split
+from deepdefense.defense.api import NoDefense
+from deepdefense.defense.engine import DeepDefense, safe_answer
+from deepdefense.defense.loader import load_defense
+from deepdefense.measure.fidelity import measure_fidelity
+from deepdefense.models.data import load_split
 
 N_IMAGES = 100
 
@@ -134,7 +134,7 @@ def test_public_settings_hide_the_noise_seed(engine: DeepDefense) -> None:
 
 
 def test_interpreter_defaults_then_overrides(engine: DeepDefense) -> None:
-    from defense.interpreters import create_interpreter
+    from deepdefense.defense.interpreters import create_interpreter
 
     gradinput = create_interpreter("gradinput", engine.model, (1, 28, 28))
     scores = {"net.features.conv2": 3.0, "net.classifier.fc1": 2.0, "net.features.conv1": 1.0}

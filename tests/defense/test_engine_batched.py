@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from defense import Answer
-from defense.engine import DeepDefense, safe_answer
-from defense.interpreters import create_interpreter
-from defense.loader import load_defense
-from defense.per_query import per_query_view
-from defense.weight_gradients import inner, norm, weight_gradient
-from models.data import load_split
-from models.lenet import LeNet
+from deepdefense.defense import Answer
+from deepdefense.defense.engine import DeepDefense, safe_answer
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.loader import load_defense
+from deepdefense.defense.per_query import per_query_view
+from deepdefense.defense.weight_gradients import inner, norm, weight_gradient
+from deepdefense.models.data import load_split
+from deepdefense.models.lenet import LeNet
 
 TOLERANCE = 1e-6  # float64: one step (loss, map, gradients) batched vs one query; low-rank vs dense fc1
 PATH_TOLERANCE = 1e-3  # float64, 4 steps: answers of a batch of 32 vs one query at a time

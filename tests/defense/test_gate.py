@@ -16,15 +16,15 @@ from support.numerics import CHANGED, PATH_ATOL
 from support.servers import bearer, metric_value, serving, wait_until
 from support.settings import make_settings
 
-from defense import NoDefense
-from defense.gate import MisinformationGate, rerank
-from defense.interpreters import create_interpreter
-from defense.loader import load_defense, load_gate
-from models.checkpoint import load_checkpoint
-from models.data import load_split
-from models.lenet import LeNet
-from server.app import create_app
-from server.settings import ServerSettings
+from deepdefense.defense import NoDefense
+from deepdefense.defense.gate import MisinformationGate, rerank
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.loader import load_defense, load_gate
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
+from deepdefense.models.lenet import LeNet
+from deepdefense.server.app import create_app
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")  # the servers here are configured by the test alone
 

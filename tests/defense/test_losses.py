@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defense.losses import (
+from deepdefense.defense.losses import (
     abs_cosine,
     attribution_order,
     dd_loss,
@@ -15,7 +15,7 @@ from defense.losses import (
     pred_loss,
     topk_preserved,
 )
-from defense.sensitivity import select_layers
+from deepdefense.defense.sensitivity import select_layers
 
 
 def test_eq6_zero_when_topk_order_holds() -> None:

@@ -13,12 +13,12 @@ import torch
 from support.idx import write_idx
 
 from deepdefense.cli import main as cli
-from defense.fitting.misinformation import answer_spread_penalty, misinformation_loss
-from defense.interpreters import create_interpreter
-from defense.misinformation import blend, load_misinformation, misinformation_weight, mix
-from models import CheckpointError, load_checkpoint
-from models.checkpoint import SHIPPED_DIR, read_meta
-from models.data import load_split
+from deepdefense.defense.fitting.misinformation import answer_spread_penalty, misinformation_loss
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.misinformation import blend, load_misinformation, misinformation_weight, mix
+from deepdefense.models import CheckpointError, load_checkpoint
+from deepdefense.models.checkpoint import SHIPPED_DIR, read_meta
+from deepdefense.models.data import load_split
 
 VICTIM = "lenet-mnist"
 MISINFO = "lenet-mnist-misinfo"
@@ -221,7 +221,7 @@ def test_cli_trains_measures_and_writes_a_repeatable_checkpoint(tmp_path: Path) 
 
 
 def test_a_misinformation_model_is_never_loaded_as_a_victim() -> None:
-    from defense.loader import load_defense
+    from deepdefense.defense.loader import load_defense
 
     with pytest.raises(ValueError, match="misinformation model, not a victim"):
         load_defense("lenet-mnist-misinfo", "none")

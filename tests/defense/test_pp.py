@@ -8,16 +8,16 @@ import torch
 from support.numerics import PATH_ATOL, top1_margin
 from torch import nn
 
-from defense.baselines.pp import (
+from deepdefense.defense.baselines.pp import (
     PredictionPoisoning,
     angular_deviation,
     last_linear,
     log_prob_jacobian,
     mix_towards,
 )
-from defense.interpreters import create_interpreter
-from models.checkpoint import load_checkpoint
-from models.data import load_split
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
 
 EPSILON = 0.5
 

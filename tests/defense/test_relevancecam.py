@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from defense.interpreters import RelevanceCAM, create_interpreter
-from defense.interpreters.probe import probe
-from defense.interpreters.relevancecam import Unit, activation_relevance, top_units
-from models import CheckpointMeta, Normalized, create_model, load_checkpoint
-from models.checkpoint import build_model
+from deepdefense.defense.interpreters import RelevanceCAM, create_interpreter
+from deepdefense.defense.interpreters.probe import probe
+from deepdefense.defense.interpreters.relevancecam import Unit, activation_relevance, top_units
+from deepdefense.models import CheckpointMeta, Normalized, create_model, load_checkpoint
+from deepdefense.models.checkpoint import build_model
 
 K = 5
 

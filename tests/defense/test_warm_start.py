@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from defense.engine import COLD_STEPS, DeepDefense
-from defense.fitting.warm_start import learn_warm_start
-from defense.interpreters import create_interpreter
-from defense.loader import load_defense
-from defense.low_rank import LowRankWeight
-from defense.sensitivity import checkpoint_sensitivity
-from defense.warm_start import (
+from deepdefense.defense.engine import COLD_STEPS, DeepDefense
+from deepdefense.defense.fitting.warm_start import learn_warm_start
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.loader import load_defense
+from deepdefense.defense.low_rank import LowRankWeight
+from deepdefense.defense.sensitivity import checkpoint_sensitivity
+from deepdefense.defense.warm_start import (
     WARM_STEPS,
     WarmStart,
     WarmStartError,
@@ -28,8 +28,8 @@ from defense.warm_start import (
     save_warm_start,
     warm_start_paths,
 )
-from models.checkpoint import load_checkpoint
-from models.data import load_split
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
 
 SHAPE = (1, 28, 28)
 

@@ -15,8 +15,8 @@ from support.servers import served_queries
 from support.settings import loopback_settings
 
 from deepdefense.cli import main
-from measure.launcher import in_thread
-from server.app import create_app
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--epochs", "1", "--test-n", "200", "--n-unif", "200", "--runtime-n", "8", "--device", "cpu", "--quiet"]

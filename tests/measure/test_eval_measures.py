@@ -11,11 +11,11 @@ from scipy import stats
 from support.numerics import PATH_ATOL
 from torch import nn
 
-from clients.attack_losses import explain_batch, map_distance
-from clients.attack_model import build_attack_model
-from defense.interpreters import create_interpreter
-from measure import agreement, average_drop
-from measure.evaluate import EvalConfig, key_role, plan_arms
+from deepdefense.clients.attack_losses import explain_batch, map_distance
+from deepdefense.clients.attack_model import build_attack_model
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.measure import agreement, average_drop
+from deepdefense.measure.evaluate import EvalConfig, key_role, plan_arms
 
 
 def test_top_p_mask_keeps_round_p_percent_with_ties_broken_by_index() -> None:

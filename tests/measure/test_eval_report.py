@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from measure.evaluate import key_role
-from measure.markdown import num, pct, row, signed, table
-from measure.report import markdown, tables
+from deepdefense.measure.evaluate import key_role
+from deepdefense.measure.markdown import num, pct, row, signed, table
+from deepdefense.measure.report import markdown, tables
 
 
 def _run(loss: str, budget: int, accuracy: float) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from defense.loader import load_defense
-from measure.shared_modes import ModeOf, SharedModes
-from models.data import load_split
+from deepdefense.defense.loader import load_defense
+from deepdefense.measure.shared_modes import ModeOf, SharedModes
+from deepdefense.models.data import load_split
 
 
 def test_modes_share_one_optimisation(data_root: Path) -> None:

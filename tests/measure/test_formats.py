@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepdefense.cli import main
-from measure.formats import (
+from deepdefense.measure.formats import (
     DEFAULT_LIMITS,
     VARIANTS,
     baseline_of,
@@ -18,8 +18,8 @@ from measure.formats import (
     sent_instances,
     wilson,
 )
-from measure.formats_report import markdown
-from server.images import instances_to_tensor
+from deepdefense.measure.formats_report import markdown
+from deepdefense.server.images import instances_to_tensor
 
 BY_NAME = {v.name: v for v in VARIANTS}
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from clients.adaptive import believed_honest, collect_adaptive, twin_of, with_twins
-from clients.attack_losses import MOVED, kept_answers
-from clients.oracle import OracleReply
-from clients.transfer import TransferSet, TransferStore
-from measure.detectors import Paired, detect, map_reading
-from models.lenet import LeNet
+from deepdefense.clients.adaptive import believed_honest, collect_adaptive, twin_of, with_twins
+from deepdefense.clients.attack_losses import MOVED, kept_answers
+from deepdefense.clients.oracle import OracleReply
+from deepdefense.clients.transfer import TransferSet, TransferStore
+from deepdefense.measure.detectors import Paired, detect, map_reading
+from deepdefense.models.lenet import LeNet
 
 SHAPE = (1, 28, 28)
 
@@ -112,11 +112,11 @@ def test_the_adaptive_thief_grows_only_from_answers_that_moved(tmp_path) -> None
 def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
     """``deepdefense eval --monitored``: the arm's queries are one key's; a key that asks everything twice is
     escalated by the monitor's screening, and from then on every answer is the misinformation path's."""
-    from defense import NoDefense
-    from defense.gate import MisinformationGate
-    from defense.interpreters import create_interpreter
-    from measure.local_oracle import MonitoredOracle
-    from server.monitor import ExtractionMonitor, MonitorPolicy
+    from deepdefense.defense import NoDefense
+    from deepdefense.defense.gate import MisinformationGate
+    from deepdefense.defense.interpreters import create_interpreter
+    from deepdefense.measure.local_oracle import MonitoredOracle
+    from deepdefense.server.monitor import ExtractionMonitor, MonitorPolicy
 
     torch.manual_seed(0)
     victim, wrong = LeNet().eval().requires_grad_(False), LeNet().eval().requires_grad_(False)

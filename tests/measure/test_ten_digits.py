@@ -11,10 +11,10 @@ import pytest
 from PIL import Image, ImageFont
 from support.settings import loopback_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from measure.ten_digits import FONT_SIZE, SIZE, markdown, render, run_experiment, system_font
-from server.app import create_app
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.measure.ten_digits import FONT_SIZE, SIZE, markdown, render, run_experiment, system_font
+from deepdefense.server.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from defense.domain import domain_paths
-from defense.misinformation import misinformation_path
-from defense.warm_start import warm_start_paths
-from models.artifacts import beside, check_victim, stem, verified_weights, victim_record, write_pair
-from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta, save_checkpoint
+from deepdefense.defense.domain import domain_paths
+from deepdefense.defense.misinformation import misinformation_path
+from deepdefense.defense.warm_start import warm_start_paths
+from deepdefense.models.artifacts import beside, check_victim, stem, verified_weights, victim_record, write_pair
+from deepdefense.models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta, save_checkpoint
 
 
 @dataclass

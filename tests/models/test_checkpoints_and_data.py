@@ -11,9 +11,9 @@ from PIL import Image
 from support.idx import write_idx
 
 from deepdefense.cli import main as cli
-from models import CheckpointError, load_checkpoint
-from models.data import DatasetNotFoundError, class_names, load_split
-from models.train import evaluate
+from deepdefense.models import CheckpointError, load_checkpoint
+from deepdefense.models.data import DatasetNotFoundError, class_names, load_split
+from deepdefense.models.train import evaluate
 
 
 @pytest.fixture()
@@ -139,7 +139,7 @@ def test_shipped_checkpoint_accuracy(name: str, minimum: float, data_root: Path)
 
 
 def test_the_foreign_data_set_is_the_first_other_one_of_the_same_shape_present(tiny_mnist: Path) -> None:
-    from models.data import foreign_dataset
+    from deepdefense.models.data import foreign_dataset
 
     with pytest.raises(ValueError, match="give --ood-dataset"):
         foreign_dataset("mnist", tiny_mnist)

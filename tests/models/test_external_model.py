@@ -17,10 +17,10 @@ from support.settings import make_settings
 from torch import nn
 
 from deepdefense.cli import main
-from models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
-from models.external import DescriptionError, import_model, is_current, load_network, read_description
-from models.lenet import LeNet
-from server.app import create_app
+from deepdefense.models.checkpoint import SHIPPED_DIR, load_checkpoint, read_meta
+from deepdefense.models.external import DescriptionError, import_model, is_current, load_network, read_description
+from deepdefense.models.lenet import LeNet
+from deepdefense.server.app import create_app
 
 MNIST = {
     "arch": "lenet",

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import UnknownModelError, create_model, list_models
-from models.normalized import Normalized
+from deepdefense.models import UnknownModelError, create_model, list_models
+from deepdefense.models.normalized import Normalized
 
 INPUT_SIZES = {"lenet": (1, 28), "wrn16_4": (3, 32), "resnet18": (3, 224), "resnet34": (3, 224)}
 

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from server.metrics import ServerMetrics
-from server.settings import ServerSettings
+from deepdefense.server.metrics import ServerMetrics
+from deepdefense.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cpu", REPO / "docker" / "Dockerfile.cuda"]
@@ -200,7 +200,7 @@ def test_cluster_ray_and_redis() -> None:
     # the same deployment as docker/serve-config.yaml, with the Redis of this network
     serve_config = load_yaml(REPO / "docker" / "serve-config.yaml")
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "server.cluster:app_builder"
+    assert app["import_path"] == "deepdefense.server.cluster:app_builder"
     assert urlsplit(app["args"]["state"]).port == state.port and urlsplit(app["args"]["state"]).path == state.path
     assert head["ports"] == [f"{serve_config['http_options']['port']}:{serve_config['http_options']['port']}"]
     # every Ray node exports its metrics on the same, explicit port

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import SHIPPED_DIR, read_meta
+from deepdefense.models.checkpoint import SHIPPED_DIR, read_meta
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results"

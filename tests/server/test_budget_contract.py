@@ -26,11 +26,11 @@ from support.images import pixels, png_bomb
 from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from server.app import create_app
-from server.batcher import MicroBatcher
-from server.metrics import ServerMetrics
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
+from deepdefense.server.batcher import MicroBatcher
+from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -194,7 +194,7 @@ class _Failing(NoDefense):
 
 
 def test_a_defense_failure_is_refunded(tmp_path: Path, victim: torch.nn.Module) -> None:
-    from defense.interpreters import create_interpreter
+    from deepdefense.defense.interpreters import create_interpreter
 
     failing = _Failing(victim, create_interpreter("gradcam", victim, (1, 28, 28)))
     app = create_app(make_settings(tmp_path, api_keys=ALICE, query_budget=2), failing)
@@ -209,7 +209,7 @@ def test_a_defense_failure_is_refunded(tmp_path: Path, victim: torch.nn.Module) 
 def test_an_internal_error_after_spending_is_refunded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
-    import server.routes.predict as route
+    import deepdefense.server.routes.predict as route
 
     app = create_app(make_settings(tmp_path, api_keys=ALICE, query_budget=2), defense)
     with serving(app, raise_server_exceptions=False) as client:

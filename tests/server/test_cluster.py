@@ -27,10 +27,10 @@ from support.redis_server import RedisServer, redis_key_id
 from support.servers import bearer
 from support.settings import make_settings
 
-from measure.cluster_faults import replica_pids
-from measure.launcher import LOOPBACK, free_port
-from server import cluster
-from server.settings import ServerSettings
+from deepdefense.measure.cluster_faults import replica_pids
+from deepdefense.measure.launcher import LOOPBACK, free_port
+from deepdefense.server import cluster
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -24,11 +24,11 @@ from support.images import SHAPE, pixels
 from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
-import server.images
-from defense import Answer, NoDefense
-from defense.interpreters import create_interpreter
-from server.app import create_app
-from server.isolation import answer_problem
+import deepdefense.server.images
+from deepdefense.defense import Answer, NoDefense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.server.app import create_app
+from deepdefense.server.isolation import answer_problem
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -110,7 +110,11 @@ def test_a_bug_in_decoding_is_a_generic_500_that_spends_nothing(
 ) -> None:
     app = create_app(make_settings(tmp_path, api_keys=KEY, query_budget=1), defense)
     with serving(app, raise_server_exceptions=False) as client:
-        monkeypatch.setattr(server.images, "to_tensor", raising_once(server.images.to_tensor, RuntimeError(SECRET)))
+        monkeypatch.setattr(
+            deepdefense.server.images,
+            "to_tensor",
+            raising_once(deepdefense.server.images.to_tensor, RuntimeError(SECRET)),
+        )
         r = predict(client)
         assert r.status_code == 500 and r.json() == {"error": INTERNAL}
         assert app.state.runtime.default.ledger.remaining(key_id_of(app, KEY)) == 1

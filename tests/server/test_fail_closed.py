@@ -29,12 +29,12 @@ from support.servers import bearer, error_of, metric_value, serving
 from support.settings import make_settings
 from torch import Tensor
 
-from defense import Answer, NoDefense
-from defense.engine import DeepDefense, safe_answer
-from defense.loader import load_defense
-from server.app import create_app
-from server.isolation import Failure, answer_isolated
-from server.precision import rounded
+from deepdefense.defense import Answer, NoDefense
+from deepdefense.defense.engine import DeepDefense, safe_answer
+from deepdefense.defense.loader import load_defense
+from deepdefense.server.app import create_app
+from deepdefense.server.isolation import Failure, answer_isolated
+from deepdefense.server.precision import rounded
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

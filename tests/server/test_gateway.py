@@ -20,11 +20,11 @@ from support.redis_server import RedisServer, redis_key_id
 from support.servers import bearer, error_of, wait_until
 from support.settings import make_settings
 
-from defense import NoDefense
-from server.app import create_app
-from server.budget import HOLD_HEADER, RedisLedger, new_hold
-from server.gateway import Forwarded, Gateway, Returned, call_app, gateway_app
-from server.state import connect_redis
+from deepdefense.defense import NoDefense
+from deepdefense.server.app import create_app
+from deepdefense.server.budget import HOLD_HEADER, RedisLedger, new_hold
+from deepdefense.server.gateway import Forwarded, Gateway, Returned, call_app, gateway_app
+from deepdefense.server.state import connect_redis
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

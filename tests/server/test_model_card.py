@@ -18,13 +18,13 @@ from support.images import SHAPE
 from support.servers import serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from defense.names import DEFENSES
-from models.checkpoint import CheckpointError, CheckpointMeta, read_meta, resolve_checkpoint
-from server.app import create_app
-from server.card import ENGINE_NOTE, GATE_NOTE, HONEST_NOTES, dataset_look, model_card
-from server.images import ImageLimits, to_tensor
-from server.schemas import Instance, ModelCard
+from deepdefense.defense import NoDefense
+from deepdefense.defense.names import DEFENSES
+from deepdefense.models.checkpoint import CheckpointError, CheckpointMeta, read_meta, resolve_checkpoint
+from deepdefense.server.app import create_app
+from deepdefense.server.card import ENGINE_NOTE, GATE_NOTE, HONEST_NOTES, dataset_look, model_card
+from deepdefense.server.images import ImageLimits, to_tensor
+from deepdefense.server.schemas import Instance, ModelCard
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

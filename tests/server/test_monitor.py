@@ -13,10 +13,10 @@ from support.numerics import CHANGED, PATH_ATOL
 from support.servers import bearer, error_of, key_id_of, metric_value, serving
 from support.settings import make_settings
 
-from models.checkpoint import load_checkpoint
-from models.data import load_split
-from server.app import create_app
-from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
+from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -17,14 +17,14 @@ from support.redis_server import RedisServer
 from support.servers import bearer, error_of, key_id_of, metric_value, serving
 from support.settings import make_settings
 
-from clients.oracle import PROTOCOLS, HttpOracle, OracleError
-from measure.launcher import in_thread
-from models.checkpoint import load_checkpoint
-from server.app import create_app
-from server.budget import QueryLedger, RedisLedger, budget_key
-from server.cluster import settings_payload
-from server.settings import ServerSettings
-from server.state import connect_redis
+from deepdefense.clients.oracle import PROTOCOLS, HttpOracle, OracleError
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.server.app import create_app
+from deepdefense.server.budget import QueryLedger, RedisLedger, budget_key
+from deepdefense.server.cluster import settings_payload
+from deepdefense.server.settings import ServerSettings
+from deepdefense.server.state import connect_redis
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -279,7 +279,7 @@ def test_two_checkpoints_of_one_name_are_refused(tmp_path: Path) -> None:
 
 def test_the_watermark_marks_the_default_models_answers_only(tmp_path: Path) -> None:
     """Watermark records are kept per key, and ``ownership verify`` checks them against one model: the default."""
-    from server.runtime import Runtime
+    from deepdefense.server.runtime import Runtime
 
     runtime = Runtime(make_settings(tmp_path, checkpoint=BOTH, api_keys=ALICE, watermark="on"))
     try:

@@ -17,11 +17,11 @@ from support.settings import make_settings
 
 from deepdefense.cli import build_parser
 from deepdefense.commands.serve import settings_from_args
-from defense import NoDefense
-from server.app import create_app
-from server.routes.playground import ASSETS
-from server.schemas import Instance, Prediction, PredictRequest, PredictResponse
-from server.settings import ServerSettings
+from deepdefense.defense import NoDefense
+from deepdefense.server.app import create_app
+from deepdefense.server.routes.playground import ASSETS
+from deepdefense.server.schemas import Instance, Prediction, PredictRequest, PredictResponse
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -22,9 +22,9 @@ from support.playground_browser import (
 )
 from support.settings import loopback_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from server.app import create_app
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
 
 KEY = "playground-key-0123"
 
@@ -99,7 +99,7 @@ def test_a_picked_image_with_invert_ticked_is_read_as_its_negative(browser, url:
     from PIL import ImageFont
     from selenium.webdriver.common.by import By
 
-    from measure.ten_digits import FONT_SIZE, render, system_font
+    from deepdefense.measure.ten_digits import FONT_SIZE, render, system_font
 
     font = ImageFont.truetype(str(system_font()), FONT_SIZE)
     labels = {}
@@ -123,7 +123,7 @@ def test_the_user_picks_the_model_and_the_answer_is_that_models(browser, tmp_pat
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
-    from models.checkpoint import read_meta, resolve_checkpoint
+    from deepdefense.models.checkpoint import read_meta, resolve_checkpoint
 
     fashion = read_meta(resolve_checkpoint("lenet-fashionmnist")).classes
     settings = loopback_settings(tmp_path, checkpoint=["lenet-mnist", "lenet-fashionmnist"])

@@ -23,21 +23,21 @@ from support.images import SHAPE, pixels, png_bomb
 from support.servers import bearer, error_of, key_id_of, serving
 from support.settings import make_settings
 
-import server.images
-import server.runtime
-from clients.latency import percentiles
-from defense import NoDefense
-from measure.launcher import in_thread
-from models.data import load_split
-from server.app import create_app
-from server.auth import KEY_RULE
-from server.batcher import MicroBatcher, QueueFull, _Item
-from server.cluster import app_builder
-from server.keystore import EDM_HASH, KEY_ID, secret_path
-from server.limits import default_body_limit
-from server.metrics import ServerMetrics
-from server.runtime import Runtime, StartupError
-from server.settings import ServerSettings
+import deepdefense.server.images
+import deepdefense.server.runtime
+from deepdefense.clients.latency import percentiles
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
+from deepdefense.server.auth import KEY_RULE
+from deepdefense.server.batcher import MicroBatcher, QueueFull, _Item
+from deepdefense.server.cluster import app_builder
+from deepdefense.server.keystore import EDM_HASH, KEY_ID, secret_path
+from deepdefense.server.limits import default_body_limit
+from deepdefense.server.metrics import ServerMetrics
+from deepdefense.server.runtime import Runtime, StartupError
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -106,13 +106,13 @@ def test_a_spent_key_is_refused_without_decoding_its_images(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
     decoded: list[str] = []
-    decode = server.images._image
+    decode = deepdefense.server.images._image
 
     def counting(*args: Any) -> torch.Tensor:
         decoded.append(args[1])
         return decode(*args)
 
-    monkeypatch.setattr(server.images, "_image", counting)
+    monkeypatch.setattr(deepdefense.server.images, "_image", counting)
     with serving(app := create_app(make_settings(tmp_path, api_keys=f"{ALICE},{BOB}", query_budget=4), defense)) as c:
         assert c.post("/predict", json={"instances": [{"pixels": pixels()}] * 4}, headers=bearer(ALICE)).is_success
         for key, left in ((ALICE, "(0 left)"), (BOB, "(4 left, 16 asked)")):  # none left; fewer than 16 left
@@ -301,7 +301,9 @@ def test_weak_keys_are_refused_naming_the_rule_not_the_key(keys: str) -> None:
 
 def test_edm_gets_a_random_kept_hash_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(server.runtime, "load_defense", lambda *args, **options: seen.append(options) or (None, None))
+    monkeypatch.setattr(
+        deepdefense.server.runtime, "load_defense", lambda *args, **options: seen.append(options) or (None, None)
+    )
     settings = make_settings(tmp_path, defense="edm", gate="none")
     runtime = Runtime(settings)
     key = runtime.edm_hash_key
@@ -309,11 +311,11 @@ def test_edm_gets_a_random_kept_hash_key(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert stat.S_IMODE(secret_path(settings.budget_db, EDM_HASH).stat().st_mode) == 0o600
     assert Runtime(settings).edm_hash_key == key, "a restart changed the member choice"
     assert Runtime(make_settings(tmp_path / "elsewhere", defense="edm", gate="none")).edm_hash_key != key
-    server.runtime.build_defense(settings, "lenet-mnist", torch.device("cpu"), key)
+    deepdefense.server.runtime.build_defense(settings, "lenet-mnist", torch.device("cpu"), key)
     assert seen[-1]["hash_key"] == key
     chosen = make_settings(tmp_path, defense="edm", gate="none", engine={"hash_key": "the operator's own"})
     assert Runtime(chosen).edm_hash_key is None
-    server.runtime.build_defense(chosen, "lenet-mnist", torch.device("cpu"), None)
+    deepdefense.server.runtime.build_defense(chosen, "lenet-mnist", torch.device("cpu"), None)
     assert seen[-1]["hash_key"] == "the operator's own"
 
 

@@ -15,9 +15,9 @@ from support.faults import SlowDefense
 from support.servers import serving
 from support.settings import make_settings
 
-from server.app import create_app
-from server.batcher import MicroBatcher, QueueFull, _Item
-from server.metrics import ServerMetrics
+from deepdefense.server.app import create_app
+from deepdefense.server.batcher import MicroBatcher, QueueFull, _Item
+from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

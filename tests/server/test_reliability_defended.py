@@ -20,11 +20,11 @@ from support.numerics import CHANGED
 from support.servers import metric_value
 from support.settings import make_settings
 
-from defense.engine import DeepDefense
-from measure.launcher import in_thread
-from server.app import create_app
-from server.runtime import build_defense
-from server.settings import ServerSettings
+from deepdefense.defense.engine import DeepDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
+from deepdefense.server.runtime import build_defense
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

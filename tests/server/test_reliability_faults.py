@@ -16,13 +16,13 @@ from support.faults import FALLBACK, INF_MAP, NAN, RAISE, SHAPE, FaultyDefense, 
 from support.servers import bearer, error_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
-from defense import Answer, NoDefense
-from defense.interpreters import create_interpreter
-from models.artifacts import sha256_file
-from models.checkpoint import SHIPPED_DIR
-from server.app import create_app
-from server.batcher import DefenseFailed, MicroBatcher
-from server.metrics import ServerMetrics
+from deepdefense.defense import Answer, NoDefense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.models.artifacts import sha256_file
+from deepdefense.models.checkpoint import SHIPPED_DIR
+from deepdefense.server.app import create_app
+from deepdefense.server.batcher import DefenseFailed, MicroBatcher
+from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -27,10 +27,10 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from support.servers import error_of
 from support.settings import make_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from models.checkpoint import SHIPPED_DIR, read_meta
-from server.app import create_app
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import SHIPPED_DIR, read_meta
+from deepdefense.server.app import create_app
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

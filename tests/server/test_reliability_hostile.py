@@ -32,9 +32,9 @@ from PIL import Image
 from support.servers import error_of, serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from server.app import create_app
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -27,11 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.settings import make_settings
 
-from clients.latency import percentiles
-from clients.load import LoadConfig, LoadReport, run_load
-from defense import NoDefense
-from measure.launcher import free_port, in_thread, serve_command, spawned
-from server.app import create_app
+from deepdefense.clients.latency import percentiles
+from deepdefense.clients.load import LoadConfig, LoadReport, run_load
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import free_port, in_thread, serve_command, spawned
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -163,7 +163,7 @@ def test_percentiles_by_nearest_rank() -> None:
 def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path, defense: NoDefense) -> None:
     """With equal idle timeouts a client may reuse a connection just as the server closes it: a soak
     client waiting a 4-second Retry-After (+ jitter) got a transport ReadError that way."""
-    from server.app import uvicorn_config
+    from deepdefense.server.app import uvicorn_config
 
     app = create_app(make_settings(tmp_path), defense)
     assert uvicorn_config(app, app.state.runtime.settings).timeout_keep_alive > 2 * httpx.Limits().keepalive_expiry

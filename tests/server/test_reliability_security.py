@@ -22,13 +22,13 @@ from support.faults import RAISE, FaultyDefense, marked
 from support.servers import bearer, error_of, key_id_of, serving
 from support.settings import make_settings
 
-import server.auth
-from defense import NoDefense
-from measure.launcher import in_thread
-from models.checkpoint import SHIPPED_DIR, read_meta
-from server.app import create_app
-from server.auth import KeyRing, key_id
-from server.settings import ServerSettings
+import deepdefense.server.auth
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import SHIPPED_DIR, read_meta
+from deepdefense.server.app import create_app
+from deepdefense.server.auth import KeyRing, key_id
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -52,13 +52,13 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
     secret = b"a server's key-id secret"
     ring = KeyRing([ALICE, BOB, "third-key-000000000000"], secret)
     seen: list[tuple[int, int]] = []
-    real = server.auth.hmac.compare_digest
+    real = deepdefense.server.auth.hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
         seen.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(server.auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(deepdefense.server.auth.hmac, "compare_digest", counting)
     for token, expected in [
         (ALICE, key_id(ALICE, secret)),
         (BOB, key_id(BOB, secret)),

@@ -21,8 +21,8 @@ from support.faults import marked
 from support.servers import metric_value, wait_until
 from support.settings import make_settings
 
-from measure.launcher import free_port, in_thread, spawned
-from server.app import create_app
+from deepdefense.measure.launcher import free_port, in_thread, spawned
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

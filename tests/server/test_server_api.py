@@ -21,13 +21,13 @@ from support.numerics import PATH_ATOL, top1_margin
 from support.servers import error_of, metric_value, serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from defense.engine import safe_answer
-from defense.interpreters import create_interpreter
-from server.app import create_app
-from server.images import ImageLimits, to_tensor
-from server.schemas import Instance
-from server.settings import ServerSettings
+from deepdefense.defense import NoDefense
+from deepdefense.defense.engine import safe_answer
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.server.app import create_app
+from deepdefense.server.images import ImageLimits, to_tensor
+from deepdefense.server.schemas import Instance
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -553,11 +553,11 @@ def test_bad_settings_are_refused(overrides: dict, problem: str) -> None:
 
 
 def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.app
+    import deepdefense.server.app
     from deepdefense.cli import build_parser, main
 
     seen: list[ServerSettings] = []
-    monkeypatch.setattr(server.app, "serve", seen.append)
+    monkeypatch.setattr(deepdefense.server.app, "serve", seen.append)
     monkeypatch.setenv("DD_PORT", "9000")
     monkeypatch.setenv("DD_DEFENSE", "dd-i")
     monkeypatch.setenv("DD_ENGINE", '{"steps": 10, "lr": 0.02}')

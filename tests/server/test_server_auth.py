@@ -12,10 +12,10 @@ from support.images import pixels
 from support.servers import bearer, key_id_of, metric_value, serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from server.app import create_app
-from server.auth import KeyRing, key_id
-from server.budget import QueryLedger
+from deepdefense.defense import NoDefense
+from deepdefense.server.app import create_app
+from deepdefense.server.auth import KeyRing, key_id
+from deepdefense.server.budget import QueryLedger
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

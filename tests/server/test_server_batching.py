@@ -14,7 +14,7 @@ from support.images import pixels
 from support.servers import metric_value, serving, wait_until
 from support.settings import make_settings
 
-from server.app import create_app
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -18,11 +18,11 @@ from support.images import SHAPE, pixels
 from support.servers import error_of, serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from defense.interpreters import create_interpreter
-from server.app import create_app
-from server.images import ImageLimits, inverted, to_tensor
-from server.schemas import Instance
+from deepdefense.defense import NoDefense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.server.app import create_app
+from deepdefense.server.images import ImageLimits, inverted, to_tensor
+from deepdefense.server.schemas import Instance
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

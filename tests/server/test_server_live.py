@@ -15,8 +15,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from support.settings import make_settings
 
-from measure.launcher import in_thread
-from server.app import create_app
+from deepdefense.measure.launcher import in_thread
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -21,11 +21,11 @@ from support.images import pixels
 from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
 
-from defense import NoDefense
-from measure.launcher import in_thread
-from models.checkpoint import SHIPPED_DIR, read_meta
-from models.data import load_split
-from server.app import create_app
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import SHIPPED_DIR, read_meta
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -388,7 +388,7 @@ def test_keys_are_required_and_budgets_are_charged_per_instance(tmp_path: Path, 
 def test_an_error_while_building_the_answer_is_refunded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, defense: NoDefense
 ) -> None:
-    import server.oip_codec as codec
+    import deepdefense.server.oip_codec as codec
 
     app = create_app(make_settings(tmp_path, api_keys=KEY, query_budget=2), defense)
     with serving(app, raise_server_exceptions=False) as client:

@@ -14,10 +14,10 @@ from support.numerics import PATH_ATOL, top1_margin
 from support.servers import metric_value, serving
 from support.settings import make_settings
 
-from defense.engine import DeepDefense
-from server.app import create_app
-from server.runtime import build_defense
-from server.settings import ServerSettings
+from deepdefense.defense.engine import DeepDefense
+from deepdefense.server.app import create_app
+from deepdefense.server.runtime import build_defense
+from deepdefense.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

@@ -20,13 +20,13 @@ from support.redis_server import RedisServer, free_port, redis_key_id, spend_in_
 from support.servers import bearer, error_of, serving
 from support.settings import make_settings
 
-from defense import NoDefense
-from server.app import create_app
-from server.auth import key_id
-from server.budget import RedisLedger
-from server.monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
-from server.runtime import StartupError
-from server.state import connect_redis
+from deepdefense.defense import NoDefense
+from deepdefense.server.app import create_app
+from deepdefense.server.auth import key_id
+from deepdefense.server.budget import RedisLedger
+from deepdefense.server.monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
+from deepdefense.server.runtime import StartupError
+from deepdefense.server.state import connect_redis
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

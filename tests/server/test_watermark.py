@@ -17,13 +17,13 @@ from support.servers import bearer, key_id_of, serving
 from support.settings import make_settings
 
 from deepdefense.cli import main
-from defense import NoDefense
-from measure.launcher import in_thread
-from models.checkpoint import load_checkpoint
-from models.data import load_split
-from server.app import create_app
-from server.keystore import WATERMARK, server_secret
-from server.watermark import Record, SqliteWatermarkStore, Watermark, ownership_test
+from deepdefense.defense import NoDefense
+from deepdefense.measure.launcher import in_thread
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
+from deepdefense.server.app import create_app
+from deepdefense.server.keystore import WATERMARK, server_secret
+from deepdefense.server.watermark import Record, SqliteWatermarkStore, Watermark, ownership_test
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 

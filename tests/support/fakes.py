@@ -9,8 +9,8 @@ import threading
 
 import torch
 
-from defense import NoDefense
-from defense.interpreters import create_interpreter
+from deepdefense.defense import NoDefense
+from deepdefense.defense.interpreters import create_interpreter
 
 
 class GatedDefense(NoDefense):

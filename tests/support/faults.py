@@ -21,9 +21,9 @@ import time
 import torch
 from torch import Tensor
 
-from defense import Answer, NoDefense
-from defense.interpreters import create_interpreter
-from models.checkpoint import load_checkpoint
+from deepdefense.defense import Answer, NoDefense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.models.checkpoint import load_checkpoint
 
 SHAPE = (1, 28, 28)
 RAISE, NAN, INF_MAP, FALLBACK = 0.25, 0.75, 0.5, 0.125
@@ -90,8 +90,8 @@ class SlowDefense(NoDefense):
 
 
 def main() -> None:
-    from server.app import serve
-    from server.settings import ServerSettings
+    from deepdefense.server.app import serve
+    from deepdefense.server.settings import ServerSettings
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)

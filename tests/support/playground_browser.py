@@ -157,7 +157,7 @@ def screenshot(url: str, out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python tests/support/playground_browser.py --out docs/playground.png``: ``deepdefense serve`` with its
     defaults (``lenet-mnist``, DeepDefense, Grad-CAM, the gate) on loopback, and the screenshot of its playground."""
-    from measure.launcher import spawn_serve
+    from deepdefense.measure.launcher import spawn_serve
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", default="docs/playground.png")

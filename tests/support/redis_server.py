@@ -82,8 +82,8 @@ class RedisServer:
 def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Barrier, results: Queue) -> None:
     """In a process of its own: ``spends`` spends of one query from a new ledger, once every process is
     ready (``start``); puts how many were granted."""
-    from server.budget import RedisLedger
-    from server.state import connect_redis
+    from deepdefense.server.budget import RedisLedger
+    from deepdefense.server.state import connect_redis
 
     ledger = RedisLedger(connect_redis(url), budget, "lenet-mnist")
     try:
@@ -95,8 +95,8 @@ def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Bar
 
 def redis_key_id(server: RedisServer, key: str) -> str:
     """``key``'s id under the key-id secret in ``server``'s Redis (made now if no app made it yet), as apps give it."""
-    from server.auth import key_id
-    from server.keystore import KEY_ID, redis_secret
+    from deepdefense.server.auth import key_id
+    from deepdefense.server.keystore import KEY_ID, redis_secret
 
     with server.client() as raw:
         return key_id(key, redis_secret(raw, KEY_ID))

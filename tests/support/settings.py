@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from server.settings import ServerSettings
+from deepdefense.server.settings import ServerSettings
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from clients.attack import sample_queries
-from models.data import load_split
+from deepdefense.clients.attack import sample_queries
+from deepdefense.models.data import load_split
 
 root = sys.argv[1]
 pool = load_split("fashionmnist", root, "train").tensors[0]

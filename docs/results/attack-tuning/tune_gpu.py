@@ -15,7 +15,7 @@ OUT = os.environ.get("OUT", "/tmp")
 
 
 def answers(dev):
-    from defense.loader import load_defense
+    from deepdefense.defense.loader import load_defense
 
     d = torch.load(".tune/data.pt")
     q = d["queries"].float().div(255).to(dev)
@@ -33,9 +33,9 @@ def answers(dev):
 
 
 def run(cfg):
-    from clients.attack_losses import attack_loss
-    from clients.attack_model import build_attack_model
-    from defense.interpreters import create_interpreter
+    from deepdefense.clients.attack_losses import attack_loss
+    from deepdefense.clients.attack_model import build_attack_model
+    from deepdefense.defense.interpreters import create_interpreter
 
     dev = torch.device("cuda")
     d = torch.load(".tune/data.pt")

@@ -9,7 +9,7 @@
 # explanations thieves, the detectors) with the map the server sends. The report takes e's rows over a's and b's.
 set -e
 export OMP_NUM_THREADS=1
-own() { python -m measure.ownership --data-root "${DD_DATA_ROOT:-../shared/data}" "$@"; }
+own() { python -m deepdefense.measure.ownership --data-root "${DD_DATA_ROOT:-../shared/data}" "$@"; }
 own --out docs/results/ownership/a.json --steps cost sweep copies --query-sets victim-train &
 own --out docs/results/ownership/b.json --steps copies --query-sets jbda &
 wait
@@ -26,6 +26,6 @@ deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gate
 own --out docs/results/ownership/f.json --steps copies --query-sets victim-train --budget 10000 --losses labels probabilities &
 own --out docs/results/ownership/g.json --steps copies --query-sets victim-train --budget 10000 --losses explanations &
 wait
-python -m measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
+python -m deepdefense.measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
     docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
     docs/results/ownership/f.json docs/results/ownership/g.json > docs/results/ownership.md
