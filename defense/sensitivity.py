@@ -10,6 +10,7 @@ Scores are computed once per model and stored in the checkpoint's metadata
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,8 +95,11 @@ def training_sensitivity(model: nn.Module, meta: CheckpointMeta, data_root: str,
     return layer_sensitivity(model, sample_images(load_split(meta.dataset, data_root, "train"), n, seed))
 
 
-def store_sensitivity(checkpoint: str, data_root: str | None, n: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Compute S_ℓ on ``n`` training images and store it in the checkpoint's metadata JSON."""
+def store_sensitivity(
+    checkpoint: str, data_root: str | None, n: int = 1000, seed: int = 0
+) -> tuple[Path, dict[str, float]]:
+    """Compute S_ℓ on ``n`` training images and store it in the checkpoint's metadata JSON; returns that JSON's path
+    and S_ℓ per layer."""
     import json
     from dataclasses import asdict
 
@@ -113,4 +117,4 @@ def store_sensitivity(checkpoint: str, data_root: str | None, n: int = 1000, see
     }
     path = resolve_checkpoint(checkpoint)
     path.write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    return scores
+    return path, scores

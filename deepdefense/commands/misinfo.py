@@ -1,32 +1,25 @@
 """``deepdefense misinfo``: train the misinformation model of a victim (Adaptive Misinformation), measure
-it on the victim's test set, and write it beside the victim as ``<victim>-misinfo``."""
+it on the victim's test set, and write it beside the victim as ``<victim>-misinfo`` (the pipeline:
+``defense/fitting/misinformation.py``, ``fit_misinformation_model``; the figures: ``measure/misinformation.py``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from deepdefense import flags
+from deepdefense.defense.fitting.misinformation import MisinfoConfig
 
 HELP = "train a victim's misinformation model (Adaptive Misinformation) and write its checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="lenet-mnist", help="the victim: shipped name or path to its metadata JSON")
+    flags.add_fields(p, MisinfoConfig, ("checkpoint",))
     flags.add_data_root(p, " (the victim's training split is used; its test split for the figures)")
     flags.add_save(p, "the misinformation model", "<victim>-misinfo beside the victim")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--max-shift", type=int, default=2, help="random translation in pixels for images ≤ 32 px (0: off)")
-    p.add_argument(
-        "--balance",
-        type=float,
-        default=1.0,
-        help="weight of the answer-spread term (confident answers over all classes); 0: AM's loss alone",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    flags.add_fields(p, MisinfoConfig, ("epochs", "batch_size", "lr", "max_shift", "balance", "seed"))
     flags.add_device(p)
     p.add_argument(
         "--report", default=None, help="also write the figures as Markdown here (docs/results/misinformation.md)"
@@ -42,30 +35,18 @@ def run(args: argparse.Namespace) -> int:
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the misinformation model the flags describe; returns its metadata path."""
     from deepdefense.common.device import resolve_device
-    from deepdefense.defense.fitting.misinformation import MisinfoConfig, train_misinformation
-    from deepdefense.defense.misinformation import misinformation_path
-    from deepdefense.measure.misinformation import measure_misinformation, report
-    from deepdefense.models.checkpoint import load_checkpoint, save_checkpoint
-    from deepdefense.models.data import load_split
+    from deepdefense.defense.fitting.misinformation import fit_misinformation_model
+    from deepdefense.measure.misinformation import report
 
-    cfg = MisinfoConfig(
-        victim=args.checkpoint,
-        data_root=args.data_root,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_shift=args.max_shift,
-        balance=args.balance,
-        seed=args.seed,
+    cfg = flags.from_fields(
+        MisinfoConfig,
+        args,
         device=str(resolve_device(args.device)),
         progress=not args.quiet,
         command=args.command_line,
     )
-    model, meta = train_misinformation(cfg)
-    victim, victim_meta = load_checkpoint(args.checkpoint)
-    figures = measure_misinformation(victim, model, load_split(victim_meta.dataset, args.data_root, "test"))
-    meta.extra["measured"] = figures
-    path = save_checkpoint(model, meta, args.save or misinformation_path(args.checkpoint))
+    path, meta = fit_misinformation_model(cfg, lambda model: _measure(args, model))
+    figures = meta.extra["measured"]
     print(json.dumps(figures, indent=2))
     print(
         f"wrote {path} (top-1 accuracy {meta.test_accuracy:.2f}%, mean p_true {figures['misinfo_mean_p_true']}, "
@@ -76,3 +57,13 @@ def make(args: argparse.Namespace) -> Path:
         Path(args.report).write_text(report(figures, meta))
         print(f"wrote {args.report}")
     return path
+
+
+def _measure(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The trained model's figures against its victim on the victim's test split (``measure/misinformation.py``)."""
+    from deepdefense.measure.misinformation import measure_misinformation
+    from deepdefense.models.checkpoint import load_checkpoint
+    from deepdefense.models.data import load_split
+
+    victim, victim_meta = load_checkpoint(args.checkpoint)
+    return measure_misinformation(victim, model, load_split(victim_meta.dataset, args.data_root, "test"))

@@ -23,6 +23,11 @@ from types import ModuleType
 from typing import Any
 
 from deepdefense import flags
+from deepdefense.defense import domain as domain_score
+from deepdefense.defense import misinformation, warm_start
+from deepdefense.defense.baselines import edm as baseline_edm
+from deepdefense.models.artifacts import beside
+from deepdefense.models.checkpoint import CheckpointError
 
 from . import domain, edm, misinfo, sensitivity, warmstart
 
@@ -198,14 +203,6 @@ def _stale(step: Step, victim: Path, redo: set[str], made: set[str]) -> str | No
     return own
 
 
-def _loads(load: Callable[[], Any], errors: tuple[type[Exception], ...]) -> str | None:
-    try:
-        load()
-    except errors as err:
-        return str(err)
-    return None
-
-
 def _victim_model(victim: Path) -> Any:
     from deepdefense.models.checkpoint import load_checkpoint
 
@@ -224,45 +221,47 @@ def _check_sensitivity(victim: Path) -> str | None:
     return None
 
 
-def _check_warmstart(victim: Path) -> str | None:
-    from deepdefense.defense.warm_start import WarmStartError, load_warm_start, warm_start_paths
+def _check_beside(
+    suffix: str, what: str, load: Callable[[Path], Any], errors: tuple[type[Exception], ...]
+) -> Callable[[Path], str | None]:
+    """The check of an artifact beside the checkpoint (``models/artifacts.py``, its ``suffix``): there, and loaded
+    as the server loads it (``load``), which verifies its sha256 and the victim's weights it was made for."""
 
-    if not warm_start_paths(victim)[0].is_file():
-        return "no warm start beside the checkpoint"
-    return _loads(lambda: load_warm_start(victim, _victim_model(victim)), (WarmStartError,))
+    def check(victim: Path) -> str | None:
+        if not beside(victim, suffix).is_file():
+            return f"no {what} beside the checkpoint"
+        try:
+            load(victim)
+        except errors as err:
+            return str(err)
+        return None
 
-
-def _check_domain(victim: Path) -> str | None:
-    from deepdefense.defense.domain import DomainScoreError, domain_paths, load_domain_score
-
-    if not domain_paths(victim)[0].is_file():
-        return "no domain score beside the checkpoint"
-    return _loads(lambda: load_domain_score(victim, _victim_model(victim)), (DomainScoreError,))
-
-
-def _check_misinfo(victim: Path) -> str | None:
-    from deepdefense.defense.misinformation import load_misinformation, misinformation_path
-    from deepdefense.models.checkpoint import CheckpointError
-
-    if not misinformation_path(victim).with_suffix(".json").is_file():
-        return "no misinformation model beside the checkpoint"
-    return _loads(lambda: load_misinformation(victim), (CheckpointError,))
-
-
-def _check_edm(victim: Path) -> str | None:
-    from deepdefense.defense.baselines.edm import EDMError, ensemble_paths, load_ensemble
-
-    if not ensemble_paths(victim)[0].is_file():
-        return "no ensemble beside the checkpoint"
-    return _loads(lambda: load_ensemble(victim, _victim_model(victim)), (EDMError,))
+    return check
 
 
 CHECKS: dict[str, Callable[[Path], str | None]] = {
     "sensitivity": _check_sensitivity,
-    "warmstart": _check_warmstart,
-    "domain": _check_domain,
-    "misinfo": _check_misinfo,
-    "edm": _check_edm,
+    "warmstart": _check_beside(
+        warm_start.SUFFIX,
+        "warm start",
+        lambda v: warm_start.load_warm_start(v, _victim_model(v)),
+        (warm_start.WarmStartError,),
+    ),
+    "domain": _check_beside(
+        domain_score.SUFFIX,
+        "domain score",
+        lambda v: domain_score.load_domain_score(v, _victim_model(v)),
+        (domain_score.DomainScoreError,),
+    ),
+    "misinfo": _check_beside(
+        misinformation.SUFFIX, "misinformation model", misinformation.load_misinformation, (CheckpointError,)
+    ),
+    "edm": _check_beside(
+        baseline_edm.SUFFIX,
+        "ensemble",
+        lambda v: baseline_edm.load_ensemble(v, _victim_model(v)),
+        (baseline_edm.EDMError,),
+    ),
 }
 
 

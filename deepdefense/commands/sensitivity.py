@@ -25,10 +25,9 @@ def run(args: argparse.Namespace) -> int:
 def make(args: argparse.Namespace) -> Path:
     """Compute S_ℓ, store it in the checkpoint's metadata and print it; returns that metadata's path."""
     from deepdefense.defense.sensitivity import store_sensitivity
-    from deepdefense.models.checkpoint import resolve_checkpoint
 
-    scores = store_sensitivity(args.checkpoint, args.data_root, n=args.n, seed=args.seed)
+    path, scores = store_sensitivity(args.checkpoint, args.data_root, n=args.n, seed=args.seed)
     total = sum(scores.values())
     for layer, score in sorted(scores.items(), key=lambda kv: -kv[1]):
         print(f"{layer:32s} S = {score:12.4f}  ({100 * score / total:5.1f}%)")
-    return resolve_checkpoint(args.checkpoint)
+    return path

@@ -19,7 +19,7 @@ N and λ_D are chosen on a held-out part of the victim's training split and synt
 it (in-domain accuracy of the served ensemble, mean coherence on the outliers); docs/design.md, "Ensemble
 of Diverse Models", has the sweep and the measured figures.
 
-``deepdefense edm`` drives it.
+:func:`fit_edm` is the whole pipeline (train, measure, save); ``deepdefense edm`` calls it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +38,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
+from deepdefense.common.options import described
 from deepdefense.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from deepdefense.models.data import load_split
 from deepdefense.models.normalized import Normalized
 from deepdefense.models.train import random_shift, seed_everything
 
-from ..baselines.edm import EDMMeta, pairwise_cosine
+from ..baselines.edm import EDMMeta, pairwise_cosine, save_ensemble
 from ..outliers import OUTLIERS, synthesise
 
 #: The shipped choice (``defense/baselines/edm.py``; docs/design.md has the sweep).
@@ -58,19 +61,26 @@ def div_loss(p: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class EDMConfig:
-    victim: str  # checkpoint name or metadata path of the victim
-    data_root: str | os.PathLike[str] | None
-    members: int = DEFAULT_MEMBERS
-    lambda_d: float = DEFAULT_LAMBDA_D
-    epochs: int = 2
-    batch_size: int = 128  # in-domain images per step (every member sees the same batch)
-    outlier_batch: int = 64  # synthetic outliers per step, made from other training images of the fit split
-    lr: float = 1e-3
-    max_shift: int = 2  # random translation of the in-domain images, as the victim was trained (models/train.py)
-    held_out: int = 5000  # training images kept out of training: the choice of N and λ_D is made on them
-    train_images: int | None = None  # fit on only the first this many of the rest (quick sweeps and tests)
-    kinds: tuple[str, ...] = tuple(OUTLIERS)
-    seed: int = 0
+    """What :func:`fit_edm` trains; the fields with a description are ``deepdefense edm``'s flags."""
+
+    checkpoint: str = described("lenet-mnist", help="the victim: shipped name or path to its metadata JSON")
+    members: int = described(DEFAULT_MEMBERS, help="N, the ensemble's size (≥ 2)")
+    lambda_d: float = described(DEFAULT_LAMBDA_D, help="λ_D, the weight of DivLoss")
+    epochs: int = described(2, help="training epochs of the ensemble")
+    # every member sees the same batch
+    batch_size: int = described(128, help="in-domain images per step")
+    # made from other training images of the fit split
+    outlier_batch: int = described(64, help="synthetic outliers per step")
+    lr: float = described(1e-3, help="learning rate")
+    # of the in-domain images, as the victim was trained (models/train.py)
+    max_shift: int = described(2, help="random translation in pixels for images ≤ 32 px (0: off)")
+    # the choice of N and λ_D is made on them
+    held_out: int = described(5000, help="training images kept out of training (the choice)")
+    train_images: int | None = described(None, help="fit on only this many of the other training images (sweeps)")
+    kinds: tuple[str, ...] = described(tuple(OUTLIERS), help="outlier kinds", choices=list(OUTLIERS))
+    seed: int = described(0, help="seed of the members' initialisation and the data order")
+    data_root: str | os.PathLike[str] | None = None
+    save: str | os.PathLike[str] | None = None  # default: <victim>.edm beside the victim
     device: str = "cpu"
     progress: bool = True
     command: str = ""
@@ -157,7 +167,7 @@ def fit_ensemble(
 
 
 def train_ensemble(cfg: EDMConfig) -> tuple[list[Normalized], EDMMeta, HeldOut]:
-    """An EDM ensemble for ``cfg.victim``: ``cfg.members`` fresh models of its architecture and normalisation
+    """An EDM ensemble for ``cfg.checkpoint``: ``cfg.members`` fresh models of its architecture and normalisation
     (seeded inits, all different) trained on its training split minus ``cfg.held_out`` images, against
     synthetic outliers made from the same images.
 
@@ -169,7 +179,7 @@ def train_ensemble(cfg: EDMConfig) -> tuple[list[Normalized], EDMMeta, HeldOut]:
     unknown = [k for k in cfg.kinds if k not in OUTLIERS]
     if unknown or not cfg.kinds:
         raise ValueError(f"unknown outlier kinds {unknown}; known: {', '.join(OUTLIERS)}")
-    victim_path = resolve_checkpoint(cfg.victim)
+    victim_path = resolve_checkpoint(cfg.checkpoint)
     _, victim = load_checkpoint(victim_path)  # verifies the victim's sha256 before we record it
     x, y = load_split(victim.dataset, cfg.data_root, "train").tensors  # type: ignore[attr-defined]
     fit_idx, held_idx = held_out_split(len(x), cfg.held_out, cfg.seed)
@@ -211,3 +221,14 @@ def train_ensemble(cfg: EDMConfig) -> tuple[list[Normalized], EDMMeta, HeldOut]:
         command=cfg.command,
     )
     return [m.cpu() for m in members], meta, HeldOut(held_x, y[held_idx], outliers, kind, tuple(cfg.kinds))
+
+
+def fit_edm(
+    cfg: EDMConfig, measure: Callable[[list[Normalized], EDMMeta, HeldOut], dict[str, Any]]
+) -> tuple[Path, EDMMeta]:
+    """Train the ensemble ``cfg`` describes (:func:`train_ensemble`), keep what ``measure`` (given the members,
+    their metadata and the held-out images) returns as its measured figures, and write it at ``cfg.save``
+    (default: ``<victim>.edm`` beside the victim); returns its metadata path and metadata."""
+    members, meta, held = train_ensemble(cfg)
+    meta.measured = measure(members, meta, held)
+    return save_ensemble(members, meta, cfg.checkpoint, cfg.save), meta

@@ -1,24 +1,35 @@
 """Training the misinformation model of Adaptive Misinformation (``defense/misinformation.py``: what it is, how it
 is served and stored) offline, on the victim's own training split: the victim's architecture and normalisation,
-trained to be confidently *wrong*. ``deepdefense misinfo`` drives it.
+trained to be confidently *wrong*. :func:`fit_misinformation_model` is the whole pipeline (train, measure, save);
+``deepdefense misinfo`` calls it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from deepdefense.models.checkpoint import CheckpointMeta, build_model, load_checkpoint, resolve_checkpoint
+from deepdefense.common.options import described
+from deepdefense.models.checkpoint import (
+    CheckpointMeta,
+    build_model,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from deepdefense.models.data import load_split
 from deepdefense.models.normalized import Normalized
 from deepdefense.models.train import evaluate, random_shift, seed_everything
 
-from ..misinformation import KIND
+from ..misinformation import KIND, misinformation_path
 
 
 def misinformation_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -57,14 +68,21 @@ def answer_spread_penalty(logits: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MisinfoConfig:
-    victim: str  # checkpoint name or metadata path of the victim
-    data_root: str | os.PathLike[str] | None
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    max_shift: int = 2  # random translation, as the victim was trained (models/train.py)
-    balance: float = 1.0  # weight of answer_spread_penalty; 0 is AM's loss alone
-    seed: int = 0
+    """What :func:`fit_misinformation_model` trains; the fields with a description are ``deepdefense misinfo``'s
+    flags."""
+
+    checkpoint: str = described("lenet-mnist", help="the victim: shipped name or path to its metadata JSON")
+    epochs: int = described(3, help="training epochs")
+    batch_size: int = described(128, help="training batch size")
+    lr: float = described(1e-3, help="learning rate")
+    max_shift: int = described(2, help="random translation in pixels for images ≤ 32 px (0: off)")
+    balance: float = described(
+        1.0,
+        help="weight of the answer-spread term (confident answers over all classes); 0: AM's loss alone",
+    )
+    seed: int = described(0, help="seed of the initialisation and the data order")
+    data_root: str | os.PathLike[str] | None = None
+    save: str | os.PathLike[str] | None = None  # default: <victim>-misinfo beside the victim
     device: str = "cpu"
     progress: bool = True
     command: str = ""
@@ -98,13 +116,13 @@ def fit_misinformation(
 
 
 def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta]:
-    """A misinformation model for ``cfg.victim``: its architecture and normalisation, its training split.
+    """A misinformation model for ``cfg.checkpoint``: its architecture and normalisation, its training split.
 
     Returns the model and its metadata (not yet written: the caller adds measured figures and saves
     with ``models.checkpoint.save_checkpoint``). ``test_accuracy`` is its top-1 accuracy on the
     victim's test split — near 0 when training worked.
     """
-    victim_path = resolve_checkpoint(cfg.victim)
+    victim_path = resolve_checkpoint(cfg.checkpoint)
     _, victim = load_checkpoint(victim_path)  # verifies the victim's sha256 before we record it
     generator = seed_everything(cfg.seed)  # after the victim's load, whose model init draws random numbers
     meta = CheckpointMeta(
@@ -140,3 +158,14 @@ def train_misinformation(cfg: MisinfoConfig) -> tuple[Normalized, CheckpointMeta
     test_set = load_split(victim.dataset, cfg.data_root, "test")
     meta.test_accuracy = round(evaluate(model, test_set, torch.device(cfg.device)), 2)
     return model.cpu(), meta
+
+
+def fit_misinformation_model(
+    cfg: MisinfoConfig, measure: Callable[[Normalized], dict[str, Any]]
+) -> tuple[Path, CheckpointMeta]:
+    """Train the misinformation model ``cfg`` describes (:func:`train_misinformation`), keep what ``measure``
+    (given the trained model) returns in its metadata (``extra["measured"]``), and write it as a checkpoint at
+    ``cfg.save`` (default: ``<victim>-misinfo`` beside the victim); returns its metadata path and metadata."""
+    model, meta = train_misinformation(cfg)
+    meta.extra["measured"] = measure(model)
+    return save_checkpoint(model, meta, cfg.save or misinformation_path(cfg.checkpoint)), meta

@@ -7,8 +7,9 @@ import argparse
 import asyncio
 import json
 import re
+import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -16,10 +17,13 @@ import pytest
 from support.settings import make_settings
 
 from deepdefense import flags
-from deepdefense.cli import build_parser
+from deepdefense.cli import build_parser, main
 from deepdefense.clients.load import LoadConfig, run_load
 from deepdefense.common.options import described
 from deepdefense.defense import NoDefense
+from deepdefense.defense.fitting.edm import EDMConfig
+from deepdefense.defense.fitting.misinformation import MisinfoConfig
+from deepdefense.defense.fitting.warm_start import WarmStartConfig
 from deepdefense.measure.launcher import in_thread
 from deepdefense.server.app import create_app
 
@@ -124,6 +128,64 @@ def test_eval_flags_are_made_from_its_config() -> None:
     )
     with pytest.raises(SystemExit):  # choices come from the field's Literal type
         build_parser().parse_args(["eval", "--out", "o", "--query-sets", "nowhere"])
+
+
+class _Given(Exception):
+    """Raised by a fitting pipeline's stand-in with the config the command handed it."""
+
+
+@pytest.mark.parametrize(
+    "name, function, argv, expected",
+    [
+        (
+            "warmstart",
+            "warm_start.fit_warm_start",
+            [
+                "--checkpoint",
+                "c",
+                "--n",
+                "64",
+                "--rank",
+                "4",
+                "--serve-steps",
+                "12",
+                "--set",
+                "steps=10",
+                "--save",
+                "s",
+            ],
+            WarmStartConfig(checkpoint="c", n=64, rank=4, serve_steps=12, save="s", engine_options={"steps": 10}),
+        ),
+        (
+            "misinfo",
+            "misinformation.fit_misinformation_model",
+            ["--checkpoint", "c", "--epochs", "1", "--balance", "0", "--max-shift", "0"],
+            MisinfoConfig(checkpoint="c", epochs=1, balance=0.0, max_shift=0),
+        ),
+        (
+            "edm",
+            "edm.fit_edm",
+            ["--members", "3", "--lambda-d", "0.25", "--kinds", "uniform_noise", "strong_warp", "--train-images", "9"],
+            EDMConfig(members=3, lambda_d=0.25, kinds=("uniform_noise", "strong_warp"), train_images=9),
+        ),
+    ],
+)
+def test_the_fitting_commands_hand_their_pipeline_the_config_their_flags_spell(
+    monkeypatch: pytest.MonkeyPatch, name: str, function: str, argv: list[str], expected: object
+) -> None:
+    """``warmstart``, ``misinfo`` and ``edm`` make their flags from their config's fields: a command line reaches
+    the one pipeline it calls as the config it spells (the shared flags as the other commands read them)."""
+    module, attribute = function.split(".")
+
+    def stand_in(cfg: object, *measure: object) -> None:
+        raise _Given(cfg)
+
+    monkeypatch.setattr(f"deepdefense.defense.fitting.{module}.{attribute}", stand_in)
+    line = [name, *argv, "--data-root", "d", "--device", "cpu", "--quiet"]
+    with pytest.raises(_Given) as given:
+        main(line)
+    command = shlex.join(["deepdefense", *line])
+    assert given.value.args[0] == replace(expected, data_root="d", progress=False, command=command)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
