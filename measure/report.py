@@ -48,22 +48,10 @@ FIDELITY_CELLS = (("accuracy", 2), ("r_test", 2), ("r_test_tv", 3), ("r_unif", 2
 DATASET_TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
 MAIN = ("none", "pp", "edm", *ENGINE_MODES)  # the order of the report's tables
 NAMES = plots.NAMES
-CSV_FIELDS = (
-    "arm",
-    "defense",
-    "cs",
-    "top_k",
-    "loss",
-    "budget",
-    "accuracy",
-    "r_test",
-    "r_test_tv",
-    "r_unif",
-    "r_unif_tv",
-    "epochs",
-    "train_s",
-    "device",
-)
+#: The columns of accuracy.csv: the arm's, then its run's.
+ARM_FIELDS = ("arm", "defense", "cs", "top_k")
+RUN_FIELDS = ("loss", "budget", "accuracy", "r_test", "r_test_tv", "r_unif", "r_unif_tv", "epochs", "train_s", "device")
+CSV_FIELDS = ARM_FIELDS + RUN_FIELDS
 
 #: Row order and names of the arms.
 ARM_NAMES = {
@@ -100,20 +88,12 @@ def paper_for(record: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per trained attack model."""
-    rows = []
-    for key, arm in record["arms"].items():
-        settings = arm.get("settings", {})
-        for run in arm["runs"]:
-            rows.append(
-                {
-                    "arm": key,
-                    "defense": arm["defense"],
-                    "cs": settings.get("cs"),
-                    "top_k": settings.get("top_k"),
-                    **{f: run.get(f) for f in CSV_FIELDS if f not in ("arm", "defense", "cs", "top_k")},
-                }
-            )
-    return rows
+    return [
+        {"arm": key, "defense": arm["defense"], **{f: arm.get("settings", {}).get(f) for f in ("cs", "top_k")}}
+        | {f: run.get(f) for f in RUN_FIELDS}
+        for key, arm in record["arms"].items()
+        for run in arm["runs"]
+    ]
 
 
 def main_arms(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -142,13 +122,7 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
         both = r["ours"] is not None and r["paper"] is not None
         r["difference"] = round(r["ours"] - r["paper"], 2) if both else None
     fidelity = [
-        {
-            "defense": d,
-            "loss": run["loss"],
-            "budget": run["budget"],
-            "accuracy": run["accuracy"],
-            **{k: run.get(k) for k in ("r_test", "r_test_tv", "r_unif", "r_unif_tv")},
-        }
+        {"defense": d, **{k: run.get(k) for k in ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))}}
         for d in MAIN
         if d in main
         for run in main[d]["runs"]
@@ -157,47 +131,19 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     table3, table4 = [], []
     for key, arm in arms.items():
         role = role_of(key, arm)[0]
-        if role == "main":
-            continue
-        s, rt = arm["settings"], arm["runtime"]
-        variant = {
-            "arm": key,
-            "defense": arm["defense"],
-            "cs": s.get("cs"),
-            "top_k": s.get("top_k", 1),  # PP names k only when it is not the argmax
-            "layers": s.get("layers"),
-            "budget": arm["budget"],
-            "ms_per_query": rt["ms_per_query"],
-            "mean_l_orth": rt.get("mean_l_orth"),
-            "fallbacks": rt.get("fallbacks"),
-            "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]},
-        }
-        (table3 if role == "cs" else table4).append(variant)
+        if role != "main":
+            settings = {"top_k": 1, **arm["settings"]}  # PP names k only when it is not the argmax
+            (table3 if role == "cs" else table4).append(_variant(key, arm, settings, arm["budget"], arm["runs"]))
     for key, entry in (record.get("not_collected") or {}).items():  # a CS arm not run beside its twin's figures
         twin = _same_layers_as(record, key)
         if twin:
-            s = entry["settings"]
             same = next(r for r in table3 if r["arm"] == twin)
-            table3.append({**same, "arm": key, "cs": s.get("cs"), "same_as": twin})
+            table3.append({**same, "arm": key, "cs": entry["settings"].get("cs"), "same_as": twin})
     ablation = record["config"].get("ablation_budget") or budget
     ablation_losses = record["config"].get("ablation_losses") or ["explanations"]
     if "pp" in main:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
-        pp = {
-            "arm": "pp",
-            "defense": "pp",
-            "cs": None,
-            "top_k": None,
-            "layers": None,
-            "budget": ablation,
-            "ms_per_query": main["pp"]["runtime"]["ms_per_query"],
-            "mean_l_orth": None,
-            "fallbacks": None,
-            "accuracy": {  # the attackers the DeepDefense variants faced (--ablation-losses), not every one
-                run["loss"]: run["accuracy"]
-                for run in main["pp"]["runs"]
-                if run["budget"] == ablation and run["loss"] in ablation_losses
-            },
-        }
+        # the attackers the DeepDefense variants faced (--ablation-losses), not every one
+        pp = _variant("pp", main["pp"], {}, ablation, [r for r in main["pp"]["runs"] if r["loss"] in ablation_losses])
         table3 += [pp] if table3 else []
         table4 += [pp] if table4 and not any(r["defense"] == "pp" for r in table4) else []
     runtime = [{"arm": key, "defense": arm["defense"], **arm["runtime"]} for key, arm in arms.items()]
@@ -216,6 +162,14 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
         "runtime": runtime,
         "average_drop": drops,
     }
+
+
+def _variant(key: str, arm: Mapping[str, Any], settings: Mapping[str, Any], budget: int, runs: list) -> dict:
+    """A row of Table 3 or 4: the arm's settings and runtime, and its attackers' accuracy at ``budget``."""
+    row = {"arm": key, "defense": arm["defense"], **{k: settings.get(k) for k in ("cs", "top_k", "layers")}}
+    runtime = arm["runtime"] if settings else {"ms_per_query": arm["runtime"]["ms_per_query"]}
+    row |= {"budget": budget, **{k: runtime.get(k) for k in ("ms_per_query", "mean_l_orth", "fallbacks")}}
+    return row | {"accuracy": {r["loss"]: r["accuracy"] for r in runs if r["budget"] == budget}}
 
 
 def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
