@@ -177,14 +177,11 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    t = tables(record)
+    drops = t["average_drop"]  # without their figures
     stripped = {
         **record,
-        "arms": {
-            k: {**a, "average_drop": {x: y for x, y in a["average_drop"].items() if x != "figure"}}
-            if "average_drop" in a
-            else a
-            for k, a in record["arms"].items()
-        },
+        "arms": {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()},
     }
     paths["results"] = _write_json(out / "results.json", stripped)
     rows = accuracy_rows(record)
@@ -193,9 +190,8 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    t = tables(record)
     paths["tables"] = _write_json(out / "tables.json", t)
-    paths["average_drop"] = _write_json(out / "average_drop.json", t["average_drop"])
+    paths["average_drop"] = _write_json(out / "average_drop.json", drops)
     main = main_arms(record)
     main_rows = [r for r in rows if main.get(r["defense"]) is record["arms"][r["arm"]]]
     if main_rows:
@@ -211,14 +207,8 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     for key, arm in record["arms"].items():
         fig = arm.get("average_drop", {}).get("figure")
         if fig:
-            paths["fig3"] = plots.figure3(
-                fig["images"],
-                fig["victim_maps"],
-                fig["defended_maps"],
-                fig["labels"],
-                out / "fig3.png",
-                defended_name=NAMES.get(arm["defense"], key),
-            )
+            maps = (fig[k] for k in ("images", "victim_maps", "defended_maps", "labels"))
+            paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
             break
     return paths
 
@@ -520,16 +510,9 @@ def _runtime_sections(t: Mapping[str, Any], config: Mapping[str, Any]) -> list[s
         *table(
             "arm | n | batch | ms/query | mean L_orth | fallbacks | measured on",
             (
-                [
-                    r["arm"],
-                    r["n"],
-                    r["query_batch"],
-                    num(r["ms_per_query"], 1),
-                    num(r.get("mean_l_orth"), 3),
-                    r.get("fallbacks", "—"),
-                    r.get("machine", "—"),
-                ]
+                [r["arm"], r["n"], r["query_batch"], num(r["ms_per_query"], 1), num(r.get("mean_l_orth"), 3), *extra]
                 for r in t["runtime"]
+                for extra in [(r.get("fallbacks", "—"), r.get("machine", "—"))]
             ),
         ),
     ]
@@ -585,20 +568,9 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
         if r.get("same_as"):  # not run: the same layers as another CS, so the same engine and answers
             value += f" (= {r['same_as'].removeprefix('deepdefense-')}: same layers, not run)"
         fallbacks = r["fallbacks"] if r["fallbacks"] is not None else "—"
-        lines.append(
-            row(
-                [
-                    NAMES.get(r["defense"], r["defense"]),
-                    value,
-                    layers,
-                    f"{r['budget']:,}",
-                    num(r["ms_per_query"], 1),
-                    num(r["mean_l_orth"], 3),
-                    fallbacks,
-                    *(_cell(r["accuracy"].get(loss)) for loss in losses),
-                ]
-            )
-        )
+        cells = [f"{r['budget']:,}", num(r["ms_per_query"], 1), num(r["mean_l_orth"], 3), fallbacks]
+        accuracy = (_cell(r["accuracy"].get(loss)) for loss in losses)
+        lines.append(row([NAMES.get(r["defense"], r["defense"]), value, layers, *cells, *accuracy]))
     return lines
 
 
@@ -880,20 +852,8 @@ def _client_benign(folder: Path) -> list[str]:
             for line in metrics.read_text().splitlines():
                 if line.startswith("dd_misinformed_answers_total"):
                     misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
-        accuracy, agreement = num(d["accuracy"]), num(d["agreement_undefended"])
-        lines.append(
-            row(
-                [
-                    f"`{d['defense']}` + gate",
-                    f"{d['n']:,}",
-                    accuracy,
-                    agreement,
-                    misinformed,
-                    num(d["latency_ms"]["p50"], 0),
-                    f"`{d['command']}`",
-                ]
-            )
-        )
+        cells = [num(d["accuracy"]), num(d["agreement_undefended"]), misinformed, num(d["latency_ms"]["p50"], 0)]
+        lines.append(row([f"`{d['defense']}` + gate", f"{d['n']:,}", *cells, f"`{d['command']}`"]))
     return [*lines, ""]
 
 
@@ -926,19 +886,8 @@ def _monitor(record: Mapping[str, Any]) -> list[str]:
         m, at = arm["monitor"], arm["monitor"].get("escalated_at")
         seen = m.get("watched") or {}
         escalated = "never" if at is None else f"{at:,}"
-        name, query_set = _gate_name(key, arm), role_of(key, arm)[2]
-        lines.append(
-            row(
-                [
-                    name,
-                    query_set,
-                    num(m["flagged_pct"]),
-                    escalated,
-                    seen.get("reason") or "—",
-                    num(seen.get("spread"), 3),
-                ]
-            )
-        )
+        cells = [num(m["flagged_pct"]), escalated, seen.get("reason") or "—", num(seen.get("spread"), 3)]
+        lines.append(row([_gate_name(key, arm), role_of(key, arm)[2], *cells]))
     benign = first.get("benign")
     if benign:
         lines += [
@@ -998,6 +947,4 @@ def _latency(path: Path) -> list[str]:
 
 
 def _relative(target: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(target.resolve(), start.resolve())
