@@ -318,21 +318,19 @@ class Evaluation:
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
-    def is_cached(self, key: str) -> bool:
+    def stored(self, key: str) -> dict[str, Any] | None:
         path = self.out / "runs" / f"{key}.json"
-        return path.is_file() and json.loads(path.read_text()).get("cache_key") == key
+        record = json.loads(path.read_text()) if path.is_file() else None
+        return record if record is not None and record.get("cache_key") == key else None
+
+    def is_cached(self, key: str) -> bool:
+        return self.stored(key) is not None
 
     def cached(self, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The record stored under ``key``, or ``make()`` stored there first (atomically)."""
-        path = self.out / "runs" / f"{key}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("cache_key") == key:
-                return record
-        record = {"cache_key": key, **make()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
+        record = self.stored(key)
+        if record is None:
+            record = write_json(self.out / "runs" / f"{key}.json", {"cache_key": key, **make()})
         return record
 
     # -- one arm -----------------------------------------------------------------------------------
@@ -382,6 +380,7 @@ class Evaluation:
             store = self.store(info, strategy, self.meta.dataset)
         if c.only_cached:  # report what is stored: send nothing
             return store, 0
+        batching = {"batch_size": c.query_batch, "progress": self.progress}
         if query_set == "random":
             queries = self.pool[sample_queries(len(self.pool), budget, c.seed)]
         elif query_set == "twins":  # half the budget's images, each followed by its twin
@@ -394,34 +393,15 @@ class Evaluation:
             seeds = self.victim_train[sample_queries(len(self.victim_train), jbda.seed_size, c.seed)]
 
             def substitute(data: TransferSet) -> torch.nn.Module:
-                model = build_attack_model(
-                    info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed + len(data)
-                )
-                train_attack_model(
-                    model,
-                    data,
-                    loss="labels",
-                    interpreter=info.interpreter,
-                    recipe=jbda.recipe,
-                    seed=c.seed + len(data),
-                    device=self.device,
-                    progress=self.progress,
-                )
+                seed = c.seed + len(data)
+                model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, seed)
+                self.train(model, data, loss="labels", interpreter=info.interpreter, recipe=jbda.recipe, seed=seed)
                 return model
 
-            sent = (collect_adaptive if query_set == "adaptive" else collect_jbda)(
-                oracle,
-                store,
-                seeds,
-                budget=budget,
-                rounds=jbda.rounds,
-                step=jbda.jbda_step,
-                train=substitute,
-                batch_size=c.query_batch,
-                progress=self.progress,
-            )
-            return store, sent
-        return store, collect(oracle, store, queries, batch_size=c.query_batch, progress=self.progress)
+            collector = collect_adaptive if query_set == "adaptive" else collect_jbda
+            how = {"rounds": jbda.rounds, "step": jbda.jbda_step, "train": substitute, **batching}
+            return store, collector(oracle, store, seeds, budget=budget, **how)
+        return store, collect(oracle, store, queries, **batching)
 
     def transfer_set(
         self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str = "random"
@@ -445,6 +425,10 @@ class Evaluation:
             "collect_s": round(seconds, 3),
             "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
         }
+
+    def train(self, model: torch.nn.Module, data: TransferSet, **how: Any) -> list[float]:
+        """Train an attack model (or a JBDA substitute) on this run's device: ``train_attack_model``."""
+        return train_attack_model(model, data, device=self.device, progress=self.progress, **how)
 
     def attack_key(self, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> str:
         """The cache key of one attack model: everything that determines it."""
@@ -495,27 +479,13 @@ class Evaluation:
             if kept == 0:  # a filtering attacker that trusts none of the answers learns nothing
                 return {"loss": loss, "budget": budget, "kept": 0, "accuracy": None, **c.training()}
             started = time.perf_counter()
-            history = train_attack_model(
-                model,
-                data.prefix(budget),
-                loss=loss,
-                interpreter=info.interpreter,
-                recipe=c.recipe,
-                seed=c.seed,
-                device=self.device,
-                progress=self.progress,
+            history = self.train(
+                model, data.prefix(budget), loss=loss, interpreter=info.interpreter, recipe=c.recipe, seed=c.seed
             )
             trained = time.perf_counter()
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
-            fid = agreement.fidelity(
-                self.victim,
-                model,
-                self.test_images,
-                c.n_unif,
-                c.seed,
-                victim_test=self.victim_test,
-                victim_unif=self.victim_unif,
-            )
+            references = {"victim_test": self.victim_test, "victim_unif": self.victim_unif}
+            fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed, **references)
             return {
                 "loss": loss,
                 "budget": budget,
@@ -615,7 +585,7 @@ class Evaluation:
             "victim": average_drop.summary(victim_drops),
             "defended": average_drop.summary(answered_drops),
             "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
-            "labels_kept": round(100.0 * float((answered.labels == classes).double().mean()), 2),
+            "labels_kept": agreement.percent(answered.labels == classes),
             "figure": {
                 "images": images[figure].tolist(),
                 "victim_maps": victim_maps[figure].tolist(),
@@ -641,9 +611,9 @@ class Evaluation:
         truth = self.all_test_labels[:n]
         return {
             "n": n,
-            "accuracy": round(100.0 * float((answered.labels == truth).double().mean()), 2),
-            "victim_accuracy": round(100.0 * float((victim == truth).double().mean()), 2),
-            "agreement": round(100.0 * float((answered.labels == victim).double().mean()), 2),
+            "accuracy": agreement.percent(answered.labels == truth),
+            "victim_accuracy": agreement.percent(victim == truth),
+            "agreement": agreement.percent(answered.labels == victim),
         }
 
     def monitor(self, data: TransferSet, arm: Arm) -> dict[str, Any]:
@@ -918,15 +888,16 @@ def run_evaluation(
 
 def _window_summary(s: KeyWindow) -> dict[str, Any]:
     """A monitored key's state as the results report it (no coarse views, no distances)."""
-    return {
-        "queries": s.queries,
-        "flagged": s.flagged,
-        "duplicates": s.duplicates,
-        "tainted": s.tainted,
-        "spread": None if s.spread is None else round(s.spread, 4),
-        "escalated_after": s.escalated_after,
-        "reason": s.reason,
-    }
+    fields = ("queries", "flagged", "duplicates", "tainted", "spread", "escalated_after", "reason")
+    return {f: getattr(s, f) for f in fields} | {"spread": None if s.spread is None else round(s.spread, 4)}
+
+
+def write_json(path: Path, payload: Any) -> Any:
+    """``payload`` written to ``path`` as JSON, atomically (concurrent runs may share a folder); ``payload``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return payload
 
 
 def environment(config: EvalConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 from clients.attack_losses import ATTACK_LOSSES
 from defense.names import ENGINE_MODES
 from measure import plots
-from measure.evaluate import role_of
+from measure.evaluate import role_of, write_json
 from measure.markdown import document, generated_by, num, row, signed, table
 from server.monitor import THRESHOLD
 
@@ -214,9 +214,7 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
 
 
 def _write_json(path: Path, payload: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, payload)
     return path
 
 
