@@ -58,6 +58,8 @@ SETS = {
 #: The map the first runs' watermarked answers carried (their results files say no other): recomputed by the engine
 #: for the watermark class, later dropped (``server/watermark.py``).
 TRIED = "recomputed for the watermark class (`answer_as`, tried, not served)"
+#: The honest cost's figures, as its table shows them.
+COST_COLUMNS = ("accuracy", "watermarked_accuracy", "cost", "watermarked_share")
 #: Requests of this many queries, as the evaluation sent them.
 REQUEST = 16
 
@@ -401,10 +403,7 @@ def report(parts: list[dict[str, Any]]) -> str:
         *table(
             "fraction | accuracy without | with the watermark | cost (points) | answers watermarked (%)",
             (
-                [
-                    f"{float(f):.2%}",
-                    *(f"{c[k]:.2f}" for k in ("accuracy", "watermarked_accuracy", "cost", "watermarked_share")),
-                ]
+                [f"{float(f):.2%}", *(f"{c[k]:.2f}" for k in COST_COLUMNS)]
                 for f, c in sorted(cost.items(), key=lambda kv: float(kv[0]))
             ),
         ),
@@ -420,23 +419,12 @@ def report(parts: list[dict[str, Any]]) -> str:
     lines += table(
         head,
         (
-            [
-                r["query_set"],
-                f"{r['budget']:,}",
-                f"{r['fraction']:.2%}",
-                r["loss"],
-                _verdict(r["copy"]),
-                *(_verdict(r[k]) if k in r else "—" for k in extra),
-            ]
+            [r["query_set"], f"{r['budget']:,}", f"{r['fraction']:.2%}", r["loss"], _verdict(r["copy"])]
+            + [_verdict(r[k]) if k in r else "—" for k in extra]
             for r in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"]))
         ),
     )
-    weak = [
-        (r, k)
-        for r in copies.values()
-        for k in r
-        if k.startswith(("finetuned_", "pruned_")) and r[k]["p_value"] >= 1e-3
-    ]
+    weak = [(r, k) for r in copies.values() for k in r if k in extra and r[k]["p_value"] >= 1e-3]
     if weak:
         lines += ["", "**Where the proof stops** (p ≥ 1e-3 after fine-tuning or pruning):", ""]
         for r, k in weak:
