@@ -44,10 +44,7 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
         rows.append([f"`{name}`{mark}", *map(pct, shares), f"{c['utility']:+.3f}"])
     out += table(header, rows)
     out += ["", "AUROC against each held-out outlier kind (held-out training images positive):", ""]
-    out += table(
-        ["method", *kinds],
-        [[f"`{n}`", *(f"{c['auroc'][k]:.4f}" for k in kinds)] for n, c in cands.items()],
-    )
+    out += table(["method", *kinds], [[f"`{n}`", *(f"{c['auroc'][k]:.4f}" for k in kinds)] for n, c in cands.items()])
     families = list(next(iter(cands.values())).get("variant_false_flags") or {})
     if families:
         out += [

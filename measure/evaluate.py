@@ -147,8 +147,7 @@ class EvalConfig:
     n_figure: int = described(6, help="rows of Figure 3")
     runtime_n: int = described(100, help="test queries timed per arm")
     benign_n: int = described(
-        0,
-        help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)",
+        0, help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)"
     )
     engine_options: dict[str, Any] = field(default_factory=dict)  # --set, for the engine modes
     device: str = "cpu"  # attack models, the victim's reference outputs

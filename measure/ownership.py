@@ -329,10 +329,7 @@ def _verdict(score: dict[str, Any]) -> str:
 
 
 def _targets(
-    at: list[dict[str, Any]],
-    independent: dict[str, Any],
-    cost: dict[str, Any] | None,
-    copies: dict[str, Any],
+    at: list[dict[str, Any]], independent: dict[str, Any], cost: dict[str, Any] | None, copies: dict[str, Any]
 ) -> list[str]:
     """The issue's targets, each with the figure that meets it or not."""
     out = ["## Targets (issue 34), at the default fraction " + f"{FRACTION:.2%}", ""]
