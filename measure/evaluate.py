@@ -34,8 +34,9 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -311,9 +312,6 @@ class Evaluation:
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
-        self._domain: DomainScore | None = None  # the gate's, for the monitor's replay; loaded when first needed
-        self._benign_monitor: dict[str, Any] | None = None
-        self._threshold_choice: dict[str, Any] | None = None
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
@@ -631,8 +629,8 @@ class Evaluation:
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
             "escalated_at": watched["escalated_after"] if watched else policy.queries_until_escalated(flags),
             "watched": watched,
-            "benign": self.benign_monitor(),
-            "threshold_choice": self.monitor_threshold_choice(),
+            "benign": self.benign_monitor,
+            "threshold_choice": self.monitor_threshold_choice,
             "benign_key_queries": BENIGN_KEY_QUERIES,
         }
 
@@ -647,29 +645,27 @@ class Evaluation:
         db = self.monitor_db(arm)
         if db is None or not db.exists():
             return
-        store = SqliteMonitorStore(db)
-        try:
-            s = store.read(MONITORED_KEY)
-        finally:
-            store.close()
-        summary = _window_summary(s)
+        with closing(SqliteMonitorStore(db)) as store:
+            summary = _window_summary(store.read(MONITORED_KEY))
         db.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def monitor_summary(self, arm: Arm) -> dict[str, Any] | None:
         path = self.out / "monitor" / f"{arm.key}.json"
         return json.loads(path.read_text()) if self.config.monitored and path.exists() else None
 
-    def domain_flags(self, images: torch.Tensor) -> list[bool]:
-        if self._domain is None:
-            self._domain, _ = load_domain_score(self.config.checkpoint, self.victim, device=self.device)
-        return self._domain.flags(images.to(self.device)).cpu().tolist()
+    @cached_property
+    def domain(self) -> DomainScore:
+        """The gate's domain score, for the monitor's replay (loaded when first needed)."""
+        return load_domain_score(self.config.checkpoint, self.victim, device=self.device)[0]
 
+    def domain_flags(self, images: torch.Tensor) -> list[bool]:
+        return self.domain.flags(images.to(self.device)).cpu().tolist()
+
+    @cached_property
     def monitor_threshold_choice(self) -> dict[str, Any]:
         """How the monitor's default threshold was chosen, on digits no result here is measured on: per
         candidate threshold, the honest keys escalated among ``BENIGN_KEY_QUERIES``-query keys of the last
         10,000 victim training images, clean and under every perturbation (the default is the lowest with none)."""
-        if self._threshold_choice is not None:
-            return self._threshold_choice
         x = self.victim_train[-10_000:]
         keys = []
         for perturb in (None, *PERTURBATIONS.values()):
@@ -680,20 +676,17 @@ class Evaluation:
             f"{t:g}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
             for t in THRESHOLD_CANDIDATES
         }
-        self._threshold_choice = {"keys": len(keys), "escalated": escalated}
-        return self._threshold_choice
+        return {"keys": len(keys), "escalated": escalated}
 
+    @cached_property
     def benign_monitor(self) -> dict[str, Any]:
         """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries, clean
         and under each perturbation of ``docs/results/domain-score.md`` (seeded), all through one monitor with
         its default policy as the server runs it (screened before, domain flags after); the same for every arm
         (cached in ``monitor/benign.json``)."""
-        if self._benign_monitor is not None:
-            return self._benign_monitor
         cached = self.out / "monitor" / "benign.json"
         if cached.exists():
-            self._benign_monitor = json.loads(cached.read_text())
-            return self._benign_monitor
+            return json.loads(cached.read_text())
         out = {}
         with tempfile.TemporaryDirectory() as tmp:
             monitor = ExtractionMonitor(Path(tmp) / "honest.sqlite")
@@ -720,9 +713,7 @@ class Evaluation:
                 }
             monitor.close()
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(out, indent=1) + "\n")
-        self._benign_monitor = out
-        return out
+        return write_json(cached, out)
 
     def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
         info = oracle.info()
@@ -734,19 +725,9 @@ class Evaluation:
             self.attack(data, info, fp, loss, b, arm.query_set)
             for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)
         ]
-        runs = [r for r in runs if r is not None]
-        result = {
-            "key": arm.key,
-            "defense": info.defense,
-            **arm.fields(),
-            "options": arm.options,
-            "settings": info.defense_settings,
-            "url": arm.url,
-            "budget": arm.budget,
-            **collected,
-            "runtime": self.runtime(oracle, fp),
-            "runs": runs,
-        }
+        result = {"key": arm.key, "defense": info.defense, **arm.fields(), "options": arm.options}
+        result |= {"settings": info.defense_settings, "url": arm.url, "budget": arm.budget, **collected}
+        result |= {"runtime": self.runtime(oracle, fp), "runs": [r for r in runs if r is not None]}
         if arm.key in self.config.avg_drop:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
@@ -774,21 +755,15 @@ def open_oracle(
     (:mod:`measure.shared_modes`): one optimisation per query answers DeepDefense, DD-S and DD-I.
     """
     device = config.defense_device or config.device
+    load = {"device": device, "data_root": config.data_root}
     if arm.url is not None or serve:
         from measure.launcher import served
 
+        gate_name = "misinform" if arm.gated else "none"
         context: AbstractContextManager[tuple[str, str | None]] = (
             nullcontext((arm.url, api_key))
             if arm.url is not None
-            else served(
-                config.checkpoint,
-                arm.defense,
-                config.interpreter,
-                device=device,
-                engine=arm.options,
-                data_root=config.data_root,
-                gate="misinform" if arm.gated else "none",
-            )
+            else served(config.checkpoint, arm.defense, config.interpreter, engine=arm.options, gate=gate_name, **load)
         )
         with context as (url, key), HttpOracle(url, key) as oracle:
             yield oracle
@@ -798,14 +773,7 @@ def open_oracle(
     if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # a gated arm loads its own engine
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
         if key not in shared:
-            engine, _ = load_defense(
-                config.checkpoint,
-                "deepdefense",
-                config.interpreter,
-                device=device,
-                data_root=config.data_root,
-                **arm.options,
-            )
+            engine, _ = load_defense(config.checkpoint, "deepdefense", config.interpreter, **load, **arm.options)
             main = arm.role == "main" and arm.query_set == "random"  # Table 5's arms share; CS and top-k have options
             shared[key] = SharedModes(
                 engine, tuple(m for m in ENGINE_MODES if m in config.defenses) if main else (arm.defense,)
@@ -813,20 +781,18 @@ def open_oracle(
         defense: Defense = ModeOf(shared[key], arm.defense)
         meta = load_checkpoint(config.checkpoint)[1]
     else:
-        defense, meta = load_defense(
-            config.checkpoint, arm.defense, config.interpreter, device=device, data_root=config.data_root, **arm.options
-        )
+        defense, meta = load_defense(config.checkpoint, arm.defense, config.interpreter, **load, **arm.options)
     if not arm.gated:
         yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
         return
     gate = load_gate(defense, config.checkpoint, device=device)
     assert isinstance(gate, MisinformationGate)
     info = local_info(config.checkpoint, meta, gate)
-    if not config.monitored:
-        yield LocalOracle(gate, info)
-        return
-    info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
-    if monitor_db is None:  # the arm's queries were collected: what else it is asked is not the thief's
+    if config.monitored:
+        info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
+    if (
+        not config.monitored or monitor_db is None
+    ):  # monitored, no db: its queries were collected, the rest isn't theirs
         yield LocalOracle(gate, info)
         return
     monitor = ExtractionMonitor(monitor_db)
