@@ -790,9 +790,7 @@ def open_oracle(
     info = local_info(config.checkpoint, meta, gate)
     if config.monitored:
         info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
-    if (
-        not config.monitored or monitor_db is None
-    ):  # monitored, no db: its queries were collected, the rest isn't theirs
+    if not config.monitored or monitor_db is None:  # monitored without a db: the thief's queries are collected
         yield LocalOracle(gate, info)
         return
     monitor = ExtractionMonitor(monitor_db)
