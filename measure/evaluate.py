@@ -224,18 +224,13 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
     if unknown:
         raise ValueError(f"unknown query sets {unknown}; known: {', '.join(QUERY_SETS)}")
     engine = {**config.engine_options}
+    # the twin attacker only where every query has its twin
+    losses_of = {qs: tuple(x for x in config.losses if x != "twin" or qs in TWIN_SETS) for qs in config.query_sets}
+    top = config.largest_budget
     arms = [
-        Arm(
-            arm_key(d, gated, qs),
-            d,
-            engine if d in ENGINE_MODES else {},
-            config.largest_budget,
-            tuple(loss for loss in config.losses if (loss == "twin") == (qs in TWIN_SETS) or loss != "twin"),
-            gated=gated,
-            query_set=qs,
-        )
+        Arm(arm_key(d, g, qs), d, engine if d in ENGINE_MODES else {}, top, losses_of[qs], gated=g, query_set=qs)
         for qs in config.query_sets
-        for gated, defenses in ((False, config.defenses), (True, config.gated))
+        for g, defenses in ((False, config.defenses), (True, config.gated))
         for d in defenses
     ]
     budget, losses = config.ablation_budget or config.largest_budget, config.ablation_losses
@@ -265,18 +260,9 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
         key = named.group(1) if named else defense
         main = key == defense
         role, gated, _ = key_role(key)  # the server is what it is: its key says how to report it
-        arms.append(
-            Arm(
-                key,
-                defense,
-                {},
-                config.largest_budget if main else config.ablation_budget or config.largest_budget,
-                config.losses if main else config.ablation_losses,
-                url=url,
-                role=role,
-                gated=gated,
-            )
-        )
+        budget = config.largest_budget if main else config.ablation_budget or config.largest_budget
+        losses = config.losses if main else config.ablation_losses
+        arms.append(Arm(key, defense, {}, budget, losses, url=url, role=role, gated=gated))
     if len({a.key for a in arms}) != len(arms):
         raise ValueError("two servers answer for the same arm; name them KEY=URL")
     return arms
@@ -865,14 +851,6 @@ def write_json(path: Path, payload: Any) -> Any:
 
 def environment(config: EvalConfig) -> dict[str, Any]:
     m = machine(config.device)
-    return {
-        "torch": m.torch,
-        "python": m.python,
-        "host": m.host,
-        "machine": m.arch,
-        "threads": m.threads,
-        "device": config.device,
-        "defense_device": config.defense_device or config.device,
-        "cuda": m.accelerator,
-        **provenance(),
-    }
+    env = {"torch": m.torch, "python": m.python, "host": m.host, "machine": m.arch, "threads": m.threads}
+    devices = {"device": config.device, "defense_device": config.defense_device or config.device}
+    return env | devices | {"cuda": m.accelerator, **provenance()}
