@@ -335,16 +335,11 @@ class Evaluation:
         """JBDA as the jbda query set runs it: seeds from the victim's training split, substitutes of the
         victim's architecture trained on labels for ``jbda_epochs`` per round."""
         c = self.config
+        rounds = 1 + max(0, math.ceil(math.log2(c.largest_budget / c.jbda_seeds)))
+        seeds = {"seed": c.seed, "seed_size": c.jbda_seeds, "jbda_step": c.jbda_step, "rounds": rounds}
+        recipe = replace(c.recipe, epochs=c.jbda_epochs)
         return AttackConfig(
-            strategy="jbda",
-            loss="labels",
-            dataset=self.meta.dataset,
-            arch=info.arch,
-            recipe=replace(c.recipe, epochs=c.jbda_epochs),
-            seed=c.seed,
-            seed_size=c.jbda_seeds,
-            jbda_step=c.jbda_step,
-            rounds=1 + max(0, math.ceil(math.log2(c.largest_budget / c.jbda_seeds))),
+            strategy="jbda", loss="labels", dataset=self.meta.dataset, arch=info.arch, recipe=recipe, **seeds
         )
 
     def query_spec(self, query_set: str) -> DatasetSpec:
@@ -415,20 +410,10 @@ class Evaluation:
 
     def attack_key(self, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> str:
         """The cache key of one attack model: everything that determines it."""
-        c = self.config
-        return digest(
-            {
-                "store": store_fp,
-                "budget": budget,
-                "loss": loss,
-                "training": c.training(),
-                "lam": c.recipe.lam if loss == "explanations" else None,
-                "arch": info.arch,
-                "test_n": c.test_n,
-                "n_unif": c.n_unif,
-                "victim": c.checkpoint,
-            }
-        )
+        c = self.config  # digest sorts the keys
+        trained = {"store": store_fp, "budget": budget, "loss": loss, "training": c.training(), "arch": info.arch}
+        scored = {"test_n": c.test_n, "n_unif": c.n_unif, "victim": c.checkpoint}
+        return digest(trained | scored | {"lam": c.recipe.lam if loss == "explanations" else None})
 
     def budgets(self, arm: Arm) -> list[int]:
         """The budgets the arm's attack models are trained at: the configured ones up to the arm's."""
@@ -537,15 +522,8 @@ class Evaluation:
         resumable) against the victim's own, scored by the victim; Figure 3's rows kept too (cached)."""
         c = self.config
         store = self.store(info, "test", info.dataset)
-        key = digest(
-            {
-                "maps": fingerprint_digest(store.fingerprint),
-                "n": c.n_maps,
-                "p": c.p,
-                "figure": c.n_figure,
-                "victim": c.checkpoint,
-            }
-        )
+        maps = {"maps": fingerprint_digest(store.fingerprint), "n": c.n_maps, "p": c.p, "figure": c.n_figure}
+        key = digest({**maps, "victim": c.checkpoint})
         return self.cached(key, lambda: self._maps(oracle, store))
 
     def _maps(self, oracle: Oracle, store: TransferStore) -> dict[str, Any]:
