@@ -102,10 +102,8 @@ def main_arms(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def _accuracy(record: Mapping[str, Any], defense: str, loss: str, budget: int) -> float | None:
-    for run in main_arms(record).get(defense, {}).get("runs", []):
-        if run["loss"] == loss and run["budget"] == budget:
-            return run["accuracy"]
-    return None
+    runs = main_arms(record).get(defense, {}).get("runs", [])
+    return next((r["accuracy"] for r in runs if r["loss"] == loss and r["budget"] == budget), None)
 
 
 def tables(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -723,11 +721,8 @@ def accuracy_grid(record: Mapping[str, Any], baseline: Mapping[str, Any] | None 
 
 
 def strongest(cells: Mapping[str, tuple[float | None, float, str]]) -> tuple[str, float] | None:
-    measured = [(acc, loss) for loss, (acc, _, _) in cells.items() if acc is not None]
-    if not measured:
-        return None
-    acc, loss = max(measured)
-    return loss, acc
+    best = max(((acc, loss) for loss, (acc, _, _) in cells.items() if acc is not None), default=None)
+    return None if best is None else (best[1], best[0])
 
 
 def _gate_report(
