@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ PAPER: dict[str, Any] = {
 }
 #: The fidelity table's measures and their decimals.
 FIDELITY_CELLS = (("accuracy", 2), ("r_test", 2), ("r_test_tv", 3), ("r_unif", 2), ("r_unif_tv", 3))
+#: The honest-user table's figures.
+BENIGN_CELLS = ("accuracy", "victim_accuracy", "agreement")
 #: How the report names the data sets it mentions.
 DATASET_TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
 MAIN = ("none", "pp", "edm", *ENGINE_MODES)  # the order of the report's tables
@@ -383,11 +386,11 @@ def _not_run_legend(record: Mapping[str, Any], present: list[str], budgets: list
 
 def _provenance(record: Mapping[str, Any]) -> list[str]:
     """Which command on which machine trained the attack models shown (cached records keep theirs)."""
-    made: dict[tuple[str, str], int] = {}
-    for arm in record["arms"].values():
-        for run in arm["runs"]:
-            key = (run.get("made_by") or "unrecorded", run.get("machine") or run.get("device", "unrecorded"))
-            made[key] = made.get(key, 0) + 1
+    made = Counter(
+        (run.get("made_by") or "unrecorded", run.get("machine") or run.get("device", "unrecorded"))
+        for arm in record["arms"].values()
+        for run in arm["runs"]
+    )
     return [
         f"* {n} attack model{'s' if n > 1 else ''} trained by `{cmd}` on {where}" for (cmd, where), n in made.items()
     ]
@@ -396,12 +399,10 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
 def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
-    lines = []
-    for key in record.get("not_collected") or {}:
-        twin = _same_layers_as(record, key)
-        also = f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
-        lines.append(f"* not run: `{key}` ({why}{also})")
-    return lines
+    also = lambda twin: f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
+    return [
+        f"* not run: `{key}` ({why}{also(_same_layers_as(record, key))})" for key in record.get("not_collected") or {}
+    ]
 
 
 def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
@@ -410,11 +411,13 @@ def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
     entry = (record.get("not_collected") or {}).get(key)
     if not isinstance(entry, Mapping) or role_of(key, entry)[0] != "cs":
         return None
-    strip = {k: v for k, v in (entry.get("settings") or {}).items() if k != "cs"}
-    for other, arm in record["arms"].items():
-        if role_of(other, arm)[0] == "cs" and {k: v for k, v in arm["settings"].items() if k != "cs"} == strip:
-            return other
-    return None
+    layers = lambda settings: {k: v for k, v in (settings or {}).items() if k != "cs"}
+    twins = (
+        k
+        for k, a in record["arms"].items()
+        if role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
+    )
+    return next(twins, None)
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -458,13 +461,9 @@ def _honest_users(record: Mapping[str, Any], gated: bool) -> list[str]:
         ]
         header = "arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query"
     cells = (
-        [
-            _gate_name(key, arm) if gated else key,
-            f"{arm['benign']['n']:,}",
-            *(num(arm["benign"].get(k)) for k in ("accuracy", "victim_accuracy", "agreement")),
-            num(arm.get("runtime", {}).get("ms_per_query"), 1),
-        ]
+        [_gate_name(key, arm) if gated else key, f"{b['n']:,}", *(num(b.get(k)) for k in BENIGN_CELLS), num(ms, 1)]
         for key, arm in rows
+        for b, ms in [(arm["benign"], arm.get("runtime", {}).get("ms_per_query"))]
     )
     return [*head, *table(header, cells), *([""] if gated else [])]
 
@@ -573,10 +572,10 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
 def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
     measured = [r for r in t["table5"] if r["difference"] is not None]
     lines = ["", "## Where we differ from the paper", ""]
-    for r in measured:
-        lines.append(
-            f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
-        )
+    lines += [
+        f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
+        for r in measured
+    ]
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["ours"] is None]
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
