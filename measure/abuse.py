@@ -69,8 +69,7 @@ def healthz_under_bodies(url: str, requests: int = 300) -> dict[str, Any]:
     document = b'{"instances": [{"pixels": [[[' + values[:-2] + b"]]]}]}"  # valid JSON: 1.7 million values
 
     def chunks() -> Iterator[bytes]:
-        for start in range(0, len(document), 1 << 20):
-            yield document[start : start + (1 << 20)]
+        yield from (document[start : start + (1 << 20)] for start in range(0, len(document), 1 << 20))
 
     def flood(chunked: bool) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -148,12 +147,10 @@ def saturation(url: str, saturating: str, other: str, requests: int = 30) -> dic
     statuses: list[int] = []
 
     def saturate(seed: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {saturating}"}) as c:
             while not stop.is_set():
                 body = {"instances": [one_instance(seed + i) for i in range(16)], "explain": False}
-                statuses.append(
-                    c.post("/predict", json=body, headers={"Authorization": f"Bearer {saturating}"}).status_code
-                )
+                statuses.append(c.post("/predict", json=body).status_code)
                 if statuses[-1] != 200:
                     time.sleep(0.005)
 
@@ -163,14 +160,10 @@ def saturation(url: str, saturating: str, other: str, requests: int = 30) -> dic
             pool.submit(saturate, 100 * i)
         time.sleep(3.0)
         try:
-            with httpx.Client(base_url=url, timeout=120) as c:
+            with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {other}"}) as c:
                 for i in range(requests):
                     started = time.perf_counter()
-                    r = c.post(
-                        "/predict",
-                        json={"instances": [one_instance(i)], "explain": False},
-                        headers={"Authorization": f"Bearer {other}"},
-                    )
+                    r = c.post("/predict", json={"instances": [one_instance(i)], "explain": False})
                     if r.status_code == 200:
                         answered += 1
                         latencies.append(time.perf_counter() - started)

@@ -33,6 +33,11 @@ def probabilities(model: nn.Module, images: Tensor, batch_size: int = 1000) -> T
     return torch.cat([model(x.to(device)).softmax(-1).cpu() for x in images.split(batch_size)])
 
 
+def percent(mask: Tensor) -> float:
+    """The share of true entries of ``mask``, in percent with two decimals."""
+    return round(100.0 * float(mask.double().mean()), 2)
+
+
 def disagreement(p: Tensor, q: Tensor) -> float:
     """Percent of rows whose top-1 classes differ (the 0-1 distance averaged)."""
     return 100.0 * float((p.argmax(1) != q.argmax(1)).double().mean())

@@ -25,6 +25,8 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
+from measure.agreement import probabilities
+
 
 def keep_count(pixels: int, p: float) -> int:
     """Pixels kept for the top p% of a map of ``pixels`` values: round(p/100 · pixels), at least 1."""
@@ -54,16 +56,9 @@ def drops(full: Tensor, masked: Tensor) -> Tensor:
     return (full - masked).clamp_min(0) / full
 
 
-@torch.no_grad()
 def class_scores(model: nn.Module, images: Tensor, classes: Tensor, batch_size: int = 1000) -> Tensor:
     """Softmax probability of class ``classes[i]`` for each image (N,)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = [
-        model(x.to(device)).softmax(-1).gather(1, c.to(device)[:, None])[:, 0].cpu()
-        for x, c in zip(images.split(batch_size), classes.split(batch_size), strict=True)
-    ]
-    return torch.cat(out)
+    return probabilities(model, images, batch_size).gather(1, classes.cpu()[:, None])[:, 0]
 
 
 def image_drops(model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, p: float = 15.0) -> Tensor:

@@ -50,6 +50,8 @@ from defense.loader import load_defense
 from measure.markdown import document, table
 
 MODELS = ("lenet-mnist", "resnet18")
+#: A row's figures, in the order of the report's columns after the setup and its queries per call or clients.
+FIGURES = ("queries", "ms_per_query_p50", "ms_per_query_p95", "queries_per_second", "peak_memory_mb")
 #: The setup of the arm with the previous defaults (``BenchConfig.previous``).
 PREVIOUS = "batched engine (previous defaults)"
 
@@ -151,17 +153,8 @@ def measure(
     with PeakMemory(device) as memory:
         per_query, seconds = time_calls(answer, images, batch, device, f"{setup} ×{batch}")
     p = percentiles(per_query)
-    return Row(
-        setup,
-        batch,
-        None,
-        len(images),
-        round(p["p50"], 2),
-        round(p["p95"], 2),
-        round(len(images) / seconds, 2),
-        round(memory.peak_mb, 1),
-        notes or {},
-    )
+    figures = (round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2), round(memory.peak_mb, 1))
+    return Row(setup, batch, None, len(images), *figures, notes or {})
 
 
 # -- victims -------------------------------------------------------------------------------------------
@@ -239,16 +232,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         rows.append(measure("undefended", defense("none").answer, images[: config.queries], 1, device))
         progress("(b) one-query engine")
         one = defense("deepdefense", **{**engine, "batch_size": 1})
-        rows.append(
-            measure(
-                "one-query engine",
-                one.answer,
-                images[: config.one_query_queries],
-                1,
-                device,
-                {"layers": one.layers, "steps": one.config.steps},
-            )
-        )
+        notes = {"layers": one.layers, "steps": one.config.steps}
+        rows.append(measure("one-query engine", one.answer, images[: config.one_query_queries], 1, device, notes))
         for b in config.batch_sizes:
             progress(f"(c) batched engine, batch {b}")
             batched = defense("deepdefense", **{**engine, "batch_size": b})
@@ -301,34 +286,13 @@ def server_rows(
     with spawn_serve(env) as (url, process, _):
         for clients in config.clients:
             progress(f"(d) server, {clients} concurrent clients")
-            load = LoadConfig(
-                url=url,
-                clients=clients,
-                duration_s=config.duration_s,
-                max_requests=config.max_requests,
-                seed=config.seed,
-                server_pid=process.pid,
-            )
-            report = asyncio.run(run_load(load))
-            latency = report.latency_ms
-            rows.append(
-                Row(
-                    "server",
-                    None,
-                    clients,
-                    report.served,
-                    latency.get("p50", float("nan")),
-                    latency.get("p95", float("nan")),
-                    report.throughput_rps,
-                    report.rss_mb.get("peak", process_rss_mb(process.pid)),
-                    {
-                        "p99_ms": latency.get("p99"),
-                        "errors": report.errors,
-                        "statuses": report.statuses,
-                        "rss_mb": report.rss_mb,
-                    },
-                )
-            )
+            limits = {"duration_s": config.duration_s, "max_requests": config.max_requests, "seed": config.seed}
+            report = asyncio.run(run_load(LoadConfig(url=url, clients=clients, server_pid=process.pid, **limits)))
+            latency, peak = report.latency_ms, report.rss_mb.get("peak", process_rss_mb(process.pid))
+            p50, p95 = (latency.get(p, float("nan")) for p in ("p50", "p95"))
+            notes = {"p99_ms": latency.get("p99"), "errors": report.errors, "statuses": report.statuses}
+            notes["rss_mb"] = report.rss_mb
+            rows.append(Row("server", None, clients, report.served, p50, p95, report.throughput_rps, peak, notes))
     return rows
 
 
@@ -368,18 +332,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         *table(
             "setup | queries per call / clients | queries | ms/query p50 | ms/query p95 | queries/s | "
             "peak memory (MiB)",
-            (
-                (
-                    r["setup"],
-                    r["queries_per_call"] or r["clients"],
-                    r["queries"],
-                    r["ms_per_query_p50"],
-                    r["ms_per_query_p95"],
-                    r["queries_per_second"],
-                    r["peak_memory_mb"],
-                )
-                for r in result["rows"]
-            ),
+            ((r["setup"], r["queries_per_call"] or r["clients"], *(r[k] for k in FIGURES)) for r in result["rows"]),
         ),
         "",
         *table(["ratio of queries per second", "value"], result["ratios"].items()),

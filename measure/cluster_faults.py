@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     state = redis.Redis.from_url(args.redis, decode_responses=True)
     default = httpx.get(f"{args.url}/readyz", timeout=30).json()["model"]  # the model the load client asked
     spent = state.get(budget_key(default, key_id(key, redis_secret(state, KEY_ID))))
-    answered = report["statuses"].get("200", 0)
+    answered, errors = report["statuses"].get("200", 0), report["errors"]
     others = {k: v for k, v in report["statuses"].items() if k not in ("200", "503")}
-    transport = {k: v for k, v in report["errors"].items() if k.startswith("transport")}
+    transport = {k: v for k, v in errors.items() if k.startswith("transport")}
     result = {
         "command": " ".join(["python -m measure.cluster_faults", *sys.argv[1:]]),
         "replicas": 2,
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "statuses": report["statuses"],
         "errors": report["errors"],
         "retry_after_s": report["retry_after_s"],
-        "unexpected": {
-            "statuses": others,
-            "transport": transport,
-            "503_not_json": report["errors"].get("503 not-json", 0),
-        },
+        "unexpected": {"statuses": others, "transport": transport, "503_not_json": errors.get("503 not-json", 0)},
         "unexpected_answers": unexpected,
         "answered_200": answered,
         "spent_in_redis": int(spent or 0),

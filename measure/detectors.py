@@ -57,12 +57,7 @@ def answer_pool(answer: Answering, x: Tensor) -> Paired:
 
     first, second = run(x), run(twin_of(x))
     stack = lambda answers, f: torch.stack([getattr(a, f).detach().cpu() for a in answers])
-    return Paired(
-        stack(first, "probabilities"),
-        stack(first, "attribution"),
-        stack(second, "probabilities"),
-        stack(second, "attribution"),
-    )
+    return Paired(*(stack(answers, f) for answers in (first, second) for f in ("probabilities", "attribution")))
 
 
 def twin_distances(p: Paired) -> Tensor:

@@ -9,13 +9,7 @@ from measure.markdown import document, generated_by, row, table, yes
 #: The issue's target: no detector tells misinformed from honest answers better than this.
 TARGET = 0.60
 #: The answer-shape table's medians and their decimals.
-ANSWER_CELLS = (
-    ("top_p25", 4),
-    ("top_median", 4),
-    ("entropy_median", 4),
-    ("twin_dp_median", 6),
-    ("twin_dmap_median", 6),
-)
+ANSWER_CELLS = {"top_p25": 4, "top_median": 4, "entropy_median": 4, "twin_dp_median": 6, "twin_dmap_median": 6}
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -59,7 +53,7 @@ def markdown(record: dict[str, Any]) -> str:
         *table(
             "pool | path | top-1 p, 25th pct | top-1 p, median | entropy | twin Δp | twin Δmap",
             (
-                [pool, path.replace("_", " "), *(f"{s[k]:.{d}f}" for k, d in ANSWER_CELLS)]
+                [pool, path.replace("_", " "), *(f"{s[k]:.{d}f}" for k, d in ANSWER_CELLS.items())]
                 for pool, r in record["pools"].items()
                 for path, s in r["answers"].items()
             ),

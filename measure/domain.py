@@ -69,11 +69,7 @@ def thinner(x: Tensor, g: torch.Generator) -> Tensor:
 
 #: Honest-but-perturbed digits: an honest user's image after a camera, a scanner or another pen.
 PERTURBATIONS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
-    "blurred": blurred,
-    "noisy": noisy,
-    "shifted": shifted,
-    "thicker": thicker,
-    "thinner": thinner,
+    f.__name__: f for f in (blurred, noisy, shifted, thicker, thinner)
 }
 
 
@@ -100,8 +96,13 @@ def render_symbols(n: int, g: torch.Generator, size: int = 28) -> Tensor:
         x0 = (size - (right - left)) / 2 - left + int(jitter[i, 0])
         y0 = (size - (bottom - top)) / 2 - top + int(jitter[i, 1])
         draw.text((x0, y0), char, fill=255, font=font)
-        out[i, 0] = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size).float() / 255.0
+        out[i, 0] = _pixels(img)
     return out
+
+
+def _pixels(img: Image.Image) -> Tensor:
+    """A square 8-bit image as a float tensor in [0, 1]."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width).float() / 255.0
 
 
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "cross")
@@ -143,8 +144,7 @@ def draw_shapes(n: int, g: torch.Generator, size: int = 28, scale: int = 4) -> T
             for a in (rot, rot + math.pi / 2):
                 dx, dy = rad * math.cos(a), rad * math.sin(a)
                 draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=width)
-        small = img.resize((size, size), Image.Resampling.BOX)
-        out[i, 0] = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(size, size).float() / 255.0
+        out[i, 0] = _pixels(img.resize((size, size), Image.Resampling.BOX))
     return out
 
 

@@ -40,22 +40,11 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
     rows = []
     for name, c in cands.items():
         mark = " ✔" if name == sel["selected"] else ""
-        rows.append(
-            [
-                f"`{name}`{mark}",
-                pct(c["fpr_held_out"]),
-                *(pct(c["detection"][k]) for k in kinds),
-                pct(c["mean_detection"]),
-                pct(c["honest_false_flags"]),
-                f"{c['utility']:+.3f}",
-            ]
-        )
+        shares = (c["fpr_held_out"], *(c["detection"][k] for k in kinds), c["mean_detection"], c["honest_false_flags"])
+        rows.append([f"`{name}`{mark}", *map(pct, shares), f"{c['utility']:+.3f}"])
     out += table(header, rows)
     out += ["", "AUROC against each held-out outlier kind (held-out training images positive):", ""]
-    out += table(
-        ["method", *kinds],
-        [[f"`{n}`", *(f"{c['auroc'][k]:.4f}" for k in kinds)] for n, c in cands.items()],
-    )
+    out += table(["method", *kinds], [[f"`{n}`", *(f"{c['auroc'][k]:.4f}" for k in kinds)] for n, c in cands.items()])
     families = list(next(iter(cands.values())).get("variant_false_flags") or {})
     if families:
         out += [
@@ -199,18 +188,11 @@ def markdown(record: Mapping[str, Any]) -> str:
         f"`{shipped['weights']}` (method `{shipped['method']}`, sha256 `{shipped['sha256'][:16]}…`), loaded with "
         "`defense.domain.load_domain_score`.",
         "",
-        "Fitted on: "
-        + fit["in_domain"]
-        + "; "
-        + fit["variants"]
-        + "; "
+        f"Fitted on: {fit['in_domain']}; {fit['variants']}; "
         + (f"honest variants: {fit['honest_variants']}; " if "honest_variants" in fit else "")
-        + "synthetic outliers made from those images "
-        "(`defense/outliers.py`). Thresholds on: "
-        + fit["threshold_on"]
-        + ". Never fitted or selected on: "
-        + fit["never"]
-        + ". Higher scores are more in domain; a query is flagged when its score is below the threshold.",
+        + f"synthetic outliers made from those images (`defense/outliers.py`). Thresholds on: {fit['threshold_on']}. "
+        f"Never fitted or selected on: {fit['never']}. Higher scores are more in domain; a query is flagged when its "
+        "score is below the threshold.",
         "",
     ]
     sections = [*selection_section(record), *evaluation_section(record), *reading_section(record)]

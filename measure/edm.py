@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from defense.baselines.edm import coherence, member_index, pairwise_cosine
 from defense.fitting.edm import HeldOut
-from measure.agreement import probabilities
+from measure.agreement import percent, probabilities
 
 
 def member_probabilities(members: Sequence[nn.Module], images: Tensor, batch_size: int = 1000) -> Tensor:
@@ -32,10 +32,6 @@ def served(p: Tensor, images: Tensor) -> Tensor:
     """The served probabilities (B, K): for each query, the row of the member its hash picks."""
     picks = member_index(images, p.shape[0])
     return p[picks, torch.arange(p.shape[1])]
-
-
-def _pct(mask: Tensor) -> float:
-    return round(100.0 * float(mask.double().mean()), 2)
 
 
 def _mean(values: Tensor) -> float:
@@ -59,7 +55,7 @@ def spread(p: Tensor) -> dict[str, float]:
         "coherence_mean": _mean(c),
         "coherence_median": round(float(c.double().median()), 4),
         "served_similarity_mean": _mean(served_similarity(p)),
-        "members_disagree_top1_pct": _pct((top1 != top1[0]).any(0)),
+        "members_disagree_top1_pct": percent((top1 != top1[0]).any(0)),
     }
 
 
@@ -71,8 +67,8 @@ def measure_held_out(members: Sequence[nn.Module], held: HeldOut) -> dict[str, A
     c_out = coherence(p_out)
     return {
         "n": len(held.x),
-        "member_accuracy": [_pct(p.argmax(-1) == held.y) for p in p_in],
-        "served_accuracy": _pct(served(p_in, held.x).argmax(-1) == held.y),
+        "member_accuracy": [percent(p.argmax(-1) == held.y) for p in p_in],
+        "served_accuracy": percent(served(p_in, held.x).argmax(-1) == held.y),
         "in_domain": spread(p_in),
         "outliers": spread(p_out),
         "outliers_coherence_by_kind": {k: _mean(c_out[held.kind == i]) for i, k in enumerate(held.kinds)},
@@ -88,10 +84,10 @@ def measure_test(victim: nn.Module, members: Sequence[nn.Module], x: Tensor, y: 
     counts = torch.bincount(member_index(x, len(members)), minlength=len(members))
     return {
         "n": len(x),
-        "victim_accuracy": _pct(p_victim.argmax(-1) == y),
-        "member_accuracy": [_pct(q.argmax(-1) == y) for q in p],
-        "served_accuracy": _pct(answer.argmax(-1) == y),
-        "served_agreement_with_victim": _pct(answer.argmax(-1) == p_victim.argmax(-1)),
+        "victim_accuracy": percent(p_victim.argmax(-1) == y),
+        "member_accuracy": [percent(q.argmax(-1) == y) for q in p],
+        "served_accuracy": percent(answer.argmax(-1) == y),
+        "served_agreement_with_victim": percent(answer.argmax(-1) == p_victim.argmax(-1)),
         **spread(p),
         "answered_by_member": counts.tolist(),
     }
@@ -105,5 +101,5 @@ def measure_foreign(victim: nn.Module, members: Sequence[nn.Module], x: Tensor, 
         "dataset": dataset,
         "n": len(x),
         **spread(p),
-        "served_agreement_with_victim": _pct(served(p, x).argmax(-1) == probabilities(victim, x).argmax(-1)),
+        "served_agreement_with_victim": percent(served(p, x).argmax(-1) == probabilities(victim, x).argmax(-1)),
     }

@@ -34,8 +34,9 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -147,8 +148,7 @@ class EvalConfig:
     n_figure: int = described(6, help="rows of Figure 3")
     runtime_n: int = described(100, help="test queries timed per arm")
     benign_n: int = described(
-        0,
-        help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)",
+        0, help="victim test images an honest user sends each arm: its accuracy and agreement with the victim (0: skip)"
     )
     engine_options: dict[str, Any] = field(default_factory=dict)  # --set, for the engine modes
     device: str = "cpu"  # attack models, the victim's reference outputs
@@ -224,18 +224,13 @@ def plan_arms(config: EvalConfig) -> list[Arm]:
     if unknown:
         raise ValueError(f"unknown query sets {unknown}; known: {', '.join(QUERY_SETS)}")
     engine = {**config.engine_options}
+    # the twin attacker only where every query has its twin
+    losses_of = {qs: tuple(x for x in config.losses if x != "twin" or qs in TWIN_SETS) for qs in config.query_sets}
+    top = config.largest_budget
     arms = [
-        Arm(
-            arm_key(d, gated, qs),
-            d,
-            engine if d in ENGINE_MODES else {},
-            config.largest_budget,
-            tuple(loss for loss in config.losses if (loss == "twin") == (qs in TWIN_SETS) or loss != "twin"),
-            gated=gated,
-            query_set=qs,
-        )
+        Arm(arm_key(d, g, qs), d, engine if d in ENGINE_MODES else {}, top, losses_of[qs], gated=g, query_set=qs)
         for qs in config.query_sets
-        for gated, defenses in ((False, config.defenses), (True, config.gated))
+        for g, defenses in ((False, config.defenses), (True, config.gated))
         for d in defenses
     ]
     budget, losses = config.ablation_budget or config.largest_budget, config.ablation_losses
@@ -265,18 +260,9 @@ def url_arms(config: EvalConfig, urls: list[str], api_key: str | None = None) ->
         key = named.group(1) if named else defense
         main = key == defense
         role, gated, _ = key_role(key)  # the server is what it is: its key says how to report it
-        arms.append(
-            Arm(
-                key,
-                defense,
-                {},
-                config.largest_budget if main else config.ablation_budget or config.largest_budget,
-                config.losses if main else config.ablation_losses,
-                url=url,
-                role=role,
-                gated=gated,
-            )
-        )
+        budget = config.largest_budget if main else config.ablation_budget or config.largest_budget
+        losses = config.losses if main else config.ablation_losses
+        arms.append(Arm(key, defense, {}, budget, losses, url=url, role=role, gated=gated))
     if len({a.key for a in arms}) != len(arms):
         raise ValueError("two servers answer for the same arm; name them KEY=URL")
     return arms
@@ -312,27 +298,22 @@ class Evaluation:
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
-        self._domain: DomainScore | None = None  # the gate's, for the monitor's replay; loaded when first needed
-        self._benign_monitor: dict[str, Any] | None = None
-        self._threshold_choice: dict[str, Any] | None = None
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- caching -----------------------------------------------------------------------------------
-    def is_cached(self, key: str) -> bool:
+    def stored(self, key: str) -> dict[str, Any] | None:
         path = self.out / "runs" / f"{key}.json"
-        return path.is_file() and json.loads(path.read_text()).get("cache_key") == key
+        record = json.loads(path.read_text()) if path.is_file() else None
+        return record if record is not None and record.get("cache_key") == key else None
+
+    def is_cached(self, key: str) -> bool:
+        return self.stored(key) is not None
 
     def cached(self, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The record stored under ``key``, or ``make()`` stored there first (atomically)."""
-        path = self.out / "runs" / f"{key}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("cache_key") == key:
-                return record
-        record = {"cache_key": key, **make()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
+        record = self.stored(key)
+        if record is None:
+            record = write_json(self.out / "runs" / f"{key}.json", {"cache_key": key, **make()})
         return record
 
     # -- one arm -----------------------------------------------------------------------------------
@@ -354,16 +335,11 @@ class Evaluation:
         """JBDA as the jbda query set runs it: seeds from the victim's training split, substitutes of the
         victim's architecture trained on labels for ``jbda_epochs`` per round."""
         c = self.config
+        rounds = 1 + max(0, math.ceil(math.log2(c.largest_budget / c.jbda_seeds)))
+        seeds = {"seed": c.seed, "seed_size": c.jbda_seeds, "jbda_step": c.jbda_step, "rounds": rounds}
+        recipe = replace(c.recipe, epochs=c.jbda_epochs)
         return AttackConfig(
-            strategy="jbda",
-            loss="labels",
-            dataset=self.meta.dataset,
-            arch=info.arch,
-            recipe=replace(c.recipe, epochs=c.jbda_epochs),
-            seed=c.seed,
-            seed_size=c.jbda_seeds,
-            jbda_step=c.jbda_step,
-            rounds=1 + max(0, math.ceil(math.log2(c.largest_budget / c.jbda_seeds))),
+            strategy="jbda", loss="labels", dataset=self.meta.dataset, arch=info.arch, recipe=recipe, **seeds
         )
 
     def query_spec(self, query_set: str) -> DatasetSpec:
@@ -382,6 +358,7 @@ class Evaluation:
             store = self.store(info, strategy, self.meta.dataset)
         if c.only_cached:  # report what is stored: send nothing
             return store, 0
+        batching = {"batch_size": c.query_batch, "progress": self.progress}
         if query_set == "random":
             queries = self.pool[sample_queries(len(self.pool), budget, c.seed)]
         elif query_set == "twins":  # half the budget's images, each followed by its twin
@@ -394,34 +371,15 @@ class Evaluation:
             seeds = self.victim_train[sample_queries(len(self.victim_train), jbda.seed_size, c.seed)]
 
             def substitute(data: TransferSet) -> torch.nn.Module:
-                model = build_attack_model(
-                    info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed + len(data)
-                )
-                train_attack_model(
-                    model,
-                    data,
-                    loss="labels",
-                    interpreter=info.interpreter,
-                    recipe=jbda.recipe,
-                    seed=c.seed + len(data),
-                    device=self.device,
-                    progress=self.progress,
-                )
+                seed = c.seed + len(data)
+                model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, seed)
+                self.train(model, data, loss="labels", interpreter=info.interpreter, recipe=jbda.recipe, seed=seed)
                 return model
 
-            sent = (collect_adaptive if query_set == "adaptive" else collect_jbda)(
-                oracle,
-                store,
-                seeds,
-                budget=budget,
-                rounds=jbda.rounds,
-                step=jbda.jbda_step,
-                train=substitute,
-                batch_size=c.query_batch,
-                progress=self.progress,
-            )
-            return store, sent
-        return store, collect(oracle, store, queries, batch_size=c.query_batch, progress=self.progress)
+            collector = collect_adaptive if query_set == "adaptive" else collect_jbda
+            how = {"rounds": jbda.rounds, "step": jbda.jbda_step, "train": substitute, **batching}
+            return store, collector(oracle, store, seeds, budget=budget, **how)
+        return store, collect(oracle, store, queries, **batching)
 
     def transfer_set(
         self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str = "random"
@@ -446,22 +404,16 @@ class Evaluation:
             "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
         }
 
+    def train(self, model: torch.nn.Module, data: TransferSet, **how: Any) -> list[float]:
+        """Train an attack model (or a JBDA substitute) on this run's device: ``train_attack_model``."""
+        return train_attack_model(model, data, device=self.device, progress=self.progress, **how)
+
     def attack_key(self, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int) -> str:
         """The cache key of one attack model: everything that determines it."""
-        c = self.config
-        return digest(
-            {
-                "store": store_fp,
-                "budget": budget,
-                "loss": loss,
-                "training": c.training(),
-                "lam": c.recipe.lam if loss == "explanations" else None,
-                "arch": info.arch,
-                "test_n": c.test_n,
-                "n_unif": c.n_unif,
-                "victim": c.checkpoint,
-            }
-        )
+        c = self.config  # digest sorts the keys
+        trained = {"store": store_fp, "budget": budget, "loss": loss, "training": c.training(), "arch": info.arch}
+        scored = {"test_n": c.test_n, "n_unif": c.n_unif, "victim": c.checkpoint}
+        return digest(trained | scored | {"lam": c.recipe.lam if loss == "explanations" else None})
 
     def budgets(self, arm: Arm) -> list[int]:
         """The budgets the arm's attack models are trained at: the configured ones up to the arm's."""
@@ -495,27 +447,13 @@ class Evaluation:
             if kept == 0:  # a filtering attacker that trusts none of the answers learns nothing
                 return {"loss": loss, "budget": budget, "kept": 0, "accuracy": None, **c.training()}
             started = time.perf_counter()
-            history = train_attack_model(
-                model,
-                data.prefix(budget),
-                loss=loss,
-                interpreter=info.interpreter,
-                recipe=c.recipe,
-                seed=c.seed,
-                device=self.device,
-                progress=self.progress,
+            history = self.train(
+                model, data.prefix(budget), loss=loss, interpreter=info.interpreter, recipe=c.recipe, seed=c.seed
             )
             trained = time.perf_counter()
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
-            fid = agreement.fidelity(
-                self.victim,
-                model,
-                self.test_images,
-                c.n_unif,
-                c.seed,
-                victim_test=self.victim_test,
-                victim_unif=self.victim_unif,
-            )
+            references = {"victim_test": self.victim_test, "victim_unif": self.victim_unif}
+            fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed, **references)
             return {
                 "loss": loss,
                 "budget": budget,
@@ -584,15 +522,8 @@ class Evaluation:
         resumable) against the victim's own, scored by the victim; Figure 3's rows kept too (cached)."""
         c = self.config
         store = self.store(info, "test", info.dataset)
-        key = digest(
-            {
-                "maps": fingerprint_digest(store.fingerprint),
-                "n": c.n_maps,
-                "p": c.p,
-                "figure": c.n_figure,
-                "victim": c.checkpoint,
-            }
-        )
+        maps = {"maps": fingerprint_digest(store.fingerprint), "n": c.n_maps, "p": c.p, "figure": c.n_figure}
+        key = digest({**maps, "victim": c.checkpoint})
         return self.cached(key, lambda: self._maps(oracle, store))
 
     def _maps(self, oracle: Oracle, store: TransferStore) -> dict[str, Any]:
@@ -615,7 +546,7 @@ class Evaluation:
             "victim": average_drop.summary(victim_drops),
             "defended": average_drop.summary(answered_drops),
             "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
-            "labels_kept": round(100.0 * float((answered.labels == classes).double().mean()), 2),
+            "labels_kept": agreement.percent(answered.labels == classes),
             "figure": {
                 "images": images[figure].tolist(),
                 "victim_maps": victim_maps[figure].tolist(),
@@ -641,9 +572,9 @@ class Evaluation:
         truth = self.all_test_labels[:n]
         return {
             "n": n,
-            "accuracy": round(100.0 * float((answered.labels == truth).double().mean()), 2),
-            "victim_accuracy": round(100.0 * float((victim == truth).double().mean()), 2),
-            "agreement": round(100.0 * float((answered.labels == victim).double().mean()), 2),
+            "accuracy": agreement.percent(answered.labels == truth),
+            "victim_accuracy": agreement.percent(victim == truth),
+            "agreement": agreement.percent(answered.labels == victim),
         }
 
     def monitor(self, data: TransferSet, arm: Arm) -> dict[str, Any]:
@@ -662,8 +593,8 @@ class Evaluation:
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
             "escalated_at": watched["escalated_after"] if watched else policy.queries_until_escalated(flags),
             "watched": watched,
-            "benign": self.benign_monitor(),
-            "threshold_choice": self.monitor_threshold_choice(),
+            "benign": self.benign_monitor,
+            "threshold_choice": self.monitor_threshold_choice,
             "benign_key_queries": BENIGN_KEY_QUERIES,
         }
 
@@ -678,29 +609,27 @@ class Evaluation:
         db = self.monitor_db(arm)
         if db is None or not db.exists():
             return
-        store = SqliteMonitorStore(db)
-        try:
-            s = store.read(MONITORED_KEY)
-        finally:
-            store.close()
-        summary = _window_summary(s)
+        with closing(SqliteMonitorStore(db)) as store:
+            summary = _window_summary(store.read(MONITORED_KEY))
         db.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def monitor_summary(self, arm: Arm) -> dict[str, Any] | None:
         path = self.out / "monitor" / f"{arm.key}.json"
         return json.loads(path.read_text()) if self.config.monitored and path.exists() else None
 
-    def domain_flags(self, images: torch.Tensor) -> list[bool]:
-        if self._domain is None:
-            self._domain, _ = load_domain_score(self.config.checkpoint, self.victim, device=self.device)
-        return self._domain.flags(images.to(self.device)).cpu().tolist()
+    @cached_property
+    def domain(self) -> DomainScore:
+        """The gate's domain score, for the monitor's replay (loaded when first needed)."""
+        return load_domain_score(self.config.checkpoint, self.victim, device=self.device)[0]
 
+    def domain_flags(self, images: torch.Tensor) -> list[bool]:
+        return self.domain.flags(images.to(self.device)).cpu().tolist()
+
+    @cached_property
     def monitor_threshold_choice(self) -> dict[str, Any]:
         """How the monitor's default threshold was chosen, on digits no result here is measured on: per
         candidate threshold, the honest keys escalated among ``BENIGN_KEY_QUERIES``-query keys of the last
         10,000 victim training images, clean and under every perturbation (the default is the lowest with none)."""
-        if self._threshold_choice is not None:
-            return self._threshold_choice
         x = self.victim_train[-10_000:]
         keys = []
         for perturb in (None, *PERTURBATIONS.values()):
@@ -711,20 +640,17 @@ class Evaluation:
             f"{t:g}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
             for t in THRESHOLD_CANDIDATES
         }
-        self._threshold_choice = {"keys": len(keys), "escalated": escalated}
-        return self._threshold_choice
+        return {"keys": len(keys), "escalated": escalated}
 
+    @cached_property
     def benign_monitor(self) -> dict[str, Any]:
         """Honest keys: the victim's test digits in order, cut into keys of ``BENIGN_KEY_QUERIES`` queries, clean
         and under each perturbation of ``docs/results/domain-score.md`` (seeded), all through one monitor with
         its default policy as the server runs it (screened before, domain flags after); the same for every arm
         (cached in ``monitor/benign.json``)."""
-        if self._benign_monitor is not None:
-            return self._benign_monitor
         cached = self.out / "monitor" / "benign.json"
         if cached.exists():
-            self._benign_monitor = json.loads(cached.read_text())
-            return self._benign_monitor
+            return json.loads(cached.read_text())
         out = {}
         with tempfile.TemporaryDirectory() as tmp:
             monitor = ExtractionMonitor(Path(tmp) / "honest.sqlite")
@@ -751,9 +677,7 @@ class Evaluation:
                 }
             monitor.close()
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(out, indent=1) + "\n")
-        self._benign_monitor = out
-        return out
+        return write_json(cached, out)
 
     def run_arm(self, arm: Arm, oracle: Oracle) -> dict[str, Any]:
         info = oracle.info()
@@ -765,19 +689,9 @@ class Evaluation:
             self.attack(data, info, fp, loss, b, arm.query_set)
             for loss, b in tqdm(jobs, desc=f"attack models ({arm.key})", unit="model", disable=not self.progress)
         ]
-        runs = [r for r in runs if r is not None]
-        result = {
-            "key": arm.key,
-            "defense": info.defense,
-            **arm.fields(),
-            "options": arm.options,
-            "settings": info.defense_settings,
-            "url": arm.url,
-            "budget": arm.budget,
-            **collected,
-            "runtime": self.runtime(oracle, fp),
-            "runs": runs,
-        }
+        result = {"key": arm.key, "defense": info.defense, **arm.fields(), "options": arm.options}
+        result |= {"settings": info.defense_settings, "url": arm.url, "budget": arm.budget, **collected}
+        result |= {"runtime": self.runtime(oracle, fp), "runs": [r for r in runs if r is not None]}
         if arm.key in self.config.avg_drop:
             result["average_drop"] = self.maps(oracle, info)
         if self.config.benign_n and arm.query_set == "random":
@@ -805,21 +719,15 @@ def open_oracle(
     (:mod:`measure.shared_modes`): one optimisation per query answers DeepDefense, DD-S and DD-I.
     """
     device = config.defense_device or config.device
+    load = {"device": device, "data_root": config.data_root}
     if arm.url is not None or serve:
         from measure.launcher import served
 
+        gate_name = "misinform" if arm.gated else "none"
         context: AbstractContextManager[tuple[str, str | None]] = (
             nullcontext((arm.url, api_key))
             if arm.url is not None
-            else served(
-                config.checkpoint,
-                arm.defense,
-                config.interpreter,
-                device=device,
-                engine=arm.options,
-                data_root=config.data_root,
-                gate="misinform" if arm.gated else "none",
-            )
+            else served(config.checkpoint, arm.defense, config.interpreter, engine=arm.options, gate=gate_name, **load)
         )
         with context as (url, key), HttpOracle(url, key) as oracle:
             yield oracle
@@ -829,14 +737,7 @@ def open_oracle(
     if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # a gated arm loads its own engine
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)
         if key not in shared:
-            engine, _ = load_defense(
-                config.checkpoint,
-                "deepdefense",
-                config.interpreter,
-                device=device,
-                data_root=config.data_root,
-                **arm.options,
-            )
+            engine, _ = load_defense(config.checkpoint, "deepdefense", config.interpreter, **load, **arm.options)
             main = arm.role == "main" and arm.query_set == "random"  # Table 5's arms share; CS and top-k have options
             shared[key] = SharedModes(
                 engine, tuple(m for m in ENGINE_MODES if m in config.defenses) if main else (arm.defense,)
@@ -844,20 +745,16 @@ def open_oracle(
         defense: Defense = ModeOf(shared[key], arm.defense)
         meta = load_checkpoint(config.checkpoint)[1]
     else:
-        defense, meta = load_defense(
-            config.checkpoint, arm.defense, config.interpreter, device=device, data_root=config.data_root, **arm.options
-        )
+        defense, meta = load_defense(config.checkpoint, arm.defense, config.interpreter, **load, **arm.options)
     if not arm.gated:
         yield LocalOracle(defense, local_info(config.checkpoint, meta, defense))
         return
     gate = load_gate(defense, config.checkpoint, device=device)
     assert isinstance(gate, MisinformationGate)
     info = local_info(config.checkpoint, meta, gate)
-    if not config.monitored:
-        yield LocalOracle(gate, info)
-        return
-    info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
-    if monitor_db is None:  # the arm's queries were collected: what else it is asked is not the thief's
+    if config.monitored:
+        info = replace(info, defense_settings={**info.defense_settings, "monitor": "on"})
+    if not config.monitored or monitor_db is None:  # monitored without a db: the thief's queries are collected
         yield LocalOracle(gate, info)
         return
     monitor = ExtractionMonitor(monitor_db)
@@ -918,27 +815,20 @@ def run_evaluation(
 
 def _window_summary(s: KeyWindow) -> dict[str, Any]:
     """A monitored key's state as the results report it (no coarse views, no distances)."""
-    return {
-        "queries": s.queries,
-        "flagged": s.flagged,
-        "duplicates": s.duplicates,
-        "tainted": s.tainted,
-        "spread": None if s.spread is None else round(s.spread, 4),
-        "escalated_after": s.escalated_after,
-        "reason": s.reason,
-    }
+    fields = ("queries", "flagged", "duplicates", "tainted", "spread", "escalated_after", "reason")
+    return {f: getattr(s, f) for f in fields} | {"spread": None if s.spread is None else round(s.spread, 4)}
+
+
+def write_json(path: Path, payload: Any) -> Any:
+    """``payload`` written to ``path`` as JSON, atomically (concurrent runs may share a folder); ``payload``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return payload
 
 
 def environment(config: EvalConfig) -> dict[str, Any]:
     m = machine(config.device)
-    return {
-        "torch": m.torch,
-        "python": m.python,
-        "host": m.host,
-        "machine": m.arch,
-        "threads": m.threads,
-        "device": config.device,
-        "defense_device": config.defense_device or config.device,
-        "cuda": m.accelerator,
-        **provenance(),
-    }
+    env = {"torch": m.torch, "python": m.python, "host": m.host, "machine": m.arch, "threads": m.threads}
+    devices = {"device": config.device, "defense_device": config.defense_device or config.device}
+    return env | devices | {"cuda": m.accelerator, **provenance()}

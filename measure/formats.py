@@ -199,18 +199,12 @@ def measure_variant(
         victim_labels.append(logits.argmax(1))
         device = next(misinformation.parameters()).device
         misinformed_labels.append(misinformation(x.to(device)).argmax(1).cpu())
-    flagged = torch.cat(flags)
-    victim = torch.cat(victim_labels)
+    flagged, victim = torch.cat(flags), torch.cat(victim_labels)
     answered = torch.where(flagged, torch.cat(misinformed_labels), victim)
     n, k = len(flagged), int(flagged.sum())
-    low, high = wilson(k, n)
-    return {
-        "name": variant.name,
-        "description": variant.description,
-        "n": n,
-        "flagged": k,
-        "flag_rate": k / n,
-        "flag_rate_ci95": [low, high],
+    result = {"name": variant.name, "description": variant.description, "n": n, "flagged": k, "flag_rate": k / n}
+    return result | {
+        "flag_rate_ci95": list(wilson(k, n)),
         "victim_accuracy": float((victim == labels).double().mean()),
         "right_through_gate": float((answered == labels).double().mean()),
     }
@@ -278,11 +272,8 @@ def baseline_of(earlier: dict[str, Any], record: dict[str, Any]) -> dict[str, An
     if earlier["gate"]["sha256"] == record["gate"]["sha256"]:
         raise ValueError("the baseline used the same domain score as this run: nothing to compare")
     keep = ("name", "flag_rate", "flag_rate_ci95", "victim_accuracy", "right_through_gate")
-    return {
-        "command": earlier["command"],
-        "gate": earlier["gate"],
-        "variants": [{k: r[k] for k in keep} for r in earlier["variants"]],
-    }
+    variants = [{k: r[k] for k in keep} for r in earlier["variants"]]
+    return {"command": earlier["command"], "gate": earlier["gate"], "variants": variants}
 
 
 #: The variants also sent over HTTP by ``deepdefense formats --http-check``.

@@ -93,21 +93,11 @@ def served(
 
     key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="dd-served-") as tmp:
+        model = {"checkpoint": checkpoint, "defense": defense, "interpreter": interpreter, "device": device}
+        keys = {"api_keys": key, "api_keys_file": None, "admin_keys": key, "admin_keys_file": None}
+        budget = {"query_budget": None, "budget_db": Path(tmp) / "budget.sqlite"}
         settings = ServerSettings(
-            checkpoint=checkpoint,
-            defense=defense,
-            interpreter=interpreter,
-            device=device,
-            engine=engine or {},
-            data_root=data_root,
-            gate=gate,
-            api_keys=key,
-            api_keys_file=None,
-            admin_keys=key,
-            admin_keys_file=None,
-            query_budget=None,
-            budget_db=Path(tmp) / "budget.sqlite",
-            log_level="warning",
+            **model, engine=engine or {}, data_root=data_root, gate=gate, **keys, **budget, log_level="warning"
         )
         with in_thread(create_app(settings), ready_timeout_s=ready_timeout_s) as url:
             yield url, key

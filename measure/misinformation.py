@@ -19,17 +19,13 @@ from torch.utils.data import TensorDataset
 
 from defense.interpreters import create_interpreter
 from defense.misinformation import blend, misinformation_weight, mix
-from measure.agreement import probabilities
+from measure.agreement import percent, probabilities
 from measure.fidelity import spearman
 from measure.markdown import row, table
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 #: AM's adaptive blend on in-domain queries, score = the victim's max probability: (τ, ν) pairs.
 GATES = ((0.5, 100.0), (0.9, 100.0), (0.99, 100.0))
-
-
-def _percent(mask: Tensor) -> float:
-    return round(100.0 * float(mask.double().mean()), 2)
 
 
 def answer_shape(p: Tensor) -> dict[str, float]:
@@ -105,24 +101,24 @@ def measure_misinformation(
     label_v, label_m = p_v.argmax(1), p_m.argmax(1)
     return {
         "n": len(y),
-        "victim_top1_accuracy": _percent(label_v == y),
-        "misinfo_top1_accuracy": _percent(label_m == y),
+        "victim_top1_accuracy": percent(label_v == y),
+        "misinfo_top1_accuracy": percent(label_m == y),
         "victim_mean_p_true": round(float(p_v.gather(1, y[:, None]).mean()), 4),
         "misinfo_mean_p_true": round(float(p_m.gather(1, y[:, None]).mean()), 4),
         "misinfo_mean_p_victim_top1": round(float(p_m.gather(1, label_v[:, None]).mean()), 4),
-        "top1_agreement_with_victim": _percent(label_m == label_v),
+        "top1_agreement_with_victim": percent(label_m == label_v),
         "answer_shape": {"victim": answer_shape(p_v), "misinfo": answer_shape(p_m)},
         "answered_labels": {
             "victim": label_spread(label_v, p_v.shape[1]),
             "misinfo": label_spread(label_m, p_m.shape[1]),
         },
         "most_frequent_wrong_label": wrong_labels(y, label_m, p_v.shape[1]),
-        "blend_top1_accuracy": {f"{a:g}": _percent(mix(p_v, p_m, a).argmax(1) == y) for a in alphas},
+        "blend_top1_accuracy": {f"{a:g}": percent(mix(p_v, p_m, a).argmax(1) == y) for a in alphas},
         "adaptive_blend_in_domain": [
             {
                 "tau": tau,
                 "nu": nu,
-                "top1_accuracy": _percent(blend(p_v, p_m, p_v.amax(1), tau, nu).argmax(1) == y),
+                "top1_accuracy": percent(blend(p_v, p_m, p_v.amax(1), tau, nu).argmax(1) == y),
                 "mean_alpha": round(float(misinformation_weight(p_v.amax(1), tau, nu).mean()), 4),
             }
             for tau, nu in gates

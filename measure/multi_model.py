@@ -36,6 +36,9 @@ from models.data import default_data_root, load_split
 CHECKPOINTS = ("lenet-mnist", "lenet-fashionmnist")
 DEFENSE, INTERPRETER = "deepdefense", "gradcam"
 BATCH = 16
+#: The report's columns: the served runs, then the undefended and recorded accuracies.
+RUNS = ("together_predict", "together_v2", "alone_predict")
+ACCURACIES = ("undefended_accuracy", "checkpoint_test_accuracy")
 
 
 def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
@@ -65,17 +68,9 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
         images, labels = tests[name]
         victim = [a.label for a in undefended[name][0].answer(images, explain=False)]
         raw = 100.0 * sum(int(v == y) for v, y in zip(victim, labels.tolist(), strict=True)) / len(labels)
-        rows.append(
-            {
-                "model": name,
-                "n": len(labels),
-                "together_predict": together[name]["predict"],
-                "together_v2": together[name]["v2"],
-                "alone_predict": alone,
-                "undefended_accuracy": raw,
-                "checkpoint_test_accuracy": undefended[name][1].test_accuracy,
-            }
-        )
+        row = {"model": name, "n": len(labels), **{f"together_{p}": together[name][p] for p in ("predict", "v2")}}
+        checkpoint = undefended[name][1].test_accuracy
+        rows.append(row | {"alone_predict": alone, "undefended_accuracy": raw, "checkpoint_test_accuracy": checkpoint})
         print(json.dumps(rows[-1]), flush=True)
     return {"checkpoints": list(CHECKPOINTS), "defense": DEFENSE, "batch": BATCH, "models": rows}
 
@@ -107,13 +102,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
             "model | n | together, /predict | together, /v2 | alone, /predict | undefended, same images | "
             "checkpoint, whole test set",
             (
-                (
-                    r["model"],
-                    r["n"],
-                    *(cell(r[k]) for k in ("together_predict", "together_v2", "alone_predict")),
-                    f"{r['undefended_accuracy']:.2f}",
-                    f"{r['checkpoint_test_accuracy']:.2f}",
-                )
+                (r["model"], r["n"], *(cell(r[k]) for k in RUNS), *(f"{r[k]:.2f}" for k in ACCURACIES))
                 for r in result["models"]
             ),
         ),

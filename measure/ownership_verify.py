@@ -5,6 +5,7 @@ above both."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,8 @@ def verify_ownership(
             raise ValueError("no API key given")
         kid = key_id(key, server_secret(KEY_ID, client, settings.budget_db))
     victim, meta = load_checkpoint(settings.checkpoint[0])  # the watermarked model: the default
-    watermark = open_watermark(settings, client, meta.num_classes)
-    try:
+    with closing(open_watermark(settings, client, meta.num_classes)) as watermark:
         records = watermark.records(kid)
-    finally:
-        watermark.close()
     if not records:
         raise ValueError(f"no watermarked queries are kept for key {kid} in this server's state")
     x = torch.stack([r.query() for r in records])

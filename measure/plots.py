@@ -22,6 +22,8 @@ COLOURS = {
     "dd-i": "tab:purple",
 }
 NAMES = {"none": "Undefended", "pp": "PP", "edm": "EDM", "deepdefense": "DD", "dd-s": "DD-S", "dd-i": "DD-I"}
+#: The paper's figures as stars (their colour: the defense's, or white in the legend).
+STAR = {"marker": "*", "linestyle": "none", "markeredgecolor": "black"}
 TITLES = {
     "explanations": "probabilities + maps (eq. 1)",
     "probabilities": "probabilities only",
@@ -42,9 +44,8 @@ def figure2(
     hold ``defense``, ``loss``, ``budget``, ``accuracy``; ``paper`` (defense → accuracy at
     ``paper_budget``, the paper's Table 5) is drawn as stars on the eq. (1) panel."""
     losses = list(dict.fromkeys(r["loss"] for r in rows))
-    fig, axes = plt.subplots(
-        1, max(len(losses), 1), figsize=(4.6 * max(len(losses), 1), 4.0), sharey=True, squeeze=False
-    )
+    panels = max(len(losses), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.0), sharey=True, squeeze=False)
     for ax, loss in zip(axes[0], losses, strict=False):  # an empty figure keeps one panel
         for defense in dict.fromkeys(r["defense"] for r in rows):
             points = sorted((r["budget"], r["accuracy"]) for r in rows if r["loss"] == loss and r["defense"] == defense)
@@ -52,15 +53,7 @@ def figure2(
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", color=COLOURS.get(defense), label=NAMES.get(defense, defense))
             if paper and loss == "explanations" and defense in paper and paper_budget <= max(r["budget"] for r in rows):
-                ax.plot(
-                    [paper_budget],
-                    [paper[defense]],
-                    marker="*",
-                    markersize=13,
-                    linestyle="none",
-                    color=COLOURS.get(defense),
-                    markeredgecolor="black",
-                )
+                ax.plot([paper_budget], [paper[defense]], markersize=13, color=COLOURS.get(defense), **STAR)
         if victim_accuracy is not None:
             ax.axhline(victim_accuracy, color="black", linestyle=":", linewidth=1)
         ax.set_title(TITLES.get(loss, loss), fontsize=10)
@@ -70,9 +63,7 @@ def figure2(
     axes[0][0].set_ylabel("attack-model test accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if paper and paper_budget <= max(r["budget"] for r in rows):
-        handles.append(
-            plt.Line2D([], [], marker="*", markersize=11, linestyle="none", color="white", markeredgecolor="black")
-        )
+        handles.append(plt.Line2D([], [], markersize=11, color="white", **STAR))
         labels.append(f"paper, B = {paper_budget:,} (Table 5)")
     if victim_accuracy is not None:
         handles.append(plt.Line2D([], [], color="black", linestyle=":"))
@@ -105,8 +96,7 @@ def figure3(
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
             if img is not None:
                 ax.imshow(img, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if row == 0 or col == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()

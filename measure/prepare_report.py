@@ -27,9 +27,7 @@ def _sensitivity(victim: Path, out: Path) -> dict[str, Any]:
     stored = read_meta(victim).extra["sensitivity"]
     total = sum(stored["scores"].values())
     return {
-        "n": stored["n"],
-        "seed": stored["seed"],
-        "scores": stored["scores"],
+        **{k: stored[k] for k in ("n", "seed", "scores")},
         "share_pct": {k: round(100 * v / total, 1) for k, v in stored["scores"].items()},
         "selected_cs90": select_layers(stored["scores"]),
     }
@@ -64,16 +62,11 @@ def _misinfo(victim: Path, out: Path) -> dict[str, Any]:
     meta = read_meta(misinformation_path(victim).with_suffix(".json"))
     m = meta.extra["measured"]
     shape = m["answer_shape"]
+    accuracy = ("victim_top1_accuracy", "misinfo_top1_accuracy", "top1_agreement_with_victim", "misinfo_mean_p_true")
     return {
         "test_n": m["n"],
-        "victim_top1_accuracy": m["victim_top1_accuracy"],
-        "misinfo_top1_accuracy": m["misinfo_top1_accuracy"],
-        "top1_agreement_with_victim": m["top1_agreement_with_victim"],
-        "misinfo_mean_p_true": m["misinfo_mean_p_true"],
-        "max_probability_median": {
-            "victim": shape["victim"]["max_probability_median"],
-            "misinfo": shape["misinfo"]["max_probability_median"],
-        },
+        **{k: m[k] for k in accuracy},
+        "max_probability_median": {k: shape[k]["max_probability_median"] for k in ("victim", "misinfo")},
         "answered_labels_most_frequent_share": m["answered_labels"]["misinfo"]["most_frequent_share"],
         "gradcam_median_spearman_vs_victim": m["gradcam"]["median_spearman_vs_victim"],
         "logit_temperature": meta.extra.get("logit_temperature"),
@@ -83,12 +76,10 @@ def _misinfo(victim: Path, out: Path) -> dict[str, Any]:
 def _edm(victim: Path, out: Path) -> dict[str, Any]:
     measured = read_ensemble_meta(ensemble_paths(victim)[0]).measured
     test = measured["test"]
+    accuracy = ("victim_accuracy", "served_accuracy", "member_accuracy", "served_agreement_with_victim")
     result = {
         "members": len(test["member_accuracy"]),
-        "victim_accuracy": test["victim_accuracy"],
-        "served_accuracy": test["served_accuracy"],
-        "member_accuracy": test["member_accuracy"],
-        "served_agreement_with_victim": test["served_agreement_with_victim"],
+        **{k: test[k] for k in accuracy},
         "held_out_outlier_coherence_mean": measured["held_out"]["outliers"]["coherence_mean"],
     }
     if "foreign_test" in measured:
@@ -97,13 +88,7 @@ def _edm(victim: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-_FIGURES = {
-    "sensitivity": _sensitivity,
-    "warmstart": _warmstart,
-    "domain": _domain,
-    "misinfo": _misinfo,
-    "edm": _edm,
-}
+_FIGURES = {f.__name__.removeprefix("_"): f for f in (_sensitivity, _warmstart, _domain, _misinfo, _edm)}
 
 
 def gate_verdict(victim: Path, steps: dict[str, dict[str, Any]], data_root: Any, test_fpr: float) -> dict[str, Any]:
@@ -143,6 +128,7 @@ def gate_verdict(victim: Path, steps: dict[str, dict[str, Any]], data_root: Any,
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per step, then the gate's verdict."""
     v = report["victim"]
+    status = lambda s: s["status"] if s["status"] == "kept" else f"made ({s['why']})"
     lines = [
         f"# deepdefense prepare: {Path(report['checkpoint']).stem}",
         "",
@@ -154,25 +140,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *table(
             "step | status | seconds | figures",
-            (
-                [
-                    s["step"],
-                    s["status"] if s["status"] == "kept" else f"made ({s['why']})",
-                    f"{s['seconds']:.0f}",
-                    _SUMMARY[s["step"]](s["figures"]),
-                ]
-                for s in report["steps"]
-            ),
+            ([s["step"], status(s), f"{s['seconds']:.0f}", _SUMMARY[s["step"]](s["figures"])] for s in report["steps"]),
         ),
     ]
     gate = report["gate"]
     lines += ["", "## Misinformation gate", ""]
-    if gate["server_turns_it_on"]:
-        lines.append(
-            "`deepdefense serve --checkpoint` turns it on (`--gate auto`): both halves load against these weights."
-        )
-    else:
-        lines.append(f"The server cannot turn it on: {gate['why_not']}.")
+    on = "`deepdefense serve --checkpoint` turns it on (`--gate auto`): both halves load against these weights."
+    lines.append(on if gate["server_turns_it_on"] else f"The server cannot turn it on: {gate['why_not']}.")
     lines += ["", *table("target | value | at most | met")]
     for c in gate["checks"]:
         met = "not measured" if c["passed"] is None else yes(c["passed"])

@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from clients.attack_losses import ATTACK_LOSSES
 from defense.names import ENGINE_MODES
 from measure import plots
-from measure.evaluate import role_of
+from measure.evaluate import role_of, write_json
 from measure.markdown import document, generated_by, num, row, signed, table
 from server.monitor import THRESHOLD
 
@@ -44,26 +45,16 @@ PAPER: dict[str, Any] = {
 }
 #: The fidelity table's measures and their decimals.
 FIDELITY_CELLS = (("accuracy", 2), ("r_test", 2), ("r_test_tv", 3), ("r_unif", 2), ("r_unif_tv", 3))
+#: The honest-user table's figures.
+BENIGN_CELLS = ("accuracy", "victim_accuracy", "agreement")
 #: How the report names the data sets it mentions.
 DATASET_TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
 MAIN = ("none", "pp", "edm", *ENGINE_MODES)  # the order of the report's tables
 NAMES = plots.NAMES
-CSV_FIELDS = (
-    "arm",
-    "defense",
-    "cs",
-    "top_k",
-    "loss",
-    "budget",
-    "accuracy",
-    "r_test",
-    "r_test_tv",
-    "r_unif",
-    "r_unif_tv",
-    "epochs",
-    "train_s",
-    "device",
-)
+#: The columns of accuracy.csv: the arm's, then its run's.
+ARM_FIELDS = ("arm", "defense", "cs", "top_k")
+RUN_FIELDS = ("loss", "budget", "accuracy", "r_test", "r_test_tv", "r_unif", "r_unif_tv", "epochs", "train_s", "device")
+CSV_FIELDS = ARM_FIELDS + RUN_FIELDS
 
 #: Row order and names of the arms.
 ARM_NAMES = {
@@ -100,20 +91,12 @@ def paper_for(record: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def accuracy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per trained attack model."""
-    rows = []
-    for key, arm in record["arms"].items():
-        settings = arm.get("settings", {})
-        for run in arm["runs"]:
-            rows.append(
-                {
-                    "arm": key,
-                    "defense": arm["defense"],
-                    "cs": settings.get("cs"),
-                    "top_k": settings.get("top_k"),
-                    **{f: run.get(f) for f in CSV_FIELDS if f not in ("arm", "defense", "cs", "top_k")},
-                }
-            )
-    return rows
+    return [
+        {"arm": key, "defense": arm["defense"], **{f: arm.get("settings", {}).get(f) for f in ("cs", "top_k")}}
+        | {f: run.get(f) for f in RUN_FIELDS}
+        for key, arm in record["arms"].items()
+        for run in arm["runs"]
+    ]
 
 
 def main_arms(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -122,10 +105,8 @@ def main_arms(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def _accuracy(record: Mapping[str, Any], defense: str, loss: str, budget: int) -> float | None:
-    for run in main_arms(record).get(defense, {}).get("runs", []):
-        if run["loss"] == loss and run["budget"] == budget:
-            return run["accuracy"]
-    return None
+    runs = main_arms(record).get(defense, {}).get("runs", [])
+    return next((r["accuracy"] for r in runs if r["loss"] == loss and r["budget"] == budget), None)
 
 
 def tables(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,13 +123,7 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
         both = r["ours"] is not None and r["paper"] is not None
         r["difference"] = round(r["ours"] - r["paper"], 2) if both else None
     fidelity = [
-        {
-            "defense": d,
-            "loss": run["loss"],
-            "budget": run["budget"],
-            "accuracy": run["accuracy"],
-            **{k: run.get(k) for k in ("r_test", "r_test_tv", "r_unif", "r_unif_tv")},
-        }
+        {"defense": d, **{k: run.get(k) for k in ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))}}
         for d in MAIN
         if d in main
         for run in main[d]["runs"]
@@ -157,47 +132,19 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     table3, table4 = [], []
     for key, arm in arms.items():
         role = role_of(key, arm)[0]
-        if role == "main":
-            continue
-        s, rt = arm["settings"], arm["runtime"]
-        variant = {
-            "arm": key,
-            "defense": arm["defense"],
-            "cs": s.get("cs"),
-            "top_k": s.get("top_k", 1),  # PP names k only when it is not the argmax
-            "layers": s.get("layers"),
-            "budget": arm["budget"],
-            "ms_per_query": rt["ms_per_query"],
-            "mean_l_orth": rt.get("mean_l_orth"),
-            "fallbacks": rt.get("fallbacks"),
-            "accuracy": {run["loss"]: run["accuracy"] for run in arm["runs"] if run["budget"] == arm["budget"]},
-        }
-        (table3 if role == "cs" else table4).append(variant)
+        if role != "main":
+            settings = {"top_k": 1, **arm["settings"]}  # PP names k only when it is not the argmax
+            (table3 if role == "cs" else table4).append(_variant(key, arm, settings, arm["budget"], arm["runs"]))
     for key, entry in (record.get("not_collected") or {}).items():  # a CS arm not run beside its twin's figures
         twin = _same_layers_as(record, key)
         if twin:
-            s = entry["settings"]
             same = next(r for r in table3 if r["arm"] == twin)
-            table3.append({**same, "arm": key, "cs": s.get("cs"), "same_as": twin})
+            table3.append({**same, "arm": key, "cs": entry["settings"].get("cs"), "same_as": twin})
     ablation = record["config"].get("ablation_budget") or budget
     ablation_losses = record["config"].get("ablation_losses") or ["explanations"]
     if "pp" in main:  # PP beside the DeepDefense variants, as in the paper's Tables 3 and 4
-        pp = {
-            "arm": "pp",
-            "defense": "pp",
-            "cs": None,
-            "top_k": None,
-            "layers": None,
-            "budget": ablation,
-            "ms_per_query": main["pp"]["runtime"]["ms_per_query"],
-            "mean_l_orth": None,
-            "fallbacks": None,
-            "accuracy": {  # the attackers the DeepDefense variants faced (--ablation-losses), not every one
-                run["loss"]: run["accuracy"]
-                for run in main["pp"]["runs"]
-                if run["budget"] == ablation and run["loss"] in ablation_losses
-            },
-        }
+        # the attackers the DeepDefense variants faced (--ablation-losses), not every one
+        pp = _variant("pp", main["pp"], {}, ablation, [r for r in main["pp"]["runs"] if r["loss"] in ablation_losses])
         table3 += [pp] if table3 else []
         table4 += [pp] if table4 and not any(r["defense"] == "pp" for r in table4) else []
     runtime = [{"arm": key, "defense": arm["defense"], **arm["runtime"]} for key, arm in arms.items()]
@@ -218,19 +165,24 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _variant(key: str, arm: Mapping[str, Any], settings: Mapping[str, Any], budget: int, runs: list) -> dict:
+    """A row of Table 3 or 4: the arm's settings and runtime, and its attackers' accuracy at ``budget``."""
+    row = {"arm": key, "defense": arm["defense"], **{k: settings.get(k) for k in ("cs", "top_k", "layers")}}
+    runtime = arm["runtime"] if settings else {"ms_per_query": arm["runtime"]["ms_per_query"]}
+    row |= {"budget": budget, **{k: runtime.get(k) for k in ("ms_per_query", "mean_l_orth", "fallbacks")}}
+    return row | {"accuracy": {r["loss"]: r["accuracy"] for r in runs if r["budget"] == budget}}
+
+
 def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """results.json, accuracy.csv, tables.json, average_drop.json, fig2.png and fig3.png in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    t = tables(record)
+    drops = t["average_drop"]  # without their figures
     stripped = {
         **record,
-        "arms": {
-            k: {**a, "average_drop": {x: y for x, y in a["average_drop"].items() if x != "figure"}}
-            if "average_drop" in a
-            else a
-            for k, a in record["arms"].items()
-        },
+        "arms": {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()},
     }
     paths["results"] = _write_json(out / "results.json", stripped)
     rows = accuracy_rows(record)
@@ -239,9 +191,8 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    t = tables(record)
     paths["tables"] = _write_json(out / "tables.json", t)
-    paths["average_drop"] = _write_json(out / "average_drop.json", t["average_drop"])
+    paths["average_drop"] = _write_json(out / "average_drop.json", drops)
     main = main_arms(record)
     main_rows = [r for r in rows if main.get(r["defense"]) is record["arms"][r["arm"]]]
     if main_rows:
@@ -257,22 +208,14 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     for key, arm in record["arms"].items():
         fig = arm.get("average_drop", {}).get("figure")
         if fig:
-            paths["fig3"] = plots.figure3(
-                fig["images"],
-                fig["victim_maps"],
-                fig["defended_maps"],
-                fig["labels"],
-                out / "fig3.png",
-                defended_name=NAMES.get(arm["defense"], key),
-            )
+            maps = (fig[k] for k in ("images", "victim_maps", "defended_maps", "labels"))
+            paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
             break
     return paths
 
 
 def _write_json(path: Path, payload: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs may share a folder
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, payload)
     return path
 
 
@@ -443,11 +386,11 @@ def _not_run_legend(record: Mapping[str, Any], present: list[str], budgets: list
 
 def _provenance(record: Mapping[str, Any]) -> list[str]:
     """Which command on which machine trained the attack models shown (cached records keep theirs)."""
-    made: dict[tuple[str, str], int] = {}
-    for arm in record["arms"].values():
-        for run in arm["runs"]:
-            key = (run.get("made_by") or "unrecorded", run.get("machine") or run.get("device", "unrecorded"))
-            made[key] = made.get(key, 0) + 1
+    made = Counter(
+        (run.get("made_by") or "unrecorded", run.get("machine") or run.get("device", "unrecorded"))
+        for arm in record["arms"].values()
+        for run in arm["runs"]
+    )
     return [
         f"* {n} attack model{'s' if n > 1 else ''} trained by `{cmd}` on {where}" for (cmd, where), n in made.items()
     ]
@@ -456,12 +399,10 @@ def _provenance(record: Mapping[str, Any]) -> list[str]:
 def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
-    lines = []
-    for key in record.get("not_collected") or {}:
-        twin = _same_layers_as(record, key)
-        also = f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
-        lines.append(f"* not run: `{key}` ({why}{also})")
-    return lines
+    also = lambda twin: f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
+    return [
+        f"* not run: `{key}` ({why}{also(_same_layers_as(record, key))})" for key in record.get("not_collected") or {}
+    ]
 
 
 def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
@@ -470,11 +411,13 @@ def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
     entry = (record.get("not_collected") or {}).get(key)
     if not isinstance(entry, Mapping) or role_of(key, entry)[0] != "cs":
         return None
-    strip = {k: v for k, v in (entry.get("settings") or {}).items() if k != "cs"}
-    for other, arm in record["arms"].items():
-        if role_of(other, arm)[0] == "cs" and {k: v for k, v in arm["settings"].items() if k != "cs"} == strip:
-            return other
-    return None
+    layers = lambda settings: {k: v for k, v in (settings or {}).items() if k != "cs"}
+    twins = (
+        k
+        for k, a in record["arms"].items()
+        if role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
+    )
+    return next(twins, None)
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -518,13 +461,9 @@ def _honest_users(record: Mapping[str, Any], gated: bool) -> list[str]:
         ]
         header = "arm | n | accuracy (%) | victim's accuracy (%) | agreement with the victim (%) | ms/query"
     cells = (
-        [
-            _gate_name(key, arm) if gated else key,
-            f"{arm['benign']['n']:,}",
-            *(num(arm["benign"].get(k)) for k in ("accuracy", "victim_accuracy", "agreement")),
-            num(arm.get("runtime", {}).get("ms_per_query"), 1),
-        ]
+        [_gate_name(key, arm) if gated else key, f"{b['n']:,}", *(num(b.get(k)) for k in BENIGN_CELLS), num(ms, 1)]
         for key, arm in rows
+        for b, ms in [(arm["benign"], arm.get("runtime", {}).get("ms_per_query"))]
     )
     return [*head, *table(header, cells), *([""] if gated else [])]
 
@@ -566,16 +505,9 @@ def _runtime_sections(t: Mapping[str, Any], config: Mapping[str, Any]) -> list[s
         *table(
             "arm | n | batch | ms/query | mean L_orth | fallbacks | measured on",
             (
-                [
-                    r["arm"],
-                    r["n"],
-                    r["query_batch"],
-                    num(r["ms_per_query"], 1),
-                    num(r.get("mean_l_orth"), 3),
-                    r.get("fallbacks", "—"),
-                    r.get("machine", "—"),
-                ]
+                [r["arm"], r["n"], r["query_batch"], num(r["ms_per_query"], 1), num(r.get("mean_l_orth"), 3), *extra]
                 for r in t["runtime"]
+                for extra in [(r.get("fallbacks", "—"), r.get("machine", "—"))]
             ),
         ),
     ]
@@ -631,30 +563,19 @@ def _variant_table(rows: list[Mapping[str, Any]], label: str, field: str) -> lis
         if r.get("same_as"):  # not run: the same layers as another CS, so the same engine and answers
             value += f" (= {r['same_as'].removeprefix('deepdefense-')}: same layers, not run)"
         fallbacks = r["fallbacks"] if r["fallbacks"] is not None else "—"
-        lines.append(
-            row(
-                [
-                    NAMES.get(r["defense"], r["defense"]),
-                    value,
-                    layers,
-                    f"{r['budget']:,}",
-                    num(r["ms_per_query"], 1),
-                    num(r["mean_l_orth"], 3),
-                    fallbacks,
-                    *(_cell(r["accuracy"].get(loss)) for loss in losses),
-                ]
-            )
-        )
+        cells = [f"{r['budget']:,}", num(r["ms_per_query"], 1), num(r["mean_l_orth"], 3), fallbacks]
+        accuracy = (_cell(r["accuracy"].get(loss)) for loss in losses)
+        lines.append(row([NAMES.get(r["defense"], r["defense"]), value, layers, *cells, *accuracy]))
     return lines
 
 
 def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
     measured = [r for r in t["table5"] if r["difference"] is not None]
     lines = ["", "## Where we differ from the paper", ""]
-    for r in measured:
-        lines.append(
-            f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
-        )
+    lines += [
+        f"* {NAMES[r['defense']]}: {r['ours']:.2f}% against {r['paper']:.2f}% ({r['difference']:+.2f} points)."
+        for r in measured
+    ]
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["ours"] is None]
     if missing:
         lines.append(f"* Not measured in this run: {', '.join(missing)}.")
@@ -799,11 +720,8 @@ def accuracy_grid(record: Mapping[str, Any], baseline: Mapping[str, Any] | None 
 
 
 def strongest(cells: Mapping[str, tuple[float | None, float, str]]) -> tuple[str, float] | None:
-    measured = [(acc, loss) for loss, (acc, _, _) in cells.items() if acc is not None]
-    if not measured:
-        return None
-    acc, loss = max(measured)
-    return loss, acc
+    best = max(((acc, loss) for loss, (acc, _, _) in cells.items() if acc is not None), default=None)
+    return None if best is None else (best[1], best[0])
 
 
 def _gate_report(
@@ -926,20 +844,8 @@ def _client_benign(folder: Path) -> list[str]:
             for line in metrics.read_text().splitlines():
                 if line.startswith("dd_misinformed_answers_total"):
                     misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
-        accuracy, agreement = num(d["accuracy"]), num(d["agreement_undefended"])
-        lines.append(
-            row(
-                [
-                    f"`{d['defense']}` + gate",
-                    f"{d['n']:,}",
-                    accuracy,
-                    agreement,
-                    misinformed,
-                    num(d["latency_ms"]["p50"], 0),
-                    f"`{d['command']}`",
-                ]
-            )
-        )
+        cells = [num(d["accuracy"]), num(d["agreement_undefended"]), misinformed, num(d["latency_ms"]["p50"], 0)]
+        lines.append(row([f"`{d['defense']}` + gate", f"{d['n']:,}", *cells, f"`{d['command']}`"]))
     return [*lines, ""]
 
 
@@ -972,19 +878,8 @@ def _monitor(record: Mapping[str, Any]) -> list[str]:
         m, at = arm["monitor"], arm["monitor"].get("escalated_at")
         seen = m.get("watched") or {}
         escalated = "never" if at is None else f"{at:,}"
-        name, query_set = _gate_name(key, arm), role_of(key, arm)[2]
-        lines.append(
-            row(
-                [
-                    name,
-                    query_set,
-                    num(m["flagged_pct"]),
-                    escalated,
-                    seen.get("reason") or "—",
-                    num(seen.get("spread"), 3),
-                ]
-            )
-        )
+        cells = [num(m["flagged_pct"]), escalated, seen.get("reason") or "—", num(seen.get("spread"), 3)]
+        lines.append(row([_gate_name(key, arm), role_of(key, arm)[2], *cells]))
     benign = first.get("benign")
     if benign:
         lines += [
@@ -1044,6 +939,4 @@ def _latency(path: Path) -> list[str]:
 
 
 def _relative(target: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(target.resolve(), start.resolve())
