@@ -1,5 +1,5 @@
 """The server under abuse of the service itself (issue 29; docs/server.md, "Abuse of the service"), measured
-against real servers on loopback: ``python -m measure.abuse [--defense none] [--out abuse.json]``.
+against real servers on loopback: ``python -m deepdefense.measure.abuse [--defense none] [--out abuse.json]``.
 
 * **Liveness under unauthenticated bodies**: three clients send 8 MiB JSON documents (1.7 million pixel
   values) without a key, back to back (one declares its length, two send it chunked); meanwhile
@@ -37,8 +37,8 @@ from typing import Any
 
 import httpx
 
-from clients.latency import percentiles
-from measure.launcher import in_thread, spawn_serve
+from deepdefense.clients.latency import percentiles
+from deepdefense.measure.launcher import in_thread, spawn_serve
 
 BODY_BYTES = 8 << 20
 SILENT_LIMIT_S = 45.0
@@ -96,18 +96,18 @@ def healthz_under_bodies(url: str, requests: int = 300) -> dict[str, Any]:
 
 
 def spent_key_images(settings_env: dict[str, str], repeats: int = 20) -> dict[str, Any]:
-    import server.images
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from deepdefense.server import images
+    from deepdefense.server.app import create_app
+    from deepdefense.server.settings import ServerSettings
 
     decoded = [0]
-    decode = server.images._image
+    decode = images._image
 
     def counting(*args: Any) -> Any:
         decoded[0] += 1
         return decode(*args)
 
-    server.images._image = counting  # type: ignore[assignment]
+    images._image = counting  # type: ignore[assignment]
     key = settings_env["DD_API_KEYS"]
     body = {"instances": [{"image_b64": black_png(2000, 2000)} for _ in range(16)], "explain": False}
     try:
@@ -124,7 +124,7 @@ def spent_key_images(settings_env: dict[str, str], repeats: int = 20) -> dict[st
                     statuses.append(c.post("/predict", json=body, headers=auth).status_code)
                     times.append(time.perf_counter() - started)
     finally:
-        server.images._image = decode  # type: ignore[assignment]
+        images._image = decode  # type: ignore[assignment]
     return {"statuses": sorted(set(statuses)), "refusal_s": percentiles(times), "images_decoded": decoded[0]}
 
 
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("max_batch_size", "queue_size"):
             if getattr(args, name) is not None:
                 env[f"DD_{name.upper()}"] = str(getattr(args, name))
-        report: dict[str, Any] = {"command": " ".join(["python -m measure.abuse", *(argv or sys.argv[1:])])}
+        report: dict[str, Any] = {"command": " ".join(["python -m deepdefense.measure.abuse", *(argv or sys.argv[1:])])}
         with spawn_serve(env) as (url, _, _):
             report["healthz_under_unauthenticated_8mib_bodies"] = healthz_under_bodies(url)
             report["silent_socket"] = silent_socket(url)

@@ -25,7 +25,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from measure.agreement import probabilities
+from deepdefense.measure.agreement import probabilities
 
 
 def keep_count(pixels: int, p: float) -> int:

@@ -42,12 +42,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from clients.latency import percentiles
-from clients.load import rss_mb
-from common.provenance import machine
-from defense.api import Defense
-from defense.loader import load_defense
-from measure.markdown import document, table
+from deepdefense.clients.latency import percentiles
+from deepdefense.clients.load import rss_mb
+from deepdefense.common.provenance import machine
+from deepdefense.defense.api import Defense
+from deepdefense.defense.loader import load_defense
+from deepdefense.measure.markdown import document, table
 
 MODELS = ("lenet-mnist", "resnet18")
 #: A row's figures, in the order of the report's columns after the setup and its queries per call or clients.
@@ -177,7 +177,7 @@ def victim(config: BenchConfig) -> Iterator[tuple[str, Tensor]]:
 
 def _mnist_or_random(data_root: str | None, n: int, generator: torch.Generator) -> Tensor:
     if data_root:
-        from models.data import load_split
+        from deepdefense.models.data import load_split
 
         return load_split("mnist", data_root, "test").tensors[0][:n]
     return torch.rand((n, 1, 28, 28), generator=generator)
@@ -185,8 +185,8 @@ def _mnist_or_random(data_root: str | None, n: int, generator: torch.Generator) 
 
 def random_resnet18(folder: Path, seed: int) -> Path:
     """A randomly initialised ResNet-18 at 224 px saved as a checkpoint, sensitivity stored (eq. 9)."""
-    from defense.sensitivity import layer_sensitivity
-    from models.checkpoint import CheckpointMeta, build_model, save_checkpoint
+    from deepdefense.defense.sensitivity import layer_sensitivity
+    from deepdefense.models.checkpoint import CheckpointMeta, build_model, save_checkpoint
 
     meta = CheckpointMeta(
         arch="resnet18",
@@ -215,7 +215,7 @@ def random_resnet18(folder: Path, seed: int) -> Path:
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    from common.device import resolve_device
+    from deepdefense.common.device import resolve_device
 
     device = resolve_device(config.device)
     rows: list[Row] = []
@@ -263,8 +263,8 @@ def server_rows(
     checkpoint: str, config: BenchConfig, device: torch.device, progress: Callable[[str], None]
 ) -> list[Row]:
     """(d): ``deepdefense serve`` on loopback under closed-loop load, one phase per client count."""
-    from clients.load import LoadConfig, run_load
-    from measure.launcher import spawn_serve
+    from deepdefense.clients.load import LoadConfig, run_load
+    from deepdefense.measure.launcher import spawn_serve
 
     env = {
         **os.environ,

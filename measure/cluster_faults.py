@@ -5,7 +5,8 @@ the clients saw (by ``run_load``'s error classes: a 503 without Retry-After or a
 error or a client timeout shows there), the seconds until Serve reports the deployment healthy with 2
 running replicas again, and the budget spent in Redis against the 200 answers.
 
-``python -m measure.cluster_faults --url URL --redis redis://… --out kill.json`` (key in $DD_CLIENT_API_KEY)."""
+``python -m deepdefense.measure.cluster_faults --url URL --redis redis://… --out kill.json`` (key in
+$DD_CLIENT_API_KEY)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from typing import Any
 import httpx
 import redis
 
-from clients.load import LoadConfig, run_load
-from server.auth import key_id
-from server.budget import budget_key
-from server.keystore import KEY_ID, redis_secret
+from deepdefense.clients.load import LoadConfig, run_load
+from deepdefense.server.auth import key_id
+from deepdefense.server.budget import budget_key
+from deepdefense.server.keystore import KEY_ID, redis_secret
 
 REPLICA_TITLE = "ServeReplica:deepdefense:DeepDefense"
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     others = {k: v for k, v in report["statuses"].items() if k not in ("200", "503")}
     transport = {k: v for k, v in errors.items() if k.startswith("transport")}
     result = {
-        "command": " ".join(["python -m measure.cluster_faults", *sys.argv[1:]]),
+        "command": " ".join(["python -m deepdefense.measure.cluster_faults", *sys.argv[1:]]),
         "replicas": 2,
         "budget": args.budget,
         "statuses": report["statuses"],

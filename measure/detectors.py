@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clients.adaptive import twin_of
-from defense.api import Answer, Defense, NoDefense
-from defense.gate import MisinformationGate
-from defense.interpreters import create_interpreter
-from defense.loader import load_defense, load_gate
-from defense.misinformation import load_misinformation
-from models.data import load_split
+from deepdefense.clients.adaptive import twin_of
+from deepdefense.defense.api import Answer, Defense, NoDefense
+from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.loader import load_defense, load_gate
+from deepdefense.defense.misinformation import load_misinformation
+from deepdefense.models.data import load_split
 
 #: Answers computed per call (the engine batches them).
 CHUNK = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from measure.markdown import document, generated_by, row, table, yes
+from deepdefense.measure.markdown import document, generated_by, row, table, yes
 
 #: The issue's target: no detector tells misinformed from honest answers better than this.
 TARGET = 0.60

@@ -25,11 +25,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from clients.jbda import jacobian_augmentation
-from defense.domain import victim_outputs
-from defense.fitting.domain_choice import Candidate, auroc, flagged
-from models.checkpoint import CheckpointMeta
-from models.data import load_split
+from deepdefense.clients.jbda import jacobian_augmentation
+from deepdefense.defense.domain import victim_outputs
+from deepdefense.defense.fitting.domain_choice import Candidate, auroc, flagged
+from deepdefense.models.checkpoint import CheckpointMeta
+from deepdefense.models.data import load_split
 
 # --- perturbations ---------------------------------------------------------------------------------------------
 

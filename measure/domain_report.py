@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from measure.markdown import document, made_by, pct, table
+from deepdefense.measure.markdown import document, made_by, pct, table
 
 
 def _variant_rule(record: Mapping[str, Any]) -> str:

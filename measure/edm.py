@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defense.baselines.edm import coherence, member_index, pairwise_cosine
-from defense.fitting.edm import HeldOut
-from measure.agreement import percent, probabilities
+from deepdefense.defense.baselines.edm import coherence, member_index, pairwise_cosine
+from deepdefense.defense.fitting.edm import HeldOut
+from deepdefense.measure.agreement import percent, probabilities
 
 
 def member_probabilities(members: Sequence[nn.Module], images: Tensor, batch_size: int = 1000) -> Tensor:

@@ -43,28 +43,28 @@ from typing import Any, Literal, get_args
 import torch
 from tqdm import tqdm
 
-from clients.adaptive import collect_adaptive, with_twins
-from clients.attack import AttackConfig, fingerprint, sample_queries
-from clients.attack_losses import PAPER_LOSSES, AttackLoss, kept_answers
-from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
-from clients.jbda import collect_jbda
-from clients.oracle import HttpOracle, ModelInfo, Oracle
-from clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
-from common.options import described
-from common.provenance import machine, provenance
-from defense import ENGINE_MODES, Defense, NoDefense
-from defense.domain import DomainScore, load_domain_score
-from defense.gate import MisinformationGate
-from defense.interpreters import create_interpreter
-from defense.names import DefenseName
-from measure import agreement, average_drop
-from measure.domain import PERTURBATIONS
-from measure.local_oracle import LocalOracle, MonitoredOracle, local_info
-from measure.shared_modes import ModeOf, SharedModes, engine_key
-from models.checkpoint import load_checkpoint
-from models.data import SPECS, DatasetSpec, get_spec, load_split
-from models.train import evaluate
-from server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
+from deepdefense.clients.adaptive import collect_adaptive, with_twins
+from deepdefense.clients.attack import AttackConfig, fingerprint, sample_queries
+from deepdefense.clients.attack_losses import PAPER_LOSSES, AttackLoss, kept_answers
+from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from deepdefense.clients.jbda import collect_jbda
+from deepdefense.clients.oracle import HttpOracle, ModelInfo, Oracle
+from deepdefense.clients.transfer import TransferSet, TransferStore, collect, fingerprint_digest
+from deepdefense.common.options import described
+from deepdefense.common.provenance import machine, provenance
+from deepdefense.defense import ENGINE_MODES, Defense, NoDefense
+from deepdefense.defense.domain import DomainScore, load_domain_score
+from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.names import DefenseName
+from deepdefense.measure import agreement, average_drop
+from deepdefense.measure.domain import PERTURBATIONS
+from deepdefense.measure.local_oracle import LocalOracle, MonitoredOracle, local_info
+from deepdefense.measure.shared_modes import ModeOf, SharedModes, engine_key
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import SPECS, DatasetSpec, get_spec, load_split
+from deepdefense.models.train import evaluate
+from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
 #: The key id an arm's queries are sent under when the monitor watches them (``--monitored``).
 MONITORED_KEY = "a77ac4e40000"
@@ -721,7 +721,7 @@ def open_oracle(
     device = config.defense_device or config.device
     load = {"device": device, "data_root": config.data_root}
     if arm.url is not None or serve:
-        from measure.launcher import served
+        from deepdefense.measure.launcher import served
 
         gate_name = "misinform" if arm.gated else "none"
         context: AbstractContextManager[tuple[str, str | None]] = (
@@ -732,7 +732,7 @@ def open_oracle(
         with context as (url, key), HttpOracle(url, key) as oracle:
             yield oracle
         return
-    from defense.loader import load_defense, load_gate
+    from deepdefense.defense.loader import load_defense, load_gate
 
     if shared is not None and arm.defense in ENGINE_MODES and not arm.gated:  # a gated arm loads its own engine
         key = engine_key(config.checkpoint, config.interpreter, device, arm.options)

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 from tqdm import tqdm
 
-from defense.api import Defense, NoDefense
-from defense.losses import spearman as rank_correlation
+from deepdefense.defense.api import Defense, NoDefense
+from deepdefense.defense.losses import spearman as rank_correlation
 
 
 def spearman(a: Tensor, b: Tensor) -> float:

@@ -3,7 +3,8 @@ evaluation, ``clients/attack_model.py``'s recipe) on the first n answers of a st
 victim's test split. For JBDA through the gate with the monitor, the first answers are the natural seed digits,
 answered honestly before any rule can see the Jacobian steps that follow them (docs/results/below-label-line.md).
 
-    python -m measure.first_answers --store runs/transfer-sets/<jbda store> --n 150 214 --data-root ../shared/data
+    python -m deepdefense.measure.first_answers --store runs/transfer-sets/<jbda store> --n 150 214 \
+        --data-root ../shared/data
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
-from clients.transfer import TransferStore
-from models.data import get_spec, load_split
-from models.train import evaluate
+from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
+from deepdefense.clients.transfer import TransferStore
+from deepdefense.models.data import get_spec, load_split
+from deepdefense.models.train import evaluate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=torch.device("cpu"), progress=False,
         )  # fmt: skip
         accuracy[n] = round(evaluate(model, test, torch.device("cpu")), 2)
-    command = shlex.join(["python", "-m", "measure.first_answers", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        ["python", "-m", "deepdefense.measure.first_answers", *(argv if argv is not None else sys.argv[1:])]
+    )
     record = {"command": command, "store": Path(args.store).name, "seed": args.seed, "accuracy_first_n": accuracy}
     print(json.dumps(record, indent=1))
     if args.out:

@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from defense.domain import DomainScore, victim_outputs
-from server.images import ImageLimits, instances_to_tensor
-from server.schemas import Instance
-from server.settings import ServerSettings
+from deepdefense.defense.domain import DomainScore, victim_outputs
+from deepdefense.server.images import ImageLimits, instances_to_tensor
+from deepdefense.server.schemas import Instance
+from deepdefense.server.settings import ServerSettings
 
 from .domain import PERTURBATIONS
 
@@ -292,10 +292,10 @@ def run_formats(
     """The record of ``deepdefense formats``: ``n`` test digits of ``checkpoint``'s data set in every variant,
     through the server's input path, counted by the shipped domain score; ``http_check`` of them in the variants
     of :data:`HTTP_CHECKED` through a real server on loopback too."""
-    from defense.domain import load_domain_score
-    from defense.misinformation import load_misinformation
-    from models.checkpoint import load_checkpoint
-    from models.data import load_split
+    from deepdefense.defense.domain import load_domain_score
+    from deepdefense.defense.misinformation import load_misinformation
+    from deepdefense.models.checkpoint import load_checkpoint
+    from deepdefense.models.data import load_split
 
     started = time.time()
     model, meta = load_checkpoint(checkpoint, device=device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from measure.markdown import code, document, made_by, pct, row, table
+from deepdefense.measure.markdown import code, document, made_by, pct, row, table
 
 #: A variant flagged more often than this is named in the reading as one the gate punishes.
 NOTABLE = 0.05

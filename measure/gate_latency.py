@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clients.oracle import HttpOracle
-from defense.domain import load_domain_score
-from measure.launcher import served
-from measure.markdown import document, row, table
-from models.checkpoint import load_checkpoint
-from models.data import load_split
+from deepdefense.clients.oracle import HttpOracle
+from deepdefense.defense.domain import load_domain_score
+from deepdefense.measure.launcher import served
+from deepdefense.measure.markdown import document, row, table
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import load_split
 
 #: Issue 14: the gate adds at most 5% to a defended query's latency.
 TARGET_RATIO = 1.05

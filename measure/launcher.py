@@ -29,7 +29,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from common.readiness import wait_ready
+from deepdefense.common.readiness import wait_ready
 
 LOOPBACK = "127.0.0.1"
 
@@ -50,7 +50,7 @@ def in_thread(app: FastAPI, *, like_serve: bool = False, ready_timeout_s: float 
     ``like_serve``: uvicorn configured as ``deepdefense serve`` configures it (``server.app.uvicorn_config``:
     keep-alive, graceful drain, no Server header) instead of uvicorn's defaults."""
     if like_serve:
-        from server.app import uvicorn_config
+        from deepdefense.server.app import uvicorn_config
 
         config = uvicorn_config(app, app.state.runtime.settings)
         config.log_level = "warning"
@@ -88,8 +88,8 @@ def served(
     key, so the measurement that holds it reads the gate's and the monitor's series in ``/metrics``.
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
     folder), so the caller's ``DD_*`` environment cannot change them."""
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from deepdefense.server.app import create_app
+    from deepdefense.server.settings import ServerSettings
 
     key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="dd-served-") as tmp:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clients.oracle import ModelInfo, OracleReply, stack_reply
-from defense.api import Defense
-from defense.gate import MisinformationGate
-from models.checkpoint import CheckpointMeta
-from server.monitor import ExtractionMonitor
+from deepdefense.clients.oracle import ModelInfo, OracleReply, stack_reply
+from deepdefense.defense.api import Defense
+from deepdefense.defense.gate import MisinformationGate
+from deepdefense.models.checkpoint import CheckpointMeta
+from deepdefense.server.monitor import ExtractionMonitor
 
 
 def local_info(name: str, meta: CheckpointMeta, defense: Defense) -> ModelInfo:

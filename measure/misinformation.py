@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from defense.interpreters import create_interpreter
-from defense.misinformation import blend, misinformation_weight, mix
-from measure.agreement import percent, probabilities
-from measure.fidelity import spearman
-from measure.markdown import row, table
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.defense.misinformation import blend, misinformation_weight, mix
+from deepdefense.measure.agreement import percent, probabilities
+from deepdefense.measure.fidelity import spearman
+from deepdefense.measure.markdown import row, table
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 #: AM's adaptive blend on in-domain queries, score = the victim's max probability: (τ, ν) pairs.

@@ -2,7 +2,7 @@
 ``lenet-fashionmnist`` answers each model's test images at the model's own accuracy, through ``/predict``
 (the body's ``"model"``) and the Open Inference Protocol (``/v2/models/{name}/infer``).
 
-``python -m measure.multi_model --data-root DIR --n 1000 --out docs/results/multi-model.json
+``python -m deepdefense.measure.multi_model --data-root DIR --n 1000 --out docs/results/multi-model.json
 --report docs/results/multi-model.md``: one server on loopback in this process with both checkpoints, as
 ``deepdefense serve --checkpoint lenet-mnist --checkpoint lenet-fashionmnist`` builds it (the default
 defense, the gate where the checkpoint ships it, an API key, so the monitor watches the gated model); each
@@ -23,15 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clients.benign import run_benign
-from clients.oracle import HttpOracle
-from common.provenance import provenance
-from defense.api import NoDefense
-from defense.interpreters import create_interpreter
-from measure.launcher import served
-from measure.markdown import document, table
-from models.checkpoint import load_checkpoint
-from models.data import default_data_root, load_split
+from deepdefense.clients.benign import run_benign
+from deepdefense.clients.oracle import HttpOracle
+from deepdefense.common.provenance import provenance
+from deepdefense.defense.api import NoDefense
+from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.measure.launcher import served
+from deepdefense.measure.markdown import document, table
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.models.data import default_data_root, load_split
 
 CHECKPOINTS = ("lenet-mnist", "lenet-fashionmnist")
 DEFENSE, INTERPRETER = "deepdefense", "gradcam"
@@ -137,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_multi_model(args.n, args.data_root)
     result |= {"minutes": (time.monotonic() - started) / 60, "machine": args.machine, "measured": measured}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    command = shlex.join(["python", "-m", "measure.multi_model", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        ["python", "-m", "deepdefense.measure.multi_model", *(argv if argv is not None else sys.argv[1:])]
+    )
     args.report.write_text(markdown(result, command))
     return 0
 

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from clients.oracle import HttpOracle, read_api_key
-from models.checkpoint import load_checkpoint
-from server.auth import key_id
-from server.keystore import KEY_ID, server_secret
-from server.runtime import open_watermark
-from server.settings import ServerSettings
-from server.state import connect_redis
-from server.watermark import Verdict, ownership_test
+from deepdefense.clients.oracle import HttpOracle, read_api_key
+from deepdefense.models.checkpoint import load_checkpoint
+from deepdefense.server.auth import key_id
+from deepdefense.server.keystore import KEY_ID, server_secret
+from deepdefense.server.runtime import open_watermark
+from deepdefense.server.settings import ServerSettings
+from deepdefense.server.state import connect_redis
+from deepdefense.server.watermark import Verdict, ownership_test
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from defense.baselines.edm import ensemble_paths, read_ensemble_meta
-from defense.domain import domain_paths, read_domain_meta
-from defense.loader import gate_available, load_defense, load_gate
-from defense.misinformation import misinformation_path
-from defense.sensitivity import select_layers
-from defense.warm_start import WarmStartMeta, warm_start_paths
-from measure.markdown import document, pct, row, table, yes
-from models.checkpoint import CheckpointError, read_meta
+from deepdefense.defense.baselines.edm import ensemble_paths, read_ensemble_meta
+from deepdefense.defense.domain import domain_paths, read_domain_meta
+from deepdefense.defense.loader import gate_available, load_defense, load_gate
+from deepdefense.defense.misinformation import misinformation_path
+from deepdefense.defense.sensitivity import select_layers
+from deepdefense.defense.warm_start import WarmStartMeta, warm_start_paths
+from deepdefense.measure.markdown import document, pct, row, table, yes
+from deepdefense.models.checkpoint import CheckpointError, read_meta
 
 
 def figures(step: str, victim: Path, out: Path) -> dict[str, Any]:

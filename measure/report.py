@@ -25,12 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from clients.attack_losses import ATTACK_LOSSES
-from defense.names import ENGINE_MODES
-from measure import plots
-from measure.evaluate import role_of, write_json
-from measure.markdown import document, generated_by, num, row, signed, table
-from server.monitor import THRESHOLD
+from deepdefense.clients.attack_losses import ATTACK_LOSSES
+from deepdefense.defense.names import ENGINE_MODES
+from deepdefense.measure import plots
+from deepdefense.measure.evaluate import role_of, write_json
+from deepdefense.measure.markdown import document, generated_by, num, row, signed, table
+from deepdefense.server.monitor import THRESHOLD
 
 #: The paper's numbers for MNIST (LeNet, Grad-CAM): Table 5 (B = 10,000) and Table 2 (Average Drop).
 PAPER: dict[str, Any] = {

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
-from defense import ENGINE_MODES, Answer, Defense
-from defense.engine import DeepDefense
+from deepdefense.defense import ENGINE_MODES, Answer, Defense
+from deepdefense.defense.engine import DeepDefense
 
 
 class SharedModes:

@@ -4,7 +4,8 @@ PNGs, white on black and black on white, each sent as ``image_b64`` to ``deepdef
 request's ``invert`` option. Records every label, its probability, and whether the gate answered it from the
 misinformation model (the server's ``dd_misinformed_answers_total``, read before and after each request).
 
-``python -m measure.ten_digits --out docs/results/ten-digits`` writes ``ten-digits.json`` and ``ten-digits.md``.
+``python -m deepdefense.measure.ten_digits --out docs/results/ten-digits`` writes ``ten-digits.json`` and
+``ten-digits.md``.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run_experiment(url, font, operator)
     settings = served["defense"]["settings"]
     record = {
-        "command": shlex.join(["python", "-m", "measure.ten_digits", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "deepdefense.measure.ten_digits", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "font": {"family": FONT_FAMILY, "file": str(font_file), "size": FONT_SIZE},
         "server": f"{served['name']}, defense {served['defense']['name']}, interpreter {served['interpreter']}, "
         f"gate {settings.get('gate', 'none')}",
