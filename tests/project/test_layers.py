@@ -86,7 +86,7 @@ def test_layers_are_imported_by_one_name(tmp_path: Path) -> None:
     does it. The scan sees one."""
     assert bare_layer_imports(REPO) == {}
     (tmp_path / "bad.py").write_text("def f():\n    from models.lenet import LeNet\n    import server.app\n")
-    assert bare_layer_imports(tmp_path) == {"bad.py": ["deepdefense.models.lenet", "deepdefense.server.app"]}
+    assert bare_layer_imports(tmp_path) == {"bad.py": ["models.lenet", "server.app"]}
 
 
 def test_the_wheel_has_one_top_level_package(tmp_path: Path) -> None:
