@@ -32,7 +32,7 @@ HEADERS = {
 
 def asset(name: str) -> bytes:
     """One of the page's files, read from the installed package."""
-    return resources.files("server").joinpath("playground", name).read_bytes()
+    return resources.files("deepdefense.server").joinpath("playground", name).read_bytes()
 
 
 def build_router() -> APIRouter:

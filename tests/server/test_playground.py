@@ -107,7 +107,7 @@ def test_off_hides_it(tmp_path: Path, defense: NoDefense, monkeypatch: pytest.Mo
 def test_the_page_ships_as_package_data() -> None:
     """Every file of server/playground/ matches the package data of pyproject.toml (a non-editable install has it)."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["server"]
+    patterns = config["tool"]["setuptools"]["package-data"]["deepdefense.server"]
     folder = REPO / "server" / "playground"
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     assert set(files) == set(ASSETS)
