@@ -10,7 +10,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,18 @@ def write_json(path: Path | str, record: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def write_outputs(args: argparse.Namespace, record: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write what :func:`add_out` promises: the record to ``--out``, its Markdown (``markdown(record)``) to
+    ``--report``, each where :func:`out_paths` puts it."""
+    out, report = out_paths(args)
+    if out:
+        write_json(out, record)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(markdown(record))
+        print(f"wrote {report}")
 
 
 def add_out_folder(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, default: str = "") -> None:

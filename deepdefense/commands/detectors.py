@@ -54,10 +54,5 @@ def run(args: argparse.Namespace) -> int:
         record["first_try"] = json.loads(Path(args.first_try).read_text())
         record["first_try_record"] = args.first_try
     print(json.dumps(result, indent=1))
-    out, report = flags.out_paths(args)
-    if out:
-        flags.write_json(out, record)
-    if report:
-        report.write_text(markdown(record))
-        print(f"wrote {report}")
+    flags.write_outputs(args, record, markdown)
     return 0

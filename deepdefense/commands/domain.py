@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 from deepdefense import flags
 from deepdefense.defense.domain import METHODS
@@ -126,17 +125,7 @@ def make(args: argparse.Namespace) -> Path:
             print(f"  {name:12s} test FPR {100 * m['fpr_in_domain']:5.2f}%  AUROC: {aurocs}")
         record["evaluation"] = evaluation
     record["seconds"] = round(time.time() - started, 1)
-    _write(args, record)
-    return fit.meta_path
-
-
-def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from deepdefense.measure.domain_report import markdown
 
-    out, report = flags.out_paths(args)
-    if out:
-        flags.write_json(out, record)
-    if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(markdown(record))
-        print(f"wrote {report}")
+    flags.write_outputs(args, record, markdown)
+    return fit.meta_path

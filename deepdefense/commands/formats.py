@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from deepdefense import flags
 
@@ -39,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from deepdefense.common.device import resolve_device
     from deepdefense.measure.formats import baseline_of, run_formats
+    from deepdefense.measure.formats_report import markdown
 
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     device = resolve_device(args.device)
@@ -46,16 +46,5 @@ def run(args: argparse.Namespace) -> int:
     record = {"command": args.command_line, **measured}
     if baseline is not None:
         record["baseline"] = baseline_of(baseline, record)
-    _write(args, record)
+    flags.write_outputs(args, record, markdown)
     return 0
-
-
-def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    from deepdefense.measure.formats_report import markdown
-
-    out, report = flags.out_paths(args)
-    if out:
-        flags.write_json(out, record)
-    if report:
-        report.write_text(markdown(record))
-        print(f"wrote {report}")
