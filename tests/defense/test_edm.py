@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.idx import write_idx
+from support.idx import bar_mnist
 from support.images import SHAPE
 from support.numerics import PATH_ATOL, top1_margin
 from support.servers import serving
@@ -276,23 +276,8 @@ def test_the_server_serves_edm(tmp_path: Path) -> None:
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-def _tiny_mnist(root: Path) -> Path:
-    """A 256/64-image stand-in in MNIST's raw layout: class c is a bright bar at position c."""
-    rng = np.random.default_rng(0)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n in (("train", 256), ("t10k", 64)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 40, (n, 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 4:24, 2 + 2 * int(c) : 4 + 2 * int(c)] = 255
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return root
-
-
 def test_cli_trains_measures_and_writes_a_repeatable_ensemble(tmp_path: Path) -> None:
-    root = _tiny_mnist(tmp_path / "data")
+    root = bar_mnist(tmp_path / "data")
     metas = []
     for run in ("a", "b"):
         (tmp_path / run).mkdir()

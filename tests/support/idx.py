@@ -14,3 +14,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as fh:
         fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
         fh.write(array.astype(np.uint8).tobytes())
+
+
+def bar_mnist(root: Path) -> Path:
+    """A 256/64-image stand-in in MNIST's raw layout under ``root``: class c is a bright bar at position c."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 256), ("t10k", 64)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 4:24, 2 + 2 * int(c) : 4 + 2 * int(c)] = 255
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
