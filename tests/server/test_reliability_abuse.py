@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from support.fakes import idle_batcher
 from support.faults import SlowDefense
 from support.images import SHAPE, pixels, png_bomb
 from support.servers import bearer, error_of, key_id_of, serving
@@ -31,11 +32,10 @@ from deepdefense.measure.launcher import in_thread
 from deepdefense.models.data import load_split
 from deepdefense.server.app import create_app
 from deepdefense.server.auth import KEY_RULE
-from deepdefense.server.batcher import MicroBatcher, QueueFull, _Item
+from deepdefense.server.batcher import QueueFull, _Item
 from deepdefense.server.cluster import app_builder
 from deepdefense.server.keystore import EDM_HASH, KEY_ID, secret_path
 from deepdefense.server.limits import default_body_limit
-from deepdefense.server.metrics import ServerMetrics
 from deepdefense.server.runtime import Runtime, StartupError
 from deepdefense.server.settings import ServerSettings
 
@@ -239,20 +239,7 @@ def test_admission_and_micro_batches_are_fair_across_keys() -> None:
     """Alice's 32 queued instances are her share of a queue of 64: her next request is refused (503 key_share)
     while Bob's is admitted, judged by what the round-robin puts ahead of it (not by Alice's backlog), and his
     instance is in the next micro-batch."""
-    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
-    b = MicroBatcher(
-        None,  # type: ignore[arg-type]  # never started: its admission state is set by hand
-        metrics,
-        device=torch.device("cpu"),
-        num_classes=10,
-        max_batch=8,
-        max_wait=0.0,
-        capacity=64,
-        timeout=30.0,
-        max_latency=10.0,
-        retry_after=1,
-        key_share=0.5,
-    )
+    b = idle_batcher(key_share=0.5)
     loop = asyncio.new_event_loop()
     try:
         b.cost, b._running = 0.25, 8

@@ -11,32 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.fakes import idle_batcher as batcher
 from support.faults import SlowDefense
 from support.servers import serving
 from support.settings import make_settings
 
 from deepdefense.server.app import create_app
 from deepdefense.server.batcher import MicroBatcher, QueueFull, _Item
-from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
-
-
-def batcher() -> MicroBatcher:
-    """A batcher that is never started: its admission state is set by hand."""
-    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
-    return MicroBatcher(
-        None,
-        metrics,
-        device=torch.device("cpu"),
-        num_classes=10,  # type: ignore[arg-type]
-        max_batch=8,
-        max_wait=0.0,
-        capacity=64,
-        timeout=30.0,
-        max_latency=10.0,
-        retry_after=1,
-    )
 
 
 def queue(b: MicroBatcher, n: int, age: float = 0.0) -> None:

@@ -11,6 +11,8 @@ import torch
 
 from deepdefense.defense import NoDefense
 from deepdefense.defense.interpreters import create_interpreter
+from deepdefense.server.batcher import MicroBatcher
+from deepdefense.server.metrics import ServerMetrics
 
 
 class GatedDefense(NoDefense):
@@ -28,3 +30,22 @@ class GatedDefense(NoDefense):
         self.entered.set()
         assert self.gate.wait(timeout=30), "the test never opened the gate"
         return super().answer(x, explain=explain)
+
+
+def idle_batcher(**options: float) -> MicroBatcher:
+    """A batcher without a defense that is never started (queue of 64, micro-batches of 8, 10 s latency limit,
+    ``options`` beside): the admission tests set its queue and cost by hand."""
+    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
+    return MicroBatcher(
+        None,  # type: ignore[arg-type]
+        metrics,
+        device=torch.device("cpu"),
+        num_classes=10,
+        max_batch=8,
+        max_wait=0.0,
+        capacity=64,
+        timeout=30.0,
+        max_latency=10.0,
+        retry_after=1,
+        **options,
+    )
