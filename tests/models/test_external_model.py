@@ -61,7 +61,8 @@ def test_a_toml_description_gives_the_shipped_model(tmp_path: Path) -> None:
     shipped, _ = load_checkpoint("lenet-mnist")
     x = torch.rand(8, 1, 28, 28)
     net = load_network(desc)
-    assert torch.equal(net((x - 0.1307) / 0.3081), shipped(x))
+    same = "identity is the property: the same float32 operations on the same batch as the shipped network"
+    assert torch.equal(net((x - 0.1307) / 0.3081), shipped(x)), same
 
 
 def test_the_value_range_is_folded_into_the_normalisation(tmp_path: Path) -> None:
