@@ -212,6 +212,21 @@ def from_fields(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**values)
 
 
+def fit_config(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """:func:`from_fields` for a config of what a command learns offline, with the run's own fields: the device of
+    ``--device`` (resolved), progress bars unless ``--quiet``, and the command line that made it."""
+    from deepdefense.common.device import resolve_device
+
+    return from_fields(
+        cls,
+        args,
+        device=str(resolve_device(args.device)),
+        progress=not args.quiet,
+        command=args.command_line,
+        **given,
+    )
+
+
 def flag_kind(annotation: Any) -> dict[str, Any]:
     """argparse ``type``/``choices``/``action``/``nargs`` for a field's annotation (Optional unwrapped): a
     ``Literal`` gives its values as choices, a bool a ``--x/--no-x`` switch, a list a repeatable flag, a tuple

@@ -44,16 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the ensemble the flags describe; returns its metadata path."""
-    from deepdefense.common.device import resolve_device
     from deepdefense.defense.fitting.edm import fit_edm
 
-    cfg = flags.from_fields(
-        EDMConfig,
-        args,
-        device=str(resolve_device(args.device)),
-        progress=not args.quiet,
-        command=args.command_line,
-    )
+    cfg = flags.fit_config(EDMConfig, args)
     path, meta = fit_edm(cfg, lambda members, meta, held: _measure(args, members, meta, held))
     measured = meta.measured
     print(json.dumps(measured, indent=2))

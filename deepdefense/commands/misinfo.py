@@ -34,17 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Train, measure and write the misinformation model the flags describe; returns its metadata path."""
-    from deepdefense.common.device import resolve_device
     from deepdefense.defense.fitting.misinformation import fit_misinformation_model
     from deepdefense.measure.misinformation import report
 
-    cfg = flags.from_fields(
-        MisinfoConfig,
-        args,
-        device=str(resolve_device(args.device)),
-        progress=not args.quiet,
-        command=args.command_line,
-    )
+    cfg = flags.fit_config(MisinfoConfig, args)
     path, meta = fit_misinformation_model(cfg, lambda model: _measure(args, model))
     figures = meta.extra["measured"]
     print(json.dumps(figures, indent=2))

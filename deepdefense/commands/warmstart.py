@@ -35,17 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
 def make(args: argparse.Namespace) -> Path:
     """Learn and write the warm start the flags describe; returns its metadata path."""
-    from deepdefense.common.device import resolve_device
     from deepdefense.defense.fitting.warm_start import fit_warm_start
 
     path, meta = fit_warm_start(
-        flags.from_fields(
+        flags.fit_config(
             WarmStartConfig,
             args,
             engine_options=flags.engine_options(args.engine),
-            device=str(resolve_device(args.device)),
-            progress=not args.quiet,
-            command=args.command_line,
         )
     )
     print(f"wrote {path} ({meta.images} training images, layers {', '.join(meta.layers)})")
