@@ -41,11 +41,12 @@ from .interpreters import Interpreter
 from .losses import (
     abs_cosine,
     attribution_order,
+    centred_ranks,
     dd_loss,
     int_loss,
     orth_loss,
     pred_loss,
-    spearman,
+    rank_correlation,
     topk_preserved,
 )
 from .low_rank import LowRankWeight
@@ -109,6 +110,9 @@ class Reference(NamedTuple):
     gaps: Tensor  # victim's value of group g minus that of group g+1, (B, HW − 1)
     grad_bottom: WeightGradient  # ∇_{w_B} f_y over the selected bottom layers
     grad_top: WeightGradient  # ∇_{w_T} f_y over the selected top layers
+    norm_bottom: Tensor  # ‖∇_{w_B} f_y‖, (B,)
+    norm_top: Tensor  # ‖∇_{w_T} f_y‖, (B,)
+    ranks: Tensor  # the map's centred tie-averaged ranks, (B, HW): constraint (4)'s Spearman against the victim's
     probs: Tensor  # (B, K)
     attribution: Tensor  # (B, H, W)
 
@@ -309,14 +313,21 @@ class DeepDefense(Defense):
         e = self.explainer.explain(copies, x, label, factored=self.factored)
         probs, attribution = own.logits.detach().softmax(-1), own.attribution.detach()
         order, groups, gaps = vmap(attribution_order)(attribution)
+        grad_bottom, grad_top = (
+            weight_gradient(e, self.bottom_names, len(x)),
+            weight_gradient(e, self.top_names, len(x)),
+        )
         return Reference(
             label=label,
             top_k=probs.topk(self.config.top_k, dim=1).indices,
             order=order,
             groups=groups,
             gaps=gaps,
-            grad_bottom=weight_gradient(e, self.bottom_names, len(x)),
-            grad_top=weight_gradient(e, self.top_names, len(x)),
+            grad_bottom=grad_bottom,
+            grad_top=grad_top,
+            norm_bottom=norm(grad_bottom),
+            norm_top=norm(grad_top),
+            ranks=vmap(centred_ranks)(attribution),
             probs=probs,
             attribution=attribution,
         )
@@ -332,8 +343,8 @@ class DeepDefense(Defense):
         e = self.explainer.explain(params, x, ref.label, factored=self.factored, constants=low_rank, grad_taps=taps)
         log_probs = e.logits.log_softmax(-1)
         bottom, top = weight_gradient(e, self.bottom_names, len(x)), weight_gradient(e, self.top_names, len(x))
-        cos_bottom = abs_cosine(inner(ref.grad_bottom, bottom), norm(ref.grad_bottom), norm(bottom))
-        cos_top = abs_cosine(inner(ref.grad_top, top), norm(ref.grad_top), norm(top))
+        cos_bottom = abs_cosine(inner(ref.grad_bottom, bottom), ref.norm_bottom, norm(bottom))
+        cos_top = abs_cosine(inner(ref.grad_top, top), ref.norm_top, norm(top))
         l_orth = orth_loss(cos_bottom, cos_top, self.alpha)
         l_pred = vmap(partial(pred_loss, margin=c.pred_margin))(log_probs, ref.top_k)
         l_int = vmap(partial(int_loss, delta=c.huber_delta, margin=c.int_margin))(
@@ -345,7 +356,9 @@ class DeepDefense(Defense):
         )
         feasible = vmap(topk_preserved)(log_probs, ref.top_k) & finite
         if c.min_spearman > 0:
-            feasible = feasible & (vmap(spearman)(e.attribution, ref.attribution) >= c.min_spearman)
+            feasible = feasible & (
+                vmap(rank_correlation)(vmap(centred_ranks)(e.attribution), ref.ranks) >= c.min_spearman
+            )
         return loss.sum(), {
             "loss": loss,
             "l_orth": l_orth,

@@ -85,11 +85,20 @@ def average_ranks(values: Tensor) -> Tensor:
     return (below + up_to - 1).double() / 2
 
 
+def centred_ranks(values: Tensor) -> Tensor:
+    """Tie-averaged ranks minus their mean: what Spearman's ρ correlates (the victim's, once per query)."""
+    ranks = average_ranks(values)
+    return ranks - ranks.mean()
+
+
+def rank_correlation(ra: Tensor, rb: Tensor) -> Tensor:
+    """Pearson correlation of two centred rank vectors (:func:`centred_ranks`); 0 when one is constant."""
+    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(_EPS)
+
+
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman's ρ between two maps (Pearson correlation of tie-averaged ranks); 0 when one is constant."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(_EPS)
+    return rank_correlation(centred_ranks(a), centred_ranks(b))
 
 
 def topk_preserved(probs: Tensor, top_k: Tensor) -> Tensor:

@@ -68,6 +68,9 @@ class Interpreter(ABC):
     #: True when the map uses every weight only linearly (W a forward, Wᵀ g backward), as gradient
     #: methods do; relevance rules that clamp weights (z⁺) do not (see defense/low_rank.py).
     linear_in_weights: ClassVar[bool] = True
+    #: True when ``_map`` reads ∂f_y/∂x (``grad_x``); otherwise that gradient is not computed (it costs a
+    #: backward pass through the first layer, and through the engine's differentiation of it, per step).
+    needs_input_gradient: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         self.model = model
@@ -127,9 +130,10 @@ class Interpreter(ABC):
             activation = rec.activation if rec.activation is not None else logits.new_zeros(())  # aux: tensors only
             return _class_score(logits, y), (logits, activation, self._from_forward(rec, p, logits, y), rec.tap_inputs)
 
-        (g_params, g_act, g_taps, g_x), (logits, activation, extra, inputs) = grad(
-            score, argnums=(0, 1, 2, 3), has_aux=True
-        )(free, delta, taps, x)
+        argnums = (0, 1, 2, 3) if self.needs_input_gradient else (0, 1, 2)
+        grads, (logits, activation, extra, inputs) = grad(score, argnums=argnums, has_aux=True)(free, delta, taps, x)
+        g_params, g_act, g_taps = grads[:3]
+        g_x = grads[3] if self.needs_input_gradient else None
         if any(inputs[n].dim() != 2 for n in factored):
             raise ValueError("only Linear layers with (batch, features) inputs have rank-one weight gradients")
         attribution = self._map(x=x, grad_x=g_x, activation=activation, grad_activation=g_act, extra=extra)
@@ -145,7 +149,9 @@ class Interpreter(ABC):
         return logits.new_zeros(())
 
     @abstractmethod
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
+    def _map(
+        self, *, x: Tensor, grad_x: Tensor | None, activation: Tensor, grad_activation: Tensor, extra: Tensor
+    ) -> Tensor:
         """The (B, H, W) maps before normalisation."""
 
 
@@ -156,7 +162,9 @@ class CAM(Interpreter):
     def channel_weights(self, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
         """α, shape (B, channels)."""
 
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
+    def _map(
+        self, *, x: Tensor, grad_x: Tensor | None, activation: Tensor, grad_activation: Tensor, extra: Tensor
+    ) -> Tensor:
         alpha = self.channel_weights(activation, grad_activation, extra)
         cam = F.relu((alpha[:, :, None, None] * activation).sum(1, keepdim=True))
         return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

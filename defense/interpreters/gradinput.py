@@ -12,6 +12,10 @@ from .base import Interpreter
 class GradientInput(Interpreter):
     name = "gradinput"
     uses_activation = False
+    needs_input_gradient = True
 
-    def _map(self, *, x: Tensor, grad_x: Tensor, activation: Tensor, grad_activation: Tensor, extra: Tensor) -> Tensor:
+    def _map(
+        self, *, x: Tensor, grad_x: Tensor | None, activation: Tensor, grad_activation: Tensor, extra: Tensor
+    ) -> Tensor:
+        assert grad_x is not None  # needs_input_gradient
         return (x * grad_x).sum(dim=1)
