@@ -14,12 +14,15 @@ key has nothing queued, so that any key can always send one request. One worker 
 oldest instance and gathers up to ``max_batch`` instances with the same ``explain`` flag, round-robin
 across the keys that queued them (one of each key, then a second of each, …), so that a key with one
 instance queued is in the next micro-batch however many another key queued; it waits at most
-``max_wait`` seconds for more, and hands the batch to a single worker thread, so the model is
-used by one thread at a time; there :func:`server.isolation.answer_isolated` keeps one query's
-failure from failing the others. A request waits at most ``timeout`` seconds in all
-(:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and
-the request was cancelled) are dropped without being computed: :meth:`Ticket.give_up` drops them
-and counts the instances that reached the model thread, which is what such a request is charged for.
+``max_wait`` seconds for more, and hands the batch to a free model thread. There are ``workers`` model
+threads, each calling its own replica of the defense (:func:`defense.replica.replica`: the same tensors,
+its own modules), so that a defense is used by one thread at a time while several micro-batches are
+answered at once; a micro-batch forms while every model thread is busy. On the model thread
+:func:`server.isolation.answer_isolated` keeps one query's failure from failing the others. A request
+waits at most ``timeout`` seconds in all (:class:`RequestTimeout`); instances of a request that gave up
+(timeout, or the client went away and the request was cancelled) are dropped without being computed:
+:meth:`Ticket.give_up` drops them and counts the instances that reached a model thread, which is what
+such a request is charged for.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 
 from deepdefense.defense import Answer, Defense
+from deepdefense.defense.replica import replica
 
 from .isolation import Failure, answer_isolated
 from .metrics import ModelMetrics
@@ -131,8 +135,12 @@ class MicroBatcher:
         max_latency: float,
         retry_after: int,
         key_share: float = 1.0,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {workers}")
         self.defense = defense
+        self.workers = workers
         self.metrics = metrics
         self.device = device
         self.num_classes = num_classes
@@ -144,10 +152,15 @@ class MicroBatcher:
         self.retry_after = retry_after
         self.key_share = key_share
         self.cost: float | None = None  # moving average of model-thread seconds per instance
-        self._running = 0  # instances of the micro-batch on the model thread now
+        self._running = 0  # instances of the micro-batches on the model threads now
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dd-model")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dd-model")
+        # the defenses of free model threads: the given one, and replicas of it for the other threads
+        self._free: asyncio.Queue[Defense] = asyncio.Queue()
+        for d in [defense, *(replica(defense) for _ in range(workers - 1))]:
+            self._free.put_nowait(d)
+        self._serving: set[asyncio.Task[None]] = set()  # the micro-batches being answered
         self._worker: asyncio.Task[None] | None = None
 
     @property
@@ -159,27 +172,35 @@ class MicroBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="dd-batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [*self._serving, *([self._worker] if self._worker is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for item in self._queue:
             item.future.cancel()
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_in_worker(self, x: Tensor, *, explain: bool) -> list[Answer]:
-        """``defense.answer`` on the model thread, bypassing the queue and the isolation (the
+        """``defense.answer`` on a model thread, bypassing the queue and the isolation (the
         warm-up query: a defense that fails it never becomes ready); it seeds the cost estimate."""
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        answers = await loop.run_in_executor(self._executor, self._answer, x, explain)
+        answers = await self.on_model_thread(lambda defense: defense.answer(x.to(self.device), explain=explain))
         self._observe_cost(time.perf_counter() - started, len(x))
         return answers
 
-    async def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on the model thread, after the micro-batch running there (the models are used by
-        one thread at a time)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def on_model_thread(self, fn: Callable[[Defense], T]) -> T:
+        """``fn(defense)`` on a free model thread, with that thread's defense (each defense is used by one
+        thread at a time)."""
+        defense = await self._free.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, defense)
+        finally:
+            self._free.put_nowait(defense)
+
+    def _seconds_per_instance(self) -> float:
+        """How long the queue takes per instance, the model threads together (0 before any measurement)."""
+        return (self.cost or 0.0) / self.workers
 
     def expected_latency(self, instances: int, key: str = "") -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
@@ -199,7 +220,7 @@ class MicroBatcher:
             ahead = sum(min(n, turns) for n in held.values()) + instances
         else:
             ahead = len(self._queue) + instances
-        return (self._running + ahead) * (self.cost or 0.0)
+        return (self._running + ahead) * self._seconds_per_instance()
 
     def _held(self, key: str) -> int:
         """Instances of ``key`` waiting in the queue (of requests that have not given up)."""
@@ -208,7 +229,7 @@ class MicroBatcher:
     def _admit(self, instances: int, key: str = "") -> None:
         """Raise :class:`QueueFull` when the request's instances do not fit, would be late, or would take
         its key past its share of the queue."""
-        cost = self.cost or 0.0
+        cost = self._seconds_per_instance()
         busy = self._live() or self._running > 0
         held = self._held(key) if key and self.key_share < 1 else 0  # "": no keys, one caller
         # the oldest instance ahead: of the whole queue, or (round-robin) of the key's own
@@ -264,32 +285,50 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
-            batch: list[_Item] = []
+            await self._instances_queued()
+            # a model thread is free: the next micro-batch goes to it. It is held only while instances are queued
+            # (at most ``max_wait``), so that a function waiting for a model thread (``on_model_thread``) gets one
+            defense = await self._free.get()
             try:
                 batch = await self._next_batch()
-                if batch:
-                    await self._serve(batch)
             except Exception:  # a bug here must not kill the worker and leave every later request to time out
-                logger.exception("micro-batch of %d failed outside the defense", len(batch))
-                self._settle(batch, [Failure("exception")] * len(batch))
+                logger.exception("taking a micro-batch failed")
+                self._free.put_nowait(defense)
                 await asyncio.sleep(0)  # a bug that repeats does not starve the event loop
-            finally:
-                self._running = 0
+                continue
+            except BaseException:
+                self._free.put_nowait(defense)
+                raise
+            if not batch:  # every instance's request gave up
+                self._free.put_nowait(defense)
+                continue
+            task = asyncio.get_running_loop().create_task(self._serve(batch, defense), name="dd-micro-batch")
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, batch: list[_Item]) -> None:
-        started = time.perf_counter()
-        for item in batch:
-            self.metrics.queue_wait.observe(started - item.enqueued)
-        self.metrics.batch_instances.observe(len(batch))
-        self._running = len(batch)
-        x = torch.stack([item.x for item in batch])
-        misinform = torch.tensor([item.misinform for item in batch])
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._answer_isolated, x, batch[0].explain, misinform)
-        elapsed = time.perf_counter() - started
-        self.metrics.inference.observe(elapsed)
-        self._observe_cost(elapsed, len(batch))
-        self._settle(batch, results)
+    async def _serve(self, batch: list[_Item], defense: Defense) -> None:
+        """Answer ``batch`` with ``defense`` on a model thread, then give that thread back."""
+        self._running += len(batch)
+        try:
+            started = time.perf_counter()
+            for item in batch:
+                self.metrics.queue_wait.observe(started - item.enqueued)
+            self.metrics.batch_instances.observe(len(batch))
+            x = torch.stack([item.x for item in batch])
+            misinform = torch.tensor([item.misinform for item in batch])
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._answer_isolated, defense, x, batch[0].explain, misinform
+            )
+            elapsed = time.perf_counter() - started
+            self.metrics.inference.observe(elapsed)
+            self._observe_cost(elapsed, len(batch))
+            self._settle(batch, results)
+        except Exception:  # a bug here must not leave the batch's requests to time out
+            logger.exception("micro-batch of %d failed outside the defense", len(batch))
+            self._settle(batch, [Failure("exception")] * len(batch))
+        finally:
+            self._running -= len(batch)
+            self._free.put_nowait(defense)
 
     def _settle(self, batch: list[_Item], results: list[Answer | Failure]) -> None:
         for item, result in zip(batch, results, strict=True):
@@ -306,11 +345,17 @@ class MicroBatcher:
             else:
                 item.future.set_result(outcome)
 
-    async def _next_batch(self) -> list[_Item]:
-        """The oldest live instance and up to ``max_batch - 1`` more with the same ``explain``."""
+    async def _instances_queued(self) -> None:
+        """Return once an instance whose request has not given up is queued."""
         while not self._live():
             self._arrived.clear()
             await self._arrived.wait()
+
+    async def _next_batch(self) -> list[_Item]:
+        """The oldest live instance and up to ``max_batch - 1`` more with the same ``explain`` (none when every
+        queued request has given up meanwhile)."""
+        if not self._live():
+            return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while self._count_matching() < self.max_batch and (left := deadline - loop.time()) > 0:
@@ -360,12 +405,9 @@ class MicroBatcher:
             item.taken = True
         return batch
 
-    def _answer(self, x: Tensor, explain: bool) -> list[Answer]:
-        return self.defense.answer(x.to(self.device), explain=explain)
-
-    def _answer_isolated(self, x: Tensor, explain: bool, misinform: Tensor) -> list[Answer | Failure]:
+    def _answer_isolated(self, defense: Defense, x: Tensor, explain: bool, misinform: Tensor) -> list[Answer | Failure]:
         return answer_isolated(
-            self.defense,
+            defense,
             x.to(self.device),
             explain=explain,
             num_classes=self.num_classes,

@@ -333,11 +333,10 @@ async def _monitored(
     while the request was queued (by another of its requests) gets the escalated answer too — recomputed by
     the misinformation path — or 403 under ``refuse``, uncharged."""
     if not escalated and await run_in_threadpool(_escalated, model, caller, len(x)):
-        gate = model.defense
-        assert isinstance(gate, MisinformationGate)  # the settings require the gate for the monitor
+        assert isinstance(model.defense, MisinformationGate)  # the settings require the gate for the monitor
         everything = torch.ones(len(x), dtype=torch.bool)
         answers = await batcher.on_model_thread(
-            lambda: gate.answer(x.to(batcher.device), explain=explain, misinform=everything)
+            lambda gate: gate.answer(x.to(batcher.device), explain=explain, misinform=everything)
         )
         escalated = True
     if escalated:

@@ -284,6 +284,7 @@ class ModelRuntime:
                 max_latency=s.max_expected_latency_s,
                 retry_after=s.retry_after_s,
                 key_share=s.queue_share,
+                workers=s.model_workers,
             )
             self.batcher.start()
             if s.warmup:

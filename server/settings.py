@@ -125,6 +125,13 @@ class ServerSettings(BaseSettings):
         64, ge=1, description="instances per micro-batch (N): the engine optimises them together"
     )
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for a micro-batch to fill (M)")
+    model_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="model threads, each answering its own micro-batch with its own replica of the defense (the "
+        "same weights); `deepdefense serve` gives each its share of torch's threads",
+    )
     queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
     queue_share: float = Field(
         0.5,

@@ -1,5 +1,5 @@
-"""Admission control, step by step: the expected latency of a new request counts the micro-batch on
-the model thread, the queue ahead and its own instances; an idle server admits anything that fits;
+"""Admission control, step by step: the expected latency of a new request counts the micro-batches on
+the model threads, the queue ahead and its own instances, drained by every model thread; an idle server admits anything that fits;
 an old queue refuses whatever the estimate; the cost estimate rises at once and falls slowly; the
 warm-up seeds it."""
 
@@ -45,6 +45,16 @@ def test_the_expected_latency_counts_the_running_batch_the_queue_and_its_own_ins
     assert b.expected_latency(1) == 9.0
     queue(b, 8)
     assert b.expected_latency(1) == 17.0
+
+
+def test_several_model_threads_drain_the_queue_together() -> None:
+    b = batcher(workers=2)  # ``cost`` is one model thread's seconds per instance; two drain twice as fast
+    b.cost = 1.0
+    b._running = 8
+    queue(b, 8)
+    assert b.expected_latency(1) == 8.5
+    assert refusal(b, 4) is None  # 10 s expected
+    assert refusal(b, 6) == ("overloaded", 1)  # 11 s
 
 
 def test_admission_refuses_late_requests_with_a_retry_after_from_the_backlog() -> None:

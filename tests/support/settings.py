@@ -18,6 +18,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
         "gate": "none",
         "budget_db": tmp_path / "budget.sqlite",
         "max_batch_wait_ms": 1,
+        "model_workers": 1,  # the fakes hold their one model thread at a gate; test_model_workers runs several
         "watermark": "off",  # on by default with keys; the tests that compare answers with the victim's keep it off
     }
     return ServerSettings(**(options | overrides))
