@@ -1,7 +1,7 @@
 """Admission control, step by step: the expected latency of a new request counts the micro-batches on
-the model threads, the queue ahead and its own instances, drained by every model thread; an idle server admits anything that fits;
-an old queue refuses whatever the estimate; the cost estimate rises at once and falls slowly; the
-warm-up seeds it."""
+the model threads, the queue ahead and its own instances, drained by every model thread; an idle server
+admits anything that fits; an old queue refuses whatever the estimate; the cost estimate rises at once and
+falls slowly; the warm-up seeds it."""
 
 from __future__ import annotations
 
