@@ -29,6 +29,7 @@ from deepdefense.clients.attack_losses import ATTACK_LOSSES
 from deepdefense.defense.names import ENGINE_MODES
 from deepdefense.measure import plots
 from deepdefense.measure.evaluate import role_of, write_json
+from deepdefense.measure.formats import misinformed_answers
 from deepdefense.measure.markdown import document, generated_by, num, row, signed, table
 from deepdefense.server.monitor import THRESHOLD
 
@@ -112,20 +113,16 @@ def _accuracy(record: Mapping[str, Any], defense: str, loss: str, budget: int) -
 def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     """Table 5 (and the other attackers' rows), Table 3, Table 4, the fidelity measures and Table 2."""
     arms, main = record["arms"], main_arms(record)
-    budget = max(record["config"]["budgets"])
-    losses = record["config"]["losses"]
-    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in main} for loss in losses}
+    budget, present = max(record["config"]["budgets"]), [d for d in MAIN if d in main]
+    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in present} for loss in record["config"]["losses"]}
     paper = (paper_for(record) or {}).get("table5", {})
-    table5 = [
-        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in MAIN if d in main
-    ]
+    table5 = [{"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in present]
     for r in table5:
-        both = r["ours"] is not None and r["paper"] is not None
-        r["difference"] = round(r["ours"] - r["paper"], 2) if both else None
+        r["difference"] = None if None in (r["ours"], r["paper"]) else round(r["ours"] - r["paper"], 2)
+    fields = ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))
     fidelity = [
-        {"defense": d, **{k: run.get(k) for k in ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))}}
-        for d in MAIN
-        if d in main
+        {"defense": d, **{k: run.get(k) for k in fields}}
+        for d in present
         for run in main[d]["runs"]
         if run["budget"] == budget
     ]
@@ -177,22 +174,18 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """results.json, accuracy.csv, tables.json, average_drop.json, fig2.png and fig3.png in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
     t = tables(record)
     drops = t["average_drop"]  # without their figures
-    stripped = {
-        **record,
-        "arms": {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()},
-    }
-    paths["results"] = _write_json(out / "results.json", stripped)
+    arms = {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()}
+    paths = {name: out / f"{name}.json" for name in ("results", "tables", "average_drop")}
+    for name, payload in zip(paths, ({**record, "arms": arms}, t, drops), strict=True):
+        write_json(paths[name], payload)
     rows = accuracy_rows(record)
     paths["accuracy"] = out / "accuracy.csv"
     with open(paths["accuracy"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    paths["tables"] = _write_json(out / "tables.json", t)
-    paths["average_drop"] = _write_json(out / "average_drop.json", drops)
     main = main_arms(record)
     main_rows = [r for r in rows if main.get(r["defense"]) is record["arms"][r["arm"]]]
     if main_rows:
@@ -205,18 +198,11 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
             title=f"{record['config']['checkpoint']}, {record['config']['interpreter']}, "
             f"P_A = {record['config']['attacker_dataset']}",
         )
-    for key, arm in record["arms"].items():
-        fig = arm.get("average_drop", {}).get("figure")
-        if fig:
-            maps = (fig[k] for k in ("images", "victim_maps", "defended_maps", "labels"))
-            paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
-            break
+    key, arm = next(((k, a) for k, a in record["arms"].items() if a.get("average_drop", {}).get("figure")), ("", {}))
+    if arm:
+        maps = (arm["average_drop"]["figure"][k] for k in ("images", "victim_maps", "defended_maps", "labels"))
+        paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
     return paths
-
-
-def _write_json(path: Path, payload: Any) -> Path:
-    write_json(path, payload)
-    return path
 
 
 def _title(dataset: str) -> str:
@@ -577,21 +563,18 @@ def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
         for r in measured
     ]
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["ours"] is None]
-    if missing:
-        lines.append(f"* Not measured in this run: {', '.join(missing)}.")
+    lines += [f"* Not measured in this run: {', '.join(missing)}."] if missing else []
     unpaired = [
         f"{NAMES[r['defense']]} {r['ours']:.2f}%" for r in t["table5"] if r["ours"] is not None and r["paper"] is None
     ]
-    if unpaired:
-        lines.append(f"* No paper figure to compare with: {', '.join(unpaired)}.")
-    lines += _evidence(t)
-    return lines + _setup_notes(record)
+    lines += [f"* No paper figure to compare with: {', '.join(unpaired)}."] if unpaired else []
+    return lines + _evidence(t) + _setup_notes(record)
 
 
 def _setup_notes(record: Mapping[str, Any]) -> list[str]:
     """How our setup differs from the paper's (and, for another victim, what was kept the same)."""
     attacker = record["config"]["attacker_dataset"]
-    lines = [
+    return [
         "",
         "Known differences in the setup (each can move these numbers; none is a measured cause on its own):",
         "",
@@ -618,16 +601,11 @@ def _setup_notes(record: Mapping[str, Any]) -> list[str]:
             else []
         ),
     ]
-    return lines
 
 
 def _evidence(t: Mapping[str, Any]) -> list[str]:
     """What this run's own numbers say about the gaps (only sentences whose numbers are all measured)."""
-    acc = t["by_loss"]
-
-    def get(loss: str, defense: str) -> float | None:
-        return acc.get(loss, {}).get(defense)
-
+    get = lambda loss, defense: t["by_loss"].get(loss, {}).get(defense)
     lines: list[str] = []
     eq1, soft, top1 = (get(loss, "pp") for loss in ("explanations", "probabilities", "labels"))
     soft0, top10 = get("probabilities", "none"), get("labels", "none")
@@ -839,11 +817,7 @@ def _client_benign(folder: Path) -> list[str]:
     for path in files:
         d = json.loads(path.read_text())
         metrics = path.with_name(path.stem + "-metrics.txt")
-        misinformed = "—"
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                if line.startswith("dd_misinformed_answers_total"):
-                    misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
+        misinformed = str(misinformed_answers(metrics.read_text())) if metrics.is_file() else "—"
         cells = [num(d["accuracy"]), num(d["agreement_undefended"]), misinformed, num(d["latency_ms"]["p50"], 0)]
         lines.append(row([f"`{d['defense']}` + gate", f"{d['n']:,}", *cells, f"`{d['command']}`"]))
     return [*lines, ""]
@@ -909,7 +883,8 @@ def _domain(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     shipped = d["shipped"]["method"]
     m = d["evaluation"]["methods"][shipped]
-    lines = [
+    flags = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["false_flags"].items())
+    return [
         "## The domain score",
         "",
         f"From `{d['command']}` (seed {d['seed']}; `docs/results/domain-score.md`): method `{shipped}`, fit on MNIST "
@@ -919,23 +894,18 @@ def _domain(path: Path) -> list[str]:
             "against | AUROC | flagged at the threshold",
             ([name, f"{auc:.4f}", f"{100 * m['detection'][name]:.1f}%"] for name, auc in m["auroc"].items()),
         ),
-    ]
-    flags = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["false_flags"].items())
-    lines += [
         "",
         f"In-domain false positives (MNIST test): {100 * m['fpr_in_domain']:.2f}%; honest perturbed digits: {flags}.",
         "",
     ]
-    return lines
 
 
 def _latency(path: Path) -> list[str]:
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
-    lines = ["## Latency", "", f"From `{d.get('command', '')}` (`docs/results/gate-latency.md`).", ""]
-    lines += [f"* {line}" for line in d.get("summary_lines", [])]
-    return [*lines, ""]
+    summary = [f"* {line}" for line in d.get("summary_lines", [])]
+    return ["## Latency", "", f"From `{d.get('command', '')}` (`docs/results/gate-latency.md`).", "", *summary, ""]
 
 
 def _relative(target: Path, start: Path) -> str:
