@@ -202,12 +202,8 @@ def random_resnet18(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = build_model(meta).eval()
     images = torch.rand((64, 3, 224, 224), generator=torch.Generator().manual_seed(seed))
-    meta.extra["sensitivity"] = {
-        "n": 64,
-        "seed": seed,
-        "split": "uniform random",
-        "scores": layer_sensitivity(model, images, batch_size=8),
-    }
+    scores = layer_sensitivity(model, images, batch_size=8)
+    meta.extra["sensitivity"] = {"n": 64, "seed": seed, "split": "uniform random", "scores": scores}
     return save_checkpoint(model, meta, folder / "resnet18-random")
 
 
@@ -299,26 +295,22 @@ def server_rows(
 def ratios(rows: list[Row]) -> dict[str, float]:
     """Throughput ratios against the one-query engine (and the undefended path)."""
 
-    def qps(setup: str, queries_per_call: int) -> float | None:
-        return next(
-            (r.queries_per_second for r in rows if r.setup == setup and r.queries_per_call == queries_per_call), None
-        )
-
-    out: dict[str, float] = {}
-    one, undefended = qps("one-query engine", 1), qps("undefended", 1)
-    for r in rows:
-        if r.setup in ("batched engine", "server") and one:
-            out[f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine"] = round(
-                r.queries_per_second / one, 2
-            )
+    qps: dict[tuple[str, int | None], float] = {}
+    for r in rows:  # the first row of a setup and batch
+        qps.setdefault((r.setup, r.queries_per_call), r.queries_per_second)
+    one, undefended = qps.get(("one-query engine", 1)), qps.get(("undefended", 1))
+    out = {
+        f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine": round(r.queries_per_second / one, 2)
+        for r in rows
+        if r.setup in ("batched engine", "server") and one
+    }
     if one and undefended:
         out["undefended / one-query engine"] = round(undefended / one, 2)
     old = next((r for r in rows if r.setup == PREVIOUS), None)
-    new = qps("batched engine", old.queries_per_call) if old is not None and old.queries_per_call else None
+    new = qps.get(("batched engine", old.queries_per_call)) if old is not None and old.queries_per_call else None
     if old is not None and new:
-        out[f"batched engine ×{old.queries_per_call} / previous defaults ×{old.queries_per_call}"] = round(
-            new / old.queries_per_second, 2
-        )
+        b = old.queries_per_call
+        out[f"batched engine ×{b} / previous defaults ×{b}"] = round(new / old.queries_per_second, 2)
     return out
 
 

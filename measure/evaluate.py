@@ -173,7 +173,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Arm:
     """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``,
-    ``deepdefense+gate``, ``none+gate@jbda``…); ``role``: what the report makes of it (``ROLES``)."""
+    ``deepdefense+gate``, ``none+gate@jbda``…); ``role``: what the report makes of it — ``main`` (Table 5, Figure 2,
+    the gate's tables), ``cs`` (Table 3) or ``top-k`` (Table 4)."""
 
     key: str
     defense: str
@@ -188,10 +189,6 @@ class Arm:
     def fields(self) -> dict[str, Any]:
         """What the record keeps of the arm beside its key: the report reads these, never the key."""
         return {"role": self.role, "gated": self.gated, "query_set": self.query_set}
-
-
-#: An arm's role: a main arm (Table 5, Figure 2, the gate's tables), a CS variant (Table 3), a top-k one (Table 4).
-ROLES = ("main", "cs", "top-k")
 
 
 def arm_key(defense: str, gated: bool = False, query_set: str = "random") -> str:
@@ -426,13 +423,7 @@ class Evaluation:
         )
 
     def attack(
-        self,
-        data: TransferSet | None,
-        info: ModelInfo,
-        store_fp: str,
-        loss: AttackLoss,
-        budget: int,
-        query_set: str = "random",
+        self, data: TransferSet | None, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int, query_set: str
     ) -> dict[str, Any] | None:
         """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
@@ -536,9 +527,8 @@ class Evaluation:
         victim = self.reference.answer(images.to(self.device))
         victim_maps = torch.stack([a.attribution for a in victim]).cpu()
         classes = torch.tensor([a.label for a in victim])
-        model = self.victim
-        victim_drops = average_drop.image_drops(model, images, victim_maps, classes, c.p)
-        answered_drops = average_drop.image_drops(model, images, answered.attributions, classes, c.p)
+        victim_drops = average_drop.image_drops(self.victim, images, victim_maps, classes, c.p)
+        answered_drops = average_drop.image_drops(self.victim, images, answered.attributions, classes, c.p)
         figure = slice(0, min(c.n_figure, len(images)))
         return {
             "n": len(images),
