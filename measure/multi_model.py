@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +27,7 @@ from deepdefense.common.provenance import provenance
 from deepdefense.defense.api import NoDefense
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.measure.launcher import served
-from deepdefense.measure.markdown import document, table
+from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import default_data_root, load_split
 
@@ -137,10 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_multi_model(args.n, args.data_root)
     result |= {"minutes": (time.monotonic() - started) / 60, "machine": args.machine, "measured": measured}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    command = shlex.join(
-        ["python", "-m", "deepdefense.measure.multi_model", *(argv if argv is not None else sys.argv[1:])]
-    )
-    args.report.write_text(markdown(result, command))
+    args.report.write_text(markdown(result, module_command("deepdefense.measure.multi_model", argv)))
     return 0
 
 

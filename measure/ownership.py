@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +42,7 @@ from deepdefense.defense.api import Answer, Defense
 from deepdefense.defense.gate import MisinformationGate
 from deepdefense.defense.loader import load_defense, load_gate
 from deepdefense.measure.detectors import answer_pool, detect, summary
-from deepdefense.measure.markdown import document, table
+from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
@@ -102,10 +100,8 @@ class Study:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.out = args, Path(args.out)
         self.results: dict[str, Any] = json.loads(self.out.read_text()) if self.out.exists() else {}
-        commands = self.results.setdefault(
-            "commands", [self.results.pop("command")] if "command" in self.results else []
-        )
-        commands.append(args.command_line)  # each run that wrote to this file, in order
+        earlier = [self.results.pop("command")] if "command" in self.results else []
+        self.results.setdefault("commands", earlier).append(args.command_line)  # each run that wrote to it, in order
         self.results.update({"seed": args.seed, "measured": provenance(), "map": "the honest answer's"})
         self.victim, self.meta = load_checkpoint("lenet-mnist")
         self.victim.requires_grad_(False)
@@ -245,12 +241,9 @@ class Study:
             before = float((label == y).float().mean()) * 100
             after = float((answered == y).float().mean()) * 100
             share = float((answered != label).float().mean()) * 100
-            cost = {
-                "accuracy": round(before, 2),
-                "watermarked_accuracy": round(after, 2),
-                "cost": round(before - after, 2),
-            }
-            self.put("honest_cost", name, cost | {"watermarked_share": round(share, 2), "keys": len(x) // 1000})
+            cost = {"accuracy": round(before, 2), "watermarked_accuracy": round(after, 2)}
+            cost |= {"cost": round(before - after, 2), "watermarked_share": round(share, 2), "keys": len(x) // 1000}
+            self.put("honest_cost", name, cost)
 
     def indistinguishability(self) -> None:
         if self.done("detectors", "mnist-test") or self.args.detector_n == 0:
@@ -301,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print(report([json.loads(Path(f).read_text()) for f in args.report]), end="")
         return 0
-    args.command_line = shlex.join(
-        ["python", "-m", "deepdefense.measure.ownership", *(sys.argv[1:] if argv is None else argv)]
-    )
+    args.command_line = module_command("deepdefense.measure.ownership", argv)
     torch.manual_seed(args.seed)
     study = Study(args)
     if "cost" in args.steps:
@@ -361,11 +352,9 @@ def _targets(
         )
     sweep = sorted({r["fraction"] for r in copies.values()})
     if len(sweep) > 1:
-        cells = []
-        for f in sweep:
-            rows = [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500]
-            proven = sum(r["copy"]["p_value"] < 1e-6 for r in rows)
-            cells.append(f"{f:.2%}: {proven} of {len(rows)} copies proven (p < 1e-6)")
+        rows = {f: [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500] for f in sweep}
+        proven = {f: sum(r["copy"]["p_value"] < 1e-6 for r in rs) for f, rs in rows.items()}
+        cells = [f"{f:.2%}: {proven[f]} of {len(rs)} copies proven (p < 1e-6)" for f, rs in rows.items()]
         out.append(
             f"* Choosing the fraction (the smallest that proves every copy from 2,500 queries): {'; '.join(cells)}."
         )
@@ -426,11 +415,11 @@ def report(parts: list[dict[str, Any]]) -> str:
     weak = [(r, k) for r in copies.values() for k in r if k in extra and r[k]["p_value"] >= 1e-3]
     if weak:
         lines += ["", "**Where the proof stops** (p ≥ 1e-3 after fine-tuning or pruning):", ""]
-        for r, k in weak:
-            lines.append(
-                f"* {r['query_set']}, {r['loss']} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
-                f"{_verdict(r['copy'])} before."
-            )
+        lines += [
+            f"* {r['query_set']}, {r['loss']} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
+            f"{_verdict(r['copy'])} before."
+            for r, k in weak
+        ]
     lines += [
         "",
         "Fine-tuning: the copy trained further with the thieves' recipe (Adam, cosine schedule from 1e-3) on 500",
