@@ -67,10 +67,9 @@ def run_gate_latency(config: GateLatencyConfig, progress: Callable[[str], None] 
         progress(f"gate latency: {defense} and {defense} + gate, {2 * len(queries)} timed requests")
         seconds = _interleaved(config, defense, queries)
         arms[defense] = _summary(config, seconds["plain"], seconds["gated"], flags, config.n)
-    result = {"config": asdict(config), "flagged": {"honest": sum(flags[: config.n]), "other": sum(flags[config.n :])}}
-    result["arms"] = arms
-    result["summary_lines"] = summary_lines(result)
-    return result
+    flagged = {"honest": sum(flags[: config.n]), "other": sum(flags[config.n :])}
+    result = {"config": asdict(config), "flagged": flagged, "arms": arms}
+    return result | {"summary_lines": summary_lines(result)}
 
 
 def _interleaved(config: GateLatencyConfig, defense: str, queries: Tensor) -> dict[str, list[float]]:
