@@ -315,7 +315,6 @@ def ratios(rows: list[Row]) -> dict[str, float]:
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
-    """The bench as a short Markdown table."""
     lines = [
         f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.",
         "",

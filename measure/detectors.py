@@ -51,10 +51,7 @@ Answering = Callable[[Tensor], list[Answer]]
 
 def answer_pool(answer: Answering, x: Tensor) -> Paired:
     """``answer``'s answers to ``x`` and to its twins."""
-
-    def run(q: Tensor) -> list[Answer]:
-        return [a for chunk in q.split(CHUNK) for a in answer(chunk)]
-
+    run = lambda q: [a for chunk in q.split(CHUNK) for a in answer(chunk)]
     first, second = run(x), run(twin_of(x))
     stack = lambda answers, f: torch.stack([getattr(a, f).detach().cpu() for a in answers])
     return Paired(*(stack(answers, f) for answers in (first, second) for f in ("probabilities", "attribution")))

@@ -69,11 +69,8 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
     methods = ev["methods"]
     ood = list(next(iter(methods.values()))["auroc"])
     perts = list(next(iter(methods.values()))["false_flags"])
-    shipped = record["shipped"]["method"]
-    sizes = ev["sizes"]
-
-    def name(m: str) -> str:
-        return f"`{m}`" + (" (shipped)" if m == shipped else "")
+    shipped, sizes = record["shipped"]["method"], ev["sizes"]
+    name = lambda m: f"`{m}`" + (" (shipped)" if m == shipped else "")
 
     out = [
         "## 2. Evaluation — data no score was fitted or selected on",
@@ -177,7 +174,6 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(record: Mapping[str, Any]) -> str:
-    """The whole report."""
     fit = record["fit_on"]
     shipped = record["shipped"]
     head = [

@@ -62,7 +62,7 @@ from deepdefense.measure.domain import PERTURBATIONS
 from deepdefense.measure.local_oracle import LocalOracle, MonitoredOracle, local_info
 from deepdefense.measure.shared_modes import ModeOf, SharedModes, engine_key
 from deepdefense.models.checkpoint import load_checkpoint
-from deepdefense.models.data import SPECS, DatasetSpec, get_spec, load_split
+from deepdefense.models.data import SPECS, get_spec, load_split
 from deepdefense.models.train import evaluate
 from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
@@ -278,9 +278,8 @@ class Evaluation:
         self.device = torch.device(config.device)
         self.victim, self.meta = load_checkpoint(config.checkpoint, device=self.device)
         self.victim.requires_grad_(False)
-        self.reference = NoDefense(
-            self.victim, create_interpreter(config.interpreter, self.victim, tuple(self.meta.input_shape))
-        )
+        interpreter = create_interpreter(config.interpreter, self.victim, tuple(self.meta.input_shape))
+        self.reference = NoDefense(self.victim, interpreter)
         self.spec = get_spec(config.attacker_dataset)
         if tuple(self.spec.input_shape) != tuple(self.meta.input_shape):
             raise ValueError(
@@ -289,9 +288,8 @@ class Evaluation:
         self.pool = load_split(config.attacker_dataset, config.data_root, "train").tensors[0]
         self.victim_train = load_split(self.meta.dataset, config.data_root, "train").tensors[0]
         self.victim_spec = get_spec(self.meta.dataset)
-        images, labels = load_split(self.meta.dataset, config.data_root, "test").tensors
-        self.all_test, self.all_test_labels = images, labels
-        self.test_images, self.test_labels = images[: config.test_n], labels[: config.test_n]
+        self.all_test, self.all_test_labels = load_split(self.meta.dataset, config.data_root, "test").tensors
+        self.test_images, self.test_labels = self.all_test[: config.test_n], self.all_test_labels[: config.test_n]
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
@@ -339,10 +337,6 @@ class Evaluation:
             strategy="jbda", loss="labels", dataset=self.meta.dataset, arch=info.arch, recipe=recipe, **seeds
         )
 
-    def query_spec(self, query_set: str) -> DatasetSpec:
-        """The statistics the attack model normalises with: those of the data its queries come from."""
-        return self.spec if query_set in ("random", "twins") else self.victim_spec
-
     def collect_set(self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str) -> tuple[TransferStore, int]:
         """Send the query set's queries that are not stored yet; the store and the number sent."""
         c = self.config
@@ -350,9 +344,8 @@ class Evaluation:
             raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
         if query_set in ("random", "twins"):
             store = self.store(info, query_set, c.attacker_dataset)
-        else:
-            strategy = "random" if query_set == "victim-train" else query_set
-            store = self.store(info, strategy, self.meta.dataset)
+        else:  # victim-train: random queries from the victim's own data set
+            store = self.store(info, "random" if query_set == "victim-train" else query_set, self.meta.dataset)
         if c.only_cached:  # report what is stored: send nothing
             return store, 0
         batching = {"batch_size": c.query_batch, "progress": self.progress}
@@ -431,7 +424,7 @@ class Evaluation:
 
         def make() -> dict[str, Any]:
             assert data is not None, "only_cached never trains"
-            spec = self.query_spec(query_set)
+            spec = self.spec if query_set in ("random", "twins") else self.victim_spec  # the data its queries come from
             model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed)
             mask = kept_answers(loss, data.prefix(budget).probabilities)
             kept = budget if mask is None else int(mask.sum())
@@ -460,9 +453,7 @@ class Evaluation:
                 "machine": str(machine(self.device)),
             }
 
-        if self.config.only_cached and not self.is_cached(key):
-            return None
-        return self.cached(key, make)
+        return None if c.only_cached and not self.is_cached(key) else self.cached(key, make)
 
     def runtime(self, oracle: Oracle, store_fp: str) -> dict[str, Any]:
         """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
@@ -572,9 +563,9 @@ class Evaluation:
         did (``monitor/<arm>.json``, written when they were sent); otherwise their domain flags replayed in order
         through the policy as one key. Honest keys of ``BENIGN_KEY_QUERIES`` victim test digits, clean and
         perturbed, beside it."""
-        policy = MonitorPolicy()
-        flags = self.domain_flags(data.images)
-        watched = self.monitor_summary(arm)
+        policy, flags = MonitorPolicy(), self.domain_flags(data.images)
+        summary = self.out / "monitor" / f"{arm.key}.json"  # written when the arm's queries were sent
+        watched = json.loads(summary.read_text()) if self.config.monitored and summary.exists() else None
         return {
             "window": policy.window,
             "min_queries": policy.min_queries,
@@ -602,10 +593,6 @@ class Evaluation:
         with closing(SqliteMonitorStore(db)) as store:
             summary = _window_summary(store.read(MONITORED_KEY))
         db.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-
-    def monitor_summary(self, arm: Arm) -> dict[str, Any] | None:
-        path = self.out / "monitor" / f"{arm.key}.json"
-        return json.loads(path.read_text()) if self.config.monitored and path.exists() else None
 
     @cached_property
     def domain(self) -> DomainScore:

@@ -197,9 +197,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     for defense, a in result["arms"].items():
         lo, hi = a["ratio_ci95"]
-        verdict = "met" if a["ratio"] <= TARGET_RATIO else "not met"
-        if defense == "none":  # the target is for a defended query; here the gate's cost is set against a bare forward
-            verdict = "— (undefended)"
+        # the target is for a defended query; without a defense the gate's cost is set against a bare forward
+        verdict = "— (undefended)" if defense == "none" else "met" if a["ratio"] <= TARGET_RATIO else "not met"
         plain, gated = (f"{a[k]['p50']} / {a[k]['p95']}" for k in ("plain_ms", "gated_ms"))
         lines.append(row([defense, plain, gated, f"{a['ratio']:.3f} ({lo:.3f}–{hi:.3f})", verdict]))
     lines += [

@@ -109,8 +109,7 @@ def measure_misinformation(
         "top1_agreement_with_victim": percent(label_m == label_v),
         "answer_shape": {"victim": answer_shape(p_v), "misinfo": answer_shape(p_m)},
         "answered_labels": {
-            "victim": label_spread(label_v, p_v.shape[1]),
-            "misinfo": label_spread(label_m, p_m.shape[1]),
+            k: label_spread(label, p_v.shape[1]) for k, label in (("victim", label_v), ("misinfo", label_m))
         },
         "most_frequent_wrong_label": wrong_labels(y, label_m, p_v.shape[1]),
         "blend_top1_accuracy": {f"{a:g}": percent(mix(p_v, p_m, a).argmax(1) == y) for a in alphas},

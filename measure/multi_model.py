@@ -75,9 +75,7 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     m = result["measured"]
-
-    def cell(run: dict[str, Any]) -> str:
-        return f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
+    cell = lambda run: f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
 
     lines = [
         "# Several models in one server",
