@@ -629,8 +629,7 @@ class Evaluation:
         if cached.exists():
             return json.loads(cached.read_text())
         out = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            monitor = ExtractionMonitor(Path(tmp) / "honest.sqlite")
+        with tempfile.TemporaryDirectory() as tmp, closing(ExtractionMonitor(Path(tmp) / "honest.sqlite")) as monitor:
             variants = {"clean": None, **PERTURBATIONS}
             for v, (name, perturb) in enumerate(tqdm(variants.items(), desc="honest keys", disable=not self.progress)):
                 g = torch.Generator().manual_seed(self.config.seed)
@@ -652,7 +651,6 @@ class Evaluation:
                     "duplicates_pct": round(100.0 * sum(s.duplicates for s in states) / len(flags), 2),
                     "min_spread": round(min(s.spread for s in states if s.spread is not None), 4),
                 }
-            monitor.close()
         cached.parent.mkdir(parents=True, exist_ok=True)
         return write_json(cached, out)
 
@@ -734,11 +732,8 @@ def open_oracle(
     if not config.monitored or monitor_db is None:  # monitored without a db: the thief's queries are collected
         yield LocalOracle(gate, info)
         return
-    monitor = ExtractionMonitor(monitor_db)
-    try:
+    with closing(ExtractionMonitor(monitor_db)) as monitor:
         yield MonitoredOracle(gate, info, monitor, MONITORED_KEY)
-    finally:
-        monitor.close()
 
 
 def run_evaluation(

@@ -163,19 +163,19 @@ class Study:
         one_hot = torch.nn.functional.one_hot(y, 10).float()
         return TransferSet(self.train_x[rows], y, one_hot, None, torch.zeros(len(rows), dtype=torch.long))
 
-    def _fresh_db(self, name: str) -> Path:
-        """An empty SQLite file of this run's own (named after its results file: parallel runs never share one)."""
+    def _fresh_watermark(self, name: str, fraction: float) -> Watermark:
+        """A watermark of this run's secret keeping its records in an empty SQLite file of its own (named after the
+        results file: parallel runs never share one)."""
         db = self.out.parent / "runs" / f"{self.out.stem}-{name}-{self.args.seed}.sqlite"
         db.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        return db
+        return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
 
     def watermark(self, query_set: str, fraction: float) -> tuple[Watermark, str, TransferSet]:
         """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set."""
         key = key_of(f"{query_set}-{fraction}")
-        db = self._fresh_db(f"watermark-{query_set}-{fraction}")
-        watermark = Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
+        watermark = self._fresh_watermark(f"watermark-{query_set}-{fraction}", fraction)
         data = load_set(Path(self.args.store_root), query_set).prefix(self.args.budget)
         return watermark, key, watermarked_set(data, watermark, key)
 
@@ -226,8 +226,7 @@ class Study:
             name = str(fraction)
             if self.done("honest_cost", name):
                 continue
-            db = self._fresh_db(f"honest-{fraction}")
-            watermark = Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
+            watermark = self._fresh_watermark(f"honest-{fraction}", fraction)
             answered = label.clone()
             for k, start in enumerate(range(0, len(x), 1000)):
                 for s in range(start, start + 1000, REQUEST):
