@@ -409,11 +409,9 @@ class Evaluation:
         """The budgets the arm's attack models are trained at: the configured ones up to the arm's."""
         return sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
 
-    def any_cached(self, arm: Arm, info: ModelInfo, store_fp: str) -> bool:
+    def any_cached(self, arm: Arm, info: ModelInfo, fp: str) -> bool:
         """Whether one of the arm's attack models is cached (``only_cached`` reports such an arm)."""
-        return any(
-            self.is_cached(self.attack_key(info, store_fp, loss, b)) for b in self.budgets(arm) for loss in arm.losses
-        )
+        return any(self.is_cached(self.attack_key(info, fp, loss, b)) for b in self.budgets(arm) for loss in arm.losses)
 
     def attack(
         self, data: TransferSet | None, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int, query_set: str

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from deepdefense.clients.attack import sample_queries
@@ -198,9 +198,7 @@ class Study:
                     row[f"finetuned_{epochs}"] = self.score(tuned, watermark, key)
                 for amount in self.args.prune:
                     pruned = self.copy_of(copy)
-                    weights = [
-                        (m, "weight") for m in pruned.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-                    ]
+                    weights = [(m, "weight") for m in pruned.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
                     prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=amount)
                     row[f"pruned_{amount}"] = self.score(pruned.eval(), watermark, key)
             self.put("copies", name, row)

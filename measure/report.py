@@ -386,9 +386,7 @@ def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
     also = lambda twin: f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
-    return [
-        f"* not run: `{key}` ({why}{also(_same_layers_as(record, key))})" for key in record.get("not_collected") or {}
-    ]
+    return [f"* not run: `{k}` ({why}{also(_same_layers_as(record, k))})" for k in record.get("not_collected") or {}]
 
 
 def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
@@ -466,15 +464,14 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
         "",
         *table(" | n | victim I | misdirection Ĩ | paired t-test p"),
     ]
+    spread = lambda mean, std: f"{mean:.4f} ± {std:.4f}"
     if paper_for(record):
-        lines.append(
-            row(["paper (MNIST, Grad-CAM)", "—", f"{pv[0]:.4f} ± {pv[1]:.4f}", f"{pd[0]:.4f} ± {pd[1]:.4f}", pp])
-        )
+        lines.append(row(["paper (MNIST, Grad-CAM)", "—", spread(*pv), spread(*pd), pp]))
     if not t["average_drop"]:
         lines.append(row(["ours", "—", "not run", "not run", "—"]))
     for key, d in t["average_drop"].items():
-        spread = [f"{d[k]['mean']:.4f} ± {d[k]['std']:.4f}" for k in ("victim", "defended")]
-        lines.append(row([f"ours ({key})", d["n"], *spread, num(d["ttest"]["p_value"], 4)]))
+        cells = [spread(d[k]["mean"], d[k]["std"]) for k in ("victim", "defended")]
+        lines.append(row([f"ours ({key})", d["n"], *cells, num(d["ttest"]["p_value"], 4)]))
     if any("figure" in a.get("average_drop", {}) for a in record["arms"].values()):
         lines += ["", "## Figure 3: victim vs misdirection maps", "", f"![Figure 3]({rel}/fig3.png)"]
     return lines
@@ -761,11 +758,9 @@ def _gate_report(
             lines += table(["arm", *losses, "strongest"])
             for arm in [a for a in ARM_NAMES if a in arms]:
                 cells, best = arms[arm], strongest(arms[arm])
-                mark = " †" if any(src for _, _, src in cells.values()) else ""
+                name = ARM_NAMES[arm] + (" †" if any(src for _, _, src in cells.values()) else "")  # †: the baseline's
                 best_cell = f"{num(best[1])} ({best[0]})" if best else "—"
-                lines.append(
-                    row([f"{ARM_NAMES[arm]}{mark}", *(_kept_cell(cells.get(loss)) for loss in losses), best_cell])
-                )
+                lines.append(row([name, *(_kept_cell(cells.get(loss)) for loss in losses), best_cell]))
             lines.append("")
     return [
         *lines,
