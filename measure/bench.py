@@ -126,21 +126,6 @@ def process_rss_mb(pid: int | None = None) -> float:
     return rss_mb(pid or os.getpid()) or 0.0
 
 
-def time_calls(
-    answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device, desc: str
-) -> tuple[list[float], float]:
-    """Per-query milliseconds of each call of ``answer`` on consecutive batches, and the total seconds."""
-    per_query, started = [], time.perf_counter()
-    for start in tqdm(range(0, len(images), batch), desc=desc, unit="call", leave=False):
-        x = images[start : start + batch]
-        began = time.perf_counter()
-        answer(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        per_query.append(1000 * (time.perf_counter() - began) / len(x))
-    return per_query, time.perf_counter() - started
-
-
 def measure(
     setup: str,
     answer: Callable[[Tensor], object],
@@ -149,9 +134,19 @@ def measure(
     device: torch.device,
     notes: dict[str, Any] | None = None,
 ) -> Row:
+    """``answer`` called on consecutive batches of ``images``: per-query milliseconds of each call (p50, p95),
+    queries per second over them all, and the peak memory."""
     answer(images[:batch])  # warm-up: first-call allocations, kernel selection
     with PeakMemory(device) as memory:
-        per_query, seconds = time_calls(answer, images, batch, device, f"{setup} ×{batch}")
+        per_query, started = [], time.perf_counter()
+        for start in tqdm(range(0, len(images), batch), desc=f"{setup} ×{batch}", unit="call", leave=False):
+            x = images[start : start + batch]
+            began = time.perf_counter()
+            answer(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_query.append(1000 * (time.perf_counter() - began) / len(x))
+        seconds = time.perf_counter() - started
     p = percentiles(per_query)
     figures = (round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2), round(memory.peak_mb, 1))
     return Row(setup, batch, None, len(images), *figures, notes or {})

@@ -518,7 +518,13 @@ class Evaluation:
         classes = torch.tensor([a.label for a in victim])
         victim_drops = average_drop.image_drops(self.victim, images, victim_maps, classes, c.p)
         answered_drops = average_drop.image_drops(self.victim, images, answered.attributions, classes, c.p)
-        figure = slice(0, min(c.n_figure, len(images)))
+        figure = slice(0, min(c.n_figure, len(images)))  # Figure 3's rows
+        shown = {
+            "images": images,
+            "victim_maps": victim_maps,
+            "defended_maps": answered.attributions,
+            "labels": classes,
+        }
         return {
             "n": len(images),
             "p": c.p,
@@ -526,12 +532,7 @@ class Evaluation:
             "defended": average_drop.summary(answered_drops),
             "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
             "labels_kept": agreement.percent(answered.labels == classes),
-            "figure": {
-                "images": images[figure].tolist(),
-                "victim_maps": victim_maps[figure].tolist(),
-                "defended_maps": answered.attributions[figure].tolist(),
-                "labels": classes[figure].tolist(),
-            },
+            "figure": {k: v[figure].tolist() for k, v in shown.items()},
         }
 
     def benign(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
@@ -564,10 +565,7 @@ class Evaluation:
         policy, flags = MonitorPolicy(), self.domain_flags(data.images)
         summary = self.out / "monitor" / f"{arm.key}.json"  # written when the arm's queries were sent
         watched = json.loads(summary.read_text()) if self.config.monitored and summary.exists() else None
-        return {
-            "window": policy.window,
-            "min_queries": policy.min_queries,
-            "threshold": policy.threshold,
+        return {k: getattr(policy, k) for k in ("window", "min_queries", "threshold")} | {
             "queries": len(flags),
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
             "escalated_at": watched["escalated_after"] if watched else policy.queries_until_escalated(flags),
