@@ -239,15 +239,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             rows.append(measure(PREVIOUS, old.answer, images[:n], b, device, notes))
         if config.server:
             rows += server_rows(checkpoint, config, device, progress)
-    return {
-        "model": config.model,
-        "interpreter": config.interpreter,
-        "device": machine(device).describe(),
-        "engine_options": config.options,
-        "rows": [asdict(r) for r in rows],
-        "ratios": ratios(rows),
-        "config": {k: v for k, v in asdict(config).items() if k != "options"},
-    }
+    setup = {"model": config.model, "interpreter": config.interpreter, "device": machine(device).describe()}
+    measured = {"engine_options": config.options, "rows": [asdict(r) for r in rows], "ratios": ratios(rows)}
+    return setup | measured | {"config": {k: v for k, v in asdict(config).items() if k != "options"}}
 
 
 def server_rows(

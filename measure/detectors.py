@@ -246,9 +246,6 @@ def run_detectors(
     first, mmeta = load_misinformation(checkpoint, device=device)  # the first gate's fixed answers
     first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
     before = NoDefense(first, create_interpreter(interpreter, first, tuple(mmeta.input_shape)))
-    pools = {
-        meta.dataset: load_split(meta.dataset, data_root, "test").tensors[0][:n],
-        foreign: load_split(foreign, data_root, "test").tensors[0][:n],
-    }
+    pools = {dataset: load_split(dataset, data_root, "test").tensors[0][:n] for dataset in (meta.dataset, foreign)}
     with torch.inference_mode(False):
         return study(gate, before, pools, seed=seed)

@@ -384,15 +384,9 @@ class Evaluation:
             raise ValueError(f"transfer set {store.root} holds {len(store)} queries, fewer than B = {budget}")
         # --only-cached on a machine without the (uncommitted) transfer set: the cached records stand alone
         data = store.load().prefix(budget) if len(store) >= budget else None
-        return data, {
-            "query_set": query_set,
-            "store": str(store.root),
-            "fingerprint": fingerprint_digest(store.fingerprint),
-            "stored_before": before,
-            "queries_sent": sent,
-            "collect_s": round(seconds, 3),
-            "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
-        }
+        where = {"query_set": query_set, "store": str(store.root), "fingerprint": fingerprint_digest(store.fingerprint)}
+        sending = {"stored_before": before, "queries_sent": sent, "collect_s": round(seconds, 3)}
+        return data, where | sending | {"ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None}
 
     def train(self, model: torch.nn.Module, data: TransferSet, **how: Any) -> list[float]:
         """Train an attack model (or a JBDA substitute) on this run's device: ``train_attack_model``."""
@@ -436,20 +430,10 @@ class Evaluation:
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
             references = {"victim_test": self.victim_test, "victim_unif": self.victim_unif}
             fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed, **references)
-            return {
-                "loss": loss,
-                "budget": budget,
-                "kept": kept,
-                "accuracy": round(accuracy, 2),
-                **fid.as_dict(),
-                "epoch_losses": history,
-                "train_s": round(trained - started, 3),
-                "device": str(self.device),
-                "lambda": c.recipe.lam if loss == "explanations" else None,
-                **c.training(),
-                "made_by": self.command,
-                "machine": str(machine(self.device)),
-            }
+            measured = {"loss": loss, "budget": budget, "kept": kept, "accuracy": round(accuracy, 2), **fid.as_dict()}
+            training = {"epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device)}
+            training |= {"lambda": c.recipe.lam if loss == "explanations" else None, **c.training()}
+            return measured | training | {"made_by": self.command, "machine": str(machine(self.device))}
 
         return None if c.only_cached and not self.is_cached(key) else self.cached(key, make)
 
@@ -479,14 +463,9 @@ class Evaluation:
             seconds = time.perf_counter() - started
             if stats and all(s.get("shared") for s in stats):  # answered by an earlier arm's optimisation
                 seconds = sum(s["optimisation_seconds"] for s in stats)
-            record: dict[str, Any] = {
-                "n": len(images),
-                "query_batch": c.query_batch,
-                "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
-                "in_process": isinstance(oracle, LocalOracle),
-                "machine": where,
-                "made_by": self.command,
-            }
+            ms = round(1000 * seconds / max(len(images), 1), 3)
+            record: dict[str, Any] = {"n": len(images), "query_batch": c.query_batch, "ms_per_query": ms}
+            record |= {"in_process": isinstance(oracle, LocalOracle), "machine": where, "made_by": self.command}
             l_orth = [s["l_orth"] for s in stats if "l_orth" in s]
             if isinstance(oracle, LocalOracle):
                 record["fallbacks"] = fallbacks

@@ -38,9 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     accuracy = {}
     for n in args.n:
         model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, args.seed)
-        recipe = TrainingRecipe()
         train_attack_model(
-            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=recipe, seed=args.seed,
+            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=TrainingRecipe(), seed=args.seed,
             device=torch.device("cpu"), progress=False,
         )  # fmt: skip
         accuracy[n] = round(evaluate(model, test, torch.device("cpu")), 2)

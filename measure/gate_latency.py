@@ -150,9 +150,8 @@ def threshold_accuracy(train: list[tuple[float, bool]], test: list[tuple[float, 
 
 
 def _tells(seconds: list[float], flags: list[bool], seed: int) -> dict[str, Any]:
-    flagged = [s for s, f in zip(seconds, flags, strict=True) if f]
-    kept = [s for s, f in zip(seconds, flags, strict=True) if not f]
     rows = list(zip(seconds, flags, strict=True))
+    flagged, kept = [s for s, f in rows if f], [s for s, f in rows if not f]
     random.Random(seed).shuffle(rows)
     half = len(rows) // 2
     return {

@@ -45,8 +45,7 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
         model, meta = load_checkpoint(name)
         model.requires_grad_(False)
         undefended[name] = (NoDefense(model, create_interpreter(INTERPRETER, model, tuple(meta.input_shape))), meta)
-        images, labels = load_split(meta.dataset, data_root, "test").tensors
-        tests[name] = (images[:n], labels[:n])
+        tests[name] = tuple(t[:n] for t in load_split(meta.dataset, data_root, "test").tensors)
 
     def client(url: str, key: str, name: str, protocol: str) -> dict[str, Any]:
         images, labels = tests[name]

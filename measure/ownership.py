@@ -247,8 +247,7 @@ class Study:
             return
         x = self.test_x[: self.args.detector_n]
         inner = self.gate.inner
-        honest = answer_pool(inner, x)
-        marked = answer_pool(Shifted(inner), x)
+        honest, marked = answer_pool(inner, x), answer_pool(Shifted(inner), x)
         out = {"n": len(x), **detect(honest, marked, self.args.seed)}
         out["answers"] = {"honest": summary(honest), "watermarked": summary(marked)}
         self.put("detectors", "mnist-test", out)

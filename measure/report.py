@@ -150,16 +150,8 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
         for key, arm in arms.items()
         if "average_drop" in arm
     }
-    return {
-        "budget": budget,
-        "table5": table5,
-        "by_loss": by_loss,
-        "fidelity": fidelity,
-        "table3": table3,
-        "table4": table4,
-        "runtime": runtime,
-        "average_drop": drops,
-    }
+    main_tables = {"budget": budget, "table5": table5, "by_loss": by_loss, "fidelity": fidelity}
+    return main_tables | {"table3": table3, "table4": table4, "runtime": runtime, "average_drop": drops}
 
 
 def _variant(key: str, arm: Mapping[str, Any], settings: Mapping[str, Any], budget: int, runs: list) -> dict:
@@ -396,12 +388,8 @@ def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
     if not isinstance(entry, Mapping) or role_of(key, entry)[0] != "cs":
         return None
     layers = lambda settings: {k: v for k, v in (settings or {}).items() if k != "cs"}
-    twins = (
-        k
-        for k, a in record["arms"].items()
-        if role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
-    )
-    return next(twins, None)
+    twin = lambda k, a: role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
+    return next((k for k, a in record["arms"].items() if twin(k, a)), None)
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -704,11 +692,8 @@ def _gate_report(
 ) -> list[str]:
     c, env = record["config"], record["environment"]
     grid = accuracy_grid(record, baseline)
-    losses = [
-        loss
-        for loss in ATTACK_LOSSES
-        if any(loss in a for qs in grid.values() for b in qs.values() for a in b.values())
-    ]
+    measured = {loss for qs in grid.values() for b in qs.values() for a in b.values() for loss in a}
+    losses = [loss for loss in ATTACK_LOSSES if loss in measured]
     lines = [
         "# Below the label line: the misinformation gate and the extraction monitor",
         "",
@@ -747,10 +732,9 @@ def _gate_report(
             f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): "
             f"{missing}.",
         ]
+    names = {"attacker": c["attacker_dataset"], "seeds": c.get("jbda_seeds"), "victim": record.get("dataset")}
     for query_set in [q for q in QUERY_SET_NAMES if q in grid]:
-        name = QUERY_SET_NAMES[query_set].format(
-            attacker=c["attacker_dataset"], seeds=c.get("jbda_seeds"), victim=record.get("dataset")
-        )
+        name = QUERY_SET_NAMES[query_set].format(**names)
         lines += ["", f"## Queries: {name}", ""]
         for budget in sorted(grid[query_set], reverse=True):
             arms = grid[query_set][budget]
