@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,10 @@ def healthz_under_bodies(url: str, requests: int = 300) -> dict[str, Any]:
     values = b"0.5, " * ((BODY_BYTES - 64) // 5)
     document = b'{"instances": [{"pixels": [[[' + values[:-2] + b"]]]}]}"  # valid JSON: 1.7 million values
 
-    def chunks() -> Iterator[bytes]:
-        yield from (document[start : start + (1 << 20)] for start in range(0, len(document), 1 << 20))
-
     def flood(chunked: bool) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
             while not stop.is_set():
-                body = chunks() if chunked else document
+                body = (document[i : i + (1 << 20)] for i in range(0, len(document), 1 << 20)) if chunked else document
                 with contextlib.suppress(httpx.TransportError):  # closed by the server before the body was sent
                     c.post("/predict", content=body, headers={"Content-Type": "application/json"})
                 sent[0] += 1

@@ -88,9 +88,7 @@ def paired_ttest(a: Tensor, b: Tensor) -> PairedTest:
     if bool((diff == 0).all()):
         return PairedTest(n=len(a), mean_difference=0.0, t=math.nan, p_value=math.nan)
     result = stats.ttest_rel(a.double().numpy(), b.double().numpy())
-    return PairedTest(
-        n=len(a), mean_difference=float(diff.mean()), t=float(result.statistic), p_value=float(result.pvalue)
-    )
+    return PairedTest(len(a), float(diff.mean()), t=float(result.statistic), p_value=float(result.pvalue))
 
 
 def summary(values: Tensor) -> dict[str, float]:

@@ -126,21 +126,6 @@ def process_rss_mb(pid: int | None = None) -> float:
     return rss_mb(pid or os.getpid()) or 0.0
 
 
-def time_calls(
-    answer: Callable[[Tensor], object], images: Tensor, batch: int, device: torch.device, desc: str
-) -> tuple[list[float], float]:
-    """Per-query milliseconds of each call of ``answer`` on consecutive batches, and the total seconds."""
-    per_query, started = [], time.perf_counter()
-    for start in tqdm(range(0, len(images), batch), desc=desc, unit="call", leave=False):
-        x = images[start : start + batch]
-        began = time.perf_counter()
-        answer(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        per_query.append(1000 * (time.perf_counter() - began) / len(x))
-    return per_query, time.perf_counter() - started
-
-
 def measure(
     setup: str,
     answer: Callable[[Tensor], object],
@@ -149,9 +134,19 @@ def measure(
     device: torch.device,
     notes: dict[str, Any] | None = None,
 ) -> Row:
+    """``answer`` called on consecutive batches of ``images``: per-query milliseconds of each call (p50, p95),
+    queries per second over them all, and the peak memory."""
     answer(images[:batch])  # warm-up: first-call allocations, kernel selection
     with PeakMemory(device) as memory:
-        per_query, seconds = time_calls(answer, images, batch, device, f"{setup} ×{batch}")
+        per_query, started = [], time.perf_counter()
+        for start in tqdm(range(0, len(images), batch), desc=f"{setup} ×{batch}", unit="call", leave=False):
+            x = images[start : start + batch]
+            began = time.perf_counter()
+            answer(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_query.append(1000 * (time.perf_counter() - began) / len(x))
+        seconds = time.perf_counter() - started
     p = percentiles(per_query)
     figures = (round(p["p50"], 2), round(p["p95"], 2), round(len(images) / seconds, 2), round(memory.peak_mb, 1))
     return Row(setup, batch, None, len(images), *figures, notes or {})
@@ -202,12 +197,8 @@ def random_resnet18(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = build_model(meta).eval()
     images = torch.rand((64, 3, 224, 224), generator=torch.Generator().manual_seed(seed))
-    meta.extra["sensitivity"] = {
-        "n": 64,
-        "seed": seed,
-        "split": "uniform random",
-        "scores": layer_sensitivity(model, images, batch_size=8),
-    }
+    scores = layer_sensitivity(model, images, batch_size=8)
+    meta.extra["sensitivity"] = {"n": 64, "seed": seed, "split": "uniform random", "scores": scores}
     return save_checkpoint(model, meta, folder / "resnet18-random")
 
 
@@ -248,15 +239,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             rows.append(measure(PREVIOUS, old.answer, images[:n], b, device, notes))
         if config.server:
             rows += server_rows(checkpoint, config, device, progress)
-    return {
-        "model": config.model,
-        "interpreter": config.interpreter,
-        "device": machine(device).describe(),
-        "engine_options": config.options,
-        "rows": [asdict(r) for r in rows],
-        "ratios": ratios(rows),
-        "config": {k: v for k, v in asdict(config).items() if k != "options"},
-    }
+    setup = {"model": config.model, "interpreter": config.interpreter, "device": machine(device).describe()}
+    measured = {"engine_options": config.options, "rows": [asdict(r) for r in rows], "ratios": ratios(rows)}
+    return setup | measured | {"config": {k: v for k, v in asdict(config).items() if k != "options"}}
 
 
 def server_rows(
@@ -299,31 +284,26 @@ def server_rows(
 def ratios(rows: list[Row]) -> dict[str, float]:
     """Throughput ratios against the one-query engine (and the undefended path)."""
 
-    def qps(setup: str, queries_per_call: int) -> float | None:
-        return next(
-            (r.queries_per_second for r in rows if r.setup == setup and r.queries_per_call == queries_per_call), None
-        )
-
-    out: dict[str, float] = {}
-    one, undefended = qps("one-query engine", 1), qps("undefended", 1)
-    for r in rows:
-        if r.setup in ("batched engine", "server") and one:
-            out[f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine"] = round(
-                r.queries_per_second / one, 2
-            )
+    qps: dict[tuple[str, int | None], float] = {}
+    for r in rows:  # the first row of a setup and batch
+        qps.setdefault((r.setup, r.queries_per_call), r.queries_per_second)
+    one, undefended = qps.get(("one-query engine", 1)), qps.get(("undefended", 1))
+    out = {
+        f"{r.setup} ×{r.queries_per_call or r.clients} / one-query engine": round(r.queries_per_second / one, 2)
+        for r in rows
+        if r.setup in ("batched engine", "server") and one
+    }
     if one and undefended:
         out["undefended / one-query engine"] = round(undefended / one, 2)
     old = next((r for r in rows if r.setup == PREVIOUS), None)
-    new = qps("batched engine", old.queries_per_call) if old is not None and old.queries_per_call else None
+    new = qps.get(("batched engine", old.queries_per_call)) if old is not None and old.queries_per_call else None
     if old is not None and new:
-        out[f"batched engine ×{old.queries_per_call} / previous defaults ×{old.queries_per_call}"] = round(
-            new / old.queries_per_second, 2
-        )
+        b = old.queries_per_call
+        out[f"batched engine ×{b} / previous defaults ×{b}"] = round(new / old.queries_per_second, 2)
     return out
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
-    """The bench as a short Markdown table."""
     lines = [
         f"Model `{result['model']}`, {result['interpreter']}, on {result['device']}.",
         "",

@@ -60,8 +60,7 @@ def killer(kill_after_s: float, deadline_s: float, record: dict[str, Any]) -> No
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    record["killed_pid"] = victim
-    record["killed_at_s"] = kill_after_s
+    record |= {"killed_pid": victim, "killed_at_s": kill_after_s}
     while time.monotonic() - killed_at < deadline_s:
         pids = replica_pids()
         serve_state = serve_running_replicas()
@@ -75,10 +74,8 @@ def killer(kill_after_s: float, deadline_s: float, record: dict[str, Any]) -> No
             )
             return
         time.sleep(0.5)
-    record["restart_s"] = None
-    record["restart"] = f"not back to 2 healthy replicas within {deadline_s:g} s"
-    record["replica_pids_after"] = replica_pids()
-    record["serve_status_after"] = serve_running_replicas()
+    record |= {"restart_s": None, "restart": f"not back to 2 healthy replicas within {deadline_s:g} s"}
+    record |= {"replica_pids_after": replica_pids(), "serve_status_after": serve_running_replicas()}
 
 
 def record_unexpected(samples: list[dict[str, Any]], started: float) -> None:
@@ -135,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m deepdefense.measure.cluster_faults", *sys.argv[1:]]),
         "replicas": 2,
         "budget": args.budget,
-        "statuses": report["statuses"],
-        "errors": report["errors"],
-        "retry_after_s": report["retry_after_s"],
+        **{k: report[k] for k in ("statuses", "errors", "retry_after_s")},
         "unexpected": {"statuses": others, "transport": transport, "503_not_json": errors.get("503 not-json", 0)},
         "unexpected_answers": unexpected,
         "answered_200": answered,

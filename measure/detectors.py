@@ -51,10 +51,7 @@ Answering = Callable[[Tensor], list[Answer]]
 
 def answer_pool(answer: Answering, x: Tensor) -> Paired:
     """``answer``'s answers to ``x`` and to its twins."""
-
-    def run(q: Tensor) -> list[Answer]:
-        return [a for chunk in q.split(CHUNK) for a in answer(chunk)]
-
+    run = lambda q: [a for chunk in q.split(CHUNK) for a in answer(chunk)]
     first, second = run(x), run(twin_of(x))
     stack = lambda answers, f: torch.stack([getattr(a, f).detach().cpu() for a in answers])
     return Paired(*(stack(answers, f) for answers in (first, second) for f in ("probabilities", "attribution")))
@@ -249,9 +246,6 @@ def run_detectors(
     first, mmeta = load_misinformation(checkpoint, device=device)  # the first gate's fixed answers
     first = untempered(first.eval().requires_grad_(False), float(mmeta.extra.get("logit_temperature", 1.0)))
     before = NoDefense(first, create_interpreter(interpreter, first, tuple(mmeta.input_shape)))
-    pools = {
-        meta.dataset: load_split(meta.dataset, data_root, "test").tensors[0][:n],
-        foreign: load_split(foreign, data_root, "test").tensors[0][:n],
-    }
+    pools = {dataset: load_split(dataset, data_root, "test").tensors[0][:n] for dataset in (meta.dataset, foreign)}
     with torch.inference_mode(False):
         return study(gate, before, pools, seed=seed)

@@ -53,11 +53,11 @@ def selection_section(record: Mapping[str, Any]) -> list[str]:
             "the held-out training images with their own seed; only those the victim reads right; `mix`: "
             "`honest_mix`, families composed):",
             "",
+            *table(
+                ["method", *families],
+                [[f"`{n}`", *(pct(c["variant_false_flags"][k]) for k in families)] for n, c in cands.items()],
+            ),
         ]
-        out += table(
-            ["method", *families],
-            [[f"`{n}`", *(pct(c["variant_false_flags"][k]) for k in families)] for n, c in cands.items()],
-        )
     out += ["", f"**Selected by this rule: `{sel['selected']}`.** Shipped: `{record['shipped']['method']}`.", ""]
     return out
 
@@ -69,13 +69,10 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
     methods = ev["methods"]
     ood = list(next(iter(methods.values()))["auroc"])
     perts = list(next(iter(methods.values()))["false_flags"])
-    shipped = record["shipped"]["method"]
-    sizes = ev["sizes"]
-
-    def name(m: str) -> str:
-        return f"`{m}`" + (" (shipped)" if m == shipped else "")
-
-    out = [
+    shipped, sizes = record["shipped"]["method"], ev["sizes"]
+    name = lambda m: f"`{m}`" + (" (shipped)" if m == shipped else "")
+    acc = ev["victim_accuracy"]
+    return [
         "## 2. Evaluation — data no score was fitted or selected on",
         "",
         f"In domain: the {sizes['in_domain']:,} images of the victim's test split. Out of domain: "
@@ -85,15 +82,14 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
         "",
         "### AUROC (in-domain test images positive) and the test false-positive rate at the threshold",
         "",
-    ]
-    out += table(
-        ["method", *(f"AUROC {k}" for k in ood), "test FPR"],
-        [[name(m), *(f"{r['auroc'][k]:.4f}" for k in ood), pct(r["fpr_in_domain"])] for m, r in methods.items()],
-    )
-    out += ["", "### Share of each out-of-domain set flagged at the threshold", ""]
-    out += table(["method", *ood], [[name(m), *(pct(r["detection"][k]) for k in ood)] for m, r in methods.items()])
-    acc = ev["victim_accuracy"]
-    out += [
+        *table(
+            ["method", *(f"AUROC {k}" for k in ood), "test FPR"],
+            [[name(m), *(f"{r['auroc'][k]:.4f}" for k in ood), pct(r["fpr_in_domain"])] for m, r in methods.items()],
+        ),
+        "",
+        "### Share of each out-of-domain set flagged at the threshold",
+        "",
+        *table(["method", *ood], [[name(m), *(pct(r["detection"][k]) for k in ood)] for m, r in methods.items()]),
         "",
         "### False flags on honest-but-perturbed test digits",
         "",
@@ -101,13 +97,13 @@ def evaluation_section(record: Mapping[str, Any]) -> list[str]:
         "shifted (up to ±4 px), thicker (3×3 dilation), thinner (2×2 erosion). The victim's accuracy on each "
         "shows the digits stay readable.",
         "",
+        *table(
+            ["method", "clean", *perts],
+            [[name(m), pct(r["fpr_in_domain"]), *(pct(r["false_flags"][k]) for k in perts)] for m, r in methods.items()]
+            + [["*victim accuracy*", pct(acc["in_domain"]), *(pct(acc[k]) for k in perts)]],
+        ),
+        "",
     ]
-    out += table(
-        ["method", "clean", *perts],
-        [[name(m), pct(r["fpr_in_domain"]), *(pct(r["false_flags"][k]) for k in perts)] for m, r in methods.items()]
-        + [["*victim accuracy*", pct(acc["in_domain"]), *(pct(acc[k]) for k in perts)]],
-    )
-    return [*out, ""]
 
 
 def reading_section(record: Mapping[str, Any]) -> list[str]:
@@ -151,16 +147,13 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
             note = "" if best == shipped else f" (best: `{best}`, {ev['methods'][best]['auroc'][k]:.4f})"
             out.append(f"* {k}: AUROC {v:.4f}, {pct(r['detection'][k])} flagged{note}.")
         worst = max(r["false_flags"], key=r["false_flags"].get)
-        if record.get("variant_fpr") is None:
-            why = (
-                "each perturbation is of a kind neither the fit nor the selection used, and the check did not "
-                "foresee them all."
-            )
-        else:
-            why = (
-                "the fit and the threshold saw honest variants of the same families (`defense/honest_variants.py`), "
-                "made by other code with other parameters from training digits, never these test images."
-            )
+        why = (
+            "each perturbation is of a kind neither the fit nor the selection used, and the check did not "
+            "foresee them all."
+            if record.get("variant_fpr") is None
+            else "the fit and the threshold saw honest variants of the same families (`defense/honest_variants.py`), "
+            "made by other code with other parameters from training digits, never these test images."
+        )
         out.append(
             f"* **Honest-but-perturbed digits: up to {pct(r['false_flags'][worst])} flagged (`{worst}`)**, where "
             f"the selection's honest check (elastic variation) flagged {pct(cands[shipped]['honest_false_flags'])}: "
@@ -177,7 +170,6 @@ def reading_section(record: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(record: Mapping[str, Any]) -> str:
-    """The whole report."""
     fit = record["fit_on"]
     shipped = record["shipped"]
     head = [

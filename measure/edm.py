@@ -62,8 +62,7 @@ def spread(p: Tensor) -> dict[str, float]:
 def measure_held_out(members: Sequence[nn.Module], held: HeldOut) -> dict[str, Any]:
     """The figures N and λ_D are chosen on (training images never fitted, outliers made from them): the
     members' and the served ensemble's accuracy, and how the members spread in domain and on the outliers."""
-    p_in = member_probabilities(members, held.x)
-    p_out = member_probabilities(members, held.outliers)
+    p_in, p_out = member_probabilities(members, held.x), member_probabilities(members, held.outliers)
     c_out = coherence(p_out)
     return {
         "n": len(held.x),

@@ -62,7 +62,7 @@ from deepdefense.measure.domain import PERTURBATIONS
 from deepdefense.measure.local_oracle import LocalOracle, MonitoredOracle, local_info
 from deepdefense.measure.shared_modes import ModeOf, SharedModes, engine_key
 from deepdefense.models.checkpoint import load_checkpoint
-from deepdefense.models.data import SPECS, DatasetSpec, get_spec, load_split
+from deepdefense.models.data import SPECS, get_spec, load_split
 from deepdefense.models.train import evaluate
 from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
@@ -173,7 +173,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Arm:
     """One answered configuration: ``key`` names it in the results (``deepdefense``, ``deepdefense-cs50``,
-    ``deepdefense+gate``, ``none+gate@jbda``…); ``role``: what the report makes of it (``ROLES``)."""
+    ``deepdefense+gate``, ``none+gate@jbda``…); ``role``: what the report makes of it — ``main`` (Table 5, Figure 2,
+    the gate's tables), ``cs`` (Table 3) or ``top-k`` (Table 4)."""
 
     key: str
     defense: str
@@ -188,10 +189,6 @@ class Arm:
     def fields(self) -> dict[str, Any]:
         """What the record keeps of the arm beside its key: the report reads these, never the key."""
         return {"role": self.role, "gated": self.gated, "query_set": self.query_set}
-
-
-#: An arm's role: a main arm (Table 5, Figure 2, the gate's tables), a CS variant (Table 3), a top-k one (Table 4).
-ROLES = ("main", "cs", "top-k")
 
 
 def arm_key(defense: str, gated: bool = False, query_set: str = "random") -> str:
@@ -281,9 +278,8 @@ class Evaluation:
         self.device = torch.device(config.device)
         self.victim, self.meta = load_checkpoint(config.checkpoint, device=self.device)
         self.victim.requires_grad_(False)
-        self.reference = NoDefense(
-            self.victim, create_interpreter(config.interpreter, self.victim, tuple(self.meta.input_shape))
-        )
+        interpreter = create_interpreter(config.interpreter, self.victim, tuple(self.meta.input_shape))
+        self.reference = NoDefense(self.victim, interpreter)
         self.spec = get_spec(config.attacker_dataset)
         if tuple(self.spec.input_shape) != tuple(self.meta.input_shape):
             raise ValueError(
@@ -292,9 +288,8 @@ class Evaluation:
         self.pool = load_split(config.attacker_dataset, config.data_root, "train").tensors[0]
         self.victim_train = load_split(self.meta.dataset, config.data_root, "train").tensors[0]
         self.victim_spec = get_spec(self.meta.dataset)
-        images, labels = load_split(self.meta.dataset, config.data_root, "test").tensors
-        self.all_test, self.all_test_labels = images, labels
-        self.test_images, self.test_labels = images[: config.test_n], labels[: config.test_n]
+        self.all_test, self.all_test_labels = load_split(self.meta.dataset, config.data_root, "test").tensors
+        self.test_images, self.test_labels = self.all_test[: config.test_n], self.all_test_labels[: config.test_n]
         self.unif = agreement.uniform_inputs(config.n_unif, tuple(self.meta.input_shape), config.seed)
         self.victim_test = agreement.probabilities(self.victim, self.test_images)
         self.victim_unif = agreement.probabilities(self.victim, self.unif)
@@ -342,10 +337,6 @@ class Evaluation:
             strategy="jbda", loss="labels", dataset=self.meta.dataset, arch=info.arch, recipe=recipe, **seeds
         )
 
-    def query_spec(self, query_set: str) -> DatasetSpec:
-        """The statistics the attack model normalises with: those of the data its queries come from."""
-        return self.spec if query_set in ("random", "twins") else self.victim_spec
-
     def collect_set(self, oracle: Oracle, info: ModelInfo, budget: int, query_set: str) -> tuple[TransferStore, int]:
         """Send the query set's queries that are not stored yet; the store and the number sent."""
         c = self.config
@@ -353,9 +344,8 @@ class Evaluation:
             raise ValueError(f"unknown query set {query_set!r}; known: {', '.join(QUERY_SETS)}")
         if query_set in ("random", "twins"):
             store = self.store(info, query_set, c.attacker_dataset)
-        else:
-            strategy = "random" if query_set == "victim-train" else query_set
-            store = self.store(info, strategy, self.meta.dataset)
+        else:  # victim-train: random queries from the victim's own data set
+            store = self.store(info, "random" if query_set == "victim-train" else query_set, self.meta.dataset)
         if c.only_cached:  # report what is stored: send nothing
             return store, 0
         batching = {"batch_size": c.query_batch, "progress": self.progress}
@@ -394,15 +384,9 @@ class Evaluation:
             raise ValueError(f"transfer set {store.root} holds {len(store)} queries, fewer than B = {budget}")
         # --only-cached on a machine without the (uncommitted) transfer set: the cached records stand alone
         data = store.load().prefix(budget) if len(store) >= budget else None
-        return data, {
-            "query_set": query_set,
-            "store": str(store.root),
-            "fingerprint": fingerprint_digest(store.fingerprint),
-            "stored_before": before,
-            "queries_sent": sent,
-            "collect_s": round(seconds, 3),
-            "ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None,
-        }
+        where = {"query_set": query_set, "store": str(store.root), "fingerprint": fingerprint_digest(store.fingerprint)}
+        sending = {"stored_before": before, "queries_sent": sent, "collect_s": round(seconds, 3)}
+        return data, where | sending | {"ms_per_query_collect": round(1000 * seconds / sent, 3) if sent else None}
 
     def train(self, model: torch.nn.Module, data: TransferSet, **how: Any) -> list[float]:
         """Train an attack model (or a JBDA substitute) on this run's device: ``train_attack_model``."""
@@ -419,20 +403,12 @@ class Evaluation:
         """The budgets the arm's attack models are trained at: the configured ones up to the arm's."""
         return sorted(b for b in self.config.budgets if b <= arm.budget) or [arm.budget]
 
-    def any_cached(self, arm: Arm, info: ModelInfo, store_fp: str) -> bool:
+    def any_cached(self, arm: Arm, info: ModelInfo, fp: str) -> bool:
         """Whether one of the arm's attack models is cached (``only_cached`` reports such an arm)."""
-        return any(
-            self.is_cached(self.attack_key(info, store_fp, loss, b)) for b in self.budgets(arm) for loss in arm.losses
-        )
+        return any(self.is_cached(self.attack_key(info, fp, loss, b)) for b in self.budgets(arm) for loss in arm.losses)
 
     def attack(
-        self,
-        data: TransferSet | None,
-        info: ModelInfo,
-        store_fp: str,
-        loss: AttackLoss,
-        budget: int,
-        query_set: str = "random",
+        self, data: TransferSet | None, info: ModelInfo, store_fp: str, loss: AttackLoss, budget: int, query_set: str
     ) -> dict[str, Any] | None:
         """Train and test one attack model (cached); None when it is not cached and ``only_cached``."""
         c = self.config
@@ -440,7 +416,7 @@ class Evaluation:
 
         def make() -> dict[str, Any]:
             assert data is not None, "only_cached never trains"
-            spec = self.query_spec(query_set)
+            spec = self.spec if query_set in ("random", "twins") else self.victim_spec  # the data its queries come from
             model = build_attack_model(info.arch, len(info.classes), info.input_shape, spec.mean, spec.std, c.seed)
             mask = kept_answers(loss, data.prefix(budget).probabilities)
             kept = budget if mask is None else int(mask.sum())
@@ -454,24 +430,12 @@ class Evaluation:
             accuracy = evaluate(model, torch.utils.data.TensorDataset(self.test_images, self.test_labels), self.device)
             references = {"victim_test": self.victim_test, "victim_unif": self.victim_unif}
             fid = agreement.fidelity(self.victim, model, self.test_images, c.n_unif, c.seed, **references)
-            return {
-                "loss": loss,
-                "budget": budget,
-                "kept": kept,
-                "accuracy": round(accuracy, 2),
-                **fid.as_dict(),
-                "epoch_losses": history,
-                "train_s": round(trained - started, 3),
-                "device": str(self.device),
-                "lambda": c.recipe.lam if loss == "explanations" else None,
-                **c.training(),
-                "made_by": self.command,
-                "machine": str(machine(self.device)),
-            }
+            measured = {"loss": loss, "budget": budget, "kept": kept, "accuracy": round(accuracy, 2), **fid.as_dict()}
+            training = {"epoch_losses": history, "train_s": round(trained - started, 3), "device": str(self.device)}
+            training |= {"lambda": c.recipe.lam if loss == "explanations" else None, **c.training()}
+            return measured | training | {"made_by": self.command, "machine": str(machine(self.device))}
 
-        if self.config.only_cached and not self.is_cached(key):
-            return None
-        return self.cached(key, make)
+        return None if c.only_cached and not self.is_cached(key) else self.cached(key, make)
 
     def runtime(self, oracle: Oracle, store_fp: str) -> dict[str, Any]:
         """ms/query over the first ``runtime_n`` test images in requests of ``query_batch`` after one
@@ -499,14 +463,9 @@ class Evaluation:
             seconds = time.perf_counter() - started
             if stats and all(s.get("shared") for s in stats):  # answered by an earlier arm's optimisation
                 seconds = sum(s["optimisation_seconds"] for s in stats)
-            record: dict[str, Any] = {
-                "n": len(images),
-                "query_batch": c.query_batch,
-                "ms_per_query": round(1000 * seconds / max(len(images), 1), 3),
-                "in_process": isinstance(oracle, LocalOracle),
-                "machine": where,
-                "made_by": self.command,
-            }
+            ms = round(1000 * seconds / max(len(images), 1), 3)
+            record: dict[str, Any] = {"n": len(images), "query_batch": c.query_batch, "ms_per_query": ms}
+            record |= {"in_process": isinstance(oracle, LocalOracle), "machine": where, "made_by": self.command}
             l_orth = [s["l_orth"] for s in stats if "l_orth" in s]
             if isinstance(oracle, LocalOracle):
                 record["fallbacks"] = fallbacks
@@ -536,10 +495,15 @@ class Evaluation:
         victim = self.reference.answer(images.to(self.device))
         victim_maps = torch.stack([a.attribution for a in victim]).cpu()
         classes = torch.tensor([a.label for a in victim])
-        model = self.victim
-        victim_drops = average_drop.image_drops(model, images, victim_maps, classes, c.p)
-        answered_drops = average_drop.image_drops(model, images, answered.attributions, classes, c.p)
-        figure = slice(0, min(c.n_figure, len(images)))
+        victim_drops = average_drop.image_drops(self.victim, images, victim_maps, classes, c.p)
+        answered_drops = average_drop.image_drops(self.victim, images, answered.attributions, classes, c.p)
+        figure = slice(0, min(c.n_figure, len(images)))  # Figure 3's rows
+        shown = {
+            "images": images,
+            "victim_maps": victim_maps,
+            "defended_maps": answered.attributions,
+            "labels": classes,
+        }
         return {
             "n": len(images),
             "p": c.p,
@@ -547,12 +511,7 @@ class Evaluation:
             "defended": average_drop.summary(answered_drops),
             "ttest": average_drop.paired_ttest(victim_drops, answered_drops).as_dict(),
             "labels_kept": agreement.percent(answered.labels == classes),
-            "figure": {
-                "images": images[figure].tolist(),
-                "victim_maps": victim_maps[figure].tolist(),
-                "defended_maps": answered.attributions[figure].tolist(),
-                "labels": classes[figure].tolist(),
-            },
+            "figure": {k: v[figure].tolist() for k, v in shown.items()},
         }
 
     def benign(self, oracle: Oracle, info: ModelInfo) -> dict[str, Any]:
@@ -582,13 +541,10 @@ class Evaluation:
         did (``monitor/<arm>.json``, written when they were sent); otherwise their domain flags replayed in order
         through the policy as one key. Honest keys of ``BENIGN_KEY_QUERIES`` victim test digits, clean and
         perturbed, beside it."""
-        policy = MonitorPolicy()
-        flags = self.domain_flags(data.images)
-        watched = self.monitor_summary(arm)
-        return {
-            "window": policy.window,
-            "min_queries": policy.min_queries,
-            "threshold": policy.threshold,
+        policy, flags = MonitorPolicy(), self.domain_flags(data.images)
+        summary = self.out / "monitor" / f"{arm.key}.json"  # written when the arm's queries were sent
+        watched = json.loads(summary.read_text()) if self.config.monitored and summary.exists() else None
+        return {k: getattr(policy, k) for k in ("window", "min_queries", "threshold")} | {
             "queries": len(flags),
             "flagged_pct": round(100.0 * sum(flags) / max(len(flags), 1), 2),
             "escalated_at": watched["escalated_after"] if watched else policy.queries_until_escalated(flags),
@@ -612,10 +568,6 @@ class Evaluation:
         with closing(SqliteMonitorStore(db)) as store:
             summary = _window_summary(store.read(MONITORED_KEY))
         db.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-
-    def monitor_summary(self, arm: Arm) -> dict[str, Any] | None:
-        path = self.out / "monitor" / f"{arm.key}.json"
-        return json.loads(path.read_text()) if self.config.monitored and path.exists() else None
 
     @cached_property
     def domain(self) -> DomainScore:
@@ -652,8 +604,7 @@ class Evaluation:
         if cached.exists():
             return json.loads(cached.read_text())
         out = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            monitor = ExtractionMonitor(Path(tmp) / "honest.sqlite")
+        with tempfile.TemporaryDirectory() as tmp, closing(ExtractionMonitor(Path(tmp) / "honest.sqlite")) as monitor:
             variants = {"clean": None, **PERTURBATIONS}
             for v, (name, perturb) in enumerate(tqdm(variants.items(), desc="honest keys", disable=not self.progress)):
                 g = torch.Generator().manual_seed(self.config.seed)
@@ -675,7 +626,6 @@ class Evaluation:
                     "duplicates_pct": round(100.0 * sum(s.duplicates for s in states) / len(flags), 2),
                     "min_spread": round(min(s.spread for s in states if s.spread is not None), 4),
                 }
-            monitor.close()
         cached.parent.mkdir(parents=True, exist_ok=True)
         return write_json(cached, out)
 
@@ -757,11 +707,8 @@ def open_oracle(
     if not config.monitored or monitor_db is None:  # monitored without a db: the thief's queries are collected
         yield LocalOracle(gate, info)
         return
-    monitor = ExtractionMonitor(monitor_db)
-    try:
+    with closing(ExtractionMonitor(monitor_db)) as monitor:
         yield MonitoredOracle(gate, info, monitor, MONITORED_KEY)
-    finally:
-        monitor.close()
 
 
 def run_evaluation(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
 from deepdefense.clients.transfer import TransferStore
+from deepdefense.measure.markdown import module_command
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
 
@@ -39,15 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     accuracy = {}
     for n in args.n:
         model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, args.seed)
-        recipe = TrainingRecipe()
         train_attack_model(
-            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=recipe, seed=args.seed,
+            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=TrainingRecipe(), seed=args.seed,
             device=torch.device("cpu"), progress=False,
         )  # fmt: skip
         accuracy[n] = round(evaluate(model, test, torch.device("cpu")), 2)
-    command = shlex.join(
-        ["python", "-m", "deepdefense.measure.first_answers", *(argv if argv is not None else sys.argv[1:])]
-    )
+    command = module_command("deepdefense.measure.first_answers", argv)
     record = {"command": command, "store": Path(args.store).name, "seed": args.seed, "accuracy_first_n": accuracy}
     print(json.dumps(record, indent=1))
     if args.out:

@@ -86,37 +86,25 @@ def photographed(ink_on_paper: np.ndarray, g: torch.Generator) -> np.ndarray:
     return image + SENSOR_SIGMA * torch.randn((h, w), generator=g, dtype=torch.float64).numpy()
 
 
-#: How a digit (white on black, 28×28, already perturbed) reaches the server: (instance, invert).
-Sender = Callable[[Tensor, torch.Generator], tuple[Instance, bool]]
+#: How a digit (white on black, 28×28, already perturbed) is drawn to be sent: a 200×200 image in [0, 1].
+Drawing = Callable[[Tensor, torch.Generator], np.ndarray]
 
 
-def as_pixels(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(pixels=digit.clamp(0.0, 1.0).tolist()), False  # a blur's float error may pass 1 by 1e-7
+def white_on_black(digit: Tensor, g: torch.Generator) -> np.ndarray:
+    return upscaled(digit)
 
 
-def as_white_on_black_png(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(image_b64=encode(upscaled(digit))), False
+def ink_on_paper(digit: Tensor, g: torch.Generator) -> np.ndarray:
+    return 1.0 - upscaled(digit)
 
 
-def as_ink_on_paper_png(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(image_b64=encode(1.0 - upscaled(digit))), True
-
-
-def as_ink_on_paper_png_not_inverted(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(image_b64=encode(1.0 - upscaled(digit))), False
-
-
-def as_ink_on_paper_jpeg(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(image_b64=encode(1.0 - upscaled(digit), "JPEG")), True
-
-
-def as_ink_with_sensor_noise(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
+def with_sensor_noise(digit: Tensor, g: torch.Generator) -> np.ndarray:
     noise = SENSOR_SIGMA * torch.randn((SENT_SIZE, SENT_SIZE), generator=g, dtype=torch.float64).numpy()
-    return Instance(image_b64=encode(1.0 - upscaled(digit) + noise)), True
+    return 1.0 - upscaled(digit) + noise
 
 
-def as_photographed_page(digit: Tensor, g: torch.Generator) -> tuple[Instance, bool]:
-    return Instance(image_b64=encode(photographed(1.0 - upscaled(digit), g), "JPEG")), True
+def photographed_page(digit: Tensor, g: torch.Generator) -> np.ndarray:
+    return photographed(1.0 - upscaled(digit), g)
 
 
 @dataclass(frozen=True)
@@ -124,7 +112,15 @@ class Variant:
     name: str
     description: str
     perturbation: str | None  # a key of measure.domain.PERTURBATIONS, applied to the 28×28 digit first
-    send: Sender
+    drawing: Drawing | None  # None: the 28×28 pixels are sent as they are
+    invert: bool = False  # the request's invert option
+    fmt: str = "PNG"
+
+    def send(self, digit: Tensor, g: torch.Generator) -> Instance:
+        """How one digit reaches the server: its pixels, or its drawing as a base64 PNG or JPEG."""
+        if self.drawing is None:
+            return Instance(pixels=digit.clamp(0.0, 1.0).tolist())  # a blur's float error may pass 1 by 1e-7
+        return Instance(image_b64=encode(self.drawing(digit, g), self.fmt))
 
 
 INK_ON_PAPER = "black on white 200×200 PNG, invert: true"
@@ -141,20 +137,20 @@ def _perturbed(name: str, on_paper: bool) -> Variant:
     doc = (PERTURBATIONS[name].__doc__ or "").split(":")[0].split(" (")[0].rstrip(".")
     what = f"{name} ({doc[:1].lower() + doc[1:]})"
     if on_paper:
-        return Variant(f"{name}, ink on paper, invert", f"{what}, then {INK_ON_PAPER}", name, as_ink_on_paper_png)
-    return Variant(f"{name}, pixels", f"{what}, sent as 28×28 pixels", name, as_pixels)
+        return Variant(f"{name}, ink on paper, invert", f"{what}, then {INK_ON_PAPER}", name, ink_on_paper, True)
+    return Variant(f"{name}, pixels", f"{what}, sent as 28×28 pixels", name, None)
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("clean pixels", "the test digits as 28×28 pixels, white on black (the baseline)", None, as_pixels),
-    Variant("clean white-on-black PNG", "white on black, upscaled to a 200×200 PNG", None, as_white_on_black_png),
-    Variant("clean ink on paper, invert", INK_ON_PAPER, None, as_ink_on_paper_png),
-    Variant("clean ink on paper, no invert", NOT_INVERTED, None, as_ink_on_paper_png_not_inverted),
-    Variant("ink on paper, JPEG, invert", JPEG, None, as_ink_on_paper_jpeg),
+    Variant("clean pixels", "the test digits as 28×28 pixels, white on black (the baseline)", None, None),
+    Variant("clean white-on-black PNG", "white on black, upscaled to a 200×200 PNG", None, white_on_black),
+    Variant("clean ink on paper, invert", INK_ON_PAPER, None, ink_on_paper, invert=True),
+    Variant("clean ink on paper, no invert", NOT_INVERTED, None, ink_on_paper),
+    Variant("ink on paper, JPEG, invert", JPEG, None, ink_on_paper, invert=True, fmt="JPEG"),
     *(_perturbed(name, on_paper=False) for name in PERTURBATIONS),
     *(_perturbed(name, on_paper=True) for name in PERTURBATIONS),
-    Variant("sensor noise, ink on paper, invert", SENSOR, None, as_ink_with_sensor_noise),
-    Variant("photographed page, invert", PHOTO, None, as_photographed_page),
+    Variant("sensor noise, ink on paper, invert", SENSOR, None, with_sensor_noise, invert=True),
+    Variant("photographed page, invert", PHOTO, None, photographed_page, invert=True, fmt="JPEG"),
 )
 
 
@@ -220,11 +216,8 @@ def sample_test_digits(images: Tensor, labels: Tensor, n: int, seed: int) -> tup
 
 def sent_instances(variant: Variant, digits: Tensor, g: torch.Generator) -> tuple[list[Instance], bool]:
     """What an honest user sends for ``digits`` in ``variant``'s format: the instances and the invert option."""
-    perturb = PERTURBATIONS[variant.perturbation] if variant.perturbation else None
-    x = perturb(digits, g) if perturb is not None else digits
-    sent = [variant.send(d, g) for d in x]
-    (invert,) = {inv for _, inv in sent}
-    return [inst for inst, _ in sent], invert
+    x = PERTURBATIONS[variant.perturbation](digits, g) if variant.perturbation else digits
+    return [variant.send(d, g) for d in x], variant.invert
 
 
 def check_over_http(

@@ -97,15 +97,13 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
         lines.append(f"* The same black-on-white digits **without** the invert option: {pct(r['flag_rate'])} flagged, "
                      f"the victim reads {pct(r['victim_accuracy'])} of them, {pct(r['right_through_gate'])} right "
                      "through the gate: the option is what makes ink on paper readable.")  # fmt: skip
-    punished = [
-        r for r in record["variants"] if r["flag_rate"] > NOTABLE and r["name"] != "clean ink on paper, no invert"
-    ]
+    honest = [r for r in record["variants"] if r["name"] != "clean ink on paper, no invert"]
+    punished = [r for r in honest if r["flag_rate"] > NOTABLE]
     if punished:
         named = "; ".join(f"{r['name']} {pct(r['flag_rate'])}" for r in sorted(punished, key=lambda r: -r["flag_rate"]))
         lines.append(f"* **Flagged more than {pct(NOTABLE)} although honest:** {named}. The gate punishes these "
                      "users: their answers come from the misinformation model, wrong on purpose and not marked; the "
                      "model card says so in `answers`.")  # fmt: skip
-    honest = [r for r in record["variants"] if r["name"] != "clean ink on paper, no invert"]
     over = [r for r in honest if _cost(r) > (CLEAN_COST if r["name"].startswith("clean") else COST_TARGET)]
     worst = max(honest, key=_cost)
     lines.append(

@@ -67,10 +67,9 @@ def run_gate_latency(config: GateLatencyConfig, progress: Callable[[str], None] 
         progress(f"gate latency: {defense} and {defense} + gate, {2 * len(queries)} timed requests")
         seconds = _interleaved(config, defense, queries)
         arms[defense] = _summary(config, seconds["plain"], seconds["gated"], flags, config.n)
-    result = {"config": asdict(config), "flagged": {"honest": sum(flags[: config.n]), "other": sum(flags[config.n :])}}
-    result["arms"] = arms
-    result["summary_lines"] = summary_lines(result)
-    return result
+    flagged = {"honest": sum(flags[: config.n]), "other": sum(flags[config.n :])}
+    result = {"config": asdict(config), "flagged": flagged, "arms": arms}
+    return result | {"summary_lines": summary_lines(result)}
 
 
 def _interleaved(config: GateLatencyConfig, defense: str, queries: Tensor) -> dict[str, list[float]]:
@@ -151,9 +150,8 @@ def threshold_accuracy(train: list[tuple[float, bool]], test: list[tuple[float, 
 
 
 def _tells(seconds: list[float], flags: list[bool], seed: int) -> dict[str, Any]:
-    flagged = [s for s, f in zip(seconds, flags, strict=True) if f]
-    kept = [s for s, f in zip(seconds, flags, strict=True) if not f]
     rows = list(zip(seconds, flags, strict=True))
+    flagged, kept = [s for s, f in rows if f], [s for s, f in rows if not f]
     random.Random(seed).shuffle(rows)
     half = len(rows) // 2
     return {
@@ -198,9 +196,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     for defense, a in result["arms"].items():
         lo, hi = a["ratio_ci95"]
-        verdict = "met" if a["ratio"] <= TARGET_RATIO else "not met"
-        if defense == "none":  # the target is for a defended query; here the gate's cost is set against a bare forward
-            verdict = "— (undefended)"
+        # the target is for a defended query; without a defense the gate's cost is set against a bare forward
+        verdict = "— (undefended)" if defense == "none" else "met" if a["ratio"] <= TARGET_RATIO else "not met"
         plain, gated = (f"{a[k]['p50']} / {a[k]['p95']}" for k in ("plain_ms", "gated_ms"))
         lines.append(row([defense, plain, gated, f"{a['ratio']:.3f} ({lo:.3f}–{hi:.3f})", verdict]))
     lines += [

@@ -31,8 +31,7 @@ class LocalOracle:
     """A :class:`Defense` called in-process, as the server's micro-batcher calls it."""
 
     def __init__(self, defense: Defense, info: ModelInfo) -> None:
-        self.defense = defense
-        self._info = info
+        self.defense, self._info = defense, info
         self.device = next(defense.model.parameters()).device
 
     def info(self) -> ModelInfo:

@@ -7,6 +7,8 @@ here knows what a report is about.
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,6 +46,11 @@ def yes(ok: bool) -> str:
 def code(command: str) -> list[str]:
     """A command as a bash block."""
     return ["```bash", command, "```"]
+
+
+def module_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line of ``python -m module`` with ``argv`` (None: this process's arguments), as reports show it."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def made_by(how: str, command: str) -> list[str]:

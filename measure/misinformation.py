@@ -99,19 +99,15 @@ def measure_misinformation(
     x, y = test_set.tensors
     p_v, p_m = probabilities(victim, x), probabilities(misinfo, x)
     label_v, label_m = p_v.argmax(1), p_m.argmax(1)
+    both = {"victim": (p_v, label_v), "misinfo": (p_m, label_m)}
     return {
         "n": len(y),
-        "victim_top1_accuracy": percent(label_v == y),
-        "misinfo_top1_accuracy": percent(label_m == y),
-        "victim_mean_p_true": round(float(p_v.gather(1, y[:, None]).mean()), 4),
-        "misinfo_mean_p_true": round(float(p_m.gather(1, y[:, None]).mean()), 4),
+        **{f"{who}_top1_accuracy": percent(label == y) for who, (_, label) in both.items()},
+        **{f"{who}_mean_p_true": round(float(p.gather(1, y[:, None]).mean()), 4) for who, (p, _) in both.items()},
         "misinfo_mean_p_victim_top1": round(float(p_m.gather(1, label_v[:, None]).mean()), 4),
         "top1_agreement_with_victim": percent(label_m == label_v),
-        "answer_shape": {"victim": answer_shape(p_v), "misinfo": answer_shape(p_m)},
-        "answered_labels": {
-            "victim": label_spread(label_v, p_v.shape[1]),
-            "misinfo": label_spread(label_m, p_m.shape[1]),
-        },
+        "answer_shape": {who: answer_shape(p) for who, (p, _) in both.items()},
+        "answered_labels": {who: label_spread(label, p.shape[1]) for who, (p, label) in both.items()},
         "most_frequent_wrong_label": wrong_labels(y, label_m, p_v.shape[1]),
         "blend_top1_accuracy": {f"{a:g}": percent(mix(p_v, p_m, a).argmax(1) == y) for a in alphas},
         "adaptive_blend_in_domain": [

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +27,7 @@ from deepdefense.common.provenance import provenance
 from deepdefense.defense.api import NoDefense
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.measure.launcher import served
-from deepdefense.measure.markdown import document, table
+from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import default_data_root, load_split
 
@@ -47,8 +45,7 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
         model, meta = load_checkpoint(name)
         model.requires_grad_(False)
         undefended[name] = (NoDefense(model, create_interpreter(INTERPRETER, model, tuple(meta.input_shape))), meta)
-        images, labels = load_split(meta.dataset, data_root, "test").tensors
-        tests[name] = (images[:n], labels[:n])
+        tests[name] = tuple(t[:n] for t in load_split(meta.dataset, data_root, "test").tensors)
 
     def client(url: str, key: str, name: str, protocol: str) -> dict[str, Any]:
         images, labels = tests[name]
@@ -77,9 +74,7 @@ def run_multi_model(n: int, data_root: str | None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     m = result["measured"]
-
-    def cell(run: dict[str, Any]) -> str:
-        return f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
+    cell = lambda run: f"{run['accuracy']:.2f} (agreement {run['agreement_undefended']:.2f})"
 
     lines = [
         "# Several models in one server",
@@ -137,10 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_multi_model(args.n, args.data_root)
     result |= {"minutes": (time.monotonic() - started) / 60, "machine": args.machine, "measured": measured}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    command = shlex.join(
-        ["python", "-m", "deepdefense.measure.multi_model", *(argv if argv is not None else sys.argv[1:])]
-    )
-    args.report.write_text(markdown(result, command))
+    args.report.write_text(markdown(result, module_command("deepdefense.measure.multi_model", argv)))
     return 0
 
 

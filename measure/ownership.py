@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from deepdefense.clients.attack import sample_queries
@@ -44,7 +42,7 @@ from deepdefense.defense.api import Answer, Defense
 from deepdefense.defense.gate import MisinformationGate
 from deepdefense.defense.loader import load_defense, load_gate
 from deepdefense.measure.detectors import answer_pool, detect, summary
-from deepdefense.measure.markdown import document, table
+from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
@@ -102,10 +100,8 @@ class Study:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.out = args, Path(args.out)
         self.results: dict[str, Any] = json.loads(self.out.read_text()) if self.out.exists() else {}
-        commands = self.results.setdefault(
-            "commands", [self.results.pop("command")] if "command" in self.results else []
-        )
-        commands.append(args.command_line)  # each run that wrote to this file, in order
+        earlier = [self.results.pop("command")] if "command" in self.results else []
+        self.results.setdefault("commands", earlier).append(args.command_line)  # each run that wrote to it, in order
         self.results.update({"seed": args.seed, "measured": provenance(), "map": "the honest answer's"})
         self.victim, self.meta = load_checkpoint("lenet-mnist")
         self.victim.requires_grad_(False)
@@ -167,19 +163,19 @@ class Study:
         one_hot = torch.nn.functional.one_hot(y, 10).float()
         return TransferSet(self.train_x[rows], y, one_hot, None, torch.zeros(len(rows), dtype=torch.long))
 
-    def _fresh_db(self, name: str) -> Path:
-        """An empty SQLite file of this run's own (named after its results file: parallel runs never share one)."""
+    def _fresh_watermark(self, name: str, fraction: float) -> Watermark:
+        """A watermark of this run's secret keeping its records in an empty SQLite file of its own (named after the
+        results file: parallel runs never share one)."""
         db = self.out.parent / "runs" / f"{self.out.stem}-{name}-{self.args.seed}.sqlite"
         db.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        return db
+        return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
 
     def watermark(self, query_set: str, fraction: float) -> tuple[Watermark, str, TransferSet]:
         """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set."""
         key = key_of(f"{query_set}-{fraction}")
-        db = self._fresh_db(f"watermark-{query_set}-{fraction}")
-        watermark = Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
+        watermark = self._fresh_watermark(f"watermark-{query_set}-{fraction}", fraction)
         data = load_set(Path(self.args.store_root), query_set).prefix(self.args.budget)
         return watermark, key, watermarked_set(data, watermark, key)
 
@@ -202,9 +198,7 @@ class Study:
                     row[f"finetuned_{epochs}"] = self.score(tuned, watermark, key)
                 for amount in self.args.prune:
                     pruned = self.copy_of(copy)
-                    weights = [
-                        (m, "weight") for m in pruned.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-                    ]
+                    weights = [(m, "weight") for m in pruned.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
                     prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=amount)
                     row[f"pruned_{amount}"] = self.score(pruned.eval(), watermark, key)
             self.put("copies", name, row)
@@ -230,8 +224,7 @@ class Study:
             name = str(fraction)
             if self.done("honest_cost", name):
                 continue
-            db = self._fresh_db(f"honest-{fraction}")
-            watermark = Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
+            watermark = self._fresh_watermark(f"honest-{fraction}", fraction)
             answered = label.clone()
             for k, start in enumerate(range(0, len(x), 1000)):
                 for s in range(start, start + 1000, REQUEST):
@@ -245,20 +238,16 @@ class Study:
             before = float((label == y).float().mean()) * 100
             after = float((answered == y).float().mean()) * 100
             share = float((answered != label).float().mean()) * 100
-            cost = {
-                "accuracy": round(before, 2),
-                "watermarked_accuracy": round(after, 2),
-                "cost": round(before - after, 2),
-            }
-            self.put("honest_cost", name, cost | {"watermarked_share": round(share, 2), "keys": len(x) // 1000})
+            cost = {"accuracy": round(before, 2), "watermarked_accuracy": round(after, 2)}
+            cost |= {"cost": round(before - after, 2), "watermarked_share": round(share, 2), "keys": len(x) // 1000}
+            self.put("honest_cost", name, cost)
 
     def indistinguishability(self) -> None:
         if self.done("detectors", "mnist-test") or self.args.detector_n == 0:
             return
         x = self.test_x[: self.args.detector_n]
         inner = self.gate.inner
-        honest = answer_pool(inner, x)
-        marked = answer_pool(Shifted(inner), x)
+        honest, marked = answer_pool(inner, x), answer_pool(Shifted(inner), x)
         out = {"n": len(x), **detect(honest, marked, self.args.seed)}
         out["answers"] = {"honest": summary(honest), "watermarked": summary(marked)}
         self.put("detectors", "mnist-test", out)
@@ -301,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print(report([json.loads(Path(f).read_text()) for f in args.report]), end="")
         return 0
-    args.command_line = shlex.join(
-        ["python", "-m", "deepdefense.measure.ownership", *(sys.argv[1:] if argv is None else argv)]
-    )
+    args.command_line = module_command("deepdefense.measure.ownership", argv)
     torch.manual_seed(args.seed)
     study = Study(args)
     if "cost" in args.steps:
@@ -361,11 +348,9 @@ def _targets(
         )
     sweep = sorted({r["fraction"] for r in copies.values()})
     if len(sweep) > 1:
-        cells = []
-        for f in sweep:
-            rows = [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500]
-            proven = sum(r["copy"]["p_value"] < 1e-6 for r in rows)
-            cells.append(f"{f:.2%}: {proven} of {len(rows)} copies proven (p < 1e-6)")
+        rows = {f: [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500] for f in sweep}
+        proven = {f: sum(r["copy"]["p_value"] < 1e-6 for r in rs) for f, rs in rows.items()}
+        cells = [f"{f:.2%}: {proven[f]} of {len(rs)} copies proven (p < 1e-6)" for f, rs in rows.items()]
         out.append(
             f"* Choosing the fraction (the smallest that proves every copy from 2,500 queries): {'; '.join(cells)}."
         )
@@ -426,11 +411,11 @@ def report(parts: list[dict[str, Any]]) -> str:
     weak = [(r, k) for r in copies.values() for k in r if k in extra and r[k]["p_value"] >= 1e-3]
     if weak:
         lines += ["", "**Where the proof stops** (p ≥ 1e-3 after fine-tuning or pruning):", ""]
-        for r, k in weak:
-            lines.append(
-                f"* {r['query_set']}, {r['loss']} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
-                f"{_verdict(r['copy'])} before."
-            )
+        lines += [
+            f"* {r['query_set']}, {r['loss']} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
+            f"{_verdict(r['copy'])} before."
+            for r, k in weak
+        ]
     lines += [
         "",
         "Fine-tuning: the copy trained further with the thieves' recipe (Adam, cosine schedule from 1e-3) on 500",

@@ -57,9 +57,8 @@ def figure2(
         if victim_accuracy is not None:
             ax.axhline(victim_accuracy, color="black", linestyle=":", linewidth=1)
         ax.set_title(TITLES.get(loss, loss), fontsize=10)
-        ax.set_xlabel("query budget B")
         ax.grid(alpha=0.3)
-        ax.set_ylim(0, 102)
+        ax.set(xlabel="query budget B", ylim=(0, 102))
     axes[0][0].set_ylabel("attack-model test accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if paper and paper_budget <= max(r["budget"] for r in rows):
@@ -89,9 +88,8 @@ def figure3(
     fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n), squeeze=False)
     for row, (x, mv, md, y) in enumerate(zip(images, victim_maps, defended_maps, labels, strict=True)):
         grey = _grey(x)
-        for col, (img, title) in enumerate(
-            ((None, f"input (class {y})"), (mv, "victim I"), (md, f"{defended_name} Ĩ"))
-        ):
+        panels = ((None, f"input (class {y})"), (mv, "victim I"), (md, f"{defended_name} Ĩ"))
+        for col, (img, title) in enumerate(panels):
             ax = axes[row][col]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
             if img is not None:

@@ -105,22 +105,14 @@ def gate_verdict(victim: Path, steps: dict[str, dict[str, Any]], data_root: Any,
             load_gate(inner, str(victim))
         except (CheckpointError, ValueError) as err:
             why_not = str(err)
-    checks = []
-    domain_test = steps.get("domain", {}).get("test")
-    checks.append({
-        "what": "share of unseen in-domain test images the domain score flags",
-        "value": domain_test["fpr_in_domain"] if domain_test else None,
-        "at_most": test_fpr,
-    })  # fmt: skip
-    mis = steps.get("misinfo")
-    chance = round(100 / len(read_meta(victim).classes), 2)
-    checks.append({
-        "what": "misinformation model's top-1 agreement with the victim on the test split (%)",
-        "value": mis["top1_agreement_with_victim"] if mis else None,
-        "at_most": chance,
-    })  # fmt: skip
-    for check in checks:
-        check["passed"] = None if check["value"] is None else check["value"] <= check["at_most"]
+    domain_test, mis = steps.get("domain", {}).get("test"), steps.get("misinfo")
+    targets = [  # (what, value, at most)
+        ("share of unseen in-domain test images the domain score flags",
+         domain_test["fpr_in_domain"] if domain_test else None, test_fpr),
+        ("misinformation model's top-1 agreement with the victim on the test split (%)",
+         mis["top1_agreement_with_victim"] if mis else None, round(100 / len(read_meta(victim).classes), 2)),
+    ]  # fmt: skip
+    checks = [{"what": w, "value": v, "at_most": m, "passed": None if v is None else v <= m} for w, v, m in targets]
     return {"server_turns_it_on": why_not is None, "why_not": why_not, "checks": checks,
             "targets_met": why_not is None and all(c["passed"] for c in checks)}  # fmt: skip
 

@@ -29,6 +29,7 @@ from deepdefense.clients.attack_losses import ATTACK_LOSSES
 from deepdefense.defense.names import ENGINE_MODES
 from deepdefense.measure import plots
 from deepdefense.measure.evaluate import role_of, write_json
+from deepdefense.measure.formats import misinformed_answers
 from deepdefense.measure.markdown import document, generated_by, num, row, signed, table
 from deepdefense.server.monitor import THRESHOLD
 
@@ -112,20 +113,16 @@ def _accuracy(record: Mapping[str, Any], defense: str, loss: str, budget: int) -
 def tables(record: Mapping[str, Any]) -> dict[str, Any]:
     """Table 5 (and the other attackers' rows), Table 3, Table 4, the fidelity measures and Table 2."""
     arms, main = record["arms"], main_arms(record)
-    budget = max(record["config"]["budgets"])
-    losses = record["config"]["losses"]
-    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in MAIN if d in main} for loss in losses}
+    budget, present = max(record["config"]["budgets"]), [d for d in MAIN if d in main]
+    by_loss = {loss: {d: _accuracy(record, d, loss, budget) for d in present} for loss in record["config"]["losses"]}
     paper = (paper_for(record) or {}).get("table5", {})
-    table5 = [
-        {"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in MAIN if d in main
-    ]
+    table5 = [{"defense": d, "ours": by_loss.get("explanations", {}).get(d), "paper": paper.get(d)} for d in present]
     for r in table5:
-        both = r["ours"] is not None and r["paper"] is not None
-        r["difference"] = round(r["ours"] - r["paper"], 2) if both else None
+        r["difference"] = None if None in (r["ours"], r["paper"]) else round(r["ours"] - r["paper"], 2)
+    fields = ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))
     fidelity = [
-        {"defense": d, **{k: run.get(k) for k in ("loss", "budget", *(f for f, _ in FIDELITY_CELLS))}}
-        for d in MAIN
-        if d in main
+        {"defense": d, **{k: run.get(k) for k in fields}}
+        for d in present
         for run in main[d]["runs"]
         if run["budget"] == budget
     ]
@@ -153,16 +150,8 @@ def tables(record: Mapping[str, Any]) -> dict[str, Any]:
         for key, arm in arms.items()
         if "average_drop" in arm
     }
-    return {
-        "budget": budget,
-        "table5": table5,
-        "by_loss": by_loss,
-        "fidelity": fidelity,
-        "table3": table3,
-        "table4": table4,
-        "runtime": runtime,
-        "average_drop": drops,
-    }
+    main_tables = {"budget": budget, "table5": table5, "by_loss": by_loss, "fidelity": fidelity}
+    return main_tables | {"table3": table3, "table4": table4, "runtime": runtime, "average_drop": drops}
 
 
 def _variant(key: str, arm: Mapping[str, Any], settings: Mapping[str, Any], budget: int, runs: list) -> dict:
@@ -177,22 +166,18 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """results.json, accuracy.csv, tables.json, average_drop.json, fig2.png and fig3.png in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
     t = tables(record)
     drops = t["average_drop"]  # without their figures
-    stripped = {
-        **record,
-        "arms": {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()},
-    }
-    paths["results"] = _write_json(out / "results.json", stripped)
+    arms = {k: a | ({"average_drop": drops[k]} if k in drops else {}) for k, a in record["arms"].items()}
+    paths = {name: out / f"{name}.json" for name in ("results", "tables", "average_drop")}
+    for name, payload in zip(paths, ({**record, "arms": arms}, t, drops), strict=True):
+        write_json(paths[name], payload)
     rows = accuracy_rows(record)
     paths["accuracy"] = out / "accuracy.csv"
     with open(paths["accuracy"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    paths["tables"] = _write_json(out / "tables.json", t)
-    paths["average_drop"] = _write_json(out / "average_drop.json", drops)
     main = main_arms(record)
     main_rows = [r for r in rows if main.get(r["defense"]) is record["arms"][r["arm"]]]
     if main_rows:
@@ -205,18 +190,11 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> dict[str, Path]:
             title=f"{record['config']['checkpoint']}, {record['config']['interpreter']}, "
             f"P_A = {record['config']['attacker_dataset']}",
         )
-    for key, arm in record["arms"].items():
-        fig = arm.get("average_drop", {}).get("figure")
-        if fig:
-            maps = (fig[k] for k in ("images", "victim_maps", "defended_maps", "labels"))
-            paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
-            break
+    key, arm = next(((k, a) for k, a in record["arms"].items() if a.get("average_drop", {}).get("figure")), ("", {}))
+    if arm:
+        maps = (arm["average_drop"]["figure"][k] for k in ("images", "victim_maps", "defended_maps", "labels"))
+        paths["fig3"] = plots.figure3(*maps, out / "fig3.png", defended_name=NAMES.get(arm["defense"], key))
     return paths
-
-
-def _write_json(path: Path, payload: Any) -> Path:
-    write_json(path, payload)
-    return path
 
 
 def _title(dataset: str) -> str:
@@ -400,9 +378,7 @@ def _not_collected(record: Mapping[str, Any]) -> list[str]:
     """Arms this run planned but could not report: with ``--only-cached`` their queries were never sent."""
     why = "its transfer set is not stored, no attack model of it is cached, and `--only-cached` sends nothing"
     also = lambda twin: f"; it optimises the same layers as `{twin}`, so its answers are that arm's" if twin else ""
-    return [
-        f"* not run: `{key}` ({why}{also(_same_layers_as(record, key))})" for key in record.get("not_collected") or {}
-    ]
+    return [f"* not run: `{k}` ({why}{also(_same_layers_as(record, k))})" for k in record.get("not_collected") or {}]
 
 
 def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
@@ -412,12 +388,8 @@ def _same_layers_as(record: Mapping[str, Any], key: str) -> str | None:
     if not isinstance(entry, Mapping) or role_of(key, entry)[0] != "cs":
         return None
     layers = lambda settings: {k: v for k, v in (settings or {}).items() if k != "cs"}
-    twins = (
-        k
-        for k, a in record["arms"].items()
-        if role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
-    )
-    return next(twins, None)
+    twin = lambda k, a: role_of(k, a)[0] == "cs" and layers(a["settings"]) == layers(entry.get("settings"))
+    return next((k for k, a in record["arms"].items() if twin(k, a)), None)
 
 
 def _unif_note(record: Mapping[str, Any]) -> list[str]:
@@ -480,15 +452,14 @@ def _average_drop_section(record: Mapping[str, Any], t: Mapping[str, Any], rel: 
         "",
         *table(" | n | victim I | misdirection Ĩ | paired t-test p"),
     ]
+    spread = lambda mean, std: f"{mean:.4f} ± {std:.4f}"
     if paper_for(record):
-        lines.append(
-            row(["paper (MNIST, Grad-CAM)", "—", f"{pv[0]:.4f} ± {pv[1]:.4f}", f"{pd[0]:.4f} ± {pd[1]:.4f}", pp])
-        )
+        lines.append(row(["paper (MNIST, Grad-CAM)", "—", spread(*pv), spread(*pd), pp]))
     if not t["average_drop"]:
         lines.append(row(["ours", "—", "not run", "not run", "—"]))
     for key, d in t["average_drop"].items():
-        spread = [f"{d[k]['mean']:.4f} ± {d[k]['std']:.4f}" for k in ("victim", "defended")]
-        lines.append(row([f"ours ({key})", d["n"], *spread, num(d["ttest"]["p_value"], 4)]))
+        cells = [spread(d[k]["mean"], d[k]["std"]) for k in ("victim", "defended")]
+        lines.append(row([f"ours ({key})", d["n"], *cells, num(d["ttest"]["p_value"], 4)]))
     if any("figure" in a.get("average_drop", {}) for a in record["arms"].values()):
         lines += ["", "## Figure 3: victim vs misdirection maps", "", f"![Figure 3]({rel}/fig3.png)"]
     return lines
@@ -577,21 +548,18 @@ def _differences(t: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
         for r in measured
     ]
     missing = [NAMES[r["defense"]] for r in t["table5"] if r["ours"] is None]
-    if missing:
-        lines.append(f"* Not measured in this run: {', '.join(missing)}.")
+    lines += [f"* Not measured in this run: {', '.join(missing)}."] if missing else []
     unpaired = [
         f"{NAMES[r['defense']]} {r['ours']:.2f}%" for r in t["table5"] if r["ours"] is not None and r["paper"] is None
     ]
-    if unpaired:
-        lines.append(f"* No paper figure to compare with: {', '.join(unpaired)}.")
-    lines += _evidence(t)
-    return lines + _setup_notes(record)
+    lines += [f"* No paper figure to compare with: {', '.join(unpaired)}."] if unpaired else []
+    return lines + _evidence(t) + _setup_notes(record)
 
 
 def _setup_notes(record: Mapping[str, Any]) -> list[str]:
     """How our setup differs from the paper's (and, for another victim, what was kept the same)."""
     attacker = record["config"]["attacker_dataset"]
-    lines = [
+    return [
         "",
         "Known differences in the setup (each can move these numbers; none is a measured cause on its own):",
         "",
@@ -618,16 +586,11 @@ def _setup_notes(record: Mapping[str, Any]) -> list[str]:
             else []
         ),
     ]
-    return lines
 
 
 def _evidence(t: Mapping[str, Any]) -> list[str]:
     """What this run's own numbers say about the gaps (only sentences whose numbers are all measured)."""
-    acc = t["by_loss"]
-
-    def get(loss: str, defense: str) -> float | None:
-        return acc.get(loss, {}).get(defense)
-
+    get = lambda loss, defense: t["by_loss"].get(loss, {}).get(defense)
     lines: list[str] = []
     eq1, soft, top1 = (get(loss, "pp") for loss in ("explanations", "probabilities", "labels"))
     soft0, top10 = get("probabilities", "none"), get("labels", "none")
@@ -729,11 +692,8 @@ def _gate_report(
 ) -> list[str]:
     c, env = record["config"], record["environment"]
     grid = accuracy_grid(record, baseline)
-    losses = [
-        loss
-        for loss in ATTACK_LOSSES
-        if any(loss in a for qs in grid.values() for b in qs.values() for a in b.values())
-    ]
+    measured = {loss for qs in grid.values() for b in qs.values() for a in b.values() for loss in a}
+    losses = [loss for loss in ATTACK_LOSSES if loss in measured]
     lines = [
         "# Below the label line: the misinformation gate and the extraction monitor",
         "",
@@ -772,10 +732,9 @@ def _gate_report(
             f"Not collected by this run (`--only-cached` sends nothing; rows marked † come from the baseline): "
             f"{missing}.",
         ]
+    names = {"attacker": c["attacker_dataset"], "seeds": c.get("jbda_seeds"), "victim": record.get("dataset")}
     for query_set in [q for q in QUERY_SET_NAMES if q in grid]:
-        name = QUERY_SET_NAMES[query_set].format(
-            attacker=c["attacker_dataset"], seeds=c.get("jbda_seeds"), victim=record.get("dataset")
-        )
+        name = QUERY_SET_NAMES[query_set].format(**names)
         lines += ["", f"## Queries: {name}", ""]
         for budget in sorted(grid[query_set], reverse=True):
             arms = grid[query_set][budget]
@@ -783,11 +742,9 @@ def _gate_report(
             lines += table(["arm", *losses, "strongest"])
             for arm in [a for a in ARM_NAMES if a in arms]:
                 cells, best = arms[arm], strongest(arms[arm])
-                mark = " †" if any(src for _, _, src in cells.values()) else ""
+                name = ARM_NAMES[arm] + (" †" if any(src for _, _, src in cells.values()) else "")  # †: the baseline's
                 best_cell = f"{num(best[1])} ({best[0]})" if best else "—"
-                lines.append(
-                    row([f"{ARM_NAMES[arm]}{mark}", *(_kept_cell(cells.get(loss)) for loss in losses), best_cell])
-                )
+                lines.append(row([name, *(_kept_cell(cells.get(loss)) for loss in losses), best_cell]))
             lines.append("")
     return [
         *lines,
@@ -839,11 +796,7 @@ def _client_benign(folder: Path) -> list[str]:
     for path in files:
         d = json.loads(path.read_text())
         metrics = path.with_name(path.stem + "-metrics.txt")
-        misinformed = "—"
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                if line.startswith("dd_misinformed_answers_total"):
-                    misinformed = f"{float(line.rsplit(' ', 1)[1]):.0f}"
+        misinformed = str(misinformed_answers(metrics.read_text())) if metrics.is_file() else "—"
         cells = [num(d["accuracy"]), num(d["agreement_undefended"]), misinformed, num(d["latency_ms"]["p50"], 0)]
         lines.append(row([f"`{d['defense']}` + gate", f"{d['n']:,}", *cells, f"`{d['command']}`"]))
     return [*lines, ""]
@@ -909,7 +862,8 @@ def _domain(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     shipped = d["shipped"]["method"]
     m = d["evaluation"]["methods"][shipped]
-    lines = [
+    flags = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["false_flags"].items())
+    return [
         "## The domain score",
         "",
         f"From `{d['command']}` (seed {d['seed']}; `docs/results/domain-score.md`): method `{shipped}`, fit on MNIST "
@@ -919,23 +873,18 @@ def _domain(path: Path) -> list[str]:
             "against | AUROC | flagged at the threshold",
             ([name, f"{auc:.4f}", f"{100 * m['detection'][name]:.1f}%"] for name, auc in m["auroc"].items()),
         ),
-    ]
-    flags = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["false_flags"].items())
-    lines += [
         "",
         f"In-domain false positives (MNIST test): {100 * m['fpr_in_domain']:.2f}%; honest perturbed digits: {flags}.",
         "",
     ]
-    return lines
 
 
 def _latency(path: Path) -> list[str]:
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
-    lines = ["## Latency", "", f"From `{d.get('command', '')}` (`docs/results/gate-latency.md`).", ""]
-    lines += [f"* {line}" for line in d.get("summary_lines", [])]
-    return [*lines, ""]
+    summary = [f"* {line}" for line in d.get("summary_lines", [])]
+    return ["## Latency", "", f"From `{d.get('command', '')}` (`docs/results/gate-latency.md`).", "", *summary, ""]
 
 
 def _relative(target: Path, start: Path) -> str:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .formats import misinformed_answers
 from .launcher import spawn_serve
-from .markdown import document, made_by, row, table
+from .markdown import document, made_by, module_command, row, table
 
 SIZE = 200
 #: The font's size in pixels: a digit's glyph is then about 110 of the 200 pixels tall (MNIST's digits fill
@@ -134,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run_experiment(url, font, operator)
     settings = served["defense"]["settings"]
     record = {
-        "command": shlex.join(
-            ["python", "-m", "deepdefense.measure.ten_digits", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": module_command("deepdefense.measure.ten_digits", argv),
         "font": {"family": FONT_FAMILY, "file": str(font_file), "size": FONT_SIZE},
         "server": f"{served['name']}, defense {served['defense']['name']}, interpreter {served['interpreter']}, "
         f"gate {settings.get('gate', 'none')}",
