@@ -267,10 +267,12 @@ class DeepDefense(Defense):
             for n in self.factored
             if self.config.low_rank and interpreter.linear_in_weights and f"{n}.bias" in selected
         ]
-        device = next(model.parameters()).device
-        impl: ConvImpl = default_conv_impl(device) if self.config.conv_impl == "auto" else self.config.conv_impl
+        auto = self.config.conv_impl == "auto"
+        self.conv_impl: ConvImpl = (
+            default_conv_impl(model, self.layers, interpreter.input_shape) if auto else self.config.conv_impl
+        )
         # the same interpreter on a view of the victim whose selected layers take per-query weights
-        self.explainer = type(interpreter)(per_query_view(model, self.layers, impl), interpreter.input_shape)
+        self.explainer = type(interpreter)(per_query_view(model, self.layers, self.conv_impl), interpreter.input_shape)
 
     def _fits(self, warm: WarmStart, interpreter: Interpreter) -> bool:
         """Whether ``warm`` was learnt for this engine's layers and interpreter (otherwise: logged, not used)."""
@@ -289,6 +291,7 @@ class DeepDefense(Defense):
         """The configuration users may see; the seed that keys the per-query noise stays private."""
         settings = {k: v for k, v in asdict(self.config).items() if k != "seed"}
         settings["warm_start"] = self.warm is not None  # whether one is in use, not only allowed
+        settings["conv_impl"] = self.conv_impl  # the one chosen
         return {"mode": self.mode, **settings, "layers": self.layers}
 
     @property

@@ -18,7 +18,12 @@ and whose selected layers are :class:`PerQueryLinear` / :class:`PerQueryConv2d`.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import math
+import time
+import typing
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -160,6 +165,54 @@ def per_query_view(model: nn.Module, layers: list[str], conv_impl: ConvImpl = "u
     return view.eval()
 
 
-def default_conv_impl(device: torch.device) -> ConvImpl:
-    """Grouped convolution on CUDA (cuDNN), im2col elsewhere (measured: docs/performance.md)."""
-    return "grouped" if device.type == "cuda" else "unfold"
+def default_conv_impl(model: nn.Module, layers: list[str], input_shape: tuple[int, ...]) -> ConvImpl:
+    """Grouped convolution on CUDA (cuDNN); on a CPU whichever of the two is faster *here* for ``layers``'
+    convolutions, as the engine uses them: processors differ (an Intel Xeon ran im2col 5.4× faster in the first
+    round, this AMD EPYC runs the grouped convolution ~10% faster today: docs/performance.md). Measured once per
+    process and shape, so that every engine of a process computes alike."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return "grouped"
+    shapes: dict[str, tuple[int, ...]] = {}  # each selected convolution's input (C, H, W), from one forward pass
+    view = per_query_view(model, layers)
+    convs = {n: m for n, m in view.named_modules() if n in layers and isinstance(m, PerQueryConv2d)}
+    hooks = [m.register_forward_hook(partial(_record_input, shapes, n)) for n, m in convs.items()]
+    try:
+        with torch.no_grad():
+            view(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    key = tuple((tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, shapes[n]) for n, m in convs.items())
+    return _fastest(key) if key else "unfold"
+
+
+def _record_input(shapes: dict[str, tuple[int, ...]], name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
+    shapes[name] = tuple(args[0].shape[1:])
+
+
+@functools.cache
+def _fastest(convs: tuple[tuple[Any, ...], ...], batch: int = 16, repeats: int = 3) -> ConvImpl:
+    """The per-query convolution that runs ``convs`` faster on this CPU: each timed (best of ``repeats``) on a
+    forward pass of ``batch`` queries and the gradients of its per-query weights and its input, differentiated
+    again (the engine's map and eq. (5) take both through the layers below)."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for weight, stride, padding, dilation, groups, shape in convs:
+        module = nn.Conv2d(shape[0], weight[0], weight[-2:], stride, padding, dilation, groups, bias=False)
+        w = torch.randn((batch, *weight), generator=generator)
+        cases.append((module, torch.rand((batch, *shape), generator=generator), w))
+
+    def seconds(impl: ConvImpl) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for module, x, w in cases:
+                x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+                out = conv2d(x, w, None, module, impl).square().sum()
+                gx, gw = torch.autograd.grad(out, (x, w), create_graph=True)
+                (gx.square().sum() + gw.square().sum()).backward()
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    return min(typing.get_args(ConvImpl), key=seconds)

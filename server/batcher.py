@@ -73,6 +73,10 @@ class DefenseFailed(Exception):
 
 #: Weight of a faster micro-batch in the moving average of seconds per instance (a slower one counts at once).
 _COST_SMOOTHING = 0.3
+#: While another model thread is busy, a free one waits up to this share of a micro-batch's time for its own to fill:
+#: a fuller micro-batch costs less per instance, and the busy thread's requests come back meanwhile (measured:
+#: docs/performance.md, "Third round").
+_FILL_SHARE = 0.1
 #: The longest Retry-After the server asks for, in seconds.
 _MAX_RETRY_AFTER = 60
 
@@ -153,6 +157,7 @@ class MicroBatcher:
         self.key_share = key_share
         self.cost: float | None = None  # moving average of model-thread seconds per instance
         self._running = 0  # instances of the micro-batches on the model threads now
+        self._batch_seconds = 0.0  # how long the last micro-batch took
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dd-model")
@@ -319,7 +324,7 @@ class MicroBatcher:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._answer_isolated, defense, x, batch[0].explain, misinform
             )
-            elapsed = time.perf_counter() - started
+            elapsed = self._batch_seconds = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
             self._observe_cost(elapsed, len(batch))
             self._settle(batch, results)
@@ -353,11 +358,13 @@ class MicroBatcher:
 
     async def _next_batch(self) -> list[_Item]:
         """The oldest live instance and up to ``max_batch - 1`` more with the same ``explain`` (none when every
-        queued request has given up meanwhile)."""
+        queued request has given up meanwhile), after at most ``max_wait`` for more — or, while another model
+        thread is busy, ``_FILL_SHARE`` of the last micro-batch's time if that is longer."""
         if not self._live():
             return []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        wait = max(self.max_wait, _FILL_SHARE * self._batch_seconds) if self._running else self.max_wait
+        deadline = loop.time() + wait
         while self._count_matching() < self.max_batch and (left := deadline - loop.time()) > 0:
             self._arrived.clear()
             try:
