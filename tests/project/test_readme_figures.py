@@ -109,3 +109,16 @@ def test_several_models_in_one_server() -> None:
         row = rows[name]
         assert together == row["together_predict"]["accuracy"] == row["together_v2"]["accuracy"], name
         assert alone == row["alone_predict"]["accuracy"], name
+
+
+def test_the_third_rounds_goodput() -> None:
+    defended, undefended, ratio = quoted(
+        r"32 clients: (\d+\.\d+) defended answers/s against (\d+\.\d+) undefended in the same run, "
+        r"goodput ratio \*\*(\d\.\d+)\*\*",
+        3,
+    )
+    assert defended == results("perf3/defended-32.json")["throughput_rps"]
+    assert undefended == results("perf3/undefended-32.json")["throughput_rps"]
+    assert ratio == round(defended / undefended, 3)
+    (p50,) = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \(122\.4 ms before\)")
+    assert p50 == results("perf3/defended-1.json")["latency_ms"]["p50"]
