@@ -194,8 +194,7 @@ def test_without_the_misinformation_model_the_gate_cannot_be_on(victim: Path, ca
 
 def test_the_shipped_companions_are_kept_as_they_are(tmp_path: Path, calls: list[str]) -> None:
     """lenet-mnist with everything it ships (its sensitivity stored before it recorded its weights, a warm start
-    whose serve_steps was measured apart from its learning): nothing is made, and the report reads what each
-    artifact says."""
+    from before serve_steps was recorded): nothing is made, and the report reads what each artifact says."""
     for path in SHIPPED_DIR.glob("lenet-mnist*"):
         shutil.copy(path, tmp_path / path.name)
     argv = ["prepare", "--checkpoint", str(tmp_path / "lenet-mnist.json"), "--data-root", str(tmp_path)]
@@ -203,7 +202,7 @@ def test_the_shipped_companions_are_kept_as_they_are(tmp_path: Path, calls: list
     assert calls == []
     report = json.loads((tmp_path / "lenet-mnist.prepare" / "report.json").read_text())
     figures = {s["step"]: s["figures"] for s in report["steps"]}
-    assert figures["warmstart"]["serve_steps"] == 9
+    assert figures["warmstart"]["serve_steps"] == 10
     assert figures["edm"]["served_accuracy"] == 98.63 and figures["misinfo"]["misinfo_top1_accuracy"] == 0.02
     assert report["gate"]["server_turns_it_on"]
 

@@ -146,8 +146,7 @@ def test_saved_warm_starts_are_verified_and_bound_to_their_victim(
 
 def test_the_shipped_checkpoint_serves_from_its_warm_start(data_root: Path) -> None:
     dd, _ = load_defense("lenet-mnist", "deepdefense", "gradcam", data_root=str(data_root))
-    # 9 steps, chosen by measurement (docs/performance.md, "Third round"), recorded in the warm start's metadata
-    assert isinstance(dd, DeepDefense) and dd.warm is not None and dd.steps == dd.warm.meta.serve_steps == 9
+    assert isinstance(dd, DeepDefense) and dd.warm is not None and dd.steps == dd.warm.meta.serve_steps == 10
     assert dd.warm.meta.dataset == "mnist train", "a warm start must be learnt on training images only"
     cold, _ = load_defense("lenet-mnist", "deepdefense", "gradinput", data_root=str(data_root))
     assert isinstance(cold, DeepDefense) and cold.warm is None and cold.steps == COLD_STEPS
