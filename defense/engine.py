@@ -291,7 +291,6 @@ class DeepDefense(Defense):
         """The configuration users may see; the seed that keys the per-query noise stays private."""
         settings = {k: v for k, v in asdict(self.config).items() if k != "seed"}
         settings["warm_start"] = self.warm is not None  # whether one is in use, not only allowed
-        settings["conv_impl"] = self.conv_impl  # the one chosen
         return {"mode": self.mode, **settings, "layers": self.layers}
 
     @property

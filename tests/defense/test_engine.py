@@ -131,6 +131,9 @@ def test_public_settings_hide_the_noise_seed(engine: DeepDefense) -> None:
     settings = engine.public_settings()
     assert "seed" not in settings
     assert settings["steps"] == engine.config.steps and settings["layers"] == engine.layers
+    # the convolution chosen by timing on this machine is not a setting: the same defense everywhere, whose
+    # answers differ in float rounding only, so that an evaluation's cached arms stay its own (measure/evaluate.py)
+    assert settings["conv_impl"] == "auto" and engine.conv_impl in ("unfold", "grouped")
 
 
 def test_interpreter_defaults_then_overrides(engine: DeepDefense) -> None:
