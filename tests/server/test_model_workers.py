@@ -8,11 +8,11 @@ import threading
 
 import pytest
 import torch
+from support.fakes import batcher
 
 from deepdefense.defense import Answer, NoDefense
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.server.batcher import MicroBatcher
-from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -42,20 +42,7 @@ def make_batcher(victim: torch.nn.Module, workers: int) -> MicroBatcher:
     MeetingDefense.meeting = threading.Barrier(workers)
     MeetingDefense.calls, MeetingDefense.overlapped = [], []
     defense = MeetingDefense(victim, create_interpreter("gradcam", victim, (1, 28, 28)))
-    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
-    return MicroBatcher(
-        defense,
-        metrics,
-        device=torch.device("cpu"),
-        num_classes=10,
-        max_batch=2,
-        max_wait=0.0,
-        capacity=64,
-        timeout=60.0,
-        max_latency=1e6,
-        retry_after=1,
-        workers=workers,
-    )
+    return batcher(defense, max_batch=2, timeout=60.0, max_latency=1e6, workers=workers)
 
 
 def test_two_model_threads_answer_two_micro_batches_at_once_each_with_its_own_defense(victim: torch.nn.Module) -> None:

@@ -6,10 +6,11 @@ The fault-injecting fakes (``FaultyDefense``, ``SlowDefense``) and the fake serv
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
-from deepdefense.defense import NoDefense
+from deepdefense.defense import Defense, NoDefense
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.server.batcher import MicroBatcher
 from deepdefense.server.metrics import ServerMetrics
@@ -32,20 +33,23 @@ class GatedDefense(NoDefense):
         return super().answer(x, explain=explain)
 
 
-def idle_batcher(**options: float) -> MicroBatcher:
-    """A batcher without a defense that is never started (queue of 64, micro-batches of 8, 10 s latency limit,
-    ``options`` beside): the admission tests set its queue and cost by hand."""
+def batcher(defense: Defense | None, **options: Any) -> MicroBatcher:
+    """A batcher around ``defense`` with the tests' settings (queue of 64, micro-batches of 8, no wait, 10 s latency
+    limit, one model thread), ``options`` over them; not started."""
     metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
-    return MicroBatcher(
-        None,  # type: ignore[arg-type]
-        metrics,
-        device=torch.device("cpu"),
-        num_classes=10,
-        max_batch=8,
-        max_wait=0.0,
-        capacity=64,
-        timeout=30.0,
-        max_latency=10.0,
-        retry_after=1,
-        **options,
-    )
+    settings = {
+        "device": torch.device("cpu"),
+        "num_classes": 10,
+        "max_batch": 8,
+        "max_wait": 0.0,
+        "capacity": 64,
+        "timeout": 30.0,
+        "max_latency": 10.0,
+        "retry_after": 1,
+    }
+    return MicroBatcher(defense, metrics, **(settings | options))  # type: ignore[arg-type]
+
+
+def idle_batcher(**options: Any) -> MicroBatcher:
+    """A batcher without a defense that is never started: the admission tests set its queue and cost by hand."""
+    return batcher(None, **options)
