@@ -120,5 +120,5 @@ def test_the_third_rounds_goodput() -> None:
     assert defended == results("perf3/defended-32.json")["throughput_rps"]
     assert undefended == results("perf3/undefended-32.json")["throughput_rps"]
     assert ratio == round(defended / undefended, 3)
-    (p50,) = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \(122\.4 ms before\)")
+    (p50,) = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \(122\.4 ms before;")
     assert p50 == results("perf3/defended-1.json")["latency_ms"]["p50"]
