@@ -52,7 +52,7 @@ from .losses import (
 from .low_rank import LowRankWeight
 from .names import ENGINE_MODES
 from .names import EngineMode as Mode
-from .per_query import ConvImpl, default_conv_impl, per_query_view
+from .per_query import ConvImpl, default_conv_impl, per_query_view, set_conv_impl
 from .sensitivity import layer_params, select_layers
 from .warm_start import WarmStart
 from .weight_gradients import WeightGradient, inner, norm, weight_gradient
@@ -267,12 +267,11 @@ class DeepDefense(Defense):
             for n in self.factored
             if self.config.low_rank and interpreter.linear_in_weights and f"{n}.bias" in selected
         ]
-        auto = self.config.conv_impl == "auto"
-        self.conv_impl: ConvImpl = (
-            default_conv_impl(model, self.layers, interpreter.input_shape) if auto else self.config.conv_impl
-        )
         # the same interpreter on a view of the victim whose selected layers take per-query weights
-        self.explainer = type(interpreter)(per_query_view(model, self.layers, self.conv_impl), interpreter.input_shape)
+        view = per_query_view(model, self.layers)
+        auto = self.config.conv_impl == "auto"
+        self.conv_impl: ConvImpl = default_conv_impl(view, interpreter.input_shape) if auto else self.config.conv_impl
+        self.explainer = type(interpreter)(set_conv_impl(view, self.conv_impl), interpreter.input_shape)
 
     def _fits(self, warm: WarmStart, interpreter: Interpreter) -> bool:
         """Whether ``warm`` was learnt for this engine's layers and interpreter (otherwise: logged, not used)."""

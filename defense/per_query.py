@@ -159,23 +159,29 @@ def per_query_view(model: nn.Module, layers: list[str], conv_impl: ConvImpl = "u
             module.register_buffer("delta_v", module.weight.new_zeros(0), persistent=False)
         elif type(module) is nn.Conv2d:
             module.__class__ = PerQueryConv2d
-            module.conv_impl = conv_impl
         else:
             raise TypeError(f"layer {name!r} ({type(module).__name__}) cannot take per-query weights")
-    return view.eval()
+    return set_conv_impl(view.eval(), conv_impl)
 
 
-def default_conv_impl(model: nn.Module, layers: list[str], input_shape: tuple[int, ...]) -> ConvImpl:
-    """Grouped convolution on CUDA (cuDNN); on a CPU whichever of the two is faster *here* for ``layers``'
-    convolutions, as the engine uses them: processors differ (an Intel Xeon ran im2col 5.4× faster in the first
-    round, this AMD EPYC runs the grouped convolution ~10% faster today: docs/performance.md). Measured once per
-    process and shape, so that every engine of a process computes alike."""
-    device = next(model.parameters()).device
+def set_conv_impl(view: nn.Module, conv_impl: ConvImpl) -> nn.Module:
+    """``view`` (a :func:`per_query_view`) with its per-query convolutions computed by ``conv_impl``."""
+    for module in view.modules():
+        if isinstance(module, PerQueryConv2d):
+            module.conv_impl = conv_impl
+    return view
+
+
+def default_conv_impl(view: nn.Module, input_shape: tuple[int, ...]) -> ConvImpl:
+    """Grouped convolution on CUDA (cuDNN); on a CPU whichever of the two is faster *here* for the per-query
+    convolutions of ``view`` (a :func:`per_query_view`), as the engine uses them: processors differ (an Intel
+    Xeon ran im2col 5.4× faster in the first round, this AMD EPYC runs the grouped convolution ~10% faster today:
+    docs/performance.md). Measured once per process and shape, so that every engine of a process computes alike."""
+    device = next(view.parameters()).device
     if device.type == "cuda":
         return "grouped"
-    shapes: dict[str, tuple[int, ...]] = {}  # each selected convolution's input (C, H, W), from one forward pass
-    view = per_query_view(model, layers)
-    convs = {n: m for n, m in view.named_modules() if n in layers and isinstance(m, PerQueryConv2d)}
+    shapes: dict[str, tuple[int, ...]] = {}  # each per-query convolution's input (C, H, W), from one forward pass
+    convs = {n: m for n, m in view.named_modules() if isinstance(m, PerQueryConv2d)}
     hooks = [m.register_forward_hook(partial(_record_input, shapes, n)) for n, m in convs.items()]
     try:
         with torch.no_grad():

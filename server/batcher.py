@@ -143,7 +143,6 @@ class MicroBatcher:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be ≥ 1, got {workers}")
-        self.defense = defense
         self.workers = workers
         self.metrics = metrics
         self.device = device
