@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.files import flip_last_byte
 
 from deepdefense.clients.jbda import jacobian_augmentation
 from deepdefense.clients.oracle import OracleReply
@@ -136,9 +137,7 @@ def test_a_shard_whose_bytes_changed_is_refused_when_loaded(tmp_path: Path) -> N
     # The header still parses (so opening succeeds); the tensors' bytes differ from what was committed.
     store = two_shards(tmp_path / "s")
     shard = tmp_path / "s" / "shard-000000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_last_byte(shard)
     refused(
         tmp_path / "s",
         r"shard shard-000000\.safetensors is corrupt \(its SHA-256 differs",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.files import flip_last_byte
 from support.idx import write_idx
 
 from deepdefense.cli import main as cli
@@ -271,9 +272,7 @@ def test_save_load_round_trip(saved: tuple[Path, DomainScore], victim: torch.nn.
 def test_tampered_weights_are_refused(saved: tuple[Path, DomainScore], victim: torch.nn.Module) -> None:
     path, _ = saved
     weights = path.parent / "lenet-mnist.domain.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_last_byte(weights)
     with pytest.raises(DomainScoreError, match=r"sha256 .* refusing to load"):
         load_domain_score(path, victim)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.files import flip_last_byte
 from support.idx import bar_mnist
 from support.images import SHAPE
 from support.numerics import PATH_ATOL, top1_margin
@@ -217,9 +218,7 @@ def test_a_tampered_ensemble_is_refused(tmp_path: Path) -> None:
     victim = _copy(tmp_path)
     load_ensemble(victim)  # the intact copy loads from beside the copied victim
     weights = tmp_path / f"{VICTIM}.edm.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[-1] ^= 0xFF
-    weights.write_bytes(bytes(blob))
+    flip_last_byte(weights)
     with pytest.raises(EDMError, match="sha256"):
         load_ensemble(victim)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.files import flip_last_byte
 from support.idx import bar_mnist
 
 from deepdefense.cli import main as cli
@@ -136,9 +137,7 @@ def test_a_tampered_misinformation_model_is_refused(tmp_path: Path) -> None:
     victim, _ = _copy_pair(tmp_path)
     load_misinformation(victim)  # the intact copy loads from beside the copied victim
     weights = tmp_path / f"{MISINFO}.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[-1] ^= 0xFF
-    weights.write_bytes(bytes(blob))
+    flip_last_byte(weights)
     with pytest.raises(CheckpointError, match="sha256"):
         load_misinformation(victim)
 

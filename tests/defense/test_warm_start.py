@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.files import flip_last_byte
 from torch import nn
 
 from deepdefense.defense.engine import COLD_STEPS, DeepDefense
@@ -137,9 +138,7 @@ def test_saved_warm_starts_are_verified_and_bound_to_their_victim(
     with pytest.raises(WarmStartError, match="model given is not checkpoint lenet-mnist's weights"):
         load_warm_start(local, other)
     tensors = saved.with_suffix(".safetensors")
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0xFF  # one byte of the last tensor changed
-    tensors.write_bytes(bytes(data))
+    flip_last_byte(tensors)  # one byte of the last tensor changed
     with pytest.raises(WarmStartError, match="sha256"):
         load_warm_start(local, victim)
 

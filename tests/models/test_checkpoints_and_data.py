@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.idx import write_idx
+from support.files import flip_last_byte
+from support.idx import stand_in_mnist
 
 from deepdefense.cli import main as cli
 from deepdefense.models import CheckpointError, load_checkpoint
@@ -16,21 +17,15 @@ from deepdefense.models.data import DatasetNotFoundError, class_names, load_spli
 from deepdefense.models.train import evaluate
 
 
+def _square(image: np.ndarray, c: int) -> None:
+    r, col = divmod(c, 5)
+    image[4 + 10 * r : 12 + 10 * r, 2 + 5 * col : 6 + 5 * col] = 255
+
+
 @pytest.fixture()
 def tiny_mnist(tmp_path: Path) -> Path:
     """A 200/50-image stand-in in MNIST's raw layout: class c is a bright square at position c."""
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n in (("train", 200), ("t10k", 50)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 40, (n, 28, 28))
-        for i, c in enumerate(labels):
-            r, col = divmod(int(c), 5)
-            images[i, 4 + 10 * r : 12 + 10 * r, 2 + 5 * col : 6 + 5 * col] = 255
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return tmp_path
+    return stand_in_mnist(tmp_path, (200, 50), _square)
 
 
 def _train(root: Path, out: Path, seed: int = 3) -> dict:
@@ -75,9 +70,7 @@ def test_train_writes_weights_and_metadata_and_is_repeatable(tiny_mnist: Path, t
 def test_load_refuses_tampered_weights(tiny_mnist: Path, tmp_path: Path) -> None:
     _train(tiny_mnist, tmp_path / "m")
     weights = tmp_path / "m.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[-1] ^= 0xFF
-    weights.write_bytes(bytes(blob))
+    flip_last_byte(weights)
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(tmp_path / "m.json")
 

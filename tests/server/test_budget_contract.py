@@ -22,6 +22,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from support.fakes import GatedDefense
+from support.fakes import batcher as fake_batcher
 from support.images import pixels, png_bomb
 from support.servers import bearer, error_of, key_id_of, metric_value, serving, wait_until
 from support.settings import make_settings
@@ -29,8 +30,6 @@ from support.settings import make_settings
 from deepdefense.defense import NoDefense
 from deepdefense.measure.launcher import in_thread
 from deepdefense.server.app import create_app
-from deepdefense.server.batcher import MicroBatcher
-from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -279,19 +278,7 @@ def test_giving_up_counts_exactly_the_instances_handed_to_the_model_thread(gated
     and counts what the worker took; the count does not change afterwards."""
 
     async def scenario() -> tuple[int, int, int]:
-        metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
-        batcher = MicroBatcher(
-            gated,
-            metrics,
-            device=torch.device("cpu"),
-            num_classes=10,
-            max_batch=2,
-            max_wait=0.0,
-            capacity=16,
-            timeout=60.0,
-            max_latency=60.0,
-            retry_after=1,
-        )
+        batcher = fake_batcher(gated, max_batch=2, capacity=16, timeout=60.0, max_latency=60.0)
         batcher.start()
         try:
             gated.gate.clear()
@@ -308,7 +295,7 @@ def test_giving_up_counts_exactly_the_instances_handed_to_the_model_thread(gated
             return (
                 computed,
                 ticket.give_up(),
-                int(metrics.registry.get_sample_value("dd_dropped_instances_total", {"model": "m"})),
+                int(batcher.metrics.registry.get_sample_value("dd_dropped_instances_total", {"model": "m"})),
             )
         finally:
             gated.gate.set()

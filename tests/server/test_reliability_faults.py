@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.fakes import batcher as fake_batcher
 from support.faults import FALLBACK, INF_MAP, NAN, RAISE, SHAPE, FaultyDefense, marked
 from support.servers import bearer, error_of, metric_value, serving, wait_until
 from support.settings import make_settings
@@ -21,7 +22,7 @@ from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.models.artifacts import sha256_file
 from deepdefense.models.checkpoint import SHIPPED_DIR
 from deepdefense.server.app import create_app
-from deepdefense.server.batcher import DefenseFailed, MicroBatcher
+from deepdefense.server.batcher import DefenseFailed
 from deepdefense.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
@@ -37,18 +38,8 @@ def faulty(victim: torch.nn.Module) -> FaultyDefense:
 async def submit_together(defense: FaultyDefense, queries: list[torch.Tensor], **options: Any) -> list[Any]:
     """Submit one-instance requests at the same moment, so that they share one micro-batch."""
     metrics = ServerMetrics().model("lenet-mnist", defense=defense.name, interpreter="gradcam", device="cpu")
-    batcher = MicroBatcher(
-        defense,
-        metrics,
-        device=torch.device("cpu"),
-        num_classes=10,
-        max_batch=len(queries),
-        max_wait=5.0,
-        capacity=64,
-        timeout=30.0,
-        max_latency=30.0,
-        retry_after=1,
-        **options,
+    batcher = fake_batcher(
+        defense, metrics, max_batch=len(queries), max_wait=5.0, timeout=30.0, max_latency=30.0, **options
     )
     batcher.start()
     try:

@@ -13,7 +13,7 @@ import torch
 from deepdefense.defense import Defense, NoDefense
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.server.batcher import MicroBatcher
-from deepdefense.server.metrics import ServerMetrics
+from deepdefense.server.metrics import ModelMetrics, ServerMetrics
 
 
 class GatedDefense(NoDefense):
@@ -33,10 +33,11 @@ class GatedDefense(NoDefense):
         return super().answer(x, explain=explain)
 
 
-def batcher(defense: Defense | None, **options: Any) -> MicroBatcher:
+def batcher(defense: Defense | None, metrics: ModelMetrics | None = None, **options: Any) -> MicroBatcher:
     """A batcher around ``defense`` with the tests' settings (queue of 64, micro-batches of 8, no wait, 10 s latency
-    limit, one model thread), ``options`` over them; not started."""
-    metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
+    limit, one model thread), ``options`` over them, and its series in ``metrics`` (default: model ``m``); not
+    started."""
+    metrics = metrics or ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
     settings = {
         "device": torch.device("cpu"),
         "num_classes": 10,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,26 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(array.astype(np.uint8).tobytes())
 
 
-def bar_mnist(root: Path) -> Path:
-    """A 256/64-image stand-in in MNIST's raw layout under ``root``: class c is a bright bar at position c."""
+def stand_in_mnist(root: Path, sizes: tuple[int, int], mark: Callable[[np.ndarray, int], None]) -> Path:
+    """``sizes`` (train, test) noisy images in MNIST's raw layout under ``root``, class c drawn by ``mark(image, c)``
+    into a seeded background."""
     rng = np.random.default_rng(0)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for split, n in (("train", 256), ("t10k", 64)):
+    for split, n in zip(("train", "t10k"), sizes, strict=True):
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 40, (n, 28, 28))
         for i, c in enumerate(labels):
-            images[i, 4:24, 2 + 2 * int(c) : 4 + 2 * int(c)] = 255
+            mark(images[i], int(c))
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+def _bar(image: np.ndarray, c: int) -> None:
+    image[4:24, 2 + 2 * c : 4 + 2 * c] = 255
+
+
+def bar_mnist(root: Path) -> Path:
+    """A 256/64-image stand-in under ``root``: class c is a bright bar at position c."""
+    return stand_in_mnist(root, (256, 64), _bar)
