@@ -1,7 +1,7 @@
 """``deepdefense ownership verify``: send a key's watermarked queries, as the server keeps them, to a suspect (an
 API speaking our ``/predict`` with pixels, or a checkpoint run here) and weigh the watermark labels that come back
-(``server.watermark.ownership_test``). It reads the server's state and speaks HTTP as a client, so it sits here,
-above both."""
+and the ranks its probabilities give the watermark classes (``server.watermark.ownership_test``). It reads the
+server's state and speaks HTTP as a client, so it sits here, above both."""
 
 from __future__ import annotations
 
@@ -29,16 +29,18 @@ class Suspect:
     checkpoint: str | None = None
     timeout: float = 60.0
 
-    def labels(self, x: torch.Tensor, batch_size: int) -> list[int]:
-        """Its top-1 answers to ``x`` in requests (or batches) of ``batch_size``; an unreachable or refusing API
-        raises ``clients.oracle.OracleError``."""
+    def answers(self, x: torch.Tensor, batch_size: int) -> tuple[list[int], torch.Tensor]:
+        """Its top-1 answers to ``x`` and its probabilities (n, K), in requests (or batches) of ``batch_size``; an
+        unreachable or refusing API raises ``clients.oracle.OracleError``."""
         if self.url:
             with HttpOracle(self.url, read_api_key(self.key_file), timeout=self.timeout) as oracle:
-                return [int(a) for b in x.split(batch_size) for a in oracle.query(b, explain=False).labels]
+                replies = [oracle.query(b, explain=False) for b in x.split(batch_size)]
+            return [int(a) for r in replies for a in r.labels], torch.cat([r.probabilities for r in replies])
         assert self.checkpoint, "a suspect is an API or a checkpoint"
         model, _ = load_checkpoint(self.checkpoint)
         with torch.no_grad():
-            return [int(a) for b in x.split(batch_size) for a in model(b).argmax(1)]
+            probabilities = torch.cat([model(b).softmax(-1) for b in x.split(batch_size)])
+        return probabilities.argmax(1).tolist(), probabilities
 
 
 def verify_ownership(
@@ -59,5 +61,7 @@ def verify_ownership(
     x = torch.stack([r.query() for r in records])
     with torch.no_grad():
         victim_probabilities = torch.cat([victim(b).softmax(-1) for b in x.split(batch_size)])
-    answers = suspect.labels(x, batch_size)
-    return kid, ownership_test(records, answers, victim_probabilities, meta.num_classes)
+    labels, probabilities = suspect.answers(x, batch_size)
+    return kid, ownership_test(
+        records, labels, victim_probabilities, meta.num_classes, suspect_probabilities=probabilities
+    )

@@ -309,10 +309,14 @@ class Verdict:
     """What ``ownership_test`` found: the suspect's agreement with the watermark, and how unlikely it is by chance."""
 
     queries: int  # watermarked queries sent
+    classes: int  # K
     agreed: int  # answered with their watermark class
     chance: float  # the rate an independent model is credited with per query
     expected: float  # queries × chance
-    p_value: float
+    count_p_value: float  # the count's binomial tail
+    mean_rank: float | None  # the watermark class's mean rank among the suspect's K − 1 others (None: no probabilities)
+    rank_p_value: float | None  # the exact tail of the ranks' sum (None: no probabilities)
+    p_value: float  # the count's p-value alone, or with the ranks' the smaller of the two, doubled (Bonferroni)
     verdict: str  # "copied" when p_value < ALPHA, else "not shown"
     victim_rate: float  # the victim's mean probability of the watermark classes on those queries
     suspect_rate: float  # the suspect's rate of answering one given other wrong class
@@ -321,21 +325,61 @@ class Verdict:
         return dict(self.__dict__)
 
 
-def ownership_test(
-    records: list[Record], suspect: list[int], victim_probabilities: Tensor, classes: int, alpha: float = ALPHA
-) -> Verdict:
-    """Whether a suspect that answered ``suspect`` (labels) to the records' queries repeats their watermark.
+def watermark_ranks(records: list[Record], probabilities: Tensor) -> Tensor:
+    """Each record's watermark class's rank (1 = first) among the suspect's classes other than the label the answer
+    would have had, by the suspect's ``probabilities`` (n, K). A tie counts against the accusation: the watermark
+    class is ranked below every class it ties with."""
+    marks = torch.tensor([r.mark for r in records])
+    others = torch.ones_like(probabilities, dtype=torch.bool)
+    others[torch.arange(len(records)), torch.tensor([r.label for r in records])] = False
+    others[torch.arange(len(records)), marks] = False
+    at_least = probabilities >= probabilities.gather(1, marks[:, None])
+    return (at_least & others).sum(1) + 1
 
-    Under the null hypothesis (a model trained without our answers), each query's watermark class is one of
-    the K − 1 classes other than its label, drawn by a hash the model never saw, so it answers it with some
-    rate q, independently per query, and the count of agreements is Binomial(n, q). q is taken as the largest
-    of :data:`FLOOR`, the victim's own mean probability of the watermark classes (``victim_probabilities``,
-    (n, K)), and the suspect's own rate of answering one given wrong class other than the watermark's (its
-    answers that are neither the label nor the watermark, over n × (K − 2)): an independent model errs the
-    same way towards the watermark class as towards any other. The p-value is P(X ≥ agreed)."""
+
+def uniform_sum_cdf(total: int, n: int, m: int) -> float:
+    """P(S ≤ ``total``) for S the sum of ``n`` independent ranks, each uniform on 1..``m``: the exact distribution,
+    convolved in log space (tails far below 1e-300 stay exact until the last step)."""
+    if total < n:
+        return 0.0
+    log_pmf = np.zeros(1)  # the sum of 0 ranks minus its least value: 0, surely
+    width = min(total - n, n * (m - 1)) + 1  # sums above ``total`` never matter
+    for _ in range(n):
+        grown = np.full((m, len(log_pmf) + m - 1), -np.inf)
+        for shift in range(m):
+            grown[shift, shift : shift + len(log_pmf)] = log_pmf
+        log_pmf = (np.logaddexp.reduce(grown, axis=0) - np.log(m))[:width]
+    return float(min(1.0, np.exp(np.logaddexp.reduce(log_pmf))))
+
+
+def ownership_test(
+    records: list[Record],
+    suspect: list[int],
+    victim_probabilities: Tensor,
+    classes: int,
+    alpha: float = ALPHA,
+    suspect_probabilities: Tensor | None = None,
+) -> Verdict:
+    """Whether a suspect that answered ``suspect`` (labels; and ``suspect_probabilities``, (n, K), where it gives
+    them) to the records' queries repeats their watermark. Two tests of one null hypothesis — a model trained
+    without our answers:
+
+    * **the count.** Each query's watermark class is one of the K − 1 classes other than its label, drawn by a
+      hash the model never saw, so it answers it with some rate q, independently per query, and the count of
+      agreements is Binomial(n, q). q is taken as the largest of :data:`FLOOR`, the victim's own mean probability
+      of the watermark classes (``victim_probabilities``, (n, K)), and the suspect's own rate of answering one
+      given wrong class other than the watermark's (its answers that are neither the label nor the watermark,
+      over n × (K − 2)): an independent model errs the same way towards the watermark class as towards any other.
+    * **the ranks** (with probabilities). Given the query, the suspect's probabilities are fixed and the watermark
+      class is drawn uniformly from the K − 1 classes other than the label, independently per query (distinct
+      fingerprints, a keyed hash): its rank among them (:func:`watermark_ranks`) is uniform on 1..K − 1 whatever
+      the suspect is, so the sum of the ranks has an exact distribution and needs no estimated rate. A copy that
+      learnt the watermark ranks it high even where its top-1 is the honest label.
+
+    The p-value is the count's P(X ≥ agreed), or, with probabilities, twice the smaller of the two."""
     n = len(records)
     if n == 0:
-        return Verdict(0, 0, FLOOR, 0.0, 1.0, "not shown", 0.0, 0.0)
+        return Verdict(0, classes, 0, FLOOR, 0.0, 1.0, None, None, 1.0, "not shown", 0.0, 0.0)
     marks = torch.tensor([r.mark for r in records])
     labels = torch.tensor([r.label for r in records])
     answers = torch.tensor(suspect)
@@ -344,12 +388,23 @@ def ownership_test(
     suspect_rate = other / (n * max(classes - 2, 1))
     victim_rate = float(victim_probabilities.gather(1, marks[:, None]).mean())
     chance = max(FLOOR, victim_rate, suspect_rate)
-    p_value = float(binom.sf(agreed - 1, n, chance))
+    count_p = float(binom.sf(agreed - 1, n, chance))
+    mean_rank = rank_p = None
+    p_value = count_p
+    if suspect_probabilities is not None:
+        ranks = watermark_ranks(records, suspect_probabilities)
+        mean_rank = float(ranks.float().mean())
+        rank_p = uniform_sum_cdf(int(ranks.sum()), n, classes - 1)
+        p_value = min(1.0, 2 * min(count_p, rank_p))
     return Verdict(
         queries=n,
+        classes=classes,
         agreed=agreed,
         chance=chance,
         expected=n * chance,
+        count_p_value=count_p,
+        mean_rank=mean_rank,
+        rank_p_value=rank_p,
         p_value=p_value,
         verdict="copied" if p_value < alpha else "not shown",
         victim_rate=victim_rate,

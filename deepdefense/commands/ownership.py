@@ -3,8 +3,9 @@
 It reads the key's watermarked queries from the store the server keeps them in (the same settings and
 ``DD_*`` variables: ``budget_db`` or ``state``), sends them to the suspect — an API that speaks our
 ``/predict`` with ``pixels``, or a checkpoint file run here — counts the watermark classes that come back,
-and weighs that count against what a model trained without our answers would give (a binomial test,
-``server.watermark.ownership_test``). The last line printed is JSON with ``p_value`` and ``verdict``.
+and weighs that count against what a model trained without our answers would give (a binomial test), and the
+ranks the suspect's probabilities give the watermark classes against the uniform ranks such a model gives them
+(an exact test; ``server.watermark.ownership_test``). The last line printed is JSON with ``p_value`` and ``verdict``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ def run(args: argparse.Namespace) -> int:
         f"{verdict.victim_rate:.4f} and the suspect's rate of answering one other wrong class "
         f"{verdict.suspect_rate:.4f})"
     )
-    print(f"p-value {verdict.p_value:.3g}: {verdict.verdict}")
+    print(f"the count's p-value {verdict.count_p_value:.3g}")
+    if verdict.mean_rank is not None:
+        print(
+            f"the watermark classes' mean rank among the suspect's {verdict.classes - 1} classes other than the label: "
+            f"{verdict.mean_rank:.2f} (an independent model: uniform ranks, mean {verdict.classes / 2:.1f}); "
+            f"exact p-value of their sum {verdict.rank_p_value:.3g}"
+        )
+    combined = "twice the smaller of the two (Bonferroni)" if verdict.mean_rank is not None else "the count's"
+    print(f"p-value {verdict.p_value:.3g} ({combined}): {verdict.verdict}")
     result = {"command": args.command_line, "key_id": kid, **verdict.as_dict()}
     if args.out:
         flags.write_json(args.out, result)

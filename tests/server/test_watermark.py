@@ -1,12 +1,15 @@
 """Watermarked answers (server/watermark.py) and ``deepdefense ownership verify``: the keyed selection (per key,
 the fraction, near-duplicates), the answer (the watermark label, the honest sorted probabilities, the map of
 that label), the records across a restart (SQLite) and across two apps on one real Redis, the verdict for a
-copy and for an independent model, and the watermark's secret kept out of logs and outputs."""
+copy and for an independent model (the count and the exact rank test), and the watermark's secret kept out of
+logs and outputs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +26,14 @@ from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import load_split
 from deepdefense.server.app import create_app
 from deepdefense.server.keystore import WATERMARK, server_secret
-from deepdefense.server.watermark import Record, SqliteWatermarkStore, Watermark, ownership_test
+from deepdefense.server.watermark import (
+    Record,
+    SqliteWatermarkStore,
+    Watermark,
+    ownership_test,
+    uniform_sum_cdf,
+    watermark_ranks,
+)
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -178,6 +188,62 @@ def test_the_ownership_test_accuses_a_copy_and_not_an_independent_model() -> Non
     assert independent.p_value > 0.01 and independent.verdict == "not shown"
     careless = ownership_test(records, [(r.mark % 9) + 1 for r in records], victim, 10)  # wrong everywhere else
     assert careless.suspect_rate == pytest.approx(25 / (25 * 8)) and careless.p_value > 0.01
+
+
+def test_the_rank_sum_distribution_is_exact() -> None:
+    for n, m in [(1, 9), (2, 3), (3, 4), (4, 2)]:
+        for total in range(n * m + 2):
+            brute = sum(sum(r) <= total for r in itertools.product(range(1, m + 1), repeat=n)) / m**n
+            assert math.isclose(uniform_sum_cdf(total, n, m), brute, rel_tol=1e-9, abs_tol=1e-15), (n, m, total)
+    assert math.isclose(uniform_sum_cdf(29, 29, 9), 9.0**-29, rel_tol=1e-9), "every rank first: (1/9)^n"
+
+
+def _ranked(records: list[Record], rank: int, classes: int = 10) -> torch.Tensor:
+    """Probabilities that put each record's label first and its watermark class ``rank``-th among the others."""
+    p = torch.zeros(len(records), classes)
+    for i, r in enumerate(records):
+        others = [c for c in range(classes) if c not in (r.label, r.mark)]
+        order = [*others[: rank - 1], r.mark, *others[rank - 1 :]]
+        p[i, r.label] = 0.9
+        p[i, order] = torch.linspace(0.05, 0.001, classes - 1)
+    return p
+
+
+def test_the_rank_test_proves_a_copy_whose_top_1_stays_honest() -> None:
+    records = [Record(b"", (0,), (i % 9) + 1, 0, (), 0.0) for i in range(25)]
+    victim = torch.full((25, 10), 0.0).index_fill(1, torch.tensor([0]), 1.0)
+    second = _ranked(records, 1)  # the watermark class right under the honest label: never the top-1
+    assert watermark_ranks(records, second).tolist() == [1] * 25
+    copy = ownership_test(records, [0] * 25, victim, 10, suspect_probabilities=second)
+    assert copy.agreed == 0 and copy.count_p_value == 1.0, "the count alone sees nothing"
+    assert copy.mean_rank == 1.0 and copy.rank_p_value == pytest.approx(9.0**-25) and copy.verdict == "copied"
+    assert copy.p_value == pytest.approx(2 * 9.0**-25), "twice the smaller p-value"
+    last = ownership_test(records, [0] * 25, victim, 10, suspect_probabilities=_ranked(records, 9))
+    assert last.mean_rank == 9.0 and last.p_value == 1.0 and last.verdict == "not shown"
+
+
+def test_ties_count_against_the_accusation() -> None:
+    """A suspect that answers one-hot probabilities ties every other class at 0: the watermark class is ranked last,
+    never first (ties taken the suspect's way would accuse every such model)."""
+    records = [Record(b"", (0,), (i % 9) + 1, 0, (), 0.0) for i in range(25)]
+    one_hot = torch.zeros(25, 10).index_fill(1, torch.tensor([0]), 1.0)
+    assert watermark_ranks(records, one_hot).tolist() == [9] * 25
+    assert ownership_test(records, [0] * 25, one_hot, 10, suspect_probabilities=one_hot).verdict == "not shown"
+
+
+def test_the_rank_test_holds_its_level_for_models_that_never_saw_the_watermark() -> None:
+    """Independent suspects (random probabilities, fixed before the watermark classes are drawn uniformly): the
+    rank test's p-value falls under 0.05 about 5% of the time, as an exact test's must (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    small = []
+    for _ in range(400):
+        labels = torch.randint(0, 10, (20,), generator=g)
+        marks = (labels + torch.randint(1, 10, (20,), generator=g)) % 10
+        records = [Record(b"", (0,), int(m), int(c), (), 0.0) for m, c in zip(marks, labels, strict=True)]
+        p = torch.rand(20, 10, generator=g).softmax(-1)
+        small.append(ownership_test(records, p.argmax(1).tolist(), p, 10, suspect_probabilities=p).rank_p_value)
+    share = sum(v < 0.05 for v in small) / len(small)
+    assert 0.02 <= share <= 0.09, share
 
 
 def test_verify_proves_a_copy_served_over_http_and_clears_the_victim(
