@@ -93,6 +93,8 @@ def test_the_second_round_gate() -> None:
     jbda, seeds = quoted(r"JBDA from 150 seeds at B = 2,500: \*\*(\d+\.\d+)%\*\*.*?alone are worth (\d+\.\d+)%", 2)
     assert jbda == accuracy(in_domain["deepdefense+gate@jbda"], 2_500)
     assert seeds == results("gate-aware-in-domain/first-answers.json")["accuracy_first_n"]["150"]
+    (jbda_10k,) = quoted(r"at B = 10,000: \*\*(\d+\.\d+)%\*\* \(`below-label-line-jbda-10000.md`\)")
+    assert jbda_10k == accuracy(results("gate-aware-jbda-10000/results.json")["arms"]["deepdefense+gate@jbda"], 10_000)
     (p50,) = quoted(r"gate and monitor add (\d+\.\d+)% to a defended query's p50")
     gated, plain = (results(f"gate-cost/{n}.json")["latency_ms"]["p50"] for n in ("gated", "plain"))
     assert p50 == round(100 * (gated / plain - 1), 1)
