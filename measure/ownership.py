@@ -37,6 +37,7 @@ from torch.nn.utils import prune
 from deepdefense.clients.attack import sample_queries
 from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
 from deepdefense.clients.transfer import TransferSet, TransferStore
+from deepdefense.common.options import key_values
 from deepdefense.common.provenance import provenance
 from deepdefense.defense.api import Answer, Defense
 from deepdefense.defense.gate import MisinformationGate
@@ -53,6 +54,27 @@ SETS = {
     "victim-train": "lenet-mnist-deepdefense-random-mnist-3ab9ed630c90",
     "jbda": "lenet-mnist-deepdefense-jbda-mnist-0232f4647144",
 }
+#: How each query set's B = 10,000 set was made, as the report says it.
+LARGER = {
+    "victim-train": [
+        "* B = 10,000 (victim-train): the evaluation harness extended the stored set from 2,500 to 10,000",
+        "  queries through the same default server with keys (`deepdefense eval --defenses --gated deepdefense",
+        "  --monitored --query-sets victim-train --budgets 10000 …`, stopped once the set was collected); its",
+        "  monitor window started afresh at query 2,501 (the key was never escalated in the first 2,500).",
+    ],
+    "jbda": [
+        "* B = 10,000 (jbda): a set collected afresh through today's default server with keys (`deepdefense eval",
+        "  --defenses --gated deepdefense --monitored --query-sets jbda --budgets 10000 …`,",
+        "  `docs/results/below-label-line-jbda-10000.md`; `--stored jbda=<its folder>`): the key was escalated after",
+        "  214 queries, so its later answers are the misinformation path's, watermarked like any other.",
+    ],
+}
+
+
+def _not_measured(query_set: str) -> list[str]:
+    return [f"* B = 10,000 for {query_set}: not measured; `--budget 10000` on a stored set of 10,000 runs it."]
+
+
 #: The map the first runs' watermarked answers carried (their results files say no other): recomputed by the engine
 #: for the watermark class, later dropped (``server/watermark.py``).
 TRIED = "recomputed for the watermark class (`answer_as`, tried, not served)"
@@ -71,8 +93,8 @@ def key_of(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
-def load_set(store_root: Path, query_set: str) -> TransferSet:
-    root = store_root / SETS[query_set]
+def load_set(store_root: Path, folder: str) -> TransferSet:
+    root = store_root / folder
     fingerprint = json.loads((root / "manifest.json").read_text())["fingerprint"]
     return TransferStore(root, fingerprint).load()
 
@@ -173,23 +195,27 @@ class Study:
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
 
-    def watermark(self, query_set: str, fraction: float) -> tuple[Watermark, str, TransferSet]:
-        """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set."""
-        key = key_of(f"{query_set}-{fraction}")
-        watermark = self._fresh_watermark(f"watermark-{query_set}-{fraction}", fraction)
-        data = load_set(Path(self.args.store_root), query_set).prefix(self.args.budget)
+    def watermark(self, query_set: str, fraction: float, key_index: int = 0) -> tuple[Watermark, str, TransferSet]:
+        """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set. Keys of
+        another ``key_index`` get other selections of the same queries (another draw of the keyed hash)."""
+        name = f"{query_set}-{fraction}" + (f"-{key_index}" if key_index else "")
+        key = key_of(name)
+        watermark = self._fresh_watermark(f"watermark-{name}", fraction)
+        folder = {**SETS, **key_values(self.args.stored, "--stored")}[query_set]
+        data = load_set(Path(self.args.store_root), folder).prefix(self.args.budget)
         return watermark, key, watermarked_set(data, watermark, key)
 
-    def copies(self, query_set: str, fraction: float, losses: list[str]) -> None:
-        watermark, key, data = self.watermark(query_set, fraction)
+    def copies(self, query_set: str, fraction: float, losses: list[str], key_index: int = 0) -> None:
+        watermark, key, data = self.watermark(query_set, fraction, key_index)
         marked = len(watermark.records(key))
         for loss in losses:
-            name = f"{query_set}/{fraction}/{loss}/{len(data)}"
+            name = f"{query_set}/{fraction}/{loss}/{len(data)}" + (f"/{key_index}" if key_index else "")
             if self.done("copies", name):
                 continue
             started = time.perf_counter()
             copy = self.train(data, loss, self.args.seed)
             row: dict[str, Any] = {"query_set": query_set, "fraction": fraction, "loss": loss, "budget": len(data)}
+            row["key"] = key_index
             row.update({"watermarked": marked, "train_s": round(time.perf_counter() - started, 1)})
             row["copy"] = self.score(copy, watermark, key)
             if fraction == self.args.fraction:
@@ -274,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deepdefense.measure.ownership", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None, help="data sets (default: DD_DATA_ROOT)")
     p.add_argument("--store-root", default="runs/transfer-sets", help="the evaluation's transfer sets")
+    p.add_argument(
+        "--stored",
+        nargs="+",
+        default=[],
+        metavar="SET=FOLDER",
+        help="another stored set for a query set (default: SETS)",
+    )
     p.add_argument("--out", default="docs/results/ownership.json", help="results (resumed when present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=2500, help="B: queries of each thief")
@@ -285,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep-sets", nargs="+", default=["victim-train"], choices=list(SETS), help="query sets of the sweep"
     )
+    p.add_argument("--sweep-keys", type=int, default=1, help="keys per fraction of the sweep (draws of the hash)")
     p.add_argument("--finetune-n", type=int, default=500)
     p.add_argument("--finetune-epochs", type=int, nargs="+", default=[10, 50])
     p.add_argument("--prune", type=float, nargs="+", default=[0.5, 0.8])
@@ -303,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         study.honest_cost()
     if "sweep" in args.steps:
         for fraction in args.fractions:
-            for query_set in args.sweep_sets if fraction != args.fraction else []:
-                study.copies(query_set, fraction, args.sweep_losses)
+            for key_index in range(args.sweep_keys):  # the default fraction's first key: the copies step's
+                for query_set in args.sweep_sets if (fraction, key_index) != (args.fraction, 0) else []:
+                    study.copies(query_set, fraction, args.sweep_losses, key_index)
     if "copies" in args.steps:
         for query_set in args.query_sets:
             study.copies(query_set, args.fraction, args.losses)
@@ -367,7 +402,7 @@ def _targets(
 def report(parts: list[dict[str, Any]]) -> str:
     """The Markdown report of one or more result files (``docs/results/ownership.md``)."""
     copies = {  # by what the row is: a later file's row replaces an earlier one's
-        "/".join(str(v[f]) for f in ("query_set", "fraction", "loss", "budget")): v
+        "/".join(str(v.get(f, 0)) for f in ("query_set", "fraction", "loss", "budget", "key")): v
         for part in parts
         for v in part.get("copies", {}).values()
     }
@@ -405,7 +440,8 @@ def report(parts: list[dict[str, Any]]) -> str:
         ),
     ]
     at = [r for r in copies.values() if r["fraction"] == FRACTION and r["budget"] == 2500]
-    lines[11:11] = _targets(at, independent, cost.get(str(FRACTION)), copies)
+    first = lines.index("## Honest cost per fraction")  # the targets come right after the introduction
+    lines[first:first] = _targets(at, independent, cost.get(str(FRACTION)), copies)
     lines += ["", "## Copies made through the API", ""]
     extra = sorted({k for row in copies.values() for k in row if k.startswith(("finetuned_", "pruned_"))})
     head = ["query set", "B", "fraction", "thief", "copy"] + [
@@ -441,7 +477,8 @@ def report(parts: list[dict[str, Any]]) -> str:
             "## Independent models",
             "",
             "Trained with the thieves' recipe on the victim-train thief's 2,500 MNIST training images with their",
-            "true labels (never through the API), seeds 1–10; each tested against every thief's key.",
+            'true labels (never through the API), seeds 1–10; each tested against every thief\'s key ("at": a key of',
+            "another fraction of the sweep; the plain columns are the default fraction's).",
             "",
             *table(
                 ["model", *(f"{q} key" for q in sets)],
@@ -471,21 +508,8 @@ def report(parts: list[dict[str, Any]]) -> str:
             ),
         ]
     larger = [q for q in SETS if any(r["query_set"] == q and r["budget"] > 2500 for r in copies.values())]
-    missing = [q for q in SETS if q not in larger]
     lines += ["", "## How the larger sets were made, and what was not measured", ""]
-    if larger:
-        lines += [
-            f"* B = 10,000 ({', '.join(larger)}): the evaluation harness extended the stored set from 2,500 to 10,000",
-            "  queries through the same default server with keys (`deepdefense eval --defenses --gated deepdefense",
-            "  --monitored --query-sets victim-train --budgets 10000 …`, stopped once the set was collected); its",
-            "  monitor window started afresh at query 2,501 (the key was never escalated in the first 2,500).",
-        ]
-    if missing:
-        lines += [
-            f"* B = 10,000 for {', '.join(missing)}: not measured; the stored sets hold 2,500 queries, and collecting",
-            "  7,500 more per set (with JBDA's rounds) did not fit this session's share of two CPU cores shared by",
-            "  four engineers. With a set of 10,000 stored, `--budget 10000` runs the same study.",
-        ]
+    lines += [line for q in SETS for line in (LARGER[q] if q in larger else _not_measured(q))]
     lines += [
         "* JBDA through a watermarked server: JBDA grows each round's queries from a substitute trained on the",
         "  answers; here the queries are those grown from unwatermarked answers and only the answers are",

@@ -18,14 +18,36 @@ own --out docs/results/ownership/c.json --steps sweep --sweep-sets jbda --sweep-
 own --out docs/results/ownership/d.json --steps independent --independent 6 10 &
 wait
 own --out docs/results/ownership/e.json --steps copies detectors --query-sets victim-train jbda --losses explanations
-# B = 10,000 (victim-train): the harness extends the stored set (stopped by hand once it held 10,000 queries,
-# before it trained anything of its own), then the same study on it
+# B = 10,000 (victim-train): the harness extended the stored set (stopped by hand once it held 10,000 queries,
+# before it trained anything of its own); f and g are the first study on it, with the count test alone
 deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
     --query-sets victim-train --jbda-seeds 150 --losses labels --budgets 10000 --benign-n 0 --avg-drop --cs --top-k \
     --store-root runs/transfer-sets --out /tmp/collect --quiet
 own --out docs/results/ownership/f.json --steps copies --query-sets victim-train --budget 10000 --losses labels probabilities &
 own --out docs/results/ownership/g.json --steps copies --query-sets victim-train --budget 10000 --losses explanations &
 wait
+# The rank test (server/watermark.py ownership_test): every copy and independent model measured again, so that
+# each carries both tests (the same seeds and selections: the counts are a-g's); the fraction's sweep for every
+# thief, and five keys per fraction (five draws of the hash) for the two weakest JBDA thieves
+own --out docs/results/ownership/copies.json --steps copies --query-sets jbda victim-train &
+own --out docs/results/ownership/independent.json --steps independent &
+own --out docs/results/ownership/sweep.json --steps sweep --sweep-sets jbda victim-train \
+    --sweep-losses labels probabilities explanations --fractions 0.0025 0.005 &
+wait
+for loss in explanations probabilities; do
+    own --out docs/results/ownership/sweep-$loss.json --steps sweep --sweep-sets jbda --sweep-losses $loss \
+        --fractions 0.0025 0.005 0.01 --sweep-keys 5 &
+done
+wait
+own --out docs/results/ownership/copies-10000.json --steps copies --query-sets victim-train --budget 10000 \
+    --losses labels probabilities &
+own --out docs/results/ownership/copies-10000-explanations.json --steps copies --query-sets victim-train \
+    --budget 10000 --losses explanations &
+wait
 python -m deepdefense.measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
     docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
-    docs/results/ownership/f.json docs/results/ownership/g.json > docs/results/ownership.md
+    docs/results/ownership/f.json docs/results/ownership/g.json docs/results/ownership/copies.json \
+    docs/results/ownership/independent.json docs/results/ownership/sweep.json \
+    docs/results/ownership/sweep-explanations.json docs/results/ownership/sweep-probabilities.json \
+    docs/results/ownership/copies-10000.json docs/results/ownership/copies-10000-explanations.json \
+    > docs/results/ownership.md
