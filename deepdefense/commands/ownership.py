@@ -16,7 +16,7 @@ import sys
 
 from deepdefense import flags
 
-HELP = "prove a suspect model was copied: send a key's watermarked queries, count the watermark labels returned"
+HELP = "prove a suspect model was copied: send a key's watermarked queries, weigh the watermark labels and ranks"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
