@@ -124,3 +124,22 @@ def test_the_third_rounds_goodput() -> None:
     assert ratio == round(defended / undefended, 3)
     (p50,) = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \(122\.4 ms before;")
     assert p50 == results("perf3/defended-1.json")["latency_ms"]["p50"]
+
+
+def test_the_ownership_watermark() -> None:
+    largest, weakest, independent = quoted(
+        r"two weakest JBDA thieves\): p ≤ \*\*(\d\.\de-\d+)\*\*.*?mean rank 1\.34\): p \*\*(\d\.\de-\d+)\*\*; "
+        r"ten models trained without our answers: p ≥ \*\*(\d\.\d+)\*\*",
+        3,
+    )
+    rows = [
+        row
+        for name in ("copies", "sweep-explanations", "sweep-probabilities")
+        for row in results(f"ownership/{name}.json")["copies"].values()
+        if row["fraction"] == 0.01 and row["budget"] == 2500
+    ]
+    assert largest == float(f"{max(r['copy']['p_value'] for r in rows):.1e}")
+    copy = results("ownership/copies.json")["copies"]["jbda/0.01/explanations/2500"]["copy"]
+    assert weakest == float(f"{copy['p_value']:.1e}") and round(copy["mean_rank"], 2) == 1.34
+    scores = results("ownership/independent.json")["independent"].values()
+    assert independent == round(min(s["p_value"] for m in scores for key, s in m.items() if " at " not in key), 2)
