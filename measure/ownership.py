@@ -354,6 +354,16 @@ def _p(v: float) -> str:
     return f"{v:.1e}" if v < 0.01 else f"{v:.2f}"
 
 
+def _scores(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A copies row's verdicts: the copy's, and each fine-tuned or pruned model's."""
+    return [v for k, v in row.items() if k == "copy" or k.startswith(("finetuned_", "pruned_"))]
+
+
+def _thief(row: dict[str, Any]) -> str:
+    """The row's thief, and which draw of the hash (another key) when it is not the first."""
+    return row["loss"] + (f" (draw {row['key'] + 1})" if row.get("key") else "")
+
+
 def _verdict(score: dict[str, Any]) -> str:
     rank = f", rank {score['mean_rank']:.2f}" if score.get("mean_rank") is not None else ""
     return f"{score['agreed']}/{score['queries']}{rank}, p = {_p(score['p_value'])} ({score['accuracy']:.2f}%)"
@@ -407,6 +417,7 @@ def report(parts: list[dict[str, Any]]) -> str:
         for v in part.get("copies", {}).values()
     }
     cost = {k: v for part in parts for k, v in part.get("honest_cost", {}).items()}
+    unranked = any(score.get("mean_rank") is None for r in copies.values() for score in _scores(r))
     independent = {k: v for part in parts for k, v in part.get("independent", {}).items()}
     detectors = [(p.get("map", TRIED), p["detectors"]["mnist-test"]) for p in parts if "detectors" in p]
     lines = [
@@ -422,9 +433,12 @@ def report(parts: list[dict[str, Any]]) -> str:
         "the victim's mean probability of the watermark classes, the suspect's rate of answering one other given",
         "wrong class); and *the ranks* the suspect's probabilities give the watermark classes among the 9 classes",
         "other than the answer's label — uniform on 1..9 for a model that never saw the keyed hash, so the sum's",
-        "tail is exact. The p-value is twice the smaller of the two (Bonferroni); rows without a rank were measured",
-        "before the rank test and carry the count's alone. Cells: watermark labels repeated / watermarked queries,",
-        "the watermark classes' mean rank (5: chance, 1: always first), p-value (MNIST test accuracy of the model).",
+        "tail is exact. The p-value is twice the smaller of the two (Bonferroni)"
+        + ("; rows without a rank were measured" if unranked else "."),
+        *(["before the rank test and carry the count's alone."] if unranked else []),
+        "Cells: watermark labels repeated / watermarked queries, the watermark classes' mean rank (5: chance, 1:",
+        "always first), p-value (MNIST test accuracy of the model); *draw k*: the same thief measured on another",
+        "key, i.e. another draw of the keyed hash.",
         "",
         "## Honest cost per fraction",
         "",
@@ -451,7 +465,7 @@ def report(parts: list[dict[str, Any]]) -> str:
     lines += table(
         head,
         (
-            [r["query_set"], f"{r['budget']:,}", f"{r['fraction']:.2%}", r["loss"], _verdict(r["copy"])]
+            [r["query_set"], f"{r['budget']:,}", f"{r['fraction']:.2%}", _thief(r), _verdict(r["copy"])]
             + [_verdict(r[k]) if k in r else "—" for k in extra]
             for r in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"]))
         ),
@@ -460,7 +474,7 @@ def report(parts: list[dict[str, Any]]) -> str:
     if weak:
         lines += ["", "**Where the proof stops** (p ≥ 1e-3 after fine-tuning or pruning):", ""]
         lines += [
-            f"* {r['query_set']}, {r['loss']} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
+            f"* {r['query_set']}, {_thief(r)} thief, {k.replace('_', ' ')}: {_verdict(r[k])}, against "
             f"{_verdict(r['copy'])} before."
             for r, k in weak
         ]

@@ -33,7 +33,7 @@ def test_targets_follow_the_introduction_and_every_key_counts() -> None:
         lines.index(f"## Targets (issue 34), at the default fraction {FRACTION:.2%}"),
         lines.index("## Honest cost per fraction"),
     )
-    assert lines[targets - 1] == "" and lines[targets - 2].startswith("the watermark classes' mean rank"), (
+    assert lines[targets - 1] == "" and lines[targets - 2] == "key, i.e. another draw of the keyed hash.", (
         "the targets must come after the introduction's last line, not inside it"
     )
     assert targets < cost
@@ -41,6 +41,7 @@ def test_targets_follow_the_introduction_and_every_key_counts() -> None:
     assert "0.50%: 1 of 2 copies proven (p < 1e-6); 1.00%: 2 of 2 copies proven" in text
     assert "3/20, rank 1.20, p = 1.0e-12 (70.00%)" in text
     assert "largest p 0.02 — **not met**" in text and "finetuned 50: 3/20, rank 1.20, p = 0.02" in text
+    assert "| jbda | 2,500 | 0.50% | explanations (draw 2) | 3/20, rank 1.20, p = 1.0e-09 (70.00%) |" in text
 
 
 def test_a_row_measured_before_the_rank_test_shows_the_count_alone() -> None:

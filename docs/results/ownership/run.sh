@@ -39,10 +39,22 @@ for loss in explanations probabilities; do
         --fractions 0.0025 0.005 0.01 --sweep-keys 5 &
 done
 wait
+# B = 10,000 with the rank test: the victim-train set extended again to 10,000 (the one f and g used was no longer
+# stored) and a JBDA set of 10,000 collected through today's default server with keys, each named with --stored
+deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
+    --query-sets victim-train --jbda-seeds 150 --losses labels --budgets 10000 --benign-n 0 --avg-drop --cs --top-k \
+    --store-root runs/transfer-sets --out /tmp/collect-vt --quiet
+deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
+    --query-sets jbda --jbda-seeds 150 --losses probabilities labels --budgets 10000 --benign-n 0 --avg-drop --cs \
+    --top-k --store-root runs/transfer-sets --out docs/results/gate-aware-jbda-10000 \
+    --report docs/results/below-label-line-jbda-10000.md
+VT=victim-train=lenet-mnist-deepdefense-random-mnist-3dedc7a23a0a
 own --out docs/results/ownership/copies-10000.json --steps copies --query-sets victim-train --budget 10000 \
-    --losses labels probabilities &
+    --losses labels probabilities --stored $VT &
 own --out docs/results/ownership/copies-10000-explanations.json --steps copies --query-sets victim-train \
-    --budget 10000 --losses explanations &
+    --budget 10000 --losses explanations --stored $VT &
+own --out docs/results/ownership/copies-jbda-10000.json --steps copies --query-sets jbda --budget 10000 \
+    --stored jbda=lenet-mnist-deepdefense-jbda-mnist-8251ba004a15 &
 wait
 python -m deepdefense.measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
     docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
@@ -50,4 +62,4 @@ python -m deepdefense.measure.ownership --report docs/results/ownership/a.json d
     docs/results/ownership/independent.json docs/results/ownership/sweep.json \
     docs/results/ownership/sweep-explanations.json docs/results/ownership/sweep-probabilities.json \
     docs/results/ownership/copies-10000.json docs/results/ownership/copies-10000-explanations.json \
-    > docs/results/ownership.md
+    docs/results/ownership/copies-jbda-10000.json > docs/results/ownership.md
