@@ -44,6 +44,8 @@ wait
 deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
     --query-sets victim-train --jbda-seeds 150 --losses labels --budgets 10000 --benign-n 0 --avg-drop --cs --top-k \
     --store-root runs/transfer-sets --out /tmp/collect-vt --quiet
+# (its record, and the key's monitor summary, copied to docs/results/gate-aware-victim-train-10000: the labels thief
+# trained on those 10,000 answers, the in-domain ceiling at B = 10,000)
 deepdefense eval --data-root "${DD_DATA_ROOT:-../shared/data}" --defenses --gated deepdefense --monitored \
     --query-sets jbda --jbda-seeds 150 --losses probabilities labels --budgets 10000 --benign-n 0 --avg-drop --cs \
     --top-k --store-root runs/transfer-sets --out docs/results/gate-aware-jbda-10000 \
