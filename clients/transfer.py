@@ -119,6 +119,15 @@ class TransferStore:
             self.shards = []
             self._write_manifest()
 
+    @classmethod
+    def existing(cls, root: str | os.PathLike[str]) -> TransferStore:
+        """The store already in ``root``, whatever attack collected it (the fingerprint its manifest holds): for
+        reading a collected set back. A folder without a manifest is refused, never made a new store."""
+        manifest = Path(root) / _MANIFEST
+        if not manifest.is_file():
+            raise TransferStoreError(Path(root), f"holds no {_MANIFEST}: not a transfer-set store")
+        return cls(root, json.loads(manifest.read_text())["fingerprint"])
+
     def _read_manifest(self, path: Path) -> dict[str, Any]:
         """``manifest.json`` parsed and checked for shape: ``fingerprint`` an object, ``shards`` a list of
         ``{"file": "shard-<i>.safetensors", "count": int >= 0, "round": int >= 0[, "sha256": hex]}`` in order."""

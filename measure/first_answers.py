@@ -32,8 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the record here as JSON")
     args = p.parse_args(argv)
-    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
-    data = TransferStore(args.store, manifest["fingerprint"]).load()
+    data = TransferStore.existing(args.store).load()
     spec, test = get_spec(args.dataset), load_split(args.dataset, args.data_root, "test")
     accuracy = {}
     for n in args.n:

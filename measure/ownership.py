@@ -93,12 +93,6 @@ def key_of(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
-def load_set(store_root: Path, folder: str) -> TransferSet:
-    root = store_root / folder
-    fingerprint = json.loads((root / "manifest.json").read_text())["fingerprint"]
-    return TransferStore(root, fingerprint).load()
-
-
 def watermarked_set(data: TransferSet, watermark: Watermark, key: str) -> TransferSet:
     """``data``'s answers as the watermarked server gives them to one key (see the module's docstring)."""
     labels, probs = data.labels.clone(), data.probabilities.clone()
@@ -202,7 +196,7 @@ class Study:
         key = key_of(name)
         watermark = self._fresh_watermark(f"watermark-{name}", fraction)
         folder = {**SETS, **key_values(self.args.stored, "--stored")}[query_set]
-        data = load_set(Path(self.args.store_root), folder)
+        data = TransferStore.existing(Path(self.args.store_root) / folder).load()
         if len(data) < self.args.budget:  # a copy of fewer queries would be reported under B
             raise ValueError(f"{folder} holds {len(data)} answers, fewer than --budget {self.args.budget}")
         return watermark, key, watermarked_set(data.prefix(self.args.budget), watermark, key)

@@ -28,11 +28,6 @@ from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
 
 
-def load(store: str, budget: int) -> TransferSet:
-    manifest = json.loads((Path(store) / "manifest.json").read_text())
-    return TransferStore(store, manifest["fingerprint"]).load().prefix(budget)
-
-
 def compare(a: TransferSet, b: TransferSet) -> dict[str, object]:
     """How far two sets' answers to the same queries are apart: per answer, the largest change of a probability."""
     assert torch.equal(a.images, b.images), "the sets answer different queries"
@@ -60,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the record (JSON)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = {name: load(store, args.budget) for name, store in key_values(args.stores, "--stores").items()}
+    stores = key_values(args.stores, "--stores").items()
+    sets = {name: TransferStore.existing(store).load().prefix(args.budget) for name, store in stores}
     spec, test = get_spec(args.attacker_data), load_split(args.dataset, args.data_root, "test")
     thieves: dict[str, dict[str, float]] = {}
     record = {"command": module_command("deepdefense.measure.thief_spread", argv), "seed": args.seed}

@@ -46,6 +46,16 @@ def test_shards_are_committed_in_order_and_read_back(tmp_path: Path) -> None:
     assert torch.equal(data.prefix(3).images, x[:3]) and len(data.prefix(3)) == 3, same
 
 
+def test_an_existing_store_opens_with_its_own_fingerprint_and_an_empty_folder_is_refused(tmp_path: Path) -> None:
+    TransferStore(tmp_path / "s", FP).append(torch.rand(3, 1, 28, 28), reply(3))
+    opened = TransferStore.existing(tmp_path / "s")
+    assert opened.fingerprint == TransferStore(tmp_path / "s", FP).fingerprint and len(opened.load()) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransferStoreError, match=r"holds no manifest\.json"):
+        TransferStore.existing(tmp_path / "empty")
+    assert not (tmp_path / "empty" / "manifest.json").exists(), "refused, not made a new store"
+
+
 def test_a_shard_not_in_the_manifest_is_ignored_and_rewritten(tmp_path: Path) -> None:
     store = TransferStore(tmp_path / "s", FP)
     store.append(torch.rand(2, 1, 28, 28), reply(2))
