@@ -93,6 +93,16 @@ def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Bar
         ledger.close()
 
 
+def pin_redis_secrets(server: RedisServer) -> None:
+    """Put the fixed secrets of ``support.settings.PINNED_SECRETS`` in ``server``'s Redis, where replicas read them."""
+    from deepdefense.server.state import PREFIX
+    from support.settings import PINNED_SECRETS
+
+    with server.client() as raw:
+        for name, value in PINNED_SECRETS.items():
+            raw.set(f"{PREFIX}secret:{name}", value)
+
+
 def redis_key_id(server: RedisServer, key: str) -> str:
     """``key``'s id under the key-id secret in ``server``'s Redis (made now if no app made it yet), as apps give it."""
     from deepdefense.server.auth import key_id
