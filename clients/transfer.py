@@ -65,6 +65,10 @@ class TransferSet:
         return len(self.labels)
 
     def prefix(self, n: int) -> TransferSet:
+        """The first ``n`` answers. A set of fewer is refused: what is trained on it would be reported under a budget
+        of ``n`` it never had."""
+        if len(self) < n:
+            raise ValueError(f"the transfer set holds {len(self)} answers, fewer than the {n} asked for")
         return self.select(slice(0, n))
 
     def select(self, rows: slice | Tensor) -> TransferSet:

@@ -489,7 +489,7 @@ class Evaluation:
         c = self.config
         images = self.all_test[: c.n_maps]
         collect(oracle, store, images, batch_size=c.query_batch, progress=self.progress)
-        answered = store.load().prefix(c.n_maps)
+        answered = store.load().prefix(len(images))  # n_maps, or the whole test split where it is shorter
         if answered.attributions is None:
             raise ValueError(f"{store.root} holds no attribution maps")
         victim = self.reference.answer(images.to(self.device))
@@ -524,8 +524,9 @@ class Evaluation:
 
     def _benign(self, oracle: Oracle, store: TransferStore) -> dict[str, Any]:
         c = self.config
-        collect(oracle, store, self.all_test[: c.benign_n], batch_size=c.query_batch, progress=self.progress)
-        answered = store.load().prefix(c.benign_n)
+        images = self.all_test[: c.benign_n]  # benign_n, or the whole test split where it is shorter
+        collect(oracle, store, images, batch_size=c.query_batch, progress=self.progress)
+        answered = store.load().prefix(len(images))
         n = len(answered)
         victim = agreement.probabilities(self.victim, self.all_test[:n]).argmax(1)
         truth = self.all_test_labels[:n]

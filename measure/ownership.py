@@ -197,8 +197,6 @@ class Study:
         watermark = self._fresh_watermark(f"watermark-{name}", fraction)
         folder = {**SETS, **key_values(self.args.stored, "--stored")}[query_set]
         data = TransferStore.existing(Path(self.args.store_root) / folder).load()
-        if len(data) < self.args.budget:  # a copy of fewer queries would be reported under B
-            raise ValueError(f"{folder} holds {len(data)} answers, fewer than --budget {self.args.budget}")
         return watermark, key, watermarked_set(data.prefix(self.args.budget), watermark, key)
 
     def copies(self, query_set: str, fraction: float, losses: list[str], key_index: int = 0) -> None:

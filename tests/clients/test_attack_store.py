@@ -44,6 +44,8 @@ def test_shards_are_committed_in_order_and_read_back(tmp_path: Path) -> None:
     assert torch.equal(data.images, x) and data.labels.tolist() == list(range(10)), same
     assert data.rounds.tolist() == [0] * 4 + [1] * 6
     assert torch.equal(data.prefix(3).images, x[:3]) and len(data.prefix(3)) == 3, same
+    with pytest.raises(ValueError, match="holds 10 answers, fewer than the 11"):  # never cut short in silence
+        data.prefix(11)
 
 
 def test_an_existing_store_opens_with_its_own_fingerprint_and_an_empty_folder_is_refused(tmp_path: Path) -> None:
