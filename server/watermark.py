@@ -44,7 +44,7 @@ import numpy as np
 import redis
 import torch
 from scipy.stats import binom
-from torch import Tensor
+from torch import Tensor, nn
 
 from deepdefense.defense.api import Answer
 
@@ -325,6 +325,12 @@ class Verdict:
         return dict(self.__dict__)
 
 
+def _one_hot(probabilities: Tensor) -> bool:
+    """Whether every row of ``probabilities`` (n, K) puts all its mass on one class: a suspect that answers labels."""
+    top = probabilities.argmax(1)
+    return torch.equal(probabilities, nn.functional.one_hot(top, probabilities.shape[1]).to(probabilities))
+
+
 def watermark_ranks(records: list[Record], probabilities: Tensor) -> Tensor:
     """Each record's watermark class's rank (1 = first) among the suspect's classes other than the label the answer
     would have had, by the suspect's ``probabilities`` (n, K). A tie counts against the accusation: the watermark
@@ -376,7 +382,10 @@ def ownership_test(
       the suspect is, so the sum of the ranks has an exact distribution and needs no estimated rate. A copy that
       learnt the watermark ranks it high even where its top-1 is the honest label.
 
-    The p-value is the count's P(X ≥ agreed), or, with probabilities, twice the smaller of the two."""
+    The p-value is the count's P(X ≥ agreed), or, with probabilities, twice the smaller of the two. Probabilities
+    that are one-hot on every query are labels: their ranks say what the count says, so the count stands alone
+    (whether a suspect answers one-hot is fixed before the watermark classes are drawn, so the choice keeps the
+    test's level)."""
     n = len(records)
     if n == 0:
         return Verdict(0, classes, 0, FLOOR, 0.0, 1.0, None, None, 1.0, "not shown", 0.0, 0.0)
@@ -391,7 +400,7 @@ def ownership_test(
     count_p = float(binom.sf(agreed - 1, n, chance))
     mean_rank = rank_p = None
     p_value = count_p
-    if suspect_probabilities is not None:
+    if suspect_probabilities is not None and not _one_hot(suspect_probabilities):
         ranks = watermark_ranks(records, suspect_probabilities)
         mean_rank = float(ranks.float().mean())
         rank_p = uniform_sum_cdf(int(ranks.sum()), n, classes - 1)

@@ -231,6 +231,12 @@ def test_ties_count_against_the_accusation() -> None:
     one_hot = torch.zeros(25, 10).index_fill(1, torch.tensor([0]), 1.0)
     assert watermark_ranks(records, one_hot).tolist() == [9] * 25
     assert ownership_test(records, [0] * 25, one_hot, 10, suspect_probabilities=one_hot).verdict == "not shown"
+    answers = [r.mark for r in records[:3]] + [0] * 22  # three watermark labels repeated
+    labels = ownership_test(records, answers, one_hot, 10)
+    hard = torch.nn.functional.one_hot(torch.tensor(answers), 10).float()
+    as_probabilities = ownership_test(records, answers, one_hot, 10, suspect_probabilities=hard)
+    assert as_probabilities.rank_p_value is None, "one-hot probabilities are labels: their ranks add nothing"
+    assert as_probabilities.p_value == labels.p_value == labels.count_p_value, "the count paid for a rank test"
 
 
 def test_the_rank_test_holds_its_level_for_models_that_never_saw_the_watermark() -> None:
