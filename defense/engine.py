@@ -328,7 +328,7 @@ class DeepDefense(Defense):
             grad_top=grad_top,
             norm_bottom=norm(grad_bottom),
             norm_top=norm(grad_top),
-            ranks=vmap(centred_ranks)(attribution),
+            ranks=centred_ranks(attribution.flatten(1)),
             probs=probs,
             attribution=attribution,
         )
@@ -358,7 +358,7 @@ class DeepDefense(Defense):
         feasible = vmap(topk_preserved)(log_probs, ref.top_k) & finite
         if c.min_spearman > 0:
             feasible = feasible & (
-                vmap(rank_correlation)(vmap(centred_ranks)(e.attribution), ref.ranks) >= c.min_spearman
+                rank_correlation(centred_ranks(e.attribution.flatten(1)), ref.ranks) >= c.min_spearman
             )
         return loss.sum(), {
             "loss": loss,
