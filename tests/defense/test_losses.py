@@ -8,11 +8,13 @@ import torch
 from deepdefense.defense.losses import (
     abs_cosine,
     attribution_order,
+    average_ranks,
     dd_loss,
     huber,
     int_loss,
     orth_loss,
     pred_loss,
+    spearman,
     topk_preserved,
 )
 from deepdefense.defense.sensitivity import select_layers
@@ -106,3 +108,19 @@ def test_eq9_smallest_set_reaching_the_cumulative_share() -> None:
     assert select_layers(scores, 90) == ["b", "c", "a"]
     with pytest.raises(ValueError):
         select_layers(scores, 0)
+
+
+def test_average_ranks_count_smaller_and_not_larger_values_row_by_row() -> None:
+    """Constraint (4)'s ranks: a value's rank is (#smaller + #not larger − 1) / 2 within its own row, ties sharing
+    their average, on many seeded rows with and without ties (the definition, by brute force)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (3, 64), (16, 784)]:
+        for values in (torch.randn(shape, generator=g), torch.randint(0, 4, shape, generator=g).float()):
+            rows = values.reshape(-1, shape[-1])
+            smaller = (rows[:, None, :] < rows[:, :, None]).sum(-1)
+            not_larger = (rows[:, None, :] <= rows[:, :, None]).sum(-1)
+            expected = ((smaller + not_larger - 1).double() / 2).reshape(shape)
+            assert torch.equal(average_ranks(values), expected), shape  # half-integers: exact on any CPU
+    assert average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    a, b = torch.tensor([[1.0, 2.0], [3.0, 3.0]]), torch.tensor([[5.0, 6.0], [7.0, 7.0]])
+    assert float(spearman(a, b)) == pytest.approx(1.0), "a map's ranks are over the whole map, not per row"
