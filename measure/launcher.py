@@ -87,7 +87,10 @@ def served(
     with ``gate="misinform"``) in this process; yields (base URL, API key). The key is also the server's operator
     key, so the measurement that holds it reads the gate's and the monitor's series in ``/metrics``.
     Settings are explicit (a fresh random key, no query budget, a budget database in a temporary
-    folder), so the caller's ``DD_*`` environment cannot change them."""
+    folder, no watermark), so the caller's ``DD_*`` environment cannot change them. The watermark, on by default
+    with keys, would relabel a share of the answers chosen under secrets drawn afresh for every run, so no figure
+    measured through it would repeat; the in-process arms of ``deepdefense eval`` have none either, and what it
+    costs is measured on its own (``docs/results/ownership.md``)."""
     from deepdefense.server.app import create_app
     from deepdefense.server.settings import ServerSettings
 
@@ -97,7 +100,14 @@ def served(
         keys = {"api_keys": key, "api_keys_file": None, "admin_keys": key, "admin_keys_file": None}
         budget = {"query_budget": None, "budget_db": Path(tmp) / "budget.sqlite"}
         settings = ServerSettings(
-            **model, engine=engine or {}, data_root=data_root, gate=gate, **keys, **budget, log_level="warning"
+            **model,
+            engine=engine or {},
+            data_root=data_root,
+            gate=gate,
+            **keys,
+            **budget,
+            watermark="off",
+            log_level="warning",
         )
         with in_thread(create_app(settings), ready_timeout_s=ready_timeout_s) as url:
             yield url, key
