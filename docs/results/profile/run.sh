@@ -4,6 +4,7 @@
 # 25 s from the 20th second, then summarised by thread and by the innermost frame of ours.
 # From the repository root:  docs/results/profile/run.sh <data root> [results folder]
 # (docs/results/profile/before/ holds the profile before the third round, docs/results/profile/after/ after it)
+# With GIL=1 py-spy keeps only the samples of threads that hold the GIL (docs/results/profile/gil/).
 set -euo pipefail
 DATA_ROOT=${1:?usage: docs/results/profile/run.sh <data root> [results folder]}
 OUT=${2:-docs/results/profile/after}
@@ -14,6 +15,7 @@ deepdefense load --serve --clients 32 --duration 50 --timeout 120 --out "$OUT/lo
 LOAD=$!
 sleep 20
 SERVER=$(pgrep -f "deepdefense.* serve --host 127.0.0.1" | head -1)
-py-spy record --pid "$SERVER" --duration 25 --rate 50 --threads --format raw -o "$OUT/server.stacks" --nonblocking
+py-spy record --pid "$SERVER" --duration 25 --rate 50 --threads ${GIL:+--gil} --format raw -o "$OUT/server.stacks" \
+  --nonblocking
 wait $LOAD
 python docs/results/profile/summarise.py "$OUT/server.stacks" "$OUT/load.json" | tee "$OUT/summary.txt"
