@@ -12,6 +12,11 @@
   (inductor, static shapes), timed alternately on the same batch with one torch thread (as each model thread of the
   server runs), the largest difference between the two gradients, and what Dynamo could trace of it (frames
   compiled, graphs captured, why the rest fell back to eager).
+* **cost-aware layer choice**: eq. (9)'s cumulative sensitivity threshold ``cs`` picks the layers each query's clone
+  changes; a lower one drops the cheapest-to-leave layers (on lenet-mnist, 85% drops conv1: its per-query copies and
+  the backward pass into it). The CPU time of one answer for each threshold, from the victim with the same number of
+  steps (a warm start is learnt per layer set), timed alternately. Speed only: with another layer set eq. (5) compares
+  other gradients, so its strength is the attacker's to judge, not L_orth's.
 
     python -m deepdefense.measure.step_levers --data-root ../shared/data --out docs/results/perf3/step-levers.json
 """
@@ -134,6 +139,33 @@ def compiled_step(engine: DeepDefense, x: Tensor, repeats: int) -> dict[str, obj
     }
 
 
+def layer_choice(
+    checkpoint: str, data_root: str | None, x: Tensor, thresholds: Sequence[float], steps: int, repeats: int
+) -> dict[str, object]:
+    """Per threshold ``cs``: the layers it selects and the median CPU time of one answer to ``x`` (the module's
+    docstring)."""
+    engines: dict[float, DeepDefense] = {}
+    for cs in thresholds:
+        engine, _ = load_defense(checkpoint, "deepdefense", data_root=data_root, cs=cs, warm_start=False, steps=steps)
+        assert isinstance(engine, DeepDefense)
+        engines[cs] = engine
+    times: dict[float, list[float]] = {cs: [] for cs in thresholds}
+    for engine in engines.values():
+        engine.answer(x)  # the first answer times the convolutions (defense/per_query.py) and warms the caches
+    for _ in range(repeats):  # alternately, so that a slower stretch of the machine falls on every threshold
+        for cs, engine in engines.items():
+            started = time.process_time()
+            engine.answer(x)
+            times[cs].append(time.process_time() - started)
+    return {
+        "batch": len(x),
+        "steps": steps,
+        "by_threshold": {
+            f"{cs:g}": {"layers": e.layers, "cpu_ms": 1000 * statistics.median(times[cs])} for cs, e in engines.items()
+        },
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="lenet-mnist")
@@ -142,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=384, help="of those, the ones the predictors are scored on")
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64], help="batch sizes of the compiled step")
     p.add_argument("--repeats", type=int, default=20, help="timed gradients per batch size and path")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[90.0, 85.0], help="eq. (9)'s cs to time")
+    p.add_argument("--answer-repeats", type=int, default=5, help="timed answers per batch size and threshold")
     p.add_argument("--seed", type=int, default=0, help="which training and test images")
     p.add_argument("--out", required=True, help="the record (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = load_split(meta.dataset, args.data_root, "test").tensors[0]
     record["compiled_step"] = [compiled_step(warm, test[:b], args.repeats) for b in args.batches]
     print(json.dumps(record["compiled_step"]), flush=True)
+    record["layer_choice"] = [  # at the default engine's steps, from the victim (warm starts are per layer set)
+        layer_choice(args.checkpoint, args.data_root, test[:b], args.thresholds, warm.steps, args.answer_repeats)
+        for b in args.batches
+    ]
+    print(json.dumps(record["layer_choice"]), flush=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
