@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepdefense.measure.step_levers import hidden_features, r_squared, ridge
+from deepdefense.measure.step_levers import hidden_features, layer_choice, r_squared, ridge
 from deepdefense.models.checkpoint import load_checkpoint
 
 
@@ -37,3 +37,13 @@ def test_hidden_features_are_the_last_linear_layers_input() -> None:
         logits = model(x)
     # fc2 on those features is the model's output (compared with a tolerance: another call, another float path)
     torch.testing.assert_close(fc2(features), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_choice_times_each_thresholds_own_layers() -> None:
+    """eq. (9) at 90% (the default) selects conv1 on lenet-mnist and at 85% does not: the lever timed is that one."""
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    out = layer_choice("lenet-mnist", None, x, [90.0, 85.0], steps=1, repeats=1)
+    chosen = out["by_threshold"]
+    assert "net.features.conv1" in chosen["90"]["layers"] and "net.features.conv1" not in chosen["85"]["layers"]
+    assert set(chosen["85"]["layers"]) < set(chosen["90"]["layers"])
+    assert all(t["cpu_ms"] > 0 for t in chosen.values()) and out["batch"] == 2 and out["steps"] == 1
