@@ -1,5 +1,5 @@
-"""Two of issue 32's levers on the engine's arithmetic, measured before building either (docs/performance.md,
-"Third round"):
+"""Three of issue 32's levers on the engine's cost, measured before building any (docs/performance.md, "Third
+round"):
 
 * **an amortised start**: a small model, fitted offline on training images, that predicts each query's move of the
   selected weights, so that the solver would only check and finish. What the full cold solver moves each query's
@@ -16,7 +16,7 @@
   changes; a lower one drops the cheapest-to-leave layers (on lenet-mnist, 85% drops conv1: its per-query copies and
   the backward pass into it). The CPU time of one answer for each threshold, from the victim with the same number of
   steps (a warm start is learnt per layer set), timed alternately. Speed only: with another layer set eq. (5) compares
-  other gradients, so its strength is the attacker's to judge, not L_orth's.
+  other gradients, so its strength is the attacker's to judge, not L_orth's (Table 3 of docs/results/mnist.md).
 
     python -m deepdefense.measure.step_levers --data-root ../shared/data --out docs/results/perf3/step-levers.json
 """
