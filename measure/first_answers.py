@@ -15,12 +15,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
-from deepdefense.clients.transfer import TransferStore
+from deepdefense.clients.transfer import TransferSet, TransferStore
 from deepdefense.measure.markdown import module_command
-from deepdefense.models.data import get_spec, load_split
+from deepdefense.models.data import DatasetSpec, get_spec, load_split
 from deepdefense.models.train import evaluate
+
+
+def lenet_thief(data: TransferSet, loss: str, spec: DatasetSpec, seed: int) -> nn.Module:
+    """A LeNet attack model with ``spec``'s normalisation (the data its queries come from) trained on ``data`` with
+    ``loss``, as the evaluation trains its thieves (``clients/attack_model.py``'s recipe), on the CPU."""
+    model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, seed)
+    train_attack_model(
+        model, data, loss=loss, interpreter="gradcam", recipe=TrainingRecipe(), seed=seed, device=torch.device("cpu"),
+        progress=False,
+    )  # fmt: skip
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,11 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, test = get_spec(args.dataset), load_split(args.dataset, args.data_root, "test")
     accuracy = {}
     for n in args.n:
-        model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, args.seed)
-        train_attack_model(
-            model, data.prefix(n), loss="labels", interpreter="gradcam", recipe=TrainingRecipe(), seed=args.seed,
-            device=torch.device("cpu"), progress=False,
-        )  # fmt: skip
+        model = lenet_thief(data.prefix(n), "labels", spec, args.seed)
         accuracy[n] = round(evaluate(model, test, torch.device("cpu")), 2)
     command = module_command("deepdefense.measure.first_answers", argv)
     record = {"command": command, "store": Path(args.store).name, "seed": args.seed, "accuracy_first_n": accuracy}

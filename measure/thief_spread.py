@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from deepdefense.clients.attack_model import TrainingRecipe, build_attack_model, train_attack_model
 from deepdefense.clients.transfer import TransferSet, TransferStore
 from deepdefense.common.options import key_values
 from deepdefense.common.provenance import provenance
+from deepdefense.measure.first_answers import lenet_thief
 from deepdefense.measure.markdown import module_command
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
@@ -63,12 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record |= {"threads": args.threads, "stores": args.stores, "measured": provenance(), "thieves": thieves}
     record["answers"] = {f"{a} vs {b}": compare(sets[a], sets[b]) for a, b in itertools.pairwise(sets)}
     for name, data in sets.items():  # one thief per set, as deepdefense eval trains its eq. (1) thief
-        model = build_attack_model("lenet", len(spec.classes), (1, 28, 28), spec.mean, spec.std, args.seed)
         started = time.perf_counter()
-        train_attack_model(
-            model, data, loss="explanations", interpreter="gradcam", recipe=TrainingRecipe(), seed=args.seed,
-            device=torch.device("cpu"), progress=False,
-        )  # fmt: skip
+        model = lenet_thief(data, "explanations", spec, args.seed)
         accuracy = round(evaluate(model.eval(), test, torch.device("cpu")), 2)
         thieves[name] = {"accuracy": accuracy, "train_s": round(time.perf_counter() - started, 1)}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
