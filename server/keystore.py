@@ -32,9 +32,14 @@ class SecretFileError(ValueError):
     """A secret file is readable by others or malformed; the message names the file, never its content."""
 
 
+def secret_key(name: str, prefix: str = PREFIX) -> str:
+    """The Redis key of the secret ``name``: ``<prefix>secret:<name>``."""
+    return f"{prefix}secret:{name}"
+
+
 def redis_secret(client: redis.Redis, name: str, prefix: str = PREFIX) -> bytes:
     """The secret ``name`` kept in Redis, made now when no replica has made it yet."""
-    key = f"{prefix}secret:{name}"
+    key = secret_key(name, prefix)
     client.set(key, secrets.token_hex(_BYTES), nx=True)
     return bytes.fromhex(client.get(key))  # type: ignore[arg-type]
 

@@ -95,12 +95,12 @@ def spend_in_process(url: str, key_id: str, budget: int, spends: int, start: Bar
 
 def pin_redis_secrets(server: RedisServer) -> None:
     """Put the fixed secrets of ``support.settings.PINNED_SECRETS`` in ``server``'s Redis, where replicas read them."""
-    from deepdefense.server.state import PREFIX
+    from deepdefense.server.keystore import secret_key
     from support.settings import PINNED_SECRETS
 
     with server.client() as raw:
         for name, value in PINNED_SECRETS.items():
-            raw.set(f"{PREFIX}secret:{name}", value)
+            raw.set(secret_key(name), value)
 
 
 def redis_key_id(server: RedisServer, key: str) -> str:
