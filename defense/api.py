@@ -21,6 +21,7 @@ class Answer:
     attribution: Tensor | None  # (H, W), None when no explanation was asked for
     fallback: bool = False  # True: the documented safe answer (see docs/design.md, "Fail closed")
     misinformed: bool = False  # True: the misinformation gate answered it (defense/gate.py); counted, never sent
+    flagged: bool = False  # True: the gate's domain score flagged the query (the monitor records it); never sent
     stats: dict[str, float] = field(default_factory=dict)
 
 

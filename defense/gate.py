@@ -35,6 +35,10 @@ from torch import Tensor, nn
 
 from .api import Answer, Defense
 
+#: A query's override of the domain score (``MisinformationGate.answer``): the score decides; misinformed whatever the
+#: score (an escalated key's query); answered by the wrapped defense whatever the score (a key in good standing).
+SCORE, MISINFORM, TRUST = 0, 1, -1
+
 
 def rerank(probabilities: Tensor, ranking: Tensor) -> Tensor:
     """``probabilities``' values (…, K), largest first, given to the classes in ``ranking``'s order (…, K):
@@ -56,16 +60,20 @@ class MisinformationGate(Defense):
     def public_settings(self) -> dict[str, Any]:
         return {**self.inner.public_settings(), "gate": "misinform"}
 
-    def answer(self, x: Tensor, *, explain: bool = True, misinform: Tensor | None = None) -> list[Answer]:
-        """Answers for ``x``; ``misinform`` (B,) bool marks queries answered from the misinformation path
-        whatever the domain score says (the extraction monitor's escalated keys)."""
+    def answer(self, x: Tensor, *, explain: bool = True, override: Tensor | None = None) -> list[Answer]:
+        """Answers for ``x``; ``override`` (B,) holds each query's :data:`SCORE`, :data:`MISINFORM` (the
+        extraction monitor's escalated keys) or :data:`TRUST` (its keys in good standing). Every answer says
+        whether the score flagged its query (``Answer.flagged``), whatever the override did with it."""
         with torch.no_grad():
-            flagged = self.flags(x).reshape(-1).cpu()
+            flagged = self.flags(x).reshape(-1).cpu().bool()
             ranking = self.misinformation(x).argsort(dim=1, descending=True).cpu()  # every row: one cost
-        if misinform is not None:
-            flagged = flagged | misinform.reshape(-1).cpu().bool()
+        misinformed = flagged
+        if override is not None:
+            o = override.reshape(-1).cpu()
+            misinformed = (flagged & (o != TRUST)) | (o == MISINFORM)
         answers = self.inner.answer(x, explain=explain)
-        for i in flagged.nonzero().flatten().tolist():
+        answers = [replace(a, flagged=bool(f)) for a, f in zip(answers, flagged, strict=True)]
+        for i in misinformed.nonzero().flatten().tolist():
             p = rerank(answers[i].probabilities, ranking[i])
             answers[i] = replace(answers[i], label=int(ranking[i, 0]), probabilities=p, misinformed=True)
         return answers

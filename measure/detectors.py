@@ -26,7 +26,7 @@ from torch import Tensor
 
 from deepdefense.clients.adaptive import twin_of
 from deepdefense.defense.api import Answer, Defense, NoDefense
-from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.gate import MISINFORM, MisinformationGate
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.defense.loader import load_defense, load_gate
 from deepdefense.defense.misinformation import load_misinformation
@@ -208,7 +208,7 @@ def study(gate: MisinformationGate, before: Defense, pools: dict[str, Tensor], s
     shape of each path's answers; and what the maps tell of the victim's class (:func:`map_reading`: the first
     pool is the victim's own domain, the others foreign)."""
     honest = lambda q: gate.inner.answer(q, explain=True)
-    misinformed = lambda q: gate.answer(q, explain=True, misinform=torch.ones(len(q), dtype=torch.bool))
+    misinformed = lambda q: gate.answer(q, explain=True, override=torch.full((len(q),), MISINFORM, dtype=torch.int8))
     then = lambda q: before.answer(q, explain=True)
     out: dict[str, Any] = {"pools": {}, "map_reading": {}}
     own: Paired | None = None

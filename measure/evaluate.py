@@ -616,8 +616,9 @@ class Evaluation:
                     key = f"{v:06x}{k:06x}"
                     for b in range(start, min(start + BENIGN_KEY_QUERIES, len(x)), self.config.query_batch):
                         end = min(b + self.config.query_batch, start + BENIGN_KEY_QUERIES, len(x))
-                        if not monitor.screen(key, x[b:end]):
-                            monitor.observe(key, flags[b:end])
+                        screening = monitor.screen(key, x[b:end])
+                        if not screening.escalated:
+                            monitor.observe(key, screening.distinct(flags[b:end]))
                     states.append(monitor.store.read(key))
                 out[name] = {
                     "keys": len(states),

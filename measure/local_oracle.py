@@ -46,17 +46,18 @@ class LocalOracle:
 class MonitoredOracle(LocalOracle):
     """A gated defense called in-process as the default server with API keys answers one key: the extraction
     monitor screens each batch before it is answered, an escalated key's queries are all answered by the
-    misinformation path, and the domain flags are recorded after (``server/routes/predict.py``'s order)."""
+    misinformation path, a trusted key's flagged ones by the defense, and the domain flags of the queries that are
+    not retries are recorded after (``server/data_plane.py``'s order)."""
 
     def __init__(self, gate: MisinformationGate, info: ModelInfo, monitor: ExtractionMonitor, key_id: str) -> None:
         super().__init__(gate, info)
         self.gate, self.monitor, self.key_id = gate, monitor, key_id
 
     def query(self, x: Tensor, *, explain: bool = True) -> OracleReply:
-        escalated = self.monitor.screen(self.key_id, x)
-        misinform = torch.full((len(x),), escalated, dtype=torch.bool)
-        answers = self.gate.answer(x.to(self.device), explain=explain, misinform=misinform)
-        if not escalated:
-            self.monitor.observe(self.key_id, [a.misinformed for a in answers])
+        screening = self.monitor.screen(self.key_id, x)
+        override = torch.full((len(x),), screening.override, dtype=torch.int8)
+        answers = self.gate.answer(x.to(self.device), explain=explain, override=override)
+        if not screening.escalated:
+            self.monitor.observe(self.key_id, screening.distinct([a.flagged for a in answers]))
         maps = [a.attribution.detach().cpu() for a in answers] if explain else None
         return stack_reply([a.label for a in answers], [a.probabilities.detach().cpu() for a in answers], maps)

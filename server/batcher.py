@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from deepdefense.defense import Answer, Defense
+from deepdefense.defense.gate import SCORE
 from deepdefense.defense.replica import replica
 
 from .isolation import Failure, answer_isolated
@@ -89,7 +90,7 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
     taken: bool = False  # handed to the model thread: computed, or being computed now
     key: str = ""  # the key id of the request, for the per-key share and the round-robin
-    misinform: bool = False  # answered by the gate's misinformation path whatever its domain score (an escalated key's)
+    override: int = SCORE  # the gate's score decides, or MISINFORM (an escalated key's), TRUST (defense/gate.py)
 
 
 class Ticket:
@@ -265,14 +266,16 @@ class MicroBatcher:
             self.cost = (1 - _COST_SMOOTHING) * self.cost + _COST_SMOOTHING * per_instance
         self.metrics.instance_cost.set(self.cost)
 
-    def enqueue(self, x: Tensor, *, explain: bool, misinform: bool = False, key: str = "") -> Ticket:
+    def enqueue(self, x: Tensor, *, explain: bool, override: int = SCORE, key: str = "") -> Ticket:
         """Queue a (B, C, H, W) batch of the key with id ``key`` (``""``: a server without keys, whose one
-        anonymous caller has the whole queue), or raise QueueFull (nothing queued). ``misinform``: every
-        instance is answered by the misinformation gate's misinformation path (a key the monitor escalated), in
-        the same micro-batch computation as any other, so that it costs what any other costs."""
+        anonymous caller has the whole queue), or raise QueueFull (nothing queued). ``override``: what the
+        misinformation gate does with every instance (``defense/gate.py``): MISINFORM answers it from the
+        misinformation path (a key the monitor escalated), TRUST from the defense whatever its domain score (a key
+        in good standing), both in the same micro-batch computation as any other, so that it costs what any
+        other costs."""
         self._admit(len(x), key)
         loop = asyncio.get_running_loop()
-        items = [_Item(xi, explain, loop.create_future(), misinform=misinform, key=key) for xi in x]
+        items = [_Item(xi, explain, loop.create_future(), override=override, key=key) for xi in x]
         self.metrics.queue_instances.set(len(self._queue) + len(items))
         self._queue.extend(items)  # nothing after this can fail: a queued request always gets its ticket
         self._arrived.set()
@@ -319,9 +322,9 @@ class MicroBatcher:
                 self.metrics.queue_wait.observe(started - item.enqueued)
             self.metrics.batch_instances.observe(len(batch))
             x = torch.stack([item.x for item in batch])
-            misinform = torch.tensor([item.misinform for item in batch])
+            override = torch.tensor([item.override for item in batch], dtype=torch.int8)
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._answer_isolated, defense, x, batch[0].explain, misinform
+                self._executor, self._answer_isolated, defense, x, batch[0].explain, override
             )
             elapsed = self._batch_seconds = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
@@ -411,12 +414,12 @@ class MicroBatcher:
             item.taken = True
         return batch
 
-    def _answer_isolated(self, defense: Defense, x: Tensor, explain: bool, misinform: Tensor) -> list[Answer | Failure]:
+    def _answer_isolated(self, defense: Defense, x: Tensor, explain: bool, override: Tensor) -> list[Answer | Failure]:
         return answer_isolated(
             defense,
             x.to(self.device),
             explain=explain,
             num_classes=self.num_classes,
             on_retry=self.metrics.isolation_retries.inc,
-            misinform=misinform,
+            override=override,
         )

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from deepdefense.defense import Answer
-from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.gate import MISINFORM, SCORE, MisinformationGate
 
 from .auth import Caller
 from .batcher import DefenseFailed, MicroBatcher, QueueFull, RequestTimeout, Ticket
@@ -41,7 +41,7 @@ from .errors import (
     NotFlagged,
     TooManyInstances,
 )
-from .monitor import ExtractionMonitor
+from .monitor import ExtractionMonitor, Screening
 from .runtime import ModelRuntime, Runtime
 from .state import STATE_ERRORS, state_reachable
 
@@ -125,7 +125,8 @@ class DataPlane:
         (429), the monitor's screening of the queries (near-duplicates and distances: it may escalate the key
         now, before anything is answered; 403 ``key_flagged``, refunded, under ``refuse``), the micro-batcher
         (503 when full, overloaded or the key holds its share of the queue; an escalated key's queries are
-        answered there by the misinformation path, in the same computation as any other), the answers (504 in
+        answered there by the misinformation path, a trusted key's flagged ones by the defense, in the same
+        computation as any other), the answers (504 in
         time, 499 when the client goes away, 500 when the defense fails), the monitor again (a key escalated
         while the request was queued gets the escalated answer or 403), the monitor's record of the domain
         flags, the watermark, then ``respond``. The request is charged once ``respond`` has returned; whatever
@@ -141,9 +142,10 @@ class DataPlane:
         charged = 0  # of the len(x) queries spent, those the request pays for; the rest is refunded however it ends
         ticket: Ticket | None = None
         try:
-            escalated = await run_in_threadpool(_screened, model, caller, x)  # True for a key escalated earlier too
+            screening = await run_in_threadpool(_screened, model, caller, x)  # escalated now or earlier, or trusted
             key = caller.key_id if model.keys.enabled else ""
-            ticket = batcher.enqueue(x, explain=explain, misinform=escalated, key=key)
+            override = SCORE if screening is None else screening.override
+            ticket = batcher.enqueue(x, explain=explain, override=override, key=key)
             model.metrics.key_queries.labels(caller.key_id).inc(len(x))
             try:
                 answers = await _unless_disconnected(request, ticket.answers())
@@ -151,7 +153,7 @@ class DataPlane:
                 charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
                 raise
             if model.monitor is not None:
-                answers = await _monitored(model, batcher, caller, x, answers, escalated, explain=explain)
+                answers = await _monitored(model, batcher, caller, x, answers, screening, explain=explain)
             if model.watermark is not None:
                 answers = await run_in_threadpool(_watermarked, model, caller, x, answers)
             response = respond(answers)
@@ -296,18 +298,22 @@ def _escalated(model: ModelRuntime, caller: Caller, queries: int) -> bool:
     return escalated and _act(model, queries)
 
 
-def _screened(model: ModelRuntime, caller: Caller, x: Tensor) -> bool:
+def _screened(model: ModelRuntime, caller: Caller, x: Tensor) -> Screening | None:
     """The extraction monitor screens the request's queries before they are answered (an escalated key's
-    too: its queries go into the near-duplicate index, where another key that reuses them is found); True
-    when the key is escalated now (403 ``key_flagged`` instead when escalated keys are refused)."""
+    too: its queries go into the near-duplicate index, where another key that reuses them is found); the key's
+    standing (403 ``key_flagged`` instead when escalated keys are refused). None without the monitor, and for a
+    model without the gate, which the monitor does not watch (it only refuses an escalated key there)."""
     if model.monitor is None:
-        return False
-    if not model.gated:  # the monitor watches the gated models' queries; here it only refuses an escalated key
-        return _escalated(model, caller, len(x))
+        return None
+    if not model.gated:
+        _escalated(model, caller, len(x))
+        return None
     with state_reachable(model.settings.retry_after_s):
-        escalated = model.monitor.screen(caller.key_id, x)
+        screening = model.monitor.screen(caller.key_id, x)
         model.metrics.flagged_keys.set(model.monitor.count_flagged())
-    return escalated and _act(model, len(x))
+    if screening.escalated:
+        _act(model, len(x))
+    return screening
 
 
 def _act(model: ModelRuntime, queries: int) -> bool:
@@ -325,26 +331,27 @@ async def _monitored(
     caller: Caller,
     x: Tensor,
     answers: list[Answer],
-    escalated: bool,
+    screening: Screening | None,
     *,
     explain: bool,
 ) -> list[Answer]:
-    """The answers an escalated key gets, and the monitor's record of the others' domain flags. A key escalated
-    while the request was queued (by another of its requests) gets the escalated answer too — recomputed by
-    the misinformation path — or 403 under ``refuse``, uncharged."""
+    """The answers an escalated key gets, and the monitor's record of the others' domain flags (a retry's not
+    again). A key escalated while the request was queued (by another of its requests) gets the escalated answer
+    too — recomputed by the misinformation path — or 403 under ``refuse``, uncharged."""
+    escalated = screening is not None and screening.escalated
     if not escalated and await run_in_threadpool(_escalated, model, caller, len(x)):
         assert isinstance(model.defense, MisinformationGate)  # the settings require the gate for the monitor
-        everything = torch.ones(len(x), dtype=torch.bool)
+        everything = torch.full((len(x),), MISINFORM, dtype=torch.int8)
         answers = await batcher.on_model_thread(
-            lambda gate: gate.answer(x.to(batcher.device), explain=explain, misinform=everything)
+            lambda gate: gate.answer(x.to(batcher.device), explain=explain, override=everything)
         )
         escalated = True
     if escalated:
         model.metrics.escalated.labels("misinform").inc(len(answers))
         return answers
-    if not model.gated:  # no domain flags to record
+    if screening is None:  # a model without the gate: no domain flags to record
         return answers
-    flags = [a.misinformed for a in answers]  # the gate's domain flags (settings require the gate)
+    flags = screening.distinct([a.flagged for a in answers])
     with state_reachable(model.settings.retry_after_s):  # unobserved answers are not sent
         await run_in_threadpool(model.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
         model.metrics.flagged_keys.set(await run_in_threadpool(model.monitor.count_flagged))  # type: ignore[union-attr]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deepdefense.defense import Answer, Defense
-from deepdefense.defense.gate import MisinformationGate
+from deepdefense.defense.gate import MISINFORM, MisinformationGate
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -41,14 +41,14 @@ class Failure:
     reason: Reason
 
 
-def answer_rows(defense: Defense, x: Tensor, *, explain: bool, misinform: Tensor | None = None) -> list[Answer]:
-    """``defense.answer(x)``, with the rows of ``misinform`` answered by the gate's misinformation path (the
-    monitor needs the gate, so a defense without one is never asked to misinform)."""
-    if misinform is None or not bool(misinform.any()):
-        return defense.answer(x, explain=explain)
+def answer_rows(defense: Defense, x: Tensor, *, explain: bool, override: Tensor | None = None) -> list[Answer]:
+    """``defense.answer(x)``, with each row's override of the gate's domain score (``defense/gate.py``: the score,
+    misinform, trust; the monitor needs the gate, so a defense without one is never asked to misinform)."""
     if not isinstance(defense, MisinformationGate):
-        raise TypeError(f"defense {defense.name!r} has no misinformation gate to answer escalated keys")
-    return defense.answer(x, explain=explain, misinform=misinform)
+        if override is not None and bool((override == MISINFORM).any()):
+            raise TypeError(f"defense {defense.name!r} has no misinformation gate to answer escalated keys")
+        return defense.answer(x, explain=explain)
+    return defense.answer(x, explain=explain, override=override)
 
 
 def answer_isolated(
@@ -58,13 +58,13 @@ def answer_isolated(
     explain: bool,
     num_classes: int,
     on_retry: Callable[[], None] = lambda: None,
-    misinform: Tensor | None = None,
+    override: Tensor | None = None,
 ) -> list[Answer | Failure]:
     """One result per row of ``x``: the defense's answer, or a :class:`Failure` for that row alone (maps are
-    checked against the queries' height and width). ``misinform`` (B,) bool: rows the misinformation gate
-    answers from its misinformation path whatever their domain score (an escalated key's)."""
+    checked against the queries' height and width). ``override`` (B,): each row's override of the gate's domain
+    score (``defense/gate.py``: an escalated key's rows misinformed, a trusted key's answered by the defense)."""
     try:
-        answers = answer_rows(defense, x, explain=explain, misinform=misinform)
+        answers = answer_rows(defense, x, explain=explain, override=override)
         if not isinstance(answers, list) or len(answers) != len(x):
             raise TypeError(f"defense.answer returned {type(answers).__name__} for a batch of {len(x)}")
     except Exception:
@@ -86,7 +86,7 @@ def answer_isolated(
                 x[i : i + 1],
                 explain=explain,
                 num_classes=num_classes,
-                misinform=None if misinform is None else misinform[i : i + 1],
+                override=None if override is None else override[i : i + 1],
             )
         ]
     results: list[Answer | Failure] = []

@@ -104,6 +104,13 @@ class ServerMetrics:
             ["model", "defense"],
             registry=op,
         )
+        self.trusted_flags = Counter(
+            "dd_trusted_flagged_answers_total",
+            "Queries the domain score flagged that the defense answered, their key being in good standing with the "
+            "extraction monitor (server/monitor.py, TRUST_RATE).",
+            ["model", "defense"],
+            registry=op,
+        )
         self.flagged_keys = Gauge(
             "dd_flagged_keys",
             "API keys the extraction monitor has escalated (until an operator clears them).",
@@ -187,6 +194,7 @@ class ModelMetrics:
         self.answers = metrics.answers.labels(model, defense)
         self.fallbacks = metrics.fallbacks.labels(model, defense)
         self.misinformed = metrics.misinformed.labels(model, defense)
+        self.trusted_flags = metrics.trusted_flags.labels(model, defense)
         self.optimisation = metrics.optimisation.labels(model, defense)
         self.rejected = _Labelled(metrics.rejected, model)
         self.escalated = _Labelled(metrics.escalated, model)
@@ -208,6 +216,8 @@ class ModelMetrics:
             self.fallbacks.inc()
         if answer.misinformed:
             self.misinformed.inc()
+        elif answer.flagged:
+            self.trusted_flags.inc()
         seconds = answer.stats.get("optimisation_seconds")
         if seconds is not None:
             self.optimisation.observe(seconds)

@@ -20,7 +20,7 @@ It sees what the queries are, not one bit each (``server/query_features.py``):
 A server of several models (``server/runtime.py``) keeps one window and one escalation per key across them,
 fed by the queries of the models that have the gate; a model without the gate refuses an escalated key.
 
-The policy escalates a key once any of these says extraction: more than ``threshold`` (20%) of the last
+The policy escalates a key once any of these says extraction: more than ``threshold`` (25%) of the last
 ``window`` (100) queries flagged by the domain score, more than ``duplicates`` (20%) of them
 near-duplicates, at least ``tainted`` (3) near-duplicates of escalated keys' queries, or W below
 ``spread`` once ``spread_min`` distances are in (each after ``min_queries`` queries, the taint at once).
@@ -28,7 +28,14 @@ From then on every answer to that key comes from the misinformation path — in-
 included, which is what the gate alone cannot do — or the key is refused with 403
 (``monitor_action``), until an operator clears it (``DELETE /v1/admin/flags/{key_id}``). Near-duplicates
 and distances are screened *before* a request is answered (``ExtractionMonitor.screen``), so the
-request that tips a key over is already answered as escalated; domain flags are recorded after.
+request that tips a key over is already answered as escalated; domain flags are recorded after (a
+retry's once: the very same bytes again add nothing, and cannot dilute a window).
+
+Until then a key is *watched*: the gate misinforms its flagged queries one by one. Once its window is full
+with at most ``trust_rate`` (half the threshold) flagged, it is *trusted*: its flagged queries are answered by
+the defense like any other, so an honest user whose thick, thin or shifted digits the score sometimes flags
+stops paying for them after his first ``window`` queries. Its flags still count; a trusted key whose window
+passes ``trust_rate`` is watched again. What the trust gives a thief, measured: ``docs/results/trust.md``.
 
 :class:`MonitorPolicy` is the pure rule (the evaluation harness replays query streams through it);
 :class:`ExtractionMonitor` applies it to every key, with the state in a :class:`MonitorStore`: the
@@ -46,11 +53,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import redis
 from torch import Tensor
+
+from deepdefense.defense.gate import MISINFORM, SCORE, TRUST
 
 from .query_features import coarse_views, exact_prints, fingerprints, spread_statistic, view_distances
 from .state import PREFIX, connect_sqlite, is_key_id, redis_key
@@ -65,6 +74,13 @@ MIN_QUERIES = 50
 #: honest keys of perturbed *test* digits (thicker strokes from one group of writers: 21 of a window of 100 flagged),
 #: so the margin is wider: 0.25 (honest flags cluster by writer; Fashion-MNIST keys are flagged a third of the time).
 THRESHOLD = 0.25
+#: A key in good standing ("trusted"): its window of domain flags is full and at most this fraction of it is
+#: flagged, half the escalation threshold. Its flagged queries are answered by the defense, not the misinformation
+#: path: a key that has sent a full window of mostly in-domain digits is an honest user whose thick or faint digits
+#: the score sometimes flags (``docs/results/format-variants.md``), or a thief who already holds natural digits of the
+#: domain, for whom the gate was never the defense (``docs/results/trust.md``). Flags still count: a key past this
+#: rate is watched again (per query), past ``THRESHOLD`` escalated.
+TRUST_RATE = THRESHOLD / 2
 #: A window with more than this fraction of near-duplicates is probing (twin tests send every image twice).
 DUPLICATES = 0.2
 #: PRADA: W of the nearest-earlier-query distances below this is extraction. Honest keys of the victim's
@@ -76,6 +92,13 @@ SPREAD_MIN = 100
 TAINTED = 3
 #: Coarse views kept per key (a uniform sample of all its queries), and distances kept for W.
 RESERVOIR = 256
+
+#: Where a key stands, as the gate acts on it: its flagged queries misinformed (watched), its flagged queries answered
+#: by the defense (trusted), or every query misinformed (escalated).
+Standing = Literal["watched", "trusted", "escalated"]
+
+#: What the gate does with a key's queries, by its standing (``defense/gate.py``).
+OVERRIDE: dict[Standing, int] = {"watched": SCORE, "trusted": TRUST, "escalated": MISINFORM}
 
 # what a query's near-duplicate mark says: new; a near-duplicate of one of the key's earlier queries (not the same
 # bytes); a near-duplicate of an escalated key's query; the very bytes of one of the key's earlier queries (a retry:
@@ -118,16 +141,28 @@ class MonitorPolicy:
     spread_min: int = SPREAD_MIN
     tainted: int = TAINTED
     reservoir: int = RESERVOIR
+    trust_rate: float = TRUST_RATE
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_queries <= self.window or not 0 <= self.threshold < 1 or not 0 < self.duplicates <= 1:
             raise ValueError("the monitor needs 1 <= min_queries <= window, 0 <= threshold < 1, 0 < duplicates <= 1")
+        if not 0 <= self.trust_rate <= self.threshold:
+            raise ValueError("the monitor needs 0 <= trust_rate <= threshold")
         if self.spread_min < 3 or self.reservoir < self.spread_min or self.tainted < 1:
             raise ValueError("the monitor needs 3 <= spread_min <= reservoir and tainted >= 1")
 
+    def standing(self, s: KeyWindow) -> Standing:
+        """How the gate treats the key's next queries: escalated; trusted once its window of domain flags is full
+        and at most ``trust_rate`` of it flagged; else watched."""
+        if s.escalated:
+            return "escalated"
+        if len(s.flags) >= self.window and s.flags.count("1") <= self.trust_rate * len(s.flags):
+            return "trusted"
+        return "watched"
+
     def observe(self, state: KeyWindow, flags: Iterable[bool], now: float | None = None) -> KeyWindow:
-        """``state`` after the answered queries whose domain flags are ``flags``, in order; escalation happens
-        at the first query after which the window qualifies, and is kept."""
+        """``state`` after the answered queries whose domain flags are ``flags``, in order (retries left out: they
+        tell nothing new); escalation happens at the first query after which the window qualifies, and is kept."""
         s = replace(state)
         for flag in flags:
             s.flags = (s.flags + ("1" if flag else "0"))[-self.window :]
@@ -187,6 +222,20 @@ class MonitorPolicy:
         """How many queries of a fresh key sending ``flags`` pass before it is escalated (None: never)."""
         return self.observe(KeyWindow(), flags, now=0.0).escalated_after
 
+    def misinformed(self, flags: Sequence[bool], per_request: int = 1) -> list[bool]:
+        """Which of a fresh key's distinct queries, whose domain flags are ``flags`` and which it sends
+        ``per_request`` at a time, the gate answers from the misinformation path: all of a request sent while
+        the key is escalated, the flagged ones while it is watched, none while it is trusted (its standing is
+        read before each request, its flags recorded after, as the server does). Domain flags only: the
+        screening's rules (near-duplicates, PRADA) are not replayed."""
+        s, out = KeyWindow(), []
+        for i in range(0, len(flags), per_request):
+            chunk = [bool(f) for f in flags[i : i + per_request]]
+            standing = self.standing(s)
+            out += [standing == "escalated" or (f and standing == "watched") for f in chunk]
+            s = self.observe(s, chunk, now=0.0)
+        return out
+
     @staticmethod
     def _escalate(s: KeyWindow, reason: str, now: float | None) -> None:
         s.escalated_at, s.escalated_after, s.reason = time.time() if now is None else now, s.queries, reason
@@ -202,6 +251,28 @@ def _sample(kept: np.ndarray, item: np.ndarray | float, seen: int, size: int, rn
     if slot < size:
         kept[slot] = row[0]
     return kept
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What the monitor says of a request before it is answered: the key's standing, and which of the queries are
+    retries (the very bytes of one of the key's earlier queries), whose domain flags are not recorded again."""
+
+    standing: Standing
+    retries: tuple[bool, ...]
+
+    @property
+    def escalated(self) -> bool:
+        return self.standing == "escalated"
+
+    @property
+    def override(self) -> int:
+        """What the gate does with the request's queries (``defense/gate.py``)."""
+        return OVERRIDE[self.standing]
+
+    def distinct(self, flags: Sequence[bool]) -> list[bool]:
+        """The domain flags of the request's queries that are not retries, for :meth:`ExtractionMonitor.observe`."""
+        return [bool(f) for f, retry in zip(flags, self.retries, strict=True) if not retry]
 
 
 class MonitorStore(Protocol):
@@ -258,9 +329,9 @@ class ExtractionMonitor:
     def escalated(self, key_id: str) -> bool:
         return self.store.read(key_id).escalated
 
-    def screen(self, key_id: str, x: Tensor) -> bool:
+    def screen(self, key_id: str, x: Tensor) -> Screening:
         """Screen a request's queries (B, C, H, W) before they are answered: look their fingerprints up in the
-        index shared by every key, add them, and update ``key_id``'s state; True when the key is escalated.
+        index shared by every key, add them, and update ``key_id``'s state; the key's standing after it.
 
         The index holds each fingerprint's first key (a near-duplicate of an escalated key's query taints), each
         key's own fingerprints (a near-duplicate of the key's own earlier query is a duplicate) and each key's
@@ -285,10 +356,11 @@ class ExtractionMonitor:
             new.update({p: key_id for p in [*row, *mine, same] if p not in seen and p not in new})
         state = self.store.update(key_id, lambda s: self.policy.screen(s, views, marks))
         self.store.index(new)
-        return state.escalated
+        return Screening(self.policy.standing(state), tuple(m == REPEAT for m in marks))
 
     def observe(self, key_id: str, flags: list[bool]) -> bool:
-        """Record a request's domain flags for ``key_id``; True when the key is escalated afterwards."""
+        """Record the domain flags of a request's distinct queries (``Screening.distinct``) for ``key_id``; True
+        when the key is escalated afterwards."""
         return self.store.update(key_id, lambda state: self.policy.observe(state, flags)).escalated
 
     def flagged_keys(self) -> list[dict[str, object]]:

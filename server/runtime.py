@@ -138,7 +138,12 @@ class Runtime:
         self.admin_keys = KeyRing(settings.admin_keys_list(), secrets.token_bytes(32))
         self.edm_hash_key = server_secret(EDM_HASH, client, settings.budget_db).hex() if edm else None
         if settings.monitoring():
-            policy = MonitorPolicy(settings.monitor_window, settings.monitor_min_queries, settings.monitor_threshold)
+            policy = MonitorPolicy(
+                settings.monitor_window,
+                settings.monitor_min_queries,
+                settings.monitor_threshold,
+                trust_rate=settings.monitor_trust_rate,
+            )
             self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
 

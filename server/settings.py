@@ -26,7 +26,7 @@ from deepdefense.models.checkpoint import read_meta, resolve_checkpoint
 
 from .auth import KEY_RULE, weak_key
 from .limits import default_body_limit
-from .monitor import MIN_QUERIES, THRESHOLD, WINDOW
+from .monitor import MIN_QUERIES, THRESHOLD, TRUST_RATE, WINDOW
 from .state import redis_address
 from .watermark import FRACTION, RECORDS
 
@@ -72,6 +72,13 @@ class ServerSettings(BaseSettings):
     monitor_min_queries: int = Field(MIN_QUERIES, ge=1, description="queries before a key can be escalated")
     monitor_threshold: float = Field(
         THRESHOLD, ge=0, lt=1, description="a window with more than this fraction flagged is escalated"
+    )
+    monitor_trust_rate: float = Field(
+        TRUST_RATE,
+        ge=0,
+        lt=1,
+        description="a full window with at most this fraction flagged is in good standing: its flagged queries are "
+        "answered by the defense, not misinformed (at most monitor_threshold)",
     )
 
     watermark: Literal["auto", "off", "on"] = Field(
@@ -264,6 +271,8 @@ class ServerSettings(BaseSettings):
             )
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
+        if self.monitor_trust_rate > self.monitor_threshold:
+            raise ValueError("monitor_trust_rate cannot exceed monitor_threshold (a trusted key is never escalated)")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):
             if access == "admin" and not admin:
                 raise ValueError(f"{route}_access 'admin' needs operator keys (DD_ADMIN_KEYS or DD_ADMIN_KEYS_FILE)")

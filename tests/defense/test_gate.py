@@ -17,7 +17,7 @@ from support.servers import bearer, metric_value, serving, wait_until
 from support.settings import make_settings
 
 from deepdefense.defense import NoDefense
-from deepdefense.defense.gate import MisinformationGate, rerank
+from deepdefense.defense.gate import MISINFORM, SCORE, TRUST, MisinformationGate, rerank
 from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.defense.loader import load_defense, load_gate
 from deepdefense.models.checkpoint import load_checkpoint
@@ -100,10 +100,16 @@ def test_every_query_runs_one_computation_and_a_forced_one_is_misinformed(gate: 
     answers = counted.answer(x)
     assert calls == [6]
     assert [a.misinformed for a in answers] == [False, True, False, False, True, False]
-    forced = counted.answer(x, misinform=torch.tensor([True, False, False, False, False, False]))
-    assert [a.misinformed for a in forced] == [True, True, False, False, True, False]
+    assert [a.flagged for a in answers] == [False, True, False, False, True, False]
+    override = torch.tensor([MISINFORM, SCORE, SCORE, SCORE, TRUST, TRUST], dtype=torch.int8)
+    forced = counted.answer(x, override=override)
+    assert [a.misinformed for a in forced] == [True, True, False, False, False, False]
+    assert [a.flagged for a in forced] == [False, True, False, False, True, False]  # what the score said, always
     with torch.no_grad():
         assert forced[0].label == int(gate.misinformation(x[:1]).argmax())
+    trusted = counted.inner.answer(x[4:5])[0]  # a trusted key's flagged query: the defense's own answer
+    assert forced[4].label == trusted.label
+    torch.testing.assert_close(forced[4].probabilities, trusted.probabilities)
 
 
 def test_flagged_answers_look_like_any_other(gate: MisinformationGate) -> None:
@@ -125,7 +131,7 @@ def test_a_twin_of_a_flagged_query_moves_its_answer_as_an_honest_twin_does(data_
     twin = x.clone()
     twin[:, 0, 14, 14] = torch.where(x[:, 0, 14, 14] < 0.5, x[:, 0, 14, 14] + 1 / 255, x[:, 0, 14, 14] - 1 / 255)
     assert [a.misinformed for a in gated.answer(x)] == [False] * 6 + [True] * 6, "the score should flag noise only"
-    everything = torch.ones(len(x), dtype=torch.bool)
+    everything = torch.full((len(x),), MISINFORM, dtype=torch.int8)
 
     def moves(answer) -> torch.Tensor:  # type: ignore[no-untyped-def]
         """Per query: how far its sorted probabilities and its map move with its twin."""
@@ -135,7 +141,7 @@ def test_a_twin_of_a_flagged_query_moves_its_answer_as_an_honest_twin_does(data_
         dm = [(p.attribution - q.attribution).abs().max() for p, q in pairs]
         return torch.stack([torch.stack(dp), torch.stack(dm)], 1)
 
-    honest, misinformed = moves(gated.inner.answer), moves(lambda q: gated.answer(q, misinform=everything))
+    honest, misinformed = moves(gated.inner.answer), moves(lambda q: gated.answer(q, override=everything))
     torch.testing.assert_close(misinformed, honest, rtol=0, atol=PATH_ATOL)
     assert (honest[:6, 0] > CHANGED).sum() > 0 and (honest[:, 1] > CHANGED).all(), f"nothing moved: {honest}"
 

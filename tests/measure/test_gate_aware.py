@@ -113,7 +113,7 @@ def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
     """``deepdefense eval --monitored``: the arm's queries are one key's; a key that asks everything twice is
     escalated by the monitor's screening, and from then on every answer is the misinformation path's."""
     from deepdefense.defense import NoDefense
-    from deepdefense.defense.gate import MisinformationGate
+    from deepdefense.defense.gate import MISINFORM, MisinformationGate
     from deepdefense.defense.interpreters import create_interpreter
     from deepdefense.measure.local_oracle import MonitoredOracle
     from deepdefense.server.monitor import ExtractionMonitor, MonitorPolicy
@@ -132,9 +132,9 @@ def test_a_monitored_oracle_answers_as_the_server_with_keys(tmp_path) -> None:
     oracle.query(with_twins(x[4:]))  # 4 twins in 8: near-duplicates above 20% of the window
     assert monitor.escalated("a77ac4e40000")
     after = oracle.query(x[:4])
-    everything = torch.ones(4, dtype=torch.bool)
+    everything = torch.full((4,), MISINFORM, dtype=torch.int8)
     torch.testing.assert_close(
-        after.probabilities, torch.stack([a.probabilities for a in gate.answer(x[:4], misinform=everything)])
+        after.probabilities, torch.stack([a.probabilities for a in gate.answer(x[:4], override=everything)])
     )
     assert after.labels.tolist() == wrong(x[:4]).argmax(1).tolist()
     monitor.close()

@@ -40,6 +40,35 @@ def test_the_policy_escalates_a_window_of_flags_and_not_honest_traffic() -> None
         MonitorPolicy(window=10, min_queries=20)
 
 
+def test_a_full_window_of_mostly_unflagged_queries_is_trusted_until_its_flags_say_otherwise() -> None:
+    policy = MonitorPolicy(window=100, min_queries=50, threshold=0.25, trust_rate=0.125)
+    s = policy.observe(KeyWindow(), [False] * 99)
+    assert policy.standing(s) == "watched", "trusted before its window was full"
+    s = policy.observe(s, [False])
+    assert policy.standing(s) == "trusted"
+    s = policy.observe(s, [True] * 12)  # 12 of the last 100 flagged: at most 12.5%
+    assert policy.standing(s) == "trusted"
+    s = policy.observe(s, [True])  # 13 of 100
+    assert policy.standing(s) == "watched", "the flags stopped counting once the key was trusted"
+    assert policy.standing(policy.observe(s, [True] * 20)) == "escalated"
+    with pytest.raises(ValueError, match="trust_rate"):
+        MonitorPolicy(threshold=0.2, trust_rate=0.3)
+
+
+def test_the_replay_misinforms_flagged_queries_until_the_key_is_trusted_and_all_once_escalated() -> None:
+    policy = MonitorPolicy(window=100, min_queries=50, threshold=0.25, trust_rate=0.125)
+    honest = [i % 20 == 0 for i in range(400)]  # 5% flagged
+    one_by_one = policy.misinformed(honest)
+    assert one_by_one[:100] == honest[:100] and not any(one_by_one[100:])
+    # sent 16 at a time, the standing is read before each request: trusted from the 8th request (query 112) on
+    by_request = policy.misinformed(honest, per_request=16)
+    assert by_request[:112] == honest[:112] and not any(by_request[112:])
+    thief = [i % 3 == 0 for i in range(400)]  # a third flagged: escalated, then every answer misinformed
+    replayed = policy.misinformed(thief)
+    first = policy.queries_until_escalated(thief)
+    assert first is not None and replayed[:first] == thief[:first] and all(replayed[first:])
+
+
 def test_the_state_survives_a_restart_and_an_operator_clears_it(tmp_path: Path) -> None:
     db = tmp_path / "budget.sqlite"
     monitor = ExtractionMonitor(db, MonitorPolicy(window=10, min_queries=5, threshold=0.5))
@@ -129,6 +158,40 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         assert metric_value(client.get("/metrics", headers=bearer(OPERATOR)).text, "dd_flagged_keys") == 0
 
 
+def test_a_trusted_keys_flagged_queries_are_answered_by_the_defense_and_retries_earn_no_trust(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window (10) of a key's distinct digits, none flagged, and the key is trusted: its noise, which the score
+    flags, gets the defense's answer (here the victim's) until 2 of its last 10 are flagged (more than 12.5%).
+    Bob sends one digit ten times: retries, recorded once, so his window is not full and his noise is
+    misinformed."""
+    digits = load_split("mnist", str(data_root), "test").tensors[0][:10]  # not flagged by the shipped score
+    noise = torch.rand((3, *SHAPE), generator=torch.Generator().manual_seed(0))
+    victim, _ = load_checkpoint("lenet-mnist")
+    with torch.no_grad():
+        truth = victim(noise).softmax(-1)
+
+    def honest(response, sent: slice = slice(0, 1)) -> list[bool]:
+        got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
+        return [torch.allclose(g, t, rtol=0, atol=PATH_ATOL) for g, t in zip(got, truth[sent], strict=True)]
+
+    with serving(create_app(_settings(tmp_path, monkeypatch))) as client:
+        assert _ask(client, ALICE, digits[:9]).status_code == 200  # 9 in the window: not yet trusted
+        assert honest(_ask(client, ALICE, noise[:1])) == [False], "a watched key's flagged query was not misinformed"
+        assert _ask(client, ALICE, digits[9:]).status_code == 200  # 10 of 11 unflagged: window full, 1 of 10 flagged
+        trusted = _ask(client, ALICE, noise[1:2])
+        assert honest(trusted, slice(1, 2)) == [True], "a trusted key's flagged query was misinformed"
+        # the window now holds 2 flagged of 10 (20%): watched again
+        r = _ask(client, ALICE, noise[2:3])
+        assert r.status_code == 200 and honest(r, slice(2, 3)) == [False], "flags stopped counting once trusted"
+        metrics = client.get("/metrics", headers=bearer(OPERATOR)).text
+        assert metric_value(metrics, "dd_trusted_flagged_answers_total") == 1
+        assert metric_value(metrics, "dd_misinformed_answers_total") == 2
+        for _ in range(10):
+            assert _ask(client, BOB, digits[:1]).status_code == 200
+        assert honest(_ask(client, BOB, noise[:1])) == [False], "retries filled a window"
+
+
 def test_an_escalated_key_can_be_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     noise = torch.rand((5, *SHAPE), generator=torch.Generator().manual_seed(0))
     with serving(app := create_app(_settings(tmp_path, monkeypatch, monitor_action="refuse"))) as client:
@@ -191,5 +254,5 @@ def test_retries_and_public_images_sent_by_several_honest_keys_are_not_duplicate
     monitor = ExtractionMonitor(tmp_path / "state.sqlite")
     for key in ("a" * 12, "a" * 12, "b" * 12):
         for i in range(0, len(digits), 16):
-            assert not monitor.screen(key, digits[i : i + 16]), key
+            assert not monitor.screen(key, digits[i : i + 16]).escalated, key
     assert monitor.store.read("a" * 12).duplicates == 0 and monitor.store.read("b" * 12).duplicates == 0

@@ -325,9 +325,9 @@ def test_a_request_queued_before_its_key_was_escalated_is_answered_as_escalated(
         gate = runtime.defense
         answer = gate.answer
 
-        def escalating(x: torch.Tensor, *, explain: bool = True, misinform: torch.Tensor | None = None) -> list[Any]:
+        def escalating(x: torch.Tensor, *, explain: bool = True, override: torch.Tensor | None = None) -> list[Any]:
             runtime.monitor.observe(key_id_of(app, ALICE), [True] * 10)  # meanwhile, another request escalated it
-            return answer(x, explain=explain, misinform=misinform)
+            return answer(x, explain=explain, override=override)
 
         gate.answer = escalating
         r = client.post("/predict", json=body, headers=bearer(ALICE))

@@ -155,11 +155,12 @@ def test_screening_is_shared_by_replicas_an_escalated_key_everywhere_and_its_que
         images = torch.rand((8, 1, 28, 28), generator=torch.Generator().manual_seed(0))
         twins = images.clone()
         twins[:, 0, 3, 3] += 1 / 255
-        escalated = [one.screen(thief, torch.stack([x, t])) for x, t in zip(images, twins, strict=True)]
+        escalated = [one.screen(thief, torch.stack([x, t])).escalated for x, t in zip(images, twins, strict=True)]
         assert escalated[-1] and not escalated[0], "half of the queries were twins: escalated once the window had 5"
         assert two.escalated(thief) and two.flagged_keys()[0]["reason"] == "duplicates"
-        assert not two.screen(honest, torch.rand((6, 1, 28, 28), generator=torch.Generator().manual_seed(1)))
-        assert not two.screen(fresh, images[:2]) and two.screen(fresh, images[2:3]), "3 of the thief's: tainted"
+        assert not two.screen(honest, torch.rand((6, 1, 28, 28), generator=torch.Generator().manual_seed(1))).escalated
+        assert not two.screen(fresh, images[:2]).escalated
+        assert two.screen(fresh, images[2:3]).escalated, "3 of the thief's: tainted"
         assert two.store.read(fresh).reason == "taint" and not one.escalated(honest)
     finally:
         one.close()
