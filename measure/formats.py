@@ -10,7 +10,10 @@ What is sent is decoded by ``server.images.instances_to_tensor``, the function `
 server's default image limits; the shipped domain score then says which queries the gate would answer from
 the misinformation model. Per variant: the share flagged (with a 95% Wilson interval), the victim's accuracy
 on the decoded digits, and the share of right labels an honest user gets through the gate (the victim's
-label where not flagged — DeepDefense keeps the top-1 — and the misinformation model's where flagged).
+label where not flagged — DeepDefense keeps the top-1 — and the misinformation model's where flagged), sent
+anonymously and sent by one API key, 16 per request, to the default server, whose extraction monitor stops
+misinforming a key's flagged queries once the key is trusted and misinforms all of them once it is escalated
+(``MonitorPolicy.misinformed``, its domain-flag rules replayed).
 
 Nothing here is fitted or tuned; Fashion-MNIST is not read.
 """
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from deepdefense.defense.domain import DomainScore, victim_outputs
 from deepdefense.server.images import ImageLimits, instances_to_tensor
+from deepdefense.server.monitor import MonitorPolicy
 from deepdefense.server.schemas import Instance
 from deepdefense.server.settings import ServerSettings
 
@@ -45,6 +49,8 @@ DEFAULT_LIMITS = ImageLimits(
     max_pixels=ServerSettings.model_fields["max_image_pixels"].default,
 )
 JPEG_QUALITY = 75
+#: Queries per request of a key's replay and of the check over HTTP.
+PER_REQUEST = 16
 #: A photographed page: paper brightness from PAPER_DARK to PAPER_LIGHT across the image, ink at INK.
 PAPER_LIGHT, PAPER_DARK, INK = 0.95, 0.70, 0.12
 #: Sensor noise of a photo, per pixel of the 200×200 image (σ, in [0, 1] units).
@@ -195,14 +201,17 @@ def measure_variant(
         victim_labels.append(logits.argmax(1))
         device = next(misinformation.parameters()).device
         misinformed_labels.append(misinformation(x.to(device)).argmax(1).cpu())
-    flagged, victim = torch.cat(flags), torch.cat(victim_labels)
-    answered = torch.where(flagged, torch.cat(misinformed_labels), victim)
+    flagged, victim, wrong = torch.cat(flags), torch.cat(victim_labels), torch.cat(misinformed_labels)
+    answered = torch.where(flagged, wrong, victim)
+    keyed = torch.tensor(MonitorPolicy().misinformed(flagged.tolist(), PER_REQUEST))
     n, k = len(flagged), int(flagged.sum())
     result = {"name": variant.name, "description": variant.description, "n": n, "flagged": k, "flag_rate": k / n}
     return result | {
         "flag_rate_ci95": list(wilson(k, n)),
         "victim_accuracy": float((victim == labels).double().mean()),
         "right_through_gate": float((answered == labels).double().mean()),
+        "misinformed_with_key": int(keyed.sum()),
+        "right_with_key": float((torch.where(keyed, wrong, victim) == labels).double().mean()),
     }
 
 
@@ -221,10 +230,16 @@ def sent_instances(variant: Variant, digits: Tensor, g: torch.Generator) -> tupl
 
 
 def check_over_http(
-    variant: Variant, digits: Tensor, score: DomainScore, checkpoint: str, g: torch.Generator, per_request: int = 16
+    variant: Variant,
+    digits: Tensor,
+    score: DomainScore,
+    checkpoint: str,
+    g: torch.Generator,
+    per_request: int = PER_REQUEST,
 ) -> dict[str, Any]:
-    """The same queries counted twice: flagged offline (``instances_to_tensor`` and the domain score, as above) and
-    answered from the misinformation model by a real server on loopback (``--defense none --gate misinform``,
+    """The same queries counted twice: flagged offline (``instances_to_tensor`` and the domain score, as above, and
+    which of them the monitor's replay misinforms for one key) and answered from the misinformation model by a real
+    server on loopback (``--defense none --gate misinform``, one API key, so the monitor on as by default;
     ``dd_misinformed_answers_total`` of its /metrics), each sent as ``/predict`` requests with the invert option."""
     import httpx
 
@@ -233,7 +248,8 @@ def check_over_http(
     instances, invert = sent_instances(variant, digits, g)
     shape: tuple[int, int, int] = tuple(digits.shape[1:])  # type: ignore[assignment]
     x = instances_to_tensor(instances, shape, DEFAULT_LIMITS, invert=invert)
-    offline = int(score.flags(x).sum())
+    flags = score.flags(x).cpu()
+    replayed = sum(MonitorPolicy().misinformed(flags.tolist(), per_request))
     with served(checkpoint, "none", "gradcam", gate="misinform") as (url, key), httpx.Client(timeout=120) as client:
         headers = {"Authorization": f"Bearer {key}"}  # an API key, and the operator key /metrics shows the gate to
         before = misinformed_answers(client.get(f"{url}/metrics", headers=headers).text)
@@ -242,7 +258,8 @@ def check_over_http(
             body = {"instances": chunk, "explain": False, "invert": invert}
             client.post(f"{url}/predict", json=body, headers=headers).raise_for_status()
         after = misinformed_answers(client.get(f"{url}/metrics", headers=headers).text)
-    return {"name": variant.name, "n": len(instances), "flagged_offline": offline, "by_server": after - before}
+    checked = {"name": variant.name, "n": len(instances), "flagged_offline": int(flags.sum())}
+    return checked | {"misinformed_replayed": replayed, "by_server": after - before}
 
 
 def misinformed_answers(metrics: str) -> int:

@@ -27,7 +27,11 @@ def markdown(record: Mapping[str, Any]) -> str:
         f"default image limits; the shipped domain score (`{gate['method']}`, threshold {gate['threshold']:.6g}) "
         "then says which queries the gate answers from the misinformation model. *Right through the gate*: the "
         "victim's label where the query is not flagged (DeepDefense keeps the top-1), the misinformation model's "
-        "where it is. *Cost*: the victim's accuracy minus the accuracy through the gate, in points. The domain score "
+        "where it is. *With a key*: the same digits sent by one API key, 16 per request, to the default server, whose "
+        "extraction monitor misinforms the flagged ones only until the key is trusted (a full window of 100 distinct "
+        "queries with at most 12.5% flagged; `server/monitor.py`) and all of them once it is escalated (its "
+        "domain-flag rules replayed by `MonitorPolicy.misinformed`): a key's first window pays what an anonymous "
+        "caller pays. *Cost*: the victim's accuracy minus the accuracy through the gate, in points. The domain score "
         "was fitted with honest variants of the victim's *training* digits of the same families (stroke width, "
         "affine changes, blur, noise, faint ink, scans: `defense/honest_variants.py`, its own code and parameters); "
         "nothing was fitted or tuned on these test images or on this code; Fashion-MNIST is not read.",
@@ -48,7 +52,7 @@ def markdown(record: Mapping[str, Any]) -> str:
     header += ["flagged before"] if before else []
     header += ["victim accuracy", "right through the gate"]
     header += ["right through the gate before"] if before else []
-    header += ["cost (points)"]
+    header += ["cost (points)", "right with a key", "cost with a key"]
     out += table(header)
     for r in record["variants"]:
         low, high = r["flag_rate_ci95"]
@@ -57,28 +61,30 @@ def markdown(record: Mapping[str, Any]) -> str:
         cells += [pct(was["flag_rate"]) if was else "—"] if before else []
         cells += [pct(r["victim_accuracy"]), pct(r["right_through_gate"])]
         cells += [pct(was["right_through_gate"]) if was else "—"] if before else []
-        cells += [f"{_cost(r):.2f}"]
+        cells += [f"{_cost(r):.2f}", pct(r["right_with_key"]), f"{_cost(r, 'right_with_key'):.2f}"]
         out.append(row(cells))
     checks = record.get("http_check") or []
     if checks:
         out += [
             "",
-            "The same count over HTTP: the queries of a variant for the first digits of the sample, sent as "
-            "`/predict` requests (16 instances each, with "
-            "the variant's invert option) to a server on loopback (`--defense none --gate misinform`), answered from "
-            "the misinformation model as often as counted offline (`dd_misinformed_answers_total`):",
+            "The same count over HTTP: the queries of a variant for the first digits of the sample, sent by one API "
+            "key as `/predict` requests (16 instances each, with the variant's invert option) to a server on "
+            "loopback (`--defense none --gate misinform`, the monitor on as by default with keys), against the "
+            "offline count: flagged by the score, and misinformed by the monitor's replay for one key "
+            "(`dd_misinformed_answers_total`):",
             "",
             *table(
-                ["variant", "n", "flagged offline", "misinformed by the server"],
-                ([c["name"], c["n"], c["flagged_offline"], c["by_server"]] for c in checks),
+                ["variant", "n", "flagged offline", "misinformed, replayed", "misinformed by the server"],
+                ([c["name"], c["n"], c["flagged_offline"], c["misinformed_replayed"], c["by_server"]] for c in checks),
             ),
         ]
     return document([*out, "", "## Reading", "", *_reading(record)])
 
 
-def _cost(r: Mapping[str, Any]) -> float:
-    """Points of accuracy the gate costs a variant's honest senders: the victim's accuracy minus theirs."""
-    return 100 * (r["victim_accuracy"] - r["right_through_gate"])
+def _cost(r: Mapping[str, Any], right: str = "right_through_gate") -> float:
+    """Points of accuracy the gate costs a variant's honest senders (anonymous, or ``right="right_with_key"``: one
+    key's): the victim's accuracy minus theirs."""
+    return 100 * (r["victim_accuracy"] - r[right])
 
 
 def _reading(record: Mapping[str, Any]) -> list[str]:
@@ -104,14 +110,8 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
         lines.append(f"* **Flagged more than {pct(NOTABLE)} although honest:** {named}. The gate punishes these "
                      "users: their answers come from the misinformation model, wrong on purpose and not marked; the "
                      "model card says so in `answers`.")  # fmt: skip
-    over = [r for r in honest if _cost(r) > (CLEAN_COST if r["name"].startswith("clean") else COST_TARGET)]
-    worst = max(honest, key=_cost)
-    lines.append(
-        f"* **Cost against the victim** (target: at most {COST_TARGET:g} points per honest variant, {CLEAN_COST:g} for "
-        f"clean digits): the largest is {worst['name']}, {_cost(worst):.2f} points; "
-        + ("every honest variant is within its target." if not over else "over the target: "
-           + "; ".join(f"{r['name']} {_cost(r):.2f}" for r in sorted(over, key=lambda r: -_cost(r))) + ".")
-    )  # fmt: skip
+    lines.append(_cost_line(honest, "right_through_gate", "sent anonymously"))
+    lines.append(_cost_line(honest, "right_with_key", "sent by one key"))
     before = {r["name"]: r for r in record["baseline"]["variants"]} if record.get("baseline") else {}
     if before:
         changes = "; ".join(
@@ -122,3 +122,21 @@ def _reading(record: Mapping[str, Any]) -> list[str]:
         if changes:
             lines.append(f"* **Before → after**, for the variants flagged more than {pct(NOTABLE)} before: {changes}.")
     return lines
+
+
+def _cost_line(honest: list[Mapping[str, Any]], right: str, who: str) -> str:
+    """The reading's line on the largest cost and the variants over the target, for ``right``'s senders."""
+    costs = {r["name"]: _cost(r, right) for r in honest}
+    over = {n: c for n, c in costs.items() if c > (CLEAN_COST if n.startswith("clean") else COST_TARGET)}
+    worst = max(costs, key=lambda n: costs[n])
+    verdict = (
+        "every honest variant is within its target."
+        if not over
+        else "over the target: "
+        + "; ".join(f"{n} {c:.2f}" for n, c in sorted(over.items(), key=lambda item: -item[1]))
+        + "."
+    )
+    return (
+        f"* **Cost against the victim, {who}** (target: at most {COST_TARGET:g} points per honest variant, "
+        f"{CLEAN_COST:g} for clean digits): the largest is {worst}, {costs[worst]:.2f} points; {verdict}"
+    )

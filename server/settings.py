@@ -73,12 +73,12 @@ class ServerSettings(BaseSettings):
     monitor_threshold: float = Field(
         THRESHOLD, ge=0, lt=1, description="a window with more than this fraction flagged is escalated"
     )
-    monitor_trust_rate: float = Field(
-        TRUST_RATE,
+    monitor_trust_rate: float | None = Field(
+        None,
         ge=0,
         lt=1,
         description="a full window with at most this fraction flagged is in good standing: its flagged queries are "
-        "answered by the defense, not misinformed (at most monitor_threshold)",
+        f"answered by the defense, not misinformed (at most monitor_threshold; default: half of it, {TRUST_RATE:g})",
     )
 
     watermark: Literal["auto", "off", "on"] = Field(
@@ -271,7 +271,7 @@ class ServerSettings(BaseSettings):
             )
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
-        if self.monitor_trust_rate > self.monitor_threshold:
+        if self.monitor_trust_rate is not None and self.monitor_trust_rate > self.monitor_threshold:
             raise ValueError("monitor_trust_rate cannot exceed monitor_threshold (a trusted key is never escalated)")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):
             if access == "admin" and not admin:

@@ -80,6 +80,7 @@ def record(rates: dict[str, float]) -> dict:
             "flag_rate_ci95": list(wilson(round(1000 * rate), 1000)),
             "victim_accuracy": 0.99,
             "right_through_gate": 0.99 - rate,
+            "right_with_key": 0.99 - rate / 10,  # as if a key's trust spared it nine in ten
         }
         for name, rate in rates.items()
     ]
@@ -100,11 +101,13 @@ def test_the_report_shows_the_cost_and_the_variants_over_target() -> None:
     rec = record({"clean pixels": 0.004, "thicker, pixels": 0.01, "thinner, pixels": 0.25})
     text = markdown(rec)
     assert (
-        "| thinner, pixels | thinner, pixels as sent | 1000 | **25.00%** (22.42%–27.78%) | 99.00% | 74.00% | 25.00 |"
-        in text
+        "| thinner, pixels | thinner, pixels as sent | 1000 | **25.00%** (22.42%–27.78%) | 99.00% | 74.00% | 25.00 "
+        "| 96.50% | 2.50 |" in text
     )
     reading = text.split("## Reading", 1)[1]
-    assert "the largest is thinner, pixels, 25.00 points; over the target: thinner, pixels 25.00." in reading
+    anonymous, keyed = reading.split("sent anonymously", 1)[1].split("sent by one key")
+    assert "the largest is thinner, pixels, 25.00 points; over the target: thinner, pixels 25.00." in anonymous
+    assert "the largest is thinner, pixels, 2.50 points; over the target: thinner, pixels 2.50." in keyed
     assert "flagged before" not in text
 
 
@@ -118,7 +121,7 @@ def test_a_baseline_of_the_same_images_goes_beside_as_before() -> None:
     text = markdown(now)
     assert (
         "| thinner, pixels | thinner, pixels as sent | 1000 | **1.00%** (0.54%–1.83%) | 25.00% | 99.00% | 98.00% "
-        "| 74.00% | 1.00 |" in text
+        "| 74.00% | 1.00 | 98.90% | 0.10 |" in text
     )
     assert "deepdefense formats --seed 0 (before)" in text and "`1111111111111111…`" in text
     assert "thinner, pixels 25.00% → 1.00%" in text.split("## Reading", 1)[1]
@@ -143,5 +146,8 @@ def test_the_command_writes_the_record_and_counts_as_the_server(data_root: Path,
     assert saved["command"].startswith("deepdefense formats")
     assert len(saved["http_check"]) == 2
     for check in saved["http_check"]:
-        assert check["by_server"] == check["flagged_offline"], check
+        assert check["by_server"] == check["misinformed_replayed"] == check["flagged_offline"], check
+    # 24 queries: no key is trusted before its window of 100 is full, so a key pays what an anonymous caller pays
+    assert all(r["misinformed_with_key"] == r["flagged"] for r in saved["variants"])
+    assert all(r["right_with_key"] == r["right_through_gate"] for r in saved["variants"])
     assert "# Honest digits in other formats" in report.read_text()

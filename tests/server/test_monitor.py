@@ -92,6 +92,9 @@ def test_the_monitor_needs_keys_and_the_gate(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("DD_API_KEYS", ALICE)
     with pytest.raises(ValidationError, match="needs the gate"):
         make_settings(tmp_path, monitor="on")
+    with pytest.raises(ValidationError, match="trust_rate cannot exceed"):
+        make_settings(tmp_path, gate="misinform", monitor_threshold=0.1, monitor_trust_rate=0.2)
+    make_settings(tmp_path, gate="misinform", monitor_threshold=0.1)  # the trust rate follows: half the threshold
 
 
 def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object):
@@ -127,6 +130,7 @@ def test_an_escalated_key_gets_misinformation_for_its_digits_across_a_restart(
         return False
 
     with serving(app := create_app(settings)) as client:
+        assert app.state.runtime.monitor.policy.trust_rate == 0.25, "the trust rate is half the threshold (0.5)"
         assert honest(_ask(client, ALICE, digits)), "a fresh key's digits get the victim's answers"
         assert _ask(client, ALICE, noise).status_code == 200  # escalated at the 9th query (5 of 9 flagged)
         r = _ask(client, ALICE, digits)
@@ -175,7 +179,7 @@ def test_a_trusted_keys_flagged_queries_are_answered_by_the_defense_and_retries_
         got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
         return [torch.allclose(g, t, rtol=0, atol=PATH_ATOL) for g, t in zip(got, truth[sent], strict=True)]
 
-    with serving(create_app(_settings(tmp_path, monkeypatch))) as client:
+    with serving(create_app(_settings(tmp_path, monkeypatch, monitor_trust_rate=0.125))) as client:
         assert _ask(client, ALICE, digits[:9]).status_code == 200  # 9 in the window: not yet trusted
         assert honest(_ask(client, ALICE, noise[:1])) == [False], "a watched key's flagged query was not misinformed"
         assert _ask(client, ALICE, digits[9:]).status_code == 200  # 10 of 11 unflagged: window full, 1 of 10 flagged

@@ -1,0 +1,28 @@
+"""The trust study's replay (measure/trust.py): the server before the trust, and a key's rows."""
+
+from __future__ import annotations
+
+import torch
+
+from deepdefense.measure.trust import key_rows, without_trust
+from deepdefense.server.monitor import MonitorPolicy
+
+
+def test_without_the_trust_every_flagged_query_is_misinformed_until_escalation_then_all() -> None:
+    policy = MonitorPolicy(window=100, min_queries=50, threshold=0.25)
+    honest = [i % 20 == 0 for i in range(400)]  # 5% flagged: never escalated, never spared
+    assert without_trust(policy, honest) == honest
+    assert policy.misinformed(honest, 16) != honest, "the trust spared none of an honest key's flagged queries"
+    thief = [i % 3 == 0 for i in range(400)]
+    first = policy.queries_until_escalated(thief)
+    assert first is not None
+    replayed = without_trust(policy, thief, per_request=16)
+    after = 16 * ((first - 1) // 16 + 1)  # the standing is read before each request: the next one is escalated
+    assert replayed[:after] == thief[:after] and all(replayed[after:])
+
+
+def test_a_keys_rows_hold_its_digits_and_foreign_images_once_each() -> None:
+    rows = key_rows(30, 70, 100, torch.Generator().manual_seed(0))
+    assert sorted(rows.tolist()) == list(range(30)) + list(range(100, 170))
+    assert rows.tolist() != sorted(rows.tolist()), "not shuffled"
+    assert key_rows(3, 2, 100, None).tolist() == [0, 1, 2, 100, 101], "the digits first, then the foreign images"
