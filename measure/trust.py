@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepdefense.clients.transfer import TransferSet
+from deepdefense.clients.transfer import TransferSet, TransferStore
 from deepdefense.measure.first_answers import lenet_thief
 from deepdefense.measure.markdown import module_command, table
 from deepdefense.models.data import get_spec, load_split
@@ -103,7 +103,45 @@ def key_record(
     return record
 
 
-def run(data_root: str | None, budget: int, seed: int, progress: bool) -> dict[str, Any]:
+def escalated_from(after: int | None, reason: str | None, per_request: int) -> int | None:
+    """The first query answered as escalated, for a key escalated after its ``after``-th query: the screening's
+    rules escalate before the request that tips the key over is answered, the domain flags after it."""
+    if after is None:
+        return None
+    request = (after - 1) // per_request + (reason == "domain")
+    return request * per_request
+
+
+def replayed_arms(evaluations: Sequence[str], score: Any, policy: MonitorPolicy) -> list[dict[str, Any]]:
+    """The monitored arms of ``deepdefense eval`` output folders (``--monitored``), their stored queries replayed
+    in order, in their requests, up to where the monitor escalated the arm's key when it was measured (from then on
+    every answer is misinformed with the trust or without): how many answers the trust changes. Exact repeats are
+    counted: the replay records their flags again, the server would not."""
+    out = []
+    for folder in evaluations:
+        results = json.loads((Path(folder) / "results.json").read_text())
+        for key, arm in results["arms"].items():
+            if arm["settings"].get("monitor") != "on":
+                continue
+            data = TransferStore.existing(arm["store"]).load().prefix(arm["budget"])
+            with torch.no_grad():
+                flags = torch.cat([score.flags(c) for c in data.images.split(1000)]).cpu().tolist()
+            per_request = arm["runtime"]["query_batch"]
+            now, before = policy.misinformed(flags, per_request), without_trust(policy, flags, per_request)
+            watched = arm["monitor"]["watched"]  # what the monitor did with the arm's key when it was measured
+            escalated = escalated_from(watched.get("escalated_after"), watched.get("reason"), per_request)
+            changed = sum(a != b for a, b in list(zip(now, before, strict=True))[:escalated])
+            distinct = len({x.numpy().tobytes() for x in data.images})
+            out.append({
+                "evaluation": Path(folder).name, "arm": key, "query_set": arm["query_set"], "budget": arm["budget"],
+                "per_request": per_request, "flagged": sum(flags), "repeats": len(flags) - distinct,
+                "escalated_after": watched.get("escalated_after"), "reason": watched.get("reason"),
+                "answers_changed": changed,
+            })  # fmt: skip
+    return out
+
+
+def run(data_root: str | None, budget: int, seed: int, evaluations: Sequence[str], progress: bool) -> dict[str, Any]:
     from deepdefense.defense.domain import load_domain_score
     from deepdefense.defense.misinformation import load_misinformation
     from deepdefense.models.checkpoint import load_checkpoint
@@ -145,6 +183,7 @@ def run(data_root: str | None, budget: int, seed: int, progress: bool) -> dict[s
         "fashion_flag_rate": round(float(flags[budget:].double().mean()), 4),
         "digits_flag_rate": round(float(flags[:budget].double().mean()), 4),
         "keys": keys,
+        "evaluation_arms": replayed_arms(evaluations, score, policy),
         "seconds": round(time.time() - started, 1),
     }
 
@@ -183,6 +222,7 @@ def report(record: dict[str, Any]) -> str:
             "",
             *table(head, rows),
             "",
+            *_arms_table(record.get("evaluation_arms", [])),
             "## Reading",
             "",
             "* *Before* is the server without the trust (every flagged query misinformed until the key is escalated);",
@@ -201,6 +241,31 @@ def report(record: dict[str, Any]) -> str:
     )
 
 
+def _arms_table(arms: list[dict[str, Any]]) -> list[str]:
+    if not arms:
+        return []
+    head = [
+        "evaluation", "arm", "B", "queries per request", "flagged", "exact repeats", "escalated after", "by",
+        "answers the trust changes",
+    ]  # fmt: skip
+    rows = [
+        [a["evaluation"], a["arm"], f"{a['budget']:,}", a["per_request"], a["flagged"], a["repeats"],
+         a["escalated_after"] or "never", a["reason"] or "—", f"**{a['answers_changed']}**"]
+        for a in arms
+    ]  # fmt: skip
+    return [
+        "## The evaluation's monitored arms, replayed",
+        "",
+        "The arms of `deepdefense eval --monitored` (`docs/results/below-label-line.md` and the gate-aware reports)",
+        "were measured before the trust. Their stored queries replayed in order and in their requests, with and",
+        "without it, up to where the monitor escalated the arm's key (after that every answer is misinformed either",
+        "way): 0 means the arm's answers, and so its thief, are the same now.",
+        "",
+        *table(head, rows),
+        "",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=None, help="data sets in torchvision's layout ($DD_DATA_ROOT)")
@@ -208,10 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the record here as JSON")
     p.add_argument("--report", default=None, help="write the Markdown report here")
+    p.add_argument(
+        "--evaluations",
+        nargs="*",
+        default=[],
+        help="deepdefense eval --monitored output folders whose "
+        "arms are replayed with and without the trust (their transfer sets must be on this machine)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     record = {"command": module_command("deepdefense.measure.trust", argv)}
-    record |= run(args.data_root, args.budget, args.seed, progress=not args.quiet)
+    record |= run(args.data_root, args.budget, args.seed, args.evaluations, progress=not args.quiet)
     print(json.dumps(record["keys"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

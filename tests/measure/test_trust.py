@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deepdefense.measure.trust import key_rows, without_trust
+from deepdefense.measure.trust import escalated_from, key_rows, without_trust
 from deepdefense.server.monitor import MonitorPolicy
 
 
@@ -26,3 +26,10 @@ def test_a_keys_rows_hold_its_digits_and_foreign_images_once_each() -> None:
     assert sorted(rows.tolist()) == list(range(30)) + list(range(100, 170))
     assert rows.tolist() != sorted(rows.tolist()), "not shuffled"
     assert key_rows(3, 2, 100, None).tolist() == [0, 1, 2, 100, 101], "the digits first, then the foreign images"
+
+
+def test_a_key_is_answered_as_escalated_from_the_request_its_rule_acts_on() -> None:
+    assert escalated_from(214, "spread", 16) == 208, "the screening escalates before the 14th request is answered"
+    assert escalated_from(64, "domain", 64) == 64, "domain flags escalate after the first request, for the second"
+    assert escalated_from(65, "domain", 64) == 128
+    assert escalated_from(None, None, 16) is None
