@@ -152,10 +152,11 @@ class DataPlane:
             except (RequestTimeout, _ClientGone):
                 charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
                 raise
+            escalated = False
             if model.monitor is not None:
-                answers = await _monitored(model, batcher, caller, x, answers, screening, explain=explain)
+                answers, escalated = await _monitored(model, batcher, caller, x, answers, screening, explain=explain)
             if model.watermark is not None:
-                answers = await run_in_threadpool(_watermarked, model, caller, x, answers)
+                answers = await run_in_threadpool(_watermarked, model, caller, x, answers, escalated)
             response = respond(answers)
             charged = len(x)
             return response
@@ -334,10 +335,11 @@ async def _monitored(
     screening: Screening | None,
     *,
     explain: bool,
-) -> list[Answer]:
+) -> tuple[list[Answer], bool]:
     """The answers an escalated key gets, and the monitor's record of the others' domain flags (a retry's not
-    again). A key escalated while the request was queued (by another of its requests) gets the escalated answer
-    too — recomputed by the misinformation path — or 403 under ``refuse``, uncharged."""
+    again); and whether the key is escalated. A key escalated while the request was queued (by another of its
+    requests) gets the escalated answer too — recomputed by the misinformation path — or 403 under ``refuse``,
+    uncharged."""
     escalated = screening is not None and screening.escalated
     if not escalated and await run_in_threadpool(_escalated, model, caller, len(x)):
         assert isinstance(model.defense, MisinformationGate)  # the settings require the gate for the monitor
@@ -348,19 +350,22 @@ async def _monitored(
         escalated = True
     if escalated:
         model.metrics.escalated.labels("misinform").inc(len(answers))
-        return answers
+        return answers, True
     if screening is None:  # a model without the gate: no domain flags to record
-        return answers
+        return answers, False
     flags = screening.distinct([a.flagged for a in answers])
     with state_reachable(model.settings.retry_after_s):  # unobserved answers are not sent
         await run_in_threadpool(model.monitor.observe, caller.key_id, flags)  # type: ignore[union-attr]
         model.metrics.flagged_keys.set(await run_in_threadpool(model.monitor.count_flagged))  # type: ignore[union-attr]
-    return answers
+    return answers, False
 
 
-def _watermarked(model: ModelRuntime, caller: Caller, x: Tensor, answers: list[Answer]) -> list[Answer]:
-    """``answers`` with the watermark's (``server/watermark.py``), kept in the store before any is sent (503
-    ``state_unavailable`` when the store cannot be reached: a watermark not kept proves nothing)."""
+def _watermarked(
+    model: ModelRuntime, caller: Caller, x: Tensor, answers: list[Answer], escalated: bool
+) -> list[Answer]:
+    """``answers`` with the watermark's (``server/watermark.py``; the escalated fraction for a key the monitor
+    escalated), kept in the store before any is sent (503 ``state_unavailable`` when the store cannot be reached: a
+    watermark not kept proves nothing)."""
     assert model.watermark is not None
     with state_reachable(model.settings.retry_after_s):
-        return model.watermark.apply(caller.key_id, x, answers)
+        return model.watermark.apply(caller.key_id, x, answers, escalated=escalated)

@@ -88,7 +88,7 @@ def open_watermark(settings: ServerSettings, client: redis.Redis | None, classes
         else SqliteWatermarkStore(settings.budget_db, settings.watermark_records)
     )
     secret = server_secret(WATERMARK, client, settings.budget_db)
-    return Watermark(store, secret, classes, settings.watermark_fraction)
+    return Watermark(store, secret, classes, settings.watermark_fraction, settings.watermark_escalated_fraction)
 
 
 class Runtime:

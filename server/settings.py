@@ -28,7 +28,7 @@ from .auth import KEY_RULE, weak_key
 from .limits import default_body_limit
 from .monitor import MIN_QUERIES, THRESHOLD, TRUST_RATE, WINDOW
 from .state import redis_address
-from .watermark import FRACTION, RECORDS
+from .watermark import ESCALATED_FRACTION, FRACTION, RECORDS
 
 #: Who may read an operator route: anyone, holders of an admin key, or nobody (the route is absent).
 Access = Literal["open", "admin", "off"]
@@ -89,6 +89,13 @@ class ServerSettings(BaseSettings):
     )
     watermark_fraction: float = Field(
         FRACTION, gt=0, le=0.1, description="the share of each key's queries whose answers carry the watermark"
+    )
+    watermark_escalated_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="the share of the queries of a key the extraction monitor escalated whose answers carry the "
+        f"watermark (at least watermark_fraction; default: the larger of it and {ESCALATED_FRACTION:g})",
     )
     watermark_records: int = Field(RECORDS, ge=1, description="watermarked queries kept per key (oldest dropped)")
 
@@ -271,6 +278,11 @@ class ServerSettings(BaseSettings):
             )
         if self.monitor_min_queries > self.monitor_window:
             raise ValueError("monitor_min_queries cannot exceed monitor_window")
+        if (
+            self.watermark_escalated_fraction is not None
+            and self.watermark_escalated_fraction < self.watermark_fraction
+        ):
+            raise ValueError("watermark_escalated_fraction cannot be below watermark_fraction")
         if self.monitor_trust_rate is not None and self.monitor_trust_rate > self.monitor_threshold:
             raise ValueError("monitor_trust_rate cannot exceed monitor_threshold (a trusted key is never escalated)")
         for route, access in (("metrics", self.metrics_access), ("docs", self.docs_access)):

@@ -1,9 +1,10 @@
 """Watermarked answers (DAWN, Szyller et al., ACM Multimedia 2021): proof that a suspect model was copied.
 
 Per API key, a keyed hash of each query picks a small fraction of them (``fraction``, default
-:data:`FRACTION`) whose answer carries a *watermark class* chosen by the same hash, never the answer's
-own label. Such an answer is the defense's own answer to that query, relabelled: the top-1 class's
-probability and the watermark class's are swapped, so its sorted probabilities — the answer's shape —
+:data:`FRACTION`; ``escalated_fraction``, :data:`ESCALATED_FRACTION`, once the extraction monitor has escalated
+the key) whose answer carries a *watermark class* chosen by the same hash, never the answer's own label.
+Such an answer is the defense's own answer to that query, relabelled: the top-1 class's probability and the
+watermark class's are swapped, so its sorted probabilities — the answer's shape —
 are the honest ones, its map is the honest one, and it moves with the query as every honest answer does
 (the twin test and the answer-shape classifier of ``measure/detectors.py`` see an honest answer). The map
 is not recomputed for the watermark class: DeepDefense's maps are made to disagree with the victim's, so no
@@ -25,7 +26,10 @@ sends. A thief's copy learns these labels; a model trained without our answers a
   dropped), in the budget database (SQLite) or Redis (shared by replicas), so a restart forgets nothing.
   ``deepdefense ownership verify`` reads them from the same place.
 * **The cost** to honest users: the watermarked fraction of their answers carries a wrong label
-  (``docs/results/ownership.md`` measures it).
+  (``docs/results/ownership.md`` measures it). An escalated key is a thief's (the monitor escalates no honest
+  key of the evaluation), and its answers come from the misinformation path anyway, so its answers carry the
+  watermark more often at no honest user's cost: the same hash below the larger fraction, so a query
+  watermarked before the escalation still is after it.
 """
 
 from __future__ import annotations
@@ -51,10 +55,15 @@ from deepdefense.defense.api import Answer
 from .query_features import coarse_views, fingerprints
 from .state import PREFIX, connect_sqlite, redis_key
 
-#: The share of each key's queries watermarked, chosen among 0.25%, 0.5% and 1% by measurement: the smallest at
-#: which the copies made from 2,500 queries are proven (docs/results/ownership.md, "Targets"); at most 1%, the
-#: accuracy it costs honest users.
-FRACTION = 0.01
+#: The share of each key's queries watermarked while the monitor has not escalated the key: what it costs honest
+#: users in accuracy. Chosen by measurement (docs/results/ownership.md, "Targets"): the copies made from 2,500
+#: natural digits (a thief the monitor cannot tell from an honest user) are proven at 0.25% already, on five draws
+#: of the hash at 0.4%; above 0.4% an honest user of the default server keeps less than 99.0% of the victim's 99.51%.
+FRACTION = 0.004
+#: The share once the monitor has escalated the key: 1%, the smallest of 0.25%, 0.5% and 1% at which every copy
+#: made from 2,500 queries was proven when one fraction served every key — the JBDA thieves, whom the monitor
+#: escalates, need it.
+ESCALATED_FRACTION = 0.01
 #: Watermarked queries kept per key (the oldest dropped): 100 keys' worth is about 6 MB per thousand records.
 RECORDS = 2000
 #: The least chance an independent model is credited with of answering a query's watermark class (of K − 1
@@ -255,23 +264,32 @@ class Marks:
 class Watermark:
     """Which of a key's queries are watermarked and with what class, and the key's records."""
 
-    def __init__(self, store: WatermarkStore | Path, secret: bytes, classes: int, fraction: float = FRACTION) -> None:
-        if not 0 < fraction < 1 or classes < 2:
-            raise ValueError("the watermark needs 0 < fraction < 1 and at least 2 classes")
+    def __init__(
+        self,
+        store: WatermarkStore | Path,
+        secret: bytes,
+        classes: int,
+        fraction: float = FRACTION,
+        escalated_fraction: float | None = None,
+    ) -> None:
+        escalated_fraction = max(fraction, ESCALATED_FRACTION) if escalated_fraction is None else escalated_fraction
+        if not 0 < fraction <= escalated_fraction < 1 or classes < 2:
+            raise ValueError("the watermark needs 0 < fraction <= escalated_fraction < 1 and at least 2 classes")
         self.store: WatermarkStore = SqliteWatermarkStore(store) if isinstance(store, Path) else store
-        self.classes, self.fraction = classes, fraction
+        self.classes, self.fraction, self.escalated_fraction = classes, fraction, escalated_fraction
         self._secret = secret
 
-    def marks(self, key_id: str, x: Tensor, labels: list[int]) -> Marks:
+    def marks(self, key_id: str, x: Tensor, labels: list[int], *, escalated: bool = False) -> Marks:
         """Each query's watermark class (None: answered as it is) given its answer's label. In order: a query that
         shares a fingerprint with one of the key's watermarked queries (kept, or earlier in this batch) gets its
-        class; any other is decided by :func:`decide`."""
+        class; any other is decided by :func:`decide`, at ``escalated_fraction`` for a key the monitor escalated."""
+        fraction = self.escalated_fraction if escalated else self.fraction
         prints = [tuple(row) for row in fingerprints(coarse_views(x), self._secret)]
         known = self.store.marks_of(key_id, sorted({p for row in prints for p in row}))
         out = Marks([], prints, [])
         for row, label in zip(prints, labels, strict=True):
             found = next((known[p] for p in row if p in known), None)
-            mark = decide(self._secret, key_id, row[0], label, self.classes, self.fraction) if found is None else found
+            mark = decide(self._secret, key_id, row[0], label, self.classes, fraction) if found is None else found
             mark = None if mark == label else mark  # a near-duplicate whose own label is the watermark's: as it is
             if mark is not None and found is None:
                 known.update({p: mark for p in row})
@@ -290,10 +308,10 @@ class Watermark:
         ]
         self.store.add(key_id, kept)
 
-    def apply(self, key_id: str, x: Tensor, answers: list[Answer]) -> list[Answer]:
+    def apply(self, key_id: str, x: Tensor, answers: list[Answer], *, escalated: bool = False) -> list[Answer]:
         """``answers`` to ``key_id``'s queries ``x`` as they are sent: the watermarked ones :func:`relabel`-ed, and
-        kept first (a watermark that was not kept proves nothing)."""
-        marks = self.marks(key_id, x, [a.label for a in answers])
+        kept first (a watermark that was not kept proves nothing); ``escalated``: the monitor escalated the key."""
+        marks = self.marks(key_id, x, [a.label for a in answers], escalated=escalated)
         self.record(key_id, x, answers, marks)
         return [a if m is None else relabel(a, m) for a, m in zip(answers, marks.marks, strict=True)]
 

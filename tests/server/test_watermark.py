@@ -90,6 +90,49 @@ def test_the_selection_is_keyed_honours_the_fraction_and_follows_near_duplicates
     assert fresh.fresh == [True] * 20 + [False] * 20
 
 
+def test_an_escalated_key_is_watermarked_at_the_larger_fraction_the_same_queries_first(
+    tmp_path: Path, digits: torch.Tensor
+) -> None:
+    labels = [3] * len(digits)
+    watermark = Watermark(tmp_path / "a.sqlite", SECRET, 10, fraction=0.02, escalated_fraction=0.2)
+    watched = {i for i, m in enumerate(watermark.marks(A, digits, labels).marks) if m is not None}
+    escalated = watermark.marks(A, digits, labels, escalated=True).marks
+    chosen = {i for i, m in enumerate(escalated) if m is not None}
+    # 2,000 draws: 40 ± 6 at 2%, 400 ± 18 at 20%; 4 standard deviations either way
+    assert 15 <= len(watched) <= 65 and 320 <= len(chosen) <= 480, (len(watched), len(chosen))
+    assert watched <= chosen, "a query watermarked before the escalation was answered as it is after it"
+    with pytest.raises(ValueError, match="escalated_fraction"):
+        Watermark(tmp_path / "b.sqlite", SECRET, 10, fraction=0.05, escalated_fraction=0.02)
+    assert Watermark(tmp_path / "c.sqlite", SECRET, 10, fraction=0.05).escalated_fraction == 0.05
+
+
+def test_the_server_watermarks_an_escalated_keys_answers_at_the_escalated_fraction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: torch.Tensor
+) -> None:
+    """Alice is escalated by noise (the domain flags); then she and Bob send 64 digits each (other digits: Bob
+    sending hers would be tainted by them): hers are kept as watermarked at 50%, his at 1%."""
+    monkeypatch.setenv("DD_API_KEYS", f"{ALICE},{BOB}")
+    options = {"gate": "misinform", "monitor": "on", "monitor_window": 10, "monitor_min_queries": 5}
+    settings = make_settings(
+        tmp_path, watermark="on", watermark_fraction=0.01, watermark_escalated_fraction=0.5, **options
+    )
+    pin_secrets(settings)
+    noise = torch.rand((10, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    x = digits[:64]
+    with serving(app := create_app(settings)) as client:
+        _predict(client, ALICE, noise)
+        assert app.state.runtime.monitor.escalated(key_id_of(app, ALICE))
+        before = len(app.state.runtime.watermark.records(key_id_of(app, ALICE)))
+        for a, b in zip(x.split(16), digits[64:128].split(16), strict=True):
+            _predict(client, ALICE, a)
+            _predict(client, BOB, b)
+        assert not app.state.runtime.monitor.escalated(key_id_of(app, BOB))
+        alice = len(app.state.runtime.watermark.records(key_id_of(app, ALICE))) - before
+        bob = len(app.state.runtime.watermark.records(key_id_of(app, BOB)))
+    # 64 digits: 32 ± 4 at 50%, 0.6 ± 0.8 at 1% (the pinned secrets fix the draw: 4 standard deviations apart)
+    assert alice >= 16 and bob <= 4, (alice, bob)
+
+
 class NoDefenseAnswer:
     """The one field of an answer that :meth:`Watermark.record` reads."""
 
