@@ -25,7 +25,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sqlite3
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,15 @@ from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
-from deepdefense.server.watermark import FRACTION, SqliteWatermarkStore, Watermark, ownership_test, relabel
+from deepdefense.server.monitor import ExtractionMonitor, SqliteMonitorStore
+from deepdefense.server.watermark import (
+    ESCALATED_FRACTION,
+    FRACTION,
+    SqliteWatermarkStore,
+    Watermark,
+    ownership_test,
+    relabel,
+)
 
 #: The stored transfer sets of the default server with keys (``deepdefense eval --monitored``), per query set.
 SETS = {
@@ -93,15 +105,39 @@ def key_of(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
-def watermarked_set(data: TransferSet, watermark: Watermark, key: str) -> TransferSet:
-    """``data``'s answers as the watermarked server gives them to one key (see the module's docstring)."""
+def watermarked_set(data: TransferSet, watermark: Watermark, key: str, escalated_from: int | None) -> TransferSet:
+    """``data``'s answers as the watermarked server gives them to one key (see the module's docstring), the requests
+    from query ``escalated_from`` on as an escalated key's."""
     labels, probs = data.labels.clone(), data.probabilities.clone()
     for start in range(0, len(data), REQUEST):
         rows = slice(start, start + REQUEST)
         answers = [Answer(int(c), p, None) for c, p in zip(data.labels[rows], data.probabilities[rows], strict=True)]
-        for i, a in enumerate(watermark.apply(key, data.images[rows], answers)):
+        escalated = escalated_from is not None and start >= escalated_from
+        for i, a in enumerate(watermark.apply(key, data.images[rows], answers, escalated=escalated)):
             labels[start + i], probs[start + i] = a.label, a.probabilities
     return TransferSet(data.images, labels, probs, data.attributions, data.rounds)
+
+
+def monitored_escalation(data: TransferSet, flags: Callable[[Tensor], Tensor], secret: bytes) -> int | None:
+    """The first query a fresh key sending ``data``'s queries (in requests of :data:`REQUEST`) gets answered as an
+    escalated key's, by the server's default monitor (``ExtractionMonitor``: screened before each request, the domain
+    flags recorded after); its fingerprints under ``secret``, so that a rerun sees the same near-duplicates. None:
+    never escalated."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "monitor.sqlite"
+        SqliteMonitorStore(db).close()
+        with closing(sqlite3.connect(db)) as raw, raw:
+            raw.execute("INSERT INTO monitor_secret VALUES (0, ?)", (secret,))
+        with closing(ExtractionMonitor(db)) as monitor:
+            for start in range(0, len(data), REQUEST):
+                x = data.images[start : start + REQUEST]
+                screening = monitor.screen("thief", x)
+                if screening.escalated:
+                    return start
+                with torch.no_grad():
+                    if monitor.observe("thief", screening.distinct(flags(x).reshape(-1).tolist())):
+                        return start + REQUEST
+    return None
 
 
 def probabilities(model: torch.nn.Module, x: Tensor) -> Tensor:
@@ -180,6 +216,15 @@ class Study:
         one_hot = torch.nn.functional.one_hot(y, 10).float()
         return TransferSet(self.train_x[rows], y, one_hot, None, torch.zeros(len(rows), dtype=torch.long))
 
+    def escalation(self, query_set: str, data: TransferSet) -> int | None:
+        """Where the server's monitor escalates the key of ``query_set``'s first ``budget`` queries (kept in the
+        results: ``escalated_from``)."""
+        name = f"{query_set}/{len(data)}"
+        if not self.done("escalated_from", name):
+            secret = hashlib.sha256(secret_of(self.args.seed) + b"monitor").digest()
+            self.put("escalated_from", name, monitored_escalation(data, self.gate.flags, secret))
+        return self.results["escalated_from"][name]
+
     def _fresh_watermark(self, name: str, fraction: float) -> Watermark:
         """A watermark of this run's secret keeping its records in an empty SQLite file of its own (named after the
         results file: parallel runs never share one)."""
@@ -187,28 +232,33 @@ class Study:
         db.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction)
+        escalated = max(fraction, self.args.escalated_fraction)
+        return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction, escalated)
 
     def watermark(self, query_set: str, fraction: float, key_index: int = 0) -> tuple[Watermark, str, TransferSet]:
         """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set. Keys of
         another ``key_index`` get other selections of the same queries (another draw of the keyed hash)."""
-        name = f"{query_set}-{fraction}" + (f"-{key_index}" if key_index else "")
+        escalated = max(fraction, self.args.escalated_fraction)
+        name = f"{query_set}-{fraction}-{escalated}" + (f"-{key_index}" if key_index else "")
         key = key_of(name)
         watermark = self._fresh_watermark(f"watermark-{name}", fraction)
         folder = {**SETS, **key_values(self.args.stored, "--stored")}[query_set]
-        data = TransferStore.existing(Path(self.args.store_root) / folder).load()
-        return watermark, key, watermarked_set(data.prefix(self.args.budget), watermark, key)
+        data = TransferStore.existing(Path(self.args.store_root) / folder).load().prefix(self.args.budget)
+        return watermark, key, watermarked_set(data, watermark, key, self.escalation(query_set, data))
 
     def copies(self, query_set: str, fraction: float, losses: list[str], key_index: int = 0) -> None:
         watermark, key, data = self.watermark(query_set, fraction, key_index)
         marked = len(watermark.records(key))
+        escalated = watermark.escalated_fraction
         for loss in losses:
-            name = f"{query_set}/{fraction}/{loss}/{len(data)}" + (f"/{key_index}" if key_index else "")
+            name = f"{query_set}/{fraction}+{escalated}/{loss}/{len(data)}" + (f"/{key_index}" if key_index else "")
             if self.done("copies", name):
                 continue
             started = time.perf_counter()
             copy = self.train(data, loss, self.args.seed)
-            row: dict[str, Any] = {"query_set": query_set, "fraction": fraction, "loss": loss, "budget": len(data)}
+            row: dict[str, Any] = {"query_set": query_set, "fraction": fraction, "escalated_fraction": escalated}
+            row |= {"loss": loss, "budget": len(data)}
+            row["escalated_from"] = self.escalation(query_set, data)
             row["key"] = key_index
             row.update({"watermarked": marked, "train_s": round(time.perf_counter() - started, 1)})
             row["copy"] = self.score(copy, watermark, key)
@@ -307,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query-sets", nargs="+", default=list(SETS), choices=list(SETS))
     p.add_argument("--losses", nargs="+", default=["labels", "probabilities", "explanations"])
     p.add_argument("--fraction", type=float, default=FRACTION, help="the fraction every thief is measured at")
+    p.add_argument(
+        "--escalated-fraction",
+        type=float,
+        default=ESCALATED_FRACTION,
+        help="the fraction once the monitor has escalated the key (at least the key's fraction)",
+    )
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0025, 0.005, 0.01], help="the sweep")
     p.add_argument("--sweep-losses", nargs="+", default=["labels"], help="thieves of the sweep")
     p.add_argument(
@@ -353,6 +409,17 @@ def _scores(row: dict[str, Any]) -> list[dict[str, Any]]:
     return [v for k, v in row.items() if k == "copy" or k.startswith(("finetuned_", "pruned_"))]
 
 
+def _setting(row: dict[str, Any]) -> str:
+    """The row's fractions: one for every query, or one until the monitor escalated the key and one after (rows
+    measured before the escalated fraction carry none: theirs was the key's fraction throughout)."""
+    escalated = row.get("escalated_fraction", row["fraction"])
+    return f"{row['fraction']:.2%}" + (f", {escalated:.2%} escalated" if escalated != row["fraction"] else "")
+
+
+def _is_default(row: dict[str, Any]) -> bool:
+    return row["fraction"] == FRACTION and row.get("escalated_fraction", row["fraction"]) == ESCALATED_FRACTION
+
+
 def _thief(row: dict[str, Any]) -> str:
     """The row's thief, and which draw of the hash (another key) when it is not the first."""
     return row["loss"] + (f" (draw {row['key'] + 1})" if row.get("key") else "")
@@ -367,7 +434,7 @@ def _targets(
     at: list[dict[str, Any]], independent: dict[str, Any], cost: dict[str, Any] | None, copies: dict[str, Any]
 ) -> list[str]:
     """The issue's targets, each with the figure that meets it or not."""
-    out = ["## Targets (issue 34), at the default fraction " + f"{FRACTION:.2%}", ""]
+    out = [f"## Targets (issue 34), at the default fractions: {FRACTION:.2%}, {ESCALATED_FRACTION:.2%} escalated", ""]
     if at:
         worst = max(r["copy"]["p_value"] for r in at)
         met = "met" if worst < 1e-6 else "**not met**"
@@ -392,21 +459,20 @@ def _targets(
         out.append(
             f"* A copy fine-tuned on 500 clean labelled images still proven, p < 1e-3: largest p {_p(worst_t)} — {met}."
         )
-    sweep = sorted({r["fraction"] for r in copies.values()})
+    order = sorted(copies.values(), key=lambda r: (r["fraction"], r.get("escalated_fraction", r["fraction"])))
+    sweep = list(dict.fromkeys(_setting(r) for r in order))
     if len(sweep) > 1:
-        rows = {f: [r for r in copies.values() if r["fraction"] == f and r["budget"] == 2500] for f in sweep}
+        rows = {f: [r for r in copies.values() if _setting(r) == f and r["budget"] == 2500] for f in sweep}
         proven = {f: sum(r["copy"]["p_value"] < 1e-6 for r in rs) for f, rs in rows.items()}
-        cells = [f"{f:.2%}: {proven[f]} of {len(rs)} copies proven (p < 1e-6)" for f, rs in rows.items()]
-        out.append(
-            f"* Choosing the fraction (the smallest that proves every copy from 2,500 queries): {'; '.join(cells)}."
-        )
+        cells = [f"{f}: {proven[f]} of {len(rs)} copies proven (p < 1e-6)" for f, rs in rows.items()]
+        out.append(f"* Choosing the fractions (every copy from 2,500 queries proven): {'; '.join(cells)}.")
     return [*out, ""]
 
 
 def report(parts: list[dict[str, Any]]) -> str:
     """The Markdown report of one or more result files (``docs/results/ownership.md``)."""
     copies = {  # by what the row is: a later file's row replaces an earlier one's
-        "/".join(str(v.get(f, 0)) for f in ("query_set", "fraction", "loss", "budget", "key")): v
+        "/".join(str(v.get(f, 0)) for f in ("query_set", "fraction", "escalated_fraction", "loss", "budget", "key")): v
         for part in parts
         for v in part.get("copies", {}).values()
     }
@@ -447,7 +513,7 @@ def report(parts: list[dict[str, Any]]) -> str:
             ),
         ),
     ]
-    at = [r for r in copies.values() if r["fraction"] == FRACTION and r["budget"] == 2500]
+    at = [r for r in copies.values() if _is_default(r) and r["budget"] == 2500]
     first = lines.index("## Honest cost per fraction")  # the targets come right after the introduction
     lines[first:first] = _targets(at, independent, cost.get(str(FRACTION)), copies)
     lines += ["", "## Copies made through the API", ""]
@@ -459,9 +525,12 @@ def report(parts: list[dict[str, Any]]) -> str:
     lines += table(
         head,
         (
-            [r["query_set"], f"{r['budget']:,}", f"{r['fraction']:.2%}", _thief(r), _verdict(r["copy"])]
+            [r["query_set"], f"{r['budget']:,}", _setting(r), _thief(r), _verdict(r["copy"])]
             + [_verdict(r[k]) if k in r else "—" for k in extra]
-            for r in sorted(copies.values(), key=lambda r: (r["query_set"], r["budget"], -r["fraction"], r["loss"]))
+            for r in sorted(
+                copies.values(),
+                key=lambda r: (r["query_set"], r["budget"], -r["fraction"], -r.get("escalated_fraction", 0), r["loss"]),
+            )
         ),
     )
     weak = [(r, k) for r in copies.values() for k in r if k in extra and r[k]["p_value"] >= 1e-3]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepdefense.measure.ownership import report
-from deepdefense.server.watermark import FRACTION
+from deepdefense.server.watermark import ESCALATED_FRACTION, FRACTION
 
 
 def _score(p: float, rank: float | None = 1.2) -> dict[str, Any]:
@@ -21,16 +21,20 @@ def _row(fraction: float, key: int, p: float, **extra: Any) -> dict[str, Any]:
 
 
 def test_targets_follow_the_introduction_and_every_key_counts() -> None:
+    default = {"escalated_fraction": ESCALATED_FRACTION}
     copies = {
-        "a": _row(FRACTION, 0, 1e-12, finetuned_50=_score(0.02)),
-        "b": _row(FRACTION, 1, 1e-10),
+        "a": _row(FRACTION, 0, 1e-12, finetuned_50=_score(0.02), **default),
+        "b": _row(FRACTION, 1, 1e-10, **default),
         "c": _row(0.005, 0, 1e-5),
         "d": _row(0.005, 1, 1e-9),
+        "e": _row(FRACTION, 0, 1e-3),  # the default key's fraction, but for every query: not the default
     }
     text = report([{"copies": copies, "independent": {"seed-1": {"jbda": _score(0.4, rank=5.1)}}}])
     lines = text.splitlines()
     targets, cost = (
-        lines.index(f"## Targets (issue 34), at the default fraction {FRACTION:.2%}"),
+        lines.index(
+            f"## Targets (issue 34), at the default fractions: {FRACTION:.2%}, {ESCALATED_FRACTION:.2%} escalated"
+        ),
         lines.index("## Honest cost per fraction"),
     )
     assert lines[targets - 1] == "" and lines[targets - 2] == "key, i.e. another draw of the keyed hash.", (
@@ -38,7 +42,10 @@ def test_targets_follow_the_introduction_and_every_key_counts() -> None:
     )
     assert targets < cost
     assert "largest p 1.0e-10 of 2 — met" in text, "both keys at the default fraction are copies to prove"
-    assert "0.50%: 1 of 2 copies proven (p < 1e-6); 1.00%: 2 of 2 copies proven" in text
+    assert (
+        f"{FRACTION:.2%}: 0 of 1 copies proven (p < 1e-6); {FRACTION:.2%}, {ESCALATED_FRACTION:.2%} escalated: 2 of 2 "
+        "copies proven (p < 1e-6); 0.50%: 1 of 2 copies proven" in text
+    )
     assert "3/20, rank 1.20, p = 1.0e-12 (70.00%)" in text
     assert "largest p 0.02 — **not met**" in text and "finetuned 50: 3/20, rank 1.20, p = 0.02" in text
     assert "| jbda | 2,500 | 0.50% | explanations (draw 2) | 3/20, rank 1.20, p = 1.0e-09 (70.00%) |" in text
