@@ -5,9 +5,10 @@ models that never saw it (``docs/results/ownership.md``).
   the misinformation gate, the monitor watching the key) are the transfer sets ``deepdefense eval --gated
   deepdefense --monitored --query-sets victim-train jbda`` collected (``runs/transfer-sets``). Each set is
   replayed as one key through the watermark exactly as the ``/predict`` route applies it
-  (``Watermark.apply``), in the same requests of 16. For MNIST training images this is what a watermarked
-  server answers; JBDA's later queries were grown from the unwatermarked answers (a fraction of their labels
-  differ).
+  (``Watermark.apply``), in the same requests of 16, at the key's fraction until the server's monitor escalates
+  the key and at the escalated fraction after (the monitor replayed over the set's queries with the shipped domain
+  score: ``monitored_escalation``). For MNIST training images this is what a watermarked server answers; JBDA's
+  later queries were grown from the unwatermarked answers (a fraction of their labels differ).
 * **Copies.** Each thief of the evaluation (``labels``, ``probabilities``, ``explanations``) trains the
   victim's architecture on the watermarked set with the evaluation's recipe; each copy is then fine-tuned on
   clean labelled images (victim training images the thief never sent) and pruned (global L1, unstructured).
@@ -15,7 +16,8 @@ models that never saw it (``docs/results/ownership.md``).
   labels (never through the API).
 * Every model is tested with ``ownership_test`` on the key's records, as ``deepdefense ownership verify`` does.
 * **Honest cost.** Keys of 1,000 MNIST test digits answered by the default server (labels: the victim's, or the
-  misinformation model's for flagged digits), with and without the watermark, per fraction.
+  misinformation model's for the digits flagged before the key is trusted), with and without the watermark, per
+  fraction.
 * **Indistinguishability.** ``measure/detectors.py``'s twin and answer-shape detectors, honest answers against
   watermarked ones (each query of a pool answered both ways, the watermark class a fixed shift of the label).
 """
@@ -51,7 +53,7 @@ from deepdefense.measure.markdown import document, module_command, table
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
-from deepdefense.server.monitor import ExtractionMonitor, SqliteMonitorStore
+from deepdefense.server.monitor import ExtractionMonitor, MonitorPolicy, SqliteMonitorStore
 from deepdefense.server.watermark import (
     ESCALATED_FRACTION,
     FRACTION,
@@ -291,11 +293,16 @@ class Study:
             self.put("independent", name, {q: self.score(model, w, k) for q, (w, k) in keys.items()})
 
     def honest_cost(self) -> None:
-        """Per fraction: accuracy of keys of 1,000 test digits with and without the watermark."""
+        """Per fraction: accuracy of keys of 1,000 test digits with and without the watermark (the labels the
+        default server gives each key: the misinformation model's for the digits the domain score flags while the
+        key is not yet trusted, ``MonitorPolicy.misinformed``; the victim's for the others)."""
         x, y = self.test_x, self.test_y
         with torch.no_grad():
-            flagged = self.gate.flags(x).reshape(-1)
-            label = torch.where(flagged, self.gate.misinformer.model(x).argmax(1), self.victim(x).argmax(1))
+            flags = self.gate.flags(x).reshape(-1).tolist()
+            keyed = [
+                m for k in range(0, len(x), 1000) for m in MonitorPolicy().misinformed(flags[k : k + 1000], REQUEST)
+            ]
+            label = torch.where(torch.tensor(keyed), self.gate.misinformation(x).argmax(1), self.victim(x).argmax(1))
         for fraction in self.args.fractions:
             name = str(fraction)
             if self.done("honest_cost", name):

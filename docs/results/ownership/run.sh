@@ -58,10 +58,20 @@ own --out docs/results/ownership/copies-10000-explanations.json --steps copies -
 own --out docs/results/ownership/copies-jbda-10000.json --steps copies --query-sets jbda --budget 10000 \
     --stored jbda=lenet-mnist-deepdefense-jbda-mnist-8251ba004a15 &
 wait
+# Two fractions (server/watermark.py: FRACTION 0.4% until the monitor escalates a key, ESCALATED_FRACTION 1% after;
+# the monitor replayed over each thief's queries, measure/ownership.py monitored_escalation): the honest cost, every
+# copy with its fine-tuning and pruning, four more draws of the hash for every thief, and the independent models
+own --out docs/results/ownership/escalated.json --steps cost copies --fractions 0.004 --query-sets victim-train jbda &
+own --out docs/results/ownership/escalated-sweep.json --steps sweep --fractions 0.004 --sweep-keys 5 \
+    --sweep-sets jbda victim-train --sweep-losses labels probabilities explanations &
+wait
+own --out docs/results/ownership/escalated-independent.json --steps independent --fractions 0.004
 python -m deepdefense.measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
     docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
     docs/results/ownership/f.json docs/results/ownership/g.json docs/results/ownership/copies.json \
     docs/results/ownership/independent.json docs/results/ownership/sweep.json \
     docs/results/ownership/sweep-explanations.json docs/results/ownership/sweep-probabilities.json \
     docs/results/ownership/copies-10000.json docs/results/ownership/copies-10000-explanations.json \
-    docs/results/ownership/copies-jbda-10000.json > docs/results/ownership.md
+    docs/results/ownership/copies-jbda-10000.json docs/results/ownership/escalated.json \
+    docs/results/ownership/escalated-sweep.json docs/results/ownership/escalated-independent.json \
+    > docs/results/ownership.md
