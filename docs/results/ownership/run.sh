@@ -66,6 +66,7 @@ own --out docs/results/ownership/escalated-sweep.json --steps sweep --fractions 
     --sweep-sets jbda victim-train --sweep-losses labels probabilities explanations &
 wait
 own --out docs/results/ownership/escalated-independent.json --steps independent --fractions 0.004
+own --out docs/results/ownership/escalated-cost.json --steps cost --fractions 0.0025 0.004 0.005 0.01
 python -m deepdefense.measure.ownership --report docs/results/ownership/a.json docs/results/ownership/b.json \
     docs/results/ownership/c.json docs/results/ownership/d.json docs/results/ownership/e.json \
     docs/results/ownership/f.json docs/results/ownership/g.json docs/results/ownership/copies.json \
@@ -74,4 +75,4 @@ python -m deepdefense.measure.ownership --report docs/results/ownership/a.json d
     docs/results/ownership/copies-10000.json docs/results/ownership/copies-10000-explanations.json \
     docs/results/ownership/copies-jbda-10000.json docs/results/ownership/escalated.json \
     docs/results/ownership/escalated-sweep.json docs/results/ownership/escalated-independent.json \
-    > docs/results/ownership.md
+    docs/results/ownership/escalated-cost.json > docs/results/ownership.md
