@@ -510,7 +510,8 @@ def report(parts: list[dict[str, Any]]) -> str:
         "## Honest cost per fraction",
         "",
         "Ten keys of 1,000 MNIST test digits each, labels as the default server gives them (the victim's, the",
-        "misinformation model's for the digits the domain score flags), with and without the watermark.",
+        "misinformation model's for the digits the domain score flags before the key is trusted), with and without",
+        "the watermark; honest keys are never escalated, so the key's fraction is theirs.",
         "",
         *table(
             "fraction | accuracy without | with the watermark | cost (points) | answers watermarked (%)",

@@ -57,8 +57,10 @@ def test_honest_users() -> None:
     assert default == results("below-label-line/benign-deepdefense-gate.json")["accuracy"]
     top = quoted(r"first-round gate: (\d+\.\d+)% of the first 1,000 [^|]*?(\d+\.\d+)% of all 10,000", 2)
     assert top == [default, am]
-    (now,) = quoted(r"\*\*(\d+\.\d+)%\*\* of all 10,000 MNIST test digits sent by one key")
-    assert now == results("honest-default-server.json")["accuracy"]
+    (now,) = quoted(r"\*\*(\d+\.\d+)%\*\* of all 10,000 MNIST test digits sent by one key, with the ownership")
+    assert now == results("honest-default-server-watermarked.json")["accuracy"]
+    (plain,) = quoted(r"without the watermark\s+\*\*(\d+\.\d+)%\*\* \(victim")
+    assert plain == results("honest-default-server.json")["accuracy"]
     tail = results("honest-answers.json")["top1_probability"]
     assert quoted(r"top-1 probability median (\d\.\d+), 25th percentile (\d\.\d+)", 2) == [tail["median"], tail["p25"]]
 
