@@ -133,19 +133,18 @@ def test_the_third_rounds_goodput() -> None:
 
 
 def test_the_ownership_watermark() -> None:
-    largest, weakest, independent = quoted(
-        r"two weakest JBDA thieves\): p ≤ \*\*(\d\.\de-\d+)\*\*.*?mean rank 1\.34\): p \*\*(\d\.\de-\d+)\*\*; "
-        r"ten models trained without our answers: p ≥ \*\*(\d\.\d+)\*\*",
-        3,
+    largest, count, independent, cost = quoted(
+        r"five draws of the hash for every thief\): p ≤ \*\*(\d\.\de-\d+)\*\* of (\d+) copies.*?"
+        r"ten models trained without our answers: p ≥ \*\*(\d\.\d+)\*\*; honest cost \*\*(\d\.\d+)\*\* points",
+        4,
     )
     rows = [
         row
-        for name in ("copies", "sweep-explanations", "sweep-probabilities")
+        for name in ("escalated", "escalated-sweep")
         for row in results(f"ownership/{name}.json")["copies"].values()
-        if row["fraction"] == 0.01 and row["budget"] == 2500
+        if (row["fraction"], row["escalated_fraction"], row["budget"]) == (0.004, 0.01, 2500)
     ]
-    assert largest == float(f"{max(r['copy']['p_value'] for r in rows):.1e}")
-    copy = results("ownership/copies.json")["copies"]["jbda/0.01/explanations/2500"]["copy"]
-    assert weakest == float(f"{copy['p_value']:.1e}") and round(copy["mean_rank"], 2) == 1.34
-    scores = results("ownership/independent.json")["independent"].values()
-    assert independent == round(min(s["p_value"] for m in scores for key, s in m.items() if " at " not in key), 2)
+    assert count == len(rows) and largest == float(f"{max(r['copy']['p_value'] for r in rows):.1e}")
+    scores = results("ownership/escalated-independent.json")["independent"].values()
+    assert independent == round(min(s["p_value"] for m in scores for s in m.values()), 2)
+    assert cost == results("ownership/escalated-cost.json")["honest_cost"]["0.004"]["cost"]
