@@ -36,6 +36,11 @@ Access = Literal["open", "admin", "off"]
 _KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {","}
 
 
+def _derived_share(description: str) -> Any:
+    """A setting in [0, 1) whose default (None) follows another setting, as ``description`` says."""
+    return Field(None, ge=0, lt=1, description=description)
+
+
 class ServerSettings(BaseSettings):
     """Everything ``deepdefense serve`` can be told; see ``docs/server.md``."""
 
@@ -73,12 +78,9 @@ class ServerSettings(BaseSettings):
     monitor_threshold: float = Field(
         THRESHOLD, ge=0, lt=1, description="a window with more than this fraction flagged is escalated"
     )
-    monitor_trust_rate: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        description="a full window with at most this fraction flagged is in good standing: its flagged queries are "
-        f"answered by the defense, not misinformed (at most monitor_threshold; default: half of it, {TRUST_RATE:g})",
+    monitor_trust_rate: float | None = _derived_share(
+        "a full window with at most this fraction flagged is in good standing: its flagged queries are answered by "
+        f"the defense, not misinformed (at most monitor_threshold; default: half of it, {TRUST_RATE:g})"
     )
 
     watermark: Literal["auto", "off", "on"] = Field(
@@ -90,12 +92,9 @@ class ServerSettings(BaseSettings):
     watermark_fraction: float = Field(
         FRACTION, gt=0, le=0.1, description="the share of each key's queries whose answers carry the watermark"
     )
-    watermark_escalated_fraction: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description="the share of the queries of a key the extraction monitor escalated whose answers carry the "
-        f"watermark (at least watermark_fraction; default: the larger of it and {ESCALATED_FRACTION:g})",
+    watermark_escalated_fraction: float | None = _derived_share(
+        "the share of the queries of a key the extraction monitor escalated whose answers carry the watermark (at "
+        f"least watermark_fraction; default: the larger of it and {ESCALATED_FRACTION:g})"
     )
     watermark_records: int = Field(RECORDS, ge=1, description="watermarked queries kept per key (oldest dropped)")
 
