@@ -66,6 +66,12 @@ def key_rows(natural: int, foreign: int, budget: int, g: torch.Generator | None)
     return rows if g is None else rows[torch.randperm(len(rows), generator=g)]
 
 
+def labels_thief(x: Tensor, labels: Tensor, test: Any, seed: int) -> float:
+    """Test accuracy (%) of a labels thief (the evaluation's recipe) trained on queries ``x`` answered ``labels``."""
+    data = TransferSet(x, labels, torch.nn.functional.one_hot(labels, 10).float(), None, torch.zeros(len(x)))
+    return round(evaluate(lenet_thief(data, "labels", get_spec("mnist"), seed), test, torch.device("cpu")), 2)
+
+
 def key_record(
     name: str,
     x: Tensor,
@@ -78,7 +84,6 @@ def key_record(
     policy: MonitorPolicy,
 ) -> dict[str, Any]:
     """One key's replay with the trust and without it, and a labels thief trained on each one's answers."""
-    spec = get_spec("mnist")
     record: dict[str, Any] = {"key": name, "queries": len(x), "foreign": int(foreign.sum())}
     record["flagged"] = int(flags.sum())
     record["escalated_after"] = policy.queries_until_escalated(flags.tolist())
@@ -91,14 +96,10 @@ def key_record(
         if arm == "without" and misinformed == masks["with_trust"]:
             thieves[arm] = thieves["with_trust"]  # the same answers train the same thief
             continue
-        labels = torch.where(m, wrong, truth)
-        data = TransferSet(x, labels, torch.nn.functional.one_hot(labels, 10).float(), None, torch.zeros(len(x)))
-        thieves[arm] = round(evaluate(lenet_thief(data, "labels", spec, seed), test, torch.device("cpu")), 2)
+        thieves[arm] = labels_thief(x, torch.where(m, wrong, truth), test, seed)
     natural = ~foreign
     if natural.any() and foreign.any():  # what the key's digits alone are worth, answered honestly
-        data = TransferSet(x[natural], truth[natural], torch.nn.functional.one_hot(truth[natural], 10).float(), None,
-                           torch.zeros(int(natural.sum())))  # fmt: skip
-        thieves["digits_alone"] = round(evaluate(lenet_thief(data, "labels", spec, seed), test, torch.device("cpu")), 2)
+        thieves["digits_alone"] = labels_thief(x[natural], truth[natural], test, seed)
     record["thief_accuracy"] = thieves
     return record
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from deepdefense.measure.trust import escalated_from, key_rows, without_trust
+from deepdefense.measure.trust import escalated_from, key_rows, main, without_trust
 from deepdefense.server.monitor import MonitorPolicy
 
 
@@ -33,3 +36,18 @@ def test_a_key_is_answered_as_escalated_from_the_request_its_rule_acts_on() -> N
     assert escalated_from(64, "domain", 64) == 64, "domain flags escalate after the first request, for the second"
     assert escalated_from(65, "domain", 64) == 128
     assert escalated_from(None, None, 16) is None
+
+
+def test_the_study_writes_its_record_and_the_trust_only_ever_adds_honest_answers(
+    data_root: Path, tmp_path: Path
+) -> None:
+    out, report = tmp_path / "trust.json", tmp_path / "trust.md"
+    argv = ["--data-root", str(data_root), "--budget", "128", "--out", str(out), "--report", str(report), "--quiet"]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    assert [k["key"] for k in record["keys"]][-1] == "112 digits, then Fashion-MNIST"
+    for key in record["keys"]:
+        assert key["foreign_honest_with_trust"] >= key["foreign_honest_without"], key
+        assert key["misinformed_with_trust"] <= key["misinformed_without"], key
+        assert 0 <= key["thief_accuracy"]["with_trust"] <= 100
+    assert "| 25% Fashion-MNIST | 32 |" in report.read_text()
