@@ -179,7 +179,9 @@ def test_a_trusted_keys_flagged_queries_are_answered_by_the_defense_and_retries_
         got = torch.tensor([p["probabilities"] for p in response.json()["predictions"]])
         return [torch.allclose(g, t, rtol=0, atol=PATH_ATOL) for g, t in zip(got, truth[sent], strict=True)]
 
-    with serving(create_app(_settings(tmp_path, monkeypatch, monitor_trust_rate=0.125))) as client:
+    settings = _settings(tmp_path, monkeypatch, monitor_trust_rate=0.125)
+    pin_monitor_secret(settings.budget_db)  # the digits' near-duplicate marks do not depend on a random secret
+    with serving(create_app(settings)) as client:
         assert _ask(client, ALICE, digits[:9]).status_code == 200  # 9 in the window: not yet trusted
         assert honest(_ask(client, ALICE, noise[:1])) == [False], "a watched key's flagged query was not misinformed"
         assert _ask(client, ALICE, digits[9:]).status_code == 200  # 10 of 11 unflagged: window full, 1 of 10 flagged

@@ -17,7 +17,7 @@ import pytest
 import torch
 from support.redis_server import RedisServer, pin_redis_secrets
 from support.servers import bearer, key_id_of, serving
-from support.settings import make_settings, pin_secrets
+from support.settings import make_settings, pin_monitor_secret, pin_secrets
 
 from deepdefense.cli import main
 from deepdefense.defense import NoDefense
@@ -117,6 +117,7 @@ def test_the_server_watermarks_an_escalated_keys_answers_at_the_escalated_fracti
         tmp_path, watermark="on", watermark_fraction=0.01, watermark_escalated_fraction=0.5, **options
     )
     pin_secrets(settings)
+    pin_monitor_secret(settings.budget_db)  # no chance near-duplicate of Alice's queries among Bob's taints him
     noise = torch.rand((10, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     x = digits[:64]
     with serving(app := create_app(settings)) as client:
