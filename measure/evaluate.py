@@ -589,8 +589,10 @@ class Evaluation:
             g = torch.Generator().manual_seed(self.config.seed)
             flags = self.domain_flags(x if perturb is None else perturb(x, g))
             keys += [flags[i : i + BENIGN_KEY_QUERIES] for i in range(0, len(flags), BENIGN_KEY_QUERIES)]
-        policies = {t: MonitorPolicy(threshold=t, trust_rate=t / 2) for t in THRESHOLD_CANDIDATES}  # trust: as default
-        escalated = {f"{t:g}": sum(p.queries_until_escalated(k) is not None for k in keys) for t, p in policies.items()}
+        escalated = {
+            f"{t:g}": sum(MonitorPolicy(threshold=t).queries_until_escalated(k) is not None for k in keys)
+            for t in THRESHOLD_CANDIDATES
+        }
         return {"keys": len(keys), "escalated": escalated}
 
     @cached_property

@@ -141,11 +141,14 @@ class MonitorPolicy:
     spread_min: int = SPREAD_MIN
     tainted: int = TAINTED
     reservoir: int = RESERVOIR
-    trust_rate: float = TRUST_RATE
+    trust_rate: float | None = None  # None: half the threshold (TRUST_RATE at the default threshold)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_queries <= self.window or not 0 <= self.threshold < 1 or not 0 < self.duplicates <= 1:
             raise ValueError("the monitor needs 1 <= min_queries <= window, 0 <= threshold < 1, 0 < duplicates <= 1")
+        if self.trust_rate is None:
+            object.__setattr__(self, "trust_rate", self.threshold / 2)  # frozen: set once, here
+        assert self.trust_rate is not None
         if not 0 <= self.trust_rate <= self.threshold:
             raise ValueError("the monitor needs 0 <= trust_rate <= threshold")
         if self.spread_min < 3 or self.reservoir < self.spread_min or self.tainted < 1:
@@ -156,7 +159,9 @@ class MonitorPolicy:
         and at most ``trust_rate`` of it flagged; else watched."""
         if s.escalated:
             return "escalated"
-        if len(s.flags) >= self.window and s.flags.count("1") <= self.trust_rate * len(s.flags):
+        rate = self.trust_rate
+        assert rate is not None  # resolved in __post_init__
+        if len(s.flags) >= self.window and s.flags.count("1") <= rate * len(s.flags):
             return "trusted"
         return "watched"
 

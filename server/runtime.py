@@ -142,9 +142,7 @@ class Runtime:
                 settings.monitor_window,
                 settings.monitor_min_queries,
                 settings.monitor_threshold,
-                trust_rate=settings.monitor_threshold / 2
-                if settings.monitor_trust_rate is None
-                else settings.monitor_trust_rate,
+                trust_rate=settings.monitor_trust_rate,
             )
             self.monitor = ExtractionMonitor(RedisMonitorStore(client) if client else settings.budget_db, policy)
             self.metrics.flagged_keys.set(self.monitor.count_flagged())  # escalations survive a restart
