@@ -27,6 +27,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from deepdefense.measure.first_answers import lenet_thief
 from deepdefense.measure.markdown import module_command, table
 from deepdefense.models.data import get_spec, load_split
 from deepdefense.models.train import evaluate
-from deepdefense.server.monitor import KeyWindow, MonitorPolicy
+from deepdefense.server.monitor import KeyWindow, MonitorPolicy, Standing
 
 #: Requests carry this many queries (as the evaluation's clients send them).
 PER_REQUEST = 16
@@ -49,14 +50,18 @@ SHARES = (0.25, 0.35, 0.5, 0.75, 1.0)
 EARN = 7 * PER_REQUEST
 
 
+class _Untrusting(MonitorPolicy):
+    """``MonitorPolicy`` as the server was before the trust: no key is ever trusted."""
+
+    def standing(self, s: KeyWindow) -> Standing:
+        return "escalated" if s.escalated else "watched"
+
+
 def without_trust(policy: MonitorPolicy, flags: Sequence[bool], per_request: int = PER_REQUEST) -> list[bool]:
-    """The server before the trust: every flagged query misinformed, and every query once the key is escalated."""
-    s, out = KeyWindow(), []
-    for i in range(0, len(flags), per_request):
-        chunk = [bool(f) for f in flags[i : i + per_request]]
-        out += [s.escalated or f for f in chunk]
-        s = policy.observe(s, chunk, now=0.0)
-    return out
+    """The server before the trust: every flagged query misinformed, and every query once the key is escalated
+    (``policy``'s replay, with no key ever trusted)."""
+    untrusting = _Untrusting(**{f.name: getattr(policy, f.name) for f in fields(policy)})
+    return untrusting.misinformed(flags, per_request)
 
 
 def key_rows(natural: int, foreign: int, budget: int, g: torch.Generator | None) -> Tensor:
