@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -126,11 +125,9 @@ def monitored_escalation(data: TransferSet, flags: Callable[[Tensor], Tensor], s
     flags recorded after); its fingerprints under ``secret``, so that a rerun sees the same near-duplicates. None:
     never escalated."""
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "monitor.sqlite"
-        SqliteMonitorStore(db).close()
-        with closing(sqlite3.connect(db)) as raw, raw:
-            raw.execute("INSERT INTO monitor_secret VALUES (0, ?)", (secret,))
-        with closing(ExtractionMonitor(db)) as monitor:
+        store = SqliteMonitorStore(Path(tmp) / "monitor.sqlite")
+        store.keep_secret(secret)
+        with closing(ExtractionMonitor(store)) as monitor:
             for start in range(0, len(data), REQUEST):
                 x = data.images[start : start + REQUEST]
                 screening = monitor.screen("thief", x)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import secrets as secrets_module
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -476,6 +477,15 @@ class SqliteMonitorStore:
                         "(SELECT print FROM near_duplicates ORDER BY at LIMIT ?)",
                         (count - self._index_rows + self._index_rows // 10,),
                     )
+
+    def keep_secret(self, secret: bytes) -> None:
+        """Keep ``secret`` as the fingerprints' secret instead of a random one (a replay that must mark the same
+        near-duplicates on every run); refused once the store holds one."""
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO monitor_secret VALUES (0, ?)", (secret,))
+            except sqlite3.IntegrityError:
+                raise ValueError("the monitor's store already holds its secret") from None
 
     def secret(self) -> bytes:
         with self._lock:

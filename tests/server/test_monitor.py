@@ -16,7 +16,7 @@ from support.settings import make_settings, pin_monitor_secret
 from deepdefense.models.checkpoint import load_checkpoint
 from deepdefense.models.data import load_split
 from deepdefense.server.app import create_app
-from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy
+from deepdefense.server.monitor import ExtractionMonitor, KeyWindow, MonitorPolicy, SqliteMonitorStore
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -84,6 +84,15 @@ def test_the_state_survives_a_restart_and_an_operator_clears_it(tmp_path: Path) 
     assert monitor.clear("a") and not monitor.clear("a") and not monitor.clear("b")
     assert not monitor.escalated("a")
     monitor.close()
+
+
+def test_a_kept_secret_keys_the_fingerprints_and_is_kept_once(tmp_path: Path) -> None:
+    store = SqliteMonitorStore(tmp_path / "state.sqlite")
+    store.keep_secret(b"a replay's secret")
+    assert ExtractionMonitor(store)._secret == b"a replay's secret"
+    with pytest.raises(ValueError, match="already holds"):
+        store.keep_secret(b"another")
+    store.close()
 
 
 def test_the_monitor_needs_keys_and_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

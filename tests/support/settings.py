@@ -5,7 +5,6 @@ server secrets for the tests whose outcome hangs on a draw keyed by them."""
 from __future__ import annotations
 
 import os
-import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,5 @@ def pin_secrets(settings: ServerSettings) -> None:
 def pin_monitor_secret(budget_db: Path) -> None:
     """Keep :data:`PINNED_MONITOR_SECRET` in ``budget_db``, where a monitor's SQLite store keeps the secret it makes;
     before any monitor opens the file (one that already holds a secret is refused)."""
-    SqliteMonitorStore(budget_db).close()  # the monitor's tables, as the store makes them
-    with closing(sqlite3.connect(budget_db)) as raw, raw:
-        raw.execute("INSERT INTO monitor_secret VALUES (0, ?)", (PINNED_MONITOR_SECRET,))
+    with closing(SqliteMonitorStore(budget_db)) as store:
+        store.keep_secret(PINNED_MONITOR_SECRET)
