@@ -224,6 +224,10 @@ class Study:
             self.put("escalated_from", name, monitored_escalation(data, self.gate.flags, secret))
         return self.results["escalated_from"][name]
 
+    def escalated_fraction(self, fraction: float) -> float:
+        """The fraction of an escalated key whose fraction is ``fraction`` in this run (never below it)."""
+        return max(fraction, self.args.escalated_fraction)
+
     def _fresh_watermark(self, name: str, fraction: float) -> Watermark:
         """A watermark of this run's secret keeping its records in an empty SQLite file of its own (named after the
         results file: parallel runs never share one)."""
@@ -231,14 +235,13 @@ class Study:
         db.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        escalated = max(fraction, self.args.escalated_fraction)
+        escalated = self.escalated_fraction(fraction)
         return Watermark(SqliteWatermarkStore(db), secret_of(self.args.seed), 10, fraction, escalated)
 
     def watermark(self, query_set: str, fraction: float, key_index: int = 0) -> tuple[Watermark, str, TransferSet]:
         """The key's watermark (records in a SQLite file of their own) and its watermarked transfer set. Keys of
         another ``key_index`` get other selections of the same queries (another draw of the keyed hash)."""
-        escalated = max(fraction, self.args.escalated_fraction)
-        name = f"{query_set}-{fraction}-{escalated}" + (f"-{key_index}" if key_index else "")
+        name = f"{query_set}-{fraction}-{self.escalated_fraction(fraction)}" + (f"-{key_index}" if key_index else "")
         key = key_of(name)
         watermark = self._fresh_watermark(f"watermark-{name}", fraction)
         folder = {**SETS, **key_values(self.args.stored, "--stored")}[query_set]
