@@ -108,6 +108,7 @@ def test_honest_threshold_holds_every_variant_family_to_its_rate() -> None:
 def test_outliers_are_seeded_images_in_range(kind: str) -> None:
     x = noise(6).mul(0.5)
     a, b = (OUTLIERS[kind](x, torch.Generator().manual_seed(3)) for _ in range(2))
+    # exact: the same seeded draw and the same operations on the same tensor
     assert a.shape == x.shape and torch.equal(a, b)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     assert not torch.equal(a, x)
@@ -125,6 +126,7 @@ def test_measuring_sets_are_seeded_images_in_range() -> None:
     x = noise(4)
     for make in (lambda g: render_symbols(5, g), lambda g: draw_shapes(5, g), lambda g: mild_affine(x, g)):
         a, b = make(g()), make(g())
+        # exact: the same seeded draw and the same operations on the same tensor
         assert a.shape[1:] == SHAPE and torch.equal(a, b) and 0.0 <= float(a.min()) <= float(a.max()) <= 1.0
     for fn in [*PERTURBATIONS.values(), handwriting_elastic]:
         out = fn(x, g())
@@ -138,6 +140,7 @@ def test_honest_variants_are_seeded_images_in_range_that_change_the_digit(family
     x[:, :, 6:22, 12:16] = 1.0  # a stroke
     make = (lambda g: honest_mix(x, g)) if family == "mix" else (lambda g: FAMILIES[family](x, g))
     a, b = (make(torch.Generator().manual_seed(5)) for _ in range(2))
+    # exact: the same seeded draw and the same operations on the same tensor
     assert a.shape == x.shape and torch.equal(a, b)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and not torch.equal(a, x)
     assert set(by_family(x, torch.Generator().manual_seed(5))) == {*FAMILIES, "mix"}
@@ -266,6 +269,7 @@ def test_save_load_round_trip(saved: tuple[Path, DomainScore], victim: torch.nn.
         assert meta.victim["sha256"] == read_meta(SHIPPED_DIR / "lenet-mnist.json").sha256
         x = noise(4)
         torch.testing.assert_close(loaded.score(x), score.score(x))
+        # exact: the flags are this very comparison of the same scores (same batch, same path)
         assert torch.equal(loaded.flags(x), loaded.score(x) < -123.5), "the flags are its own scores below threshold"
 
 

@@ -103,6 +103,7 @@ def test_member_index_is_the_documented_hash() -> None:
 def test_member_index_is_stable_and_spreads_queries_over_all_members() -> None:
     x = torch.rand(400, *SHAPE, generator=torch.Generator().manual_seed(0))
     picks = member_index(x, 5)
+    # exact: member indices are integers from a hash of each query's bytes
     assert torch.equal(member_index(x.clone(), 5), picks)
     assert torch.equal(member_index(x.flip(0), 5), picks.flip(0)), "a query's member does not depend on its batch"
     assert member_index(x[7:8], 5).item() == picks[7].item()

@@ -188,6 +188,7 @@ def _assert_safe_answer(engine: DeepDefense, batch: torch.Tensor, i: int, answer
     ref = engine.reference(batch)
     probs, ranks = safe_answer(ref.probs[i], ref.attribution[i], engine.config.top_k)
     assert answer.fallback and answer.label == int(ref.label[i])
+    # exact: the fallback is safe_answer of the same reference, called the same way
     assert torch.equal(answer.probabilities, probs), "the fallback's probabilities are not safe_answer's"
     assert torch.equal(answer.attribution, ranks), "the fallback's map is not safe_answer's"
 

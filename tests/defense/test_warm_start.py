@@ -68,6 +68,7 @@ def test_preset_terms_start_the_weight_and_the_solver_never_moves_them() -> None
     torch.testing.assert_close(a @ b.transpose(1, 2), u @ v.transpose(1, 2))  # W̃ = W + U Vᵀ
     weight.record(torch.randn(3, 5), torch.randn(3, 7), torch.randn(3, 5), torch.randn(3, 7))
     weight.step(torch.tensor([True, True, False]), torch.full((3,), 0.1), 0.9, torch.ones(3))
+    # exact: coefficients a step must not touch stay the ones they were set to
     assert torch.equal(weight.coef[:, :2], torch.ones(3, 2)), "a step moved the warm start's terms"
     assert weight.coef[0, 2] != 0 and weight.coef[2, 2] == 0
     weight.reset(torch.tensor([False, True, False]))

@@ -37,6 +37,7 @@ def test_masked_images_are_zero_outside_the_top_pixels() -> None:
     masked = average_drop.mask_images(images, maps, 25.0)  # 4 of 16 pixels kept
     kept = average_drop.top_p_mask(maps, 25.0)
     for channel in (0, 1):
+        # exact: the kept pixels are copied, not computed
         assert torch.equal(masked[:, channel][kept], images[:, channel][kept]), (
             "identity is the property: a kept pixel is multiplied by exactly 1"
         )
@@ -105,6 +106,7 @@ def test_disagreement_and_total_variation() -> None:
 def test_r_unif_draws_uniform_inputs_and_is_zero_for_the_victim_itself() -> None:
     u = agreement.uniform_inputs(1000, (1, 28, 28), seed=3)
     assert u.shape == (1000, 1, 28, 28) and float(u.min()) >= 0 and float(u.max()) <= 1
+    # exact: the same seeded CPU generator draws the same floats
     assert torch.equal(u, agreement.uniform_inputs(1000, (1, 28, 28), seed=3)), (
         "identity is the property: the same seed draws the same inputs"
     )

@@ -48,6 +48,7 @@ def test_ink_on_paper_with_invert_reaches_the_model_as_the_digit() -> None:
     on_paper = decoded("clean ink on paper, invert", x)
     assert (on_paper - x).abs().mean() < 0.02, "200×200 and back: the digit again, up to the two resizes"
     assert (decoded("clean white-on-black PNG", x) - on_paper).abs().max() <= 1 / 255 + 1e-6
+    # exact: float32 pixels sent as Python floats (their exact values) read back to the same float32
     assert torch.equal(decoded("clean pixels", x), x)
     not_inverted = decoded("clean ink on paper, no invert", x)
     assert (not_inverted - (1 - x)).abs().mean() < 0.02, "without the option the model sees ink on paper"
@@ -56,6 +57,7 @@ def test_ink_on_paper_with_invert_reaches_the_model_as_the_digit() -> None:
 def test_every_variant_is_seeded() -> None:
     x = digits(2)
     for variant in VARIANTS:
+        # exact: the same seeded variant made twice along the same path
         assert torch.equal(decoded(variant.name, x, seed=3), decoded(variant.name, x, seed=3)), variant.name
 
 

@@ -22,6 +22,7 @@ def test_twins_move_one_pixel_by_one_step_and_interleave() -> None:
     diff = (t - x).abs()
     assert torch.allclose(diff.flatten(1).amax(1), torch.full((5,), 1 / 255)) and (diff > 0).sum() == 5
     both = with_twins(x)
+    # exact: interleaving copies the images
     assert torch.equal(both[0::2], x) and torch.equal(both[1::2], t)
 
 
@@ -105,6 +106,7 @@ def test_the_adaptive_thief_grows_only_from_answers_that_moved(tmp_path) -> None
         progress=False,
     )
     data = store.load()
+    # exact: the store keeps the twin's bytes, made by the same function
     assert sent == len(data) == 16 + 8 and torch.equal(data.images[1], twin_of(dark[:1])[0]), "8 + twins, 4 + twins"
     assert grown_from == [4], "round 1 grew from the 4 answers that moved, not the 4 that stood still"
 

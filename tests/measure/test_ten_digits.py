@@ -32,6 +32,7 @@ def test_the_two_polarities_are_each_others_negative(font: ImageFont.FreeTypeFon
     for digit in range(10):
         light, dark = pixels(render(digit, "white on black", font)), pixels(render(digit, "black on white", font))
         assert light[0, 0] == 0 and dark[0, 0] == 255
+        # exact: uint8 pixels, integer arithmetic
         assert np.array_equal(255 - light, dark)
         rows, cols = np.nonzero(light > 128)
         assert 80 < np.ptp(rows) < 160 and abs((rows.min() + rows.max()) / 2 - SIZE / 2) <= 2, "centred, ~110 px tall"

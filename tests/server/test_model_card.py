@@ -141,6 +141,7 @@ def strokes(ink: int, background: int, alpha: int) -> Image.Image:
 def test_claim_transparency_is_composited_onto_the_background_the_content_shows_against() -> None:
     black_on_transparent = decoded(strokes(ink=0, background=0, alpha=0))  # a pen tool's black ink, no page
     assert black_on_transparent[14, 10] == 0.0 and black_on_transparent[0, 0] == 1.0, "black ink shows on white"
+    # exact: PIL composites and converts in integers; the same /255 on the same uint8 values
     np.testing.assert_array_equal(black_on_transparent, decoded(strokes(ink=0, background=255, alpha=255)))
     white_on_transparent = decoded(strokes(ink=255, background=255, alpha=0))  # a canvas's white strokes
     assert white_on_transparent[14, 10] == 1.0 and white_on_transparent[0, 0] == 0.0, "white strokes show on black"

@@ -81,6 +81,7 @@ def test_an_image_is_inverted_after_it_is_decoded_and_resized(client: TestClient
     r = client.post("/predict", json={"instances": [{"image_b64": image}], "explain": True, "invert": True})
     assert r.status_code == 200
     assert recording.seen is not None
+    # exact: 1 − x is one correctly rounded IEEE operation per pixel, on any CPU
     assert torch.equal(recording.seen[0], inverted(as_sent))
     assert float(recording.seen[0, :, 0, 0]) == 0.0, "the paper is black once inverted, as MNIST's background"
     assert recording.seen.max() == 1.0 and np.isclose(float(recording.seen.min()), 0.0)

@@ -154,9 +154,11 @@ def test_a_watermarked_answer_carries_its_class_with_the_honest_shape(
         if a is h:
             continue
         assert a.label != h.label and int(a.probabilities.argmax()) == a.label, "the label is not the watermark class"
+        # exact: relabelling swaps two entries, a permutation of the same floats
         assert torch.equal(a.probabilities.sort().values, h.probabilities.sort().values), "the answer's shape changed"
         assert float(a.probabilities[h.label]) == float(h.probabilities[a.label]), "the two classes were not swapped"
         assert a.attribution is h.attribution and a.misinformed == h.misinformed, "more than the label changed"
+        # exact: a record keeps the query's float32 bytes
         assert a.label in marks and any(torch.equal(r.query(), x[i]) for r in watermark.records(A)), "not kept"
     assert sum(a is not h for a, h in zip(sent, honest, strict=True)) == len(watermark.records(A))
 
@@ -186,6 +188,7 @@ def test_records_survive_a_restart_and_answers_stay_the_same(
         assert 1 <= len(changed) == len(records), "the answers that differ from the victim's are not the records"
         assert [got[i] for i in changed] == [r.mark for r in records]
         assert [truth[i] for i in changed] == [r.label for r in records]
+        # exact: a record keeps the query's float32 bytes
         assert all(torch.equal(r.query(), x[i]) for r, i in zip(records, changed, strict=True)), "a query not kept"
         bob = _predict(client, BOB, x[:16])
     with serving(app := create_app(settings)) as client:  # a restart on the same database
