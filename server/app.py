@@ -131,8 +131,9 @@ def serve(settings: ServerSettings, defense: Defense | None = None) -> None:
     """Run the app under uvicorn until SIGTERM/SIGINT; raise :class:`StartupError` when the model or
     its defense cannot be prepared (the server stops instead of answering 503 for ever)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # the model threads share the cores: each op on one of them runs on its share of torch's threads (an op split
-    # over threads that another model thread or the event loop keeps busy waits for the slowest one)
+    # the model workers share the cores: each op on one of them runs on its share of torch's threads (an op split
+    # over threads that another worker or the event loop keeps busy waits for the slowest one); process workers
+    # are given the same share (server/workers.py)
     torch.set_num_threads(max(1, torch.get_num_threads() // settings.model_workers))
     app = create_app(settings, defense)
     server = uvicorn.Server(uvicorn_config(app, settings))

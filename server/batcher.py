@@ -4,7 +4,7 @@ Requests put their instances on a bounded queue (counted in instances). Admissio
 a request at once with :class:`QueueFull` when its instances do not fit, or — unless the server is
 idle — when its expected latency exceeds ``max_latency``: overload becomes an immediate 503 with a
 ``Retry-After`` computed from the backlog, not a pile of requests that time out. The expected
-latency is the instances of the micro-batch on the model thread and of the queue ahead, and its
+latency is the instances of the micro-batch on the model workers and of the queue ahead, and its
 own, times the measured model seconds per instance: a moving average that rises at once with a
 slower batch and falls slowly, seeded by the warm-up query. A queue whose oldest instance has
 already waited ``max_latency`` refuses too, whatever the estimate says. No key may hold more than
@@ -14,14 +14,15 @@ key has nothing queued, so that any key can always send one request. One worker 
 oldest instance and gathers up to ``max_batch`` instances with the same ``explain`` flag, round-robin
 across the keys that queued them (one of each key, then a second of each, …), so that a key with one
 instance queued is in the next micro-batch however many another key queued; it waits at most
-``max_wait`` seconds for more, and hands the batch to a free model thread. There are ``workers`` model
-threads, each calling its own replica of the defense (:func:`defense.replica.replica`: the same tensors,
-its own modules), so that a defense is used by one thread at a time while several micro-batches are
-answered at once; a micro-batch forms while every model thread is busy. On the model thread
-:func:`server.isolation.answer_isolated` keeps one query's failure from failing the others. A request
-waits at most ``timeout`` seconds in all (:class:`RequestTimeout`); instances of a request that gave up
-(timeout, or the client went away and the request was cancelled) are dropped without being computed:
-:meth:`Ticket.give_up` drops them and counts the instances that reached a model thread, which is what
+``max_wait`` seconds for more, and hands the batch to a free model worker (``server/workers.py``). There are
+``workers`` of them: threads of this process, each calling its own replica of the defense
+(:func:`defense.replica.replica`: the same tensors, its own modules), or processes, each with its own copy;
+either way a defense is used by one call at a time while several micro-batches are answered at once, and a
+micro-batch forms while every worker is busy. On the worker :func:`server.isolation.answer_isolated` keeps one
+query's failure from failing the others. A request waits at most ``timeout`` seconds in all
+(:class:`RequestTimeout`); instances of a request that gave up (timeout, or the client went away and the request
+was cancelled) are dropped without being computed: :meth:`Ticket.give_up` drops them and counts the instances
+that reached a model worker, which is what
 such a request is charged for.
 """
 
@@ -32,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -42,10 +43,10 @@ from torch import Tensor
 
 from deepdefense.defense import Answer, Defense
 from deepdefense.defense.gate import SCORE
-from deepdefense.defense.replica import replica
 
-from .isolation import Failure, answer_isolated
+from .isolation import Failure, answer_isolated, answer_rows
 from .metrics import ModelMetrics
+from .workers import ModelWorker, start_workers
 
 logger = logging.getLogger("deepdefense.server")
 T = TypeVar("T")
@@ -74,8 +75,8 @@ class DefenseFailed(Exception):
 
 #: Weight of a faster micro-batch in the moving average of seconds per instance (a slower one counts at once).
 _COST_SMOOTHING = 0.3
-#: While another model thread is busy, a free one waits up to this share of a micro-batch's time for its own to fill:
-#: a fuller micro-batch costs less per instance, and the busy thread's requests come back meanwhile (measured:
+#: While another model worker is busy, a free one waits up to this share of a micro-batch's time for its own to fill:
+#: a fuller micro-batch costs less per instance, and the busy worker's requests come back meanwhile (measured:
 #: docs/performance.md, "Third round").
 _FILL_SHARE = 0.1
 #: The longest Retry-After the server asks for, in seconds.
@@ -88,14 +89,14 @@ class _Item:
     explain: bool
     future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.perf_counter)
-    taken: bool = False  # handed to the model thread: computed, or being computed now
+    taken: bool = False  # handed to a model worker: computed, or being computed now
     key: str = ""  # the key id of the request, for the per-key share and the round-robin
     override: int = SCORE  # the gate's score decides, or MISINFORM (an escalated key's), TRUST (defense/gate.py)
 
 
 class Ticket:
     """A request's instances on the queue: their answers, or — once the request gives up — how many of
-    them reached the model thread."""
+    them reached a model worker."""
 
     def __init__(self, items: list[_Item], timeout: float) -> None:
         self._items = items
@@ -115,7 +116,7 @@ class Ticket:
 
     def give_up(self) -> int:
         """Drop the instances still queued (they are never computed) and return how many were handed
-        to the model thread: answered, failed, or being computed now (those finish and their answers
+        to a model worker: answered, failed, or being computed now (those finish and their answers
         are discarded). Everything runs on the event loop and the worker takes only instances whose
         request has not given up, so the count is exact and final. A no-op once all are answered."""
         for item in self._items:
@@ -140,11 +141,19 @@ class MicroBatcher:
         max_latency: float,
         retry_after: int,
         key_share: float = 1.0,
-        workers: int = 1,
+        workers: int | Sequence[ModelWorker] = 1,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be ≥ 1, got {workers}")
-        self.workers = workers
+        """``workers``: the model workers (``server/workers.py``), or how many threads to answer on, each with its
+        own replica of ``defense``."""
+        if isinstance(workers, int):
+            if workers < 1:
+                raise ValueError(f"workers must be ≥ 1, got {workers}")
+            workers = start_workers(defense, "thread", workers)
+        if not workers:
+            raise ValueError("a batcher needs at least one model worker")
+        self._workers = list(workers)
+        self.workers = len(self._workers)
+        self.worker_kind = self._workers[0].kind
         self.metrics = metrics
         self.device = device
         self.num_classes = num_classes
@@ -156,15 +165,15 @@ class MicroBatcher:
         self.retry_after = retry_after
         self.key_share = key_share
         self.cost: float | None = None  # moving average of model-thread seconds per instance
-        self._running = 0  # instances of the micro-batches on the model threads now
+        self._running = 0  # instances of the micro-batches on the model workers now
         self._batch_seconds = 0.0  # how long the last micro-batch took
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dd-model")
-        # the defenses of free model threads: the given one, and replicas of it for the other threads
-        self._free: asyncio.Queue[Defense] = asyncio.Queue()
-        for d in [defense, *(replica(defense) for _ in range(workers - 1))]:
-            self._free.put_nowait(d)
+        # one thread per worker: a thread worker computes on it, a process worker waits on it for its child's reply
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dd-model")
+        self._free: asyncio.Queue[ModelWorker] = asyncio.Queue()  # the workers not computing now
+        for w in self._workers:
+            self._free.put_nowait(w)
         self._serving: set[asyncio.Task[None]] = set()  # the micro-batches being answered
         self._worker: asyncio.Task[None] | None = None
 
@@ -185,31 +194,48 @@ class MicroBatcher:
             item.future.cancel()
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.gather(*(asyncio.to_thread(w.close) for w in self._workers))
 
-    async def run_in_worker(self, x: Tensor, *, explain: bool) -> list[Answer]:
-        """``defense.answer`` on a model thread, bypassing the queue and the isolation (the
-        warm-up query: a defense that fails it never becomes ready); it seeds the cost estimate."""
-        started = time.perf_counter()
-        answers = await self.on_model_thread(lambda defense: defense.answer(x.to(self.device), explain=explain))
-        self._observe_cost(time.perf_counter() - started, len(x))
-        return answers
-
-    async def on_model_thread(self, fn: Callable[[Defense], T]) -> T:
-        """``fn(defense)`` on a free model thread, with that thread's defense (each defense is used by one
-        thread at a time)."""
-        defense = await self._free.get()
+    async def warm_up(self, x: Tensor, *, explain: bool) -> list[list[Answer]]:
+        """``defense.answer`` on every model worker in turn, bypassing the queue and the isolation (the warm-up
+        query: a defense that fails it never becomes ready, and each worker pays for its first answer before any
+        request waits for it); each worker's answers, in order. The times seed the cost estimate."""
+        loop = asyncio.get_running_loop()
+        taken = [await self._free.get() for _ in range(self.workers)]
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, defense)
+            answers = []
+            for worker in taken:
+                started = time.perf_counter()
+                answers.append(
+                    await loop.run_in_executor(self._executor, worker.run, _answer, x, explain, None, self.device)
+                )
+                self._observe_cost(time.perf_counter() - started, len(x))
+            return answers
         finally:
-            self._free.put_nowait(defense)
+            for worker in taken:
+                self._free.put_nowait(worker)
+
+    async def answer_now(self, x: Tensor, *, explain: bool, override: Tensor | None = None) -> list[Answer]:
+        """Answers for ``x`` on the next free model worker, bypassing the queue and the isolation (the monitor's
+        escalated path: ``override`` as in ``server/isolation.py``'s ``answer_rows``)."""
+        return await self.on_model_worker(_answer, x, explain, override, self.device)
+
+    async def on_model_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(defense, *args)`` on a free model worker, with its defense (each defense is used by one call at a
+        time). On a process worker ``fn``, ``args`` and the result must pickle (a module-level function)."""
+        worker = await self._free.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, worker.run, fn, *args)
+        finally:
+            self._free.put_nowait(worker)
 
     def _seconds_per_instance(self) -> float:
-        """How long the queue takes per instance, the model threads together (0 before any measurement)."""
+        """How long the queue takes per instance, the model workers together (0 before any measurement)."""
         return (self.cost or 0.0) / self.workers
 
     def expected_latency(self, instances: int, key: str = "") -> float:
         """Seconds until a request of ``instances`` admitted now would be answered: the micro-batch
-        on the model thread and the queue ahead of it, at the measured seconds per instance (0
+        on the model workers and the queue ahead of it, at the measured seconds per instance (0
         before any measurement). Instances admitted after it may join its micro-batch, but each
         only when its own expected latency, which counts this request, is within the limit.
 
@@ -293,28 +319,29 @@ class MicroBatcher:
     async def _run(self) -> None:
         while True:
             await self._instances_queued()
-            # a model thread is free: the next micro-batch goes to it. It is held only while instances are queued
-            # (at most ``max_wait``), so that a function waiting for a model thread (``on_model_thread``) gets one
-            defense = await self._free.get()
+            # a model worker is free: the next micro-batch goes to it. It is held only while instances are queued
+            # (at most ``max_wait``), so that a function waiting for a model worker (``on_model_worker``) gets one
+            worker = await self._free.get()
             try:
                 batch = await self._next_batch()
             except Exception:  # a bug here must not kill the worker and leave every later request to time out
                 logger.exception("taking a micro-batch failed")
-                self._free.put_nowait(defense)
+                self._free.put_nowait(worker)
                 await asyncio.sleep(0)  # a bug that repeats does not starve the event loop
                 continue
             except BaseException:
-                self._free.put_nowait(defense)
+                self._free.put_nowait(worker)
                 raise
             if not batch:  # every instance's request gave up
-                self._free.put_nowait(defense)
+                self._free.put_nowait(worker)
                 continue
-            task = asyncio.get_running_loop().create_task(self._serve(batch, defense), name="dd-micro-batch")
+            task = asyncio.get_running_loop().create_task(self._serve(batch, worker), name="dd-micro-batch")
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, batch: list[_Item], defense: Defense) -> None:
-        """Answer ``batch`` with ``defense`` on a model thread, then give that thread back."""
+    async def _serve(self, batch: list[_Item], worker: ModelWorker) -> None:
+        """Answer ``batch`` on ``worker``, then give the worker back. A worker that fails outside the defense (a
+        process worker's child that died) fails the batch's instances alone, as a defense that raises does."""
         self._running += len(batch)
         try:
             started = time.perf_counter()
@@ -323,9 +350,10 @@ class MicroBatcher:
             self.metrics.batch_instances.observe(len(batch))
             x = torch.stack([item.x for item in batch])
             override = torch.tensor([item.override for item in batch], dtype=torch.int8)
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._answer_isolated, defense, x, batch[0].explain, override
+            results, retries = await asyncio.get_running_loop().run_in_executor(
+                self._executor, worker.run, _isolated, x, batch[0].explain, override, self.device, self.num_classes
             )
+            self.metrics.isolation_retries.inc(retries)
             elapsed = self._batch_seconds = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
             self._observe_cost(elapsed, len(batch))
@@ -335,7 +363,7 @@ class MicroBatcher:
             self._settle(batch, [Failure("exception")] * len(batch))
         finally:
             self._running -= len(batch)
-            self._free.put_nowait(defense)
+            self._free.put_nowait(worker)
 
     def _settle(self, batch: list[_Item], results: list[Answer | Failure]) -> None:
         for item, result in zip(batch, results, strict=True):
@@ -414,12 +442,27 @@ class MicroBatcher:
             item.taken = True
         return batch
 
-    def _answer_isolated(self, defense: Defense, x: Tensor, explain: bool, override: Tensor) -> list[Answer | Failure]:
-        return answer_isolated(
-            defense,
-            x.to(self.device),
-            explain=explain,
-            num_classes=self.num_classes,
-            on_retry=self.metrics.isolation_retries.inc,
-            override=override,
-        )
+
+# What the batcher runs on a model worker: module-level functions, so that a process worker can be sent them.
+
+
+def _isolated(
+    defense: Defense, x: Tensor, explain: bool, override: Tensor, device: torch.device, num_classes: int
+) -> tuple[list[Answer | Failure], int]:
+    """A micro-batch's results (``server/isolation.py``), and how many times its batch was answered again one by one
+    (0 or 1; the batcher counts it in ``dd_batch_isolation_retries_total``)."""
+    retries: list[None] = []
+    results = answer_isolated(
+        defense,
+        x.to(device),
+        explain=explain,
+        num_classes=num_classes,
+        on_retry=lambda: retries.append(None),
+        override=override,
+    )
+    return results, len(retries)
+
+
+def _answer(defense: Defense, x: Tensor, explain: bool, override: Tensor | None, device: torch.device) -> list[Answer]:
+    """``answer_rows`` of ``x`` moved to the model's device."""
+    return answer_rows(defense, x.to(device), explain=explain, override=override)

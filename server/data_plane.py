@@ -150,7 +150,7 @@ class DataPlane:
             try:
                 answers = await _unless_disconnected(request, ticket.answers())
             except (RequestTimeout, _ClientGone):
-                charged = ticket.give_up()  # what reached the model thread is paid for; the dropped rest is not
+                charged = ticket.give_up()  # what reached a model worker is paid for; the dropped rest is not
                 raise
             escalated = False
             if model.monitor is not None:
@@ -344,9 +344,7 @@ async def _monitored(
     if not escalated and await run_in_threadpool(_escalated, model, caller, len(x)):
         assert isinstance(model.defense, MisinformationGate)  # the settings require the gate for the monitor
         everything = torch.full((len(x),), MISINFORM, dtype=torch.int8)
-        answers = await batcher.on_model_thread(
-            lambda gate: gate.answer(x.to(batcher.device), explain=explain, override=everything)
-        )
+        answers = await batcher.answer_now(x, explain=explain, override=everything)
         escalated = True
     if escalated:
         model.metrics.escalated.labels("misinform").inc(len(answers))

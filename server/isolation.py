@@ -1,4 +1,4 @@
-"""Per-instance fault isolation around ``Defense.answer``, run on the model thread.
+"""Per-instance fault isolation around ``Defense.answer``, run on a model worker.
 
 A micro-batch holds queries of unrelated requests, so one query that makes the defense raise, or
 whose answer is not a finite, well-formed distribution, must not cost the others their answers:

@@ -34,6 +34,7 @@ from .monitor import ExtractionMonitor, MonitorPolicy, RedisMonitorStore
 from .settings import ServerSettings
 from .state import STATE_ERRORS, StateUnreachable, connect_redis, redis_address, state_reachable
 from .watermark import RedisWatermarkStore, SqliteWatermarkStore, Watermark
+from .workers import resolve_kind, start_workers
 
 logger = logging.getLogger("deepdefense.server")
 
@@ -277,6 +278,8 @@ class ModelRuntime:
                     build_defense, self.settings, self.checkpoint, self.device, self.edm_hash_key
                 )
             s = self.settings
+            kind = resolve_kind(s.model_worker_kind, self.defense, self.device)
+            workers = await asyncio.to_thread(start_workers, self.defense, kind, s.model_workers)
             self.batcher = MicroBatcher(
                 self.defense,
                 self.metrics,
@@ -289,7 +292,7 @@ class ModelRuntime:
                 max_latency=s.max_expected_latency_s,
                 retry_after=s.retry_after_s,
                 key_share=s.queue_share,
-                workers=s.model_workers,
+                workers=workers,
             )
             self.batcher.start()
             if s.warmup:
@@ -303,17 +306,19 @@ class ModelRuntime:
         self.phase = "ready"
         gate = "on" if isinstance(self.defense, MisinformationGate) else "off"
         logger.info(
-            "ready: %s through %s (%s) on %s, misinformation gate %s",
+            "ready: %s through %s (%s) on %s, %d model %s(s), misinformation gate %s",
             self.model_name,
             self.defense_name,
             self.interpreter_name,
             self.device,
+            self.batcher.workers,
+            self.batcher.worker_kind,
             gate,
         )
 
     async def _warm_up(self, batcher: MicroBatcher) -> None:
         probe = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
-        for answer in await batcher.run_in_worker(probe, explain=True):
+        for answer in [a for answers in await batcher.warm_up(probe, explain=True) for a in answers]:
             problem = answer_problem(
                 answer, explain=True, num_classes=self.meta.num_classes, map_shape=tuple(self.input_shape[1:])
             )

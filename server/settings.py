@@ -142,8 +142,14 @@ class ServerSettings(BaseSettings):
         2,
         ge=1,
         le=64,
-        description="model threads, each answering its own micro-batch with its own replica of the defense (the "
-        "same weights); `deepdefense serve` gives each its share of torch's threads",
+        description="model workers, each answering its own micro-batch with its own defense (the same weights); "
+        "`deepdefense serve` gives each its share of torch's threads",
+    )
+    model_worker_kind: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="what a model worker is: a thread of the server's process with a replica of the defense, or a "
+        "process with its own copy (no GIL shared with the other workers and the event loop); auto: processes for "
+        "the DeepDefense engine on a CPU, threads otherwise (docs/performance.md, 'Fourth round')",
     )
     queue_size: int = Field(256, ge=1, description="queued instances before answering 503")
     queue_share: float = Field(

@@ -190,6 +190,7 @@ def test_a_failing_reference_over_http_fails_its_request_only_and_is_refunded(
         max_batch_wait_ms=5_000,  # the micro-batch is taken once all QUERIES requests are queued
         request_timeout_s=120,
         max_expected_latency_s=120,
+        model_worker_kind="thread",  # the fault is patched into this process's engine, which records the batches
     )
     x = queries(seed=1)
     x[2, 0, 0, 0] = BAD

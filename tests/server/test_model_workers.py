@@ -1,18 +1,27 @@
-"""Several model threads (``model_workers``): micro-batches are answered at once, each thread with its own
-replica of the defense, never two threads with one; the escalated path and the warm-up take a free thread."""
+"""Several model workers (``model_workers``): micro-batches are answered at once, each worker with its own defense,
+never two calls with one; the escalated path and the warm-up take a free worker. Threads (a replica each) and
+processes (a copy each, ``server/workers.py``): a child answers what the engine answers here, one that dies fails
+its micro-batch alone and is replaced, and stopping the batcher ends the children."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 import torch
-from support.fakes import batcher
+from support.fakes import ExitingDefense, batcher
+from support.settings import make_settings
 
-from deepdefense.defense import Answer, NoDefense
+from deepdefense.defense import Answer, Defense, NoDefense
+from deepdefense.defense.engine import DeepDefense
+from deepdefense.defense.gate import MISINFORM, SCORE, TRUST, MisinformationGate
 from deepdefense.defense.interpreters import create_interpreter
-from deepdefense.server.batcher import MicroBatcher
+from deepdefense.server.batcher import DefenseFailed, MicroBatcher
+from deepdefense.server.metrics import ServerMetrics
+from deepdefense.server.runtime import build_defense
+from deepdefense.server.workers import resolve_kind, start_workers
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -70,7 +79,7 @@ def test_the_model_thread_functions_get_a_free_threads_defense(victim: torch.nn.
             x = torch.rand((1, 1, 28, 28), generator=torch.Generator().manual_seed(0))
             # two at once: each is given a defense no other running call has (they meet on the barrier)
             results = await asyncio.wait_for(
-                asyncio.gather(*(b.on_model_thread(lambda d: (id(d), d.answer(x))) for _ in range(2))), 60
+                asyncio.gather(*(b.on_model_worker(lambda d: (id(d), d.answer(x))) for _ in range(2))), 60
             )
             return {r[0] for r in results}, b._free.qsize()
         finally:
@@ -79,3 +88,106 @@ def test_the_model_thread_functions_get_a_free_threads_defense(victim: torch.nn.
     used, free = asyncio.run(run())
     assert len(used) == 2 and free == 2  # both given back
     assert not any(MeetingDefense.overlapped)
+
+
+# -- process workers (server/workers.py) ---------------------------------------------------------------------------
+
+
+def queries(n: int, seed: int = 0) -> torch.Tensor:
+    x = torch.rand((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
+    x[:, 0, 0, 0] = 0.0  # no query is ExitingDefense's marked one unless a test marks it
+    return x
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Defense:
+    """The real engine behind the real gate, as the default server builds it, at 2 steps."""
+    settings = make_settings(tmp_path_factory.mktemp("engine"), defense="deepdefense", gate="auto", engine={"steps": 2})
+    return build_defense(settings, "lenet-mnist", torch.device("cpu"))
+
+
+def test_auto_takes_processes_for_the_engine_on_a_cpu_and_threads_otherwise(
+    engine: Defense, defense: NoDefense
+) -> None:
+    assert isinstance(engine, MisinformationGate) and isinstance(engine.inner, DeepDefense)
+    cpu = torch.device("cpu")
+    assert resolve_kind("auto", engine, cpu) == "process"
+    assert resolve_kind("auto", engine.inner, cpu) == "process"
+    assert resolve_kind("auto", defense, cpu) == "thread"  # a cheap defense: the pipe would cost more than the GIL
+    assert resolve_kind("auto", engine, torch.device("meta")) == "thread"  # not a CPU
+    assert resolve_kind("thread", engine, cpu) == "thread" and resolve_kind("process", defense, cpu) == "process"
+
+
+def test_process_workers_answer_what_the_engine_answers_in_this_process(engine: Defense) -> None:
+    x = queries(6)
+    override = torch.tensor([SCORE, SCORE, MISINFORM, TRUST, SCORE, SCORE], dtype=torch.int8)
+
+    async def run() -> tuple[list[Answer], list[list[Answer]], list[Answer], list[bool]]:
+        b = batcher(engine, workers=start_workers(engine, "process", 2), max_batch=3, timeout=120, max_latency=1e6)
+        b.start()
+        try:
+            warm = await b.warm_up(x[:1], explain=True)  # every worker answers it
+            tickets = [b.enqueue(x[i : i + 1], explain=True, override=int(override[i])) for i in range(6)]
+            answers = await asyncio.wait_for(asyncio.gather(*(t.answers() for t in tickets)), 120)
+            escalated = await b.answer_now(x[:2], explain=True, override=torch.full((2,), MISINFORM, dtype=torch.int8))
+            alive = [w._process is not None and w._process.is_alive() for w in b._workers]  # type: ignore[attr-defined]
+            return [a[0] for a in answers], warm, escalated, alive
+        finally:
+            await b.stop()
+
+    answers, warm, escalated, alive = asyncio.run(run())
+    assert alive == [True, True]
+    torch.set_num_threads(1)  # as each worker computes; the same code and weights, so only rounding may differ
+    here = engine.answer(x, override=override)  # type: ignore[call-arg]
+    assert [a.label for a in answers] == [a.label for a in here]
+    assert [a.misinformed for a in answers] == [a.misinformed for a in here]
+    for a, h in zip(answers, here, strict=True):
+        torch.testing.assert_close(a.probabilities, h.probabilities, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.attribution, h.attribution, atol=1e-5, rtol=0)
+    assert len(warm) == 2 and all(len(w) == 1 for w in warm)
+    torch.testing.assert_close(warm[0][0].probabilities, warm[1][0].probabilities, atol=1e-5, rtol=0)
+    assert all(a.misinformed for a in escalated)  # the monitor's escalated path runs in a child too
+
+
+def test_a_child_that_dies_fails_its_micro_batch_alone_and_is_replaced(victim: torch.nn.Module) -> None:
+    defense = ExitingDefense(victim, create_interpreter("gradcam", victim, (1, 28, 28)))
+    dying = queries(2)
+    dying[1, 0, 0, 0] = ExitingDefense.EXIT
+
+    async def run() -> tuple[BaseException | None, list[Answer], int, int, float]:
+        metrics = ServerMetrics().model("m", defense="d", interpreter="i", device="cpu")
+        b = batcher(defense, metrics, workers=start_workers(defense, "process", 1), max_batch=2, timeout=60)
+        b.start()
+        try:
+            first = b._workers[0]._process.pid  # type: ignore[attr-defined]
+            lost = b.enqueue(dying, explain=True)  # one micro-batch; its child ends inside it
+            failure = None
+            try:
+                await asyncio.wait_for(lost.answers(), 60)
+            except DefenseFailed as err:
+                failure = err
+            after = await asyncio.wait_for(b.enqueue(queries(2, seed=1), explain=True).answers(), 60)
+            second = b._workers[0]._process.pid  # type: ignore[attr-defined]
+            return failure, after, first, second, metrics.failures.labels("d", "exception")._value.get()
+        finally:
+            await b.stop()
+
+    failure, after, first, second, failures = asyncio.run(run())
+    assert isinstance(failure, DefenseFailed)  # 500 defense_failed over HTTP, nothing computed is sent
+    assert failures == 2  # both instances of the micro-batch, counted as failures of the defense
+    assert second != first  # a new child
+    assert len(after) == 2 and all(a.attribution is not None for a in after)  # the next request is answered
+
+
+def test_stopping_the_batcher_ends_its_children(victim: torch.nn.Module) -> None:
+    defense = NoDefense(victim, create_interpreter("gradcam", victim, (1, 28, 28)))
+
+    async def run() -> list[Any]:
+        b = batcher(defense, workers=start_workers(defense, "process", 2))
+        b.start()
+        processes = [w._process for w in b._workers]  # type: ignore[attr-defined]
+        await b.stop()
+        return processes
+
+    processes = asyncio.run(run())
+    assert all(p is not None and not p.is_alive() for p in processes)

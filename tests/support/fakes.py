@@ -1,10 +1,12 @@
-"""A fake defense the tests drive by hand: ``GatedDefense`` holds the model thread at a gate.
+"""Fake defenses the tests drive by hand: ``GatedDefense`` holds the model thread at a gate; ``ExitingDefense`` ends
+the process a marked query reaches (a model worker's child that dies mid-batch).
 
 The fault-injecting fakes (``FaultyDefense``, ``SlowDefense``) and the fake server process are in
 ``support/faults.py``, which must stay runnable as a script and so imports nothing from here."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -30,6 +32,17 @@ class GatedDefense(NoDefense):
         self.batches.append((len(x), explain))
         self.entered.set()
         assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return super().answer(x, explain=explain)
+
+
+class ExitingDefense(NoDefense):
+    """NoDefense whose process ends at once (``os._exit``, as a crash would) when a query's first pixel is ``EXIT``."""
+
+    EXIT = 1.0
+
+    def answer(self, x: torch.Tensor, *, explain: bool = True, **_: object) -> list:
+        if bool((x[:, 0, 0, 0] == self.EXIT).any()):
+            os._exit(3)
         return super().answer(x, explain=explain)
 
 
