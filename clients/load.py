@@ -5,7 +5,8 @@ most ``max_requests`` requests in all), each with its own seeded random images. 
 503 waits ``Retry-After`` seconds (with a little seeded jitter) unless told to ignore it. The report
 gives requests sent and served, every error class (``"503 overloaded"``, ``"504 timeout"``,
 ``"transport ReadTimeout"`` …), latency percentiles, throughput, and the server's resident memory
-sampled once a second from ``/proc/<pid>/status`` (start, peak, end, growth over the second half).
+sampled once a second from ``/proc/<pid>/status`` with its model worker processes (start, peak, end, growth over
+the second half).
 Starting a server for the run is the launcher's job (``measure.launcher``, ``deepdefense load --serve``).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import random
 import socket
 import sys
@@ -77,6 +79,7 @@ class LoadReport:
     latency_all_ms: dict[str, float]  # of every response, errors included
     retry_after_s: dict[str, float]  # of 503 answers: min, max; missing counts 503s without one
     rss_mb: dict[str, float] = field(default_factory=dict)  # start, quarters, end, peak, growth, second half
+    pss_mb: dict[str, float] = field(default_factory=dict)  # start, end: the same processes' proportional set size
     server_metrics: dict[str, float] = field(default_factory=dict)
     shutdown: dict[str, Any] = field(default_factory=dict)  # exit code and seconds after SIGTERM
 
@@ -95,16 +98,52 @@ def require_loopback(url: str) -> None:
         raise ValueError(f"load tests run against loopback only; {host!r} is {address}")
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process in MiB, from /proc (None when it cannot be read)."""
+def rss_mb(pid: int, *, descendants: bool = False) -> float | None:
+    """Resident memory of a process in MiB, from /proc (None when it cannot be read); with ``descendants``, its
+    children's and theirs added (a server's model worker processes and their fork server)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            own = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:")), None)
     except OSError:
         return None
-    return None
+    if own is None or not descendants:
+        return own
+    return own + sum(rss_mb(child) or 0.0 for child in _descendants(pid))
+
+
+def pss_mb(pid: int) -> float | None:
+    """The proportional set size of a process and its descendants in MiB (each page shared by n processes counted
+    1/n in each: what they hold together, where a sum of RSS counts the pages that model worker processes share with
+    their fork server once per process); None where /proc/<pid>/smaps_rollup cannot be read."""
+    total = 0.0
+    for p in (pid, *_descendants(pid)):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next((int(line.split()[1]) / 1024 for line in fh if line.startswith("Pss:")), 0.0)
+        except OSError:
+            if p == pid:
+                return None
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc/<pid>/task/<tid>/children; none where that cannot be read)."""
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as fh:
+                    children = [int(c) for c in fh.read().split()]
+            except OSError:
+                continue
+            found += children
+            stack += children
+    return found
 
 
 class _Run:
@@ -120,6 +159,7 @@ class _Run:
         self.retry_after: list[float] = []
         self.missing_retry_after = 0
         self.rss: list[tuple[float, float]] = []
+        self.pss: list[float] = []
 
     def take(self) -> bool:
         if self.left <= 0:
@@ -165,6 +205,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
         latency_all_ms=_rounded(percentiles(run.all_ms)),
         retry_after_s=retry | {"missing": run.missing_retry_after},
         rss_mb=_rss_summary(run.rss),
+        pss_mb=_rounded({"start": run.pss[0], "end": run.pss[-1]}) if run.pss else {},
         server_metrics=server_metrics,
     )
 
@@ -263,8 +304,10 @@ async def _sample_rss(run: _Run, started: float, deadline: float) -> None:
 
 
 def _record_rss(run: _Run, started: float) -> None:
-    if run.config.server_pid is not None and (mb := rss_mb(run.config.server_pid)) is not None:
+    if run.config.server_pid is not None and (mb := rss_mb(run.config.server_pid, descendants=True)) is not None:
         run.rss.append((time.perf_counter() - started, mb))
+        if (pss := pss_mb(run.config.server_pid)) is not None:
+            run.pss.append(pss)
 
 
 def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, float]:

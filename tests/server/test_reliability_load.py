@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.settings import make_settings
 
 from deepdefense.clients.latency import percentiles
-from deepdefense.clients.load import LoadConfig, LoadReport, run_load
+from deepdefense.clients.load import LoadConfig, LoadReport, pss_mb, rss_mb, run_load
 from deepdefense.defense import NoDefense
 from deepdefense.measure.launcher import free_port, in_thread, serve_command, spawned
 from deepdefense.server.app import create_app
@@ -167,3 +168,21 @@ def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path
 
     app = create_app(make_settings(tmp_path), defense)
     assert uvicorn_config(app, app.state.runtime.settings).timeout_keep_alive > 2 * httpx.Limits().keepalive_expiry
+
+
+def test_the_memory_of_a_server_counts_its_worker_processes() -> None:
+    # a child holding 64 MiB resident: the load's figure for this process must include it
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); print(flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline()  # allocated
+        alone, together = rss_mb(os.getpid()), rss_mb(os.getpid(), descendants=True)
+        assert alone is not None and together is not None
+        assert together - alone >= 60, (alone, together)
+        proportional = pss_mb(os.getpid())  # this process's and the child's, shared pages split between them
+        assert proportional is not None and proportional >= 60, proportional
+    finally:
+        child.kill()
+        child.wait()
