@@ -112,24 +112,35 @@ def test_several_models_in_one_server() -> None:
         assert alone == row["alone_predict"]["accuracy"], name
 
 
-def test_the_third_rounds_goodput() -> None:
+def test_the_fourth_rounds_goodput() -> None:
     defended, undefended, ratio = quoted(
         r"32 clients: (\d+\.\d+) defended answers/s against (\d+\.\d+) undefended in the same run, "
         r"goodput ratio \*\*(\d\.\d+)\*\*",
         3,
     )
-    assert defended == results("perf3/defended-32.json")["throughput_rps"]
-    assert undefended == results("perf3/undefended-32.json")["throughput_rps"]
+    assert defended == results("perf4/defended-32.json")["throughput_rps"]
+    assert undefended == results("perf4/undefended-32.json")["throughput_rps"]
     assert ratio == round(defended / undefended, 3)
-    later = quoted(r"after the engine's ranks from one sort, (\d\.\d+), (\d\.\d+), (\d\.\d+) and (\d\.\d+)", 4)
-    ratios = [
-        results(f"perf3/defended-32-run{i}.json")["throughput_rps"]
-        / results(f"perf3/undefended-32-run{i}.json")["throughput_rps"]
-        for i in range(5, 9)
-    ]
-    assert later == [round(r, 3) for r in ratios]
-    (p50,) = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \(122\.4 ms before;")
-    assert p50 == results("perf3/defended-1.json")["latency_ms"]["p50"]
+    tags = ("", "-run2", "-run3")
+
+    def ratio_of(defended: str, tag: str) -> float:
+        return (
+            results(f"perf4/{defended}{tag}.json")["throughput_rps"]
+            / results(f"perf4/undefended-32{tag}.json")["throughput_rps"]
+        )
+
+    later = quoted(r"\((\d\.\d+) and (\d\.\d+) in two more runs: \*\*(\d\.\d+)\*\* over three", 3)
+    assert later[:2] == [round(ratio_of("defended-32", t), 3) for t in tags[1:]]
+    assert later[2] == round(sum(ratio_of("defended-32", t) for t in tags) / 3, 3)
+    threads = quoted(r"model threads, the third round's: (\d\.\d+), (\d\.\d+) and (\d\.\d+)\)", 3)
+    assert threads == [round(ratio_of("defended-32-threads", t), 3) for t in tags]
+    p50s = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \((\d+\.\d+) and (\d+\.\d+) ms in the other runs\)", 3)
+    assert p50s == [results(f"perf4/defended-1{t}.json")["latency_ms"]["p50"] for t in tags]
+    processes, threads_pss = quoted(
+        r"memory: (\d+\.\d) MiB proportional set size.*?against (\d+\.\d) with model threads", 2
+    )
+    assert processes == results("perf4/memory-processes.json")["pss_mb"]["end"]
+    assert threads_pss == results("perf4/memory-threads.json")["pss_mb"]["end"]
 
 
 def test_the_ownership_watermark() -> None:
