@@ -108,8 +108,8 @@ class ProcessWorker(ModelWorker):
             self._start()
         assert self._conn is not None
         try:
-            self._conn.send((fn, args))
-            status, value = self._conn.recv()
+            self._conn.send_bytes(pickle.dumps((fn, args)))  # by value: no shared memory, no descriptors passed
+            status, value = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError) as err:  # the child is gone: replace it, and this call fails alone
             code = self._process.exitcode if self._process is not None else None
             logger.error("model worker %s ended (exit code %s); starting another", self._name, code)
@@ -140,7 +140,7 @@ class ProcessWorker(ModelWorker):
             process.kill()
             raise WorkerDied(f"model worker {self._name} did not start within {START_TIMEOUT_S:.0f} s")
         try:
-            status, value = parent.recv()
+            status, value = pickle.loads(parent.recv_bytes())
         except EOFError:
             raise WorkerDied(f"model worker {self._name} ended while loading the defense") from None
         if status != "ready":
@@ -193,17 +193,18 @@ def _child(conn: Connection, defense: bytes, threads: int) -> None:
     try:
         own: Defense = pickle.loads(defense)
     except Exception as err:
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send_bytes(pickle.dumps(("error", f"{type(err).__name__}: {err}")))
         return
-    conn.send(("ready", None))
+    conn.send_bytes(pickle.dumps(("ready", None)))
     while True:
         try:
-            fn, args = conn.recv()
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        try:
+        try:  # a call that does not unpickle, raises, or returns what does not pickle: the caller gets WorkerError
+            fn, args = pickle.loads(message)
             reply = pickle.dumps(("ok", fn(own, *args)))
-        except Exception as err:  # raised, or returned what does not pickle: the caller gets WorkerError
+        except Exception as err:
             logger.exception("a call in a model worker raised")
             reply = pickle.dumps(("error", f"{type(err).__name__}: {err}"))
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.fakes import ExitingDefense, batcher
+from support.fakes import ExitingDefense, batcher, raising, unpicklable
 from support.settings import make_settings
 
 from deepdefense.defense import Answer, Defense, NoDefense
@@ -21,7 +21,7 @@ from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.server.batcher import DefenseFailed, MicroBatcher
 from deepdefense.server.metrics import ServerMetrics
 from deepdefense.server.runtime import build_defense
-from deepdefense.server.workers import resolve_kind, start_workers
+from deepdefense.server.workers import WorkerError, resolve_kind, start_workers
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -191,3 +191,25 @@ def test_stopping_the_batcher_ends_its_children(victim: torch.nn.Module) -> None
 
     processes = asyncio.run(run())
     assert all(p is not None and not p.is_alive() for p in processes)
+
+
+def test_a_call_that_fails_in_a_child_raises_here_and_the_child_answers_on(victim: torch.nn.Module) -> None:
+    defense = NoDefense(victim, create_interpreter("gradcam", victim, (1, 28, 28)))
+
+    async def run() -> tuple[list[str], list[Answer]]:
+        b = batcher(defense, workers=start_workers(defense, "process", 1))
+        b.start()
+        errors = []
+        try:
+            for fn, args in ((raising, ("no such digit",)), (unpicklable, ())):
+                try:
+                    await b.on_model_worker(fn, *args)
+                except WorkerError as err:
+                    errors.append(str(err))
+            return errors, await asyncio.wait_for(b.enqueue(queries(1), explain=True).answers(), 60)
+        finally:
+            await b.stop()
+
+    errors, after = asyncio.run(run())
+    assert len(errors) == 2 and errors[0] == "ValueError: no such digit" and "pickle" in errors[1].lower()
+    assert len(after) == 1 and after[0].attribution is not None

@@ -46,6 +46,16 @@ class ExitingDefense(NoDefense):
         return super().answer(x, explain=explain)
 
 
+def raising(defense: Defense, message: str) -> None:
+    """A call for a model worker that raises (module-level: a process worker can be sent it)."""
+    raise ValueError(message)
+
+
+def unpicklable(defense: Defense) -> object:
+    """A call for a model worker whose result cannot be sent back from a process."""
+    return threading.Lock()
+
+
 def batcher(defense: Defense | None, metrics: ModelMetrics | None = None, **options: Any) -> MicroBatcher:
     """A batcher around ``defense`` with the tests' settings (queue of 64, micro-batches of 8, no wait, 10 s latency
     limit, one model thread), ``options`` over them, and its series in ``metrics`` (default: model ``m``); not
