@@ -121,7 +121,7 @@ def test_the_fourth_rounds_goodput() -> None:
     assert defended == results("perf4/defended-32.json")["throughput_rps"]
     assert undefended == results("perf4/undefended-32.json")["throughput_rps"]
     assert ratio == round(defended / undefended, 3)
-    tags = ("", "-run2", "-run3")
+    tags = ("", "-run2", "-run3", "-run4")
 
     def ratio_of(defended: str, tag: str) -> float:
         return (
@@ -129,12 +129,14 @@ def test_the_fourth_rounds_goodput() -> None:
             / results(f"perf4/undefended-32{tag}.json")["throughput_rps"]
         )
 
-    later = quoted(r"\((\d\.\d+) and (\d\.\d+) in two more runs: \*\*(\d\.\d+)\*\* over three", 3)
-    assert later[:2] == [round(ratio_of("defended-32", t), 3) for t in tags[1:]]
-    assert later[2] == round(sum(ratio_of("defended-32", t) for t in tags) / 3, 3)
-    threads = quoted(r"model threads, the third round's: (\d\.\d+), (\d\.\d+) and (\d\.\d+)\)", 3)
+    later = quoted(r"\((\d\.\d+), (\d\.\d+) and (\d\.\d+) in three more runs: \*\*(\d\.\d+)\*\* over four", 4)
+    assert later[:3] == [round(ratio_of("defended-32", t), 3) for t in tags[1:]]
+    assert later[3] == round(sum(ratio_of("defended-32", t) for t in tags) / 4, 3)
+    threads = quoted(r"model threads, the third round's: (\d\.\d+), (\d\.\d+), (\d\.\d+) and (\d\.\d+)\)", 4)
     assert threads == [round(ratio_of("defended-32-threads", t), 3) for t in tags]
-    p50s = quoted(r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \((\d+\.\d+) and (\d+\.\d+) ms in the other runs\)", 3)
+    p50s = quoted(
+        r"1 client: p50 \*\*(\d+\.\d+) ms\*\* \((\d+\.\d+), (\d+\.\d+) and (\d+\.\d+) ms in the other runs\)", 4
+    )
     assert p50s == [results(f"perf4/defended-1{t}.json")["latency_ms"]["p50"] for t in tags]
     processes, threads_pss = quoted(
         r"memory: (\d+\.\d) MiB proportional set size.*?against (\d+\.\d) with model threads", 2
