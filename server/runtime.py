@@ -306,13 +306,13 @@ class ModelRuntime:
         self.phase = "ready"
         gate = "on" if isinstance(self.defense, MisinformationGate) else "off"
         logger.info(
-            "ready: %s through %s (%s) on %s, %d model %s(s), misinformation gate %s",
+            "ready: %s through %s (%s) on %s, %d model workers (%s), misinformation gate %s",
             self.model_name,
             self.defense_name,
             self.interpreter_name,
             self.device,
             self.batcher.workers,
-            self.batcher.worker_kind,
+            {"process": "processes", "thread": "threads"}[self.batcher.worker_kind],
             gate,
         )
 
