@@ -279,7 +279,10 @@ class ModelRuntime:
                 )
             s = self.settings
             kind = resolve_kind(s.model_worker_kind, self.defense, self.device)
-            workers = await asyncio.to_thread(start_workers, self.defense, kind, s.model_workers)
+            if kind == "process":  # each child loads its copy of the defense: seconds, off the event loop
+                workers = await asyncio.to_thread(start_workers, self.defense, kind, s.model_workers)
+            else:  # replicas of the defense, at once: a given defense is ready without a turn of the event loop
+                workers = start_workers(self.defense, kind, s.model_workers)
             self.batcher = MicroBatcher(
                 self.defense,
                 self.metrics,
