@@ -7,18 +7,8 @@
 #   undefended-32-processes  DD_DEFENSE=none with model processes
 #   defended-1            the default server, one client
 # From the repository root:  docs/results/perf4/run.sh <data root> [tag]
-set -euo pipefail
-DATA_ROOT=${1:?usage: docs/results/perf4/run.sh <data root> [tag]}
-TAG=${2:-}
 OUT=docs/results/perf4
-DURATION=${DURATION:-40}
-for name in $(env | grep -o '^DD_[A-Z_]*' || true); do unset "$name"; done  # the defaults, not this shell's
-export DD_DATA_ROOT=$DATA_ROOT
-load() {  # load <clients> <file> [VAR=value ...]
-  local clients=$1 file=$2; shift 2
-  env "$@" deepdefense load --serve --clients "$clients" --duration "$DURATION" --timeout 120 --progress-every 0 \
-    --out "$OUT/$file$TAG.json" >/dev/null
-}
+source "$(dirname "$0")/../load.sh"  # <data root> [tag]; the server's defaults; load <clients> <file> [VAR=value ...]
 load 32 defended-32
 load 32 defended-32-threads DD_MODEL_WORKER_KIND=thread
 load 32 undefended-32 DD_DEFENSE=none
