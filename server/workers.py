@@ -99,36 +99,58 @@ class ProcessWorker(ModelWorker):
 
     def __init__(self, defense: bytes, threads: int, name: str) -> None:
         self._defense, self._threads, self._name = defense, threads, name
+        self._closed = False  # closed for good (the server stops): a child that ends now is not replaced
+        self._busy = False  # a call is in the child now
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._start()
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise WorkerDied(f"model worker {self._name} is closed")
         if self._conn is None:  # the last replacement failed to start: try again
             self._start()
         assert self._conn is not None
+        message = pickle.dumps((fn, args))  # by value (no shared memory, no descriptors); a call that does not pickle
+        self._busy = True  # fails here, before the child sees it
         try:
-            self._conn.send_bytes(pickle.dumps((fn, args)))  # by value: no shared memory, no descriptors passed
-            status, value = pickle.loads(self._conn.recv_bytes())
-        except (EOFError, OSError) as err:  # the child is gone: replace it, and this call fails alone
+            self._conn.send_bytes(message)
+            reply = self._conn.recv_bytes()
+        except (EOFError, OSError, TypeError) as err:  # the child is gone (TypeError: the pipe closed under the call)
+            if self._closed:  # the server stopped while this call ran
+                raise WorkerDied(f"model worker {self._name} was closed while it answered") from err
             code = self._process.exitcode if self._process is not None else None
             logger.error("model worker %s ended (exit code %s); starting another", self._name, code)
             self._replace()
             raise WorkerDied(f"model worker {self._name} ended (exit code {code})") from err
+        finally:
+            self._busy = False
+        status, value = pickle.loads(reply)
         if status == "error":
             raise WorkerError(value)
         return value
 
     def close(self) -> None:
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        """End the child and close the pipe: an idle child is let go (its recv ends and it exits), one in a call is
+        killed (the call is abandoned: the server is stopping, or the child is gone already)."""
         conn, process = self._conn, self._process
         self._conn = self._process = None
-        if conn is not None:
-            conn.close()  # the child's recv ends: it exits
+        busy = self._busy
+        if process is not None and busy:
+            process.kill()
+        if conn is not None and not busy:
+            conn.close()
         if process is not None:
             process.join(STOP_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
                 process.join(STOP_TIMEOUT_S)
+        if conn is not None and busy:
+            conn.close()
 
     def _start(self) -> None:
         ctx = _context()
@@ -136,20 +158,21 @@ class ProcessWorker(ModelWorker):
         process = ctx.Process(target=_child, args=(child, self._defense, self._threads), name=self._name, daemon=True)
         process.start()
         child.close()
+        self._conn, self._process = parent, process  # released below if it does not come up
         if not parent.poll(START_TIMEOUT_S):
-            process.kill()
+            self._release()
             raise WorkerDied(f"model worker {self._name} did not start within {START_TIMEOUT_S:.0f} s")
         try:
             status, value = pickle.loads(parent.recv_bytes())
         except EOFError:
+            self._release()
             raise WorkerDied(f"model worker {self._name} ended while loading the defense") from None
         if status != "ready":
-            process.join(STOP_TIMEOUT_S)
+            self._release()
             raise WorkerError(f"model worker {self._name} could not load the defense: {value}")
-        self._conn, self._process = parent, process
 
     def _replace(self) -> None:
-        self.close()
+        self._release()
         try:
             self._start()
         except Exception:  # the next call tries again; until then each call fails alone

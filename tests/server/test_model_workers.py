@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
-from support.fakes import ExitingDefense, batcher, raising, unpicklable
+from support.fakes import ExitingDefense, batcher, raising, sleeping, unpicklable
 from support.settings import make_settings
 
 from deepdefense.defense import Answer, Defense, NoDefense
@@ -21,7 +23,7 @@ from deepdefense.defense.interpreters import create_interpreter
 from deepdefense.server.batcher import DefenseFailed, MicroBatcher
 from deepdefense.server.metrics import ServerMetrics
 from deepdefense.server.runtime import build_defense
-from deepdefense.server.workers import WorkerError, resolve_kind, start_workers
+from deepdefense.server.workers import WorkerDied, WorkerError, resolve_kind, start_workers
 
 pytestmark = pytest.mark.usefixtures("no_server_env")
 
@@ -213,3 +215,18 @@ def test_a_call_that_fails_in_a_child_raises_here_and_the_child_answers_on(victi
     errors, after = asyncio.run(run())
     assert len(errors) == 2 and errors[0] == "ValueError: no such digit" and "pickle" in errors[1].lower()
     assert len(after) == 1 and after[0].attribution is not None
+
+
+def test_a_worker_closed_while_it_answers_starts_no_other_child(victim: torch.nn.Module) -> None:
+    (worker,) = start_workers(NoDefense(victim, create_interpreter("gradcam", victim, (1, 28, 28))), "process", 1)
+    child = worker._process  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(worker.run, sleeping, 1.0)
+        time.sleep(0.3)  # the call is in the child
+        worker.close()  # as the server stops
+        with pytest.raises(WorkerDied, match="closed"):
+            call.result(timeout=30)
+    assert child is not None and not child.is_alive()
+    assert worker._process is None  # type: ignore[attr-defined]  # no replacement was started
+    with pytest.raises(WorkerDied):
+        worker.run(sleeping, 0.0)

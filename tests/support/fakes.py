@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -49,6 +50,11 @@ class ExitingDefense(NoDefense):
 def raising(defense: Defense, message: str) -> None:
     """A call for a model worker that raises (module-level: a process worker can be sent it)."""
     raise ValueError(message)
+
+
+def sleeping(defense: Defense, seconds: float) -> None:
+    """A call for a model worker that takes ``seconds``."""
+    time.sleep(seconds)
 
 
 def unpicklable(defense: Defense) -> object:
