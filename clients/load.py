@@ -101,32 +101,32 @@ def require_loopback(url: str) -> None:
 def rss_mb(pid: int, *, descendants: bool = False) -> float | None:
     """Resident memory of a process in MiB, from /proc (None when it cannot be read); with ``descendants``, its
     children's and theirs added (a server's model worker processes and their fork server)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            own = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:")), None)
-    except OSError:
-        return None
+    own = _proc_mib(pid, "status", "VmRSS:")
     if own is None or not descendants:
         return own
-    return own + sum(rss_mb(child) or 0.0 for child in _descendants(pid))
+    return own + sum(_proc_mib(child, "status", "VmRSS:") or 0.0 for child in process_descendants(pid))
 
 
 def pss_mb(pid: int) -> float | None:
     """The proportional set size of a process and its descendants in MiB (each page shared by n processes counted
     1/n in each: what they hold together, where a sum of RSS counts the pages that model worker processes share with
     their fork server once per process); None where /proc/<pid>/smaps_rollup cannot be read."""
-    total = 0.0
-    for p in (pid, *_descendants(pid)):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                total += next((int(line.split()[1]) / 1024 for line in fh if line.startswith("Pss:")), 0.0)
-        except OSError:
-            if p == pid:
-                return None
-    return total
+    own = _proc_mib(pid, "smaps_rollup", "Pss:")
+    if own is None:
+        return None
+    return own + sum(_proc_mib(child, "smaps_rollup", "Pss:") or 0.0 for child in process_descendants(pid))
 
 
-def _descendants(pid: int) -> list[int]:
+def _proc_mib(pid: int, name: str, field: str) -> float | None:
+    """The kB figure on the ``field`` line of /proc/<pid>/<name>, in MiB (None when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/{name}") as fh:
+            return next((int(line.split()[1]) / 1024 for line in fh if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def process_descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc/<pid>/task/<tid>/children; none where that cannot be read)."""
     found, stack = [], [pid]
     while stack:

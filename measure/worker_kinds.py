@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,9 +23,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from deepdefense.common.provenance import provenance
-from deepdefense.defense import Answer, Defense
 from deepdefense.measure.markdown import module_command
 from deepdefense.models.data import load_split
+from deepdefense.server.isolation import answer_rows
 from deepdefense.server.runtime import build_defense
 from deepdefense.server.settings import ServerSettings
 from deepdefense.server.workers import ModelWorker, start_workers
@@ -33,13 +34,9 @@ SIZES = (1, 4, 16, 32)  # micro-batch sizes: under 32 polite clients the server'
 REPEATS = 4  # answers timed per size and worker, after one untimed
 
 
-def answer(defense: Defense, x: Tensor) -> list[Answer]:
-    """One micro-batch's answers (a module-level function: process workers are sent it)."""
-    return defense.answer(x)
-
-
 def seconds_per_answer(workers: Sequence[ModelWorker], x: Tensor) -> float:
     """Mean wall seconds of one answer of ``x`` while every worker answers it ``REPEATS`` times at once."""
+    answer = partial(answer_rows, explain=True)  # as the server's workers are called (a process worker is sent it)
 
     def one(worker: ModelWorker) -> float:
         worker.run(answer, x)  # untimed: the first answer of a size pays for its allocations

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.images import SHAPE
+from support.images import SHAPE, queries
 from support.numerics import CHANGED, PATH_ATOL
 from support.servers import bearer, error_of, metric_value, serving
 from support.settings import make_settings
@@ -50,13 +50,6 @@ QUERIES = 4
 KEY = "fail-closed-key-0123456789"
 
 
-def queries(n: int = QUERIES, seed: int = 0) -> Tensor:
-    """Random images (no data set needed) whose first pixel is 0."""
-    x = torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed))
-    x[:, 0, 0, 0] = 0.0
-    return x
-
-
 def assert_rank_map_of(served: Tensor, victim_map: Tensor) -> None:
     """``served`` is the rank-only map of ``victim_map`` that ``safe_answer`` documents.
 
@@ -80,8 +73,8 @@ def assert_rank_map_of(served: Tensor, victim_map: Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def victim_answers(defense: NoDefense) -> list[Answer]:
-    """The undefended victim's answers (probabilities and Grad-CAM maps) on ``queries()``, in one batch here."""
-    answers = defense.answer(queries(), explain=True)
+    """The undefended victim's answers (probabilities and Grad-CAM maps) on ``queries(QUERIES)``, in one batch here."""
+    answers = defense.answer(queries(QUERIES), explain=True)
     for a in answers:  # the top-k (k = 1) is the same along any path: no near-tie that rounding could flip
         top2 = a.probabilities.topk(2).values
         assert float(top2[0] - top2[1]) > 100 * PATH_ATOL, "a near-tie: the top-1 may differ by path"
@@ -98,7 +91,7 @@ def test_every_answer_is_the_documented_safe_answer(
     tmp_path: Path, mode: str, impossible: dict[str, Any], victim_answers: list[Answer]
 ) -> None:
     settings = make_settings(tmp_path, defense=mode, engine=impossible, max_batch_size=QUERIES)
-    x = queries()
+    x = queries(QUERIES)
     instances = [{"pixels": xi.tolist()} for xi in x]
     with serving(create_app(settings)) as client:  # the engine is built by the server, as `serve` builds it
         engine = client.app.state.runtime.default.defense  # type: ignore[attr-defined]
@@ -164,7 +157,7 @@ def fragile() -> Iterator[tuple[DeepDefense, list[int]]]:
 
 def test_a_failing_reference_loses_only_its_query_in_process(fragile: tuple[DeepDefense, list[int]]) -> None:
     engine, sizes = fragile
-    x = queries()
+    x = queries(QUERIES)
     x[1, 0, 0, 0] = BAD
     results = answer_isolated(engine, x, explain=True, num_classes=10)
     assert [type(r) for r in results] == [Answer, Failure, Answer, Answer]
@@ -192,7 +185,7 @@ def test_a_failing_reference_over_http_fails_its_request_only_and_is_refunded(
         max_expected_latency_s=120,
         model_worker_kind="thread",  # the fault is patched into this process's engine, which records the batches
     )
-    x = queries(seed=1)
+    x = queries(QUERIES, seed=1)
     x[2, 0, 0, 0] = BAD
     with serving(create_app(settings, engine)) as client, ThreadPoolExecutor(QUERIES) as pool:
         warm_up = len(sizes)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from support.fakes import ExitingDefense, batcher, raising, sleeping, unpicklable
+from support.images import queries
 from support.settings import make_settings
 
 from deepdefense.defense import Answer, Defense, NoDefense
@@ -93,12 +94,6 @@ def test_the_model_thread_functions_get_a_free_threads_defense(victim: torch.nn.
 
 
 # -- process workers (server/workers.py) ---------------------------------------------------------------------------
-
-
-def queries(n: int, seed: int = 0) -> torch.Tensor:
-    x = torch.rand((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
-    x[:, 0, 0, 0] = 0.0  # no query is ExitingDefense's marked one unless a test marks it
-    return x
 
 
 @pytest.fixture(scope="module")

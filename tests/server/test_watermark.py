@@ -211,6 +211,8 @@ def test_two_apps_on_one_redis_share_the_records(
         alice = key_id_of(first, ALICE)
         assert key_id_of(second, ALICE) == alice
         kept = second.state.runtime.watermark.records(alice)
+        # exact: a record keeps the query's float32 bytes as the server decoded them, and float32 values sent as
+        # JSON numbers (tolist's shortest repr) decode to the same float32 values
         assert kept and [r.mark for r in kept] == [
             got[i] for i in range(len(x)) if any(torch.equal(r.query(), x[i]) for r in kept)
         ]

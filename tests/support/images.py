@@ -16,6 +16,14 @@ def pixels(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> list:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def queries(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random images (no data set needed) whose first pixel is 0: the fault-injecting fakes mark a query by its
+    first pixel, so none is marked unless a test marks it."""
+    x = torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed))
+    x[:, 0, 0, 0] = 0.0
+    return x
+
+
 def png_bomb(width: int, height: int) -> str:
     """A tiny PNG (base64) whose header declares width × height; its pixel data would inflate to gigabytes."""
 

@@ -21,7 +21,7 @@ LOAD=$!
 sleep 10
 python - "$SERVER" "$LOAD" "$OUT.cpu.json" <<'PY'
 import json, os, sys, time
-from deepdefense.clients.load import _descendants
+from deepdefense.clients.load import process_descendants
 server, load, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 hz = os.sysconf("SC_CLK_TCK")
 def ticks(pid, tid=None):
@@ -30,7 +30,7 @@ def ticks(pid, tid=None):
     return int(f[11]) + int(f[12])
 def snapshot():
     threads = {t: ticks(server, t) for t in os.listdir(f"/proc/{server}/task")}
-    children = {c: ticks(c) for c in _descendants(server)}
+    children = {c: ticks(c) for c in process_descendants(server)}
     machine = [int(v) for v in open("/proc/stat").readline().split()[1:]]
     return threads, children, ticks(load), machine, time.time()
 a = snapshot(); time.sleep(20); b = snapshot()
